@@ -1,0 +1,48 @@
+"""perfxlm: a vLLM-compatible inference engine. `from perfxlm import LLM, SamplingParams`."""
+
+import importlib
+import logging
+import os
+
+from perfxlm.version import __version__, __version_tuple__
+
+_MODULE_ATTRS = {
+    "LLM": "perfxlm.entrypoints.llm",
+    "LLMEngine": "perfxlm.engine.llm_engine",
+    "EngineConfig": "perfxlm.config",
+    "SamplingParams": "perfxlm.sampling_params",
+    "RequestOutputKind": "perfxlm.sampling_params",
+    "StructuredOutputsParams": "perfxlm.sampling_params",
+    "RequestOutput": "perfxlm.outputs",
+    "CompletionOutput": "perfxlm.outputs",
+    "PromptType": "perfxlm.inputs",
+    "TextPrompt": "perfxlm.inputs",
+    "TokensPrompt": "perfxlm.inputs",
+    "Logprob": "perfxlm.logprobs",
+}
+
+__all__ = ["__version__", "__version_tuple__", *_MODULE_ATTRS]
+
+
+def __getattr__(name: str):  # lazy, as vllm/__init__.py: `import perfxlm` stays cheap
+    if name in _MODULE_ATTRS:
+        return getattr(importlib.import_module(_MODULE_ATTRS[name]), name)
+    raise AttributeError(f"module 'perfxlm' has no attribute {name!r}")
+
+
+def _configure_logging() -> None:
+    """Log INFO lines to stderr like vLLM does, unless PERFXLM_CONFIGURE_LOGGING=0."""
+    if os.environ.get("PERFXLM_CONFIGURE_LOGGING", os.environ.get("VLLM_CONFIGURE_LOGGING", "1")) == "0":
+        return
+    logger = logging.getLogger("perfxlm")
+    if logger.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [%(filename)s:%(lineno)d] %(message)s",
+                                           datefmt="%m-%d %H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(os.environ.get("PERFXLM_LOGGING_LEVEL", os.environ.get("VLLM_LOGGING_LEVEL", "INFO")))
+    logger.propagate = False
+
+
+_configure_logging()

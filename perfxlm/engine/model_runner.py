@@ -1,0 +1,80 @@
+"""The seam between scheduler and model: a typed batch in, logits out.
+
+`ModelRunner.execute` turns a SchedulerOutput into flat tensors (ids,
+positions, slot mapping, block tables, sequence lengths), runs the model over
+the paged KV cache it owns, and returns logits only for the rows that need
+them: each request's last token when it samples, and prompt rows when prompt
+logprobs were asked for.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from perfxlm.engine.scheduler import SchedulerOutput
+from perfxlm.models.paged_attention import AttentionMetadata
+
+
+@dataclass
+class ModelInput:
+    input_ids: torch.Tensor       # (T,) int64
+    positions: torch.Tensor       # (T,) int64
+    attn: AttentionMetadata
+    logits_indices: torch.Tensor  # (N,) int64: rows of T whose logits are computed
+    sample_rows: dict[str, int] = field(default_factory=dict)  # req id -> logits row of its next token
+    # req id -> (first logits row, first prompt position scored, count); row r scores token r+1
+    prompt_rows: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype) -> None:
+        self.model = model
+        self.block_size = block_size
+        p = model.params
+        # (layers, k/v, blocks, block_size, kv heads, head dim). Zeroed, so padded slots
+        # that masked attention rows still read are finite; numpy's calloc gives zero pages
+        # that the OS commits only when touched, so a large budget costs nothing up front.
+        shape = (p.n_layers, 2, num_blocks, block_size, p.n_kv_heads, p.head_dim)
+        raw = np.zeros((*shape[:-1], p.head_dim * dtype.itemsize), dtype=np.uint8)
+        self.kv_cache = torch.from_numpy(raw).view(dtype)
+
+    @staticmethod
+    def kv_bytes_per_block(params, block_size: int, dtype: torch.dtype) -> int:
+        return params.n_layers * 2 * block_size * params.n_kv_heads * params.head_dim * dtype.itemsize
+
+    def prepare(self, sched: SchedulerOutput) -> ModelInput:
+        ids, positions, slots, logits_idx = [], [], [], []
+        sample_rows, prompt_rows = {}, {}
+        bs = self.block_size
+        for req, n in zip(sched.requests, sched.num_tokens):
+            start, row0 = req.num_computed_tokens, len(ids)
+            ids += req.all_token_ids[start:start + n]
+            positions += range(start, start + n)
+            slots += [req.block_ids[p // bs] * bs + p % bs for p in range(start, start + n)]
+            n_prompt = min(start + n, req.num_prompt_tokens - 1) - start  # rows that score a prompt token
+            if req.wants_prompt_logprobs and n_prompt > 0:
+                prompt_rows[req.request_id] = (len(logits_idx), start + 1, n_prompt)
+                logits_idx += range(row0, row0 + n_prompt)
+            if start + n == req.num_tokens:  # the whole sequence is computed: sample its next token
+                sample_rows[req.request_id] = len(logits_idx)
+                logits_idx.append(row0 + n - 1)
+        max_blocks = max(len(r.block_ids) for r in sched.requests)
+        tables = [r.block_ids + [0] * (max_blocks - len(r.block_ids)) for r in sched.requests]
+        seq_lens = [r.num_computed_tokens + n for r, n in zip(sched.requests, sched.num_tokens)]
+        attn = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64),
+            block_tables=torch.tensor(tables, dtype=torch.int64),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int64),
+            query_lens=list(sched.num_tokens),
+            seq_lens_list=seq_lens,
+        )
+        return ModelInput(torch.tensor(ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64),
+                          attn, torch.tensor(logits_idx, dtype=torch.int64), sample_rows, prompt_rows)
+
+    @torch.inference_mode()
+    def execute(self, inp: ModelInput) -> torch.Tensor:
+        """-> logits (N, vocab) float32 for the rows in inp.logits_indices."""
+        hidden = self.model(inp.input_ids, inp.positions, self.kv_cache, inp.attn)  # (T, dim)
+        return self.model.compute_logits(hidden[inp.logits_indices])

@@ -1,0 +1,83 @@
+"""A request as the scheduler sees it: tokens so far, KV blocks, status."""
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from perfxlm.logprobs import PromptLogprobs, SampleLogprobs
+from perfxlm.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2
+    # everything from here on is finished
+    FINISHED_STOPPED = 3
+    FINISHED_LENGTH_CAPPED = 4
+    FINISHED_ABORTED = 5
+
+    def is_finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_STOPPED
+
+    def finish_reason(self) -> str | None:
+        return {RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHED_LENGTH_CAPPED: "length",
+                RequestStatus.FINISHED_ABORTED: "abort"}.get(self)
+
+
+@dataclass(eq=False)
+class Request:
+    """One sequence being generated (a prompt with n > 1 becomes n of these)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_id: int | None
+    max_tokens: int                      # resolved: params.max_tokens or room left in max_model_len
+    parent_id: str | None = None         # the user's request id when n > 1
+    index: int = 0                       # which of the parent's n completions
+    arrival_time: float = field(default_factory=time.monotonic)
+    status: RequestStatus = RequestStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    all_token_ids: list[int] = field(default_factory=list)   # prompt + output, kept in step
+    num_computed_tokens: int = 0         # tokens whose K/V are in the cache
+    num_cached_tokens: int = -1          # prompt tokens served by the prefix cache (set once)
+    block_ids: list[int] = field(default_factory=list)      # KV blocks, in token order
+    block_hashes: list[int] = field(default_factory=list)   # chained hashes of full blocks
+    stop_reason: int | str | None = None
+    generator: torch.Generator | None = None                 # per-request RNG when seeded
+    logprobs: SampleLogprobs | None = None
+    prompt_logprobs: PromptLogprobs | None = None
+    cumulative_logprob: float = 0.0
+    first_token_time: float | None = None
+    wants_prompt_logprobs: bool = False
+
+    def __post_init__(self) -> None:
+        self.all_token_ids = list(self.prompt_token_ids)
+        self.wants_prompt_logprobs = self.sampling_params.prompt_logprobs is not None
+        if self.sampling_params.logprobs is not None:
+            self.logprobs = []
+        if self.sampling_params.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.sampling_params.seed)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished()
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)

@@ -1,0 +1,111 @@
+"""Next-token sampling with vLLM's processing order and semantics.
+
+Order: allowed_token_ids, bad_words, min_tokens, logit_bias, penalties
+(repetition, frequency, presence), then greedy argmax, or temperature, min_p,
+top-k/top-p and a draw. Logprobs are the log-softmax of the raw logits, taken
+before any of that (vLLM's default `raw_logprobs`).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from perfxlm.engine.request import Request
+from perfxlm.sampling_params import SamplingType
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]                   # one per row
+    logprobs: torch.Tensor | None = None   # (B, V) raw log-softmax, when some row asked for logprobs
+
+
+class Sampler:
+    def __init__(self, seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(seed)  # for unseeded random requests
+
+    def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
+        """logits (B, V) float32, one row per request -> one token per request."""
+        logprobs = None
+        if any(r.sampling_params.logprobs is not None for r in reqs):
+            logprobs = torch.log_softmax(logits, dim=-1)
+        _apply_constraints(logits, reqs)
+        _apply_penalties(logits, reqs)
+        greedy = [r.sampling_params.sampling_type == SamplingType.GREEDY for r in reqs]
+        tokens = logits.argmax(dim=-1) if any(greedy) else None
+        if not all(greedy):
+            rows = [i for i, g in enumerate(greedy) if not g]
+            sampled = self._sample(logits[rows], [reqs[i] for i in rows])
+            tokens = sampled if tokens is None else tokens.index_put_((torch.tensor(rows),), sampled)
+        return SamplerOutput(tokens.tolist(), logprobs)
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """Random sampling of logits (R, V) for non-greedy requests -> (R,) token ids."""
+        params = [r.sampling_params for r in reqs]
+        logits = logits / torch.tensor([p.temperature for p in params]).unsqueeze(1)
+        min_p = torch.tensor([p.min_p for p in params])
+        if (min_p > 0).any():
+            probs = logits.softmax(dim=-1)
+            threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
+            logits.masked_fill_(probs < threshold, float("-inf"))
+        vocab = logits.shape[1]
+        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params]).clamp_(max=vocab)
+        top_p = torch.tensor([p.top_p for p in params])
+        if (top_k < vocab).any() or (top_p < 1).any():
+            logits = apply_top_k_top_p(logits, top_k, top_p)
+        probs = logits.softmax(dim=-1)
+        # Gumbel-style draw: argmax(p / q) with q ~ Exp(1) samples from p; each seeded
+        # request draws its q from its own generator, so its output is batch-independent
+        q = torch.empty_like(probs)
+        for i, r in enumerate(reqs):
+            q[i].exponential_(generator=r.generator or self.generator)
+        return probs.div_(q).argmax(dim=-1)
+
+
+def apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Mask logits (R, V) outside each row's top k (R,) and top-p nucleus (R,) to -inf."""
+    logits_sort, logits_idx = logits.sort(dim=-1, descending=False)
+    kth = logits_sort.gather(1, (logits_sort.shape[1] - k).unsqueeze(1))  # k-th largest per row
+    logits_sort.masked_fill_(logits_sort < kth, float("-inf"))
+    cum = logits_sort.softmax(dim=-1).cumsum(dim=-1)
+    outside = cum <= (1 - p).unsqueeze(1)
+    outside[:, -1] = False  # always keep the most likely token
+    logits_sort.masked_fill_(outside, float("-inf"))
+    return logits.scatter(-1, logits_idx, logits_sort)
+
+
+def _apply_constraints(logits: torch.Tensor, reqs: list[Request]) -> None:
+    """allowed_token_ids, bad_words, min_tokens and logit_bias, in place on logits (B, V)."""
+    for i, r in enumerate(reqs):
+        p = r.sampling_params
+        if p.allowed_token_ids is not None:
+            keep = torch.zeros(logits.shape[1], dtype=torch.bool)
+            keep[p.allowed_token_ids] = True
+            logits[i].masked_fill_(~keep, float("-inf"))
+        for word in p.bad_words_token_ids or ():
+            prefix = word[:-1]
+            if len(prefix) <= r.num_output_tokens and (not prefix or r.output_token_ids[-len(prefix):] == prefix):
+                logits[i, word[-1]] = float("-inf")
+        if r.num_output_tokens < p.min_tokens and p.all_stop_token_ids:
+            logits[i, list(p.all_stop_token_ids)] = float("-inf")
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias.keys()))
+            logits[i, ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype)
+
+
+def _apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> None:
+    """Repetition (prompt + output tokens), frequency and presence (output tokens), in place."""
+    for i, r in enumerate(reqs):
+        p = r.sampling_params
+        if p.repetition_penalty == 1.0 and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0:
+            continue
+        counts = torch.bincount(torch.tensor(r.output_token_ids, dtype=torch.int64),
+                                minlength=logits.shape[1])[: logits.shape[1]].to(logits.dtype)
+        if p.repetition_penalty != 1.0:
+            seen = counts > 0
+            seen[torch.tensor(r.prompt_token_ids)] = True
+            row = logits[i]
+            scaled = row * torch.where(row > 0, 1.0 / p.repetition_penalty, p.repetition_penalty)
+            logits[i] = torch.where(seen, scaled, row)
+        logits[i] -= p.frequency_penalty * counts
+        logits[i] -= p.presence_penalty * (counts > 0).to(logits.dtype)

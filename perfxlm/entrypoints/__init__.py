@@ -1,0 +1,3 @@
+from perfxlm.entrypoints.llm import LLM
+
+__all__ = ["LLM"]

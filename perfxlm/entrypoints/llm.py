@@ -1,0 +1,270 @@
+"""`LLM`: vLLM's offline entry point, in process."""
+
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from perfxlm.config import EngineConfig, derive_max_model_len, resolve_dtype
+from perfxlm.engine.llm_engine import LLMEngine
+from perfxlm.exceptions import VLLMValidationError
+from perfxlm.inputs import PromptType
+from perfxlm.models.loader import resolve_model
+from perfxlm.outputs import RequestOutput
+from perfxlm.sampling_params import RequestOutputKind, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# vLLM engine arguments perfxlm honours (beyond LLM's named parameters)
+_ENGINE_KWARGS = {"max_model_len", "max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching",
+                  "block_size", "max_logprobs", "generation_config", "enable_chunked_prefill"}
+# vLLM arguments that do not apply to perfxlm's single-process CPU engine; accepted, no effect
+_IGNORED_KWARGS = {"disable_log_stats", "swap_space", "load_format", "download_dir", "device",
+                   "distributed_executor_backend", "max_seq_len_to_capture", "disable_async_output_proc",
+                   "num_scheduler_steps", "use_v2_block_manager", "worker_cls", "max_parallel_loading_workers",
+                   "kv_cache_dtype", "calculate_kv_scales", "prefix_caching_hash_algo", "scheduling_policy",
+                   "preemption_mode", "async_scheduling", "enable_prompt_embeds", "limit_mm_per_prompt",
+                   "reasoning_parser", "served_model_name", "config_format", "model_impl", "seed_everything"}
+# vLLM features perfxlm does not implement: refuse rather than silently ignore
+_REFUSED_KWARGS = {"enable_lora": False, "speculative_config": None, "pipeline_parallel_size": 1,
+                   "data_parallel_size": 1, "enable_expert_parallel": False, "kv_transfer_config": None,
+                   "enable_sleep_mode": False}
+
+
+class LLM:
+    """An LLM for offline generation, with vLLM's constructor and methods.
+
+    `model` is a local HF directory, a local .gguf file, an HF repo id present in
+    the local HF cache, or the embedded default `HuggingFaceTB/SmolLM2-135M-Instruct`.
+    Engine arguments (`max_model_len`, `max_num_seqs`, ...) are keyword arguments as
+    in vLLM; see docs/compatibility.md for which are honoured, accepted or refused.
+    """
+
+    def __init__(self, model: str, *, runner: str = "auto", convert: str = "auto",
+                 tokenizer: str | None = None, tokenizer_mode: str = "auto", skip_tokenizer_init: bool = False,
+                 trust_remote_code: bool = False, tensor_parallel_size: int = 1, dtype: Any = "auto",
+                 quantization: str | None = None, revision: str | None = None, tokenizer_revision: str | None = None,
+                 chat_template: str | None = None, seed: int | None = 0, gpu_memory_utilization: float = 0.92,
+                 cpu_offload_gb: float = 0, enforce_eager: bool = False, disable_custom_all_reduce: bool = False,
+                 hf_token: bool | str | None = None, hf_overrides: dict | Callable | None = None,
+                 mm_processor_kwargs: dict | None = None, pooler_config: Any = None,
+                 structured_outputs_config: Any = None, compilation_config: Any = None,
+                 attention_config: Any = None, profiler_config: Any = None,
+                 kv_cache_memory_bytes: int | None = None, logits_processors: list | None = None,
+                 allowed_local_media_path: str = "", allowed_media_domains: list | None = None,
+                 **kwargs: Any) -> None:
+        for name, value in kwargs.items():
+            if name in _REFUSED_KWARGS and value != _REFUSED_KWARGS[name]:
+                raise NotImplementedError(f"perfxlm does not support {name}={value!r}")
+            if name not in _ENGINE_KWARGS | _IGNORED_KWARGS | set(_REFUSED_KWARGS):
+                raise TypeError(f"LLM() got an unexpected keyword argument {name!r}")
+        if tensor_parallel_size != 1:
+            raise NotImplementedError(f"perfxlm runs on one device: tensor_parallel_size={tensor_parallel_size} "
+                                      "is not supported")
+        if runner not in ("auto", "generate") or convert not in ("auto", "none"):
+            raise NotImplementedError(f"perfxlm runs generative models only (runner={runner!r}, "
+                                      f"convert={convert!r}); pooling models come later")
+        if quantization not in (None, "gguf"):
+            raise NotImplementedError(f"perfxlm: quantization={quantization!r} is not supported; GGUF "
+                                      "files are dequantised at load")
+        if cpu_offload_gb or logits_processors:
+            raise NotImplementedError("perfxlm does not support cpu_offload_gb or custom logits_processors")
+        if tokenizer_mode not in ("auto", "hf", "slow"):
+            raise NotImplementedError(f"perfxlm: tokenizer_mode={tokenizer_mode!r} is not supported")
+
+        source = resolve_model(model, revision)
+        if hf_overrides is not None:
+            source.hf_config = (hf_overrides(source.hf_config) if callable(hf_overrides)
+                                else {**source.hf_config, **hf_overrides})
+        engine_kw = {k: v for k, v in kwargs.items() if k in _ENGINE_KWARGS}
+        config = EngineConfig(
+            model=model,
+            dtype=resolve_dtype(dtype, source.hf_config),
+            max_model_len=derive_max_model_len(source.hf_config, engine_kw.pop("max_model_len", None)),
+            seed=0 if seed is None else seed,
+            tokenizer=tokenizer,
+            kv_cache_memory_bytes=kv_cache_memory_bytes,
+            skip_tokenizer_init=skip_tokenizer_init,
+            trust_remote_code=trust_remote_code,
+            chat_template=_load_template(chat_template),
+            **{k: v for k, v in engine_kw.items() if v is not None},
+        )
+        self.llm_engine = LLMEngine(config, source)
+        self.request_counter = itertools.count()
+        self.default_sampling_params: SamplingParams | None = None
+
+    # ---- public API -------------------------------------------------------------------
+
+    def get_tokenizer(self) -> Any:
+        return self.llm_engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams from the model's generation_config.json, else vLLM's defaults."""
+        if self.default_sampling_params is None:
+            gen = self.llm_engine.generation_config
+            keys = ("repetition_penalty", "temperature", "top_k", "top_p", "min_p")
+            diff = {k: gen[k] for k in keys if gen.get(k) is not None}
+            if gen.get("max_new_tokens") is not None:
+                diff["max_tokens"] = gen["max_new_tokens"]
+            if diff:
+                logger.info("Default sampling parameters have been overridden by the model's "
+                            "generation config: %s", diff)
+            self.default_sampling_params = SamplingParams.from_optional(**diff) if diff else SamplingParams()
+        return self.default_sampling_params.clone()
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 use_tqdm: bool | Callable[..., tqdm] = True, lora_request: Any = None, priority: list[int] | None = None,
+                 tokenization_kwargs: dict[str, Any] | None = None,
+                 mm_processor_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+        """Generate completions for the prompts; outputs come back in prompt order."""
+        prompt_list = _as_prompt_list(prompts)
+        inputs = [self._tokenize(p, tokenization_kwargs) for p in prompt_list]
+        return self._run(inputs, sampling_params, use_tqdm, lora_request, priority)
+
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool | Callable[..., tqdm] = True, lora_request: Any = None,
+             chat_template: str | None = None, chat_template_content_format: str = "auto",
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             tools: list[dict[str, Any]] | None = None, chat_template_kwargs: dict[str, Any] | None = None,
+             tokenization_kwargs: dict[str, Any] | None = None,
+             mm_processor_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+        """Render conversations with the chat template, then generate (one output per conversation)."""
+        tok = self._require_tokenizer("chat")
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        template = _load_template(chat_template) or self.llm_engine.config.chat_template or tok.chat_template
+        if template is None:
+            raise ValueError("As of transformers v4.44, default chat template is no longer allowed, so you "
+                             "must provide a chat template if the tokenizer does not define one.")
+        inputs = []
+        for conv in conversations:
+            text = tok.apply_chat_template(
+                [_flatten_content(m) for m in conv], tokenize=False, chat_template=template,
+                add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+                tools=tools, **(chat_template_kwargs or {}))
+            # the template writes the special tokens (BOS, ...) itself
+            inputs.append((tok.encode(text, add_special_tokens=False), text))
+        return self._run(inputs, sampling_params, use_tqdm, lora_request, None)
+
+    def reset_prefix_cache(self) -> bool:
+        return self.llm_engine.block_manager.reset_prefix_cache()
+
+    def beam_search(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("perfxlm does not support beam_search yet")
+
+    def encode(self, *args: Any, **kwargs: Any) -> Any:
+        raise ValueError("LLM.encode() is only supported for pooling models. This model is generative.")
+
+    embed = classify = score = reward = encode
+
+    # ---- internals --------------------------------------------------------------------
+
+    def _require_tokenizer(self, what: str) -> Any:
+        tok = self.llm_engine.tokenizer
+        if tok is None:
+            raise ValueError(f"{what} needs a tokenizer, but the LLM was built with skip_tokenizer_init=True")
+        return tok
+
+    def _tokenize(self, prompt: Any, tokenization_kwargs: dict[str, Any] | None) -> tuple[list[int], str | None]:
+        """One prompt -> (token ids, prompt text or None)."""
+        if isinstance(prompt, str):
+            prompt = {"prompt": prompt}
+        if isinstance(prompt, list):
+            return list(prompt), None
+        if not isinstance(prompt, dict):
+            raise VLLMValidationError(f"Invalid prompt {prompt!r}: expected a str, a TextPrompt, a "
+                                      "TokensPrompt or a list of token ids")
+        if "prompt_token_ids" in prompt:
+            return list(prompt["prompt_token_ids"]), prompt.get("prompt")
+        if "prompt" not in prompt:
+            raise VLLMValidationError(f"Invalid prompt {prompt!r}: a dict needs 'prompt' or 'prompt_token_ids'")
+        tok = self._require_tokenizer("A text prompt")
+        return tok.encode(prompt["prompt"], **(tokenization_kwargs or {})), prompt["prompt"]
+
+    def _run(self, inputs: list[tuple[list[int], str | None]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+             use_tqdm: bool | Callable[..., tqdm], lora_request: Any, priority: list[int] | None) -> list[RequestOutput]:
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
+        if isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(inputs)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(inputs):
+                raise VLLMValidationError(f"The lengths of prompts ({len(inputs)}) and params "
+                                          f"({len(params)}) must be the same.")
+        if lora_request is not None:
+            raise VLLMValidationError(f"Got lora_request {lora_request} but LoRA is not enabled!")
+        if priority is not None and any(priority):
+            raise ValueError(f"Got priority {priority} but Priority scheduling is not enabled.")
+        engine = self.llm_engine
+        for (ids, _), p in zip(inputs, params):  # validate everything before queueing anything
+            engine.validate_request(ids, p)
+        ids = []
+        for (prompt_ids, text), p in zip(inputs, params):
+            p.output_kind = RequestOutputKind.FINAL_ONLY  # vLLM sets this on the caller's object
+            request_id = str(next(self.request_counter))
+            engine.add_request(request_id, prompt_ids, p, prompt=text)
+            ids.append(request_id)
+        try:
+            outputs = self._run_engine(len(inputs), use_tqdm)
+        except BaseException:
+            engine.abort_request(ids)  # leave the engine clean for the next call
+            raise
+        return sorted(outputs, key=lambda o: int(o.request_id))
+
+    def _run_engine(self, num_requests: int, use_tqdm: bool | Callable[..., tqdm]) -> list[RequestOutput]:
+        pbar = None
+        if use_tqdm:
+            make_bar = use_tqdm if callable(use_tqdm) else tqdm
+            pbar = make_bar(total=num_requests, desc="Processed prompts", dynamic_ncols=True,
+                            postfix="est. speed input: 0.00 toks/s, output: 0.00 toks/s")
+        outputs: list[RequestOutput] = []
+        in_toks = out_toks = 0
+        start = time.perf_counter()
+        engine = self.llm_engine
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                outputs.append(out)
+                if pbar is not None:
+                    in_toks += len(out.prompt_token_ids)
+                    out_toks += sum(len(c.token_ids) for c in out.outputs)
+                    elapsed = max(time.perf_counter() - start, 1e-9)
+                    pbar.postfix = (f"est. speed input: {in_toks / elapsed:.2f} toks/s, "
+                                    f"output: {out_toks / elapsed:.2f} toks/s")
+                    pbar.update(1)
+        if pbar is not None:
+            pbar.close()
+        return outputs
+
+
+def _as_prompt_list(prompts: Any) -> list[Any]:
+    """vLLM's rule: a str, a dict or a list of ints is one prompt; anything else is a sequence."""
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]
+    return list(prompts)
+
+
+def _flatten_content(message: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI-style content parts -> one string, as vLLM's 'string' content format does."""
+    content = message.get("content")
+    if isinstance(content, list):
+        texts = [p.get("text", "") if isinstance(p, dict) else str(p) for p in content
+                 if not isinstance(p, dict) or p.get("type", "text") == "text"]
+        message = {**message, "content": "\n".join(texts)}
+    return message
+
+
+def _load_template(template: str | None) -> str | None:
+    """A chat template given inline or as a file path."""
+    if template is not None and os.path.isfile(template):
+        with open(template) as f:
+            return f.read()
+    return template

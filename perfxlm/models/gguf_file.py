@@ -1,0 +1,159 @@
+"""Read a llama-family GGUF file: HF-style config, float weights and a tokenizer.
+
+Block-quantised tensors (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, ...) are dequantised at
+load with llama.cpp's own `gguf` package. The Q/K projections of `llama`
+GGUFs are stored permuted for ggml's interleaved RoPE; they are permuted back
+to the halves layout the model file uses.
+"""
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+# GGUF tensor name -> Transformer parameter name ({} is the layer index)
+_NAMES = {
+    "token_embd": "tok_embeddings", "output_norm": "norm", "output": "output",
+    "attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
+    "attn_output": "attention.wo", "ffn_gate": "feed_forward.w1", "ffn_up": "feed_forward.w3",
+    "ffn_down": "feed_forward.w2", "attn_norm": "attention_norm", "ffn_norm": "ffn_norm",
+}
+_ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+# Pre-tokenizer split rules by `tokenizer.ggml.pre` (byte-level BPE vocabularies)
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+class GGUFFile:
+    """One GGUF file, opened memory-mapped."""
+
+    def __init__(self, path: str | Path) -> None:
+        import gguf
+        self.path = Path(path)
+        self.reader = gguf.GGUFReader(str(self.path))
+        big = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+               "tokenizer.ggml.scores")  # read on demand by tokenizer()
+        self.meta = {k: _field_value(f) for k, f in self.reader.fields.items() if k not in big}
+        self.arch = self.meta["general.architecture"]
+        if self.arch not in _ARCHS:
+            raise ValueError(f"GGUF architecture {self.arch!r} in {self.path} is not supported; "
+                             f"supported: {sorted(_ARCHS)}")
+
+    def _get(self, key: str, default: Any = None) -> Any:
+        return self.meta.get(f"{self.arch}.{key}", default)
+
+    def hf_config(self) -> dict[str, Any]:
+        """The equivalent transformers config.json contents."""
+        names = {t.name for t in self.reader.tensors}
+        n_heads = self._get("attention.head_count")
+        dim = self._get("embedding_length")
+        vocab = self._get("vocab_size") or len(self.reader.fields["tokenizer.ggml.tokens"].data)
+        cfg = {
+            "architectures": [_ARCHS[self.arch]],
+            "model_type": self.arch,
+            "vocab_size": vocab,
+            "hidden_size": dim,
+            "num_hidden_layers": self._get("block_count"),
+            "num_attention_heads": n_heads,
+            "num_key_value_heads": self._get("attention.head_count_kv", n_heads),
+            "head_dim": self._get("attention.key_length", dim // n_heads),
+            "intermediate_size": self._get("feed_forward_length"),
+            "rms_norm_eps": float(self._get("attention.layer_norm_rms_epsilon", 1e-5)),
+            "rope_theta": float(self._get("rope.freq_base", 10000.0)),
+            "max_position_embeddings": self._get("context_length", 2048),
+            "tie_word_embeddings": "output.weight" not in names,
+            "bos_token_id": self.meta.get("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": self.meta.get("tokenizer.ggml.eos_token_id"),
+            "attention_bias": "blk.0.attn_q.bias" in names,
+        }
+        if self._get("rope.scaling.type") == "linear":
+            cfg["rope_scaling"] = {"rope_type": "linear", "factor": self._get("rope.scaling.factor")}
+        return cfg
+
+    def state_dict(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """All tensors, dequantised to `dtype`, under the Transformer's parameter names."""
+        import gguf
+        cfg = self.hf_config()
+        out = {}
+        for t in self.reader.tensors:
+            m = re.fullmatch(r"(?:blk\.(\d+)\.)?(\w+)\.(weight|bias)", t.name)
+            if m is None or m.group(2) not in _NAMES:
+                logger.debug("skipping GGUF tensor %s", t.name)
+                continue
+            layer, base, kind = m.groups()
+            name = f"{_NAMES[base]}.{kind}" if layer is None else f"layers.{layer}.{_NAMES[base]}.{kind}"
+            w = gguf.quants.dequantize(t.data, t.tensor_type)     # (rows, cols) float32
+            w = np.asarray(w, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
+            if self.arch == "llama" and base in ("attn_q", "attn_k"):
+                heads = cfg["num_attention_heads"] if base == "attn_q" else cfg["num_key_value_heads"]
+                w = _unpermute(w, heads)
+            out[name] = torch.from_numpy(np.array(w, dtype=np.float32)).to(dtype)  # copy off the mmap
+        return out
+
+    def tokenizer(self) -> Any:
+        """A transformers fast tokenizer built from the GGUF vocabulary and chat template."""
+        model = self.meta.get("tokenizer.ggml.model")
+        pre = self.meta.get("tokenizer.ggml.pre", "default")
+        if model != "gpt2" or pre not in ("smollm", "gpt2", "default", "llama-bpe", "qwen2"):
+            # sentencepiece-style vocabularies: transformers' own GGUF converter
+            from transformers import AutoTokenizer
+            logger.info("tokenizer %s/%s: using transformers' GGUF converter", model, pre)
+            return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+        return self._bpe_tokenizer(pre)
+
+    def _bpe_tokenizer(self, pre: str) -> Any:
+        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+        from transformers import PreTrainedTokenizerFast
+
+        fields = self.reader.fields
+        tokens = _field_value(fields["tokenizer.ggml.tokens"])
+        merges = [tuple(m.split(" ", 1)) for m in _field_value(fields["tokenizer.ggml.merges"])]
+        types = _field_value(fields["tokenizer.ggml.token_type"])
+        tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                                   fuse_unk=False, byte_fallback=False))
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre in ("smollm", "gpt2", "default"))
+        if pre == "smollm":  # digits split one by one before GPT-2's rule (SmolLM's tokenizer.json)
+            tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        elif pre in ("llama-bpe", "qwen2"):
+            split = pre_tokenizers.Split(Regex(_LLAMA3_SPLIT if pre == "llama-bpe" else _QWEN2_SPLIT),
+                                         behavior="isolated")
+            tok.pre_tokenizer = pre_tokenizers.Sequence([split, byte_level])
+        else:
+            tok.pre_tokenizer = byte_level
+        tok.decoder = decoders.ByteLevel()
+        # token types: 3 = control, 4 = user defined
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t, ty in zip(tokens, types) if ty == 3])
+        tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                        for t, ty in zip(tokens, types) if ty == 4])
+
+        def token(key: str) -> str | None:
+            i = self.meta.get(f"tokenizer.ggml.{key}_token_id")
+            return tokens[i] if i is not None and i < len(tokens) else None
+
+        bos = token("bos")
+        if self.meta.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
+            bos_id = tokens.index(bos)
+            tok.post_processor = processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, bos_token=bos, eos_token=token("eos"), unk_token=token("unknown"),
+            pad_token=token("padding"), chat_template=self.meta.get("tokenizer.chat_template"),
+            clean_up_tokenization_spaces=False)
+
+
+def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's convert-time permutation of a Q/K weight (out, in) or bias (out,)."""
+    half = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _field_value(field: Any) -> Any:
+    return field.contents()
