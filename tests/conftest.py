@@ -28,6 +28,15 @@ def gguf_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smol_llm(gguf_path):
+    """SmolLM2-135M-Instruct (the embedded GGUF) in float32, shared across test modules."""
+    from perfxlm import LLM
+    llm = LLM(str(gguf_path), dtype="float32", kv_cache_memory_bytes=SMALL_KV, max_model_len=1024)
+    yield llm
+    assert_no_leaks(llm)
+
+
+@pytest.fixture(scope="session")
 def smol_tokenizer(gguf_path):
     from perfxlm.models.gguf_file import GGUFFile
     return GGUFFile(gguf_path).tokenizer()

@@ -19,17 +19,12 @@ def _check_golden(llm: LLM, name: str) -> None:
     assert_no_leaks(llm)
 
 
-@pytest.fixture(scope="module")
-def smol_gguf_fp32(gguf_path):
-    return LLM(str(gguf_path), dtype="float32", kv_cache_memory_bytes=SMALL_KV, max_model_len=1024)
+def test_gguf_float32_equals_vllm_golden(smol_llm):
+    _check_golden(smol_llm, "golden_greedy_vllm_float32.json")
 
 
-def test_gguf_float32_equals_vllm_golden(smol_gguf_fp32):
-    _check_golden(smol_gguf_fp32, "golden_greedy_vllm_float32.json")
-
-
-def test_gguf_float32_equals_transformers_golden(smol_gguf_fp32):
-    _check_golden(smol_gguf_fp32, "golden_greedy_hf_float32.json")
+def test_gguf_float32_equals_transformers_golden(smol_llm):
+    _check_golden(smol_llm, "golden_greedy_hf_float32.json")
 
 
 def test_embedded_name_resolves_to_the_gguf(gguf_path):
@@ -44,7 +39,7 @@ def test_hf_directory_float32_equals_vllm_golden(smol_hf_dir):
     _check_golden(llm, "golden_greedy_vllm_float32.json")
 
 
-def test_bfloat16_stays_close_to_float32(smol_gguf_fp32, gguf_path):
+def test_bfloat16_stays_close_to_float32(smol_llm, gguf_path):
     """bf16 tokens may differ from fp32 (vLLM's own bf16 output changes with thread count),
     so compare the fp32 greedy path's logprobs under bf16: each token fp32 chose must stay
     within 0.5 nats of bf16's best token over the first 16 steps (typical drift is < 0.1)."""

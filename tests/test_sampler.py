@@ -1,0 +1,93 @@
+"""Sampler processing on hand-made logits: penalties, biases, masks, top-k/top-p/min-p, draws."""
+
+import math
+
+import pytest
+import torch
+
+from perfxlm.engine.request import Request
+from perfxlm.engine.sampler import Sampler, _apply_constraints, _apply_penalties, apply_top_k_top_p
+from perfxlm.sampling_params import SamplingParams
+
+
+def req(prompt=(1,), output=(), **params) -> Request:
+    r = Request("r", list(prompt), SamplingParams(**params), eos_token_id=0, max_tokens=16)
+    for t in output:
+        r.append_output_token(t)
+    return r
+
+
+def test_penalties_follow_vllm_formulas():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 3.0, 0.5]])
+    r = req(prompt=[0], output=[1, 3, 3], repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25)
+    _apply_penalties(logits, [r])
+    # token 0: prompt only -> repetition only (2/2); 1: output once -> -2*2 - 0.5 - 0.25
+    # 2: unseen; 3: output twice -> 3/2 - 2*0.5 - 0.25; 4: unseen
+    assert logits[0].tolist() == pytest.approx([1.0, -4.75, 1.0, 0.25, 0.5])
+
+
+def test_constraints_allowed_bias_bad_words_min_tokens():
+    logits = torch.zeros(1, 6)
+    _apply_constraints(logits, [req(allowed_token_ids=[2, 4])])
+    assert torch.isinf(logits[0, [0, 1, 3, 5]]).all() and (logits[0, [2, 4]] == 0).all()
+    logits = torch.zeros(1, 6)
+    _apply_constraints(logits, [req(logit_bias={1: 5.0, 2: -3.0})])
+    assert logits[0].tolist() == [0, 5, -3, 0, 0, 0]
+    # bad word [4, 5]: 5 is banned only right after 4; single-token bad word [3] always
+    r = req(output=[4])
+    r.sampling_params._bad_words_token_ids = [[4, 5], [3]]
+    logits = torch.zeros(1, 6)
+    _apply_constraints(logits, [r])
+    assert math.isinf(logits[0, 5]) and math.isinf(logits[0, 3]) and logits[0, 4] == 0
+    r = req(output=[2])
+    r.sampling_params._bad_words_token_ids = [[4, 5]]
+    logits = torch.zeros(1, 6)
+    _apply_constraints(logits, [r])
+    assert not torch.isinf(logits).any()
+    # min_tokens masks every stop id (EOS included) until reached
+    r = req(min_tokens=2, stop_token_ids=[3])
+    r.sampling_params.update_from_generation_config({}, eos_token_id=0)
+    logits = torch.zeros(1, 6)
+    _apply_constraints(logits, [r])
+    assert math.isinf(logits[0, 0]) and math.isinf(logits[0, 3]) and logits[0, 1] == 0
+
+
+def test_top_k_top_p_masks():
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0], [1.0, 4.0, 3.0, 2.0]])
+    out = apply_top_k_top_p(logits.clone(), torch.tensor([2, 4]), torch.tensor([1.0, 0.5]))
+    assert torch.isinf(out[0, [0, 3]]).all() and not torch.isinf(out[0, [1, 2]]).any()
+    # row 1: softmax(4,3,2,1) = .64,.24,.09,.03: top_p=0.5 keeps only the top token
+    assert not torch.isinf(out[1, 1]) and torch.isinf(out[1, [0, 2, 3]]).all()
+
+
+def test_greedy_and_random_rows_in_one_batch():
+    logits = torch.tensor([[0.0, 5.0, 1.0], [0.0, 0.0, 0.0]])
+    s = Sampler(seed=0)
+    greedy, rand = req(temperature=0), req(temperature=1.0, top_k=1)
+    out = s(logits.clone(), [greedy, rand])
+    assert out.token_ids[0] == 1 and out.token_ids[1] in (0, 1, 2)
+
+
+def test_sampling_follows_the_distribution_and_filters():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().repeat(4000, 1)
+    s = Sampler(seed=0)
+    counts = torch.bincount(torch.tensor(s(logits.clone(), [req(temperature=1.0)] * 4000).token_ids), minlength=4)
+    assert torch.allclose(counts / 4000, probs, atol=0.03)
+    top2 = s(logits.clone(), [req(temperature=1.0, top_k=2)] * 2000).token_ids
+    assert set(top2) == {0, 1}
+    nucleus = s(logits.clone(), [req(temperature=1.0, top_p=0.7)] * 2000).token_ids
+    assert set(nucleus) == {0, 1}
+    minp = s(logits.clone(), [req(temperature=1.0, min_p=0.5)] * 2000).token_ids
+    assert set(minp) == {0, 1}  # 0.3 >= 0.5 * 0.5, 0.15 is not
+    cold = s(logits.clone(), [req(temperature=0.05)] * 500).token_ids
+    assert set(cold) == {0}
+
+
+def test_logprobs_are_raw_and_seeded_draws_repeat():
+    logits = torch.tensor([[0.0, 1.0, 2.0]])
+    s = Sampler(seed=0)
+    out = s(logits.clone(), [req(temperature=0.5, logprobs=2, logit_bias={0: 50.0})])
+    assert torch.allclose(out.logprobs, torch.log_softmax(logits, -1))  # before bias and temperature
+    a = [s(torch.zeros(1, 50), [req(temperature=1.0, seed=5)]).token_ids[0] for _ in range(2)]
+    assert a[0] == a[1]
