@@ -28,5 +28,5 @@ setup(
         "jinja2",
         "huggingface_hub",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest", "accelerate"]},  # accelerate: transformers' GGUF loader in tests
 )
