@@ -15,7 +15,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["perfxlm", "perfxlm.*"]),
+    packages=find_packages(include=["perfxlm", "perfxlm.*", "graph_export", "graph_export.*",
+                                    "hw_plugins", "hw_plugins.*"]),
     install_requires=[
         # pinned: a looser torch pin pulls several GB of CUDA packages on CPU machines
         "torch==2.13.0",
@@ -27,6 +28,13 @@ setup(
         "tqdm",
         "jinja2",
         "huggingface_hub",
+        "onnx>=1.16",
+        "onnxruntime",  # `perfxlm export --verify` checks graphs with it
+        "ml_dtypes",    # bfloat16 arrays on the host side of plugins
     ],
+    entry_points={
+        "console_scripts": ["perfxlm = perfxlm.cli:main"],
+        "perfxlm.hw_plugins": ["torch = hw_plugins.torch_ref:TorchPlugin"],
+    },
     extras_require={"test": ["pytest", "accelerate"]},  # accelerate: transformers' GGUF loader in tests
 )

@@ -34,15 +34,16 @@ def _configure_logging() -> None:
     """Log INFO lines to stderr like vLLM does, unless PERFXLM_CONFIGURE_LOGGING=0."""
     if os.environ.get("PERFXLM_CONFIGURE_LOGGING", os.environ.get("VLLM_CONFIGURE_LOGGING", "1")) == "0":
         return
-    logger = logging.getLogger("perfxlm")
-    if logger.handlers:
-        return
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [%(filename)s:%(lineno)d] %(message)s",
                                            datefmt="%m-%d %H:%M:%S"))
-    logger.addHandler(handler)
-    logger.setLevel(os.environ.get("PERFXLM_LOGGING_LEVEL", os.environ.get("VLLM_LOGGING_LEVEL", "INFO")))
-    logger.propagate = False
+    level = os.environ.get("PERFXLM_LOGGING_LEVEL", os.environ.get("VLLM_LOGGING_LEVEL", "INFO"))
+    for name in ("perfxlm", "graph_export", "hw_plugins"):  # the three packages of this project
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            logger.addHandler(handler)
+            logger.setLevel(level)
+            logger.propagate = False
 
 
 _configure_logging()

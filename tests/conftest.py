@@ -21,6 +21,12 @@ def golden(name: str) -> dict:
     return json.loads(path.read_text())
 
 
+@pytest.fixture(scope="session", autouse=True)
+def graph_cache(tmp_path_factory):
+    """Graphs exported by the tests go to a temporary cache, not the user's."""
+    os.environ["PERFXLM_GRAPH_CACHE"] = str(tmp_path_factory.mktemp("graphs"))
+
+
 @pytest.fixture(scope="session")
 def gguf_path() -> Path:
     from perfxlm.models.default_model import embedded_gguf_path

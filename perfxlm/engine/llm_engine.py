@@ -1,20 +1,25 @@
 """The engine: owns tokenizer, model runner, scheduler and sampler; runs steps."""
 
 import logging
+import os
 import time
 from typing import Any
-
-import torch
 
 from perfxlm.config import EngineConfig
 from perfxlm.engine.block_manager import BlockManager
 from perfxlm.engine.detokenizer import IncrementalDetokenizer
-from perfxlm.engine.model_runner import ModelRunner
+from graph_export.cache import cached_graph
+from hw_plugins.base import select_plugin
+from hw_plugins.torch_ref import TorchPlugin
+from perfxlm.engine.graph_runner import GraphRunner
+from perfxlm.engine.model_runner import (EagerExecutor, Executor, GraphExecutor, ModelRunner,
+                                         kv_bytes_per_block)
 from perfxlm.engine.output_processor import OutputProcessor, RequestState
 from perfxlm.engine.request import Request, RequestStatus
 from perfxlm.engine.sampler import Sampler
 from perfxlm.engine.scheduler import Scheduler
 from perfxlm.exceptions import VLLMValidationError
+from perfxlm.models.llama import ModelParams
 from perfxlm.models.loader import ModelSource, load_tokenizer
 from perfxlm.outputs import RequestOutput
 from perfxlm.sampling_params import SamplingParams
@@ -30,13 +35,12 @@ class LLMEngine:
         self.tokenizer = None
         if not config.skip_tokenizer_init:
             self.tokenizer = load_tokenizer(source, config.tokenizer, trust_remote_code=config.trust_remote_code)
-        self.model = source.load_weights(config.dtype)
-        params = self.model.params
+        params = ModelParams.from_hf_config(source.hf_config)
         self.vocab_size = params.vocab_size
         self.generation_config = source.generation_config if config.generation_config != "vllm" else {}
         self.eos_token_id = self._eos_token_id()
 
-        per_block = ModelRunner.kv_bytes_per_block(params, config.block_size, config.dtype)
+        per_block = kv_bytes_per_block(params, config.block_size, config.dtype)
         num_blocks = config.kv_cache_bytes() // per_block
         if num_blocks * config.block_size < config.max_model_len:
             need = -(-config.max_model_len // config.block_size) * per_block
@@ -51,7 +55,7 @@ class LLMEngine:
                     "per request: %.2fx", num_blocks, config.block_size, num_blocks * per_block / (1 << 30),
                     str(config.dtype).removeprefix("torch."), config.max_model_len,
                     num_blocks * config.block_size / config.max_model_len)
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size, config.dtype)
+        self.runner = ModelRunner(self._make_executor(num_blocks), config.block_size)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_model_len, config.enable_chunked_prefill)
@@ -60,6 +64,15 @@ class LLMEngine:
         self.requests: dict[str, RequestState] = {}
         logger.info("engine ready in %.1f s: %s, %s", time.perf_counter() - start, source.path,
                     str(config.dtype).removeprefix("torch."))
+
+    def _make_executor(self, num_blocks: int) -> Executor:
+        cfg = self.config
+        if os.environ.get("PERFXLM_EXECUTOR", "graph") == "eager":
+            return EagerExecutor(self.source.load_weights(cfg.dtype), num_blocks, cfg.block_size, cfg.dtype)
+        path = cached_graph(self.source, cfg.dtype)
+        runner = GraphRunner(path, select_plugin(cfg.hw_plugin), TorchPlugin(), cfg.max_num_batched_tokens,
+                             num_blocks, cfg.block_size)
+        return GraphExecutor(runner)
 
     def _eos_token_id(self) -> int | None:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:

@@ -1,18 +1,21 @@
 """The seam between scheduler and model: a typed batch in, logits out.
 
-`ModelRunner.execute` turns a SchedulerOutput into flat tensors (ids,
-positions, slot mapping, block tables, sequence lengths), runs the model over
-the paged KV cache it owns, and returns logits only for the rows that need
-them: each request's last token when it samples, and prompt rows when prompt
-logprobs were asked for.
+`ModelRunner.prepare` turns a SchedulerOutput into flat index tensors (ids,
+positions, slot mapping, block tables, sequence lengths) and the logits rows
+needed: each request's last token when it samples, and prompt rows when prompt
+logprobs were asked for. An executor then computes those logits: by default the
+exported graph on hardware plugins (`GraphExecutor`), or the torch module itself
+(`EagerExecutor`, PERFXLM_EXECUTOR=eager), the reference it was exported from.
 """
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
+from perfxlm.engine.graph_runner import GraphRunner
 from perfxlm.engine.scheduler import SchedulerOutput
 from perfxlm.models.paged_attention import AttentionMetadata
 
@@ -28,21 +31,19 @@ class ModelInput:
     prompt_rows: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
 
-class ModelRunner:
-    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype) -> None:
-        self.model = model
-        self.block_size = block_size
-        p = model.params
-        # (layers, k/v, blocks, block_size, kv heads, head dim). Zeroed, so padded slots
-        # that masked attention rows still read are finite; numpy's calloc gives zero pages
-        # that the OS commits only when touched, so a large budget costs nothing up front.
-        shape = (p.n_layers, 2, num_blocks, block_size, p.n_kv_heads, p.head_dim)
-        raw = np.zeros((*shape[:-1], p.head_dim * dtype.itemsize), dtype=np.uint8)
-        self.kv_cache = torch.from_numpy(raw).view(dtype)
+class Executor(Protocol):
+    def __call__(self, inp: ModelInput) -> torch.Tensor:
+        """-> logits (N, vocab) float32 for the rows inp.logits_indices."""
 
-    @staticmethod
-    def kv_bytes_per_block(params, block_size: int, dtype: torch.dtype) -> int:
-        return params.n_layers * 2 * block_size * params.n_kv_heads * params.head_dim * dtype.itemsize
+
+def kv_bytes_per_block(params, block_size: int, dtype: torch.dtype) -> int:
+    return params.n_layers * 2 * block_size * params.n_kv_heads * params.head_dim * dtype.itemsize
+
+
+class ModelRunner:
+    def __init__(self, executor: Executor, block_size: int) -> None:
+        self.executor = executor
+        self.block_size = block_size
 
     def prepare(self, sched: SchedulerOutput) -> ModelInput:
         ids, positions, slots, logits_idx = [], [], [], []
@@ -73,8 +74,43 @@ class ModelRunner:
         return ModelInput(torch.tensor(ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64),
                           attn, torch.tensor(logits_idx, dtype=torch.int64), sample_rows, prompt_rows)
 
-    @torch.inference_mode()
     def execute(self, inp: ModelInput) -> torch.Tensor:
         """-> logits (N, vocab) float32 for the rows in inp.logits_indices."""
+        return self.executor(inp)
+
+
+class GraphExecutor:
+    """Feeds the batch to the exported graph (engine/graph_runner.py)."""
+
+    def __init__(self, runner: GraphRunner) -> None:
+        self.runner = runner
+
+    def __call__(self, inp: ModelInput) -> torch.Tensor:
+        a = inp.attn
+        feeds = {
+            "input_ids": inp.input_ids.numpy(), "positions": inp.positions.numpy(),
+            "slot_mapping": a.slot_mapping.numpy(), "block_tables": a.block_tables.numpy(),
+            "seq_lens": a.seq_lens.numpy(),
+            "query_start_loc": np.concatenate(([0], np.cumsum(a.query_lens))).astype(np.int64),
+            "logits_indices": inp.logits_indices.numpy(),
+        }
+        return torch.from_numpy(self.runner.run(feeds))
+
+
+class EagerExecutor:
+    """Runs the torch module directly over a KV cache it owns."""
+
+    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype) -> None:
+        self.model = model
+        p = model.params
+        # (layers, k/v, blocks, block_size, kv heads, head dim). Zeroed, so padded slots
+        # that masked attention rows still read are finite; numpy's calloc gives zero pages
+        # that the OS commits only when touched, so a large budget costs nothing up front.
+        shape = (p.n_layers, 2, num_blocks, block_size, p.n_kv_heads, p.head_dim)
+        raw = np.zeros((*shape[:-1], p.head_dim * dtype.itemsize), dtype=np.uint8)
+        self.kv_cache = torch.from_numpy(raw).view(dtype)
+
+    @torch.inference_mode()
+    def __call__(self, inp: ModelInput) -> torch.Tensor:
         hidden = self.model(inp.input_ids, inp.positions, self.kv_cache, inp.attn)  # (T, dim)
         return self.model.compute_logits(hidden[inp.logits_indices])

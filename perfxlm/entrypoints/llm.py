@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 
 # vLLM engine arguments perfxlm honours (beyond LLM's named parameters)
 _ENGINE_KWARGS = {"max_model_len", "max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching",
-                  "block_size", "max_logprobs", "generation_config", "enable_chunked_prefill"}
+                  "block_size", "max_logprobs", "generation_config", "enable_chunked_prefill",
+                  "hw_plugin"}  # hw_plugin is perfxlm's own: the plugin that runs the graph
 # vLLM arguments that do not apply to perfxlm's single-process CPU engine; accepted, no effect
 _IGNORED_KWARGS = {"disable_log_stats", "swap_space", "load_format", "download_dir", "device",
                    "distributed_executor_backend", "max_seq_len_to_capture", "disable_async_output_proc",

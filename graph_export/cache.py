@@ -1,0 +1,51 @@
+"""Exported graphs cached under ~/.cache/perfxlm/graphs ($PERFXLM_GRAPH_CACHE), keyed by model,
+dtype and graph format version."""
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from graph_export.export import export_model, op_histogram, save_model
+from graph_export.ops import FORMAT_VERSION
+from perfxlm.models.default_model import cache_dir
+from perfxlm.models.loader import ModelSource
+
+logger = logging.getLogger(__name__)
+
+
+def graph_key(source: ModelSource, dtype: torch.dtype) -> str:
+    files = [source.path] if source.is_gguf else sorted(source.path.glob("*.safetensors")) + sorted(
+        source.path.glob("pytorch_model*.bin"))
+    stamp = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    blob = json.dumps([stamp, source.hf_config, str(dtype), FORMAT_VERSION], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cached_graph(source: ModelSource, dtype: torch.dtype) -> Path:
+    """The graph of `source` in `dtype`: exported on first use, then read from the cache."""
+    name = f"{source.path.stem}-{str(dtype).removeprefix('torch.')}-v{FORMAT_VERSION}-{graph_key(source, dtype)}"
+    root = Path(os.environ.get("PERFXLM_GRAPH_CACHE", cache_dir() / "graphs"))
+    path = root / name / "model.onnx"
+    if path.is_file():
+        return path
+    logger.info("exporting %s (%s) to %s", source.name, dtype, path.parent)
+    model = source.load_weights(dtype)
+    graph = export_model(model, source=source.name)
+    logger.info("op types: %s", op_histogram(graph))
+    path.parent.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent.parent))
+    try:
+        save_model(graph, tmp / "model.onnx")
+        os.replace(tmp, path.parent)  # atomic: a concurrent engine never sees half a graph
+    except OSError:
+        if not path.is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path

@@ -1,0 +1,71 @@
+"""THE op set: every op a perfxlm graph may contain, one row each.
+
+Shapes use T = tokens in the step (all sequences flattened), B = sequences,
+D = hidden size, N/K = linear out/in features, H/Hkv = query/KV heads, hd = head dim,
+V = vocabulary. Adding an op = one row here + one kernel per plugin.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+Shape = tuple  # dims are ints or symbols ('T' tokens, 'N' logits rows)
+
+DOMAIN = "ai.perfxlm"   # custom-domain ops; Gather and Add are standard ONNX
+DOMAIN_VERSION = 1
+FORMAT_VERSION = 1      # the perfxlm graph format; the loader refuses others
+ONNX_OPSET = 21
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    name: str
+    domain: str                      # "" is the standard ONNX domain
+    inputs: tuple[str, ...]          # "name (shape) dtype", '?' marks an optional input
+    outputs: tuple[str, ...]
+    attrs: dict[str, str] = field(default_factory=dict)
+    contract: str = ""
+    infer: Callable[[list[Shape]], Shape] = lambda shapes: shapes[0]  # input shapes -> output 0 shape
+    aliases: dict[int, int] = field(default_factory=dict)  # output index -> input index updated in place
+
+
+OPS: dict[str, OpSpec] = {op.name: op for op in [
+    OpSpec("Gather", "", ("data (V, D) float", "indices (T,) int64"), ("y (T, D) float",),
+           {"axis": "int = 0"},
+           "// table (V, D)[ids (T,)] -> y (T, D); also picks the logits rows of hidden (T, D)",
+           infer=lambda s: (s[1][0], s[0][1])),
+    OpSpec("RMSNorm", DOMAIN, ("x (T, D) float", "weight (D,) float"), ("y (T, D) float",),
+           {"epsilon": "float"},
+           "// y = weight * x / sqrt(mean(x^2) + eps), the mean in float32"),
+    OpSpec("Linear", DOMAIN, ("x (T, K) float", "weight (N, K) float", "bias? (N,) float"), ("y (T, N) float",),
+           {"weight_format": "str = 'dense'"},
+           "// x (T, K) @ W (N, K)^T + b -> y (T, N); weight_format names a weight-only quantised layout",
+           infer=lambda s: (s[0][0], s[1][0])),
+    OpSpec("RoPE", DOMAIN, ("x (T, H*hd) float", "positions (T,) int64", "cos (P, hd) float", "sin (P, hd) float"),
+           ("y (T, H*hd) float",), {"head_dim": "int"},
+           "// rotate each head's halves by angle(position): y = x*cos + rotate_half(x)*sin"),
+    OpSpec("PagedAttention", DOMAIN,
+           ("q (T, H*hd) float", "k (T, Hkv*hd) float", "v (T, Hkv*hd) float",
+            "k_cache (blocks, block_size, Hkv, hd) float", "v_cache (blocks, block_size, Hkv, hd) float",
+            "slot_mapping (T,) int64", "block_tables (B, max_blocks) int64", "seq_lens (B,) int64",
+            "query_start_loc (B+1,) int64"),
+           ("y (T, H*hd) float", "k_cache_out (aliases k_cache)", "v_cache_out (aliases v_cache)"),
+           {"num_heads": "int", "num_kv_heads": "int", "head_dim": "int", "scale": "float",
+            "sliding_window": "int = 0 (none)"},
+           "// write k, v at slot_mapping, then each token attends causally to its sequence's cache",
+           aliases={1: 3, 2: 4}),
+    OpSpec("SiluMul", DOMAIN, ("gate (T, F) float", "up (T, F) float"), ("y (T, F) float",), {},
+           "// y = silu(gate) * up"),
+    OpSpec("Add", "", ("a (T, D) float", "b (T, D) float"), ("y (T, D) float",), {},
+           "// y = a + b (residual)"),
+]}
+
+# graph inputs every exported LLM graph takes, in order (plus k_cache.i / v_cache.i per layer)
+GRAPH_INPUTS = {
+    "input_ids": "(T,) int64",
+    "positions": "(T,) int64",
+    "slot_mapping": "(T,) int64",
+    "block_tables": "(B, max_blocks) int64",
+    "seq_lens": "(B,) int64",
+    "query_start_loc": "(B+1,) int64",
+    "logits_indices": "(N,) int64",
+}

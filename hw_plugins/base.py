@@ -1,0 +1,111 @@
+"""The plugin interface, in the spirit of ggml's backends: small and hardware-neutral.
+
+A plugin runs graph nodes on its device. Host data crosses the boundary as numpy
+arrays (`upload` / `download`); everything else stays in the plugin's own buffers.
+Plugins are found through the entry-point group `perfxlm.hw_plugins`, so a plugin
+can ship as its own wheel:
+
+    entry_points={"perfxlm.hw_plugins": ["mychip = mychip_perfxlm:MyChipPlugin"]}
+"""
+
+import logging
+import os
+from abc import ABC, abstractmethod
+from importlib.metadata import entry_points
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "perfxlm.hw_plugins"
+REFERENCE = "torch"
+
+
+class HwPlugin(ABC):
+    """One device. Subclasses set `name` and `priority` (higher wins the default choice)."""
+
+    name: str = ""
+    priority: int = 0
+
+    @abstractmethod
+    def is_available(self) -> bool:
+        """Whether this plugin can run here. Must never raise."""
+
+    def unavailable_reason(self) -> str | None:
+        """Why is_available() is False, in one line (None when available)."""
+        return None
+
+    @abstractmethod
+    def supports(self, op_type: str, dtypes: tuple[str, ...]) -> bool:
+        """Whether run() implements op_type for these input dtypes (numpy names)."""
+
+    @abstractmethod
+    def alloc(self, shape: tuple[int, ...], dtype: str) -> Any:
+        """A new uninitialised buffer on the device."""
+
+    @abstractmethod
+    def upload(self, array: np.ndarray) -> Any:
+        """Host array -> device buffer."""
+
+    @abstractmethod
+    def download(self, buf: Any) -> np.ndarray:
+        """Device buffer -> host array."""
+
+    @abstractmethod
+    def run(self, node: Any, inputs: list[Any], outputs: list[Any]) -> None:
+        """Execute one graph node: read `inputs`, write into the preallocated `outputs`."""
+
+    def synchronize(self) -> None:
+        """Wait until every run() issued so far has finished (no-op on synchronous devices)."""
+
+    def compile(self, graph: Any) -> None:  # noqa: B027 - optional hook
+        """Optional: see the whole graph once before running it (fusion, device graphs)."""
+
+
+def discover_plugins() -> dict[str, type[HwPlugin]]:
+    """name -> plugin class for every installed `perfxlm.hw_plugins` entry point."""
+    found: dict[str, type[HwPlugin]] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            found[ep.name] = ep.load()
+        except Exception as e:  # a broken third-party plugin must not break perfxlm
+            logger.warning("hw plugin %r (%s) failed to load: %s", ep.name, ep.value, e)
+    return found
+
+
+def available_plugins() -> list[tuple[str, bool, str | None]]:
+    """(name, available, reason if not) for every discovered plugin, best first."""
+    rows = []
+    for name, cls in discover_plugins().items():
+        plugin = cls()
+        ok = _safe_available(plugin)
+        rows.append((name, ok, None if ok else (plugin.unavailable_reason() or "not available"), plugin.priority))
+    rows.sort(key=lambda r: (not r[1], -r[3]))
+    return [r[:3] for r in rows]
+
+
+def select_plugin(name: str | None = None) -> HwPlugin:
+    """The plugin `name` (or $PERFXLM_PLUGIN), else the best available one."""
+    name = name or os.environ.get("PERFXLM_PLUGIN") or None
+    plugins = discover_plugins()
+    if name is not None:
+        if name not in plugins:
+            raise ValueError(f"Unknown hw_plugin {name!r}; installed plugins: {sorted(plugins)}")
+        plugin = plugins[name]()
+        if not _safe_available(plugin):
+            raise RuntimeError(f"hw_plugin {name!r} is not available here: {plugin.unavailable_reason()}")
+        return plugin
+    candidates = [cls() for cls in plugins.values()]
+    candidates = [p for p in candidates if _safe_available(p)]
+    if not candidates:
+        raise RuntimeError(f"No hw plugin is available; installed: {sorted(plugins)}")
+    return max(candidates, key=lambda p: p.priority)
+
+
+def _safe_available(plugin: HwPlugin) -> bool:
+    try:
+        return bool(plugin.is_available())
+    except Exception as e:  # is_available must not raise; treat a plugin that does as absent
+        logger.debug("%s.is_available() raised %s", plugin.name, e)
+        return False

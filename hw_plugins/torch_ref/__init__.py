@@ -1,0 +1,3 @@
+from hw_plugins.torch_ref.plugin import TorchPlugin
+
+__all__ = ["TorchPlugin"]

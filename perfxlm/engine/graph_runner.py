@@ -1,0 +1,195 @@
+"""Runs an exported perfxlm graph node by node on hardware plugins.
+
+At load: check the graph's format, give each node to the chosen plugin (or, for
+an op it lacks, the reference plugin), upload the weights, allocate the KV caches,
+and plan activation buffers once: each intermediate value gets a slot sized for
+the largest step, and slots are reused as soon as their value is dead. A step
+then only uploads the small index inputs, runs the nodes and downloads logits.
+"""
+
+import json
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from graph_export.ops import DOMAIN, FORMAT_VERSION, GRAPH_INPUTS, OPS
+from hw_plugins.base import HwPlugin
+from perfxlm.models.llama import ModelParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Node:
+    op_type: str
+    name: str
+    inputs: list[str]
+    outputs: list[str]
+    attrs: dict[str, Any]
+    plugin: HwPlugin | None = None
+
+
+@dataclass
+class _Slot:
+    key: tuple                      # (rows symbol, width, dtype, plugin name)
+    buffer: Any = None              # (max rows, width) on the plugin
+    values: list[str] = field(default_factory=list)
+
+
+def load_graph(path: str | Path) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """Load an exported graph and check that perfxlm can run it."""
+    m = onnx.load(str(path), load_external_data=False)  # weights stay in the side file
+    meta = {p.key: p.value for p in m.metadata_props}
+    version = meta.get("perfxlm.format_version")
+    if m.producer_name != "perfxlm" or version is None:
+        raise ValueError(f"{path} is not a perfxlm graph (producer {m.producer_name!r}, no format version)")
+    if version != str(FORMAT_VERSION):
+        raise ValueError(f"{path} has perfxlm graph format version {version}; this perfxlm reads version "
+                         f"{FORMAT_VERSION}. Re-export it with `perfxlm export`.")
+    unknown = sorted({f"{n.op_type} (node {n.name})" for n in m.graph.node
+                      if n.op_type not in OPS or OPS[n.op_type].domain != n.domain})
+    if unknown:
+        raise ValueError(f"{path} has ops outside the perfxlm op set: {', '.join(unknown)}. "
+                         f"Known ops: {sorted(OPS)}")
+    return m, meta
+
+
+class GraphRunner:
+    def __init__(self, path: str | Path, plugin: HwPlugin, reference: HwPlugin, max_tokens: int,
+                 num_blocks: int, block_size: int) -> None:
+        m, meta = load_graph(path)
+        self.params = ModelParams(**json.loads(meta["perfxlm.model_params"]))
+        self.plugin, self.reference = plugin, reference
+        weights = {t.name: _to_numpy(t, Path(path).parent) for t in m.graph.initializer}
+        self.nodes = [Node(n.op_type, n.name, list(n.input), list(n.output),
+                           {a.name: helper.get_attribute_value(a) for a in n.attribute}) for n in m.graph.node]
+        for node in self.nodes:
+            for k, v in node.attrs.items():
+                node.attrs[k] = v.decode() if isinstance(v, bytes) else v
+        p = self.params
+        cache_dtype = weights["tok_embeddings.weight"].dtype.name
+        shapes = {n: (("N",) if n == "logits_indices" else ("T",)) for n in GRAPH_INPUTS}
+        shapes["block_tables"], shapes["seq_lens"], shapes["query_start_loc"] = ("B", "M"), ("B",), ("B1",)
+        dtypes = {n: "int64" for n in GRAPH_INPUTS}
+        for i in range(p.n_layers):
+            for kind in ("k", "v"):
+                shapes[f"{kind}_cache.{i}"] = (num_blocks, block_size, p.n_kv_heads, p.head_dim)
+                dtypes[f"{kind}_cache.{i}"] = cache_dtype
+        shapes.update({k: w.shape for k, w in weights.items()})
+        dtypes.update({k: w.dtype.name for k, w in weights.items()})
+        self._assign_plugins(dtypes, shapes)
+
+        # weights, graph-input routing and KV caches, each on the plugins whose nodes read them
+        self.values: dict[tuple[str, str], Any] = {}   # (value, plugin name) -> buffer
+        self.input_plugins: dict[str, list[HwPlugin]] = defaultdict(list)
+        for node in self.nodes:
+            for name in filter(None, node.inputs):
+                key = (name, node.plugin.name)
+                if name in weights and key not in self.values:
+                    self.values[key] = node.plugin.upload(weights[name])
+                elif name in GRAPH_INPUTS and node.plugin not in self.input_plugins[name]:
+                    self.input_plugins[name].append(node.plugin)
+                elif "_cache." in name and key not in self.values:
+                    # zero-filled: masked attention rows still read padded slots, which must be finite
+                    self.values[key] = node.plugin.upload(np.zeros(shapes[name], dtype=weights[
+                        "tok_embeddings.weight"].dtype))
+        self._plan(shapes, dtypes, max_tokens)
+        logger.info("graph %s: %d nodes on %s, %d activation buffers", Path(path).name, len(self.nodes),
+                    ", ".join(sorted({n.plugin.name for n in self.nodes})), len(self.slots))
+
+    def _assign_plugins(self, dtypes: dict[str, str], shapes: dict[str, tuple]) -> None:
+        """Each node to the chosen plugin, or to the reference where the plugin lacks the op."""
+        warned = set()
+        for node in self.nodes:
+            ins = [n for n in node.inputs if n]
+            op_dtypes = tuple(dtypes[n] for n in ins)
+            if self.plugin.supports(node.op_type, op_dtypes):
+                node.plugin = self.plugin
+            elif self.reference.supports(node.op_type, op_dtypes):
+                node.plugin = self.reference
+                if node.op_type not in warned:
+                    warned.add(node.op_type)
+                    logger.info("hw_plugin %s does not support %s%s; running it on %s", self.plugin.name,
+                                node.op_type, op_dtypes, self.reference.name)
+            else:
+                raise ValueError(f"No plugin supports {node.op_type} with inputs {op_dtypes} (node {node.name})")
+            out = OPS[node.op_type].infer([shapes[n] for n in ins])
+            shapes[node.outputs[0]], dtypes[node.outputs[0]] = out, dtypes[ins[0]]
+            for o, i in OPS[node.op_type].aliases.items():
+                shapes[node.outputs[o]], dtypes[node.outputs[o]] = shapes[node.inputs[i]], dtypes[node.inputs[i]]
+
+    def _plan(self, shapes: dict[str, tuple], dtypes: dict[str, str], max_tokens: int) -> None:
+        """Give every activation a reusable slot; allocate each slot once at its largest size."""
+        last_use = {}
+        for i, node in enumerate(self.nodes):
+            for name in node.inputs:
+                last_use[name] = i
+        free: dict[tuple, list[_Slot]] = defaultdict(list)
+        self.slot_of: dict[str, _Slot] = {}
+        self.slots: list[_Slot] = []
+        for i, node in enumerate(self.nodes):
+            out = node.outputs[0]
+            rows, width = shapes[out]
+            key = (rows, width, dtypes[out], node.plugin.name)
+            slot = free[key].pop() if free[key] else None
+            if slot is None:
+                slot = _Slot(key, node.plugin.alloc((max_tokens, width), dtypes[out]))
+                self.slots.append(slot)
+            slot.values.append(out)
+            self.slot_of[out] = slot
+            for name in set(node.inputs):
+                if last_use.get(name) == i and name in self.slot_of and name != "logits":
+                    free[self.slot_of[name].key].append(self.slot_of[name])
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """One step: feeds are the GRAPH_INPUTS arrays -> logits (N, V) float32."""
+        rows = {"T": len(feeds["input_ids"]), "N": len(feeds["logits_indices"])}
+        env: dict[tuple[str, str], Any] = dict(self.values)
+        for name, plugins in self.input_plugins.items():
+            for plugin in plugins:
+                env[(name, plugin.name)] = plugin.upload(np.ascontiguousarray(feeds[name]))
+        for node in self.nodes:
+            plugin = node.plugin
+            ins = [self._fetch(env, name, plugin) for name in node.inputs if name]
+            slot = self.slot_of[node.outputs[0]]
+            out = slot.buffer[:rows[slot.key[0]]]
+            env[(node.outputs[0], plugin.name)] = out
+            outs = [out] + [ins[OPS[node.op_type].aliases[o]] for o in range(1, len(node.outputs))]
+            plugin.run(node, ins, outs)
+        last = self.nodes[-1].plugin
+        last.synchronize()
+        return last.download(env[("logits", last.name)]).astype(np.float32, copy=False)
+
+    def _fetch(self, env: dict, name: str, plugin: HwPlugin) -> Any:
+        """A value on `plugin`, copied over from the plugin that produced it if needed."""
+        buf = env.get((name, plugin.name))
+        if buf is None:
+            owner, src = next((p, b) for (n, p), b in env.items() if n == name)
+            owner_plugin = next(nd.plugin for nd in self.nodes if nd.plugin.name == owner)
+            buf = env[(name, plugin.name)] = plugin.upload(owner_plugin.download(src))
+        return buf
+
+
+def _to_numpy(t: onnx.TensorProto, base_dir: Path) -> np.ndarray:
+    """An initializer as an array: external data is memory-mapped copy-on-write, not read."""
+    if t.data_type == onnx.TensorProto.BFLOAT16:
+        import ml_dtypes
+        dtype = np.dtype(ml_dtypes.bfloat16)  # numpy_helper would widen bfloat16 to float32
+    else:
+        dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        info = {e.key: e.value for e in t.external_data}
+        return np.memmap(base_dir / info["location"], dtype=dtype, mode="c", offset=int(info.get("offset", 0)),
+                         shape=tuple(t.dims))
+    if t.data_type == onnx.TensorProto.BFLOAT16:
+        return np.frombuffer(t.raw_data, dtype=dtype).reshape(tuple(t.dims)).copy()
+    return numpy_helper.to_array(t)
+
+
+__all__ = ["GraphRunner", "load_graph", "DOMAIN"]
