@@ -14,7 +14,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from graph_export.ops import DOMAIN, DOMAIN_VERSION, FORMAT_VERSION, GRAPH_INPUTS, ONNX_OPSET, OPS
+from graph_export.ops import DOMAIN, DOMAIN_VERSION, FORMAT_VERSION, GRAPH_INPUTS, IR_VERSION, ONNX_OPSET, OPS
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def export_model(model: torch.nn.Module, *, source: str = "") -> onnx.ModelProto
             inputs.append(helper.make_tensor_value_info(f"{kind}_cache.{i}", et, cache_shape))
             outputs.append(helper.make_tensor_value_info(f"{kind}_cache_out.{i}", et, cache_shape))
     graph = helper.make_graph(g.nodes, "perfxlm_llm_step", inputs, outputs, list(g.initializers.values()))
-    m = helper.make_model(graph, producer_name="perfxlm", opset_imports=[
+    m = helper.make_model(graph, producer_name="perfxlm", ir_version=IR_VERSION, opset_imports=[
         helper.make_opsetid("", ONNX_OPSET), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)])
     from perfxlm.version import __version__
     m.producer_version = __version__
@@ -126,6 +126,8 @@ def save_model(m: onnx.ModelProto, path: str | Path) -> None:
     onnx.save_model(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=path.name + ".data", size_threshold=0)
     onnx.checker.check_model(str(path))
+    # saving moved the weights out of `m`; bring them back so the caller's model stays whole
+    onnx.load_external_data_for_model(m, str(path.parent))
 
 
 def op_histogram(m: onnx.ModelProto) -> dict[str, int]:

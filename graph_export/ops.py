@@ -14,6 +14,7 @@ DOMAIN = "ai.perfxlm"   # custom-domain ops; Gather and Add are standard ONNX
 DOMAIN_VERSION = 1
 FORMAT_VERSION = 1      # the perfxlm graph format; the loader refuses others
 ONNX_OPSET = 21
+IR_VERSION = 10          # opset 21's IR; newer onnx writes newer IRs than onnxruntime reads
 
 
 @dataclass(frozen=True)

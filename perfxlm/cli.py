@@ -1,0 +1,60 @@
+"""`perfxlm` command line: export, plugins."""
+
+import argparse
+import logging
+import sys
+
+logger = logging.getLogger(__name__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="perfxlm", description="perfxlm: vLLM-compatible inference engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+    exp = sub.add_parser("export", help="export a model to a perfxlm ONNX graph")
+    exp.add_argument("model", help="anything LLM() accepts: HF directory, .gguf file, cached or embedded name")
+    exp.add_argument("-o", "--output", required=True, help="the .onnx file to write (weights go to FILE.data)")
+    exp.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
+    exp.add_argument("--verify", action="store_true",
+                     help="run the graph's standard-ONNX lowering in onnxruntime and compare with PyTorch")
+    sub.add_parser("plugins", help="list hardware plugins and whether each is available")
+    args = parser.parse_args(argv)
+    if args.command == "export":
+        return _export(args)
+    return _plugins()
+
+
+def _export(args: argparse.Namespace) -> int:
+    import perfxlm  # noqa: F401 - configures logging
+    from graph_export.export import export_model, op_histogram, save_model
+    from perfxlm.config import resolve_dtype
+    from perfxlm.models.loader import load_tokenizer, resolve_model
+
+    source = resolve_model(args.model)
+    dtype = resolve_dtype(args.dtype, source.hf_config)
+    model = source.load_weights(dtype)
+    graph = export_model(model, source=args.model)
+    save_model(graph, args.output)
+    print(f"wrote {args.output} ({str(dtype).removeprefix('torch.')}); op types:")
+    for op, count in op_histogram(graph).items():
+        print(f"  {op:16s} {count}")
+    if not args.verify:
+        return 0
+    from graph_export.verify import verify_graph
+    ids = load_tokenizer(source).encode("The capital of France is Paris, and the capital of Italy is")
+    result = verify_graph(graph, model, ids)
+    print(f"verify (onnxruntime on the standard-ONNX lowering vs PyTorch): max abs logits diff "
+          f"prefill {result.prefill_max_abs_diff:.3g}, decode {result.decode_max_abs_diff:.3g}; "
+          f"tolerance {result.tolerance:.3g}: {'PASS' if result.ok else 'FAIL'}")
+    return 0 if result.ok else 1
+
+
+def _plugins() -> int:
+    from hw_plugins.base import available_plugins
+    print(f"{'plugin':12s} {'available':10s} why not")
+    for name, ok, reason in available_plugins():
+        print(f"{name:12s} {'yes' if ok else 'no':10s} {reason or ''}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
