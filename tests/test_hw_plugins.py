@@ -1,0 +1,70 @@
+"""Plugin discovery through entry points, selection, per-op fallback, `perfxlm plugins`."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from hw_plugins.base import available_plugins, discover_plugins, select_plugin
+from perfxlm import LLM, SamplingParams
+from tests.conftest import assert_no_leaks
+
+
+@pytest.fixture()
+def oot_plugin(tmp_path, monkeypatch):
+    """Install the demo plugin the way a wheel would: a module plus a dist-info with entry points."""
+    site = tmp_path / "site"
+    site.mkdir()
+    shutil.copy(Path(__file__).parent / "oot_plugin" / "numpy_demo_plugin.py", site)
+    info = site / "perfxlm_numpy_demo-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: perfxlm-numpy-demo\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[perfxlm.hw_plugins]\nnumpy_demo = numpy_demo_plugin:NumpyDemoPlugin\n"
+        "broken_demo = numpy_demo_plugin:BrokenPlugin\n")
+    monkeypatch.syspath_prepend(str(site))
+    return site
+
+
+def test_builtin_torch_plugin_is_discovered():
+    assert "torch" in discover_plugins()
+    assert select_plugin().name == "torch"
+
+
+def test_out_of_tree_plugin_is_discovered(oot_plugin):
+    plugins = discover_plugins()
+    assert {"torch", "numpy_demo", "broken_demo"} <= set(plugins)
+    rows = {name: (ok, why) for name, ok, why in available_plugins()}
+    assert rows["numpy_demo"] == (True, None)
+    assert rows["broken_demo"] == (False, "no demo accelerator found (/dev/demo0 missing)")
+    assert select_plugin().name == "torch"  # the demo's priority is lower
+
+
+def test_selection_errors(oot_plugin, monkeypatch):
+    with pytest.raises(ValueError, match="Unknown hw_plugin 'nope'"):
+        select_plugin("nope")
+    with pytest.raises(RuntimeError, match="not available here: no demo accelerator"):
+        select_plugin("broken_demo")
+    monkeypatch.setenv("PERFXLM_PLUGIN", "numpy_demo")
+    assert select_plugin().name == "numpy_demo"
+
+
+def test_unsupported_ops_fall_back_to_the_reference(oot_plugin, tiny_llama_dir, tiny_llm):
+    llm = LLM(str(tiny_llama_dir), dtype="float32", hw_plugin="numpy_demo", kv_cache_memory_bytes=8 << 20)
+    nodes = llm.llm_engine.runner.executor.runner.nodes
+    by_plugin = {(n.op_type, n.plugin.name) for n in nodes}
+    assert ("Add", "numpy_demo") in by_plugin and ("SiluMul", "numpy_demo") in by_plugin
+    assert ("Linear", "torch") in by_plugin and ("PagedAttention", "torch") in by_plugin
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    prompts = ["mixed plugins", "still the same tokens"]
+    mixed = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+    ref = [list(o.outputs[0].token_ids) for o in tiny_llm.generate(prompts, params, use_tqdm=False)]
+    assert mixed == ref
+    assert_no_leaks(llm)
+
+
+def test_perfxlm_plugins_command(oot_plugin, capsys):
+    from perfxlm.cli import main
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "numpy_demo" in out and "no demo accelerator found" in out

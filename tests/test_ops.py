@@ -1,0 +1,126 @@
+"""Op conformance, after llama.cpp's test-backend-ops: every op of the op table, on every
+available plugin, per dtype, against the torch reference plugin by normalised error; and
+the reference itself against an independent oracle: onnxruntime running the op's
+standard-ONNX lowering (graph_export/lowering.py)."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from graph_export.lowering import lower_to_standard_onnx
+from graph_export.ops import DOMAIN, IR_VERSION, ONNX_OPSET, OPS
+from hw_plugins.base import available_plugins, discover_plugins
+from hw_plugins.torch_ref import TorchPlugin
+from perfxlm.engine.graph_runner import Node
+from perfxlm.models.llama import ModelParams, rope_cache
+
+T, H, HKV, HD, BS, BLOCKS = 7, 4, 2, 8, 4, 8
+# max normalised squared error: float32 differs only in summation order; bf16/fp16 round
+# every element (unit roundoff 2^-9 / 2^-12, squared, with headroom for accumulation)
+NMSE = {"float32": 1e-9, "float16": 1e-5, "bfloat16": 2e-4}
+
+
+def nmse(a: np.ndarray, ref: np.ndarray) -> float:
+    a, ref = a.astype(np.float64), ref.astype(np.float64)
+    return float(((a - ref) ** 2).sum() / max((ref ** 2).sum(), 1e-30))
+
+
+def case(op: str) -> tuple[dict, list[np.ndarray], list[tuple]]:
+    """attrs, float32/int64 inputs, output shapes for one op."""
+    rng = np.random.default_rng(0)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    if op == "Gather":
+        return {"axis": 0}, [f(50, 16), rng.integers(0, 50, T)], [(T, 16)]
+    if op == "RMSNorm":
+        return {"epsilon": 1e-5}, [f(T, 32), f(32)], [(T, 32)]
+    if op == "Linear":
+        return {}, [f(T, 24), f(40, 24), f(40)], [(T, 40)]
+    if op == "RoPE":
+        cos, sin = rope_cache(ModelParams(10, 16, 1, 2, 2, HD, 16, max_position_embeddings=64))
+        return {"head_dim": HD}, [f(T, H * HD), rng.integers(0, 64, T), cos.numpy(), sin.numpy()], [(T, H * HD)]
+    if op == "PagedAttention":
+        # sequence 0: 5 cached tokens + a 6-token prefill chunk; sequence 1: 9 cached + 1 decode token
+        tables = np.array([[3, 0, 5, 0], [1, 6, 2, 7]], np.int64)
+        seq_lens, qlens = np.array([11, 10], np.int64), [6, 1]
+        slots = [tables[b, p // BS] * BS + p % BS for b in range(2) for p in range(seq_lens[b] - qlens[b], seq_lens[b])]
+        attrs = {"num_heads": H, "num_kv_heads": HKV, "head_dim": HD, "scale": HD ** -0.5, "sliding_window": 0}
+        return attrs, [f(T, H * HD), f(T, HKV * HD), f(T, HKV * HD), f(BLOCKS, BS, HKV, HD), f(BLOCKS, BS, HKV, HD),
+                       np.array(slots, np.int64), tables, seq_lens, np.array([0, 6, 7], np.int64)], [(T, H * HD)]
+    if op == "SiluMul":
+        return {}, [f(T, 48), f(T, 48)], [(T, 48)]
+    if op == "Add":
+        return {}, [f(T, 32), f(T, 32)], [(T, 32)]
+    raise AssertionError(f"no test case for op {op}: add one with the op")
+
+
+def run_on(plugin, op: str, attrs: dict, inputs: list[np.ndarray], out_shapes, dtype: str) -> list[np.ndarray]:
+    cast = [x.astype(_np(dtype)) if x.dtype == np.float32 else x for x in inputs]
+    bufs = [plugin.upload(x) for x in cast]
+    outs = [plugin.alloc(s, dtype) for s in out_shapes]
+    aliases = OPS[op].aliases
+    node = Node(op, op, [f"in{i}" for i in range(len(inputs))], [f"out{i}" for i in range(1 + len(aliases))], attrs)
+    plugin.run(node, bufs, outs + [bufs[aliases[o]] for o in sorted(aliases)])
+    plugin.synchronize()
+    results = [plugin.download(o) for o in outs] + [plugin.download(bufs[aliases[o]]) for o in sorted(aliases)]
+    return [r.astype(np.float32) for r in results]
+
+
+def _np(dtype: str):
+    if dtype == "bfloat16":
+        import ml_dtypes
+        return ml_dtypes.bfloat16
+    return np.dtype(dtype)
+
+
+def onnxruntime_oracle(op: str, attrs: dict, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    import onnxruntime as ort
+    spec = OPS[op]
+    in_names = [f"in{i}" for i in range(len(inputs))]
+    out_names = [f"out{i}" for i in range(1 + len(spec.aliases))]
+    node = helper.make_node(op, in_names, out_names, domain=spec.domain, **attrs)
+    elem = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.int64): TensorProto.INT64}
+    graph = helper.make_graph([node], op, [helper.make_tensor_value_info(n, elem[x.dtype], x.shape)
+                                           for n, x in zip(in_names, inputs)],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in out_names])
+    model = helper.make_model(graph, ir_version=IR_VERSION, opset_imports=[helper.make_opsetid("", ONNX_OPSET),
+                                                                          helper.make_opsetid(DOMAIN, 1)])
+    lowered = lower_to_standard_onnx(model)
+    session = ort.InferenceSession(lowered.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(out_names, dict(zip(in_names, inputs)))
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_reference_plugin_matches_onnxruntime(op):
+    attrs, inputs, shapes = case(op)
+    ours = run_on(TorchPlugin(), op, attrs, inputs, shapes, "float32")
+    oracle = onnxruntime_oracle(op, attrs, inputs)
+    for a, b in zip(ours, oracle):
+        assert a.shape == b.shape and nmse(a, b) < NMSE["float32"], (op, nmse(a, b))
+
+
+PLUGINS = [name for name, ok, _ in available_plugins()]
+
+
+@pytest.mark.parametrize("dtype", list(NMSE))
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("plugin_name", PLUGINS)
+def test_every_op_on_every_plugin(plugin_name, op, dtype):
+    plugin = discover_plugins()[plugin_name]()
+    attrs, inputs, shapes = case(op)
+    dtypes = tuple(dtype if x.dtype == np.float32 else x.dtype.name for x in inputs)
+    if not plugin.supports(op, dtypes):
+        pytest.skip(f"{plugin_name} does not implement {op}{dtypes} (the engine falls back to torch)")
+    got = run_on(plugin, op, attrs, inputs, shapes, dtype)
+    # the reference in float32 on the same (rounded) inputs
+    rounded = [x.astype(_np(dtype)).astype(np.float32) if x.dtype == np.float32 else x for x in inputs]
+    ref = run_on(TorchPlugin(), op, attrs, rounded, shapes, "float32")
+    for a, b in zip(got, ref):
+        assert nmse(a, b) < NMSE[dtype], (plugin_name, op, dtype, nmse(a, b))
+
+
+def test_every_op_has_a_reference_kernel():
+    plugin = TorchPlugin()
+    for op in OPS:
+        assert plugin.supports(op, ("float32",)), op
