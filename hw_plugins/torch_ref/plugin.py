@@ -80,8 +80,11 @@ def _rmsnorm(attrs: dict, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> 
 
 
 def _linear(attrs: dict, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
-    # x (T, K) @ W (N, K)^T (+ b) -> (T, N)
-    outs[0].copy_(F.linear(ins[0], ins[1], ins[2] if len(ins) > 2 else None))
+    # x (T, K) @ W (N, K)^T (+ b) -> (T, N); the same GEMM call as F.linear, bit for bit
+    if len(ins) > 2:
+        torch.addmm(ins[2], ins[0], ins[1].t(), out=outs[0])
+    else:
+        torch.mm(ins[0], ins[1].t(), out=outs[0])
 
 
 def _rope(attrs: dict, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> None:

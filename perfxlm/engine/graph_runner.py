@@ -133,6 +133,7 @@ class GraphRunner:
         free: dict[tuple, list[_Slot]] = defaultdict(list)
         self.slot_of: dict[str, _Slot] = {}
         self.slots: list[_Slot] = []
+        self.producer = {node.outputs[0]: node.plugin for node in self.nodes}
         for i, node in enumerate(self.nodes):
             out = node.outputs[0]
             rows, width = shapes[out]
@@ -150,7 +151,7 @@ class GraphRunner:
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """One step: feeds are the GRAPH_INPUTS arrays -> logits (N, V) float32."""
         rows = {"T": len(feeds["input_ids"]), "N": len(feeds["logits_indices"])}
-        env: dict[tuple[str, str], Any] = dict(self.values)
+        env: dict[tuple[str, str], Any] = {}  # this step's values: (name, plugin name) -> buffer
         for name, plugins in self.input_plugins.items():
             for plugin in plugins:
                 env[(name, plugin.name)] = plugin.upload(np.ascontiguousarray(feeds[name]))
@@ -167,12 +168,16 @@ class GraphRunner:
         return last.download(env[("logits", last.name)]).astype(np.float32, copy=False)
 
     def _fetch(self, env: dict, name: str, plugin: HwPlugin) -> Any:
-        """A value on `plugin`, copied over from the plugin that produced it if needed."""
-        buf = env.get((name, plugin.name))
+        """A value on `plugin`: a weight or cache, or this step's value, copied over from the
+        plugin that produced it when that is another one."""
+        key = (name, plugin.name)
+        buf = self.values.get(key)
         if buf is None:
-            owner, src = next((p, b) for (n, p), b in env.items() if n == name)
-            owner_plugin = next(nd.plugin for nd in self.nodes if nd.plugin.name == owner)
-            buf = env[(name, plugin.name)] = plugin.upload(owner_plugin.download(src))
+            buf = env.get(key)
+        if buf is None:
+            producer = self.producer[name]
+            producer.synchronize()
+            buf = env[key] = plugin.upload(producer.download(env[(name, producer.name)]))
         return buf
 
 
