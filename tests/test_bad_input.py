@@ -118,3 +118,29 @@ def test_script_without_main_guard_runs(tiny_llama_dir, tmp_path):
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[3, 3]"
+
+
+def test_kv_cache_budget_from_environment(tiny_llama_dir, monkeypatch):
+    per_block = 2 * 2 * 16 * 2 * 16 * 4  # layers * (k, v) * block_size * kv heads * head dim * fp32
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "0.001")  # GiB
+    llm = LLM(str(tiny_llama_dir), dtype="float32")
+    assert llm.llm_engine.block_manager.num_blocks == int(0.001 * (1 << 30)) // per_block
+    monkeypatch.setenv("PERFXLM_KVCACHE_SPACE", "0.002")   # perfxlm's own name wins
+    assert LLM(str(tiny_llama_dir), dtype="float32").llm_engine.block_manager.num_blocks == \
+        int(0.002 * (1 << 30)) // per_block
+
+
+def test_hf_overrides_generation_config_and_reset_prefix_cache(tiny_llama_dir, tmp_path):
+    import shutil
+    model = tmp_path / "m"
+    shutil.copytree(tiny_llama_dir, model)
+    (model / "generation_config.json").write_text(json.dumps({"temperature": 0.3}))
+    llm = LLM(str(model), dtype="float32", kv_cache_memory_bytes=8 << 20, generation_config="vllm",
+              hf_overrides={"max_position_embeddings": 64})
+    assert llm.get_default_sampling_params() == SamplingParams()  # "vllm": ignore the model's file
+    assert llm.llm_engine.config.max_model_len == 64
+    prompt = [5] * 40
+    llm.generate(TokensPrompt(prompt_token_ids=prompt), OK, use_tqdm=False)
+    assert llm.generate(TokensPrompt(prompt_token_ids=prompt), OK, use_tqdm=False)[0].num_cached_tokens == 32
+    assert llm.reset_prefix_cache()
+    assert llm.generate(TokensPrompt(prompt_token_ids=prompt), OK, use_tqdm=False)[0].num_cached_tokens == 0
