@@ -9,7 +9,6 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper

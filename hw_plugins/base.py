@@ -59,7 +59,7 @@ class HwPlugin(ABC):
     def synchronize(self) -> None:
         """Wait until every run() issued so far has finished (no-op on synchronous devices)."""
 
-    def compile(self, graph: Any) -> None:  # noqa: B027 - optional hook
+    def compile(self, graph: Any) -> None:
         """Optional: see the whole graph once before running it (fusion, device graphs)."""
 
 

@@ -177,7 +177,7 @@ class SamplingParams:
                 parameter="thinking_token_budget", value=value)
         self.thinking_token_budget = None if value == -1 else value
 
-    def _verify_args(self) -> None:  # noqa: C901 - one rule per branch, in vLLM's order
+    def _verify_args(self) -> None:
         if not isinstance(self.n, int):
             raise VLLMValidationError(f"n must be an int, but is of type {type(self.n)}")
         if self.n < 1:

@@ -11,14 +11,15 @@ def test_top_level_names_and_submodules():
     from perfxlm.inputs import PromptType  # noqa: F401
     from perfxlm.logprobs import Logprob
     from perfxlm.outputs import CompletionOutput as C2
-    from perfxlm.sampling_params import RequestOutputKind, SamplingParams as S2
+    from perfxlm.sampling_params import RequestOutputKind
+    from perfxlm.sampling_params import SamplingParams as S2
     assert LLM is LLM2 and SamplingParams is S2 and CompletionOutput is C2
     assert isinstance(perfxlm.__version__, str) and perfxlm.__version_tuple__[0] == 0
     assert {"LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "TokensPrompt"} <= set(perfxlm.__all__)
     assert [k.value for k in RequestOutputKind] == [0, 1, 2]
     assert Logprob(-1.5, 2, "x").rank == 2
     with pytest.raises(AttributeError):
-        perfxlm.NoSuchThing  # noqa: B018
+        perfxlm.NoSuchThing
 
 
 def test_prompt_typed_dicts_are_plain_dicts():

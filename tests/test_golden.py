@@ -1,6 +1,5 @@
 """SmolLM2-135M-Instruct greedy outputs against vLLM 0.32's (and transformers') golden files."""
 
-import pytest
 import torch
 
 from perfxlm import LLM, SamplingParams

@@ -4,9 +4,7 @@ the reference itself against an independent oracle: onnxruntime running the op's
 standard-ONNX lowering (graph_export/lowering.py)."""
 
 import numpy as np
-import onnx
 import pytest
-import torch
 from onnx import TensorProto, helper
 
 from graph_export.lowering import lower_to_standard_onnx
@@ -30,7 +28,7 @@ def nmse(a: np.ndarray, ref: np.ndarray) -> float:
 def case(op: str) -> tuple[dict, list[np.ndarray], list[tuple]]:
     """attrs, float32/int64 inputs, output shapes for one op."""
     rng = np.random.default_rng(0)
-    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)
     if op == "Gather":
         return {"axis": 0}, [f(50, 16), rng.integers(0, 50, T)], [(T, 16)]
     if op == "RMSNorm":

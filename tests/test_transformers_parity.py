@@ -8,8 +8,8 @@ from perfxlm import LLM, SamplingParams
 from tests.conftest import SMALL_KV, assert_no_leaks, build_tiny_model
 
 PROMPTS = ["Hello, my name is", "The capital of France is", "1 2 3 4 5 6 7 8 9 10 11 12",
-           "A much longer prompt that keeps going so that it spans more than one KV block of sixteen tokens, "
-           "which exercises the block table on the prefill path too."]
+           ("A much longer prompt that keeps going so that it spans more than one KV block of sixteen tokens, "
+            "which exercises the block table on the prefill path too.")]
 MAX_TOKENS = 24
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from graph_export.ops import DOMAIN, FORMAT_VERSION, GRAPH_INPUTS, OPS
+from graph_export.ops import FORMAT_VERSION, GRAPH_INPUTS, OPS
 from hw_plugins.base import HwPlugin
 from perfxlm.models.llama import ModelParams
 
@@ -196,5 +196,3 @@ def _to_numpy(t: onnx.TensorProto, base_dir: Path) -> np.ndarray:
         return np.frombuffer(t.raw_data, dtype=dtype).reshape(tuple(t.dims)).copy()
     return numpy_helper.to_array(t)
 
-
-__all__ = ["GraphRunner", "load_graph", "DOMAIN"]

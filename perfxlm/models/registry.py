@@ -1,5 +1,6 @@
 """HF `architectures` name -> the perfxlm model class that runs it."""
 
+import torch
 from torch import nn
 
 from perfxlm.models import llama
@@ -27,5 +28,5 @@ def model_class(architectures: list[str]) -> type[nn.Module]:
 def build_model(hf_config: dict) -> nn.Module:
     """An uninitialised model (on the meta device) for an HF config dict."""
     cls = model_class(hf_config.get("architectures") or ["LlamaForCausalLM"])
-    with __import__("torch").device("meta"):
+    with torch.device("meta"):
         return cls(_PARAMS[cls].from_hf_config(hf_config))
