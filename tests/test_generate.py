@@ -1,5 +1,6 @@
 """LLM.generate on a tiny random Llama: prompt forms, ids, order, n, seeds, logprobs, stops."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,6 +27,8 @@ def test_prompt_forms_agree(tiny_llm):
     single_str = tiny_llm.generate("Hello there", GREEDY, use_tqdm=False)
     bare_ids = tiny_llm.generate(ids, GREEDY, use_tqdm=False)       # a list of ints is ONE prompt
     list_of_ids = tiny_llm.generate([ids, ids[:1]], GREEDY, use_tqdm=False)
+    numpy_ids = tiny_llm.generate(TokensPrompt(prompt_token_ids=list(np.array(ids))), GREEDY, use_tqdm=False)
+    assert tokens(numpy_ids[0]) == tokens(outs[0]) and numpy_ids[0].prompt_token_ids == ids
     assert len(single_str) == len(bare_ids) == 1 and len(list_of_ids) == 2
     assert tokens(bare_ids[0]) == tokens(single_str[0]) == tokens(list_of_ids[0]) == tokens(outs[0])
 

@@ -1,6 +1,7 @@
 """The engine: owns tokenizer, model runner, scheduler and sampler; runs steps."""
 
 import logging
+import numbers
 import os
 import time
 
@@ -85,7 +86,7 @@ class LLMEngine:
         cfg, vocab = self.config, self.vocab_size
         if not prompt_token_ids:
             raise VLLMValidationError("The decoder prompt cannot be empty", parameter="prompt")
-        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        bad = [t for t in prompt_token_ids if not isinstance(t, numbers.Integral) or not 0 <= t < vocab]
         if bad:
             raise VLLMValidationError(f"Token id {bad[0]} is out of vocabulary", parameter="prompt_token_ids",
                                       value=bad[0])
@@ -136,6 +137,7 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None) -> None:
         """Queue a validated request (call validate_request first); n > 1 fans out into n sequences."""
+        prompt_token_ids = [int(t) for t in prompt_token_ids]  # numpy integers become plain ints
         params = params.clone()
         params.update_from_generation_config(self.generation_config, self.eos_token_id)
         if self.tokenizer is not None:
