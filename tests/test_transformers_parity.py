@@ -70,3 +70,15 @@ def test_prefix_cache_hits_give_same_tokens(tiny):
     assert again.num_cached_tokens == (len(first.prompt_token_ids) - 1) // 16 * 16 > 0
     assert list(again.outputs[0].token_ids) == list(first.outputs[0].token_ids) == expected[3]
     assert_no_leaks(llm)
+
+
+def test_sliding_window_matches_transformers(smol_tokenizer, tmp_path):
+    """A Mistral window of 8 tokens, shorter than the prompts: the mask must cut keys."""
+    path = build_tiny_model(tmp_path, "MistralForCausalLM", smol_tokenizer, sliding_window=8)
+    expected = hf_greedy(path, smol_tokenizer, PROMPTS, MAX_TOKENS)
+    for kw in ({}, {"max_num_batched_tokens": 5}):  # whole prefill, and chunks that cross the window
+        llm = LLM(str(path), dtype="float32", kv_cache_memory_bytes=SMALL_KV, **kw)
+        outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True),
+                               use_tqdm=False)
+        assert [list(o.outputs[0].token_ids) for o in outputs] == expected
+        assert_no_leaks(llm)

@@ -99,8 +99,9 @@ def _paged_attention(attrs: dict, ins: list[torch.Tensor], outs: list[torch.Tens
     T, H, Hkv, hd = q.shape[0], attrs["num_heads"], attrs["num_kv_heads"], attrs["head_dim"]
     write_kv(k.view(T, Hkv, hd), v.view(T, Hkv, hd), k_cache, v_cache, slot_mapping)
     meta = AttentionMetadata(slot_mapping, block_tables, seq_lens, query_start_loc.diff().tolist(),
-                             seq_lens.tolist(), attrs.get("sliding_window") or None)
-    y = paged_attention(q.view(T, H, hd), k_cache, v_cache, meta, attrs["scale"])
+                             seq_lens.tolist())
+    y = paged_attention(q.view(T, H, hd), k_cache, v_cache, meta, attrs["scale"],
+                        attrs.get("sliding_window") or None)
     outs[0].copy_(y.view(T, H * hd))                                # outs[1:] alias the caches
 
 

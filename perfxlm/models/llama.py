@@ -125,9 +125,7 @@ class CacheAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_cache, v_cache = cache                                 # (blocks, block_size, nkv, hd)
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        if self.sliding_window is not None:
-            meta = AttentionMetadata(**{**meta.__dict__, "sliding_window": self.sliding_window})
-        y = paged_attention(q, k_cache, v_cache, meta, scale=self.head_dim ** -0.5)
+        y = paged_attention(q, k_cache, v_cache, meta, self.head_dim ** -0.5, self.sliding_window)
         return self.wo(y.reshape(T, self.n_heads * self.head_dim))
 
 

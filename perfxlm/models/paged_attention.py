@@ -24,7 +24,6 @@ class AttentionMetadata:
     seq_lens: torch.Tensor      # (B,) int64: tokens in the cache after this step (context + new)
     query_lens: list[int]       # B ints: new tokens per sequence; sum is T
     seq_lens_list: list[int]    # B ints: seq_lens as Python ints (no device sync)
-    sliding_window: int | None = None  # attend to at most this many most recent tokens
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -35,8 +34,9 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q (T, nh, hd) attends causally over each sequence's cached K/V -> (T, nh, hd).
+                    meta: AttentionMetadata, scale: float, sliding_window: int | None = None) -> torch.Tensor:
+    """q (T, nh, hd) attends causally over each sequence's cached K/V -> (T, nh, hd);
+    with a sliding window, each token sees at most that many most recent tokens.
 
     Decode rows (one new token) run as one padded batch; each prefill chunk runs
     alone, so a long prompt next to many decodes pads nothing.
@@ -54,8 +54,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         key_pos = torch.arange(max_len)
         seq_lens = meta.seq_lens[idx].unsqueeze(1)                       # (D, 1)
         mask = key_pos < seq_lens                                         # (D, S)
-        if meta.sliding_window is not None:
-            mask &= key_pos >= seq_lens - meta.sliding_window
+        if sliding_window is not None:
+            mask &= key_pos >= seq_lens - sliding_window
         o = F.scaled_dot_product_attention(
             q[rows].unsqueeze(2),                                         # (D, nh, 1, hd)
             k.transpose(1, 2), v.transpose(1, 2),                         # (D, nkv, S, hd)
@@ -70,8 +70,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         q_pos = torch.arange(seq_len - n, seq_len).unsqueeze(1)               # (n, 1)
         key_pos = torch.arange(seq_len)
         mask = key_pos <= q_pos                                               # (n, S)
-        if meta.sliding_window is not None:
-            mask &= key_pos > q_pos - meta.sliding_window
+        if sliding_window is not None:
+            mask &= key_pos > q_pos - sliding_window
         o = F.scaled_dot_product_attention(qb, k.transpose(1, 2), v.transpose(1, 2),
                                            attn_mask=mask, scale=scale, enable_gqa=True)
         out[starts[b]:starts[b] + n] = o[0].transpose(0, 1)
