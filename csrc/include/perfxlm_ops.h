@@ -1,13 +1,15 @@
-/* perfxlm kernel signatures: one per op variant, with its shape contract.
+/* perfxlm native kernels: the public C API, one entry point per graph op.
  *
- * Row-major everywhere. T = tokens, K = in features, N = out features,
- * D = hidden size, H = heads, hd = head dim. Weights of Linear are (N, K):
- * one output feature per row, as in the ONNX graph and in GGUF files.
- * Quantised weights keep GGUF's block layouts (32 weights per block):
+ * Row-major everywhere. T = tokens, K = in features, N = out features, D = hidden size,
+ * H / Hkv = query / KV heads, hd = head dim, B = sequences. Activations are float32 or
+ * bfloat16 (`dt`); every op computes in float32 and rounds once on store. Linear weights
+ * are (N, K), one output feature per row as in the ONNX graph and GGUF files, in one of
+ * the formats below. Quantised weights keep GGUF's block layouts (32 weights a block):
  *   Q8_0: { fp16 d; int8  qs[32]; }            w = d * q
  *   Q4_0: { fp16 d; uint8 qs[16]; }            w = d * (nibble - 8)
  *   Q4_1: { fp16 d; fp16 m; uint8 qs[16]; }    w = d * nibble + m
  * where byte j holds weight j in its low nibble and weight j + 16 in its high one.
+ * Ops are multi-threaded inside (OpenMP) and pick their kernels from the CPU's features.
  */
 #ifndef PERFXLM_OPS_H
 #define PERFXLM_OPS_H
@@ -25,25 +27,45 @@ typedef struct { uint16_t d; int8_t qs[PXL_QK]; } pxl_block_q8_0;
 typedef struct { uint16_t d; uint8_t qs[PXL_QK / 2]; } pxl_block_q4_0;
 typedef struct { uint16_t d, m; uint8_t qs[PXL_QK / 2]; } pxl_block_q4_1;
 
-float pxl_fp16_to_fp32(uint16_t h);
+/* element / weight formats */
+enum { PXL_F32 = 0, PXL_BF16 = 1, PXL_Q8_0 = 2, PXL_Q4_0 = 3, PXL_Q4_1 = 4, PXL_NFMT = 5 };
 
-/* W (N, K) @ x (K,) -> y (N,)                                   decode, fp32 */
-void pxl_sgemv(size_t N, size_t K, const float *W, const float *x, float *y);
-/* X (T, K) @ W (N, K)^T -> Y (T, N)                             prefill, fp32 */
-void pxl_sgemm(size_t T, size_t N, size_t K, const float *X, const float *W, float *Y);
-/* Wq (N, K/32 blocks) @ x (K,) -> y (N,); K % 32 == 0            decode, GGUF blocks */
-void pxl_gemv_q8_0(size_t N, size_t K, const pxl_block_q8_0 *W, const float *x, float *y);
-void pxl_gemv_q4_0(size_t N, size_t K, const pxl_block_q4_0 *W, const float *x, float *y);
-void pxl_gemv_q4_1(size_t N, size_t K, const pxl_block_q4_1 *W, const float *x, float *y);
-/* y (T, D) = w (D,) * x (T, D) / sqrt(mean(x^2) + eps) */
-void pxl_rmsnorm(size_t T, size_t D, const float *x, const float *w, float eps, float *y);
+/* runtime: which kernel set runs ("avx512bf16", "avx512", "avx2", "rvv", "generic") */
+const char *pxl_isa(void);
+/* force a kernel set (tests and benchmarks compare them); returns 0, or -1 if this CPU lacks it */
+int pxl_set_isa(const char *isa);
+int pxl_num_threads(void);
+void pxl_set_num_threads(int n);
+/* let fp32 GEMMs with T >= min_rows go to a cblas_sgemm (OpenBLAS); NULL turns it off */
+typedef void (*pxl_cblas_sgemm_fn)(int order, int transa, int transb, int M, int N, int K, float alpha,
+                                   const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc);
+void pxl_set_blas_sgemm(pxl_cblas_sgemm_fn fn, size_t min_rows);
+
+/* y (T, N) = x (T, K) @ W (N, K)^T (+ bias (N,)); wfmt: PXL_F32/BF16/Q8_0/Q4_0/Q4_1
+ * (quantised formats need K % 32 == 0); x, bias, y in dt */
+void pxl_linear(int dt, int wfmt, size_t T, size_t N, size_t K, const void *x, const void *W,
+                const void *bias, void *y);
+/* y (T, D) = table (V, D)[idx (T,)] */
+void pxl_gather(int dt, size_t T, size_t D, const void *table, const int64_t *idx, void *y);
+/* y (T, D) = w (D,) * x / sqrt(mean(x^2) + eps) */
+void pxl_rmsnorm(int dt, size_t T, size_t D, const void *x, const void *w, float eps, void *y);
 /* y (T, H*hd) = x * cos[pos] + rotate_half(x) * sin[pos]; cos, sin (P, hd); halves layout */
-void pxl_rope(size_t T, size_t H, size_t hd, const float *x, const int64_t *pos, const float *cos,
-              const float *sin, float *y);
+void pxl_rope(int dt, size_t T, size_t H, size_t hd, const void *x, const int64_t *pos, const void *cos,
+              const void *sin, void *y);
 /* y (n,) = silu(gate) * up */
-void pxl_silu_mul(size_t n, const float *gate, const float *up, float *y);
+void pxl_silu_mul(int dt, size_t n, const void *gate, const void *up, void *y);
 /* y (n,) = a + b */
-void pxl_add(size_t n, const float *a, const float *b, float *y);
+void pxl_add(int dt, size_t n, const void *a, const void *b, void *y);
+/* Paged attention for a step of B sequences with T tokens in all (decode and prefill alike):
+ * writes k, v (T, Hkv*hd) into the caches (blocks, block_size, Hkv, hd) at slot_mapping (T,),
+ * then each query token of sequence b (rows query_start_loc[b] .. [b+1]) attends causally to
+ * that sequence's seq_lens[b] cached tokens through block_tables (B, max_blocks), keeping the
+ * last `window` keys when window > 0.  y (T, H*hd). */
+void pxl_paged_attention(int dt, size_t T, size_t B, size_t H, size_t Hkv, size_t hd, const void *q,
+                         const void *k, const void *v, void *k_cache, void *v_cache, size_t block_size,
+                         const int64_t *slot_mapping, const int64_t *block_tables, size_t max_blocks,
+                         const int64_t *seq_lens, const int64_t *query_start_loc, float scale, size_t window,
+                         void *y);
 
 #ifdef __cplusplus
 }

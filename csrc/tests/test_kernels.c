@@ -1,5 +1,6 @@
-/* Host kernel tests: every kernel against a double-precision scalar reference, on odd
- * shapes and tails. Ends with the line "N passed, N failed". */
+/* Kernel tests: every op entry point, on every kernel set this CPU can run, against a
+ * double-precision scalar reference, on odd shapes, K/N/T tails and both dtypes.
+ * Ends with the line "N passed, N failed". */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -8,14 +9,39 @@
 #include "perfxlm_ops.h"
 
 static int passed, failed;
+static const char *isa = "";
 
 static float frand(void) { return (float)rand() / (float)RAND_MAX * 2.0f - 1.0f; }
-
-static void check(const char *what, size_t n, const float *got, const double *ref, const double *mag) {
+static uint16_t to_bf16(float f) {
+    uint32_t b;
+    memcpy(&b, &f, 4);
+    return (uint16_t)((b + 0x7fff + ((b >> 16) & 1)) >> 16);
+}
+static float from_bf16(uint16_t h) {
+    uint32_t b = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+static float rnd(int dt, float f) { return dt ? from_bf16(to_bf16(f)) : f; }
+static float get(int dt, const void *p, size_t i) { return dt ? from_bf16(((const uint16_t *)p)[i]) : ((const float *)p)[i]; }
+static void *alloc_rand(int dt, size_t n, float scale) { /* random values, exactly representable in dt */
+    void *p = malloc(n * 4 + 64);
     for (size_t i = 0; i < n; i++) {
-        double tol = 1e-5 * (mag ? mag[i] : fabs(ref[i])) + 1e-6;
-        if (!(fabs(got[i] - ref[i]) <= tol)) {
-            printf("FAIL %s: [%zu] got %.9g want %.9g (tol %.3g)\n", what, i, got[i], ref[i], tol);
+        float v = frand() * scale;
+        if (dt) ((uint16_t *)p)[i] = to_bf16(v);
+        else ((float *)p)[i] = v;
+    }
+    return p;
+}
+
+/* |got - ref| <= rel * mag + abs, where mag bounds the rounding error's scale */
+static void check(const char *what, int dt, size_t n, const void *got, const double *ref, const double *mag, double rel) {
+    double out_rel = dt ? 1.0 / 256 : 0; /* one bf16 rounding of the result */
+    for (size_t i = 0; i < n; i++) {
+        double g = get(dt, got, i), tol = rel * (mag ? mag[i] : fabs(ref[i])) + out_rel * fabs(ref[i]) + 1e-6;
+        if (!(fabs(g - ref[i]) <= tol)) {
+            printf("FAIL [%s] %s: [%zu] got %.9g want %.9g (tol %.3g)\n", isa, what, i, g, ref[i], tol);
             failed++;
             return;
         }
@@ -23,7 +49,7 @@ static void check(const char *what, size_t n, const float *got, const double *re
     passed++;
 }
 
-static uint16_t fp32_to_fp16(float f) { /* test-side encoder, round to nearest (normal range) */
+static uint16_t fp32_to_fp16(float f) { /* test-side encoder, normal range */
     uint32_t b;
     memcpy(&b, &f, 4);
     uint32_t sign = (b >> 16) & 0x8000;
@@ -34,149 +60,213 @@ static uint16_t fp32_to_fp16(float f) { /* test-side encoder, round to nearest (
     if (man & 0x1000) h++;
     return (uint16_t)h;
 }
-
-static void test_fp16(void) {
-    struct { uint16_t h; float f; } cases[] = {{0x3c00, 1.0f}, {0xc000, -2.0f}, {0x7bff, 65504.0f},
-                                               {0x0001, 5.9604645e-8f}, {0x3555, 0.33325195f}, {0, 0}};
-    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        if (pxl_fp16_to_fp32(cases[i].h) != cases[i].f) {
-            printf("FAIL fp16 0x%04x -> %g\n", cases[i].h, pxl_fp16_to_fp32(cases[i].h));
-            failed++;
-            return;
-        }
-    }
-    if (!isinf(pxl_fp16_to_fp32(0x7c00))) { printf("FAIL fp16 inf\n"); failed++; return; }
-    passed++;
+static double fp16(uint16_t h) { /* test-side decoder, normal range and zero */
+    int exp = (h >> 10) & 0x1f;
+    double v = exp ? ldexp(1.0 + (h & 0x3ff) / 1024.0, exp - 15) : ldexp((h & 0x3ff) / 1024.0, -14);
+    return h & 0x8000 ? -v : v;
 }
 
-static void test_gemv_gemm(size_t T, size_t N, size_t K) {
-    float *W = malloc(N * K * 4), *X = malloc(T * K * 4), *Y = malloc(T * N * 4);
-    double *ref = malloc(T * N * 8), *mag = malloc(T * N * 8);
-    for (size_t i = 0; i < N * K; i++) W[i] = frand();
-    for (size_t i = 0; i < T * K; i++) X[i] = frand();
+/* a random weight matrix (N, K) in `fmt` and its exact dequantised values */
+static void *make_weights(int fmt, size_t N, size_t K, double *deq) {
+    size_t nb = K / PXL_QK;
+    if (fmt == PXL_F32 || fmt == PXL_BF16) {
+        void *w = alloc_rand(fmt, N * K, 1);
+        for (size_t i = 0; i < N * K; i++) deq[i] = get(fmt, w, i);
+        return w;
+    }
+    size_t bs = fmt == PXL_Q8_0 ? sizeof(pxl_block_q8_0) : fmt == PXL_Q4_0 ? sizeof(pxl_block_q4_0) : sizeof(pxl_block_q4_1);
+    char *w = malloc(N * nb * bs);
+    for (size_t r = 0; r < N * nb; r++) {
+        double *o = deq + r * PXL_QK;
+        uint16_t d = fp32_to_fp16(0.01f + 0.02f * (frand() + 1)), m = fp32_to_fp16(frand() * 0.1f);
+        if (fmt == PXL_Q8_0) {
+            pxl_block_q8_0 *b = (pxl_block_q8_0 *)w + r;
+            b->d = d;
+            for (int j = 0; j < PXL_QK; j++) { b->qs[j] = (int8_t)(rand() % 255 - 127); o[j] = fp16(d) * b->qs[j]; }
+        } else {
+            uint8_t *qs = fmt == PXL_Q4_0 ? ((pxl_block_q4_0 *)w + r)->qs : ((pxl_block_q4_1 *)w + r)->qs;
+            if (fmt == PXL_Q4_0) ((pxl_block_q4_0 *)w + r)->d = d;
+            else ((pxl_block_q4_1 *)w + r)->d = d, ((pxl_block_q4_1 *)w + r)->m = m;
+            double off = fmt == PXL_Q4_0 ? -8 * fp16(d) : fp16(m);
+            for (int j = 0; j < 16; j++) {
+                int lo = rand() % 16, hi = rand() % 16;
+                qs[j] = (uint8_t)(lo | hi << 4);
+                o[j] = fp16(d) * lo + off, o[j + 16] = fp16(d) * hi + off;
+            }
+        }
+    }
+    return w;
+}
+
+static const char *fmt_name[] = {"f32", "bf16", "q8_0", "q4_0", "q4_1"};
+
+static void test_linear(int dt, int fmt, size_t T, size_t N, size_t K, int with_bias) {
+    double *deq = malloc(N * K * 8), *ref = malloc(T * N * 8), *mag = malloc(T * N * 8);
+    void *W = make_weights(fmt, N, K, deq), *x = alloc_rand(dt, T * K, 1), *b = alloc_rand(dt, N, 1);
+    void *y = malloc(T * N * 4 + 64);
     for (size_t t = 0; t < T; t++)
         for (size_t n = 0; n < N; n++) {
-            double s = 0, m = 0;
-            for (size_t k = 0; k < K; k++) { s += (double)W[n * K + k] * X[t * K + k]; m += fabs(W[n * K + k] * X[t * K + k]); }
-            ref[t * N + n] = s; mag[t * N + n] = m;
+            double s = with_bias ? get(dt, b, n) : 0, m = fabs(s);
+            for (size_t k = 0; k < K; k++) {
+                /* bf16 weights multiply bf16-rounded x (both operands of vdpbf16ps are bf16) */
+                double xv = fmt == PXL_BF16 ? rnd(1, get(dt, x, t * K + k)) : get(dt, x, t * K + k);
+                s += deq[n * K + k] * xv, m += fabs(deq[n * K + k] * xv);
+            }
+            ref[t * N + n] = s, mag[t * N + n] = m;
         }
-    char name[64];
-    pxl_sgemv(N, K, W, X, Y);
-    snprintf(name, sizeof name, "sgemv N=%zu K=%zu", N, K);
-    check(name, N, Y, ref, mag);
-    pxl_sgemm(T, N, K, X, W, Y);
-    snprintf(name, sizeof name, "sgemm T=%zu N=%zu K=%zu", T, N, K);
-    check(name, T * N, Y, ref, mag);
-    free(W); free(X); free(Y); free(ref); free(mag);
+    pxl_linear(dt, fmt, T, N, K, x, W, with_bias ? b : NULL, y);
+    char name[96];
+    snprintf(name, sizeof name, "linear %s w=%s T=%zu N=%zu K=%zu%s", dt ? "bf16" : "f32", fmt_name[fmt], T, N, K,
+             with_bias ? " +bias" : "");
+    check(name, dt, T * N, y, ref, mag, 2e-6 * sqrt((double)K) + 1e-6);
+    free(deq); free(ref); free(mag); free(W); free(x); free(b); free(y);
 }
 
-/* quantise random weights into each block format, then compare the GEMV with a double
- * dot over the dequantised weights */
-static void test_gemv_q(size_t N, size_t K) {
-    size_t nb = K / PXL_QK;
-    pxl_block_q8_0 *q8 = malloc(N * nb * sizeof *q8);
-    pxl_block_q4_0 *q40 = malloc(N * nb * sizeof *q40);
-    pxl_block_q4_1 *q41 = malloc(N * nb * sizeof *q41);
-    float *x = malloc(K * 4), *y = malloc(N * 4);
-    double *r8 = malloc(N * 8), *r40 = malloc(N * 8), *r41 = malloc(N * 8), *m8 = malloc(N * 8);
-    for (size_t k = 0; k < K; k++) x[k] = frand();
-    for (size_t n = 0; n < N; n++) {
-        r8[n] = r40[n] = r41[n] = m8[n] = 0;
-        for (size_t b = 0; b < nb; b++) {
-            pxl_block_q8_0 *a = &q8[n * nb + b];
-            pxl_block_q4_0 *c = &q40[n * nb + b];
-            pxl_block_q4_1 *e = &q41[n * nb + b];
-            a->d = fp32_to_fp16(0.01f + 0.02f * (frand() + 1));
-            c->d = a->d;
-            e->d = a->d;
-            e->m = fp32_to_fp16(frand() * 0.1f);
-            float d = pxl_fp16_to_fp32(a->d), m = pxl_fp16_to_fp32(e->m);
-            for (int j = 0; j < PXL_QK; j++) {
-                a->qs[j] = (int8_t)(rand() % 255 - 127);
-                const float *xb = x + b * PXL_QK;
-                r8[n] += (double)d * a->qs[j] * xb[j];
-                m8[n] += fabs(d * a->qs[j] * xb[j]) + fabs(m * xb[j]) + 8 * fabs(d * xb[j]);
-            }
-            for (int j = 0; j < PXL_QK / 2; j++) {
-                int lo = rand() % 16, hi = rand() % 16;
-                c->qs[j] = e->qs[j] = (uint8_t)(lo | (hi << 4));
-                const float *xb = x + b * PXL_QK;
-                r40[n] += (double)d * (lo - 8) * xb[j] + (double)d * (hi - 8) * xb[j + 16];
-                r41[n] += ((double)d * lo + m) * xb[j] + ((double)d * hi + m) * xb[j + 16];
-            }
-        }
+static void test_rowwise(int dt, size_t T, size_t D) {
+    size_t n = T * D, cap = (T > 5 ? T : 5) * D; /* gather writes 5 rows */
+    void *a = alloc_rand(dt, n, 4), *b = alloc_rand(dt, n, 1), *w = alloc_rand(dt, D, 1), *y = malloc(cap * 4);
+    double *ref = malloc(cap * 8), *mag = malloc(cap * 8);
+    char name[64];
+    pxl_add(dt, n, a, b, y);
+    for (size_t i = 0; i < n; i++) ref[i] = (double)get(dt, a, i) + get(dt, b, i), mag[i] = fabs(get(dt, a, i)) + fabs(get(dt, b, i));
+    snprintf(name, sizeof name, "add %s n=%zu", dt ? "bf16" : "f32", n);
+    check(name, dt, n, y, ref, mag, 1e-7);
+    pxl_silu_mul(dt, n, a, b, y);
+    for (size_t i = 0; i < n; i++) {
+        double g = get(dt, a, i);
+        ref[i] = g / (1 + exp(-g)) * get(dt, b, i);
     }
-    char name[64];
-    pxl_gemv_q8_0(N, K, q8, x, y);
-    snprintf(name, sizeof name, "gemv_q8_0 N=%zu K=%zu", N, K);
-    check(name, N, y, r8, m8);
-    pxl_gemv_q4_0(N, K, q40, x, y);
-    snprintf(name, sizeof name, "gemv_q4_0 N=%zu K=%zu", N, K);
-    check(name, N, y, r40, m8);
-    pxl_gemv_q4_1(N, K, q41, x, y);
-    snprintf(name, sizeof name, "gemv_q4_1 N=%zu K=%zu", N, K);
-    check(name, N, y, r41, m8);
-    free(q8); free(q40); free(q41); free(x); free(y); free(r8); free(r40); free(r41); free(m8);
-}
-
-static void test_elementwise(size_t T, size_t D) {
-    size_t n = T * D;
-    float *a = malloc(n * 4), *b = malloc(n * 4), *w = malloc(D * 4), *y = malloc(n * 4);
-    double *ref = malloc(n * 8);
-    for (size_t i = 0; i < n; i++) { a[i] = frand() * 4; b[i] = frand(); }
-    for (size_t d = 0; d < D; d++) w[d] = frand();
-    pxl_add(n, a, b, y);
-    for (size_t i = 0; i < n; i++) ref[i] = (double)a[i] + b[i];
-    check("add", n, y, ref, NULL);
-    pxl_silu_mul(n, a, b, y);
-    for (size_t i = 0; i < n; i++) ref[i] = a[i] / (1.0 + exp(-(double)a[i])) * b[i];
-    check("silu_mul", n, y, ref, NULL);
-    pxl_rmsnorm(T, D, a, w, 1e-5f, y);
+    snprintf(name, sizeof name, "silu_mul %s n=%zu", dt ? "bf16" : "f32", n);
+    check(name, dt, n, y, ref, NULL, 1e-6);
+    pxl_rmsnorm(dt, T, D, a, w, 1e-5f, y);
     for (size_t t = 0; t < T; t++) {
         double ss = 0;
-        for (size_t d = 0; d < D; d++) ss += (double)a[t * D + d] * a[t * D + d];
-        for (size_t d = 0; d < D; d++) ref[t * D + d] = w[d] * a[t * D + d] / sqrt(ss / D + 1e-5);
+        for (size_t d = 0; d < D; d++) ss += (double)get(dt, a, t * D + d) * get(dt, a, t * D + d);
+        for (size_t d = 0; d < D; d++) ref[t * D + d] = get(dt, w, d) * get(dt, a, t * D + d) / sqrt(ss / D + 1e-5);
     }
-    check("rmsnorm", n, y, ref, NULL);
-    free(a); free(b); free(w); free(y); free(ref);
+    snprintf(name, sizeof name, "rmsnorm %s T=%zu D=%zu", dt ? "bf16" : "f32", T, D);
+    check(name, dt, n, y, ref, NULL, 1e-5);
+    int64_t idx[5] = {3 % T, 0, (int64_t)T - 1, 1 % T, 0};
+    pxl_gather(dt, 5, D, a, idx, y);
+    for (size_t t = 0; t < 5; t++)
+        for (size_t d = 0; d < D; d++) ref[t * D + d] = get(dt, a, idx[t] * D + d);
+    snprintf(name, sizeof name, "gather %s D=%zu", dt ? "bf16" : "f32", D);
+    check(name, dt, 5 * D, y, ref, NULL, 0);
+    free(a); free(b); free(w); free(y); free(ref); free(mag);
 }
 
-static void test_rope(size_t T, size_t H, size_t hd) {
-    size_t P = 64, half = hd / 2;
-    float *x = malloc(T * H * hd * 4), *y = malloc(T * H * hd * 4), *c = malloc(P * hd * 4), *s = malloc(P * hd * 4);
-    double *ref = malloc(T * H * hd * 8), *mag = malloc(T * H * hd * 8);
+static void test_rope(int dt, size_t T, size_t H, size_t hd) {
+    size_t P = 64, half = hd / 2, n = T * H * hd;
+    void *x = alloc_rand(dt, n, 1), *y = malloc(n * 4), *c = malloc(P * hd * 4), *s = malloc(P * hd * 4);
+    double *ref = malloc(n * 8), *mag = malloc(n * 8);
     int64_t *pos = malloc(T * 8);
     for (size_t p = 0; p < P; p++)
         for (size_t i = 0; i < hd; i++) {
             double ang = p / pow(10000.0, (double)(2 * (i % half)) / hd);
-            c[p * hd + i] = (float)cos(ang); s[p * hd + i] = (float)sin(ang);
+            float cv = (float)cos(ang), sv = (float)sin(ang);
+            if (dt) ((uint16_t *)c)[p * hd + i] = to_bf16(cv), ((uint16_t *)s)[p * hd + i] = to_bf16(sv);
+            else ((float *)c)[p * hd + i] = cv, ((float *)s)[p * hd + i] = sv;
         }
-    for (size_t i = 0; i < T * H * hd; i++) x[i] = frand();
     for (size_t t = 0; t < T; t++) pos[t] = rand() % P;
     for (size_t t = 0; t < T; t++)
         for (size_t h = 0; h < H; h++)
             for (size_t i = 0; i < hd; i++) {
                 size_t o = (t * H + h) * hd;
-                double rot = i < half ? -x[o + i + half] : x[o + i - half];
-                ref[o + i] = x[o + i] * (double)c[pos[t] * hd + i] + rot * s[pos[t] * hd + i];
-                mag[o + i] = fabs(x[o + i]) + fabs(rot);
+                double rot = i < half ? -get(dt, x, o + i + half) : get(dt, x, o + i - half);
+                ref[o + i] = get(dt, x, o + i) * get(dt, c, pos[t] * hd + i) + rot * get(dt, s, pos[t] * hd + i);
+                mag[o + i] = fabs(get(dt, x, o + i)) + fabs(rot);
             }
-    pxl_rope(T, H, hd, x, pos, c, s, y);
-    check("rope", T * H * hd, y, ref, mag);
+    pxl_rope(dt, T, H, hd, x, pos, c, s, y);
+    char name[64];
+    snprintf(name, sizeof name, "rope %s T=%zu H=%zu hd=%zu", dt ? "bf16" : "f32", T, H, hd);
+    check(name, dt, n, y, ref, mag, 1e-6);
     free(x); free(y); free(c); free(s); free(ref); free(mag); free(pos);
 }
 
+/* B sequences with the given query lengths and cached lengths, blocks shuffled */
+static void test_attention(int dt, size_t H, size_t Hkv, size_t hd, size_t window) {
+    enum { B = 3, BS = 4, MAXB = 6, NBLK = 20 };
+    int64_t qlen[B] = {1, 5, 9}, seq[B] = {13, 7, 9}, qsl[B + 1] = {0}, tables[B * MAXB], perm[NBLK];
+    for (int i = 0; i < NBLK; i++) perm[i] = i;
+    for (int i = NBLK - 1; i > 0; i--) { int j = rand() % (i + 1); int64_t t = perm[i]; perm[i] = perm[j]; perm[j] = t; }
+    for (int i = 0; i < B * MAXB; i++) tables[i] = perm[i % NBLK];
+    for (int b = 0; b < B; b++) qsl[b + 1] = qsl[b] + qlen[b];
+    size_t T = qsl[B], row = Hkv * hd;
+    void *q = alloc_rand(dt, T * H * hd, 1), *k = alloc_rand(dt, T * row, 1), *v = alloc_rand(dt, T * row, 1);
+    void *kc = alloc_rand(dt, NBLK * BS * row, 1), *vc = alloc_rand(dt, NBLK * BS * row, 1), *y = malloc(T * H * hd * 4);
+    int64_t slots[32];
+    for (int b = 0; b < B; b++)
+        for (int i = 0; i < qlen[b]; i++) {
+            int64_t p = seq[b] - qlen[b] + i;
+            slots[qsl[b] + i] = tables[b * MAXB + p / BS] * BS + p % BS;
+        }
+    slots[1] = -1; /* a padding token: its k/v must not be written (its own output is unused) */
+    double *ref = malloc(T * H * hd * 8);
+    float scale = 1.0f / sqrtf((float)hd);
+    for (int b = 0; b < B; b++)
+        for (int i = 0; i < qlen[b]; i++) {
+            size_t t = qsl[b] + i, pos = seq[b] - qlen[b] + i, lo = window && pos + 1 > window ? pos + 1 - window : 0;
+            for (size_t h = 0; h < H; h++) {
+                size_t kvh = h / (H / Hkv);
+                double sc[64], mx = -1e300, sum = 0;
+                for (size_t j = lo; j <= pos; j++) {
+                    size_t slot = tables[b * MAXB + j / BS] * BS + j % BS, src = slot * row + kvh * hd;
+                    int64_t own = -1; /* written this step? then the value comes from k, not the old cache */
+                    for (size_t u = 0; u < T; u++) if (slots[u] == (int64_t)slot) own = u;
+                    double s = 0;
+                    for (size_t d = 0; d < hd; d++)
+                        s += (double)get(dt, q, (t * H + h) * hd + d) *
+                             (own >= 0 ? get(dt, k, own * row + kvh * hd + d) : get(dt, kc, src + d));
+                    sc[j - lo] = s * scale, mx = sc[j - lo] > mx ? sc[j - lo] : mx;
+                }
+                for (size_t j = lo; j <= pos; j++) sc[j - lo] = exp(sc[j - lo] - mx), sum += sc[j - lo];
+                for (size_t d = 0; d < hd; d++) {
+                    double o = 0;
+                    for (size_t j = lo; j <= pos; j++) {
+                        size_t slot = tables[b * MAXB + j / BS] * BS + j % BS;
+                        int64_t own = -1;
+                        for (size_t u = 0; u < T; u++) if (slots[u] == (int64_t)slot) own = u;
+                        o += sc[j - lo] / sum * (own >= 0 ? get(dt, v, own * row + kvh * hd + d) : get(dt, vc, slot * row + kvh * hd + d));
+                    }
+                    ref[(t * H + h) * hd + d] = o;
+                }
+            }
+        }
+    pxl_paged_attention(dt, T, B, H, Hkv, hd, q, k, v, kc, vc, BS, slots, tables, MAXB, seq, qsl, scale, window, y);
+    for (size_t d = 0; d < H * hd; d++) ref[1 * H * hd + d] = get(dt, y, 1 * H * hd + d); /* padding row: unchecked */
+    char name[80];
+    snprintf(name, sizeof name, "paged_attention %s H=%zu Hkv=%zu hd=%zu window=%zu", dt ? "bf16" : "f32", H, Hkv, hd, window);
+    check(name, dt, T * H * hd, y, ref, NULL, dt ? 2e-2 : 1e-5); /* bf16: q.k rounded to bf16 inputs */
+    free(q); free(k); free(v); free(kc); free(vc); free(y); free(ref);
+}
+
 int main(void) {
-    srand(1234);
-    test_fp16();
-    size_t shapes[][3] = {{1, 1, 1}, {1, 7, 13}, {3, 33, 65}, {5, 576, 576}, {2, 1536, 576}, {1, 4, 1536}};
-    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) test_gemv_gemm(shapes[i][0], shapes[i][1], shapes[i][2]);
-    size_t qshapes[][2] = {{1, 32}, {7, 64}, {576, 576}, {1536, 576}, {3, 1536}};
-    for (size_t i = 0; i < sizeof qshapes / sizeof qshapes[0]; i++) test_gemv_q(qshapes[i][0], qshapes[i][1]);
-    test_elementwise(1, 1);
-    test_elementwise(5, 577);
-    test_rope(1, 1, 2);
-    test_rope(7, 9, 64);
+    const char *sets[] = {"generic", "avx2", "avx512", "avx512bf16", "rvv"};
+    for (size_t s = 0; s < sizeof sets / sizeof sets[0]; s++) {
+        if (pxl_set_isa(sets[s]) != 0) { printf("skip %s: not supported by this CPU or build\n", sets[s]); continue; }
+        isa = pxl_isa();
+        srand(1234);
+        size_t shapes[][3] = {{1, 1, 1}, {1, 7, 13}, {3, 33, 65}, {5, 576, 576}, {1, 1536, 576}, {2, 4, 1536},
+                              {65, 31, 130}, {130, 67, 96}, {4, 17, 33}};
+        for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++)
+            for (int fmt = PXL_F32; fmt <= PXL_BF16; fmt++)
+                test_linear(fmt, fmt, shapes[i][0], shapes[i][1], shapes[i][2], i % 2);
+        test_linear(PXL_F32, PXL_BF16, 3, 9, 70, 0);
+        size_t qshapes[][3] = {{1, 1, 32}, {1, 7, 64}, {1, 576, 576}, {2, 37, 96}, {3, 40, 64}, {17, 70, 576}, {70, 33, 160}};
+        for (size_t i = 0; i < sizeof qshapes / sizeof qshapes[0]; i++)
+            for (int fmt = PXL_Q8_0; fmt <= PXL_Q4_1; fmt++)
+                test_linear(PXL_F32, fmt, qshapes[i][0], qshapes[i][1], qshapes[i][2], i == 3);
+        test_linear(PXL_BF16, PXL_Q4_1, 5, 19, 96, 1);
+        for (int dt = 0; dt < 2; dt++) {
+            test_rowwise(dt, 1, 1);
+            test_rowwise(dt, 13, 577);
+            test_rope(dt, 1, 1, 2);
+            test_rope(dt, 7, 9, 64);
+            test_attention(dt, 6, 2, 8, 0);
+            test_attention(dt, 9, 3, 64, 0);
+            test_attention(dt, 4, 4, 16, 3);
+        }
+    }
     printf("%d passed, %d failed\n", passed, failed);
     return failed != 0;
 }

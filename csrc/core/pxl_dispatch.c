@@ -1,0 +1,113 @@
+/* Runtime kernel selection from the CPU's features (cpuid on x86, hwcap on RISC-V), the
+ * thread count, and per-thread scratch memory. The generic C set is always there;
+ * $PXL_ISA or pxl_set_isa() forces another set (tests compare them all). */
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__riscv) && defined(__linux__)
+#include <sys/auxv.h>
+#endif
+
+#include "pxl_kernels.h"
+
+#if defined(__x86_64__)
+void pxl_tile_f32_avx512(int, int, size_t, const void *, size_t, const void *, size_t, float *, size_t);
+void pxl_tile_bf16_avx512bf16(int, int, size_t, const void *, size_t, const void *, size_t, float *, size_t);
+void pxl_tile_f32_avx2(int, int, size_t, const void *, size_t, const void *, size_t, float *, size_t);
+void pxl_tile_bf16_avx2(int, int, size_t, const void *, size_t, const void *, size_t, float *, size_t);
+void pxl_tile_bf16_avx512(int, int, size_t, const void *, size_t, const void *, size_t, float *, size_t);
+extern const pxl_gemv_q_fn pxl_gemv_q_avx512[PXL_NFMT], pxl_gemv_q_avx2[PXL_NFMT];
+
+const pxl_kernel_set pxl_kernels_avx2 = {
+    .isa = "avx2", .rm = 4, .rn = 2, .gemv_rn = 4, .tile_f32 = pxl_tile_f32_avx2, .tile_bf16 = pxl_tile_bf16_avx2};
+const pxl_kernel_set pxl_kernels_avx512 = {
+    .isa = "avx512", .rm = 4, .rn = 4, .gemv_rn = 8, .tile_f32 = pxl_tile_f32_avx512, .tile_bf16 = pxl_tile_bf16_avx512};
+const pxl_kernel_set pxl_kernels_avx512bf16 = {
+    .isa = "avx512bf16", .rm = 4, .rn = 4, .gemv_rn = 8, .tile_f32 = pxl_tile_f32_avx512,
+    .tile_bf16 = pxl_tile_bf16_avx512bf16};
+#endif
+
+static const pxl_kernel_set *const all_sets[] = {
+#if defined(__x86_64__)
+    &pxl_kernels_avx512bf16, &pxl_kernels_avx512, &pxl_kernels_avx2,
+#endif
+#if defined(__riscv)
+    &pxl_kernels_rvv,
+#endif
+    &pxl_kernels_generic,
+};
+
+static int cpu_has(const pxl_kernel_set *ks) {
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    int avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                 __builtin_cpu_supports("avx512vl");
+    if (ks == &pxl_kernels_avx2) return avx2;
+    if (ks == &pxl_kernels_avx512) return avx512;
+    if (ks == &pxl_kernels_avx512bf16) return avx512 && __builtin_cpu_supports("avx512bf16");
+#endif
+#if defined(__riscv)
+    if (ks == &pxl_kernels_rvv) {
+#if defined(__linux__)
+        return (getauxval(AT_HWCAP) >> ('V' - 'A')) & 1;
+#else
+        return 1;
+#endif
+    }
+#endif
+    return ks == &pxl_kernels_generic;
+}
+
+static const pxl_kernel_set *active;
+
+/* the kernel sets' quantised GEMVs fall back to the generic ones where a set has none */
+static pxl_kernel_set merged;
+
+static void activate(const pxl_kernel_set *ks) {
+    merged = *ks;
+#if defined(__x86_64__)
+    const pxl_gemv_q_fn *q = ks == &pxl_kernels_avx2 ? pxl_gemv_q_avx2 : ks == &pxl_kernels_generic ? NULL
+                                                                                                     : pxl_gemv_q_avx512;
+    for (int f = 0; q && f < PXL_NFMT; f++) merged.gemv_q[f] = q[f];
+#endif
+    for (int f = 0; f < PXL_NFMT; f++)
+        if (!merged.gemv_q[f]) merged.gemv_q[f] = pxl_kernels_generic.gemv_q[f];
+    if (!merged.tile_bf16) merged.tile_bf16 = pxl_kernels_generic.tile_bf16;
+    active = &merged;
+}
+
+int pxl_set_isa(const char *isa) {
+    for (size_t i = 0; i < sizeof all_sets / sizeof all_sets[0]; i++)
+        if (!strcmp(all_sets[i]->isa, isa)) {
+            if (!cpu_has(all_sets[i])) return -1;
+            activate(all_sets[i]);
+            return 0;
+        }
+    return -1;
+}
+
+const pxl_kernel_set *pxl_kernels(void) {
+    if (!active) {
+        const char *want = getenv("PXL_ISA");
+        if (!want || pxl_set_isa(want) != 0)
+            for (size_t i = 0; i < sizeof all_sets / sizeof all_sets[0]; i++)
+                if (cpu_has(all_sets[i])) { activate(all_sets[i]); break; }
+    }
+    return active;
+}
+
+const char *pxl_isa(void) { return pxl_kernels()->isa; }
+
+static int n_threads;
+int pxl_num_threads(void) {
+#ifdef _OPENMP
+    if (n_threads <= 0) n_threads = omp_get_max_threads();
+    return n_threads;
+#else
+    return 1;
+#endif
+}
+void pxl_set_num_threads(int n) { n_threads = n; }

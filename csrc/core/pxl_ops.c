@@ -1,0 +1,98 @@
+/* The row-wise ops: Gather, RMSNorm, RoPE, SiLU-mul, Add, in float32 or bfloat16.
+ * Portable C that the compiler vectorises; on x86 each hot loop is cloned for AVX-512
+ * and AVX2 and picked at load time (target_clones), so one source serves every ISA. */
+#include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "pxl_kernels.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PXL_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define PXL_CLONES
+#endif
+#define PXL_INLINE static inline __attribute__((always_inline))
+
+PXL_INLINE float ld(int dt, const void *p, size_t i) {
+    return dt == PXL_F32 ? ((const float *)p)[i] : pxl_bf16_to_f32(((const uint16_t *)p)[i]);
+}
+PXL_INLINE void st(int dt, void *p, size_t i, float v) {
+    if (dt == PXL_F32) ((float *)p)[i] = v;
+    else ((uint16_t *)p)[i] = pxl_f32_to_bf16(v);
+}
+
+void pxl_gather(int dt, size_t T, size_t D, const void *table, const int64_t *idx, void *y) {
+    size_t row = D * (dt == PXL_F32 ? 4 : 2);
+    for (size_t t = 0; t < T; t++) memcpy((char *)y + t * row, (const char *)table + (size_t)idx[t] * row, row);
+}
+
+PXL_INLINE void rmsnorm_row(int dt, size_t D, const void *x, const void *w, float eps, void *y) {
+    float ss = 0;
+    for (size_t d = 0; d < D; d++) ss += ld(dt, x, d) * ld(dt, x, d);
+    float r = 1.0f / sqrtf(ss / (float)D + eps);
+    for (size_t d = 0; d < D; d++) st(dt, y, d, ld(dt, w, d) * (ld(dt, x, d) * r));
+}
+PXL_CLONES static void rmsnorm_rows(int dt, size_t t0, size_t t1, size_t D, const void *x, const void *w, float eps,
+                                    void *y) {
+    size_t es = dt == PXL_F32 ? 4 : 2;
+    for (size_t t = t0; t < t1; t++) {
+        const char *xr = (const char *)x + t * D * es;
+        char *yr = (char *)y + t * D * es;
+        if (dt == PXL_F32) rmsnorm_row(PXL_F32, D, xr, w, eps, yr);
+        else rmsnorm_row(PXL_BF16, D, xr, w, eps, yr);
+    }
+}
+void pxl_rmsnorm(int dt, size_t T, size_t D, const void *x, const void *w, float eps, void *y) {
+    if (T < 8) return rmsnorm_rows(dt, 0, T, D, x, w, eps, y);
+#pragma omp parallel num_threads(pxl_num_threads())
+    {
+#ifdef _OPENMP
+        size_t nth = omp_get_num_threads(), id = omp_get_thread_num();
+#else
+        size_t nth = 1, id = 0;
+#endif
+        rmsnorm_rows(dt, T * id / nth, T * (id + 1) / nth, D, x, w, eps, y);
+    }
+}
+
+PXL_INLINE void rope_rows(int dt, size_t T, size_t H, size_t hd, const void *x, const int64_t *pos, const void *cos,
+                          const void *sin, void *y) {
+    size_t half = hd / 2;
+    for (size_t t = 0; t < T; t++) {
+        size_t c = (size_t)pos[t] * hd;
+        for (size_t h = 0; h < H; h++) {
+            size_t o = (t * H + h) * hd;
+            for (size_t i = 0; i < half; i++) {
+                float a = ld(dt, x, o + i), b = ld(dt, x, o + i + half);
+                st(dt, y, o + i, a * ld(dt, cos, c + i) - b * ld(dt, sin, c + i));
+                st(dt, y, o + i + half, b * ld(dt, cos, c + i + half) + a * ld(dt, sin, c + i + half));
+            }
+        }
+    }
+}
+PXL_CLONES void pxl_rope(int dt, size_t T, size_t H, size_t hd, const void *x, const int64_t *pos, const void *cos,
+                         const void *sin, void *y) {
+    if (dt == PXL_F32) rope_rows(PXL_F32, T, H, hd, x, pos, cos, sin, y);
+    else rope_rows(PXL_BF16, T, H, hd, x, pos, cos, sin, y);
+}
+
+PXL_INLINE void silu_mul_n(int dt, size_t n, const void *g, const void *u, void *y) {
+    for (size_t i = 0; i < n; i++) {
+        float a = ld(dt, g, i);
+        st(dt, y, i, a / (1.0f + expf(-a)) * ld(dt, u, i));
+    }
+}
+PXL_CLONES void pxl_silu_mul(int dt, size_t n, const void *gate, const void *up, void *y) {
+    if (dt == PXL_F32) silu_mul_n(PXL_F32, n, gate, up, y);
+    else silu_mul_n(PXL_BF16, n, gate, up, y);
+}
+
+PXL_INLINE void add_n(int dt, size_t n, const void *a, const void *b, void *y) {
+    for (size_t i = 0; i < n; i++) st(dt, y, i, ld(dt, a, i) + ld(dt, b, i));
+}
+PXL_CLONES void pxl_add(int dt, size_t n, const void *a, const void *b, void *y) {
+    if (dt == PXL_F32) add_n(PXL_F32, n, a, b, y);
+    else add_n(PXL_BF16, n, a, b, y);
+}

@@ -1,0 +1,158 @@
+/* Portable C kernels: the fallback on every CPU, the base the ISA files must beat,
+ * and the building blocks (fp16 decode, dequantisation) they share. */
+#include <math.h>
+
+#include "pxl_kernels.h"
+
+float pxl_fp16_to_fp32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else { /* subnormal: normalise */
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400)) { man <<= 1; exp--; }
+            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000 | (man << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+size_t pxl_row_bytes(int fmt, size_t K) {
+    switch (fmt) {
+    case PXL_F32: return K * 4;
+    case PXL_BF16: return K * 2;
+    case PXL_Q8_0: return K / PXL_QK * sizeof(pxl_block_q8_0);
+    case PXL_Q4_0: return K / PXL_QK * sizeof(pxl_block_q4_0);
+    default: return K / PXL_QK * sizeof(pxl_block_q4_1);
+    }
+}
+
+void pxl_dequant_rows(int fmt, const void *W, size_t n0, size_t rows, size_t K, float *out) {
+    const char *base = (const char *)W + n0 * pxl_row_bytes(fmt, K);
+    size_t nb = K / PXL_QK;
+    for (size_t r = 0; r < rows; r++, out += K) {
+        const char *row = base + r * pxl_row_bytes(fmt, K);
+        if (fmt == PXL_F32) {
+            memcpy(out, row, K * 4);
+        } else if (fmt == PXL_BF16) {
+            for (size_t k = 0; k < K; k++) out[k] = pxl_bf16_to_f32(((const uint16_t *)row)[k]);
+        } else if (fmt == PXL_Q8_0) {
+            const pxl_block_q8_0 *b = (const pxl_block_q8_0 *)row;
+            for (size_t i = 0; i < nb; i++) {
+                float d = pxl_fp16_to_fp32(b[i].d);
+                for (int j = 0; j < PXL_QK; j++) out[i * PXL_QK + j] = d * b[i].qs[j];
+            }
+        } else { /* Q4_0 and Q4_1: w = d * nibble + m, with m = -8d for Q4_0 */
+            for (size_t i = 0; i < nb; i++) {
+                const uint8_t *qs;
+                float d, m;
+                if (fmt == PXL_Q4_0) {
+                    const pxl_block_q4_0 *b = (const pxl_block_q4_0 *)row + i;
+                    d = pxl_fp16_to_fp32(b->d), m = -8 * d, qs = b->qs;
+                } else {
+                    const pxl_block_q4_1 *b = (const pxl_block_q4_1 *)row + i;
+                    d = pxl_fp16_to_fp32(b->d), m = pxl_fp16_to_fp32(b->m), qs = b->qs;
+                }
+                for (int j = 0; j < PXL_QK / 2; j++) {
+                    out[i * PXL_QK + j] = d * (qs[j] & 0xf) + m;
+                    out[i * PXL_QK + j + 16] = d * (qs[j] >> 4) + m;
+                }
+            }
+        }
+    }
+}
+
+static void tile_f32_generic(int rm, int rn, size_t K, const void *X_, size_t ldx, const void *W_, size_t ldw,
+                             float *Y, size_t ldy) {
+    const float *X = X_, *W = W_;
+    for (int i = 0; i < rm; i++)
+        for (int j = 0; j < rn; j++) {
+            const float *x = X + i * ldx, *w = W + j * ldw;
+            float acc[8] = {0}; /* eight chains: lets the compiler vectorise the dot */
+            size_t k = 0;
+            for (; k + 8 <= K; k += 8)
+                for (int u = 0; u < 8; u++) acc[u] += x[k + u] * w[k + u];
+            float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+            for (; k < K; k++) s += x[k] * w[k];
+            Y[i * ldy + j] = s;
+        }
+}
+
+static void tile_bf16_generic(int rm, int rn, size_t K, const void *X_, size_t ldx, const void *W_, size_t ldw,
+                              float *Y, size_t ldy) {
+    const uint16_t *X = X_, *W = W_;
+    for (int i = 0; i < rm; i++)
+        for (int j = 0; j < rn; j++) {
+            const uint16_t *x = X + i * ldx, *w = W + j * ldw;
+            float acc[8] = {0};
+            size_t k = 0;
+            for (; k + 8 <= K; k += 8)
+                for (int u = 0; u < 8; u++) acc[u] += pxl_bf16_to_f32(x[k + u]) * pxl_bf16_to_f32(w[k + u]);
+            float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+            for (; k < K; k++) s += pxl_bf16_to_f32(x[k]) * pxl_bf16_to_f32(w[k]);
+            Y[i * ldy + j] = s;
+        }
+}
+
+/* Quantised GEMV straight on the blocks: each block's integer-weight dot is scaled once
+ * by d; the offset term m * sum(x_block) uses the precomputed block sums. */
+static void gemv_q8_0_generic(size_t n0, size_t n1, size_t K, const void *W, const float *x, const float *xsum,
+                              float *y) {
+    (void)xsum;
+    size_t nb = K / PXL_QK;
+    for (size_t n = n0; n < n1; n++) {
+        const pxl_block_q8_0 *b = (const pxl_block_q8_0 *)W + n * nb;
+        float s = 0;
+        for (size_t i = 0; i < nb; i++) {
+            float dot = 0;
+            for (int j = 0; j < PXL_QK; j++) dot += (float)b[i].qs[j] * x[i * PXL_QK + j];
+            s += pxl_fp16_to_fp32(b[i].d) * dot;
+        }
+        y[n] = s;
+    }
+}
+
+static inline float q4_block_dot(const uint8_t *qs, const float *xb) {
+    float dot = 0;
+    for (int j = 0; j < PXL_QK / 2; j++) dot += (float)(qs[j] & 0xf) * xb[j] + (float)(qs[j] >> 4) * xb[j + 16];
+    return dot;
+}
+
+static void gemv_q4_0_generic(size_t n0, size_t n1, size_t K, const void *W, const float *x, const float *xsum,
+                              float *y) {
+    size_t nb = K / PXL_QK;
+    for (size_t n = n0; n < n1; n++) {
+        const pxl_block_q4_0 *b = (const pxl_block_q4_0 *)W + n * nb;
+        float s = 0;
+        for (size_t i = 0; i < nb; i++) {
+            float d = pxl_fp16_to_fp32(b[i].d);
+            s += d * (q4_block_dot(b[i].qs, x + i * PXL_QK) - 8 * xsum[i]);
+        }
+        y[n] = s;
+    }
+}
+
+static void gemv_q4_1_generic(size_t n0, size_t n1, size_t K, const void *W, const float *x, const float *xsum,
+                              float *y) {
+    size_t nb = K / PXL_QK;
+    for (size_t n = n0; n < n1; n++) {
+        const pxl_block_q4_1 *b = (const pxl_block_q4_1 *)W + n * nb;
+        float s = 0;
+        for (size_t i = 0; i < nb; i++)
+            s += pxl_fp16_to_fp32(b[i].d) * q4_block_dot(b[i].qs, x + i * PXL_QK) + pxl_fp16_to_fp32(b[i].m) * xsum[i];
+        y[n] = s;
+    }
+}
+
+const pxl_kernel_set pxl_kernels_generic = {
+    .isa = "generic", .rm = 4, .rn = 4, .gemv_rn = 4,
+    .tile_f32 = tile_f32_generic, .tile_bf16 = tile_bf16_generic,
+    .gemv_q = {[PXL_Q8_0] = gemv_q8_0_generic, [PXL_Q4_0] = gemv_q4_0_generic, [PXL_Q4_1] = gemv_q4_1_generic},
+};

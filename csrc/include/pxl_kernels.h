@@ -1,0 +1,58 @@
+/* Internal: the per-ISA kernel table behind perfxlm_ops.h, and shared helpers.
+ *
+ * A GEMM "tile" computes Y[i][j] = dot(X row i, W row j) over K for i < rm, j < rn:
+ * both operands are read along K (the dot-product form: no weight packing, so decode
+ * and prefill read the weights exactly as stored). Drivers in core/ split N over
+ * threads and walk T and N in tiles; each ISA only provides tiles and quantised GEMV.
+ */
+#ifndef PXL_KERNELS_H
+#define PXL_KERNELS_H
+
+#include <string.h>
+
+#include "perfxlm_ops.h"
+
+/* Y (rm, rn) with row stride ldy = X (rm rows, stride ldx elements) . W (rn rows, stride ldw) */
+typedef void (*pxl_tile_fn)(int rm, int rn, size_t K, const void *X, size_t ldx, const void *W, size_t ldw,
+                            float *Y, size_t ldy);
+/* y[n] = dot(dequant(W row n), x) for n in [n0, n1); xsum (K/32,) holds each block's sum of x */
+typedef void (*pxl_gemv_q_fn)(size_t n0, size_t n1, size_t K, const void *W, const float *x, const float *xsum,
+                              float *y);
+
+typedef struct {
+    const char *isa;
+    int rm, rn;          /* largest tile: rm tokens x rn features */
+    int gemv_rn;         /* features per tile when T == 1 */
+    pxl_tile_fn tile_f32;
+    pxl_tile_fn tile_bf16; /* X and W in bf16 (NULL: bf16 weights are widened to fp32 panels) */
+    pxl_gemv_q_fn gemv_q[PXL_NFMT];
+} pxl_kernel_set;
+
+extern const pxl_kernel_set pxl_kernels_generic;
+#if defined(__x86_64__)
+extern const pxl_kernel_set pxl_kernels_avx2, pxl_kernels_avx512, pxl_kernels_avx512bf16;
+#endif
+#if defined(__riscv)
+extern const pxl_kernel_set pxl_kernels_rvv;
+#endif
+const pxl_kernel_set *pxl_kernels(void);
+
+static inline float pxl_bf16_to_f32(uint16_t h) {
+    uint32_t b = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+static inline uint16_t pxl_f32_to_bf16(float f) { /* round to nearest even, NaN stays NaN */
+    uint32_t b;
+    memcpy(&b, &f, 4);
+    if ((b & 0x7fffffff) > 0x7f800000) return (uint16_t)((b >> 16) | 0x40);
+    return (uint16_t)((b + 0x7fff + ((b >> 16) & 1)) >> 16);
+}
+float pxl_fp16_to_fp32(uint16_t h);
+
+/* dequantise rows [n0, n0 + rows) of a weight matrix in `fmt` into fp32 (rows, K) */
+void pxl_dequant_rows(int fmt, const void *W, size_t n0, size_t rows, size_t K, float *out);
+size_t pxl_row_bytes(int fmt, size_t K);
+
+#endif
