@@ -1,8 +1,35 @@
 """perfxlm: a vLLM-compatible inference engine for CPUs, RISC-V, DCU and GPUs."""
 
+import logging
+import shutil
+import subprocess
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+LIB = "libperfxlm_kernels.so"
+
+
+class BuildWithKernels(build_py):
+    """Build csrc's kernel library with the machine's C compiler (make, no torch extension)
+    and ship it inside hw_plugins/cpu. A missing compiler only loses the `cpu` plugin."""
+
+    def run(self) -> None:
+        here = Path(__file__).resolve().parent
+        try:
+            subprocess.run(["make", "-C", str(here / "csrc"), "-j2", "all"], check=True)
+            built = here / "csrc" / "build" / "host" / LIB
+            shutil.copy2(built, here / "hw_plugins" / "cpu" / LIB)   # editable installs load it from here
+        except (OSError, subprocess.CalledProcessError) as e:
+            logging.warning("perfxlm: native kernels not built (%s); the `cpu` plugin will be unavailable", e)
+        super().run()
+        lib = here / "hw_plugins" / "cpu" / LIB
+        if lib.exists() and not self.editable_mode:
+            target = Path(self.build_lib) / "hw_plugins" / "cpu"
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(lib, target / LIB)
+
 
 version = {}
 exec(Path("perfxlm/version.py").read_text(), version)
@@ -31,10 +58,13 @@ setup(
         "onnx>=1.16",
         "onnxruntime",  # `perfxlm export --verify` checks graphs with it
         "ml_dtypes",    # bfloat16 arrays on the host side of plugins
+        "scipy-openblas32",  # OpenBLAS for the fp32 GEMMs where it beats our kernels
     ],
+    cmdclass={"build_py": BuildWithKernels},
     entry_points={
         "console_scripts": ["perfxlm = perfxlm.cli:main"],
-        "perfxlm.hw_plugins": ["torch = hw_plugins.torch_ref:TorchPlugin"],
+        "perfxlm.hw_plugins": ["torch = hw_plugins.torch_ref:TorchPlugin", "cpu = hw_plugins.cpu:CpuPlugin",
+                               "rvv = hw_plugins.cpu:RvvPlugin"],
     },
     extras_require={"test": ["pytest", "accelerate"]},  # accelerate: transformers' GGUF loader in tests
 )

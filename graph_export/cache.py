@@ -19,24 +19,28 @@ from perfxlm.models.loader import ModelSource
 logger = logging.getLogger(__name__)
 
 
-def graph_key(source: ModelSource, dtype: torch.dtype) -> str:
+def graph_key(source: ModelSource, dtype: torch.dtype, quantization: str | None = None) -> str:
     files = [source.path] if source.is_gguf else sorted(source.path.glob("*.safetensors")) + sorted(
         source.path.glob("pytorch_model*.bin"))
     stamp = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    blob = json.dumps([stamp, source.hf_config, str(dtype), FORMAT_VERSION], sort_keys=True, default=str)
+    blob = json.dumps([stamp, source.hf_config, str(dtype), FORMAT_VERSION, quantization], sort_keys=True,
+                      default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def cached_graph(source: ModelSource, dtype: torch.dtype) -> Path:
-    """The graph of `source` in `dtype`: exported on first use, then read from the cache."""
-    name = f"{source.path.stem}-{str(dtype).removeprefix('torch.')}-v{FORMAT_VERSION}-{graph_key(source, dtype)}"
+def cached_graph(source: ModelSource, dtype: torch.dtype, quantization: str | None = None) -> Path:
+    """The graph of `source` in `dtype` (activations), exported on first use, then read from the
+    cache. quantization="gguf" keeps the GGUF's Q8_0/Q4_0/Q4_1 Linear weights as blocks."""
+    tag = str(dtype).removeprefix("torch.") + ("-gguf" if quantization else "")
+    name = f"{source.path.stem}-{tag}-v{FORMAT_VERSION}-{graph_key(source, dtype, quantization)}"
     root = Path(os.environ.get("PERFXLM_GRAPH_CACHE", cache_dir() / "graphs"))
     path = root / name / "model.onnx"
     if path.is_file():
         return path
     logger.info("exporting %s (%s) to %s", source.name, dtype, path.parent)
     model = source.load_weights(dtype)
-    graph = export_model(model, source=source.name)
+    quantized = source.linear_blocks() if quantization == "gguf" else None
+    graph = export_model(model, source=source.name, quantized=quantized)
     logger.info("op types: %s", op_histogram(graph))
     path.parent.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent.parent))

@@ -9,6 +9,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper
@@ -32,6 +33,11 @@ class _GraphBuilder:
             self.initializers[name] = to_tensor_proto(t, name)
         return name
 
+    def raw_weight(self, name: str, blocks: np.ndarray) -> str:
+        if name not in self.initializers:
+            self.initializers[name] = onnx.numpy_helper.from_array(np.ascontiguousarray(blocks, np.uint8), name)
+        return name
+
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, name: str = "", **attrs) -> list[str]:
         spec = OPS[op_type]
         self.count += 1
@@ -50,8 +56,13 @@ def to_tensor_proto(t: torch.Tensor, name: str) -> onnx.TensorProto:
     return onnx.numpy_helper.from_array(t.numpy(), name)
 
 
-def export_model(model: torch.nn.Module, *, source: str = "") -> onnx.ModelProto:
-    """Build the ONNX graph of a perfxlm Transformer (see models/llama.py)."""
+def export_model(model: torch.nn.Module, *, source: str = "",
+                 quantized: dict[str, tuple[str, np.ndarray]] | None = None) -> onnx.ModelProto:
+    """Build the ONNX graph of a perfxlm Transformer (see models/llama.py).
+
+    `quantized` maps Linear weight names to (weight_format, uint8 blocks) (graph_export/quant.py):
+    those Linear nodes read the blocks as stored instead of the module's float weights."""
+    quantized = quantized or {}
     p = model.params
     dtype = model.tok_embeddings.weight.dtype
     g = _GraphBuilder()
@@ -61,10 +72,15 @@ def export_model(model: torch.nn.Module, *, source: str = "") -> onnx.ModelProto
     meta_inputs = ["slot_mapping", "block_tables", "seq_lens", "query_start_loc"]
 
     def linear(x: str, prefix: str, name: str) -> str:
-        ins = [x, g.weight(f"{prefix}.weight", w[f"{prefix}.weight"])]
+        fmt, blocks = quantized.get(f"{prefix}.weight", ("dense", None))
+        if blocks is not None:
+            ins = [x, g.raw_weight(f"{prefix}.weight", blocks)]
+        else:
+            ins = [x, g.weight(f"{prefix}.weight", w[f"{prefix}.weight"])]
         if f"{prefix}.bias" in w:
             ins.append(g.weight(f"{prefix}.bias", w[f"{prefix}.bias"]))
-        return g.op("Linear", ins, name=name)[0]
+        attrs = {} if fmt == "dense" else {"weight_format": fmt}
+        return g.op("Linear", ins, name=name, **attrs)[0]
 
     def rmsnorm(x: str, prefix: str, name: str) -> str:
         return g.op("RMSNorm", [x, g.weight(f"{prefix}.weight", w[f"{prefix}.weight"])], name=name,
@@ -92,9 +108,13 @@ def export_model(model: torch.nn.Module, *, source: str = "") -> onnx.ModelProto
         x = g.op("Add", [x, linear(act, f"{L}.feed_forward.w2", f"{L}.down")], name=f"{L}.ffn_residual")[0]
     rows = g.op("Gather", [x, "logits_indices"], name="logits_rows", axis=0)[0]
     h = rmsnorm(rows, "norm", "final_norm")
-    out_weight = "tok_embeddings.weight" if p.tie_word_embeddings else "output.weight"
-    ins = [h, g.weight(out_weight, w[out_weight])]
-    g.nodes.append(helper.make_node("Linear", ins, ["logits"], name="lm_head", domain=DOMAIN))
+    if "output.weight" in quantized:
+        fmt, blocks = quantized["output.weight"]
+        ins, attrs = [h, g.raw_weight("output.weight", blocks)], {"weight_format": fmt}
+    else:
+        out_weight = "tok_embeddings.weight" if p.tie_word_embeddings else "output.weight"
+        ins, attrs = [h, g.weight(out_weight, w[out_weight])], {}
+    g.nodes.append(helper.make_node("Linear", ins, ["logits"], name="lm_head", domain=DOMAIN, **attrs))
 
     et = _ONNX_DTYPES[dtype]
     cache_shape = ["num_blocks", "block_size", p.n_kv_heads, p.head_dim]
@@ -113,6 +133,7 @@ def export_model(model: torch.nn.Module, *, source: str = "") -> onnx.ModelProto
         "perfxlm.format_version": str(FORMAT_VERSION),
         "perfxlm.model_params": json.dumps(p.__dict__),
         "perfxlm.dtype": str(dtype).removeprefix("torch."),
+        "perfxlm.weight_formats": json.dumps(sorted({f for f, _ in quantized.values()})),
         "perfxlm.source": source,
     })
     return m

@@ -1,4 +1,4 @@
-"""`perfxlm` command line: export, plugins."""
+"""`perfxlm` command line: export, plugins, bench."""
 
 import argparse
 import logging
@@ -17,10 +17,37 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("--verify", action="store_true",
                      help="run the graph's standard-ONNX lowering in onnxruntime and compare with PyTorch")
     sub.add_parser("plugins", help="list hardware plugins and whether each is available")
+    bench = sub.add_parser("bench", help="benchmarks, each beside a reference measured in the same run")
+    bsub = bench.add_subparsers(dest="bench", required=True)
+    gemv = bsub.add_parser("gemv", help="bs=1 GEMV on SmolLM2 shapes and 4096x4096: ours, OpenBLAS, torch")
+    gemv.add_argument("--threads", type=int, default=None, help="threads for all three (default: all cores)")
+    gemv.add_argument("--formats", default="fp32,bf16,q4_1", help="comma list of fp32, bf16, q8_0, q4_0, q4_1")
+    gemv.add_argument("--output-json", default=None, help="also write the rows as JSON")
     args = parser.parse_args(argv)
     if args.command == "export":
         return _export(args)
+    if args.command == "bench":
+        return _bench_gemv(args)
     return _plugins()
+
+
+def _bench_gemv(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    import perfxlm  # noqa: F401 - configures logging
+    from hw_plugins.cpu import library
+    from perfxlm.bench import gemv, openblas
+
+    threads = args.threads or len(os.sched_getaffinity(0))
+    rows = gemv.run(threads, args.formats.split(","))
+    print(f"bs=1 GEMV, {threads} threads; ours: {library.load().pxl_isa().decode()} kernels; "
+          f"OpenBLAS {openblas.corename()}; torch {__import__('torch').__version__}")
+    print(gemv.report(rows))
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -32,6 +32,7 @@ class EngineConfig:
     trust_remote_code: bool = False
     chat_template: str | None = None
     generation_config: str = "auto"
+    quantization: str | None = None  # "gguf": Linear weights stay GGUF blocks (Q8_0/Q4_0/Q4_1)
     hw_plugin: str | None = None  # perfxlm's own: which hardware plugin runs the graph
 
     def __post_init__(self) -> None:

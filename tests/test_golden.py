@@ -18,8 +18,22 @@ def _check_golden(llm: LLM, name: str) -> None:
     assert_no_leaks(llm)
 
 
+def _plugins(llm: LLM) -> set[str]:
+    return {node.plugin.name for node in llm.llm_engine.runner.executor.runner.nodes}
+
+
 def test_gguf_float32_equals_vllm_golden(smol_llm):
+    """On the default plugin: the native `cpu` kernels wherever they are built."""
+    from hw_plugins.base import available_plugins
+    if dict((n, ok) for n, ok, _ in available_plugins()).get("cpu"):
+        assert _plugins(smol_llm) == {"cpu"}
     _check_golden(smol_llm, "golden_greedy_vllm_float32.json")
+
+
+def test_torch_reference_plugin_float32_equals_vllm_golden(gguf_path):
+    llm = LLM(str(gguf_path), dtype="float32", kv_cache_memory_bytes=SMALL_KV, max_model_len=1024, hw_plugin="torch")
+    assert _plugins(llm) == {"torch"}
+    _check_golden(llm, "golden_greedy_vllm_float32.json")
 
 
 def test_gguf_float32_equals_transformers_golden(smol_llm):

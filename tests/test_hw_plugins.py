@@ -26,9 +26,14 @@ def oot_plugin(tmp_path, monkeypatch):
     return site
 
 
-def test_builtin_torch_plugin_is_discovered():
-    assert "torch" in discover_plugins()
-    assert select_plugin().name == "torch"
+def _native_available() -> bool:
+    return dict((n, ok) for n, ok, _ in available_plugins()).get("cpu", False)
+
+
+def test_builtin_plugins_are_discovered():
+    assert {"torch", "cpu", "rvv"} <= set(discover_plugins())
+    # the native kernels win the default choice wherever they are built; torch is the fallback
+    assert select_plugin().name == ("cpu" if _native_available() else "torch")
 
 
 def test_out_of_tree_plugin_is_discovered(oot_plugin):
@@ -37,7 +42,7 @@ def test_out_of_tree_plugin_is_discovered(oot_plugin):
     rows = {name: (ok, why) for name, ok, why in available_plugins()}
     assert rows["numpy_demo"] == (True, None)
     assert rows["broken_demo"] == (False, "no demo accelerator found (/dev/demo0 missing)")
-    assert select_plugin().name == "torch"  # the demo's priority is lower
+    assert select_plugin().name == ("cpu" if _native_available() else "torch")  # the demo's priority is lower
 
 
 def test_selection_errors(oot_plugin, monkeypatch):

@@ -98,7 +98,8 @@ def test_reference_plugin_matches_onnxruntime(op):
         assert a.shape == b.shape and nmse(a, b) < NMSE["float32"], (op, nmse(a, b))
 
 
-PLUGINS = [name for name, ok, _ in available_plugins()]
+PLUGINS = [pytest.param(name, marks=() if ok else pytest.mark.skip(reason=f"{name} unavailable here: {why}"))
+           for name, ok, why in available_plugins()]
 
 
 @pytest.mark.parametrize("dtype", list(NMSE))
@@ -122,3 +123,24 @@ def test_every_op_has_a_reference_kernel():
     plugin = TorchPlugin()
     for op in OPS:
         assert plugin.supports(op, ("float32",)), op
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("rows", [1, 2, 7, 70])
+@pytest.mark.parametrize("plugin_name", PLUGINS)
+def test_quantized_linear_on_every_plugin(plugin_name, fmt, rows, dtype):
+    """Linear on GGUF blocks (int8 and 4-bit) vs the reference on the dequantised weights.
+    rows covers the fused GEMV (1, 2) and the dequantised-panel GEMM (7, 70)."""
+    from graph_export.quant import dequantize, quantize
+    plugin = discover_plugins()[plugin_name]()
+    if not plugin.supports("Linear", (dtype, "uint8", dtype)):
+        pytest.skip(f"{plugin_name} has no quantised Linear in {dtype}")
+    rng = np.random.default_rng(1)
+    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in [(rows, 96), (40, 96), (40,)])
+    blocks = quantize(w, fmt)
+    got = run_on(plugin, "Linear", {"weight_format": fmt}, [x, blocks, b], [(rows, 40)], dtype)[0]
+    rounded = [a.astype(_np(dtype)).astype(np.float32) for a in (x, b)]
+    ref = run_on(TorchPlugin(), "Linear", {}, [rounded[0], dequantize(blocks, fmt), rounded[1]], [(rows, 40)],
+                 "float32")[0]
+    assert nmse(got, ref) < NMSE[dtype], (plugin_name, fmt, rows, dtype, nmse(got, ref))

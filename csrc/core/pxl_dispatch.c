@@ -33,7 +33,7 @@ static const pxl_kernel_set *const all_sets[] = {
 #if defined(__x86_64__)
     &pxl_kernels_avx512bf16, &pxl_kernels_avx512, &pxl_kernels_avx2,
 #endif
-#if defined(__riscv)
+#if defined(PXL_HAVE_RVV)
     &pxl_kernels_rvv,
 #endif
     &pxl_kernels_generic,
@@ -49,7 +49,7 @@ static int cpu_has(const pxl_kernel_set *ks) {
     if (ks == &pxl_kernels_avx512) return avx512;
     if (ks == &pxl_kernels_avx512bf16) return avx512 && __builtin_cpu_supports("avx512bf16");
 #endif
-#if defined(__riscv)
+#if defined(PXL_HAVE_RVV)
     if (ks == &pxl_kernels_rvv) {
 #if defined(__linux__)
         return (getauxval(AT_HWCAP) >> ('V' - 'A')) & 1;

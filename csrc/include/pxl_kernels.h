@@ -32,7 +32,8 @@ extern const pxl_kernel_set pxl_kernels_generic;
 #if defined(__x86_64__)
 extern const pxl_kernel_set pxl_kernels_avx2, pxl_kernels_avx512, pxl_kernels_avx512bf16;
 #endif
-#if defined(__riscv)
+#if defined(__riscv_v_intrinsic) && __riscv_v_intrinsic >= 11000
+#define PXL_HAVE_RVV 1
 extern const pxl_kernel_set pxl_kernels_rvv;
 #endif
 const pxl_kernel_set *pxl_kernels(void);

@@ -1,0 +1,33 @@
+# RISC-V: clang-16 cross build (RVV 1.0 intrinsics, v0.11 API), static test binary run under
+# qemu-user-static at several VLENs with tail/mask-agnostic lanes filled with 1s, so a missing
+# _tu policy or a hard-coded VLEN fails (../shared/notes/rvv_toolchain.md).
+RV_CC     ?= clang-16
+RV_FLAGS  := --target=riscv64-linux-gnu -march=rv64gcv -mabi=lp64d
+RV_CFLAGS := $(RV_FLAGS) -O2 -std=gnu11 -fPIC -Iinclude -Werror=implicit-function-declaration -Wno-unknown-pragmas
+RV_BUILD  := build/rv64
+RV_SRCS   := $(wildcard generic/*.c core/*.c riscv/*.c)
+RV_OBJS   := $(RV_SRCS:%.c=$(RV_BUILD)/%.o)
+QEMU      ?= qemu-riscv64-static
+RV_VLENS  ?= 128 256 512 1024
+
+$(RV_BUILD)/%.o: %.c $(HDRS)
+	@mkdir -p $(dir $@)
+	$(RV_CC) $(RV_CFLAGS) -c $< -o $@
+
+$(RV_BUILD)/libperfxlm_kernels.so: $(RV_OBJS)
+	$(RV_CC) $(RV_FLAGS) -shared -o $@ $^ -lm
+
+# the test's scalar reference must stay scalar: clang auto-vectorises plain loops into RVV
+$(RV_BUILD)/test_kernels: tests/test_kernels.c $(RV_OBJS)
+	$(RV_CC) $(RV_CFLAGS) -fno-vectorize -fno-slp-vectorize -static $^ -o $@ -lm
+
+test-rvv:
+	@if ! command -v $(RV_CC) >/dev/null || ! command -v $(QEMU) >/dev/null; then \
+	  echo "test-rvv: skipped ($(RV_CC) or $(QEMU) missing; apt-get install clang-16 gcc-riscv64-linux-gnu libc6-dev-riscv64-cross qemu-user-static)"; \
+	  exit 1; fi
+	$(MAKE) $(RV_BUILD)/test_kernels $(RV_BUILD)/libperfxlm_kernels.so
+	@for v in $(RV_VLENS); do \
+	  echo "== qemu rv64 VLEN=$$v"; \
+	  $(QEMU) -cpu rv64,v=true,vext_spec=v1.0,vlen=$$v,elen=64,rvv_ta_all_1s=true,rvv_ma_all_1s=true \
+	    $(RV_BUILD)/test_kernels | tail -3 || exit 1; \
+	done

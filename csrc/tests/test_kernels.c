@@ -245,6 +245,7 @@ int main(void) {
     for (size_t s = 0; s < sizeof sets / sizeof sets[0]; s++) {
         if (pxl_set_isa(sets[s]) != 0) { printf("skip %s: not supported by this CPU or build\n", sets[s]); continue; }
         isa = pxl_isa();
+        int before = passed + failed;
         srand(1234);
         size_t shapes[][3] = {{1, 1, 1}, {1, 7, 13}, {3, 33, 65}, {5, 576, 576}, {1, 1536, 576}, {2, 4, 1536},
                               {65, 31, 130}, {130, 67, 96}, {4, 17, 33}};
@@ -266,6 +267,7 @@ int main(void) {
             test_attention(dt, 9, 3, 64, 0);
             test_attention(dt, 4, 4, 16, 3);
         }
+        printf("kernel set %s: %d checks\n", isa, passed + failed - before);
     }
     printf("%d passed, %d failed\n", passed, failed);
     return failed != 0;

@@ -39,6 +39,8 @@ class TorchPlugin(HwPlugin):
         return None if self.is_available() else f"torch cannot allocate on device {self.device}"
 
     def supports(self, op_type: str, dtypes: tuple[str, ...]) -> bool:
+        if op_type == "Linear" and dtypes[1:2] == ("uint8",):  # quantised weights
+            return dtypes[0] in ("float32", "float16", "bfloat16")
         return op_type in self._kernels and all(d in _TORCH for d in dtypes)
 
     def alloc(self, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
@@ -81,10 +83,27 @@ def _rmsnorm(attrs: dict, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> 
 
 def _linear(attrs: dict, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
     # x (T, K) @ W (N, K)^T (+ b) -> (T, N); the same GEMM call as F.linear, bit for bit
+    w = ins[1]
+    fmt = attrs.get("weight_format", "dense")
+    if fmt != "dense":  # GGUF blocks (uint8): the reference dequantises them (once per weight)
+        w = _dequantized(w, fmt, ins[0].dtype)
     if len(ins) > 2:
-        torch.addmm(ins[2], ins[0], ins[1].t(), out=outs[0])
+        torch.addmm(ins[2], ins[0], w.t(), out=outs[0])
     else:
-        torch.mm(ins[0], ins[1].t(), out=outs[0])
+        torch.mm(ins[0], w.t(), out=outs[0])
+
+
+_DEQUANTIZED: dict[tuple[int, str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _dequantized(blocks: torch.Tensor, fmt: str, dtype: torch.dtype) -> torch.Tensor:
+    key = (blocks.data_ptr(), fmt, dtype)
+    hit = _DEQUANTIZED.get(key)
+    if hit is None or hit[0] is not blocks:
+        from graph_export.quant import dequantize
+        w = torch.from_numpy(dequantize(blocks.cpu().numpy(), fmt)).to(dtype=dtype, device=blocks.device)
+        hit = _DEQUANTIZED[key] = (blocks, w)
+    return hit[1]
 
 
 def _rope(attrs: dict, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> None:

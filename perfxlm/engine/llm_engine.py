@@ -68,7 +68,7 @@ class LLMEngine:
         cfg = self.config
         if os.environ.get("PERFXLM_EXECUTOR", "graph") == "eager":
             return EagerExecutor(self.source.load_weights(cfg.dtype), num_blocks, cfg.block_size, cfg.dtype)
-        path = cached_graph(self.source, cfg.dtype)
+        path = cached_graph(self.source, cfg.dtype, cfg.quantization)
         runner = GraphRunner(path, select_plugin(cfg.hw_plugin), TorchPlugin(), cfg.max_num_batched_tokens,
                              num_blocks, cfg.block_size)
         return GraphExecutor(runner)

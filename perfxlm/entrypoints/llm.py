@@ -70,8 +70,8 @@ class LLM:
             raise NotImplementedError(f"perfxlm runs generative models only (runner={runner!r}, "
                                       f"convert={convert!r}); pooling models come later")
         if quantization not in (None, "gguf"):
-            raise NotImplementedError(f"perfxlm: quantization={quantization!r} is not supported; GGUF "
-                                      "files are dequantised at load")
+            raise NotImplementedError(f"perfxlm: quantization={quantization!r} is not supported; only "
+                                      "'gguf' (Q8_0/Q4_0/Q4_1 blocks run natively)")
         if cpu_offload_gb or logits_processors:
             raise NotImplementedError("perfxlm does not support cpu_offload_gb or custom logits_processors")
         if tokenizer_mode not in ("auto", "hf", "slow"):
@@ -81,6 +81,10 @@ class LLM:
         if hf_overrides is not None:
             source.hf_config = (hf_overrides(source.hf_config) if callable(hf_overrides)
                                 else {**source.hf_config, **hf_overrides})
+        if quantization == "gguf" and not source.is_gguf:
+            raise ValueError(f"quantization='gguf' needs a .gguf model file; {model!r} is not one")
+        # vLLM runs a GGUF quantised; so do we unless an explicit dtype asks for dense weights
+        keep_blocks = quantization == "gguf" or (quantization is None and dtype == "auto" and source.is_quantized())
         engine_kw = {k: v for k, v in kwargs.items() if k in _ENGINE_KWARGS}
         config = EngineConfig(
             model=model,
@@ -92,6 +96,7 @@ class LLM:
             skip_tokenizer_init=skip_tokenizer_init,
             trust_remote_code=trust_remote_code,
             chat_template=_load_template(chat_template),
+            quantization="gguf" if keep_blocks else None,
             **{k: v for k, v in engine_kw.items() if v is not None},
         )
         self.llm_engine = LLMEngine(config, source)

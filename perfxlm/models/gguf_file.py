@@ -97,6 +97,32 @@ class GGUFFile:
             out[name] = torch.from_numpy(np.array(w, dtype=np.float32)).to(dtype)  # copy off the mmap
         return out
 
+    def linear_blocks(self) -> dict[str, tuple[str, np.ndarray]]:
+        """Linear weights whose GGUF blocks have native kernels, kept as stored:
+        name -> (weight_format, uint8 (N, K/32 * block bytes)). Q/K rows are un-permuted
+        like the float weights (a row is whole blocks, so rows move as bytes). A tied
+        output projection reuses the token embedding's blocks as `output.weight`."""
+        from graph_export.quant import from_gguf_type
+        cfg = self.hf_config()
+        out = {}
+        for t in self.reader.tensors:
+            m = re.fullmatch(r"(?:blk\.(\d+)\.)?(\w+)\.weight", t.name)
+            fmt = from_gguf_type(t.tensor_type.name)
+            if m is None or fmt is None or m.group(2) in ("attn_norm", "ffn_norm", "output_norm"):
+                continue
+            layer, base = m.groups()
+            if base == "token_embd":
+                if not cfg["tie_word_embeddings"]:
+                    continue
+                base = "output"
+            blocks = np.asarray(t.data)                            # (N, row bytes), memory-mapped
+            if self.arch == "llama" and base in ("attn_q", "attn_k"):
+                blocks = _unpermute(blocks, cfg["num_attention_heads"] if base == "attn_q"
+                                    else cfg["num_key_value_heads"])
+            name = f"{_NAMES[base]}.weight" if layer is None else f"layers.{layer}.{_NAMES[base]}.weight"
+            out[name] = (fmt, np.ascontiguousarray(blocks))
+        return out
+
     def tokenizer(self) -> Any:
         """A transformers fast tokenizer built from the GGUF vocabulary and chat template."""
         model = self.meta.get("tokenizer.ggml.model")

@@ -45,6 +45,13 @@ class ModelSource:
     generation_config: dict[str, Any] = field(default_factory=dict)
     _gguf: GGUFFile | None = field(default=None, repr=False)
 
+    def linear_blocks(self) -> dict:
+        """GGUF Linear weights kept as quantised blocks (see GGUFFile.linear_blocks); {} otherwise."""
+        return self._gguf.linear_blocks() if self.is_gguf else {}
+
+    def is_quantized(self) -> bool:
+        return bool(self.linear_blocks())
+
     def load_weights(self, dtype: torch.dtype) -> nn.Module:
         model = build_model(self.hf_config)
         if self.is_gguf:

@@ -1,0 +1,66 @@
+"""Finds and binds csrc's kernel library (libperfxlm_kernels.so) with ctypes.
+
+Looked up in this order: $PERFXLM_KERNELS_LIB, the copy `pip install` builds next to
+this file, and csrc/build/host/ of a source checkout (`make -C csrc`).
+"""
+
+import ctypes
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+LIB_NAME = "libperfxlm_kernels.so"
+_HERE = Path(__file__).resolve().parent
+F32, BF16, Q8_0, Q4_0, Q4_1 = range(5)
+
+_sz, _p, _i, _f = ctypes.c_size_t, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+_SIGNATURES = {
+    "pxl_isa": ([], ctypes.c_char_p),
+    "pxl_set_isa": ([ctypes.c_char_p], _i),
+    "pxl_num_threads": ([], _i),
+    "pxl_set_num_threads": ([_i], None),
+    "pxl_set_blas_sgemm": ([_p, _sz], None),
+    "pxl_linear": ([_i, _i, _sz, _sz, _sz, _p, _p, _p, _p], None),
+    "pxl_gather": ([_i, _sz, _sz, _p, _p, _p], None),
+    "pxl_rmsnorm": ([_i, _sz, _sz, _p, _p, _f, _p], None),
+    "pxl_rope": ([_i, _sz, _sz, _sz, _p, _p, _p, _p, _p], None),
+    "pxl_silu_mul": ([_i, _sz, _p, _p, _p], None),
+    "pxl_add": ([_i, _sz, _p, _p, _p], None),
+    "pxl_paged_attention": ([_i, _sz, _sz, _sz, _sz, _sz, _p, _p, _p, _p, _p, _sz, _p, _p, _sz, _p, _p, _f, _sz, _p],
+                            None),
+}
+
+
+def candidates() -> list[Path]:
+    paths = [Path(os.environ["PERFXLM_KERNELS_LIB"])] if os.environ.get("PERFXLM_KERNELS_LIB") else []
+    return paths + [_HERE / LIB_NAME, _HERE.parent.parent / "csrc" / "build" / "host" / LIB_NAME]
+
+
+_cache: dict[str, ctypes.CDLL | str] = {}
+
+
+def load() -> ctypes.CDLL:
+    """The bound library (loaded once per process); raises OSError saying where it looked."""
+    if "lib" in _cache:
+        lib = _cache["lib"]
+        if isinstance(lib, str):
+            raise OSError(lib)
+        return lib
+    tried = []
+    for path in candidates():
+        if path.is_file():
+            lib = ctypes.CDLL(str(path))
+            for name, (args, res) in _SIGNATURES.items():
+                fn = getattr(lib, name)
+                fn.argtypes, fn.restype = args, res
+            threads = os.environ.get("PERFXLM_NUM_THREADS")
+            lib.pxl_set_num_threads(int(threads) if threads else len(os.sched_getaffinity(0)))
+            logger.info("native kernels %s: %s, %d threads", path, lib.pxl_isa().decode(), lib.pxl_num_threads())
+            _cache["lib"] = lib
+            return lib
+        tried.append(str(path))
+    _cache["lib"] = msg = (f"{LIB_NAME} not found (looked in {', '.join(tried)}); "
+                           "`pip install -e .` or `make -C csrc` builds it")
+    raise OSError(msg)

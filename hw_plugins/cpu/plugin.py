@@ -1,0 +1,132 @@
+"""The `cpu` plugin: every op on csrc's native kernels over numpy host buffers.
+
+No torch at run time: buffers are numpy arrays (bfloat16 through ml_dtypes), and each
+node is one ctypes call into libperfxlm_kernels.so, which picks AVX-512 / AVX512-BF16 /
+AVX2 / RVV / generic kernels from the CPU's features. The `rvv` plugin is the same
+library on riscv64 with the RVV 1.0 kernel set required.
+"""
+
+import logging
+import platform
+from typing import Any
+
+import numpy as np
+
+from hw_plugins.base import HwPlugin
+from hw_plugins.cpu import library
+from hw_plugins.cpu.library import BF16, F32, Q4_0, Q4_1, Q8_0
+
+logger = logging.getLogger(__name__)
+
+_ACT = {"float32": F32, "bfloat16": BF16}
+_WEIGHT_FORMATS = {"dense": None, "q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1}
+
+
+def _ptr(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
+
+
+class CpuPlugin(HwPlugin):
+    name = "cpu"
+    priority = 10  # wins the default choice over the torch reference wherever the library loads
+    isa: str | None = None  # a kernel set this plugin insists on (None: the best the CPU has)
+
+    def __init__(self) -> None:
+        self._error: str | None = None
+        try:
+            if self.isa is not None and platform.machine() != "riscv64":
+                raise OSError("not riscv64")  # never switch the shared library's kernel set off-target
+            self.lib = library.load()
+            if self.isa is not None and self.lib.pxl_set_isa(self.isa.encode()) != 0:
+                raise OSError(f"this CPU or build has no {self.isa} kernels")
+        except OSError as e:
+            self.lib, self._error = None, str(e)
+        self._ops = {"Gather": self._gather, "RMSNorm": self._rmsnorm, "Linear": self._linear, "RoPE": self._rope,
+                     "PagedAttention": self._paged_attention, "SiluMul": self._silu_mul, "Add": self._add}
+
+    def is_available(self) -> bool:
+        return self.lib is not None
+
+    def unavailable_reason(self) -> str | None:
+        return self._error
+
+    def supports(self, op_type: str, dtypes: tuple[str, ...]) -> bool:
+        if op_type not in self._ops or not dtypes or dtypes[0] not in _ACT:
+            return False
+        if op_type == "Linear":  # dense weights in the activation dtype, or quantised blocks (uint8)
+            return dtypes[1] in (dtypes[0], "uint8") and all(d == dtypes[0] for d in dtypes[2:])
+        if op_type == "Gather":
+            return dtypes[1] == "int64"
+        return all(d in (dtypes[0], "int64") for d in dtypes)
+
+    def alloc(self, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+        return np.empty(shape, dtype=_np_dtype(dtype))
+
+    def upload(self, array: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(array)  # memory-mapped weights stay mapped: no copy
+
+    def download(self, buf: np.ndarray) -> np.ndarray:
+        return buf.copy()  # planned buffers are reused next step
+
+    def run(self, node: Any, inputs: list[np.ndarray], outputs: list[np.ndarray]) -> None:
+        self._ops[node.op_type](node.attrs, inputs, outputs)
+
+    # ---- ops: (attrs, inputs, outputs) -> None, writing into the preallocated outputs ----
+
+    def _gather(self, attrs: dict, ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
+        table, idx = ins                                        # (V, D), (T,) -> (T, D)
+        self.lib.pxl_gather(_ACT[table.dtype.name], idx.shape[0], table.shape[1], _ptr(table), _ptr(idx),
+                            _ptr(outs[0]))
+
+    def _rmsnorm(self, attrs: dict, ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
+        x, w = ins                                              # (T, D), (D,)
+        self.lib.pxl_rmsnorm(_ACT[x.dtype.name], x.shape[0], x.shape[1], _ptr(x), _ptr(w), attrs["epsilon"],
+                             _ptr(outs[0]))
+
+    def _linear(self, attrs: dict, ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
+        x, w = ins[0], ins[1]                                   # (T, K), (N, K) or (N, row bytes)
+        fmt = _WEIGHT_FORMATS[attrs.get("weight_format", "dense")]
+        if fmt is None:
+            fmt = _ACT[w.dtype.name]
+        bias = _ptr(ins[2]) if len(ins) > 2 else None
+        self.lib.pxl_linear(_ACT[x.dtype.name], fmt, x.shape[0], w.shape[0], x.shape[1], _ptr(x), _ptr(w), bias,
+                            _ptr(outs[0]))
+
+    def _rope(self, attrs: dict, ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
+        x, pos, cos, sin = ins                                  # (T, H*hd), (T,), (P, hd) x 2
+        hd = attrs["head_dim"]
+        self.lib.pxl_rope(_ACT[x.dtype.name], x.shape[0], x.shape[1] // hd, hd, _ptr(x), _ptr(pos), _ptr(cos),
+                          _ptr(sin), _ptr(outs[0]))
+
+    def _paged_attention(self, attrs: dict, ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
+        q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc = ins
+        self.lib.pxl_paged_attention(
+            _ACT[q.dtype.name], q.shape[0], seq_lens.shape[0], attrs["num_heads"], attrs["num_kv_heads"],
+            attrs["head_dim"], _ptr(q), _ptr(k), _ptr(v), _ptr(k_cache), _ptr(v_cache), k_cache.shape[1],
+            _ptr(slot_mapping), _ptr(block_tables), block_tables.shape[1], _ptr(seq_lens), _ptr(query_start_loc),
+            attrs["scale"], attrs.get("sliding_window") or 0, _ptr(outs[0]))   # outs[1:] alias the caches
+
+    def _silu_mul(self, attrs: dict, ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
+        self.lib.pxl_silu_mul(_ACT[ins[0].dtype.name], ins[0].size, _ptr(ins[0]), _ptr(ins[1]), _ptr(outs[0]))
+
+    def _add(self, attrs: dict, ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
+        self.lib.pxl_add(_ACT[ins[0].dtype.name], ins[0].size, _ptr(ins[0]), _ptr(ins[1]), _ptr(outs[0]))
+
+
+class RvvPlugin(CpuPlugin):
+    """The native kernels on riscv64 with the RVV 1.0 set required (VLEN-agnostic)."""
+    name = "rvv"
+    priority = 11
+    isa = "rvv"
+
+    def __init__(self) -> None:
+        super().__init__()
+        if platform.machine() != "riscv64":
+            self.lib, self._error = None, f"needs a riscv64 CPU with the V extension (this is {platform.machine()})"
+
+
+def _np_dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        import ml_dtypes  # imported on demand: the riscv64 sysroot has numpy but not ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
