@@ -64,7 +64,8 @@ setup(
     entry_points={
         "console_scripts": ["perfxlm = perfxlm.cli:main"],
         "perfxlm.hw_plugins": ["torch = hw_plugins.torch_ref:TorchPlugin", "cpu = hw_plugins.cpu:CpuPlugin",
-                               "rvv = hw_plugins.cpu:RvvPlugin"],
+                               "rvv = hw_plugins.cpu:RvvPlugin", "cuda = hw_plugins.cuda:CudaPlugin",
+                               "dcu = hw_plugins.cuda:DcuPlugin"],
     },
     extras_require={"test": ["pytest", "accelerate"]},  # accelerate: transformers' GGUF loader in tests
 )

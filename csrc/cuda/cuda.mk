@@ -24,4 +24,5 @@ check-hip:
 	  HIP_PLATFORM=amd $(HIPCC) -std=c++17 -O3 -fPIC --offload-arch=$(HIP_ARCH) -x hip -c $$f \
 	    -o build/hip/$$(basename $$f .cu).o || exit 1; \
 	done
+	HIP_PLATFORM=amd $(HIPCC) -shared --offload-arch=$(HIP_ARCH) build/hip/*.o -o build/hip/libperfxlm_hip.so
 	@echo "check-hip: $(words $(CUDA_SRCS)) sources compiled for $(HIP_ARCH)"
