@@ -86,8 +86,9 @@ def report(rows: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         blas = r.get("openblas_us")
+        blas_cell = "n/a" if blas is None else f"{blas:.1f}"
+        vs_blas = "" if blas is None else f"{blas / r['ours_us']:.2f}x"
         lines.append(f"{r['K']:>5}->{r['N']:<6} {r['format']:>5} {r['weight_MB']:6.1f} | {r['ours_us']:9.1f} "
-                     f"{r['ours_GBs']:6.1f} | {blas if blas is None else round(blas, 1)!s:>11} | "
-                     f"{r['torch_us']:9.1f} | {'' if blas is None else f'{blas / r['ours_us']:6.2f}x':>7} "
+                     f"{r['ours_GBs']:6.1f} | {blas_cell:>11} | {r['torch_us']:9.1f} | {vs_blas:>7} "
                      f"{r['torch_us'] / r['ours_us']:7.2f}x")
     return "\n".join(lines)
