@@ -23,11 +23,25 @@ def main(argv: list[str] | None = None) -> int:
     gemv.add_argument("--threads", type=int, default=None, help="threads for all three (default: all cores)")
     gemv.add_argument("--formats", default="fp32,bf16,q4_1", help="comma list of fp32, bf16, q8_0, q4_0, q4_1")
     gemv.add_argument("--output-json", default=None, help="also write the rows as JSON")
+    from perfxlm.bench.serving import add_common_args
+    thr = bsub.add_parser("throughput", help="offline throughput (vLLM bench throughput's flags and summary)")
+    add_common_args(thr)
+    thr.add_argument("--num-prompts", type=int, default=64)
+    lat = bsub.add_parser("latency", help="TTFT, TPOT/ITL and decode tokens/s (vLLM bench latency's flags)")
+    add_common_args(lat)
+    lat.add_argument("--batch-size", type=int, default=1)
+    lat.add_argument("--num-iters", type=int, default=5)
+    lat.add_argument("--num-iters-warmup", type=int, default=1)
     args = parser.parse_args(argv)
     if args.command == "export":
         return _export(args)
     if args.command == "bench":
-        return _bench_gemv(args)
+        if args.bench == "gemv":
+            return _bench_gemv(args)
+        import perfxlm  # noqa: F401 - configures logging
+        from perfxlm.bench import serving
+        getattr(serving, args.bench)(args)
+        return 0
     return _plugins()
 
 

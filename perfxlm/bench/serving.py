@@ -1,0 +1,153 @@
+"""`perfxlm bench throughput` and `perfxlm bench latency`: vLLM bench's flags and summary lines.
+
+throughput: --num-prompts random-token prompts of --input-len tokens, each generating exactly
+  --output-len tokens (ignore_eos), submitted at once: "Throughput: X requests/s, Y total
+  tokens/s, Z output tokens/s".
+latency: --batch-size prompts stepped through the engine --num-iters times (after warm-up);
+  TTFT is the time to the first token (prefill), ITL the time of each later step; TPOT is
+  the mean ITL, and decode tokens/s = batch size / TPOT.
+"""
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="anything LLM() accepts (default: the embedded GGUF)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    p.add_argument("--quantization", default=None, help="'gguf' keeps GGUF blocks (the default for dtype auto)")
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--hw-plugin", default=None, help="cpu, torch, ... (default: the best available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-json", default=None, help="write the figures as JSON")
+    p.add_argument("--plot", default=None, help="draw the figures into FILE.png (needs matplotlib)")
+
+
+def make_llm(args: argparse.Namespace) -> Any:
+    from perfxlm import LLM
+    kw = {k: v for k, v in [("max_num_seqs", args.max_num_seqs), ("max_num_batched_tokens",
+                                                                   args.max_num_batched_tokens),
+                            ("max_model_len", args.max_model_len), ("hw_plugin", args.hw_plugin),
+                            ("quantization", args.quantization)] if v is not None}
+    return LLM(args.model, dtype=args.dtype, seed=args.seed, **kw)
+
+
+def random_prompts(llm: Any, n: int, length: int, seed: int) -> list[dict]:
+    """Random token ids (as vLLM's random dataset), avoiding the special tokens."""
+    rng = np.random.default_rng(seed)
+    tok = llm.get_tokenizer()
+    special = set(getattr(tok, "all_special_ids", []) or [])
+    vocab = llm.llm_engine.vocab_size
+    ids = rng.integers(0, vocab, size=(n, length + 16))
+    return [{"prompt_token_ids": [int(t) for t in row if int(t) not in special][:length]} for row in ids]
+
+
+def throughput(args: argparse.Namespace) -> dict:
+    from perfxlm import SamplingParams
+    llm = make_llm(args)
+    prompts = random_prompts(llm, args.num_prompts, args.input_len, args.seed)
+    params = SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=args.output_len)
+    llm.generate(prompts[:1], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    n_in = sum(len(o.prompt_token_ids) for o in outs)
+    n_out = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    res = {"elapsed_time": elapsed, "num_requests": len(outs), "total_num_tokens": n_in + n_out,
+           "requests_per_second": len(outs) / elapsed, "tokens_per_second": (n_in + n_out) / elapsed,
+           "output_tokens_per_second": n_out / elapsed}
+    print(f"Throughput: {res['requests_per_second']:.2f} requests/s, {res['tokens_per_second']:.2f} total tokens/s, "
+          f"{res['output_tokens_per_second']:.2f} output tokens/s")
+    print(f"Total num prompt tokens:  {n_in}\nTotal num output tokens:  {n_out}")
+    return _describe(args, llm, res)
+
+
+def latency(args: argparse.Namespace) -> dict:
+    from perfxlm import SamplingParams
+    from perfxlm.sampling_params import RequestOutputKind
+    llm = make_llm(args)
+    engine = llm.llm_engine
+    prompts = random_prompts(llm, args.batch_size, args.input_len, args.seed)
+    ttfts, itls, e2e = [], [], []
+    for it in range(args.num_iters_warmup + args.num_iters):
+        for i, p in enumerate(prompts):
+            sp = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=args.output_len)
+            sp.output_kind = RequestOutputKind.FINAL_ONLY
+            engine.add_request(f"lat-{it}-{i}", p["prompt_token_ids"], sp)
+        start = time.perf_counter()
+        marks = []
+        while engine.has_unfinished_requests():
+            engine.step()
+            marks.append(time.perf_counter())
+        if it < args.num_iters_warmup:
+            continue
+        # every step after the prefill gives each sequence one token: the first
+        # len(marks) - output_len + 1 steps are the prefill (chunks) and the first token
+        first = len(marks) - args.output_len
+        ttfts.append(marks[first] - start)
+        itls += [b - a for a, b in zip(marks[first:], marks[first + 1:])]
+        e2e.append(marks[-1] - start)
+    tpot = statistics.fmean(itls) if itls else float("nan")
+    res = {"batch_size": args.batch_size, "avg_latency": statistics.fmean(e2e),
+           "ttft_mean_ms": 1e3 * statistics.fmean(ttfts), "ttft_p50_ms": 1e3 * _pct(ttfts, 50),
+           "ttft_p99_ms": 1e3 * _pct(ttfts, 99), "tpot_mean_ms": 1e3 * tpot, "itl_p50_ms": 1e3 * _pct(itls, 50),
+           "itl_p99_ms": 1e3 * _pct(itls, 99), "decode_tokens_per_second": args.batch_size / tpot,
+           "prefill_tokens_per_second": args.batch_size * args.input_len / statistics.fmean(ttfts)}
+    print(f"Avg latency: {res['avg_latency']:.4f} seconds")
+    print(f"TTFT (ms): mean {res['ttft_mean_ms']:.2f}, p50 {res['ttft_p50_ms']:.2f}, p99 {res['ttft_p99_ms']:.2f}")
+    print(f"TPOT (ms): mean {res['tpot_mean_ms']:.3f}; ITL (ms): p50 {res['itl_p50_ms']:.3f}, "
+          f"p99 {res['itl_p99_ms']:.3f}")
+    print(f"Decode: {res['decode_tokens_per_second']:.1f} tokens/s; prefill: "
+          f"{res['prefill_tokens_per_second']:.1f} tokens/s")
+    return _describe(args, llm, res)
+
+
+def _pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(xs, q)) if xs else float("nan")
+
+
+def _describe(args: argparse.Namespace, llm: Any, res: dict) -> dict:
+    cfg = llm.llm_engine.config
+    runner = llm.llm_engine.runner.executor
+    plugins = sorted({n.plugin.name for n in runner.runner.nodes}) if hasattr(runner, "runner") else ["eager"]
+    res.update({"model": args.model, "dtype": str(cfg.dtype).removeprefix("torch."), "quantization": cfg.quantization,
+                "hw_plugins": plugins, "input_len": args.input_len, "output_len": args.output_len})
+    logger.info("bench config: %s", {k: res[k] for k in ("dtype", "quantization", "hw_plugins")})
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(res, f, indent=1)
+    if args.plot:
+        _plot(res, args.plot)
+    return res
+
+
+def _plot(res: dict, path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise SystemExit(f"--plot needs matplotlib (pip install matplotlib): {e}") from e
+    figs = {k: v for k, v in res.items() if isinstance(v, float) and ("per_second" in k or k.endswith("_ms"))}
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(figs) + 1.5))
+    ax.barh(list(figs), list(figs.values()))
+    for i, v in enumerate(figs.values()):
+        ax.text(v, i, f" {v:.1f}", va="center")
+    ax.set_title(f"{res['model']} ({res['dtype']}{', ' + res['quantization'] if res['quantization'] else ''}, "
+                 f"{'/'.join(res['hw_plugins'])})")
+    fig.tight_layout()
+    fig.savefig(path)
