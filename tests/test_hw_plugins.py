@@ -73,3 +73,26 @@ def test_perfxlm_plugins_command(oot_plugin, capsys):
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "numpy_demo" in out and "no demo accelerator found" in out
+
+
+@pytest.mark.skipif(not _native_available(), reason="the native cpu kernels are not built here")
+def test_cpu_compiled_step_equals_node_by_node(tiny_llama_dir, monkeypatch):
+    """The cpu plugin's one-call-per-step plan runs the same kernels in the same order as the
+    node-by-node walk: logprobs are bitwise equal, with chunked prefill and batching."""
+    prompts = [{"prompt_token_ids": list(range(5, 5 + n))} for n in (3, 17, 9)]
+    params = SamplingParams(temperature=0, max_tokens=6, logprobs=2)
+
+    def run() -> list:
+        llm = LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory_bytes=8 << 20, max_num_batched_tokens=8)
+        runner = llm.llm_engine.runner.executor.runner
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        assert_no_leaks(llm)
+        return runner.fast is not None, [[(t, {k: v.logprob for k, v in lp.items()})
+                                          for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
+                                         for o in outs]
+
+    planned, a = run()
+    monkeypatch.setenv("PERFXLM_NODE_BY_NODE", "1")
+    walked, b = run()
+    assert planned and not walked
+    assert a == b

@@ -33,6 +33,7 @@ PXL_CLONES static void attend(int dt, size_t G, size_t hd, const float *q, const
         if (dt != PXL_F32) { load_f32(dt, kr, hd, krow); kf = krow; }
         for (size_t g = 0; g < G; g++) {
             float s = 0;
+#pragma omp simd reduction(+ : s)
             for (size_t d = 0; d < hd; d++) s += q[g * hd + d] * kf[d];
             scores[g * n + j] = s;
         }
@@ -51,6 +52,7 @@ PXL_CLONES static void attend(int dt, size_t G, size_t hd, const float *q, const
         if (dt != PXL_F32) { load_f32(dt, vr, hd, krow); vf = krow; }
         for (size_t g = 0; g < G; g++) {
             float w = scores[g * n + j] * inv[g];
+#pragma omp simd
             for (size_t d = 0; d < hd; d++) out[g * hd + d] += w * vf[d];
         }
     }

@@ -30,6 +30,7 @@ void pxl_gather(int dt, size_t T, size_t D, const void *table, const int64_t *id
 
 PXL_INLINE void rmsnorm_row(int dt, size_t D, const void *x, const void *w, float eps, void *y) {
     float ss = 0;
+#pragma omp simd reduction(+ : ss)
     for (size_t d = 0; d < D; d++) ss += ld(dt, x, d) * ld(dt, x, d);
     float r = 1.0f / sqrtf(ss / (float)D + eps);
     for (size_t d = 0; d < D; d++) st(dt, y, d, ld(dt, w, d) * (ld(dt, x, d) * r));

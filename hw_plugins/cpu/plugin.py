@@ -71,6 +71,11 @@ class CpuPlugin(HwPlugin):
     def run(self, node: Any, inputs: list[np.ndarray], outputs: list[np.ndarray]) -> None:
         self._ops[node.op_type](node.attrs, inputs, outputs)
 
+    def make_plan(self, nodes: list[Any], buffer: Any, inputs: dict[str, np.ndarray], rows_n: set[str]) -> Any:
+        """The whole node list compiled into one C call per step (hw_plugins/cpu/plan.py)."""
+        from hw_plugins.cpu.plan import Plan
+        return Plan(self.lib, nodes, buffer, inputs, rows_n)
+
     # ---- ops: (attrs, inputs, outputs) -> None, writing into the preallocated outputs ----
 
     def _gather(self, attrs: dict, ins: list[np.ndarray], outs: list[np.ndarray]) -> None:

@@ -1,0 +1,88 @@
+"""A compiled graph step for the `cpu` plugin: one C call runs every node (csrc/core/pxl_plan.c).
+
+Built once from the runner's nodes and fixed buffers (weights, caches, planned activation
+slots, staging arrays for the graph inputs); a step copies its small index inputs into the
+staging arrays and passes T, N, B and the block-table width.
+"""
+
+import ctypes
+from typing import Any
+
+import numpy as np
+
+from hw_plugins.cpu.library import BF16, F32, Q4_0, Q4_1, Q8_0
+
+_ACT = {"float32": F32, "bfloat16": BF16}
+_WFMT = {"q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1}
+GATHER, RMSNORM, LINEAR, ROPE, ATTENTION, SILU_MUL, ADD = range(7)
+
+
+class PlanNode(ctypes.Structure):
+    _fields_ = [("op", ctypes.c_int32), ("dt", ctypes.c_int32), ("wfmt", ctypes.c_int32), ("rows", ctypes.c_int32),
+                ("a", ctypes.c_int64), ("b", ctypes.c_int64), ("c", ctypes.c_int64), ("d", ctypes.c_int64),
+                ("e", ctypes.c_int64), ("f0", ctypes.c_float), ("f1", ctypes.c_float),
+                ("p", ctypes.c_void_p * 10)]
+
+
+def _ptr(a: np.ndarray | None) -> int | None:
+    return None if a is None else a.__array_interface__["data"][0]
+
+
+class Plan:
+    def __init__(self, lib: ctypes.CDLL, nodes: list[Any], buffer: Any, inputs: dict[str, np.ndarray],
+                 rows_n: set[str]) -> None:
+        """nodes: the runner's nodes in order; buffer(name) -> the fixed array holding a value
+        (its full planned size); inputs: staging arrays of the graph inputs; rows_n: values
+        whose row count is the step's N (logits rows), not T."""
+        self.lib, self.inputs = lib, inputs
+        self.records = (PlanNode * len(nodes))()
+        self.input_refs: dict[str, list[tuple[int, int]]] = {n: [] for n in inputs}
+        for i, node in enumerate(nodes):
+            ins = [n for n in node.inputs if n]
+            arrays = [buffer(n) for n in ins]
+            out = buffer(node.outputs[0])
+            r = self.records[i]
+            r.dt = _ACT[arrays[0].dtype.name]
+            r.rows = int(node.outputs[0] in rows_n)
+            at = node.attrs
+            if node.op_type == "Gather":
+                r.op, r.a, ptrs = GATHER, arrays[0].shape[1], [arrays[0], arrays[1], out]
+            elif node.op_type == "RMSNorm":
+                r.op, r.a, r.f0, ptrs = RMSNORM, arrays[0].shape[1], at["epsilon"], [arrays[0], arrays[1], out]
+            elif node.op_type == "Linear":
+                fmt = at.get("weight_format", "dense")
+                r.op, r.wfmt = LINEAR, _WFMT[fmt] if fmt != "dense" else _ACT[arrays[1].dtype.name]
+                r.a, r.b = arrays[1].shape[0], arrays[0].shape[1]
+                ptrs = [arrays[0], arrays[1], arrays[2] if len(arrays) > 2 else None, out]
+            elif node.op_type == "RoPE":
+                hd = at["head_dim"]
+                r.op, r.a, r.b, ptrs = ROPE, arrays[0].shape[1] // hd, hd, [*arrays[:4], out]
+            elif node.op_type == "PagedAttention":
+                r.op, r.a, r.b, r.c = ATTENTION, at["num_heads"], at["num_kv_heads"], at["head_dim"]
+                r.d, r.e, r.f0 = arrays[3].shape[1], at.get("sliding_window") or 0, at["scale"]
+                ptrs = [*arrays[:9], out]
+            elif node.op_type in ("SiluMul", "Add"):
+                r.op, r.a, ptrs = SILU_MUL if node.op_type == "SiluMul" else ADD, arrays[0].shape[1], [*arrays[:2], out]
+            else:
+                raise ValueError(f"no plan record for {node.op_type}")
+            for j, a in enumerate(ptrs):
+                r.p[j] = _ptr(a)
+            for j, name in enumerate(ins):  # remember where graph inputs go, to re-point them on growth
+                if name in self.input_refs:
+                    self.input_refs[name].append((i, j))
+        self._run = lib.pxl_plan_run
+        self._run.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t,
+                              ctypes.c_size_t]
+        self._records_ptr = ctypes.addressof(self.records)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> None:
+        for name, refs in self.input_refs.items():
+            src = feeds[name].reshape(-1)
+            buf = self.inputs[name]
+            if src.size > buf.size:  # grow the staging array and re-point the records that read it
+                buf = self.inputs[name] = np.empty(2 * src.size, dtype=np.int64)
+                for i, j in refs:
+                    self.records[i].p[j] = _ptr(buf)
+            buf[:src.size] = src
+        B, M = feeds["block_tables"].shape
+        self._run(self._records_ptr, len(self.records), len(feeds["input_ids"]), len(feeds["logits_indices"]), B, M)
