@@ -81,9 +81,10 @@ def latency(args: argparse.Namespace) -> dict:
     from perfxlm.sampling_params import RequestOutputKind
     llm = make_llm(args)
     engine = llm.llm_engine
-    prompts = random_prompts(llm, args.batch_size, args.input_len, args.seed)
     ttfts, itls, e2e = [], [], []
     for it in range(args.num_iters_warmup + args.num_iters):
+        # fresh prompts every iteration: a repeated prompt would be served from the prefix cache
+        prompts = random_prompts(llm, args.batch_size, args.input_len, args.seed + it)
         for i, p in enumerate(prompts):
             sp = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=args.output_len)
             sp.output_kind = RequestOutputKind.FINAL_ONLY
