@@ -19,9 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("plugins", help="list hardware plugins and whether each is available")
     bench = sub.add_parser("bench", help="benchmarks, each beside a reference measured in the same run")
     bsub = bench.add_subparsers(dest="bench", required=True)
-    gemv = bsub.add_parser("gemv", help="bs=1 GEMV on SmolLM2 shapes and 4096x4096: ours, OpenBLAS, torch")
+    gemv = bsub.add_parser("gemv", help="GEMV (--rows 1) / GEMM on SmolLM2 shapes and 4096x4096: ours, OpenBLAS, "
+                                         "torch")
     gemv.add_argument("--threads", type=int, default=None, help="threads for all three (default: all cores)")
     gemv.add_argument("--formats", default="fp32,bf16,q4_1", help="comma list of fp32, bf16, q8_0, q4_0, q4_1")
+    gemv.add_argument("--rows", type=int, default=1, help="tokens per call: 1 = decode GEMV, e.g. 512 = prefill GEMM")
     gemv.add_argument("--output-json", default=None, help="also write the rows as JSON")
     from perfxlm.bench.serving import add_common_args
     thr = bsub.add_parser("throughput", help="offline throughput (vLLM bench throughput's flags and summary)")
@@ -54,8 +56,13 @@ def _bench_gemv(args: argparse.Namespace) -> int:
     from perfxlm.bench import gemv, openblas
 
     threads = args.threads or len(os.sched_getaffinity(0))
-    rows = gemv.run(threads, args.formats.split(","))
-    print(f"bs=1 GEMV, {threads} threads; ours: {library.load().pxl_isa().decode()} kernels; "
+    formats = args.formats.split(",")
+    bad = [f for f in formats if f not in gemv.FORMATS]
+    if bad or args.rows < 1 or threads < 1:
+        raise SystemExit(f"perfxlm bench gemv: unknown --formats {bad} (choose from {', '.join(gemv.FORMATS)})"
+                         if bad else f"perfxlm bench gemv: --rows and --threads must be >= 1")
+    rows = gemv.run(threads, formats, args.rows)
+    print(f"{'bs=1 GEMV' if args.rows == 1 else f'GEMM with {args.rows} rows'}, {threads} threads; ours: {library.load().pxl_isa().decode()} kernels; "
           f"OpenBLAS {openblas.corename()}; torch {__import__('torch').__version__}")
     print(gemv.report(rows))
     if args.output_json:

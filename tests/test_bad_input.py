@@ -64,6 +64,7 @@ def test_max_logprobs_engine_argument(tiny_llama_dir):
     ({"tensor_parallel_size": 2}, NotImplementedError, "tensor_parallel_size=2"),
     ({"enable_lora": True}, NotImplementedError, "enable_lora=True"),
     ({"quantization": "awq"}, NotImplementedError, "quantization='awq'"),
+    ({"quantization": "gguf"}, ValueError, "quantization='gguf' needs a .gguf model file"),
     ({"dtype": "float64"}, ValueError, "Unknown dtype 'float64'"),
     ({"max_model_len": 4096}, ValueError, "User-specified max_model_len (4096) is greater than the derived"),
     ({"kv_cache_memory_bytes": 1 << 12}, ValueError, "KV cache is needed, which is larger than the available"),
@@ -144,3 +145,11 @@ def test_hf_overrides_generation_config_and_reset_prefix_cache(tiny_llama_dir, t
     assert llm.generate(TokensPrompt(prompt_token_ids=prompt), OK, use_tqdm=False)[0].num_cached_tokens == 32
     assert llm.reset_prefix_cache()
     assert llm.generate(TokensPrompt(prompt_token_ids=prompt), OK, use_tqdm=False)[0].num_cached_tokens == 0
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-2"])
+def test_bad_thread_count_is_named(monkeypatch, value):
+    from hw_plugins.cpu.library import num_threads
+    monkeypatch.setenv("PERFXLM_NUM_THREADS", value)
+    with pytest.raises(ValueError, match=f"PERFXLM_NUM_THREADS must be a positive integer, got '{value}'"):
+        num_threads()

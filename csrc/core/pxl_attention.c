@@ -6,7 +6,6 @@
  */
 #include <float.h>
 #include <math.h>
-#include <stdlib.h>
 
 #include "pxl_kernels.h"
 
@@ -74,7 +73,7 @@ void pxl_paged_attention(int dt, size_t T, size_t B, size_t H, size_t Hkv, size_
 #pragma omp parallel num_threads(nth)
     {
         /* per thread: scores (G, max_len), q and out (G, hd), one widened K/V row, G inverses */
-        float *scores = malloc(((max_len + 1) * G + 2 * G * hd + hd + G) * sizeof(float));
+        float *scores = pxl_scratch(3, ((max_len + 1) * G + 2 * G * hd + hd + G) * sizeof(float));
         float *qf = scores + (max_len + 1) * G, *of = qf + G * hd, *krow = of + G * hd, *inv = krow + hd;
 #pragma omp for schedule(dynamic, 4)
         for (size_t it = 0; it < items; it++) {
@@ -92,6 +91,5 @@ void pxl_paged_attention(int dt, size_t T, size_t B, size_t H, size_t Hkv, size_
             if (dt == PXL_F32) memcpy(yr, of, G * hd * 4);
             else for (size_t i = 0; i < G * hd; i++) ((uint16_t *)yr)[i] = pxl_f32_to_bf16(of[i]);
         }
-        free(scores);
     }
 }

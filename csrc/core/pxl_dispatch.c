@@ -111,3 +111,14 @@ int pxl_num_threads(void) {
 #endif
 }
 void pxl_set_num_threads(int n) { n_threads = n; }
+
+void *pxl_scratch(int slot, size_t bytes) {
+    static __thread void *buf[PXL_SCRATCH_SLOTS];
+    static __thread size_t cap[PXL_SCRATCH_SLOTS];
+    if (cap[slot] < bytes) {
+        free(buf[slot]);
+        cap[slot] = (bytes + (bytes >> 2) + 4096 + 63) & ~(size_t)63;
+        buf[slot] = aligned_alloc(64, cap[slot]);
+    }
+    return buf[slot];
+}

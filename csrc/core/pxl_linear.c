@@ -4,9 +4,8 @@
  * T == 1 runs GEMV tiles (or the fused quantised GEMV); T > 1 walks T in chunks that
  * stay in L2 and tiles each chunk against the weight rows. Quantised weights for T > 1
  * are dequantised a 16-row panel at a time into L1/L2 and reused by every token tile.
- * fp32 with T >= blas_min_rows may go to OpenBLAS (set by the plugin where it wins).
+ * (OpenBLAS's sgemm was slower on every SmolLM2 prefill shape: `perfxlm bench gemv --rows 512`.)
  */
-#include <stdlib.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -16,21 +15,6 @@
 #define T_CHUNK 64  /* tokens per pass over the weights: 64 x K floats stay in L2 */
 #define PANEL 16    /* quantised rows dequantised at a time */
 
-static pxl_cblas_sgemm_fn blas_sgemm;
-static size_t blas_min_rows;
-void pxl_set_blas_sgemm(pxl_cblas_sgemm_fn fn, size_t min_rows) { blas_sgemm = fn, blas_min_rows = min_rows; }
-
-/* a per-thread growable buffer; slot picks one of a few independent buffers */
-static void *scratch(int slot, size_t bytes) {
-    static __thread void *buf[4];
-    static __thread size_t cap[4];
-    if (cap[slot] < bytes) {
-        free(buf[slot]);
-        cap[slot] = bytes + (bytes >> 2) + 4096;
-        buf[slot] = aligned_alloc(64, (cap[slot] + 63) & ~(size_t)63);
-    }
-    return buf[slot];
-}
 
 static void run_tiles(const pxl_kernel_set *ks, pxl_tile_fn tile, size_t es, size_t T, size_t n0, size_t n1,
                       size_t K, const char *X, const char *W, float *Y, size_t ldy) {
@@ -73,20 +57,20 @@ void pxl_linear(int dt, int wfmt, size_t T, size_t N, size_t K, const void *x, c
     const int bf16_x = wfmt == PXL_BF16;
     const void *xk = x;
     if (bf16_x && dt == PXL_F32) {
-        uint16_t *xb = scratch(0, T * K * 2);
+        uint16_t *xb = pxl_scratch(0, T * K * 2);
         for (size_t i = 0; i < T * K; i++) xb[i] = pxl_f32_to_bf16(((const float *)x)[i]);
         xk = xb;
     } else if (!bf16_x && dt == PXL_BF16) {
-        float *xf = scratch(0, T * K * 4);
+        float *xf = pxl_scratch(0, T * K * 4);
         for (size_t i = 0; i < T * K; i++) xf[i] = pxl_bf16_to_f32(((const uint16_t *)x)[i]);
         xk = xf;
     }
-    float *yf = dt == PXL_F32 ? y : scratch(1, T * N * 4);
+    float *yf = dt == PXL_F32 ? y : pxl_scratch(1, T * N * 4);
     const int quant = wfmt >= PXL_Q8_0;
     float *xsum = NULL;
-    if (quant) { /* per-block sums of x, for the offset term of Q4_0 / Q4_1 */
+    if (wfmt == PXL_Q4_0 || wfmt == PXL_Q4_1) { /* per-block sums of x, for the offset term m * sum(x) */
         size_t nb = K / PXL_QK;
-        xsum = scratch(2, T * nb * 4);
+        xsum = pxl_scratch(2, T * nb * 4);
         for (size_t t = 0; t < T; t++)
             for (size_t i = 0; i < nb; i++) {
                 float s = 0;
@@ -95,10 +79,7 @@ void pxl_linear(int dt, int wfmt, size_t T, size_t N, size_t K, const void *x, c
             }
     }
 
-    if (wfmt == PXL_F32 && blas_sgemm && T >= blas_min_rows && T > 1) {
-        blas_sgemm(101 /* row major */, 111 /* no trans */, 112 /* trans */, (int)T, (int)N, (int)K, 1.0f, xk,
-                   (int)K, W, (int)K, 0.0f, yf, (int)N);
-    } else {
+    {
         int nth = pxl_num_threads();
         if ((double)T * N * K < 32768) nth = 1; /* tiny: not worth waking threads */
 #pragma omp parallel num_threads(nth)
@@ -112,9 +93,10 @@ void pxl_linear(int dt, int wfmt, size_t T, size_t N, size_t K, const void *x, c
                 } else if (T <= 2) {
                     size_t nb = K / PXL_QK;
                     for (size_t t = 0; t < T; t++)
-                        ks->gemv_q[wfmt](n0, n1, K, W, (const float *)xk + t * K, xsum + t * nb, yf + t * N);
+                        ks->gemv_q[wfmt](n0, n1, K, W, (const float *)xk + t * K, xsum ? xsum + t * nb : NULL,
+                                         yf + t * N);
                 } else {
-                    float *panel = scratch(3, (size_t)PANEL * K * 4);
+                    float *panel = pxl_scratch(3, (size_t)PANEL * K * 4);
                     for (size_t n = n0; n < n1; n += PANEL) {
                         size_t rows = n1 - n < PANEL ? n1 - n : PANEL;
                         pxl_dequant_rows(wfmt, W, n, rows, K, panel);

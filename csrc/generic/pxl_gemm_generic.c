@@ -69,36 +69,33 @@ void pxl_dequant_rows(int fmt, const void *W, size_t n0, size_t rows, size_t K, 
     }
 }
 
-static void tile_f32_generic(int rm, int rn, size_t K, const void *X_, size_t ldx, const void *W_, size_t ldw,
-                             float *Y, size_t ldy) {
-    const float *X = X_, *W = W_;
+static inline __attribute__((always_inline)) float elem(const int BF16, const void *p, size_t i) {
+    return BF16 ? pxl_bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline __attribute__((always_inline)) void tile_generic(const int BF16, int rm, int rn, size_t K, const void *X,
+                                                               size_t ldx, const void *W, size_t ldw, float *Y,
+                                                               size_t ldy) {
     for (int i = 0; i < rm; i++)
         for (int j = 0; j < rn; j++) {
-            const float *x = X + i * ldx, *w = W + j * ldw;
+            size_t xo = i * ldx, wo = j * ldw;
             float acc[8] = {0}; /* eight chains: lets the compiler vectorise the dot */
             size_t k = 0;
             for (; k + 8 <= K; k += 8)
-                for (int u = 0; u < 8; u++) acc[u] += x[k + u] * w[k + u];
+                for (int u = 0; u < 8; u++) acc[u] += elem(BF16, X, xo + k + u) * elem(BF16, W, wo + k + u);
             float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-            for (; k < K; k++) s += x[k] * w[k];
+            for (; k < K; k++) s += elem(BF16, X, xo + k) * elem(BF16, W, wo + k);
             Y[i * ldy + j] = s;
         }
 }
 
-static void tile_bf16_generic(int rm, int rn, size_t K, const void *X_, size_t ldx, const void *W_, size_t ldw,
+static void tile_f32_generic(int rm, int rn, size_t K, const void *X, size_t ldx, const void *W, size_t ldw, float *Y,
+                             size_t ldy) {
+    tile_generic(0, rm, rn, K, X, ldx, W, ldw, Y, ldy);
+}
+static void tile_bf16_generic(int rm, int rn, size_t K, const void *X, size_t ldx, const void *W, size_t ldw,
                               float *Y, size_t ldy) {
-    const uint16_t *X = X_, *W = W_;
-    for (int i = 0; i < rm; i++)
-        for (int j = 0; j < rn; j++) {
-            const uint16_t *x = X + i * ldx, *w = W + j * ldw;
-            float acc[8] = {0};
-            size_t k = 0;
-            for (; k + 8 <= K; k += 8)
-                for (int u = 0; u < 8; u++) acc[u] += pxl_bf16_to_f32(x[k + u]) * pxl_bf16_to_f32(w[k + u]);
-            float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-            for (; k < K; k++) s += pxl_bf16_to_f32(x[k]) * pxl_bf16_to_f32(w[k]);
-            Y[i * ldy + j] = s;
-        }
+    tile_generic(1, rm, rn, K, X, ldx, W, ldw, Y, ldy);
 }
 
 /* Quantised GEMV straight on the blocks: each block's integer-weight dot is scaled once

@@ -36,10 +36,6 @@ const char *pxl_isa(void);
 int pxl_set_isa(const char *isa);
 int pxl_num_threads(void);
 void pxl_set_num_threads(int n);
-/* let fp32 GEMMs with T >= min_rows go to a cblas_sgemm (OpenBLAS); NULL turns it off */
-typedef void (*pxl_cblas_sgemm_fn)(int order, int transa, int transb, int M, int N, int K, float alpha,
-                                   const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc);
-void pxl_set_blas_sgemm(pxl_cblas_sgemm_fn fn, size_t min_rows);
 
 /* y (T, N) = x (T, K) @ W (N, K)^T (+ bias (N,)); wfmt: PXL_F32/BF16/Q8_0/Q4_0/Q4_1
  * (quantised formats need K % 32 == 0); x, bias, y in dt */

@@ -15,7 +15,7 @@
 /* Y (rm, rn) with row stride ldy = X (rm rows, stride ldx elements) . W (rn rows, stride ldw) */
 typedef void (*pxl_tile_fn)(int rm, int rn, size_t K, const void *X, size_t ldx, const void *W, size_t ldw,
                             float *Y, size_t ldy);
-/* y[n] = dot(dequant(W row n), x) for n in [n0, n1); xsum (K/32,) holds each block's sum of x */
+/* y[n] = dot(dequant(W row n), x) for n in [n0, n1); xsum (K/32,): each block's sum of x (Q4 only; NULL for Q8_0) */
 typedef void (*pxl_gemv_q_fn)(size_t n0, size_t n1, size_t K, const void *W, const float *x, const float *xsum,
                               float *y);
 
@@ -51,6 +51,11 @@ static inline uint16_t pxl_f32_to_bf16(float f) { /* round to nearest even, NaN 
     return (uint16_t)((b + 0x7fff + ((b >> 16) & 1)) >> 16);
 }
 float pxl_fp16_to_fp32(uint16_t h);
+
+/* a per-thread buffer that only grows (reused across calls: no allocation per step);
+ * slots are independent buffers: 0-2 inputs/outputs of an op, 3 a worker's own panel */
+#define PXL_SCRATCH_SLOTS 4
+void *pxl_scratch(int slot, size_t bytes);
 
 /* dequantise rows [n0, n0 + rows) of a weight matrix in `fmt` into fp32 (rows, K) */
 void pxl_dequant_rows(int fmt, const void *W, size_t n0, size_t rows, size_t K, float *out);

@@ -21,7 +21,6 @@ _SIGNATURES = {
     "pxl_set_isa": ([ctypes.c_char_p], _i),
     "pxl_num_threads": ([], _i),
     "pxl_set_num_threads": ([_i], None),
-    "pxl_set_blas_sgemm": ([_p, _sz], None),
     "pxl_linear": ([_i, _i, _sz, _sz, _sz, _p, _p, _p, _p], None),
     "pxl_gather": ([_i, _sz, _sz, _p, _p, _p], None),
     "pxl_rmsnorm": ([_i, _sz, _sz, _p, _p, _f, _p], None),
@@ -31,6 +30,16 @@ _SIGNATURES = {
     "pxl_paged_attention": ([_i, _sz, _sz, _sz, _sz, _sz, _p, _p, _p, _p, _p, _sz, _p, _p, _sz, _p, _p, _f, _sz, _p],
                             None),
 }
+
+
+def num_threads() -> int:
+    """$PERFXLM_NUM_THREADS, else every core this process may run on."""
+    value = os.environ.get("PERFXLM_NUM_THREADS")
+    if not value:
+        return len(os.sched_getaffinity(0))
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"PERFXLM_NUM_THREADS must be a positive integer, got {value!r}")
+    return int(value)
 
 
 def candidates() -> list[Path]:
@@ -55,8 +64,7 @@ def load() -> ctypes.CDLL:
             for name, (args, res) in _SIGNATURES.items():
                 fn = getattr(lib, name)
                 fn.argtypes, fn.restype = args, res
-            threads = os.environ.get("PERFXLM_NUM_THREADS")
-            lib.pxl_set_num_threads(int(threads) if threads else len(os.sched_getaffinity(0)))
+            lib.pxl_set_num_threads(num_threads())
             logger.info("native kernels %s: %s, %d threads", path, lib.pxl_isa().decode(), lib.pxl_num_threads())
             _cache["lib"] = lib
             return lib

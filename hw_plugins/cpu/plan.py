@@ -10,10 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from hw_plugins.cpu.library import BF16, F32, Q4_0, Q4_1, Q8_0
+from hw_plugins.cpu.plugin import _ACT, _WEIGHT_FORMATS, _ptr
 
-_ACT = {"float32": F32, "bfloat16": BF16}
-_WFMT = {"q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1}
 GATHER, RMSNORM, LINEAR, ROPE, ATTENTION, SILU_MUL, ADD = range(7)
 
 
@@ -22,10 +20,6 @@ class PlanNode(ctypes.Structure):
                 ("a", ctypes.c_int64), ("b", ctypes.c_int64), ("c", ctypes.c_int64), ("d", ctypes.c_int64),
                 ("e", ctypes.c_int64), ("f0", ctypes.c_float), ("f1", ctypes.c_float),
                 ("p", ctypes.c_void_p * 10)]
-
-
-def _ptr(a: np.ndarray | None) -> int | None:
-    return None if a is None else a.__array_interface__["data"][0]
 
 
 class Plan:
@@ -51,7 +45,7 @@ class Plan:
                 r.op, r.a, r.f0, ptrs = RMSNORM, arrays[0].shape[1], at["epsilon"], [arrays[0], arrays[1], out]
             elif node.op_type == "Linear":
                 fmt = at.get("weight_format", "dense")
-                r.op, r.wfmt = LINEAR, _WFMT[fmt] if fmt != "dense" else _ACT[arrays[1].dtype.name]
+                r.op, r.wfmt = LINEAR, _WEIGHT_FORMATS[fmt] if fmt != "dense" else _ACT[arrays[1].dtype.name]
                 r.a, r.b = arrays[1].shape[0], arrays[0].shape[1]
                 ptrs = [arrays[0], arrays[1], arrays[2] if len(arrays) > 2 else None, out]
             elif node.op_type == "RoPE":
@@ -66,7 +60,7 @@ class Plan:
             else:
                 raise ValueError(f"no plan record for {node.op_type}")
             for j, a in enumerate(ptrs):
-                r.p[j] = _ptr(a)
+                r.p[j] = None if a is None else _ptr(a)
             for j, name in enumerate(ins):  # remember where graph inputs go, to re-point them on growth
                 if name in self.input_refs:
                     self.input_refs[name].append((i, j))

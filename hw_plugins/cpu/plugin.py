@@ -32,17 +32,20 @@ class CpuPlugin(HwPlugin):
     isa: str | None = None  # a kernel set this plugin insists on (None: the best the CPU has)
 
     def __init__(self) -> None:
-        self._error: str | None = None
-        try:
-            if self.isa is not None and platform.machine() != "riscv64":
-                raise OSError("not riscv64")  # never switch the shared library's kernel set off-target
-            self.lib = library.load()
-            if self.isa is not None and self.lib.pxl_set_isa(self.isa.encode()) != 0:
-                raise OSError(f"this CPU or build has no {self.isa} kernels")
-        except OSError as e:
-            self.lib, self._error = None, str(e)
         self._ops = {"Gather": self._gather, "RMSNorm": self._rmsnorm, "Linear": self._linear, "RoPE": self._rope,
                      "PagedAttention": self._paged_attention, "SiluMul": self._silu_mul, "Add": self._add}
+        self.lib, self._error = None, self._unsupported_here()
+        if self._error is None:
+            try:
+                self.lib = library.load()
+                if self.isa is not None and self.lib.pxl_set_isa(self.isa.encode()) != 0:
+                    self.lib, self._error = None, f"this CPU or build has no {self.isa} kernels"
+            except OSError as e:
+                self._error = str(e)
+
+    def _unsupported_here(self) -> str | None:
+        """Why this machine cannot run the plugin before the library is even loaded (None: it may)."""
+        return None
 
     def is_available(self) -> bool:
         return self.lib is not None
@@ -124,10 +127,10 @@ class RvvPlugin(CpuPlugin):
     priority = 11
     isa = "rvv"
 
-    def __init__(self) -> None:
-        super().__init__()
-        if platform.machine() != "riscv64":
-            self.lib, self._error = None, f"needs a riscv64 CPU with the V extension (this is {platform.machine()})"
+    def _unsupported_here(self) -> str | None:
+        # checked first: selecting the rvv kernel set must never touch an x86 process's library
+        machine = platform.machine()
+        return None if machine == "riscv64" else f"needs a riscv64 CPU with the V extension (this is {machine})"
 
 
 def _np_dtype(name: str) -> np.dtype:

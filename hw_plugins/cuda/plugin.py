@@ -12,12 +12,16 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from hw_plugins.torch_ref.plugin import TorchPlugin, _dequantized
+import torch
+
+from hw_plugins.torch_ref.plugin import (TorchPlugin, _add, _linear, _paged_attention, _rmsnorm, _rope,
+                                         _silu_mul)
 
 logger = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).resolve().parent.parent.parent / "csrc" / "build"
 _FORMATS = {"dense": None, "q8_0": 2, "q4_0": 3, "q4_1": 4}
+_DT = {torch.float32: 0, torch.bfloat16: 1}  # activation dtypes our kernels take
 GEMV_MAX_ROWS = 8  # up to this many tokens a warp-per-feature GEMV beats a cuBLAS GEMM launch
 
 
@@ -28,7 +32,6 @@ class CudaPlugin(TorchPlugin):
     lib_path = _CSRC / "cuda" / "libperfxlm_cuda.so"
 
     def __init__(self) -> None:
-        import torch
         super().__init__("cuda")
         self._reason = None
         if not torch.cuda.is_available():
@@ -54,23 +57,17 @@ class CudaPlugin(TorchPlugin):
     # ---- our kernels (dt: 0 = float32, 1 = bfloat16; other dtypes take the torch path) ----
 
     def _stream(self) -> ctypes.c_void_p:
-        import torch
         return ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
 
     def _dt(self, t: Any) -> int | None:
-        import torch
-        return {torch.float32: 0, torch.bfloat16: 1}.get(t.dtype)
+        return _DT.get(t.dtype)
 
     def _linear(self, attrs: dict, ins: list, outs: list) -> None:
-        from hw_plugins.torch_ref.plugin import _linear
         x, w = ins[0], ins[1]
         fmt = _FORMATS[attrs.get("weight_format", "dense")]
         dt = self._dt(x)
         if dt is None or x.shape[0] > GEMV_MAX_ROWS:
-            if fmt is not None:  # cuBLAS on the dequantised weights (cached per weight)
-                ins = [x, _dequantized(w, attrs["weight_format"], x.dtype), *ins[2:]]
-                attrs = {}
-            return _linear(attrs, ins, outs)
+            return _linear(attrs, ins, outs)  # cuBLAS (on the dequantised weights, cached per weight)
         wfmt = fmt if fmt is not None else dt
         bias = ctypes.c_void_p(ins[2].data_ptr()) if len(ins) > 2 else None
         self.lib.pxl_gpu_linear_gemv(dt, wfmt, x.shape[0], w.shape[0], x.shape[1], ctypes.c_void_p(x.data_ptr()),
@@ -78,7 +75,6 @@ class CudaPlugin(TorchPlugin):
                                      self._stream())
 
     def _rmsnorm(self, attrs: dict, ins: list, outs: list) -> None:
-        from hw_plugins.torch_ref.plugin import _rmsnorm
         x, w = ins
         dt = self._dt(x)
         if dt is None:
@@ -88,7 +84,6 @@ class CudaPlugin(TorchPlugin):
                                  ctypes.c_void_p(outs[0].data_ptr()), self._stream())
 
     def _rope(self, attrs: dict, ins: list, outs: list) -> None:
-        from hw_plugins.torch_ref.plugin import _rope
         x, pos, cos, sin = ins
         dt, hd = self._dt(x), attrs["head_dim"]
         if dt is None:
@@ -97,7 +92,6 @@ class CudaPlugin(TorchPlugin):
         self.lib.pxl_gpu_rope(dt, x.shape[0], x.shape[1] // hd, hd, *p, self._stream())
 
     def _paged_attention(self, attrs: dict, ins: list, outs: list) -> None:
-        from hw_plugins.torch_ref.plugin import _paged_attention
         q, k_cache, block_tables, seq_lens = ins[0], ins[3], ins[6], ins[7]
         dt = self._dt(q)
         if dt is None or attrs["head_dim"] > 256:
@@ -116,11 +110,9 @@ class CudaPlugin(TorchPlugin):
                               ctypes.c_void_p(ins[1].data_ptr()), ctypes.c_void_p(outs[0].data_ptr()), self._stream())
 
     def _silu_mul(self, attrs: dict, ins: list, outs: list) -> None:
-        from hw_plugins.torch_ref.plugin import _silu_mul
         self._elementwise("pxl_gpu_silu_mul", _silu_mul, attrs, ins, outs)
 
     def _add(self, attrs: dict, ins: list, outs: list) -> None:
-        from hw_plugins.torch_ref.plugin import _add
         self._elementwise("pxl_gpu_add", _add, attrs, ins, outs)
 
 

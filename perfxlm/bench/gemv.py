@@ -1,8 +1,10 @@
-"""bs=1 GEMV: ours vs OpenBLAS vs torch, side by side in one run.
+"""Linear y (rows, N) = x (rows, K) @ W^T: ours vs OpenBLAS vs torch, side by side in one run.
 
-Shapes are SmolLM2-135M's (K -> N: 576->1536 gate/up, 1536->576 down, 576->49152 lm_head)
-and 4096x4096. Each cell is the median time of one y = W x; GB/s counts the weight bytes
-read (the roofline of a bandwidth-bound GEMV).
+rows = 1 is the decode GEMV; rows > 1 (e.g. 512, a prefill) the GEMM. Shapes are SmolLM2-135M's
+(K -> N: 576->1536 gate/up, 1536->576 down, 576->49152 lm_head) and 4096x4096. Each cell is
+the median time of one call; GB/s counts the weight bytes read (the roofline of a
+bandwidth-bound GEMV), GFLOP/s the 2*rows*N*K of a GEMM. Quantised weights are compared
+with OpenBLAS and torch on their dequantised fp32 copy: what one would run without our kernels.
 """
 
 import ctypes
@@ -12,6 +14,7 @@ import time
 import numpy as np
 
 SHAPES = [(576, 1536), (1536, 576), (576, 49152), (4096, 4096)]  # (K, N)
+FORMATS = ("fp32", "bf16", "q8_0", "q4_0", "q4_1")
 
 
 def _time(fn, min_time: float = 0.2) -> float:
@@ -29,7 +32,7 @@ def _time(fn, min_time: float = 0.2) -> float:
     return statistics.median(samples)
 
 
-def run(threads: int, formats: list[str]) -> list[dict]:
+def run(threads: int, formats: list[str], rows: int = 1) -> list[dict]:
     import ml_dtypes
     import torch
 
@@ -42,19 +45,19 @@ def run(threads: int, formats: list[str]) -> list[dict]:
     openblas.set_threads(threads)
     torch.set_num_threads(threads)
     blas = openblas.load()
-    rows = []
+    table = []
     rng = np.random.default_rng(0)
     for K, N in SHAPES:
         w32 = (rng.standard_normal((N, K)) * 0.02).astype(np.float32)
-        x32 = rng.standard_normal((1, K)).astype(np.float32)
+        x32 = rng.standard_normal((rows, K)).astype(np.float32)
         for fmt in formats:
-            y = np.empty((1, N), np.float32)
+            y = np.empty((rows, N), np.float32)
             if fmt == "fp32":
                 w, x, code, nbytes = w32, x32, library.F32, w32.nbytes
                 tw, tx = torch.from_numpy(w32), torch.from_numpy(x32)
             elif fmt == "bf16":
                 w, x = w32.astype(ml_dtypes.bfloat16), x32.astype(ml_dtypes.bfloat16)
-                y = np.empty((1, N), ml_dtypes.bfloat16)
+                y = np.empty((rows, N), ml_dtypes.bfloat16)
                 code, nbytes = library.BF16, w.nbytes
                 tw = torch.from_numpy(w.view(np.int16)).view(torch.bfloat16)
                 tx = torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
@@ -63,25 +66,32 @@ def run(threads: int, formats: list[str]) -> list[dict]:
                 x, code, nbytes = x32, {"q8_0": library.Q8_0, "q4_0": library.Q4_0, "q4_1": library.Q4_1}[fmt], w.nbytes
                 tw, tx = torch.from_numpy(dequantize(w, fmt)), torch.from_numpy(x32)
             pw, px, py = (a.__array_interface__["data"][0] for a in (w, x, y))
-            ours = _time(lambda: lib.pxl_linear(code if fmt != "bf16" else library.BF16, code, 1, N, K, px, pw, None,
-                                                py))
-            ty = torch.empty((1, N), dtype=tx.dtype)
+            act = library.BF16 if fmt == "bf16" else library.F32
+            ours = _time(lambda: lib.pxl_linear(act, code, rows, N, K, px, pw, None, py))
+            ty = torch.empty((rows, N), dtype=tx.dtype)
             ref = _time(lambda: torch.mm(tx, tw.t(), out=ty))
-            row = {"K": K, "N": N, "format": fmt, "ours_us": ours * 1e6, "torch_us": ref * 1e6,
-                   "ours_GBs": nbytes / ours / 1e9, "weight_MB": nbytes / 1e6}
+            row = {"rows": rows, "K": K, "N": N, "format": fmt, "ours_us": ours * 1e6, "torch_us": ref * 1e6,
+                   "ours_GBs": nbytes / ours / 1e9, "ours_GFLOPs": 2 * rows * N * K / ours / 1e9,
+                   "weight_MB": nbytes / 1e6}
             if blas is not None and fmt != "bf16":  # scipy-openblas32 has no bf16 routines
                 wb = w32 if fmt == "fp32" else np.ascontiguousarray(tw.numpy())
-                yb = np.empty(N, np.float32)
-                args = [openblas.ROW_MAJOR, openblas.NO_TRANS, N, K, ctypes.c_float(1.0),
-                        wb.__array_interface__["data"][0], K, x32.__array_interface__["data"][0], 1,
-                        ctypes.c_float(0.0), yb.__array_interface__["data"][0], 1]
-                row["openblas_us"] = _time(lambda: blas.scipy_cblas_sgemv(*args)) * 1e6
-            rows.append(row)
-    return rows
+                yb = np.empty((rows, N), np.float32)
+                pwb, pxb, pyb = (a.__array_interface__["data"][0] for a in (wb, x32, yb))
+                if rows == 1:
+                    args = [openblas.ROW_MAJOR, openblas.NO_TRANS, N, K, ctypes.c_float(1.0), pwb, K, pxb, 1,
+                            ctypes.c_float(0.0), pyb, 1]
+                    row["openblas_us"] = _time(lambda: blas.scipy_cblas_sgemv(*args)) * 1e6
+                else:
+                    args = [openblas.ROW_MAJOR, openblas.NO_TRANS, openblas.TRANS, rows, N, K, ctypes.c_float(1.0), pxb,
+                            K, pwb, K, ctypes.c_float(0.0), pyb, N]
+                    row["openblas_us"] = _time(lambda: blas.scipy_cblas_sgemm(*args)) * 1e6
+            table.append(row)
+    return table
 
 
 def report(rows: list[dict]) -> str:
-    head = f"{'K->N':>12} {'fmt':>5} {'MB':>6} | {'ours us':>9} {'GB/s':>6} | {'OpenBLAS us':>11} | {'torch us':>9} | " \
+    rate = "GB/s" if rows[0]["rows"] == 1 else "GF/s"
+    head = f"{'K->N':>12} {'fmt':>5} {'MB':>6} | {'ours us':>9} {rate:>6} | {'OpenBLAS us':>11} | {'torch us':>9} | " \
            f"{'vs BLAS':>7} {'vs torch':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -89,6 +99,6 @@ def report(rows: list[dict]) -> str:
         blas_cell = "n/a" if blas is None else f"{blas:.1f}"
         vs_blas = "" if blas is None else f"{blas / r['ours_us']:.2f}x"
         lines.append(f"{r['K']:>5}->{r['N']:<6} {r['format']:>5} {r['weight_MB']:6.1f} | {r['ours_us']:9.1f} "
-                     f"{r['ours_GBs']:6.1f} | {blas_cell:>11} | {r['torch_us']:9.1f} | {vs_blas:>7} "
+                     f"{r['ours_GBs' if r['rows'] == 1 else 'ours_GFLOPs']:6.1f} | {blas_cell:>11} | {r['torch_us']:9.1f} | {vs_blas:>7} "
                      f"{r['torch_us'] / r['ours_us']:7.2f}x")
     return "\n".join(lines)

@@ -9,6 +9,7 @@ then only uploads the small index inputs, runs the nodes and downloads logits.
 
 import json
 import logging
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,7 +156,6 @@ class GraphRunner:
         plugin = self.nodes[0].plugin
         if any(n.plugin is not plugin for n in self.nodes) or not hasattr(plugin, "make_plan"):
             return None
-        import os
         if os.environ.get("PERFXLM_NODE_BY_NODE") == "1":  # for debugging and comparing the two paths
             return None
         inputs = {name: np.zeros(max_tokens + 1, dtype=np.int64) for name in self.input_plugins}

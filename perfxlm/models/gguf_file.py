@@ -97,6 +97,12 @@ class GGUFFile:
             out[name] = torch.from_numpy(np.array(w, dtype=np.float32)).to(dtype)  # copy off the mmap
         return out
 
+    def has_native_blocks(self) -> bool:
+        """Whether any weight is in a block format our kernels run (Q8_0/Q4_0/Q4_1): a look at
+        the tensor types only, no data read."""
+        from graph_export.quant import from_gguf_type
+        return any(from_gguf_type(t.tensor_type.name) for t in self.reader.tensors if t.name.endswith(".weight"))
+
     def linear_blocks(self) -> dict[str, tuple[str, np.ndarray]]:
         """Linear weights whose GGUF blocks have native kernels, kept as stored:
         name -> (weight_format, uint8 (N, K/32 * block bytes)). Q/K rows are un-permuted

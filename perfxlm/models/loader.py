@@ -50,7 +50,7 @@ class ModelSource:
         return self._gguf.linear_blocks() if self.is_gguf else {}
 
     def is_quantized(self) -> bool:
-        return bool(self.linear_blocks())
+        return self.is_gguf and self._gguf.has_native_blocks()
 
     def load_weights(self, dtype: torch.dtype) -> nn.Module:
         model = build_model(self.hf_config)
