@@ -23,9 +23,9 @@ extern const pxl_gemv_q_fn pxl_gemv_q_avx512[PXL_NFMT], pxl_gemv_q_avx2[PXL_NFMT
 const pxl_kernel_set pxl_kernels_avx2 = {
     .isa = "avx2", .rm = 4, .rn = 2, .gemv_rn = 4, .tile_f32 = pxl_tile_f32_avx2, .tile_bf16 = pxl_tile_bf16_avx2};
 const pxl_kernel_set pxl_kernels_avx512 = {
-    .isa = "avx512", .rm = 4, .rn = 4, .gemv_rn = 4, .tile_f32 = pxl_tile_f32_avx512, .tile_bf16 = pxl_tile_bf16_avx512};
+    .isa = "avx512", .rm = 4, .rn = 4, .gemv_rn = 8, .tile_f32 = pxl_tile_f32_avx512, .tile_bf16 = pxl_tile_bf16_avx512};
 const pxl_kernel_set pxl_kernels_avx512bf16 = {
-    .isa = "avx512bf16", .rm = 4, .rn = 4, .gemv_rn = 4, .tile_f32 = pxl_tile_f32_avx512,
+    .isa = "avx512bf16", .rm = 4, .rn = 4, .gemv_rn = 8, .tile_f32 = pxl_tile_f32_avx512,
     .tile_bf16 = pxl_tile_bf16_avx512bf16};
 #endif
 

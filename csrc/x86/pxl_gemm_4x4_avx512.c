@@ -48,29 +48,52 @@ PXL_INLINE void tile(const int BF16, const int RM, const int RN, size_t K, const
         for (int j = 0; j < RN; j++) Y[i * ldy + j] = _mm512_reduce_add_ps(acc[i][j]);
 }
 
-/* GEMV (one token): RN rows, two accumulators each so loads of the next 16 floats
- * overlap the FMAs, and a prefetch 1 KiB ahead on every weight stream */
+#ifndef PF
+#define PF 1024 /* bytes ahead on each weight row */
+#endif
+/* the 8 horizontal sums of a[0..7], as one vector (a transpose-and-add tree: 12 shuffles
+ * and adds instead of 8 full reductions) */
+PXL_INLINE __m256 hsum8(const __m512 *a) {
+    __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]), _mm512_unpackhi_ps(a[0], a[1]));
+    __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]), _mm512_unpackhi_ps(a[2], a[3]));
+    __m512 s45 = _mm512_add_ps(_mm512_unpacklo_ps(a[4], a[5]), _mm512_unpackhi_ps(a[4], a[5]));
+    __m512 s67 = _mm512_add_ps(_mm512_unpacklo_ps(a[6], a[7]), _mm512_unpackhi_ps(a[6], a[7]));
+    /* per 128-bit lane: [a0 a1 a2 a3] and [a4 a5 a6 a7] partial sums */
+    __m512 s03 = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(s01), _mm512_castps_pd(s23))),
+                               _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(s01), _mm512_castps_pd(s23))));
+    __m512 s47 = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(s45), _mm512_castps_pd(s67))),
+                               _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(s45), _mm512_castps_pd(s67))));
+    __m512 v = _mm512_add_ps(_mm512_shuffle_f32x4(s03, s47, _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(s03, s47, _MM_SHUFFLE(3, 1, 3, 1)));
+    v = _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(3, 1, 2, 0));
+    return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+
+/* GEMV (one token): RN <= 8 rows, one accumulator each (8 independent FMA chains),
+ * every load of x shared by all rows; the hardware prefetcher follows the RN streams. */
 PXL_INLINE void gemv_tile(const int BF16, const int RN, size_t K, const void *X, const void *W, size_t ldw,
                           float *Y) {
     const size_t es = BF16 ? 2 : 4;
-    __m512 a0[8], a1[8];
-    for (int j = 0; j < RN; j++) a0[j] = a1[j] = _mm512_setzero_ps();
+    __m512 a[8];
+    for (int j = 0; j < 8; j++) a[j] = _mm512_setzero_ps();
     size_t k = 0;
-    for (; k + 32 <= K; k += 32) {
-        __m512 x0 = ld_full(BF16, X, k), x1 = ld_full(BF16, X, k + 16);
+    for (; k + 16 <= K; k += 16) {
+        __m512 x = ld_full(BF16, X, k);
         for (int j = 0; j < RN; j++) {
-            const char *row = (const char *)W + j * ldw * es;
-            _mm_prefetch(row + (k + 1024) * es, _MM_HINT_T0);
-            a0[j] = _mm512_fmadd_ps(x0, ld_full(BF16, row, k), a0[j]);
-            a1[j] = _mm512_fmadd_ps(x1, ld_full(BF16, row, k + 16), a1[j]);
+            _mm_prefetch((const char *)W + (j * ldw + k) * es + PF, _MM_HINT_T0);
+            a[j] = _mm512_fmadd_ps(x, ld_full(BF16, (const char *)W + j * ldw * es, k), a[j]);
         }
     }
-    for (; k < K; k += 16) {
-        __mmask16 m = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
-        __m512 x0 = ld(BF16, X, k, m);
-        for (int j = 0; j < RN; j++) a0[j] = _mm512_fmadd_ps(x0, ld(BF16, (const char *)W + j * ldw * es, k, m), a0[j]);
+    if (k < K) {
+        __mmask16 m = (__mmask16)((1u << (K - k)) - 1);
+        __m512 x = ld(BF16, X, k, m);
+        for (int j = 0; j < RN; j++) a[j] = _mm512_fmadd_ps(x, ld(BF16, (const char *)W + j * ldw * es, k, m), a[j]);
     }
-    for (int j = 0; j < RN; j++) Y[j] = _mm512_reduce_add_ps(_mm512_add_ps(a0[j], a1[j]));
+    if (RN == 8) {
+        _mm256_storeu_ps(Y, hsum8(a));
+        return;
+    }
+    for (int j = 0; j < RN; j++) Y[j] = _mm512_reduce_add_ps(a[j]);
 }
 
 #define TILES(B)                                                                                         \

@@ -18,6 +18,10 @@ FORMATS = ("fp32", "bf16", "q8_0", "q4_0", "q4_1")
 
 
 def _time(fn, min_time: float = 0.2) -> float:
+    # On a 2-core machine the libraries' idle worker threads compete: OpenBLAS and both
+    # OpenMP runtimes (ours, torch's bundled one) spin for milliseconds after a call. Let
+    # the previous library's threads go to sleep first, so each is timed on quiet cores.
+    time.sleep(0.3)
     fn()
     reps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < min_time / 4:
