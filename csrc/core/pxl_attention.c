@@ -57,39 +57,50 @@ PXL_CLONES static void attend(int dt, size_t G, size_t hd, const float *q, const
     }
 }
 
-void pxl_paged_attention(int dt, size_t T, size_t B, size_t H, size_t Hkv, size_t hd, const void *q, const void *k,
-                         const void *v, void *k_cache, void *v_cache, size_t block_size, const int64_t *slot_mapping,
-                         const int64_t *block_tables, size_t max_blocks, const int64_t *seq_lens,
-                         const int64_t *query_start_loc, float scale, size_t window, void *y) {
+static void attention_team(int dt, size_t T, size_t B, size_t H, size_t Hkv, size_t hd, const void *q,
+                           const void *k, const void *v, void *k_cache, void *v_cache, size_t block_size,
+                           const int64_t *slot_mapping, const int64_t *block_tables, size_t max_blocks,
+                           const int64_t *seq_lens, const int64_t *query_start_loc, float scale, size_t window,
+                           void *y) {
     size_t es = dt == PXL_F32 ? 4 : 2, row_bytes = Hkv * hd * es, G = H / Hkv;
-    for (size_t t = 0; t < T; t++) { /* write this step's keys and values; slot < 0 marks padding */
+    size_t t0, t1;
+    pxl_split(T, 1, &t0, &t1);
+    for (size_t t = t0; t < t1; t++) { /* write this step's keys and values; slot < 0 marks padding */
         if (slot_mapping[t] < 0) continue;
         memcpy((char *)k_cache + (size_t)slot_mapping[t] * row_bytes, (const char *)k + t * row_bytes, row_bytes);
         memcpy((char *)v_cache + (size_t)slot_mapping[t] * row_bytes, (const char *)v + t * row_bytes, row_bytes);
     }
     size_t items = T * Hkv, max_len = 0;
     for (size_t b = 0; b < B; b++) max_len = (size_t)seq_lens[b] > max_len ? (size_t)seq_lens[b] : max_len;
-    int nth = items * max_len < 4096 ? 1 : pxl_num_threads();
-#pragma omp parallel num_threads(nth)
-    {
-        /* per thread: scores (G, max_len), q and out (G, hd), one widened K/V row, G inverses */
-        float *scores = pxl_scratch(3, ((max_len + 1) * G + 2 * G * hd + hd + G) * sizeof(float));
-        float *qf = scores + (max_len + 1) * G, *of = qf + G * hd, *krow = of + G * hd, *inv = krow + hd;
-#pragma omp for schedule(dynamic, 4)
-        for (size_t it = 0; it < items; it++) {
-            size_t t = it / Hkv, kvh = it % Hkv;
-            size_t b = 0;
-            while ((size_t)query_start_loc[b + 1] <= t) b++;
-            size_t qlen = query_start_loc[b + 1] - query_start_loc[b];
-            size_t pos = seq_lens[b] - qlen + (t - query_start_loc[b]); /* this token's position */
-            size_t lo = window && pos + 1 > window ? pos + 1 - window : 0;
-            load_f32(dt, (const char *)q + (t * H + kvh * G) * hd * es, G * hd, qf);
-            for (size_t i = 0; i < G * hd; i++) qf[i] *= scale;
-            attend(dt, G, hd, qf, k_cache, v_cache, block_tables + b * max_blocks, block_size, row_bytes,
-                   kvh * hd * es, lo, pos + 1, scores, krow, inv, of);
-            char *yr = (char *)y + (t * H + kvh * G) * hd * es;
-            if (dt == PXL_F32) memcpy(yr, of, G * hd * 4);
-            else for (size_t i = 0; i < G * hd; i++) ((uint16_t *)yr)[i] = pxl_f32_to_bf16(of[i]);
-        }
+    /* per thread: scores (G, max_len), q and out (G, hd), one widened K/V row, G inverses */
+    float *scores = pxl_scratch(3, ((max_len + 1) * G + 2 * G * hd + hd + G) * sizeof(float));
+    float *qf = scores + (max_len + 1) * G, *of = qf + G * hd, *krow = of + G * hd, *inv = krow + hd;
+#pragma omp barrier /* every row of this step is in the cache before anyone reads it */
+#pragma omp for schedule(dynamic, 1) nowait
+    for (size_t it = 0; it < items; it++) {
+        size_t t = it / Hkv, kvh = it % Hkv;
+        size_t b = 0;
+        while ((size_t)query_start_loc[b + 1] <= t) b++;
+        size_t qlen = query_start_loc[b + 1] - query_start_loc[b];
+        size_t pos = seq_lens[b] - qlen + (t - query_start_loc[b]); /* this token's position */
+        size_t lo = window && pos + 1 > window ? pos + 1 - window : 0;
+        load_f32(dt, (const char *)q + (t * H + kvh * G) * hd * es, G * hd, qf);
+        for (size_t i = 0; i < G * hd; i++) qf[i] *= scale;
+        attend(dt, G, hd, qf, k_cache, v_cache, block_tables + b * max_blocks, block_size, row_bytes, kvh * hd * es,
+               lo, pos + 1, scores, krow, inv, of);
+        char *yr = (char *)y + (t * H + kvh * G) * hd * es;
+        if (dt == PXL_F32) memcpy(yr, of, G * hd * 4);
+        else for (size_t i = 0; i < G * hd; i++) ((uint16_t *)yr)[i] = pxl_f32_to_bf16(of[i]);
     }
+}
+
+void pxl_paged_attention(int dt, size_t T, size_t B, size_t H, size_t Hkv, size_t hd, const void *q, const void *k,
+                         const void *v, void *k_cache, void *v_cache, size_t block_size, const int64_t *slot_mapping,
+                         const int64_t *block_tables, size_t max_blocks, const int64_t *seq_lens,
+                         const int64_t *query_start_loc, float scale, size_t window, void *y) {
+    size_t max_len = 0;
+    for (size_t b = 0; b < B; b++) max_len = (size_t)seq_lens[b] > max_len ? (size_t)seq_lens[b] : max_len;
+    int nth = T * Hkv * max_len < 4096 ? 1 : pxl_num_threads();
+    PXL_ON_TEAM(nth, attention_team(dt, T, B, H, Hkv, hd, q, k, v, k_cache, v_cache, block_size, slot_mapping,
+                                    block_tables, max_blocks, seq_lens, query_start_loc, scale, window, y));
 }

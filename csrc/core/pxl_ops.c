@@ -2,9 +2,6 @@
  * Portable C that the compiler vectorises; on x86 each hot loop is cloned for AVX-512
  * and AVX2 and picked at load time (target_clones), so one source serves every ISA. */
 #include <math.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "pxl_kernels.h"
 
@@ -23,9 +20,21 @@ PXL_INLINE void st(int dt, void *p, size_t i, float v) {
     else ((uint16_t *)p)[i] = pxl_f32_to_bf16(v);
 }
 
-void pxl_gather(int dt, size_t T, size_t D, const void *table, const int64_t *idx, void *y) {
+/* [i0, i1) of an n-long row-wise op in chunks the team shares (none when n is small) */
+#define CHUNK 4096
+
+PXL_CLONES static void gather_rows(int dt, size_t t0, size_t t1, size_t D, const void *table, const int64_t *idx,
+                                   void *y) {
     size_t row = D * (dt == PXL_F32 ? 4 : 2);
-    for (size_t t = 0; t < T; t++) memcpy((char *)y + t * row, (const char *)table + (size_t)idx[t] * row, row);
+    for (size_t t = t0; t < t1; t++) memcpy((char *)y + t * row, (const char *)table + (size_t)idx[t] * row, row);
+}
+void pxl_gather(int dt, size_t T, size_t D, const void *table, const int64_t *idx, void *y) {
+    int nth = 1; /* a memcpy per row: one thread when standalone */
+    PXL_ON_TEAM(nth, {
+        size_t t0, t1;
+        pxl_split(T, 1, &t0, &t1);
+        gather_rows(dt, t0, t1, D, table, idx, y);
+    });
 }
 
 PXL_INLINE void rmsnorm_row(int dt, size_t D, const void *x, const void *w, float eps, void *y) {
@@ -46,22 +55,18 @@ PXL_CLONES static void rmsnorm_rows(int dt, size_t t0, size_t t1, size_t D, cons
     }
 }
 void pxl_rmsnorm(int dt, size_t T, size_t D, const void *x, const void *w, float eps, void *y) {
-    if (T < 8) return rmsnorm_rows(dt, 0, T, D, x, w, eps, y);
-#pragma omp parallel num_threads(pxl_num_threads())
-    {
-#ifdef _OPENMP
-        size_t nth = omp_get_num_threads(), id = omp_get_thread_num();
-#else
-        size_t nth = 1, id = 0;
-#endif
-        rmsnorm_rows(dt, T * id / nth, T * (id + 1) / nth, D, x, w, eps, y);
-    }
+    int nth = T < 8 ? 1 : pxl_num_threads();
+    PXL_ON_TEAM(nth, {
+        size_t t0, t1;
+        pxl_split(T, 1, &t0, &t1);
+        rmsnorm_rows(dt, t0, t1, D, x, w, eps, y);
+    });
 }
 
-PXL_INLINE void rope_rows(int dt, size_t T, size_t H, size_t hd, const void *x, const int64_t *pos, const void *cos,
-                          const void *sin, void *y) {
+PXL_INLINE void rope_rows(int dt, size_t t0, size_t t1, size_t H, size_t hd, const void *x, const int64_t *pos,
+                          const void *cos, const void *sin, void *y) {
     size_t half = hd / 2;
-    for (size_t t = 0; t < T; t++) {
+    for (size_t t = t0; t < t1; t++) {
         size_t c = (size_t)pos[t] * hd;
         for (size_t h = 0; h < H; h++) {
             size_t o = (t * H + h) * hd;
@@ -73,27 +78,52 @@ PXL_INLINE void rope_rows(int dt, size_t T, size_t H, size_t hd, const void *x, 
         }
     }
 }
-PXL_CLONES void pxl_rope(int dt, size_t T, size_t H, size_t hd, const void *x, const int64_t *pos, const void *cos,
-                         const void *sin, void *y) {
-    if (dt == PXL_F32) rope_rows(PXL_F32, T, H, hd, x, pos, cos, sin, y);
-    else rope_rows(PXL_BF16, T, H, hd, x, pos, cos, sin, y);
+PXL_CLONES static void rope_range(int dt, size_t t0, size_t t1, size_t H, size_t hd, const void *x,
+                                  const int64_t *pos, const void *cos, const void *sin, void *y) {
+    if (dt == PXL_F32) rope_rows(PXL_F32, t0, t1, H, hd, x, pos, cos, sin, y);
+    else rope_rows(PXL_BF16, t0, t1, H, hd, x, pos, cos, sin, y);
+}
+void pxl_rope(int dt, size_t T, size_t H, size_t hd, const void *x, const int64_t *pos, const void *cos,
+              const void *sin, void *y) {
+    int nth = T < 8 ? 1 : pxl_num_threads();
+    PXL_ON_TEAM(nth, {
+        size_t t0, t1;
+        pxl_split(T, 1, &t0, &t1);
+        rope_range(dt, t0, t1, H, hd, x, pos, cos, sin, y);
+    });
 }
 
-PXL_INLINE void silu_mul_n(int dt, size_t n, const void *g, const void *u, void *y) {
-    for (size_t i = 0; i < n; i++) {
+PXL_INLINE void silu_mul_n(int dt, size_t i0, size_t i1, const void *g, const void *u, void *y) {
+    for (size_t i = i0; i < i1; i++) {
         float a = ld(dt, g, i);
         st(dt, y, i, a / (1.0f + expf(-a)) * ld(dt, u, i));
     }
 }
-PXL_CLONES void pxl_silu_mul(int dt, size_t n, const void *gate, const void *up, void *y) {
-    if (dt == PXL_F32) silu_mul_n(PXL_F32, n, gate, up, y);
-    else silu_mul_n(PXL_BF16, n, gate, up, y);
+PXL_CLONES static void silu_mul_range(int dt, size_t i0, size_t i1, const void *gate, const void *up, void *y) {
+    if (dt == PXL_F32) silu_mul_n(PXL_F32, i0, i1, gate, up, y);
+    else silu_mul_n(PXL_BF16, i0, i1, gate, up, y);
+}
+void pxl_silu_mul(int dt, size_t n, const void *gate, const void *up, void *y) {
+    int nth = n < 4 * CHUNK ? 1 : pxl_num_threads();
+    PXL_ON_TEAM(nth, {
+        size_t i0, i1;
+        pxl_split(n, CHUNK, &i0, &i1);
+        silu_mul_range(dt, i0, i1, gate, up, y);
+    });
 }
 
-PXL_INLINE void add_n(int dt, size_t n, const void *a, const void *b, void *y) {
-    for (size_t i = 0; i < n; i++) st(dt, y, i, ld(dt, a, i) + ld(dt, b, i));
+PXL_INLINE void add_n(int dt, size_t i0, size_t i1, const void *a, const void *b, void *y) {
+    for (size_t i = i0; i < i1; i++) st(dt, y, i, ld(dt, a, i) + ld(dt, b, i));
 }
-PXL_CLONES void pxl_add(int dt, size_t n, const void *a, const void *b, void *y) {
-    if (dt == PXL_F32) add_n(PXL_F32, n, a, b, y);
-    else add_n(PXL_BF16, n, a, b, y);
+PXL_CLONES static void add_range(int dt, size_t i0, size_t i1, const void *a, const void *b, void *y) {
+    if (dt == PXL_F32) add_n(PXL_F32, i0, i1, a, b, y);
+    else add_n(PXL_BF16, i0, i1, a, b, y);
+}
+void pxl_add(int dt, size_t n, const void *a, const void *b, void *y) {
+    int nth = n < 4 * CHUNK ? 1 : pxl_num_threads();
+    PXL_ON_TEAM(nth, {
+        size_t i0, i1;
+        pxl_split(n, CHUNK, &i0, &i1);
+        add_range(dt, i0, i1, a, b, y);
+    });
 }

@@ -1,7 +1,8 @@
 /* A whole graph step in one call: the plugin compiles the node list once into records
  * holding every pointer (weights, KV caches, planned activation buffers, staged graph
  * inputs); a step then only says how many tokens (T), logits rows (N) and sequences (B)
- * it has. This removes the per-node Python and ctypes cost from decode. */
+ * it has. This removes the per-node Python and ctypes cost, and the per-op thread
+ * fork/join, from decode. */
 #include "pxl_kernels.h"
 
 typedef struct {
@@ -13,22 +14,31 @@ typedef struct {
 
 enum { OP_GATHER, OP_RMSNORM, OP_LINEAR, OP_ROPE, OP_ATTENTION, OP_SILU_MUL, OP_ADD };
 
+static void run_node(const pxl_plan_node *x, size_t T, size_t N, size_t B, size_t max_blocks) {
+    size_t rows = x->rows ? N : T;
+    void *const *p = (void *const *)x->p;
+    switch (x->op) {
+    case OP_GATHER: pxl_gather(x->dt, rows, x->a, p[0], p[1], p[2]); break;
+    case OP_RMSNORM: pxl_rmsnorm(x->dt, rows, x->a, p[0], p[1], x->f0, p[2]); break;
+    case OP_LINEAR: pxl_linear(x->dt, x->wfmt, rows, x->a, x->b, p[0], p[1], p[2], p[3]); break;
+    case OP_ROPE: pxl_rope(x->dt, rows, x->a, x->b, p[0], p[1], p[2], p[3], p[4]); break;
+    case OP_ATTENTION:
+        pxl_paged_attention(x->dt, T, B, x->a, x->b, x->c, p[0], p[1], p[2], p[3], p[4], x->d, p[5], p[6],
+                            max_blocks, p[7], p[8], x->f0, x->e, p[9]);
+        break;
+    case OP_SILU_MUL: pxl_silu_mul(x->dt, rows * x->a, p[0], p[1], p[2]); break;
+    case OP_ADD: pxl_add(x->dt, rows * x->a, p[0], p[1], p[2]); break;
+    }
+}
+
+/* One team for the whole step: every op is team code (pxl_kernels.h), nodes are separated
+ * by a barrier (a consumer may read any row its producer wrote), and no thread is forked
+ * or joined between nodes. */
 void pxl_plan_run(const pxl_plan_node *nodes, size_t n, size_t T, size_t N, size_t B, size_t max_blocks) {
+    pxl_kernels(); /* resolve the kernel set before the team starts */
+#pragma omp parallel num_threads(pxl_num_threads())
     for (size_t i = 0; i < n; i++) {
-        const pxl_plan_node *x = &nodes[i];
-        size_t rows = x->rows ? N : T;
-        void *const *p = (void *const *)x->p;
-        switch (x->op) {
-        case OP_GATHER: pxl_gather(x->dt, rows, x->a, p[0], p[1], p[2]); break;
-        case OP_RMSNORM: pxl_rmsnorm(x->dt, rows, x->a, p[0], p[1], x->f0, p[2]); break;
-        case OP_LINEAR: pxl_linear(x->dt, x->wfmt, rows, x->a, x->b, p[0], p[1], p[2], p[3]); break;
-        case OP_ROPE: pxl_rope(x->dt, rows, x->a, x->b, p[0], p[1], p[2], p[3], p[4]); break;
-        case OP_ATTENTION:
-            pxl_paged_attention(x->dt, T, B, x->a, x->b, x->c, p[0], p[1], p[2], p[3], p[4], x->d, p[5], p[6],
-                                max_blocks, p[7], p[8], x->f0, x->e, p[9]);
-            break;
-        case OP_SILU_MUL: pxl_silu_mul(x->dt, rows * x->a, p[0], p[1], p[2]); break;
-        case OP_ADD: pxl_add(x->dt, rows * x->a, p[0], p[1], p[2]); break;
-        }
+        run_node(&nodes[i], T, N, B, max_blocks);
+#pragma omp barrier
     }
 }

@@ -57,6 +57,38 @@ float pxl_fp16_to_fp32(uint16_t h);
 #define PXL_SCRATCH_SLOTS 4
 void *pxl_scratch(int slot, size_t bytes);
 
+/* Threads. Every op body is "team code": it runs on all threads of the current OpenMP
+ * team and shares work with orphaned `omp for` / `omp single`, so the same body serves a
+ * standalone call (which starts a team of `nth` threads just for itself) and a compiled
+ * step (pxl_plan_run: one persistent team for the whole step, a barrier between nodes,
+ * instead of a fork and join per op). Bodies end without a barrier; the caller adds it. */
+#ifdef _OPENMP
+#include <omp.h>
+#define PXL_ITH() ((size_t)omp_get_thread_num())
+#define PXL_NTH() ((size_t)omp_get_num_threads())
+#define PXL_IN_TEAM() (omp_get_level() > 0)
+#else
+#define PXL_ITH() ((size_t)0)
+#define PXL_NTH() ((size_t)1)
+#define PXL_IN_TEAM() 1
+#endif
+#define PXL_ON_TEAM(nth, ...)                                                      \
+    do {                                                                           \
+        if (PXL_IN_TEAM()) {                                                       \
+            __VA_ARGS__;                                                           \
+        } else {                                                                   \
+            _Pragma("omp parallel num_threads(nth)") { __VA_ARGS__; }              \
+        }                                                                          \
+    } while (0)
+
+/* this thread's share [*n0, *n1) of [0, n), in multiples of `align` */
+static inline void pxl_split(size_t n, size_t align, size_t *n0, size_t *n1) {
+    size_t nth = PXL_NTH(), per = (n + nth - 1) / nth;
+    per = (per + align - 1) / align * align;
+    *n0 = PXL_ITH() * per < n ? PXL_ITH() * per : n;
+    *n1 = *n0 + per < n ? *n0 + per : n;
+}
+
 /* dequantise rows [n0, n0 + rows) of a weight matrix in `fmt` into fp32 (rows, K) */
 void pxl_dequant_rows(int fmt, const void *W, size_t n0, size_t rows, size_t K, float *out);
 size_t pxl_row_bytes(int fmt, size_t K);
