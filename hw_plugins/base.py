@@ -62,6 +62,12 @@ class HwPlugin(ABC):
     def compile(self, graph: Any) -> None:
         """Optional: see the whole graph once before running it (fusion, device graphs)."""
 
+    def set_batch_invariant(self, on: bool) -> bool:
+        """Batch invariance (PERFXLM_BATCH_INVARIANT=1): make every op's result for a token
+        bitwise independent of the other tokens in the step. Returns whether the plugin
+        can; by default a plugin cannot, and is only ever asked to turn it off."""
+        return not on
+
 
 def discover_plugins() -> dict[str, type[HwPlugin]]:
     """name -> plugin class for every installed `perfxlm.hw_plugins` entry point."""

@@ -2,7 +2,7 @@
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,6 +34,8 @@ class EngineConfig:
     generation_config: str = "auto"
     quantization: str | None = None  # "gguf": Linear weights stay GGUF blocks (Q8_0/Q4_0/Q4_1)
     hw_plugin: str | None = None  # perfxlm's own: which hardware plugin runs the graph
+    # a prompt's logprobs are bitwise the same alone or in any batch (vLLM's VLLM_BATCH_INVARIANT)
+    batch_invariant: bool = field(default_factory=lambda: batch_invariant_from_env())
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -58,6 +60,17 @@ class EngineConfig:
             if value and float(value) > 0:
                 return int(float(value) * (1 << 30))
         return DEFAULT_KV_CACHE_GIB << 30
+
+
+def batch_invariant_from_env() -> bool:
+    """PERFXLM_BATCH_INVARIANT=1, or vLLM's VLLM_BATCH_INVARIANT=1."""
+    for var in ("PERFXLM_BATCH_INVARIANT", "VLLM_BATCH_INVARIANT"):
+        value = os.environ.get(var)
+        if value is not None:
+            if value not in ("0", "1"):
+                raise ValueError(f"{var} must be 0 or 1, got {value!r}")
+            return value == "1"
+    return False
 
 
 def resolve_dtype(dtype: str | torch.dtype, hf_config: dict[str, Any]) -> torch.dtype:

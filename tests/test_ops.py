@@ -18,6 +18,7 @@ T, H, HKV, HD, BS, BLOCKS = 7, 4, 2, 8, 4, 8
 # max normalised squared error: float32 differs only in summation order; bf16/fp16 round
 # every element (unit roundoff 2^-9 / 2^-12, squared, with headroom for accumulation)
 NMSE = {"float32": 1e-9, "float16": 1e-5, "bfloat16": 2e-4}
+INT8_X_NMSE = 5e-4  # x quantised to int8 per 32-block (see test_quantized_linear_on_every_plugin)
 
 
 def nmse(a: np.ndarray, ref: np.ndarray) -> float:
@@ -131,7 +132,12 @@ def test_every_op_has_a_reference_kernel():
 @pytest.mark.parametrize("plugin_name", PLUGINS)
 def test_quantized_linear_on_every_plugin(plugin_name, fmt, rows, dtype):
     """Linear on GGUF blocks (int8 and 4-bit) vs the reference on the dequantised weights.
-    rows covers the fused GEMV (1, 2) and the dequantised-panel GEMM (7, 70)."""
+    rows covers the int8 dot-product GEMV (1, 2) and the dequantised-panel GEMM (7, 70).
+    The GEMV quantises x to int8 per 32-block, as llama.cpp does: its error is the rounding
+    of x, NMSE ~ (amax/127)^2 / 12 / E[x^2] ~ 2e-5 for Gaussian x (amax ~ 2.5 sigma), and
+    up to ~10x that for Q4 (the rounded x multiplies d*n in [0, 15d], uncentred, while the
+    result only sees the centred w); measured 2e-5 (Q8_0) to 1.8e-4 (Q4_1), so such rows
+    get 5e-4. The fp32 paths keep the dtype's tolerance."""
     from graph_export.quant import dequantize, quantize
     plugin = discover_plugins()[plugin_name]()
     if not plugin.supports("Linear", (dtype, "uint8", dtype)):
@@ -143,4 +149,5 @@ def test_quantized_linear_on_every_plugin(plugin_name, fmt, rows, dtype):
     rounded = [a.astype(_np(dtype)).astype(np.float32) for a in (x, b)]
     ref = run_on(TorchPlugin(), "Linear", {}, [rounded[0], dequantize(blocks, fmt), rounded[1]], [(rows, 40)],
                  "float32")[0]
-    assert nmse(got, ref) < NMSE[dtype], (plugin_name, fmt, rows, dtype, nmse(got, ref))
+    tol = max(NMSE[dtype], INT8_X_NMSE if rows <= 4 else 0)
+    assert nmse(got, ref) < tol, (plugin_name, fmt, rows, dtype, nmse(got, ref))

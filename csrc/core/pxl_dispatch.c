@@ -18,7 +18,7 @@ void pxl_tile_bf16_avx512bf16(int, int, size_t, const void *, size_t, const void
 void pxl_tile_f32_avx2(int, int, size_t, const void *, size_t, const void *, size_t, float *, size_t);
 void pxl_tile_bf16_avx2(int, int, size_t, const void *, size_t, const void *, size_t, float *, size_t);
 void pxl_tile_bf16_avx512(int, int, size_t, const void *, size_t, const void *, size_t, float *, size_t);
-extern const pxl_gemv_q_fn pxl_gemv_q_avx512[PXL_NFMT], pxl_gemv_q_avx2[PXL_NFMT];
+extern const pxl_gemv_q_fn pxl_gemv_q_avx512vnni[PXL_NFMT], pxl_gemv_q_avx2[PXL_NFMT];
 
 const pxl_kernel_set pxl_kernels_avx2 = {
     .isa = "avx2", .rm = 4, .rn = 2, .gemv_rn = 4, .tile_f32 = pxl_tile_f32_avx2, .tile_bf16 = pxl_tile_bf16_avx2};
@@ -47,7 +47,8 @@ static int cpu_has(const pxl_kernel_set *ks) {
                  __builtin_cpu_supports("avx512vl");
     if (ks == &pxl_kernels_avx2) return avx2;
     if (ks == &pxl_kernels_avx512) return avx512;
-    if (ks == &pxl_kernels_avx512bf16) return avx512 && __builtin_cpu_supports("avx512bf16");
+    if (ks == &pxl_kernels_avx512bf16) /* every AVX512-BF16 CPU (Cooper Lake, Sapphire Rapids, Zen 4) has VNNI */
+        return avx512 && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni");
 #endif
 #if defined(PXL_HAVE_RVV)
     if (ks == &pxl_kernels_rvv) {
@@ -69,8 +70,10 @@ static pxl_kernel_set merged;
 static void activate(const pxl_kernel_set *ks) {
     merged = *ks;
 #if defined(__x86_64__)
-    const pxl_gemv_q_fn *q = ks == &pxl_kernels_avx2 ? pxl_gemv_q_avx2 : ks == &pxl_kernels_generic ? NULL
-                                                                                                     : pxl_gemv_q_avx512;
+    /* int8 dot products: vpdpbusd where the set implies VNNI, else vpmaddubsw (AVX2 and AVX-512F) */
+    const pxl_gemv_q_fn *q = ks == &pxl_kernels_avx512bf16 ? pxl_gemv_q_avx512vnni
+                             : ks == &pxl_kernels_generic   ? NULL
+                                                            : pxl_gemv_q_avx2;
     for (int f = 0; q && f < PXL_NFMT; f++) merged.gemv_q[f] = q[f];
 #endif
     for (int f = 0; f < PXL_NFMT; f++)
@@ -111,6 +114,10 @@ int pxl_num_threads(void) {
 #endif
 }
 void pxl_set_num_threads(int n) { n_threads = n; }
+
+static int batch_invariant;
+void pxl_set_batch_invariant(int on) { batch_invariant = on != 0; }
+int pxl_batch_invariant(void) { return batch_invariant; }
 
 void *pxl_scratch(int slot, size_t bytes) {
     static __thread void *buf[PXL_SCRATCH_SLOTS];

@@ -1,16 +1,20 @@
 /* Linear: y (T, N) = x (T, K) @ W (N, K)^T + b, for every weight format.
  *
  * Threads split N (each reads its own weight rows once: decode is bandwidth-bound).
- * T == 1 runs GEMV tiles (or the fused quantised GEMV); T > 1 walks T in chunks that
- * stay in L2 and tiles each chunk against the weight rows. Quantised weights for T > 1
- * are dequantised a 16-row panel at a time into L1/L2 and reused by every token tile.
+ * T == 1 runs GEMV tiles; T > 1 walks T in chunks that stay in L2 and tiles each chunk
+ * against the weight rows. Quantised weights for small T run int8 dot products on the
+ * blocks (x quantised per 32-block, as llama.cpp does); for larger T they are dequantised
+ * a 16-row panel at a time into L1/L2 and reused by every fp32 token tile.
  * (OpenBLAS's sgemm was slower on every SmolLM2 prefill shape: `perfxlm bench gemv --rows 512`.)
  */
+#include <math.h>
+
 #include "pxl_kernels.h"
 
 #define T_CHUNK 64   /* tokens per pass over the weights: 64 x K floats stay in L2 */
 #define PANEL 16     /* quantised rows dequantised at a time */
-#define T_PRIVATE 4  /* up to this many tokens, each thread converts x itself (no barrier) */
+#define T_PRIVATE 4  /* up to this many tokens, each thread prepares x itself (no barrier) */
+#define Q_DOT_MAX_T 4 /* quantised weights: int8 dot products up to this many tokens */
 
 static void run_tiles(const pxl_kernel_set *ks, pxl_tile_fn tile, size_t es, size_t T, size_t n0, size_t n1,
                       size_t K, const char *X, const char *W, float *Y, size_t ldy) {
@@ -33,34 +37,60 @@ static void run_tiles(const pxl_kernel_set *ks, pxl_tile_fn tile, size_t es, siz
     }
 }
 
-/* rows [t0, t1) of x in the kernels' input type (bf16 for bf16 weights, else fp32), and
- * each 32-block's sum of x for Q4 weights (the offset term m * sum(x_block)) */
-static void prepare_rows(int dt, int wfmt, size_t t0, size_t t1, size_t K, const void *x, void *xk, float *xsum) {
-    for (size_t t = t0; t < t1; t++) {
-        if (wfmt == PXL_BF16 && dt == PXL_F32)
-            for (size_t i = 0; i < K; i++) ((uint16_t *)xk)[t * K + i] = pxl_f32_to_bf16(((const float *)x)[t * K + i]);
-        else if (wfmt != PXL_BF16 && dt == PXL_BF16)
-            for (size_t i = 0; i < K; i++) ((float *)xk)[t * K + i] = pxl_bf16_to_f32(((const uint16_t *)x)[t * K + i]);
-        if (xsum)
-            for (size_t b = 0; b < K / PXL_QK; b++) {
-                float s = 0;
-                for (int j = 0; j < PXL_QK; j++) s += ((const float *)xk)[t * K + b * PXL_QK + j];
-                xsum[t * (K / PXL_QK) + b] = s;
+void pxl_quantize_x(int fmt, size_t T, size_t K, const float *x, int8_t *q, float *d, float *c, float *e) {
+    size_t nb = K / PXL_QK;
+    for (size_t t = 0; t < T; t++)
+        for (size_t b = 0; b < nb; b++) {
+            const float *xb = x + t * K + b * PXL_QK;
+            int8_t *qb = q + t * K + b * PXL_QK;
+            float amax = 0, sum = 0;
+            for (int j = 0; j < PXL_QK; j++) amax = fabsf(xb[j]) > amax ? fabsf(xb[j]) : amax;
+            float db = amax / 127.0f, id = db != 0 ? 1.0f / db : 0.0f;
+            int32_t qsum = 0;
+            for (int j = 0; j < PXL_QK; j++) {
+                qb[j] = (int8_t)roundf(xb[j] * id);
+                qsum += qb[j];
+                sum += xb[j];
             }
+            d[t * nb + b] = db;
+            c[t * nb + b] = fmt == PXL_Q4_1 ? sum : 0.0f;
+            e[t * nb + b] = fmt == PXL_Q4_1 ? 8.0f * (sum - db * (float)qsum) : fmt == PXL_Q4_0 ? -8.0f * db * (float)qsum : 0.0f;
+        }
+}
+
+/* x rows [t0, t1) as the kernels read them: converted between bf16 and fp32 into xc (when
+ * not NULL) and, for int8 dot products, quantised into qbuf (q (T, K) | d | c | e, each (T, nb)) */
+static void prepare_rows(int dt, int wfmt, size_t T, size_t t0, size_t t1, size_t K, const void *x, void *xc,
+                         int8_t *qbuf) {
+    size_t nb = K / PXL_QK;
+    for (size_t t = t0; t < t1; t++) {
+        if (xc && wfmt == PXL_BF16)
+            for (size_t i = 0; i < K; i++) ((uint16_t *)xc)[t * K + i] = pxl_f32_to_bf16(((const float *)x)[t * K + i]);
+        else if (xc)
+            for (size_t i = 0; i < K; i++) ((float *)xc)[t * K + i] = pxl_bf16_to_f32(((const uint16_t *)x)[t * K + i]);
+        if (qbuf) {
+            float *d = (float *)(qbuf + T * K), *c = d + T * nb, *e = c + T * nb;
+            pxl_quantize_x(wfmt, 1, K, (const float *)(xc ? xc : x) + t * K, qbuf + t * K, d + t * nb, c + t * nb,
+                           e + t * nb);
+        }
     }
 }
 
 /* columns [0, cols) of y = x @ W^T where W starts at this thread's first row */
 static void compute(const pxl_kernel_set *ks, int wfmt, size_t T, size_t cols, size_t K, const void *xk,
-                    const float *xsum, const char *W, float *Y, size_t ldy) {
+                    const int8_t *qbuf, const char *W, float *Y, size_t ldy) {
     if (wfmt <= PXL_BF16) {
         run_tiles(ks, wfmt == PXL_F32 ? ks->tile_f32 : ks->tile_bf16, wfmt == PXL_F32 ? 4 : 2, T, 0, cols, K, xk, W,
                   Y, ldy);
-    } else if (T <= 2) {
-        for (size_t t = 0; t < T; t++)
-            ks->gemv_q[wfmt](0, cols, K, W, (const float *)xk + t * K, xsum ? xsum + t * (K / PXL_QK) : NULL,
-                             Y + t * ldy);
-    } else {
+    } else if (qbuf) { /* int8 dot products, token by token over panels of rows that stay in L1 */
+        size_t nb = K / PXL_QK, step = T == 1 ? cols : PANEL;
+        const float *d = (const float *)(qbuf + T * K), *c = d + T * nb, *e = c + T * nb;
+        for (size_t n = 0; n < cols; n += step)
+            for (size_t t = 0; t < T; t++) {
+                pxl_qx xt = {qbuf + t * K, d + t * nb, c + t * nb, e + t * nb};
+                ks->gemv_q[wfmt](n, n + step < cols ? n + step : cols, K, W, &xt, Y + t * ldy);
+            }
+    } else { /* fp32 GEMM tiles over dequantised panels of rows */
         float *panel = pxl_scratch(3, (size_t)PANEL * K * 4);
         for (size_t n = 0; n < cols; n += PANEL) {
             size_t rows = cols - n < PANEL ? cols - n : PANEL;
@@ -73,30 +103,28 @@ static void compute(const pxl_kernel_set *ks, int wfmt, size_t T, size_t cols, s
 static void linear_team(const pxl_kernel_set *ks, int dt, int wfmt, size_t T, size_t N, size_t K, const void *x,
                         const void *W, const void *bias, void *y) {
     const int convert = wfmt == PXL_BF16 ? dt == PXL_F32 : dt == PXL_BF16;
-    const int q4 = wfmt == PXL_Q4_0 || wfmt == PXL_Q4_1;
-    const size_t xes = wfmt == PXL_BF16 ? 2 : 4, nb = K / PXL_QK;
-    const void *xk = x;
-    float *xsum = NULL;
-    if ((convert || q4) && T <= T_PRIVATE) { /* decode: every thread prepares x for itself */
-        void *buf = convert ? pxl_scratch(0, T * K * xes) : NULL;
-        xsum = q4 ? pxl_scratch(2, T * nb * 4) : NULL;
-        prepare_rows(dt, wfmt, 0, T, K, x, buf ? buf : (void *)x, xsum);
-        if (buf) xk = buf;
-    } else if (convert || q4) { /* prefill: the team prepares shared rows, then waits for all */
-        void *buf = NULL;
-        float *sums = NULL;
-#pragma omp single copyprivate(buf, sums)
+    /* quantised weights: int8 dot products for decode-sized T (and every T when batch
+     * invariant, so a row's result never depends on the batch), dequantised panels else */
+    const int qdot = wfmt >= PXL_Q8_0 && (T <= Q_DOT_MAX_T || pxl_batch_invariant());
+    const size_t xes = wfmt == PXL_BF16 ? 2 : 4, qbytes = T * K + 3 * T * (K / PXL_QK) * 4;
+    void *xc = NULL;
+    int8_t *qbuf = NULL;
+    if ((convert || qdot) && T <= T_PRIVATE) { /* decode: every thread prepares x for itself */
+        xc = convert ? pxl_scratch(0, T * K * xes) : NULL;
+        qbuf = qdot ? pxl_scratch(2, qbytes) : NULL;
+        prepare_rows(dt, wfmt, T, 0, T, K, x, xc, qbuf);
+    } else if (convert || qdot) { /* prefill: the team prepares shared rows, then waits for all */
+#pragma omp single copyprivate(xc, qbuf)
         {
-            buf = convert ? pxl_scratch(0, T * K * xes) : NULL;
-            sums = q4 ? pxl_scratch(2, T * nb * 4) : NULL;
+            xc = convert ? pxl_scratch(0, T * K * xes) : NULL;
+            qbuf = qdot ? pxl_scratch(2, qbytes) : NULL;
         }
         size_t t0, t1;
         pxl_split(T, 1, &t0, &t1);
-        prepare_rows(dt, wfmt, t0, t1, K, x, buf ? buf : (void *)x, sums);
+        prepare_rows(dt, wfmt, T, t0, t1, K, x, xc, qbuf);
 #pragma omp barrier
-        if (buf) xk = buf;
-        xsum = sums;
     }
+    const void *xk = xc ? xc : x;
 
     size_t n0, n1;
     pxl_split(N, 16, &n0, &n1);
@@ -104,12 +132,12 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int wfmt, size_t T, si
     size_t cols = n1 - n0;
     const char *Wn = (const char *)W + n0 * pxl_row_bytes(wfmt, K);
     if (dt == PXL_F32 && !bias) {
-        compute(ks, wfmt, T, cols, K, xk, xsum, Wn, (float *)y + n0, N);
+        compute(ks, wfmt, T, cols, K, xk, qbuf, Wn, (float *)y + n0, N);
         return;
     }
     /* bias or bf16 output: this thread's columns in fp32, then added and rounded once */
     float *yp = pxl_scratch(1, T * cols * 4);
-    compute(ks, wfmt, T, cols, K, xk, xsum, Wn, yp, cols);
+    compute(ks, wfmt, T, cols, K, xk, qbuf, Wn, yp, cols);
     for (size_t t = 0; t < T; t++)
         for (size_t j = 0; j < cols; j++) {
             size_t n = n0 + j;

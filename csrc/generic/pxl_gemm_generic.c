@@ -98,54 +98,44 @@ static void tile_bf16_generic(int rm, int rn, size_t K, const void *X, size_t ld
     tile_generic(1, rm, rn, K, X, ldx, W, ldw, Y, ldy);
 }
 
-/* Quantised GEMV straight on the blocks: each block's integer-weight dot is scaled once
- * by d; the offset term m * sum(x_block) uses the precomputed block sums. */
-static void gemv_q8_0_generic(size_t n0, size_t n1, size_t K, const void *W, const float *x, const float *xsum,
-                              float *y) {
-    (void)xsum;
+/* Quantised GEMV straight on the blocks with int8 activations: each block's integer dot
+ * product is exact in int32 and scaled once by d_w * d_x; the Q4 offset term comes from
+ * the per-block c (see pxl_qx). The x86 and RVV kernels compute the same sums. */
+static void gemv_q8_0_generic(size_t n0, size_t n1, size_t K, const void *W, const pxl_qx *x, float *y) {
     size_t nb = K / PXL_QK;
     for (size_t n = n0; n < n1; n++) {
         const pxl_block_q8_0 *b = (const pxl_block_q8_0 *)W + n * nb;
         float s = 0;
         for (size_t i = 0; i < nb; i++) {
-            float dot = 0;
-            for (int j = 0; j < PXL_QK; j++) dot += (float)b[i].qs[j] * x[i * PXL_QK + j];
-            s += pxl_fp16_to_fp32(b[i].d) * dot;
+            int32_t dot = 0;
+            for (int j = 0; j < PXL_QK; j++) dot += (int32_t)b[i].qs[j] * x->q[i * PXL_QK + j];
+            s += (float)dot * (pxl_fp16_to_fp32(b[i].d) * x->d[i]);
         }
         y[n] = s;
     }
 }
 
-static inline float q4_block_dot(const uint8_t *qs, const float *xb) {
-    float dot = 0;
-    for (int j = 0; j < PXL_QK / 2; j++) dot += (float)(qs[j] & 0xf) * xb[j] + (float)(qs[j] >> 4) * xb[j + 16];
-    return dot;
-}
-
-static void gemv_q4_0_generic(size_t n0, size_t n1, size_t K, const void *W, const float *x, const float *xsum,
-                              float *y) {
-    size_t nb = K / PXL_QK;
+static void gemv_q4_generic(int q41, size_t n0, size_t n1, size_t K, const void *W, const pxl_qx *x, float *y) {
+    size_t nb = K / PXL_QK, bs = q41 ? sizeof(pxl_block_q4_1) : sizeof(pxl_block_q4_0);
     for (size_t n = n0; n < n1; n++) {
-        const pxl_block_q4_0 *b = (const pxl_block_q4_0 *)W + n * nb;
-        float s = 0;
+        float s = 0, off = 0;
         for (size_t i = 0; i < nb; i++) {
-            float d = pxl_fp16_to_fp32(b[i].d);
-            s += d * (q4_block_dot(b[i].qs, x + i * PXL_QK) - 8 * xsum[i]);
+            const uint8_t *blk = (const uint8_t *)W + (n * nb + i) * bs, *qs = blk + (q41 ? 4 : 2);
+            const int8_t *xq = x->q + i * PXL_QK;
+            int32_t dot = 0;
+            for (int j = 0; j < PXL_QK / 2; j++) dot += (qs[j] & 0xf) * xq[j] + (qs[j] >> 4) * xq[j + 16];
+            float dw = pxl_fp16_to_fp32(*(const uint16_t *)blk);
+            s += (float)dot * (dw * x->d[i]);
+            off += (q41 ? pxl_fp16_to_fp32(*(const uint16_t *)(blk + 2)) * x->c[i] : 0.0f) + dw * x->e[i];
         }
-        y[n] = s;
+        y[n] = s + off;
     }
 }
-
-static void gemv_q4_1_generic(size_t n0, size_t n1, size_t K, const void *W, const float *x, const float *xsum,
-                              float *y) {
-    size_t nb = K / PXL_QK;
-    for (size_t n = n0; n < n1; n++) {
-        const pxl_block_q4_1 *b = (const pxl_block_q4_1 *)W + n * nb;
-        float s = 0;
-        for (size_t i = 0; i < nb; i++)
-            s += pxl_fp16_to_fp32(b[i].d) * q4_block_dot(b[i].qs, x + i * PXL_QK) + pxl_fp16_to_fp32(b[i].m) * xsum[i];
-        y[n] = s;
-    }
+static void gemv_q4_0_generic(size_t n0, size_t n1, size_t K, const void *W, const pxl_qx *x, float *y) {
+    gemv_q4_generic(0, n0, n1, K, W, x, y);
+}
+static void gemv_q4_1_generic(size_t n0, size_t n1, size_t K, const void *W, const pxl_qx *x, float *y) {
+    gemv_q4_generic(1, n0, n1, K, W, x, y);
 }
 
 const pxl_kernel_set pxl_kernels_generic = {

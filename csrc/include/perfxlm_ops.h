@@ -8,7 +8,9 @@
  *   Q8_0: { fp16 d; int8  qs[32]; }            w = d * q
  *   Q4_0: { fp16 d; uint8 qs[16]; }            w = d * (nibble - 8)
  *   Q4_1: { fp16 d; fp16 m; uint8 qs[16]; }    w = d * nibble + m
- * where byte j holds weight j in its low nibble and weight j + 16 in its high one.
+ * where byte j holds weight j in its low nibble and weight j + 16 in its high one. Linear on
+ * quantised weights quantises x to int8 per 32-block for its dot products (llama.cpp's
+ * scheme) when T is small (decode) or in batch-invariant mode; larger T run in fp32.
  * Ops are multi-threaded inside (OpenMP) and pick their kernels from the CPU's features.
  */
 #ifndef PERFXLM_OPS_H
@@ -36,6 +38,11 @@ const char *pxl_isa(void);
 int pxl_set_isa(const char *isa);
 int pxl_num_threads(void);
 void pxl_set_num_threads(int n);
+/* batch invariance: every op's result for a token is bitwise independent of the other
+ * tokens in the call (Linear on quantised weights then always takes the int8 dot-product
+ * path; everything else already is). Off by default. */
+void pxl_set_batch_invariant(int on);
+int pxl_batch_invariant(void);
 
 /* y (T, N) = x (T, K) @ W (N, K)^T (+ bias (N,)); wfmt: PXL_F32/BF16/Q8_0/Q4_0/Q4_1
  * (quantised formats need K % 32 == 0); x, bias, y in dt */

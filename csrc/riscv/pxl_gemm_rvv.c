@@ -4,8 +4,8 @@
  * accumulators strip-mined along K by vsetvl; the last, shorter strip accumulates with
  * the tail-undisturbed (_tu) policy so lanes past vl keep their partial sums, and the
  * reduction runs over VLMAX. Rows past rm/rn alias row 0 and are computed but not stored,
- * so one unrolled body serves every tile shape. Quantised GEMVs widen one GGUF block
- * (int8, or nibbles) to fp32 in registers and scale its dot product once by d.
+ * so one unrolled body serves every tile shape. Quantised GEMVs take int8 activations
+ * (pxl_qx): one GGUF block's exact int32 dot product, scaled once by d_w * d_x.
  */
 #include "pxl_kernels.h"
 
@@ -59,49 +59,51 @@ static void tile_bf16_rvv(int rm, int rn, size_t K, const void *X, size_t ldx, c
     tile(1, rm, rn, K, X, ldx, W, ldw, Y, ldy);
 }
 
-static void gemv_q8_0_rvv(size_t n0, size_t n1, size_t K, const void *W, const float *x, const float *xsum, float *y) {
-    (void)xsum;
-    size_t nb = K / PXL_QK, vl = __riscv_vsetvl_e32m8(PXL_QK); /* 32 lanes fit e32m8 from VLEN 128 up */
-    vfloat32m1_t z = __riscv_vfmv_v_f_f32m1(0, 1);
+/* int8 dot products on one block: 16-lane int8 strips (VLEN >= 128 holds 16 e8 at LMUL 1),
+ * widening multiplies into int16 and one widening reduction into an exact int32 sum */
+static void gemv_q8_0_rvv(size_t n0, size_t n1, size_t K, const void *W, const pxl_qx *x, float *y) {
+    size_t nb = K / PXL_QK, vl = __riscv_vsetvl_e8m2(PXL_QK); /* 32 int8 lanes: e8m2 from VLEN 128 up */
+    vint32m1_t z = __riscv_vmv_v_x_i32m1(0, 1);
     for (size_t n = n0; n < n1; n++) {
         const pxl_block_q8_0 *b = (const pxl_block_q8_0 *)W + n * nb;
-        vfloat32m8_t acc = __riscv_vfmv_v_f_f32m8(0, vl);
+        float s = 0;
         for (size_t i = 0; i < nb; i++) {
-            vint32m8_t q = __riscv_vsext_vf4_i32m8(__riscv_vle8_v_i8m2(b[i].qs, vl), vl);
-            vfloat32m8_t p = __riscv_vfmul_vv_f32m8(__riscv_vfcvt_f_x_v_f32m8(q, vl), __riscv_vle32_v_f32m8(x + i * PXL_QK, vl), vl);
-            acc = __riscv_vfmacc_vf_f32m8(acc, pxl_fp16_to_fp32(b[i].d), p, vl);
+            vint16m4_t p = __riscv_vwmul_vv_i16m4(__riscv_vle8_v_i8m2(b[i].qs, vl),
+                                                  __riscv_vle8_v_i8m2(x->q + i * PXL_QK, vl), vl);
+            int32_t dot = __riscv_vmv_x_s_i32m1_i32(__riscv_vwredsum_vs_i16m4_i32m1(p, z, vl));
+            s += (float)dot * (pxl_fp16_to_fp32(b[i].d) * x->d[i]);
         }
-        y[n] = __riscv_vfmv_f_s_f32m1_f32(__riscv_vfredusum_vs_f32m8_f32m1(acc, z, vl));
+        y[n] = s;
     }
 }
 
-static void gemv_q4_rvv(int q41, size_t n0, size_t n1, size_t K, const void *W, const float *x, const float *xsum,
-                        float *y) {
-    size_t nb = K / PXL_QK, bs = q41 ? sizeof(pxl_block_q4_1) : sizeof(pxl_block_q4_0), vl = __riscv_vsetvl_e32m4(16);
-    vfloat32m1_t z = __riscv_vfmv_v_f_f32m1(0, 1);
+static void gemv_q4_rvv(int q41, size_t n0, size_t n1, size_t K, const void *W, const pxl_qx *x, float *y) {
+    size_t nb = K / PXL_QK, bs = q41 ? sizeof(pxl_block_q4_1) : sizeof(pxl_block_q4_0), vl = __riscv_vsetvl_e8m1(16);
+    vint32m1_t z = __riscv_vmv_v_x_i32m1(0, 1);
     for (size_t n = n0; n < n1; n++) {
-        const char *row = (const char *)W + n * nb * bs;
-        vfloat32m4_t acc = __riscv_vfmv_v_f_f32m4(0, vl);
-        float off = 0;
+        const uint8_t *row = (const uint8_t *)W + n * nb * bs;
+        float s = 0, off = 0;
         for (size_t i = 0; i < nb; i++) {
-            const char *blk = row + i * bs;
-            float d = pxl_fp16_to_fp32(*(const uint16_t *)blk);
-            off += (q41 ? pxl_fp16_to_fp32(*(const uint16_t *)(blk + 2)) : -8 * d) * xsum[i];
-            vuint8m1_t qb = __riscv_vle8_v_u8m1((const uint8_t *)blk + (q41 ? 4 : 2), vl);
-            vfloat32m4_t lo = __riscv_vfcvt_f_xu_v_f32m4(__riscv_vzext_vf4_u32m4(__riscv_vand_vx_u8m1(qb, 0xf, vl), vl), vl);
-            vfloat32m4_t hi = __riscv_vfcvt_f_xu_v_f32m4(__riscv_vzext_vf4_u32m4(__riscv_vsrl_vx_u8m1(qb, 4, vl), vl), vl);
-            vfloat32m4_t p = __riscv_vfmul_vv_f32m4(lo, __riscv_vle32_v_f32m4(x + i * PXL_QK, vl), vl);
-            p = __riscv_vfmacc_vv_f32m4(p, hi, __riscv_vle32_v_f32m4(x + i * PXL_QK + 16, vl), vl);
-            acc = __riscv_vfmacc_vf_f32m4(acc, d, p, vl);
+            const uint8_t *blk = row + i * bs;
+            const int8_t *xq = x->q + i * PXL_QK;
+            float dw = pxl_fp16_to_fp32(*(const uint16_t *)blk);
+            off += (q41 ? pxl_fp16_to_fp32(*(const uint16_t *)(blk + 2)) * x->c[i] : 0.0f) + dw * x->e[i];
+            vuint8m1_t qb = __riscv_vle8_v_u8m1(blk + (q41 ? 4 : 2), vl);
+            vint8m1_t lo = __riscv_vreinterpret_v_u8m1_i8m1(__riscv_vand_vx_u8m1(qb, 0xf, vl));
+            vint8m1_t hi = __riscv_vreinterpret_v_u8m1_i8m1(__riscv_vsrl_vx_u8m1(qb, 4, vl));
+            vint16m2_t p = __riscv_vwmul_vv_i16m2(lo, __riscv_vle8_v_i8m1(xq, vl), vl);
+            p = __riscv_vwmacc_vv_i16m2(p, hi, __riscv_vle8_v_i8m1(xq + 16, vl), vl); /* |sum| <= 2*15*127 */
+            int32_t dot = __riscv_vmv_x_s_i32m1_i32(__riscv_vwredsum_vs_i16m2_i32m1(p, z, vl));
+            s += (float)dot * (dw * x->d[i]);
         }
-        y[n] = __riscv_vfmv_f_s_f32m1_f32(__riscv_vfredusum_vs_f32m4_f32m1(acc, z, vl)) + off;
+        y[n] = s + off;
     }
 }
-static void gemv_q4_0_rvv(size_t n0, size_t n1, size_t K, const void *W, const float *x, const float *xsum, float *y) {
-    gemv_q4_rvv(0, n0, n1, K, W, x, xsum, y);
+static void gemv_q4_0_rvv(size_t n0, size_t n1, size_t K, const void *W, const pxl_qx *x, float *y) {
+    gemv_q4_rvv(0, n0, n1, K, W, x, y);
 }
-static void gemv_q4_1_rvv(size_t n0, size_t n1, size_t K, const void *W, const float *x, const float *xsum, float *y) {
-    gemv_q4_rvv(1, n0, n1, K, W, x, xsum, y);
+static void gemv_q4_1_rvv(size_t n0, size_t n1, size_t K, const void *W, const pxl_qx *x, float *y) {
+    gemv_q4_rvv(1, n0, n1, K, W, x, y);
 }
 
 const pxl_kernel_set pxl_kernels_rvv = {

@@ -8,6 +8,9 @@
 
 #include "perfxlm_ops.h"
 
+/* internal (pxl_kernels.h): x quantised per 32-block for the int8 dot products */
+void pxl_quantize_x(int fmt, size_t T, size_t K, const float *x, int8_t *q, float *d, float *c, float *e);
+
 static int passed, failed;
 static const char *isa = "";
 
@@ -100,26 +103,92 @@ static void *make_weights(int fmt, size_t N, size_t K, double *deq) {
 
 static const char *fmt_name[] = {"f32", "bf16", "q8_0", "q4_0", "q4_1"};
 
+/* Quantised weights with small T (or batch invariant) take int8 dot products on x quantised
+ * per 32-block: the reference then uses the same quantised x (checked on its own in
+ * test_quantize_x), so only the kernels' summation is under test. */
+static int int8_path(int fmt, size_t T) { return fmt >= PXL_Q8_0 && (T <= 4 || pxl_batch_invariant()); }
+
 static void test_linear(int dt, int fmt, size_t T, size_t N, size_t K, int with_bias) {
-    double *deq = malloc(N * K * 8), *ref = malloc(T * N * 8), *mag = malloc(T * N * 8);
+    double *deq = malloc(N * K * 8), *ref = malloc(T * N * 8), *mag = malloc(T * N * 8), *xr = malloc(T * K * 8);
     void *W = make_weights(fmt, N, K, deq), *x = alloc_rand(dt, T * K, 1), *b = alloc_rand(dt, N, 1);
     void *y = malloc(T * N * 4 + 64);
+    size_t nb = K / PXL_QK;
+    int8_t *q = malloc(T * K + 1);
+    float *xf = malloc(T * K * 4 + 4), *qd = malloc(T * nb * 4 + 4), *qc = malloc(T * nb * 4 + 4), *qe = malloc(T * nb * 4 + 4);
+    for (size_t i = 0; i < T * K; i++) xf[i] = get(dt, x, i);
+    int qdot = int8_path(fmt, T);
+    if (qdot) pxl_quantize_x(fmt, T, K, xf, q, qd, qc, qe);
+    for (size_t i = 0; i < T * K; i++) /* bf16 weights multiply bf16-rounded x (vdpbf16ps) */
+        xr[i] = qdot ? (double)qd[i / PXL_QK] * q[i] : fmt == PXL_BF16 ? rnd(1, xf[i]) : xf[i];
     for (size_t t = 0; t < T; t++)
         for (size_t n = 0; n < N; n++) {
             double s = with_bias ? get(dt, b, n) : 0, m = fabs(s);
             for (size_t k = 0; k < K; k++) {
-                /* bf16 weights multiply bf16-rounded x (both operands of vdpbf16ps are bf16) */
-                double xv = fmt == PXL_BF16 ? rnd(1, get(dt, x, t * K + k)) : get(dt, x, t * K + k);
-                s += deq[n * K + k] * xv, m += fabs(deq[n * K + k] * xv);
+                s += deq[n * K + k] * xr[t * K + k], m += fabs(deq[n * K + k] * xf[t * K + k]);
+                if (qdot && fmt == PXL_Q4_1) { /* Q4_1: d (n - 8) meets rounded x, m + 8d the exact sum */
+                    const pxl_block_q4_1 *blk = (const pxl_block_q4_1 *)W + n * nb + k / PXL_QK;
+                    s += (fp16(blk->m) + 8 * fp16(blk->d)) * (xf[t * K + k] - xr[t * K + k]);
+                }
             }
             ref[t * N + n] = s, mag[t * N + n] = m;
         }
     pxl_linear(dt, fmt, T, N, K, x, W, with_bias ? b : NULL, y);
-    char name[96];
-    snprintf(name, sizeof name, "linear %s w=%s T=%zu N=%zu K=%zu%s", dt ? "bf16" : "f32", fmt_name[fmt], T, N, K,
-             with_bias ? " +bias" : "");
+    char name[112];
+    snprintf(name, sizeof name, "linear %s w=%s T=%zu N=%zu K=%zu%s%s", dt ? "bf16" : "f32", fmt_name[fmt], T, N, K,
+             with_bias ? " +bias" : "", qdot ? " (int8 x)" : "");
     check(name, dt, T * N, y, ref, mag, 2e-6 * sqrt((double)K) + 1e-6);
-    free(deq); free(ref); free(mag); free(W); free(x); free(b); free(y);
+    free(deq); free(ref); free(mag); free(xr); free(W); free(x); free(b); free(y); free(q); free(xf); free(qd); free(qc); free(qe);
+}
+
+/* q * d is within half a step of x, the scale is amax / 127, and c is each format's offset term */
+static void test_quantize_x(size_t K) {
+    size_t nb = K / PXL_QK;
+    float *x = alloc_rand(0, K, 3), *d = malloc(nb * 4), *c = malloc(nb * 4), *e = malloc(nb * 4);
+    int8_t *q = malloc(K);
+    x[5] = 0; /* and an all-zero block: d = 0, q = 0 */
+    for (size_t j = 0; j < PXL_QK && K >= 2 * PXL_QK; j++) x[PXL_QK + j] = 0;
+    int ok = 1;
+    for (int fmt = PXL_Q8_0; fmt <= PXL_Q4_1; fmt++) {
+        pxl_quantize_x(fmt, 1, K, x, q, d, c, e);
+        for (size_t b = 0; b < nb; b++) {
+            double amax = 0, sum = 0, qsum = 0;
+            for (int j = 0; j < PXL_QK; j++) {
+                double v = x[b * PXL_QK + j];
+                amax = fabs(v) > amax ? fabs(v) : amax, sum += v, qsum += q[b * PXL_QK + j];
+                ok &= fabs(v - (double)d[b] * q[b * PXL_QK + j]) <= 0.5001 * d[b] + 1e-12;
+            }
+            ok &= fabs(d[b] - amax / 127) <= 1e-7 * amax;
+            double want_c = fmt == PXL_Q4_1 ? sum : 0;
+            double want_e = fmt == PXL_Q4_1 ? 8 * (sum - d[b] * qsum) : fmt == PXL_Q4_0 ? -8 * d[b] * qsum : 0;
+            ok &= fabs(c[b] - want_c) <= 1e-5 * (fabs(want_c) + 1) && fabs(e[b] - want_e) <= 1e-5 * (fabs(sum) + 1);
+        }
+    }
+    char name[48];
+    snprintf(name, sizeof name, "quantize_x K=%zu", K);
+    if (ok) passed++;
+    else printf("FAIL [%s] %s\n", isa, name), failed++;
+    free(x); free(d); free(c); free(e); free(q);
+}
+
+/* batch invariance: each row of a T-row Linear equals the same row computed alone, bitwise */
+static void test_batch_invariant(int dt, int fmt, size_t T, size_t N, size_t K) {
+    double *deq = malloc(N * K * 8);
+    void *W = make_weights(fmt, N, K, deq), *x = alloc_rand(dt, T * K, 1);
+    size_t es = dt ? 2 : 4;
+    char *y = malloc(T * N * es), *y1 = malloc(N * es);
+    pxl_set_batch_invariant(1);
+    pxl_linear(dt, fmt, T, N, K, x, W, NULL, y);
+    int ok = 1;
+    for (size_t t = 0; t < T; t++) {
+        pxl_linear(dt, fmt, 1, N, K, (const char *)x + t * K * es, W, NULL, y1);
+        ok &= !memcmp(y + t * N * es, y1, N * es);
+    }
+    pxl_set_batch_invariant(0);
+    char name[80];
+    snprintf(name, sizeof name, "batch invariant linear %s w=%s T=%zu N=%zu K=%zu", dt ? "bf16" : "f32", fmt_name[fmt], T, N, K);
+    if (ok) passed++;
+    else printf("FAIL [%s] %s\n", isa, name), failed++;
+    free(deq); free(W); free(x); free(y); free(y1);
 }
 
 static void test_rowwise(int dt, size_t T, size_t D) {
@@ -258,6 +327,16 @@ int main(void) {
             for (int fmt = PXL_Q8_0; fmt <= PXL_Q4_1; fmt++)
                 test_linear(PXL_F32, fmt, qshapes[i][0], qshapes[i][1], qshapes[i][2], i == 3);
         test_linear(PXL_BF16, PXL_Q4_1, 5, 19, 96, 1);
+        test_linear(PXL_BF16, PXL_Q8_0, 2, 19, 96, 1);
+        pxl_set_batch_invariant(1); /* every T takes the int8 path */
+        for (int fmt = PXL_Q8_0; fmt <= PXL_Q4_1; fmt++) test_linear(PXL_F32, fmt, 17, 70, 576, 0);
+        pxl_set_batch_invariant(0);
+        test_quantize_x(32);
+        test_quantize_x(576);
+        for (int fmt = PXL_F32; fmt <= PXL_Q4_1; fmt++) {
+            test_batch_invariant(fmt == PXL_BF16, fmt, 37, 83, fmt >= PXL_Q8_0 ? 576 : 577);
+            test_batch_invariant(PXL_F32, fmt, 9, 1536, fmt >= PXL_Q8_0 ? 576 : 100);
+        }
         for (int dt = 0; dt < 2; dt++) {
             test_rowwise(dt, 1, 1);
             test_rowwise(dt, 13, 577);

@@ -21,6 +21,8 @@ _SIGNATURES = {
     "pxl_set_isa": ([ctypes.c_char_p], _i),
     "pxl_num_threads": ([], _i),
     "pxl_set_num_threads": ([_i], None),
+    "pxl_set_batch_invariant": ([_i], None),
+    "pxl_batch_invariant": ([], _i),
     "pxl_linear": ([_i, _i, _sz, _sz, _sz, _p, _p, _p, _p], None),
     "pxl_gather": ([_i, _sz, _sz, _p, _p, _p], None),
     "pxl_rmsnorm": ([_i, _sz, _sz, _p, _p, _f, _p], None),

@@ -50,6 +50,13 @@ class CpuPlugin(HwPlugin):
     def is_available(self) -> bool:
         return self.lib is not None
 
+    def set_batch_invariant(self, on: bool) -> bool:
+        """The kernels already reduce in one fixed order whatever the tile shape; the mode only
+        sends quantised Linear through the int8 dot products at every T (the library's flag
+        is per process: each engine sets it when it starts)."""
+        self.lib.pxl_set_batch_invariant(int(on))
+        return True
+
     def unavailable_reason(self) -> str | None:
         return self._error
 

@@ -67,10 +67,17 @@ class LLMEngine:
     def _make_executor(self, num_blocks: int) -> Executor:
         cfg = self.config
         if os.environ.get("PERFXLM_EXECUTOR", "graph") == "eager":
+            if cfg.batch_invariant:
+                raise ValueError("PERFXLM_BATCH_INVARIANT=1 needs the graph executor (PERFXLM_EXECUTOR=eager "
+                                 "runs torch, whose GEMMs depend on the batch)")
             return EagerExecutor(self.source.load_weights(cfg.dtype), num_blocks, cfg.block_size, cfg.dtype)
         path = cached_graph(self.source, cfg.dtype, cfg.quantization)
         runner = GraphRunner(path, select_plugin(cfg.hw_plugin), TorchPlugin(), cfg.max_num_batched_tokens,
                              num_blocks, cfg.block_size)
+        for plugin in {node.plugin for node in runner.nodes}:
+            if not plugin.set_batch_invariant(cfg.batch_invariant):
+                raise ValueError(f"PERFXLM_BATCH_INVARIANT=1: hw_plugin {plugin.name!r} runs nodes here but "
+                                 "cannot make them batch invariant (the cpu and rvv plugins can)")
         return GraphExecutor(runner)
 
     def _eos_token_id(self) -> int | None:
