@@ -25,6 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     gemv.add_argument("--formats", default="fp32,bf16,q4_1", help="comma list of fp32, bf16, q8_0, q4_0, q4_1")
     gemv.add_argument("--rows", type=int, default=1, help="tokens per call: 1 = decode GEMV, e.g. 512 = prefill GEMM")
     gemv.add_argument("--output-json", default=None, help="also write the rows as JSON")
+    roof = bsub.add_parser("roofline", help="memory bandwidth and peak fp32/bf16/int8 rates, and each workload's "
+                                             "ceiling on a model")
+    roof.add_argument("--model", default=None, help="a GGUF file (default: the embedded SmolLM2)")
+    roof.add_argument("--threads", type=int, default=None, help="default: all cores")
+    roof.add_argument("--output-json", default=None, help="also write the figures as JSON")
     from perfxlm.bench.serving import add_common_args
     thr = bsub.add_parser("throughput", help="offline throughput (vLLM bench throughput's flags and summary)")
     add_common_args(thr)
@@ -40,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         if args.bench == "gemv":
             return _bench_gemv(args)
+        if args.bench == "roofline":
+            return _bench_roofline(args)
         import perfxlm  # noqa: F401 - configures logging
         from perfxlm.bench import serving
         getattr(serving, args.bench)(args)
@@ -68,6 +75,29 @@ def _bench_gemv(args: argparse.Namespace) -> int:
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(rows, f, indent=1)
+    return 0
+
+
+def _bench_roofline(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+    import os
+
+    import perfxlm  # noqa: F401 - configures logging
+    from perfxlm.bench import roofline
+
+    if args.model is None:
+        from perfxlm.models.default_model import embedded_gguf_path
+        args.model = str(embedded_gguf_path())
+    if not str(args.model).endswith(".gguf") or not os.path.isfile(args.model):
+        raise SystemExit(f"perfxlm bench roofline: --model must be a GGUF file, got {args.model!r}")
+    threads = args.threads or len(os.sched_getaffinity(0))
+    roofs = roofline.measure(threads)
+    rows = roofline.ceilings(roofs, roofline.model_cost(args.model))
+    print(roofline.report(roofs, rows, threads))
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump({"roofs": dataclasses.asdict(roofs), "workloads": rows}, f, indent=1)
     return 0
 
 
