@@ -64,7 +64,7 @@ static void prepare_rows(int dt, int wfmt, size_t T, size_t t0, size_t t1, size_
                          int8_t *qbuf) {
     size_t nb = K / PXL_QK;
     for (size_t t = t0; t < t1; t++) {
-        if (xc && wfmt == PXL_BF16)
+        if (xc && (wfmt == PXL_BF16 || wfmt == PXL_BF16P))
             for (size_t i = 0; i < K; i++) ((uint16_t *)xc)[t * K + i] = pxl_f32_to_bf16(((const float *)x)[t * K + i]);
         else if (xc)
             for (size_t i = 0; i < K; i++) ((float *)xc)[t * K + i] = pxl_bf16_to_f32(((const uint16_t *)x)[t * K + i]);
@@ -76,10 +76,51 @@ static void prepare_rows(int dt, int wfmt, size_t T, size_t t0, size_t t1, size_
     }
 }
 
+size_t pxl_packed_bytes(int wfmt, size_t N, size_t K) {
+    if (wfmt != PXL_BF16 || K % 2 || !pxl_kernels()->gemm_bf16p) return 0;
+    return (N + PXL_PANEL - 1) / PXL_PANEL * K * PXL_PANEL * 2;
+}
+
+/* one panel: rows [0, rows) of src (rows, K) in fp32 or bf16 -> [K/2][32][2] bf16, zero-padded */
+static void pack_panel(int src_fmt, size_t rows, size_t K, const void *src, uint16_t *out) {
+    for (size_t p = 0; p < K / 2; p++)
+        for (size_t j = 0; j < PXL_PANEL; j++)
+            for (size_t h = 0; h < 2; h++) {
+                uint16_t v = 0;
+                if (j < rows)
+                    v = src_fmt == PXL_BF16 ? ((const uint16_t *)src)[j * K + 2 * p + h]
+                                            : pxl_f32_to_bf16(((const float *)src)[j * K + 2 * p + h]);
+                out[(p * PXL_PANEL + j) * 2 + h] = v;
+            }
+}
+
+void pxl_pack_weights(int wfmt, size_t N, size_t K, const void *W, void *out) {
+    for (size_t n = 0; n < N; n += PXL_PANEL)
+        pack_panel(wfmt, N - n < PXL_PANEL ? N - n : PXL_PANEL, K, (const uint16_t *)W + n * K,
+                   (uint16_t *)out + n * K);
+}
+
+/* Y (T, cols) = X (T, K) bf16 . packed panels; T walks in chunks that stay in L2 while a
+ * panel (32 x K bf16, L1-sized) serves every token of the chunk */
+static void run_packed(const pxl_kernel_set *ks, size_t T, size_t cols, size_t K, const uint16_t *X,
+                       const uint16_t *Wp, float *Y, size_t ldy) {
+    for (size_t t0 = 0; t0 < T; t0 += 4 * T_CHUNK) {
+        size_t t1 = t0 + 4 * T_CHUNK < T ? t0 + 4 * T_CHUNK : T;
+        for (size_t n = 0; n < cols; n += PXL_PANEL)
+            for (size_t t = t0; t < t1; t += PXL_PANEL_RM) {
+                int rm = t1 - t < PXL_PANEL_RM ? (int)(t1 - t) : PXL_PANEL_RM;
+                ks->gemm_bf16p(rm, K, X + t * K, K, Wp + n * K, Y + t * ldy + n, ldy,
+                               cols - n < PXL_PANEL ? (int)(cols - n) : PXL_PANEL);
+            }
+    }
+}
+
 /* columns [0, cols) of y = x @ W^T where W starts at this thread's first row */
-static void compute(const pxl_kernel_set *ks, int wfmt, size_t T, size_t cols, size_t K, const void *xk,
-                    const int8_t *qbuf, const char *W, float *Y, size_t ldy) {
-    if (wfmt <= PXL_BF16) {
+static void compute(const pxl_kernel_set *ks, int wfmt, int packed_q, size_t T, size_t cols, size_t K,
+                    const void *xk, const int8_t *qbuf, const char *W, float *Y, size_t ldy) {
+    if (wfmt == PXL_BF16P) {
+        run_packed(ks, T, cols, K, xk, (const uint16_t *)W, Y, ldy);
+    } else if (wfmt <= PXL_BF16) {
         run_tiles(ks, wfmt == PXL_F32 ? ks->tile_f32 : ks->tile_bf16, wfmt == PXL_F32 ? 4 : 2, T, 0, cols, K, xk, W,
                   Y, ldy);
     } else if (qbuf) { /* int8 dot products, token by token over panels of rows that stay in L1 */
@@ -90,6 +131,15 @@ static void compute(const pxl_kernel_set *ks, int wfmt, size_t T, size_t cols, s
                 pxl_qx xt = {qbuf + t * K, d + t * nb, c + t * nb, e + t * nb};
                 ks->gemv_q[wfmt](n, n + step < cols ? n + step : cols, K, W, &xt, Y + t * ldy);
             }
+    } else if (packed_q) { /* bf16 x: dequantised panels packed for the bf16 micro-kernel */
+        float *rows = pxl_scratch(3, (size_t)PXL_PANEL * K * 4 + (size_t)PXL_PANEL * K * 2);
+        uint16_t *panel = (uint16_t *)(rows + PXL_PANEL * K);
+        for (size_t n = 0; n < cols; n += PXL_PANEL) {
+            size_t r = cols - n < PXL_PANEL ? cols - n : PXL_PANEL;
+            pxl_dequant_rows(wfmt, W, n, r, K, rows);
+            pack_panel(PXL_F32, r, K, rows, panel);
+            run_packed(ks, T, r, K, xk, panel, Y + n, ldy);
+        }
     } else { /* fp32 GEMM tiles over dequantised panels of rows */
         float *panel = pxl_scratch(3, (size_t)PANEL * K * 4);
         for (size_t n = 0; n < cols; n += PANEL) {
@@ -102,11 +152,14 @@ static void compute(const pxl_kernel_set *ks, int wfmt, size_t T, size_t cols, s
 
 static void linear_team(const pxl_kernel_set *ks, int dt, int wfmt, size_t T, size_t N, size_t K, const void *x,
                         const void *W, const void *bias, void *y) {
-    const int convert = wfmt == PXL_BF16 ? dt == PXL_F32 : dt == PXL_BF16;
+    const int bf16_w = wfmt == PXL_BF16 || wfmt == PXL_BF16P, quant = wfmt >= PXL_Q8_0 && wfmt <= PXL_Q4_1;
     /* quantised weights: int8 dot products for decode-sized T (and every T when batch
      * invariant, so a row's result never depends on the batch), dequantised panels else */
-    const int qdot = wfmt >= PXL_Q8_0 && (T <= Q_DOT_MAX_T || pxl_batch_invariant());
-    const size_t xes = wfmt == PXL_BF16 ? 2 : 4, qbytes = T * K + 3 * T * (K / PXL_QK) * 4;
+    const int qdot = quant && (T <= Q_DOT_MAX_T || pxl_batch_invariant());
+    /* prefill on quantised weights with bf16 x: packed bf16 panels where the set has the kernel */
+    const int packed_q = quant && !qdot && dt == PXL_BF16 && ks->gemm_bf16p;
+    const int convert = bf16_w ? dt == PXL_F32 : dt == PXL_BF16 && !packed_q;
+    const size_t xes = bf16_w ? 2 : 4, qbytes = T * K + 3 * T * (K / PXL_QK) * 4;
     void *xc = NULL;
     int8_t *qbuf = NULL;
     if ((convert || qdot) && T <= T_PRIVATE) { /* decode: every thread prepares x for itself */
@@ -127,17 +180,17 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int wfmt, size_t T, si
     const void *xk = xc ? xc : x;
 
     size_t n0, n1;
-    pxl_split(N, 16, &n0, &n1);
+    pxl_split(N, wfmt == PXL_BF16P || packed_q ? PXL_PANEL : 16, &n0, &n1);
     if (n0 >= n1) return;
     size_t cols = n1 - n0;
-    const char *Wn = (const char *)W + n0 * pxl_row_bytes(wfmt, K);
+    const char *Wn = (const char *)W + (wfmt == PXL_BF16P ? n0 * K * 2 : n0 * pxl_row_bytes(wfmt, K));
     if (dt == PXL_F32 && !bias) {
-        compute(ks, wfmt, T, cols, K, xk, qbuf, Wn, (float *)y + n0, N);
+        compute(ks, wfmt, packed_q, T, cols, K, xk, qbuf, Wn, (float *)y + n0, N);
         return;
     }
     /* bias or bf16 output: this thread's columns in fp32, then added and rounded once */
     float *yp = pxl_scratch(1, T * cols * 4);
-    compute(ks, wfmt, T, cols, K, xk, qbuf, Wn, yp, cols);
+    compute(ks, wfmt, packed_q, T, cols, K, xk, qbuf, Wn, yp, cols);
     for (size_t t = 0; t < T; t++)
         for (size_t j = 0; j < cols; j++) {
             size_t n = n0 + j;

@@ -39,7 +39,13 @@ typedef struct {
     pxl_tile_fn tile_f32;
     pxl_tile_fn tile_bf16; /* X and W in bf16 (NULL: bf16 weights are widened to fp32 panels) */
     pxl_gemv_q_fn gemv_q[PXL_NFMT];
+    /* Y (rm <= 12, nvalid <= 32 of the panel's features) = X (rm, K) bf16 . one PXL_BF16P panel
+     * (NULL: the set does not pack; K even) */
+    void (*gemm_bf16p)(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy,
+                       int nvalid);
 } pxl_kernel_set;
+#define PXL_PANEL 32 /* features per PXL_BF16P panel */
+#define PXL_PANEL_RM 12 /* tokens per gemm_bf16p call */
 
 extern const pxl_kernel_set pxl_kernels_generic;
 #if defined(__x86_64__)

@@ -101,25 +101,36 @@ static void *make_weights(int fmt, size_t N, size_t K, double *deq) {
     return w;
 }
 
-static const char *fmt_name[] = {"f32", "bf16", "q8_0", "q4_0", "q4_1"};
+static const char *fmt_name[] = {"f32", "bf16", "q8_0", "q4_0", "q4_1", "bf16 packed"};
 
 /* Quantised weights with small T (or batch invariant) take int8 dot products on x quantised
  * per 32-block: the reference then uses the same quantised x (checked on its own in
  * test_quantize_x), so only the kernels' summation is under test. */
-static int int8_path(int fmt, size_t T) { return fmt >= PXL_Q8_0 && (T <= 4 || pxl_batch_invariant()); }
+static int int8_path(int fmt, size_t T) { return fmt >= PXL_Q8_0 && fmt <= PXL_Q4_1 && (T <= 4 || pxl_batch_invariant()); }
 
 static void test_linear(int dt, int fmt, size_t T, size_t N, size_t K, int with_bias) {
     double *deq = malloc(N * K * 8), *ref = malloc(T * N * 8), *mag = malloc(T * N * 8), *xr = malloc(T * K * 8);
-    void *W = make_weights(fmt, N, K, deq), *x = alloc_rand(dt, T * K, 1), *b = alloc_rand(dt, N, 1);
+    void *W = make_weights(fmt == PXL_BF16P ? PXL_BF16 : fmt, N, K, deq), *x = alloc_rand(dt, T * K, 1);
+    void *b = alloc_rand(dt, N, 1);
+    if (fmt == PXL_BF16P) { /* the kernel set's packed copy */
+        void *packed = malloc(pxl_packed_bytes(PXL_BF16, N, K));
+        pxl_pack_weights(PXL_BF16, N, K, W, packed);
+        free(W);
+        W = packed;
+    }
     void *y = malloc(T * N * 4 + 64);
     size_t nb = K / PXL_QK;
     int8_t *q = malloc(T * K + 1);
     float *xf = malloc(T * K * 4 + 4), *qd = malloc(T * nb * 4 + 4), *qc = malloc(T * nb * 4 + 4), *qe = malloc(T * nb * 4 + 4);
     for (size_t i = 0; i < T * K; i++) xf[i] = get(dt, x, i);
     int qdot = int8_path(fmt, T);
+    /* bf16 x on quantised weights past the int8 path: dequantised panels rounded to bf16 */
+    int packed_q = fmt >= PXL_Q8_0 && fmt <= PXL_Q4_1 && dt && !qdot && pxl_packed_bytes(PXL_BF16, 1, 2);
     if (qdot) pxl_quantize_x(fmt, T, K, xf, q, qd, qc, qe);
+    if (packed_q)
+        for (size_t i = 0; i < N * K; i++) deq[i] = rnd(1, (float)deq[i]);
     for (size_t i = 0; i < T * K; i++) /* bf16 weights multiply bf16-rounded x (vdpbf16ps) */
-        xr[i] = qdot ? (double)qd[i / PXL_QK] * q[i] : fmt == PXL_BF16 ? rnd(1, xf[i]) : xf[i];
+        xr[i] = qdot ? (double)qd[i / PXL_QK] * q[i] : fmt == PXL_BF16 || fmt == PXL_BF16P ? rnd(1, xf[i]) : xf[i];
     for (size_t t = 0; t < T; t++)
         for (size_t n = 0; n < N; n++) {
             double s = with_bias ? get(dt, b, n) : 0, m = fabs(s);
@@ -173,7 +184,13 @@ static void test_quantize_x(size_t K) {
 /* batch invariance: each row of a T-row Linear equals the same row computed alone, bitwise */
 static void test_batch_invariant(int dt, int fmt, size_t T, size_t N, size_t K) {
     double *deq = malloc(N * K * 8);
-    void *W = make_weights(fmt, N, K, deq), *x = alloc_rand(dt, T * K, 1);
+    void *W = make_weights(fmt == PXL_BF16P ? PXL_BF16 : fmt, N, K, deq), *x = alloc_rand(dt, T * K, 1);
+    if (fmt == PXL_BF16P) {
+        void *packed = malloc(pxl_packed_bytes(PXL_BF16, N, K));
+        pxl_pack_weights(PXL_BF16, N, K, W, packed);
+        free(W);
+        W = packed;
+    }
     size_t es = dt ? 2 : 4;
     char *y = malloc(T * N * es), *y1 = malloc(N * es);
     pxl_set_batch_invariant(1);
@@ -331,6 +348,15 @@ int main(void) {
         pxl_set_batch_invariant(1); /* every T takes the int8 path */
         for (int fmt = PXL_Q8_0; fmt <= PXL_Q4_1; fmt++) test_linear(PXL_F32, fmt, 17, 70, 576, 0);
         pxl_set_batch_invariant(0);
+        if (pxl_packed_bytes(PXL_BF16, 1, 2)) { /* packed bf16 micro-kernel: M, N and K tails */
+            size_t pshapes[][3] = {{1, 32, 64}, {1, 33, 576}, {5, 31, 2}, {12, 64, 130}, {13, 100, 576},
+                                   {37, 65, 1536}, {300, 40, 96}};
+            for (size_t i = 0; i < sizeof pshapes / sizeof pshapes[0]; i++)
+                for (int dt = 0; dt < 2; dt++)
+                    test_linear(dt, PXL_BF16P, pshapes[i][0], pshapes[i][1], pshapes[i][2], i % 2);
+            test_batch_invariant(1, PXL_BF16P, 37, 83, 578);
+            test_linear(PXL_BF16, PXL_Q8_0, 40, 70, 576, 1);
+        }
         test_quantize_x(32);
         test_quantize_x(576);
         for (int fmt = PXL_F32; fmt <= PXL_Q4_1; fmt++) {

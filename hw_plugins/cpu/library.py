@@ -13,7 +13,7 @@ logger = logging.getLogger(__name__)
 
 LIB_NAME = "libperfxlm_kernels.so"
 _HERE = Path(__file__).resolve().parent
-F32, BF16, Q8_0, Q4_0, Q4_1 = range(5)
+F32, BF16, Q8_0, Q4_0, Q4_1, BF16P = range(6)  # BF16P: bf16 packed for the kernel set (pxl_pack_weights)
 
 _sz, _p, _i, _f = ctypes.c_size_t, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
@@ -24,6 +24,8 @@ _SIGNATURES = {
     "pxl_set_batch_invariant": ([_i], None),
     "pxl_batch_invariant": ([], _i),
     "pxl_linear": ([_i, _i, _sz, _sz, _sz, _p, _p, _p, _p], None),
+    "pxl_packed_bytes": ([_i, _sz, _sz], _sz),
+    "pxl_pack_weights": ([_i, _sz, _sz, _p, _p], None),
     "pxl_gather": ([_i, _sz, _sz, _p, _p, _p], None),
     "pxl_rmsnorm": ([_i, _sz, _sz, _p, _p, _f, _p], None),
     "pxl_rope": ([_i, _sz, _sz, _sz, _p, _p, _p, _p, _p], None),

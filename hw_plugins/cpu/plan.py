@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from hw_plugins.cpu.plugin import _ACT, _WEIGHT_FORMATS, _ptr
+from hw_plugins.cpu.plugin import _ACT, _ptr
 
 GATHER, RMSNORM, LINEAR, ROPE, ATTENTION, SILU_MUL, ADD = range(7)
 
@@ -23,11 +23,12 @@ class PlanNode(ctypes.Structure):
 
 
 class Plan:
-    def __init__(self, lib: ctypes.CDLL, nodes: list[Any], buffer: Any, inputs: dict[str, np.ndarray],
+    def __init__(self, plugin: Any, nodes: list[Any], buffer: Any, inputs: dict[str, np.ndarray],
                  rows_n: set[str]) -> None:
         """nodes: the runner's nodes in order; buffer(name) -> the fixed array holding a value
         (its full planned size); inputs: staging arrays of the graph inputs; rows_n: values
         whose row count is the step's N (logits rows), not T."""
+        lib = plugin.lib
         self.lib, self.inputs = lib, inputs
         self.records = (PlanNode * len(nodes))()
         self.input_refs: dict[str, list[tuple[int, int]]] = {n: [] for n in inputs}
@@ -44,10 +45,9 @@ class Plan:
             elif node.op_type == "RMSNorm":
                 r.op, r.a, r.f0, ptrs = RMSNORM, arrays[0].shape[1], at["epsilon"], [arrays[0], arrays[1], out]
             elif node.op_type == "Linear":
-                fmt = at.get("weight_format", "dense")
-                r.op, r.wfmt = LINEAR, _WEIGHT_FORMATS[fmt] if fmt != "dense" else _ACT[arrays[1].dtype.name]
-                r.a, r.b = arrays[1].shape[0], arrays[0].shape[1]
-                ptrs = [arrays[0], arrays[1], arrays[2] if len(arrays) > 2 else None, out]
+                r.op, r.a, r.b = LINEAR, arrays[1].shape[0], arrays[0].shape[1]
+                r.wfmt, weight = plugin.linear_weight(at, arrays[1])
+                ptrs = [arrays[0], weight, arrays[2] if len(arrays) > 2 else None, out]
             elif node.op_type == "RoPE":
                 hd = at["head_dim"]
                 r.op, r.a, r.b, ptrs = ROPE, arrays[0].shape[1] // hd, hd, [*arrays[:4], out]

@@ -14,7 +14,7 @@ import numpy as np
 
 from hw_plugins.base import HwPlugin
 from hw_plugins.cpu import library
-from hw_plugins.cpu.library import BF16, F32, Q4_0, Q4_1, Q8_0
+from hw_plugins.cpu.library import BF16, BF16P, F32, Q4_0, Q4_1, Q8_0
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ class CpuPlugin(HwPlugin):
         self._ops = {"Gather": self._gather, "RMSNorm": self._rmsnorm, "Linear": self._linear, "RoPE": self._rope,
                      "PagedAttention": self._paged_attention, "SiluMul": self._silu_mul, "Add": self._add}
         self.lib, self._error = None, self._unsupported_here()
+        self._packed: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # weight -> (weight, packed copy)
         if self._error is None:
             try:
                 self.lib = library.load()
@@ -84,7 +85,7 @@ class CpuPlugin(HwPlugin):
     def make_plan(self, nodes: list[Any], buffer: Any, inputs: dict[str, np.ndarray], rows_n: set[str]) -> Any:
         """The whole node list compiled into one C call per step (hw_plugins/cpu/plan.py)."""
         from hw_plugins.cpu.plan import Plan
-        return Plan(self.lib, nodes, buffer, inputs, rows_n)
+        return Plan(self, nodes, buffer, inputs, rows_n)
 
     # ---- ops: (attrs, inputs, outputs) -> None, writing into the preallocated outputs ----
 
@@ -98,13 +99,28 @@ class CpuPlugin(HwPlugin):
         self.lib.pxl_rmsnorm(_ACT[x.dtype.name], x.shape[0], x.shape[1], _ptr(x), _ptr(w), attrs["epsilon"],
                              _ptr(outs[0]))
 
-    def _linear(self, attrs: dict, ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
-        x, w = ins[0], ins[1]                                   # (T, K), (N, K) or (N, row bytes)
+    def linear_weight(self, attrs: dict, w: np.ndarray) -> tuple[int, np.ndarray]:
+        """(weight format code, the array the kernels read): dense bf16 weights go to the
+        kernel set's packed layout once, where it has one (AVX512-BF16's micro-kernel)."""
         fmt = _WEIGHT_FORMATS[attrs.get("weight_format", "dense")]
-        if fmt is None:
-            fmt = _ACT[w.dtype.name]
+        if fmt is not None:
+            return fmt, w
+        fmt = _ACT[w.dtype.name]
+        size = self.lib.pxl_packed_bytes(fmt, w.shape[0], w.shape[1]) if fmt == BF16 else 0
+        if not size:
+            return fmt, w
+        key = (_ptr(w), w.shape)
+        if key not in self._packed:  # keyed by the weight buffer, which lives as long as the graph
+            packed = np.empty(size, np.uint8)
+            self.lib.pxl_pack_weights(fmt, w.shape[0], w.shape[1], _ptr(w), _ptr(packed))
+            self._packed[key] = (w, packed)
+        return BF16P, self._packed[key][1]
+
+    def _linear(self, attrs: dict, ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
+        x = ins[0]                                              # (T, K), weights (N, K) or (N, row bytes)
+        fmt, w = self.linear_weight(attrs, ins[1])
         bias = _ptr(ins[2]) if len(ins) > 2 else None
-        self.lib.pxl_linear(_ACT[x.dtype.name], fmt, x.shape[0], w.shape[0], x.shape[1], _ptr(x), _ptr(w), bias,
+        self.lib.pxl_linear(_ACT[x.dtype.name], fmt, x.shape[0], ins[1].shape[0], x.shape[1], _ptr(x), _ptr(w), bias,
                             _ptr(outs[0]))
 
     def _rope(self, attrs: dict, ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
