@@ -71,6 +71,25 @@ static inline uint16_t pxl_f32_to_bf16(float f) { /* round to nearest even, NaN 
 }
 float pxl_fp16_to_fp32(uint16_t h);
 
+/* exp(x), x clamped to [-87, 88]: 2^(x log2 e) split into 2^n by the exponent bits and 2^f,
+ * f in [-0.5, 0.5], by a degree-6 polynomial (relative error < 2e-7); plain arithmetic, so
+ * loops over it vectorise (softmax, SiLU) where libm's expf would not */
+static inline float pxl_exp(float x) {
+    x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;
+    float t = x * 1.44269504f, n = __builtin_roundf(t), f = t - n;
+    float p = 1.5403530e-4f;
+    p = p * f + 1.3333558e-3f;
+    p = p * f + 9.6181291e-3f;
+    p = p * f + 5.5504109e-2f;
+    p = p * f + 2.4022651e-1f;
+    p = p * f + 6.9314718e-1f;
+    p = p * f + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
 /* a per-thread buffer that only grows (reused across calls: no allocation per step);
  * slots are independent buffers: 0-2 inputs/outputs of an op, 3 a worker's own panel */
 #define PXL_SCRATCH_SLOTS 4

@@ -63,6 +63,11 @@ def run(threads: int, formats: list[str], rows: int = 1) -> list[dict]:
                 w, x = w32.astype(ml_dtypes.bfloat16), x32.astype(ml_dtypes.bfloat16)
                 y = np.empty((rows, N), ml_dtypes.bfloat16)
                 code, nbytes = library.BF16, w.nbytes
+                if lib.pxl_packed_bytes(code, N, K):  # what the engine runs: the kernel set's packed copy
+                    packed = np.empty(lib.pxl_packed_bytes(code, N, K), np.uint8)
+                    lib.pxl_pack_weights(code, N, K, w.__array_interface__["data"][0],
+                                         packed.__array_interface__["data"][0])
+                    w, code = packed, library.BF16P
                 tw = torch.from_numpy(w.view(np.int16)).view(torch.bfloat16)
                 tx = torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
             else:  # q4_1 / q4_0 / q8_0: torch and OpenBLAS get the dequantised fp32 weights
