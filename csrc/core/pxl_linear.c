@@ -15,6 +15,7 @@
 #define PANEL 16     /* quantised rows dequantised at a time */
 #define T_PRIVATE 4  /* up to this many tokens, each thread prepares x itself (no barrier) */
 #define Q_DOT_MAX_T 4 /* quantised weights: int8 dot products up to this many tokens */
+#define PACKED_Q_MIN_T 64 /* below this, packing dequantised panels costs more than it saves */
 
 static void run_tiles(const pxl_kernel_set *ks, pxl_tile_fn tile, size_t es, size_t T, size_t n0, size_t n1,
                       size_t K, const char *X, const char *W, float *Y, size_t ldy) {
@@ -157,7 +158,7 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int wfmt, size_t T, si
      * invariant, so a row's result never depends on the batch), dequantised panels else */
     const int qdot = quant && (T <= Q_DOT_MAX_T || pxl_batch_invariant());
     /* prefill on quantised weights with bf16 x: packed bf16 panels where the set has the kernel */
-    const int packed_q = quant && !qdot && dt == PXL_BF16 && ks->gemm_bf16p;
+    const int packed_q = quant && !qdot && dt == PXL_BF16 && ks->gemm_bf16p && T >= PACKED_Q_MIN_T;
     const int convert = bf16_w ? dt == PXL_F32 : dt == PXL_BF16 && !packed_q;
     const size_t xes = bf16_w ? 2 : 4, qbytes = T * K + 3 * T * (K / PXL_QK) * 4;
     void *xc = NULL;
