@@ -123,7 +123,14 @@ def main() -> None:
     results = {}
     for cls in engines:
         ref_dtype = "bfloat16" if args.dtype == "auto" else args.dtype
-        results[cls.name] = run(cls(gguf, args.dtype if cls is Perfxlm else ref_dtype), workloads, args.num_prompts)
+        try:
+            results[cls.name] = run(cls(gguf, args.dtype if cls is Perfxlm else ref_dtype), workloads,
+                                    args.num_prompts)
+        except Exception as e:  # an optional engine that cannot run this model must not end the comparison
+            if cls in (Perfxlm, Transformers):
+                raise
+            print(f"{cls.name}: skipped ({type(e).__name__}: {e})", flush=True)
+            continue
         print(f"{cls.name}: " + ", ".join(f"{k} {v:.1f}" for k, v in results[cls.name].items()), flush=True)
     ours = results["perfxlm"]
     print(f"\n{'metric':<20}" + "".join(f"{e:>14}" for e in results) + "".join(f"{'x ' + e:>16}" for e in results

@@ -55,6 +55,19 @@ def test_alone_equals_batch_of_32(gguf_path, monkeypatch, dtype, quantization):
         assert alone == together, params
 
 
+def test_each_engine_keeps_its_own_mode(gguf_path, monkeypatch):
+    """The library's flag is per process: an engine started later without the mode must not
+    take it away from one started with it."""
+    monkeypatch.setenv("PERFXLM_BATCH_INVARIANT", "1")
+    invariant = LLM(str(gguf_path), kv_cache_memory_bytes=SMALL_KV, max_model_len=1024, enable_prefix_caching=False)
+    monkeypatch.setenv("PERFXLM_BATCH_INVARIANT", "0")
+    other = LLM(str(gguf_path), kv_cache_memory_bytes=SMALL_KV, max_model_len=1024, enable_prefix_caching=False)
+    alone, together = _alone_and_batched(other, GREEDY)
+    assert alone[1] != together[1]  # the later engine runs without the mode
+    alone, together = _alone_and_batched(invariant, GREEDY)
+    assert alone == together
+
+
 def test_vllm_variable_is_honoured_and_validated(gguf_path, monkeypatch):
     monkeypatch.setenv("VLLM_BATCH_INVARIANT", "1")
     llm = LLM(str(gguf_path), kv_cache_memory_bytes=SMALL_KV, max_model_len=256)

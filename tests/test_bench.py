@@ -54,3 +54,45 @@ def test_gemv_bench_prints_ours_openblas_and_torch(monkeypatch, tmp_path, capsys
 def test_gemv_bench_refuses_bad_arguments(argv, message):
     with pytest.raises(SystemExit, match=message.replace("[", r"\[").replace("]", r"\]")):
         cli.main(["bench", "gemv", *argv])
+
+
+def test_roofline_measures_the_roofs_and_derives_each_ceiling(monkeypatch, gguf_path, tmp_path, capsys):
+    from hw_plugins.base import available_plugins
+    from perfxlm.bench import roofline
+    if not dict((n, ok) for n, ok, _ in available_plugins()).get("cpu"):
+        pytest.skip("the native cpu kernels are not built here")
+    monkeypatch.setattr(roofline, "MiB", 1 << 16)  # a 4 MiB read stream: enough to run, quick
+    out = tmp_path / "roof.json"
+    assert cli.main(["bench", "roofline", "--output-json", str(out)]) == 0
+    assert "roofs (" in capsys.readouterr().out
+    res = json.loads(out.read_text())
+    roofs, rows = res["roofs"], {r["workload"]: r for r in res["workloads"]}
+    assert roofs["read_GBs"] > 0 and roofs["fp32_GFLOPs"] > 0
+    q4 = rows["W2 decode, Q4_1/Q8_0 GGUF blocks"]
+    # SmolLM2's Q4_1 blocks (66.4 MB) and Q8_0 lm_head (30.1 MB) plus the KV read
+    assert 96e6 < q4["bytes_per_token"] < 101e6
+    assert q4["ceiling_tok_s"] == pytest.approx(roofs["read_GBs"] * 1e9 / q4["bytes_per_token"])
+    w3 = rows["W3 prefill 512, bf16"]
+    if roofs["bf16_GFLOPs"] == roofs["bf16_GFLOPs"]:  # NaN where the CPU has no AVX512-BF16
+        assert w3["ceiling_tok_s"] == pytest.approx(roofs["bf16_GFLOPs"] * 1e9 / w3["flops_per_token"])
+
+
+def test_roofline_refuses_a_model_that_is_not_a_gguf(tmp_path):
+    with pytest.raises(SystemExit, match="--model must be a GGUF file, got 'nope.safetensors'"):
+        cli.main(["bench", "roofline", "--model", "nope.safetensors"])
+
+
+def test_side_by_side_script_prints_both_engines_and_the_ratio():
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "examples" / "side_by_side.py"
+    proc = subprocess.run([sys.executable, str(script), "--workloads", "W3"], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("perfxlm: W3 prefill tok/s") for line in lines)
+    assert any(line.startswith("transformers: W3 prefill tok/s") for line in lines)
+    row = next(line for line in lines if line.startswith("W3 prefill tok/s"))
+    ours, theirs, ratio = (float(v.rstrip("x")) for v in row.split()[-3:])
+    assert ratio == pytest.approx(ours / theirs, rel=0.02)

@@ -29,7 +29,7 @@ class Plan:
         (its full planned size); inputs: staging arrays of the graph inputs; rows_n: values
         whose row count is the step's N (logits rows), not T."""
         lib = plugin.lib
-        self.lib, self.inputs = lib, inputs
+        self.plugin, self.lib, self.inputs = plugin, lib, inputs
         self.records = (PlanNode * len(nodes))()
         self.input_refs: dict[str, list[tuple[int, int]]] = {n: [] for n in inputs}
         for i, node in enumerate(nodes):
@@ -79,4 +79,5 @@ class Plan:
                     self.records[i].p[j] = _ptr(buf)
             buf[:src.size] = src
         B, M = feeds["block_tables"].shape
+        self.lib.pxl_set_batch_invariant(int(self.plugin.batch_invariant))  # per engine; the flag is per process
         self._run(self._records_ptr, len(self.records), len(feeds["input_ids"]), len(feeds["logits_indices"]), B, M)

@@ -36,6 +36,7 @@ class CpuPlugin(HwPlugin):
                      "PagedAttention": self._paged_attention, "SiluMul": self._silu_mul, "Add": self._add}
         self.lib, self._error = None, self._unsupported_here()
         self._packed: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # weight -> (weight, packed copy)
+        self.batch_invariant = False
         if self._error is None:
             try:
                 self.lib = library.load()
@@ -53,9 +54,9 @@ class CpuPlugin(HwPlugin):
 
     def set_batch_invariant(self, on: bool) -> bool:
         """The kernels already reduce in one fixed order whatever the tile shape; the mode only
-        sends quantised Linear through the int8 dot products at every T (the library's flag
-        is per process: each engine sets it when it starts)."""
-        self.lib.pxl_set_batch_invariant(int(on))
+        sends quantised Linear through the int8 dot products at every T. The library's flag
+        is per process, so this plugin (one per engine) sets it before each of its Linears."""
+        self.batch_invariant = on
         return True
 
     def unavailable_reason(self) -> str | None:
@@ -120,6 +121,7 @@ class CpuPlugin(HwPlugin):
         x = ins[0]                                              # (T, K), weights (N, K) or (N, row bytes)
         fmt, w = self.linear_weight(attrs, ins[1])
         bias = _ptr(ins[2]) if len(ins) > 2 else None
+        self.lib.pxl_set_batch_invariant(int(self.batch_invariant))
         self.lib.pxl_linear(_ACT[x.dtype.name], fmt, x.shape[0], ins[1].shape[0], x.shape[1], _ptr(x), _ptr(w), bias,
                             _ptr(outs[0]))
 

@@ -71,15 +71,11 @@ def measure(threads: int | None = None, seconds: float = 0.5) -> Roofs:
 def model_cost(gguf_path: str) -> ModelCost:
     import gguf
     reader = gguf.GGUFReader(gguf_path)
-    linear = quant = lm_head = 0
-    for t in reader.tensors:
-        if t.name.startswith("blk.") and len(t.shape) == 2:
-            linear += int(t.n_elements)
-            quant += int(t.n_bytes)
-        elif t.name in ("output.weight", "token_embd.weight"):
-            lm_head = max(lm_head, int(t.n_elements))
-            if t.name == "output.weight" or not any(x.name == "output.weight" for x in reader.tensors):
-                quant += int(t.n_bytes)
+    tensors = {t.name: t for t in reader.tensors}
+    blocks = [t for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2]
+    head = tensors.get("output.weight", tensors["token_embd.weight"])  # tied: the embedding is the lm_head
+    linear, lm_head = sum(int(t.n_elements) for t in blocks), int(head.n_elements)
+    quant = sum(int(t.n_bytes) for t in blocks) + int(head.n_bytes)
 
     def field(suffix: str) -> int:
         for key, f in reader.fields.items():
