@@ -48,6 +48,10 @@ class HwPlugin(ABC):
     def upload(self, array: np.ndarray) -> Any:
         """Host array -> device buffer."""
 
+    def zeros(self, shape: tuple[int, ...], dtype: np.dtype) -> Any:
+        """A new zero-filled buffer on the device (the KV caches)."""
+        return self.upload(np.zeros(shape, dtype=dtype))
+
     @abstractmethod
     def download(self, buf: Any) -> np.ndarray:
         """Device buffer -> host array."""

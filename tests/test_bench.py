@@ -33,6 +33,23 @@ def test_throughput_counts_every_token(tiny_llama_dir, tmp_path, capsys):
     assert res["output_tokens_per_second"] == pytest.approx(6 * 7 / res["elapsed_time"])
 
 
+def test_throughput_profiles_the_ops_of_the_timed_run(tiny_llama_dir, tmp_path, capsys):
+    from transformers import AutoConfig
+    layers = AutoConfig.from_pretrained(tiny_llama_dir).num_hidden_layers
+    out = tmp_path / "thr.json"
+    assert cli.main(["bench", "throughput", "--model", str(tiny_llama_dir), "--dtype", "float32", "--num-prompts", "3",
+                     "--input-len", "10", "--output-len", "4", "--hw-plugin", "cpu", "--profile-ops",
+                     "--output-json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "PagedAttention" in text and "ms/call" in text
+    prof = json.loads(out.read_text())
+    ops = prof["op_profile"]
+    assert set(ops) == {"Gather", "RMSNorm", "Linear", "RoPE", "PagedAttention", "SiluMul", "Add"}
+    # only the timed generate: one prefill step and 3 decode steps (the warm-up is not counted)
+    assert ops["PagedAttention"]["calls"] == 4 * layers and ops["Linear"]["calls"] == 4 * (7 * layers + 1)
+    assert 0 < sum(o["seconds"] for o in ops.values()) <= prof["elapsed_time"]
+
+
 def test_gemv_bench_prints_ours_openblas_and_torch(monkeypatch, tmp_path, capsys):
     from hw_plugins.base import available_plugins
     if not dict((n, ok) for n, ok, _ in available_plugins()).get("cpu"):

@@ -96,3 +96,14 @@ def test_cpu_compiled_step_equals_node_by_node(tiny_llama_dir, monkeypatch):
     walked, b = run()
     assert planned and not walked
     assert a == b
+
+
+def test_cpu_kv_cache_memory_is_zeroed_and_writable():
+    import numpy as np
+    from hw_plugins.cpu.plugin import host_zeros
+    for shape in [(3, 5), (4, 1024, 1024)]:  # small: np.zeros; 16 MiB: a huge-page-advised mapping
+        a = host_zeros(shape, np.float32)
+        assert a.shape == shape and a.dtype == np.float32 and a.flags.writeable and a.flags.c_contiguous
+        assert not a.any()
+        a[-1, -1] = 7
+        assert a.sum() == 7

@@ -1,24 +1,22 @@
 /* Paged attention over a block-table KV cache, decode and (chunked) prefill alike.
  *
- * Work items are (sequence, KV head, query token), in that order, shared out in chunks:
- * a thread gathers the sequence's keys for its KV head once, transposed to (hd, n) in
- * float32, and its values as (n, hd), and reuses them for every query token of the chunk
- * (a prefill's tokens all read the same keys; before, each re-read and widened them).
- * Per item, for the G query heads of the group: scores as hd broadcast FMAs over the key
- * rows (vectorised along keys, no horizontal sums), softmax in float32 with a vectorised
- * exp, then the weighted sum of value rows. The result of an item does not depend on the
- * chunking or on the other sequences (batch invariance).
+ * Work items are (sequence, KV head, query token), in that order, shared out in chunks.
+ * Prefill: a thread gathers the sequence's keys for its KV head once, transposed to (hd, n)
+ * in float32, and its values as (n, hd), and reuses them for every query token of the
+ * chunk; scores are then vectorised along keys. Decode (one query token): the rows are
+ * read in place, each key row once for the G query heads of the group, scores vectorised
+ * along the head dim. Both compute a score in the same order (see scores_t), softmax in
+ * float32 with a vectorised exp, and the weighted sum of value rows in increasing key
+ * order, so an item's result does not depend on the chunking or on the other sequences
+ * (batch invariance).
  */
 #include <float.h>
 #include <math.h>
 
 #include "pxl_kernels.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PXL_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define PXL_CLONES
-#endif
+#pragma GCC diagnostic ignored "-Wpsabi" /* vector values in the non-AVX-512 clones: all inlined */
+
 #define CHUNK 32 /* items per scheduling chunk: consecutive tokens of one (sequence, KV head) */
 
 static inline void load_f32(int dt, const void *p, size_t n, float *out) {
@@ -26,23 +24,118 @@ static inline void load_f32(int dt, const void *p, size_t n, float *out) {
     else for (size_t i = 0; i < n; i++) out[i] = pxl_bf16_to_f32(((const uint16_t *)p)[i]);
 }
 
-/* keys [0, n) of one KV head: kt (hd, n) transposed, vv (n, hd), both float32 */
-PXL_CLONES static void gather_kv(int dt, size_t n, size_t hd, const char *k_cache, const char *v_cache,
+static inline size_t slot_of(const int64_t *table, size_t block_size, size_t pos) {
+    return (size_t)table[pos / block_size] * block_size + pos % block_size;
+}
+static inline void prefetch_row(const char *p, size_t bytes) {
+    for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o);
+}
+
+/* keys [0, n) of one KV head: kt (hd, ld) transposed (columns n..ld zero), vv (n, hd), float32 */
+PXL_CLONES static void gather_kv(int dt, size_t n, size_t ld, size_t hd, const char *k_cache, const char *v_cache,
                                  const int64_t *table, size_t block_size, size_t row_bytes, size_t kv_off, float *kt,
                                  float *vv, float *row) {
     for (size_t j = 0; j < n; j++) {
-        size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
+        size_t slot = slot_of(table, block_size, j);
         load_f32(dt, k_cache + slot * row_bytes + kv_off, hd, row);
-        for (size_t d = 0; d < hd; d++) kt[d * n + j] = row[d];
+        for (size_t d = 0; d < hd; d++) kt[d * ld + j] = row[d];
         load_f32(dt, v_cache + slot * row_bytes + kv_off, hd, vv + j * hd);
+    }
+    for (size_t d = 0; d < hd; d++)
+        for (size_t j = n; j < ld; j++) kt[d * ld + j] = 0;
+}
+
+/* A score q.k in the one order both paths use, so a token's result does not depend on
+ * whether it ran as a decode or inside a prefill chunk of any length (batch invariance):
+ * lane l sums q[d] k[d] over d = l, l + 16, l + 32, ... in increasing d, then the 16 lanes
+ * fold in halves (l += l + 8, then l + 4, l + 2, l + 1). Decode computes it per key with
+ * the lanes along d (no transpose); prefill with 16 accumulators along keys. The loops use
+ * GCC/Clang vector types: explicit registers (a widened row in a stack array would cost a
+ * failed store-to-load forward per use), one source for AVX-512, AVX2 and RVV. */
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef float f32x2 __attribute__((vector_size(8)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+static inline f32x16 ld16(int dt, const void *p) { /* 16 values at p (float32 or bf16), widened */
+    f32x16 v;
+    if (dt == PXL_F32) {
+        memcpy(&v, p, sizeof v);
+    } else {
+        u16x16 h;
+        memcpy(&h, p, sizeof h);
+        u32x16 w = __builtin_convertvector(h, u32x16) << 16;
+        memcpy(&v, &w, sizeof v);
+    }
+    return v;
+}
+static inline f32x16 splat16(float x) { return (f32x16){0} + x; }
+
+static inline float fold16(f32x16 a) {
+    f32x8 b = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) +
+              __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+    f32x4 c = __builtin_shufflevector(b, b, 0, 1, 2, 3) + __builtin_shufflevector(b, b, 4, 5, 6, 7);
+    f32x2 d = __builtin_shufflevector(c, c, 0, 1) + __builtin_shufflevector(c, c, 2, 3);
+    return d[0] + d[1];
+}
+
+/* the scalar form of the same order, for a head dim that is not a multiple of 16 */
+static float dot_scalar(size_t hd, const float *q, int dt, const void *k, size_t stride) {
+    float acc[16] = {0};
+    for (size_t d = 0; d < hd; d++)
+        acc[d % 16] += q[d] * (dt == PXL_F32 ? ((const float *)k)[d * stride]
+                                             : pxl_bf16_to_f32(((const uint16_t *)k)[d * stride]));
+    for (int w = 8; w; w /= 2)
+        for (int l = 0; l < w; l++) acc[l] += acc[l + w];
+    return acc[0];
+}
+
+/* s (n) = q . kt[:, lo .. lo + n) for kt (hd, ld) float32, 16 keys at a time */
+PXL_CLONES static void scores_t(size_t hd, size_t ld, const float *q, const float *kt, size_t lo, size_t n,
+                                float *s) {
+    if (hd % 16) {
+        for (size_t j = 0; j < n; j++) s[j] = dot_scalar(hd, q, PXL_F32, kt + lo + j, ld);
+        return;
+    }
+    for (size_t j0 = 0; j0 < n; j0 += 16) {
+        f32x16 acc[16] = {{0}};
+        const float *k0 = kt + lo + j0;
+        for (size_t d = 0; d < hd; d += 16)
+#pragma GCC unroll 16
+            for (int l = 0; l < 16; l++) acc[l] += splat16(q[d + l]) * ld16(PXL_F32, k0 + (d + l) * ld);
+        for (int w = 8; w; w /= 2)
+            for (int l = 0; l < w; l++) acc[l] += acc[l + w];
+        size_t jn = n - j0 < 16 ? n - j0 : 16;
+        memcpy(s + j0, &acc[0], jn * sizeof(float));
     }
 }
 
-/* s[j] = exp(s[j] - m) for j < n, returning their sum: 16 running partial sums in a fixed
- * lane order, so the result does not depend on where s sits in memory (vectorised loops
- * may peel by alignment) */
-static inline float exp_sum(float *s, size_t n, float m) {
-    float part[16] = {0};
+/* s (G, n) = q (G, hd) . k for the n key rows at rows[j] (cache rows, dt), a key at a time */
+PXL_CLONES static void scores_rows(int dt, size_t G, size_t hd, const float *q, const char *const *rows, size_t n,
+                                   float *s) {
+    size_t es = dt == PXL_F32 ? 4 : 2;
+    for (size_t j = 0; j < n; j++) {
+        if (j + 8 < n) prefetch_row(rows[j + 8], hd * es);
+        for (size_t g = 0; g < G; g++) {
+            const float *qg = q + g * hd;
+            if (hd % 16) {
+                s[g * n + j] = dot_scalar(hd, qg, dt, rows[j], 1);
+                continue;
+            }
+            f32x16 acc = {0};
+            for (size_t d = 0; d < hd; d += 16) acc += ld16(PXL_F32, qg + d) * ld16(dt, rows[j] + d * es);
+            s[g * n + j] = fold16(acc);
+        }
+    }
+}
+
+/* s[j] = exp(s[j] - max) / sum for j < n, the sum in 16 running lanes in a fixed order
+ * (independent of where s sits in memory: vectorised loops may peel by alignment) */
+PXL_CLONES static void softmax(float *s, size_t n) {
+    float m = -FLT_MAX, part[16] = {0};
+    for (size_t j = 0; j < n; j++) m = s[j] > m ? s[j] : m;
     size_t j = 0;
     for (; j + 16 <= n; j += 16)
         for (int l = 0; l < 16; l++) {
@@ -55,74 +148,30 @@ static inline float exp_sum(float *s, size_t n, float m) {
     }
     float sum = 0;
     for (int l = 0; l < 16; l++) sum += part[l];
-    return sum;
+    float inv = 1.0f / sum;
+    for (j = 0; j < n; j++) s[j] *= inv;
 }
 
-/* decode (one query token of its sequence): keys read straight from the cache, 16 at a time
- * widened and transposed into an L1 tile, so scores are broadcast FMAs over 16 keys with
- * each score summed over d in order, exactly as attend() does */
-PXL_CLONES static void attend_direct(int dt, size_t G, size_t hd, const float *q, const char *k_cache,
-                                     const char *v_cache, const int64_t *table, size_t block_size, size_t row_bytes,
-                                     size_t kv_off, size_t lo, size_t hi, float *scores, float *row, float *tile,
-                                     float *out) {
-    size_t n = hi - lo;
-    for (size_t j0 = 0; j0 < n; j0 += 16) {
-        size_t jn = n - j0 < 16 ? n - j0 : 16;
-        for (size_t jj = 0; jj < jn; jj++) {
-            size_t p = lo + j0 + jj, slot = (size_t)table[p / block_size] * block_size + p % block_size;
-            load_f32(dt, k_cache + slot * row_bytes + kv_off, hd, row);
-            for (size_t d = 0; d < hd; d++) tile[d * 16 + jj] = row[d];
-        }
-        for (size_t g = 0; g < G; g++) {
-            float acc[16] = {0};
-            for (size_t d = 0; d < hd; d++) {
-                float qd = q[g * hd + d];
-                for (int l = 0; l < 16; l++) acc[l] += qd * tile[d * 16 + l];
-            }
-            for (size_t jj = 0; jj < jn; jj++) scores[g * n + j0 + jj] = acc[jj];
-        }
+/* out (hd) = sum_j w[j] v_j in increasing j, for the n value rows at rows[j] (dt, row
+ * stride ignored) or, when rows is NULL, the float32 rows of vv (n, hd); 16 dims a pass */
+PXL_CLONES static void weighted_sum(int dt, size_t hd, const float *w, const char *const *rows, const float *vv,
+                                    size_t n, float *out) {
+    size_t es = rows ? (dt == PXL_F32 ? 4 : 2) : 4;
+    int vdt = rows ? dt : PXL_F32;
+    size_t d0 = 0;
+    for (; d0 + 16 <= hd; d0 += 16) {
+        f32x16 acc = {0};
+        for (size_t j = 0; j < n; j++)
+            acc += splat16(w[j]) * ld16(vdt, (rows ? rows[j] : (const char *)(vv + j * hd)) + d0 * es);
+        memcpy(out + d0, &acc, sizeof acc);
     }
-    for (size_t g = 0; g < G; g++) {
-        float *s = scores + g * n, m = -FLT_MAX;
-        for (size_t j = 0; j < n; j++) m = s[j] > m ? s[j] : m;
-        float inv = 1.0f / exp_sum(s, n, m);
-        for (size_t j = 0; j < n; j++) s[j] *= inv;
-        for (size_t d = 0; d < hd; d++) out[g * hd + d] = 0;
-    }
-    for (size_t j = 0; j < n; j++) {
-        size_t p = lo + j, slot = (size_t)table[p / block_size] * block_size + p % block_size;
-        load_f32(dt, v_cache + slot * row_bytes + kv_off, hd, row);
-        for (size_t g = 0; g < G; g++) {
-            float w = scores[g * n + j];
-#pragma omp simd
-            for (size_t d = 0; d < hd; d++) out[g * hd + d] += w * row[d];
-        }
-    }
-}
-
-/* G query heads q (G, hd), pre-scaled, over keys [lo, hi) of kt/vv (ld n) -> out (G, hd) */
-PXL_CLONES static void attend(size_t G, size_t hd, size_t n, const float *q, const float *kt, const float *vv,
-                              size_t lo, size_t hi, float *s, float *out) {
-    for (size_t g = 0; g < G; g++) {
-        const float *qg = q + g * hd;
-        for (size_t j = lo; j < hi; j++) s[j] = 0;
-        for (size_t d = 0; d < hd; d++) {
-            float qd = qg[d];
-            const float *kd = kt + d * n;
-#pragma omp simd
-            for (size_t j = lo; j < hi; j++) s[j] += qd * kd[j];
-        }
-        float m = -FLT_MAX;
-        for (size_t j = lo; j < hi; j++) m = s[j] > m ? s[j] : m;
-        float inv = 1.0f / exp_sum(s + lo, hi - lo, m), *o = out + g * hd;
-        for (size_t j = lo; j < hi; j++) s[j] *= inv;
-        for (size_t d = 0; d < hd; d++) o[d] = 0;
-        for (size_t j = lo; j < hi; j++) {
-            float w = s[j];
-            const float *v = vv + j * hd;
-#pragma omp simd
-            for (size_t d = 0; d < hd; d++) o[d] += w * v[d];
-        }
+    for (; d0 < hd; d0++) { /* a head dim that is not a multiple of 16 */
+        float acc = 0;
+        for (size_t j = 0; j < n; j++)
+            acc += w[j] * (rows ? (dt == PXL_F32 ? ((const float *)rows[j])[d0]
+                                                 : pxl_bf16_to_f32(((const uint16_t *)rows[j])[d0]))
+                                : vv[j * hd + d0]);
+        out[d0] = acc;
     }
 }
 
@@ -141,11 +190,15 @@ static void attention_team(int dt, size_t T, size_t B, size_t H, size_t Hkv, siz
     }
     size_t max_len = 0;
     for (size_t b = 0; b < B; b++) max_len = (size_t)seq_lens[b] > max_len ? (size_t)seq_lens[b] : max_len;
-    /* per thread: kt and vv (2 n hd), scores (n), q and out (G hd), one widened row (hd) */
-    float *kt = pxl_scratch(3, (2 * max_len * hd + G * max_len + 2 * G * hd + 17 * hd + 16) * sizeof(float));
-    float *vv = kt + max_len * hd, *s = vv + max_len * hd, *qf = s + G * max_len, *of = qf + G * hd;
-    float *row = of + G * hd, *tile = row + hd;
-    size_t have_b = (size_t)-1, have_h = 0, n = 0; /* which keys kt/vv hold */
+    size_t ld_max = (max_len + 15) / 16 * 16;
+    /* per thread: kt (hd, ld) and vv (n, hd); scores (G, n); q and out (G, hd); one widened
+     * row (hd); the n K and V row addresses of a decode */
+    float *kt = pxl_scratch(3, ((ld_max + max_len) * hd + G * max_len + 2 * G * hd + hd) * sizeof(float) +
+                                   2 * max_len * sizeof(char *));
+    float *vv = kt + ld_max * hd, *s = vv + max_len * hd, *qf = s + G * max_len, *of = qf + G * hd;
+    float *row = of + G * hd;
+    const char **krows = (const char **)(row + hd), **vrows = krows + max_len;
+    size_t have_b = (size_t)-1, have_h = 0, n = 0, ld = 0; /* which keys kt/vv hold */
 #pragma omp barrier /* every row of this step is in the cache before anyone reads it */
 #pragma omp for schedule(dynamic, CHUNK) nowait
     for (size_t it = 0; it < T * Hkv; it++) { /* (sequence, KV head, token) order */
@@ -154,20 +207,31 @@ static void attention_team(int dt, size_t T, size_t B, size_t H, size_t Hkv, siz
         size_t qs = query_start_loc[b], qlen = query_start_loc[b + 1] - qs, r = it - qs * Hkv;
         size_t kvh = r / qlen, t = qs + r % qlen;
         size_t pos = seq_lens[b] - qlen + (t - qs); /* this token's position */
-        size_t lo = window && pos + 1 > window ? pos + 1 - window : 0;
+        size_t lo = window && pos + 1 > window ? pos + 1 - window : 0, nk = pos + 1 - lo;
+        const int64_t *table = block_tables + b * max_blocks;
         load_f32(dt, (const char *)q + (t * H + kvh * G) * hd * es, G * hd, qf);
         for (size_t i = 0; i < G * hd; i++) qf[i] *= scale;
-        if (qlen == 1) {
-            attend_direct(dt, G, hd, qf, k_cache, v_cache, block_tables + b * max_blocks, block_size, row_bytes,
-                          kvh * hd * es, lo, pos + 1, s, row, tile, of);
-        } else {
+        if (qlen == 1) { /* decode: read the rows in place, each once for all G heads */
+            for (size_t j = 0; j < nk; j++) {
+                size_t off = slot_of(table, block_size, lo + j) * row_bytes + kvh * hd * es;
+                krows[j] = (const char *)k_cache + off, vrows[j] = (const char *)v_cache + off;
+            }
+            scores_rows(dt, G, hd, qf, krows, nk, s);
+            for (size_t g = 0; g < G; g++) {
+                softmax(s + g * nk, nk);
+                weighted_sum(dt, hd, s + g * nk, vrows, NULL, nk, of + g * hd);
+            }
+        } else { /* prefill: the sequence's keys once per thread, for all its tokens here */
             if (b != have_b || kvh != have_h) {
-                n = seq_lens[b];
-                gather_kv(dt, n, hd, k_cache, v_cache, block_tables + b * max_blocks, block_size, row_bytes,
-                          kvh * hd * es, kt, vv, row);
+                n = seq_lens[b], ld = (n + 15) / 16 * 16;
+                gather_kv(dt, n, ld, hd, k_cache, v_cache, table, block_size, row_bytes, kvh * hd * es, kt, vv, row);
                 have_b = b, have_h = kvh;
             }
-            attend(G, hd, n, qf, kt, vv, lo, pos + 1, s, of);
+            for (size_t g = 0; g < G; g++) {
+                scores_t(hd, ld, qf + g * hd, kt, lo, nk, s);
+                softmax(s, nk);
+                weighted_sum(dt, hd, s, NULL, vv + lo * hd, nk, of + g * hd);
+            }
         }
         char *yr = (char *)y + (t * H + kvh * G) * hd * es;
         if (dt == PXL_F32) memcpy(yr, of, G * hd * 4);

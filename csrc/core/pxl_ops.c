@@ -5,11 +5,6 @@
 
 #include "pxl_kernels.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PXL_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define PXL_CLONES
-#endif
 #define PXL_INLINE static inline __attribute__((always_inline))
 
 PXL_INLINE float ld(int dt, const void *p, size_t i) {

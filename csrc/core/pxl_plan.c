@@ -12,7 +12,11 @@ typedef struct {
     const void *p[10];
 } pxl_plan_node;
 
-enum { OP_GATHER, OP_RMSNORM, OP_LINEAR, OP_ROPE, OP_ATTENTION, OP_SILU_MUL, OP_ADD };
+enum { OP_GATHER, OP_RMSNORM, OP_LINEAR, OP_ROPE, OP_ATTENTION, OP_SILU_MUL, OP_ADD, N_OPS };
+
+static int op_profile_on;
+static double op_seconds[N_OPS];
+static int64_t op_calls[N_OPS];
 
 static void run_node(const pxl_plan_node *x, size_t T, size_t N, size_t B, size_t max_blocks) {
     size_t rows = x->rows ? N : T;
@@ -36,9 +40,30 @@ static void run_node(const pxl_plan_node *x, size_t T, size_t N, size_t B, size_
  * or joined between nodes. */
 void pxl_plan_run(const pxl_plan_node *nodes, size_t n, size_t T, size_t N, size_t B, size_t max_blocks) {
     pxl_kernels(); /* resolve the kernel set before the team starts */
+    int prof = op_profile_on;
 #pragma omp parallel num_threads(pxl_num_threads())
-    for (size_t i = 0; i < n; i++) {
-        run_node(&nodes[i], T, N, B, max_blocks);
+    {
+        double t0 = prof ? omp_get_wtime() : 0;
+        for (size_t i = 0; i < n; i++) {
+            run_node(&nodes[i], T, N, B, max_blocks);
 #pragma omp barrier
+            if (prof && omp_get_thread_num() == 0) { /* the barrier makes this the node's team time */
+                double t1 = omp_get_wtime();
+                op_seconds[nodes[i].op] += t1 - t0;
+                op_calls[nodes[i].op]++;
+                t0 = t1;
+            }
+        }
     }
+}
+
+/* Per-op time across steps (PERFXLM_PROFILE_OPS=1 in the plugin): seconds[op], calls[op] for
+ * the 7 op kinds above, in enum order; reading resets them. */
+void pxl_plan_profile(int on, double *seconds, int64_t *calls) {
+    for (int i = 0; i < N_OPS; i++) {
+        if (seconds) seconds[i] = op_seconds[i];
+        if (calls) calls[i] = op_calls[i];
+        op_seconds[i] = 0, op_calls[i] = 0;
+    }
+    op_profile_on = on;
 }

@@ -66,17 +66,26 @@ static inline float pxl_bf16_to_f32(uint16_t h) {
 static inline uint16_t pxl_f32_to_bf16(float f) { /* round to nearest even, NaN stays NaN */
     uint32_t b;
     memcpy(&b, &f, 4);
-    if ((b & 0x7fffffff) > 0x7f800000) return (uint16_t)((b >> 16) | 0x40);
-    return (uint16_t)((b + 0x7fff + ((b >> 16) & 1)) >> 16);
+    uint32_t rounded = (b + 0x7fff + ((b >> 16) & 1)) >> 16, quiet = (b >> 16) | 0x40;
+    return (uint16_t)((b & 0x7fffffff) > 0x7f800000 ? quiet : rounded); /* a select: vectorises */
 }
 float pxl_fp16_to_fp32(uint16_t h);
 
 /* exp(x), x clamped to [-87, 88]: 2^(x log2 e) split into 2^n by the exponent bits and 2^f,
  * f in [-0.5, 0.5], by a degree-6 polynomial (relative error < 2e-7); plain arithmetic, so
  * loops over it vectorise (softmax, SiLU) where libm's expf would not */
+/* Portable C loops compiled once per x86 level (AVX-512 F/BW/VL/DQ, AVX2+FMA, baseline) and
+ * picked at load time: AVX-512 without BW would leave every bf16 loop scalar. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PXL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define PXL_CLONES
+#endif
+
 static inline float pxl_exp(float x) {
     x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;
-    float t = x * 1.44269504f, n = __builtin_roundf(t), f = t - n;
+    /* round to nearest by the 1.5 * 2^23 shifter: plain arithmetic, so it vectorises anywhere */
+    float t = x * 1.44269504f, n = (t + 12582912.0f) - 12582912.0f, f = t - n;
     float p = 1.5403530e-4f;
     p = p * f + 1.3333558e-3f;
     p = p * f + 9.6181291e-3f;

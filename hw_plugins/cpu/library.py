@@ -31,6 +31,7 @@ _SIGNATURES = {
     "pxl_rope": ([_i, _sz, _sz, _sz, _p, _p, _p, _p, _p], None),
     "pxl_silu_mul": ([_i, _sz, _p, _p, _p], None),
     "pxl_add": ([_i, _sz, _p, _p, _p], None),
+    "pxl_plan_profile": ([_i, _p, _p], None),
     "pxl_paged_attention": ([_i, _sz, _sz, _sz, _sz, _sz, _p, _p, _p, _p, _p, _sz, _p, _p, _sz, _p, _p, _f, _sz, _p],
                             None),
 }
@@ -76,3 +77,15 @@ def load() -> ctypes.CDLL:
     _cache["lib"] = msg = (f"{LIB_NAME} not found (looked in {', '.join(tried)}); "
                            "`pip install -e .` or `make -C csrc` builds it")
     raise OSError(msg)
+
+
+PLAN_OPS = ("Gather", "RMSNorm", "Linear", "RoPE", "PagedAttention", "SiluMul", "Add")  # pxl_plan.c's order
+
+
+def op_profile(on: bool) -> dict[str, tuple[float, int]]:
+    """Seconds and calls per op kind in compiled steps since the last call (then reset);
+    `on` switches the timing (a barrier-to-barrier clock read on thread 0) for what follows."""
+    lib = load()
+    seconds, calls = (ctypes.c_double * len(PLAN_OPS))(), (ctypes.c_int64 * len(PLAN_OPS))()
+    lib.pxl_plan_profile(int(on), seconds, calls)
+    return {op: (seconds[i], calls[i]) for i, op in enumerate(PLAN_OPS) if calls[i]}

@@ -7,6 +7,7 @@ library on riscv64 with the RVV 1.0 kernel set required.
 """
 
 import logging
+import mmap
 import platform
 from typing import Any
 
@@ -24,6 +25,20 @@ _WEIGHT_FORMATS = {"dense": None, "q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1}
 
 def _ptr(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
+
+
+def host_zeros(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """Zero-filled host memory; a large buffer is an anonymous mapping advised to use
+    transparent huge pages (the usual 'madvise' THP setting): a decode step reads every
+    sequence's KV blocks and every packed weight panel, and with 4 KiB pages that walk
+    misses the TLB on most rows. Zero pages are committed on first touch, as with calloc."""
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape))
+    if count * dtype.itemsize < (4 << 20) or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return np.zeros(shape, dtype)
+    buf = mmap.mmap(-1, count * dtype.itemsize)
+    buf.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(buf, dtype, count).reshape(shape)  # the array keeps the mapping alive
 
 
 class CpuPlugin(HwPlugin):
@@ -77,6 +92,9 @@ class CpuPlugin(HwPlugin):
     def upload(self, array: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(array)  # memory-mapped weights stay mapped: no copy
 
+    def zeros(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        return host_zeros(shape, dtype)
+
     def download(self, buf: np.ndarray) -> np.ndarray:
         return buf.copy()  # planned buffers are reused next step
 
@@ -112,7 +130,7 @@ class CpuPlugin(HwPlugin):
             return fmt, w
         key = (_ptr(w), w.shape)
         if key not in self._packed:  # keyed by the weight buffer, which lives as long as the graph
-            packed = np.empty(size, np.uint8)
+            packed = host_zeros((size,), np.uint8)
             self.lib.pxl_pack_weights(fmt, w.shape[0], w.shape[1], _ptr(w), _ptr(packed))
             self._packed[key] = (w, packed)
         return BF16P, self._packed[key][1]

@@ -35,6 +35,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-json", default=None, help="write the figures as JSON")
     p.add_argument("--plot", default=None, help="draw the figures into FILE.png (needs matplotlib)")
+    p.add_argument("--profile-ops", action="store_true",
+                   help="also print the time per op kind in the cpu plugin's compiled steps (timed run only)")
 
 
 def make_llm(args: argparse.Namespace) -> Any:
@@ -62,6 +64,7 @@ def throughput(args: argparse.Namespace) -> dict:
     prompts = random_prompts(llm, args.num_prompts, args.input_len, args.seed)
     params = SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=args.output_len)
     llm.generate(prompts[:1], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
+    _profile_ops(args, start=True)
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
@@ -89,6 +92,8 @@ def latency(args: argparse.Namespace) -> dict:
             sp = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=args.output_len)
             sp.output_kind = RequestOutputKind.FINAL_ONLY
             engine.add_request(f"lat-{it}-{i}", p["prompt_token_ids"], sp)
+        if it == args.num_iters_warmup:
+            _profile_ops(args, start=True)
         start = time.perf_counter()
         marks = []
         while engine.has_unfinished_requests():
@@ -121,7 +126,23 @@ def _pct(xs: list[float], q: float) -> float:
     return float(np.percentile(xs, q)) if xs else float("nan")
 
 
+def _profile_ops(args: argparse.Namespace, start: bool) -> dict[str, tuple[float, int]]:
+    """Starts (start=True) or reads and prints the cpu plugin's per-op times (--profile-ops)."""
+    if not args.profile_ops:
+        return {}
+    from hw_plugins.cpu import library
+    prof = library.op_profile(on=start)
+    if not start:
+        total = sum(t for t, _ in prof.values()) or float("nan")
+        print(f"{'op':<16}{'calls':>8}{'seconds':>10}{'ms/call':>10}{'share':>8}")
+        for op, (t, n) in sorted(prof.items(), key=lambda kv: -kv[1][0]):
+            print(f"{op:<16}{n:>8}{t:>10.3f}{1e3 * t / n:>10.3f}{100 * t / total:>7.1f}%")
+    return prof
+
+
 def _describe(args: argparse.Namespace, llm: Any, res: dict) -> dict:
+    if args.profile_ops:
+        res["op_profile"] = {op: {"seconds": t, "calls": n} for op, (t, n) in _profile_ops(args, start=False).items()}
     cfg = llm.llm_engine.config
     runner = llm.llm_engine.runner.executor
     plugins = sorted({n.plugin.name for n in runner.runner.nodes}) if hasattr(runner, "runner") else ["eager"]

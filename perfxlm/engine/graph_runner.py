@@ -98,8 +98,7 @@ class GraphRunner:
                     self.input_plugins[name].append(node.plugin)
                 elif "_cache." in name and key not in self.values:
                     # zero-filled: masked attention rows still read padded slots, which must be finite
-                    self.values[key] = node.plugin.upload(np.zeros(shapes[name], dtype=weights[
-                        "tok_embeddings.weight"].dtype))
+                    self.values[key] = node.plugin.zeros(shapes[name], weights["tok_embeddings.weight"].dtype)
         self._plan(shapes, dtypes, max_tokens)
         self.fast = self._compile_step(shapes, max_tokens)
         logger.info("graph %s: %d nodes on %s, %d activation buffers", Path(path).name, len(self.nodes),
