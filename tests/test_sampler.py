@@ -91,3 +91,20 @@ def test_logprobs_are_raw_and_seeded_draws_repeat():
     assert torch.allclose(out.logprobs, torch.log_softmax(logits, -1))  # before bias and temperature
     a = [s(torch.zeros(1, 50), [req(temperature=1.0, seed=5)]).token_ids[0] for _ in range(2)]
     assert a[0] == a[1]
+
+
+def test_inverse_cdf_maps_uniform_quantiles_to_each_token_in_proportion():
+    from perfxlm.engine.sampler import inverse_cdf
+    V, n = 1000, 20000  # V not a multiple of the block; zero-probability runs across block edges
+    p = torch.rand(V) + 0.01
+    p[250:270] = 0
+    p[990:] = 0
+    p[0] = 0
+    p = p / p.sum()
+    u = ((torch.arange(n) + 0.5) / n).unsqueeze(1)  # evenly spread quantiles instead of random draws
+    tokens = inverse_cdf(p.repeat(n, 1), u, block=64)
+    counts = torch.bincount(tokens, minlength=V).double() / n
+    assert counts[p == 0].sum() == 0
+    assert (counts - p.double()).abs().max() < 2.0 / n + 1e-6  # each token gets its share of quantiles
+    edge = inverse_cdf(p.unsqueeze(0), torch.tensor([[1.0]]), block=64)  # u rounded up to the total
+    assert p[edge] > 0

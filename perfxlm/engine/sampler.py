@@ -35,7 +35,7 @@ class Sampler:
         tokens = logits.argmax(dim=-1) if any(greedy) else None
         if not all(greedy):
             rows = [i for i, g in enumerate(greedy) if not g]
-            sampled = self._sample(logits[rows], [reqs[i] for i in rows])
+            sampled = self._sample(logits if len(rows) == logits.shape[0] else logits[rows], [reqs[i] for i in rows])
             tokens = sampled if tokens is None else tokens.index_put_((torch.tensor(rows),), sampled)
         return SamplerOutput(tokens.tolist(), logprobs)
 
@@ -54,19 +54,45 @@ class Sampler:
         if (top_k < vocab).any() or (top_p < 1).any():
             logits = apply_top_k_top_p(logits, top_k, top_p)
         probs = logits.softmax(dim=-1)
-        # Gumbel-style draw: argmax(p / q) with q ~ Exp(1) samples from p; each seeded
-        # request draws its q from its own generator, so its output is batch-independent;
-        # the unseeded rows share one draw, as -log(1 - U) (3x faster than exponential_ here:
-        # 14 vs 47 ms for 64 x 49152)
-        q = torch.empty_like(probs)
-        unseeded = [i for i, r in enumerate(reqs) if r.generator is None]
-        if unseeded:
-            u = torch.rand(len(unseeded), q.shape[1], generator=self.generator)
-            q[unseeded] = u.neg_().log1p_().neg_()
+        tokens = torch.empty(len(reqs), dtype=torch.int64)
+        # Each seeded request draws from its own generator, so its output is batch-independent:
+        # argmax(p / q) with q ~ Exp(1) (the Gumbel-max trick, as vLLM) samples from p.
         for i, r in enumerate(reqs):
             if r.generator is not None:
-                q[i].exponential_(generator=r.generator)
-        return probs.div_(q).argmax(dim=-1)
+                q = torch.empty_like(probs[i]).exponential_(generator=r.generator)
+                tokens[i] = probs[i].div_(q).argmax()
+        # The unseeded rows share one generator and need no per-token noise: inverse CDF, one
+        # uniform per row (at 64 x 49152, ~1 ms instead of 12 ms of uniforms and logs).
+        unseeded = [i for i, r in enumerate(reqs) if r.generator is None]
+        if unseeded:
+            rows = probs if len(unseeded) == len(reqs) else probs[unseeded]
+            u = torch.rand(len(unseeded), 1, generator=self.generator)
+            tokens[unseeded] = inverse_cdf(rows, u)
+        return tokens
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """For each row of probs (R, V) (unnormalised is fine) the token where its CDF crosses
+    u (R, 1) in [0, 1) of the row's total: the first block of `block` tokens whose running
+    sum passes it, then the token inside that block (two short scans: a full-row cumsum is
+    single-threaded, 2.5 ms at 64 x 49152). Never a zero-probability token."""
+    R, V = probs.shape
+    full = V // block * block
+    sums = probs[:, :full].view(R, full // block, block).sum(dim=-1)                # (R, nb)
+    if full < V:
+        sums = torch.cat([sums, probs[:, full:].sum(dim=-1, keepdim=True)], dim=1)
+    nb = sums.shape[1]
+    bcdf = sums.cumsum(dim=-1)
+    target = u * bcdf[:, -1:]
+    b = torch.searchsorted(bcdf, target, right=True).clamp_(max=nb - 1)        # (R, 1): its sum > 0
+    before = torch.where(b > 0, bcdf.gather(1, (b - 1).clamp_(min=0)), torch.zeros_like(target))
+    cols = b * block + torch.arange(block)                                     # (R, block)
+    inner = probs.gather(1, cols.clamp(max=V - 1)).masked_fill_(cols >= V, 0)
+    icdf = inner.cumsum(dim=-1)
+    k = torch.searchsorted(icdf, target - before, right=True).squeeze(1)       # (R,)
+    for r in (k >= block).nonzero().flatten().tolist():  # rounding put the target past the block's sum
+        k[r] = inner[r].nonzero()[-1, 0]
+    return b.squeeze(1) * block + k
 
 
 def apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
