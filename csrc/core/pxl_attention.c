@@ -71,7 +71,7 @@ static inline f32x16 ld16(int dt, const void *p) { /* 16 values at p (float32 or
     }
     return v;
 }
-static inline f32x16 splat16(float x) { return (f32x16){0} + x; }
+static inline f32x16 splat16(float x) { return (f32x16){0} + x; } /* the form GCC broadcasts best in a clone */
 
 static inline float fold16(f32x16 a) {
     f32x8 b = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) +
@@ -92,23 +92,26 @@ static float dot_scalar(size_t hd, const float *q, int dt, const void *k, size_t
     return acc[0];
 }
 
-/* s (n) = q . kt[:, lo .. lo + n) for kt (hd, ld) float32, 16 keys at a time */
+/* s (n) = q . kt[:, lo .. lo + n) for kt (hd, ld) float32, 16 keys at a time; qb (hd) is
+ * scratch for q's broadcasts (built once, then a plain vector load beside each FMA) */
 PXL_CLONES static void scores_t(size_t hd, size_t ld, const float *q, const float *kt, size_t lo, size_t n,
-                                float *s) {
+                                float *s, f32x16 *qb) {
     if (hd % 16) {
         for (size_t j = 0; j < n; j++) s[j] = dot_scalar(hd, q, PXL_F32, kt + lo + j, ld);
         return;
     }
+    for (size_t d = 0; d < hd; d++) qb[d] = splat16(q[d]);
     for (size_t j0 = 0; j0 < n; j0 += 16) {
-        f32x16 acc[16] = {{0}};
+        f32x16 acc[16];
+        for (int l = 0; l < 16; l++) acc[l] = (f32x16){0};
         const float *k0 = kt + lo + j0;
         for (size_t d = 0; d < hd; d += 16)
 #pragma GCC unroll 16
-            for (int l = 0; l < 16; l++) acc[l] += splat16(q[d + l]) * ld16(PXL_F32, k0 + (d + l) * ld);
+            for (int l = 0; l < 16; l++) acc[l] += qb[d + l] * ld16(PXL_F32, k0 + (d + l) * ld);
         for (int w = 8; w; w /= 2)
             for (int l = 0; l < w; l++) acc[l] += acc[l + w];
-        size_t jn = n - j0 < 16 ? n - j0 : 16;
-        memcpy(s + j0, &acc[0], jn * sizeof(float));
+        if (n - j0 >= 16) memcpy(s + j0, &acc[0], sizeof acc[0]);
+        else for (size_t jj = 0; jj < n - j0; jj++) s[j0 + jj] = acc[0][jj];
     }
 }
 
@@ -152,26 +155,53 @@ PXL_CLONES static void softmax(float *s, size_t n) {
     for (j = 0; j < n; j++) s[j] *= inv;
 }
 
-/* out (hd) = sum_j w[j] v_j in increasing j, for the n value rows at rows[j] (dt, row
- * stride ignored) or, when rows is NULL, the float32 rows of vv (n, hd); 16 dims a pass */
-PXL_CLONES static void weighted_sum(int dt, size_t hd, const float *w, const char *const *rows, const float *vv,
-                                    size_t n, float *out) {
-    size_t es = rows ? (dt == PXL_F32 ? 4 : 2) : 4;
-    int vdt = rows ? dt : PXL_F32;
-    size_t d0 = 0;
-    for (; d0 + 16 <= hd; d0 += 16) {
-        f32x16 acc = {0};
-        for (size_t j = 0; j < n; j++)
-            acc += splat16(w[j]) * ld16(vdt, (rows ? rows[j] : (const char *)(vv + j * hd)) + d0 * es);
-        memcpy(out + d0, &acc, sizeof acc);
+/* out (G, hd) = sum_j w[g, j] v_j in increasing j, w (G, n), for the n value rows at
+ * rows[j] (float32 or bf16, dt). Each (head, 16 dims) output is one accumulator; CNT of
+ * them advance together over the keys, so CNT independent FMA chains hide the FMA latency
+ * (one chain ran at a quarter of the rate). DT and CNT are constants in each instance. */
+static inline __attribute__((always_inline)) void wsum_group(const int DT, const int CNT, size_t hd, const float *w,
+                                                             size_t n, const char *const *rows, size_t p0,
+                                                             float *out) {
+    f32x16 acc[8] = {{0}};
+    const float *wi[8];
+    size_t off[8];
+    for (int i = 0; i < CNT; i++) /* output offset (p0 + i) * 16 = g * hd + d0 */
+        wi[i] = w + (p0 + i) * 16 / hd * n, off[i] = (p0 + i) * 16 % hd * (DT == PXL_F32 ? 4 : 2);
+    for (size_t j = 0; j < n; j++)
+        for (int i = 0; i < CNT; i++) acc[i] += splat16(wi[i][j]) * ld16(DT, rows[j] + off[i]);
+    for (int i = 0; i < CNT; i++) memcpy(out + (p0 + i) * 16, &acc[i], sizeof acc[i]);
+}
+
+#define WSUM_CASES(DT)                                                                                                \
+    switch (cnt) {                                                                                                     \
+    case 8: wsum_group(DT, 8, hd, w, n, rows, p0, out); break;                                                         \
+    case 7: wsum_group(DT, 7, hd, w, n, rows, p0, out); break;                                                         \
+    case 6: wsum_group(DT, 6, hd, w, n, rows, p0, out); break;                                                         \
+    case 5: wsum_group(DT, 5, hd, w, n, rows, p0, out); break;                                                         \
+    case 4: wsum_group(DT, 4, hd, w, n, rows, p0, out); break;                                                         \
+    case 3: wsum_group(DT, 3, hd, w, n, rows, p0, out); break;                                                         \
+    case 2: wsum_group(DT, 2, hd, w, n, rows, p0, out); break;                                                         \
+    default: wsum_group(DT, 1, hd, w, n, rows, p0, out); break;                                                        \
     }
-    for (; d0 < hd; d0++) { /* a head dim that is not a multiple of 16 */
-        float acc = 0;
-        for (size_t j = 0; j < n; j++)
-            acc += w[j] * (rows ? (dt == PXL_F32 ? ((const float *)rows[j])[d0]
-                                                 : pxl_bf16_to_f32(((const uint16_t *)rows[j])[d0]))
-                                : vv[j * hd + d0]);
-        out[d0] = acc;
+
+PXL_CLONES static void weighted_sum(int dt, size_t G, size_t hd, const float *w, const char *const *rows, size_t n,
+                                    float *out) {
+    if (hd % 16) { /* a head dim that is not a multiple of 16: the same sums, one at a time */
+        for (size_t g = 0; g < G; g++)
+            for (size_t d = 0; d < hd; d++) {
+                float acc = 0;
+                for (size_t j = 0; j < n; j++)
+                    acc += w[g * n + j] * (dt == PXL_F32 ? ((const float *)rows[j])[d]
+                                                         : pxl_bf16_to_f32(((const uint16_t *)rows[j])[d]));
+                out[g * hd + d] = acc;
+            }
+        return;
+    }
+    size_t np = G * hd / 16;
+    for (size_t p0 = 0; p0 < np; p0 += 8) {
+        size_t cnt = np - p0 < 8 ? np - p0 : 8;
+        if (dt == PXL_F32) WSUM_CASES(PXL_F32)
+        else WSUM_CASES(PXL_BF16)
     }
 }
 
@@ -191,13 +221,14 @@ static void attention_team(int dt, size_t T, size_t B, size_t H, size_t Hkv, siz
     size_t max_len = 0;
     for (size_t b = 0; b < B; b++) max_len = (size_t)seq_lens[b] > max_len ? (size_t)seq_lens[b] : max_len;
     size_t ld_max = (max_len + 15) / 16 * 16;
-    /* per thread: kt (hd, ld) and vv (n, hd); scores (G, n); q and out (G, hd); one widened
-     * row (hd); the n K and V row addresses of a decode */
-    float *kt = pxl_scratch(3, ((ld_max + max_len) * hd + G * max_len + 2 * G * hd + hd) * sizeof(float) +
-                                   2 * max_len * sizeof(char *));
-    float *vv = kt + ld_max * hd, *s = vv + max_len * hd, *qf = s + G * max_len, *of = qf + G * hd;
-    float *row = of + G * hd;
-    const char **krows = (const char **)(row + hd), **vrows = krows + max_len;
+    /* per thread: q's broadcasts (hd vectors); the n K and V row addresses of a decode and
+     * the n row addresses of vv;
+     * kt (hd, ld) and vv (n, hd); scores (G, n); q and out (G, hd); one widened row (hd) */
+    f32x16 *qb = pxl_scratch(3, hd * sizeof(f32x16) + 3 * max_len * sizeof(char *) +
+                                    ((ld_max + max_len) * hd + G * max_len + 2 * G * hd + hd) * sizeof(float));
+    const char **krows = (const char **)(qb + hd), **vrows = krows + max_len, **vvrows = vrows + max_len;
+    float *kt = (float *)(vvrows + max_len), *vv = kt + ld_max * hd, *s = vv + max_len * hd, *qf = s + G * max_len;
+    float *of = qf + G * hd, *row = of + G * hd;
     size_t have_b = (size_t)-1, have_h = 0, n = 0, ld = 0; /* which keys kt/vv hold */
 #pragma omp barrier /* every row of this step is in the cache before anyone reads it */
 #pragma omp for schedule(dynamic, CHUNK) nowait
@@ -217,21 +248,20 @@ static void attention_team(int dt, size_t T, size_t B, size_t H, size_t Hkv, siz
                 krows[j] = (const char *)k_cache + off, vrows[j] = (const char *)v_cache + off;
             }
             scores_rows(dt, G, hd, qf, krows, nk, s);
-            for (size_t g = 0; g < G; g++) {
-                softmax(s + g * nk, nk);
-                weighted_sum(dt, hd, s + g * nk, vrows, NULL, nk, of + g * hd);
-            }
+            for (size_t g = 0; g < G; g++) softmax(s + g * nk, nk);
+            weighted_sum(dt, G, hd, s, vrows, nk, of);
         } else { /* prefill: the sequence's keys once per thread, for all its tokens here */
             if (b != have_b || kvh != have_h) {
                 n = seq_lens[b], ld = (n + 15) / 16 * 16;
                 gather_kv(dt, n, ld, hd, k_cache, v_cache, table, block_size, row_bytes, kvh * hd * es, kt, vv, row);
+                for (size_t j = 0; j < n; j++) vvrows[j] = (const char *)(vv + j * hd);
                 have_b = b, have_h = kvh;
             }
             for (size_t g = 0; g < G; g++) {
-                scores_t(hd, ld, qf + g * hd, kt, lo, nk, s);
-                softmax(s, nk);
-                weighted_sum(dt, hd, s, NULL, vv + lo * hd, nk, of + g * hd);
+                scores_t(hd, ld, qf + g * hd, kt, lo, nk, s + g * nk, qb);
+                softmax(s + g * nk, nk);
             }
+            weighted_sum(PXL_F32, G, hd, s, vvrows + lo, nk, of);
         }
         char *yr = (char *)y + (t * H + kvh * G) * hd * es;
         if (dt == PXL_F32) memcpy(yr, of, G * hd * 4);
