@@ -115,12 +115,16 @@ PXL_CLONES static void scores_t(size_t hd, size_t ld, const float *q, const floa
     }
 }
 
-/* s (G, n) = q (G, hd) . k for the n key rows at rows[j] (cache rows, dt), a key at a time */
-PXL_CLONES static void scores_rows(int dt, size_t G, size_t hd, const float *q, const char *const *rows, size_t n,
-                                   float *s) {
+/* s (G, n) = q (G, hd) . k for the n key rows at rows[j] (cache rows, dt), a key at a time;
+ * vrows: the value rows weighted_sum reads next (prefetched) */
+PXL_CLONES static void scores_rows(int dt, size_t G, size_t hd, const float *q, const char *const *rows,
+                                   const char *const *vrows, size_t n, float *s) {
     size_t es = dt == PXL_F32 ? 4 : 2;
     for (size_t j = 0; j < n; j++) {
-        if (j + 8 < n) prefetch_row(rows[j + 8], hd * es);
+        if (j + 16 < n) { /* the cache is far bigger than L2: fetch ahead, the V rows for weighted_sum too */
+            prefetch_row(rows[j + 16], hd * es);
+            prefetch_row(vrows[j + 16], hd * es);
+        }
         for (size_t g = 0; g < G; g++) {
             const float *qg = q + g * hd;
             if (hd % 16) {
@@ -247,7 +251,7 @@ static void attention_team(int dt, size_t T, size_t B, size_t H, size_t Hkv, siz
                 size_t off = slot_of(table, block_size, lo + j) * row_bytes + kvh * hd * es;
                 krows[j] = (const char *)k_cache + off, vrows[j] = (const char *)v_cache + off;
             }
-            scores_rows(dt, G, hd, qf, krows, nk, s);
+            scores_rows(dt, G, hd, qf, krows, vrows, nk, s);
             for (size_t g = 0; g < G; g++) softmax(s + g * nk, nk);
             weighted_sum(dt, G, hd, s, vrows, nk, of);
         } else { /* prefill: the sequence's keys once per thread, for all its tokens here */
