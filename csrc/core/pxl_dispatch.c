@@ -19,15 +19,18 @@ void pxl_tile_f32_avx2(int, int, size_t, const void *, size_t, const void *, siz
 void pxl_tile_bf16_avx2(int, int, size_t, const void *, size_t, const void *, size_t, float *, size_t);
 void pxl_tile_bf16_avx512(int, int, size_t, const void *, size_t, const void *, size_t, float *, size_t);
 void pxl_gemm_bf16p_avx512bf16(int, size_t, const void *, size_t, const void *, float *, size_t, int);
+void pxl_gemm_f32p_avx512(int, size_t, const void *, size_t, const void *, float *, size_t, int);
 extern const pxl_gemv_q_fn pxl_gemv_q_avx512vnni[PXL_NFMT], pxl_gemv_q_avx2[PXL_NFMT];
 
 const pxl_kernel_set pxl_kernels_avx2 = {
     .isa = "avx2", .rm = 4, .rn = 2, .gemv_rn = 4, .tile_f32 = pxl_tile_f32_avx2, .tile_bf16 = pxl_tile_bf16_avx2};
 const pxl_kernel_set pxl_kernels_avx512 = {
-    .isa = "avx512", .rm = 4, .rn = 4, .gemv_rn = 8, .tile_f32 = pxl_tile_f32_avx512, .tile_bf16 = pxl_tile_bf16_avx512};
+    .isa = "avx512", .rm = 4, .rn = 4, .gemv_rn = 8, .tile_f32 = pxl_tile_f32_avx512, .tile_bf16 = pxl_tile_bf16_avx512,
+    .gemm_f32p = pxl_gemm_f32p_avx512};
 const pxl_kernel_set pxl_kernels_avx512bf16 = {
     .isa = "avx512bf16", .rm = 4, .rn = 4, .gemv_rn = 8, .tile_f32 = pxl_tile_f32_avx512,
-    .tile_bf16 = pxl_tile_bf16_avx512bf16, .gemm_bf16p = pxl_gemm_bf16p_avx512bf16};
+    .tile_bf16 = pxl_tile_bf16_avx512bf16, .gemm_bf16p = pxl_gemm_bf16p_avx512bf16,
+    .gemm_f32p = pxl_gemm_f32p_avx512};
 #endif
 
 static const pxl_kernel_set *const all_sets[] = {

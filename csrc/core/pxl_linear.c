@@ -78,7 +78,9 @@ static void prepare_rows(int dt, int wfmt, size_t T, size_t t0, size_t t1, size_
 }
 
 size_t pxl_packed_bytes(int wfmt, size_t N, size_t K) {
-    if (wfmt != PXL_BF16 || K % 2 || !pxl_kernels()->gemm_bf16p) return 0;
+    const pxl_kernel_set *ks = pxl_kernels();
+    if (wfmt == PXL_F32 && ks->gemm_f32p) return (N + PXL_PANEL - 1) / PXL_PANEL * K * PXL_PANEL * 4;
+    if (wfmt != PXL_BF16 || K % 2 || !ks->gemm_bf16p) return 0;
     return (N + PXL_PANEL - 1) / PXL_PANEL * K * PXL_PANEL * 2;
 }
 
@@ -95,7 +97,18 @@ static void pack_panel(int src_fmt, size_t rows, size_t K, const void *src, uint
             }
 }
 
+/* fp32 rows [0, rows) of src (rows, K) -> [K][32] fp32, zero-padded */
+static void pack_panel_f32(size_t rows, size_t K, const float *src, float *out) {
+    for (size_t k = 0; k < K; k++)
+        for (size_t j = 0; j < PXL_PANEL; j++) out[k * PXL_PANEL + j] = j < rows ? src[j * K + k] : 0.0f;
+}
+
 void pxl_pack_weights(int wfmt, size_t N, size_t K, const void *W, void *out) {
+    if (wfmt == PXL_F32) {
+        for (size_t n = 0; n < N; n += PXL_PANEL)
+            pack_panel_f32(N - n < PXL_PANEL ? N - n : PXL_PANEL, K, (const float *)W + n * K, (float *)out + n * K);
+        return;
+    }
     for (size_t n = 0; n < N; n += PXL_PANEL)
         pack_panel(wfmt, N - n < PXL_PANEL ? N - n : PXL_PANEL, K, (const uint16_t *)W + n * K,
                    (uint16_t *)out + n * K);
@@ -103,15 +116,18 @@ void pxl_pack_weights(int wfmt, size_t N, size_t K, const void *W, void *out) {
 
 /* Y (T, cols) = X (T, K) bf16 . packed panels; T walks in chunks that stay in L2 while a
  * panel (32 x K bf16, L1-sized) serves every token of the chunk */
-static void run_packed(const pxl_kernel_set *ks, size_t T, size_t cols, size_t K, const uint16_t *X,
-                       const uint16_t *Wp, float *Y, size_t ldy) {
+static void run_packed(const pxl_kernel_set *ks, int f32, size_t T, size_t cols, size_t K, const void *X,
+                       const void *Wp, float *Y, size_t ldy) {
+    size_t es = f32 ? 4 : 2;
     for (size_t t0 = 0; t0 < T; t0 += 4 * T_CHUNK) {
         size_t t1 = t0 + 4 * T_CHUNK < T ? t0 + 4 * T_CHUNK : T;
         for (size_t n = 0; n < cols; n += PXL_PANEL)
             for (size_t t = t0; t < t1; t += PXL_PANEL_RM) {
                 int rm = t1 - t < PXL_PANEL_RM ? (int)(t1 - t) : PXL_PANEL_RM;
-                ks->gemm_bf16p(rm, K, X + t * K, K, Wp + n * K, Y + t * ldy + n, ldy,
-                               cols - n < PXL_PANEL ? (int)(cols - n) : PXL_PANEL);
+                int nvalid = cols - n < PXL_PANEL ? (int)(cols - n) : PXL_PANEL;
+                const char *x = (const char *)X + t * K * es, *w = (const char *)Wp + n * K * es;
+                if (f32) ks->gemm_f32p(rm, K, x, K, w, Y + t * ldy + n, ldy, nvalid);
+                else ks->gemm_bf16p(rm, K, x, K, w, Y + t * ldy + n, ldy, nvalid);
             }
     }
 }
@@ -119,8 +135,8 @@ static void run_packed(const pxl_kernel_set *ks, size_t T, size_t cols, size_t K
 /* columns [0, cols) of y = x @ W^T where W starts at this thread's first row */
 static void compute(const pxl_kernel_set *ks, int wfmt, int packed_q, size_t T, size_t cols, size_t K,
                     const void *xk, const int8_t *qbuf, const char *W, float *Y, size_t ldy) {
-    if (wfmt == PXL_BF16P) {
-        run_packed(ks, T, cols, K, xk, (const uint16_t *)W, Y, ldy);
+    if (wfmt == PXL_BF16P || wfmt == PXL_F32P) {
+        run_packed(ks, wfmt == PXL_F32P, T, cols, K, xk, W, Y, ldy);
     } else if (wfmt <= PXL_BF16) {
         run_tiles(ks, wfmt == PXL_F32 ? ks->tile_f32 : ks->tile_bf16, wfmt == PXL_F32 ? 4 : 2, T, 0, cols, K, xk, W,
                   Y, ldy);
@@ -139,7 +155,7 @@ static void compute(const pxl_kernel_set *ks, int wfmt, int packed_q, size_t T, 
             size_t r = cols - n < PXL_PANEL ? cols - n : PXL_PANEL;
             pxl_dequant_rows(wfmt, W, n, r, K, rows);
             pack_panel(PXL_F32, r, K, rows, panel);
-            run_packed(ks, T, r, K, xk, panel, Y + n, ldy);
+            run_packed(ks, 0, T, r, K, xk, panel, Y + n, ldy);
         }
     } else { /* fp32 GEMM tiles over dequantised panels of rows */
         float *panel = pxl_scratch(3, (size_t)PANEL * K * 4);
@@ -159,7 +175,7 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int wfmt, size_t T, si
     const int qdot = quant && (T <= Q_DOT_MAX_T || pxl_batch_invariant());
     /* prefill on quantised weights with bf16 x: packed bf16 panels where the set has the kernel */
     const int packed_q = quant && !qdot && dt == PXL_BF16 && ks->gemm_bf16p && T >= PACKED_Q_MIN_T;
-    const int convert = bf16_w ? dt == PXL_F32 : dt == PXL_BF16 && !packed_q;
+    const int convert = bf16_w ? dt == PXL_F32 : dt == PXL_BF16 && !packed_q; /* (F32P: x in fp32) */
     const size_t xes = bf16_w ? 2 : 4, qbytes = T * K + 3 * T * (K / PXL_QK) * 4;
     void *xc = NULL;
     int8_t *qbuf = NULL;
@@ -181,10 +197,12 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int wfmt, size_t T, si
     const void *xk = xc ? xc : x;
 
     size_t n0, n1;
-    pxl_split(N, wfmt == PXL_BF16P || packed_q ? PXL_PANEL : 16, &n0, &n1);
+    pxl_split(N, wfmt == PXL_BF16P || wfmt == PXL_F32P || packed_q ? PXL_PANEL : 16, &n0, &n1);
     if (n0 >= n1) return;
     size_t cols = n1 - n0;
-    const char *Wn = (const char *)W + (wfmt == PXL_BF16P ? n0 * K * 2 : n0 * pxl_row_bytes(wfmt, K));
+    const char *Wn = (const char *)W + (wfmt == PXL_BF16P   ? n0 * K * 2
+                                        : wfmt == PXL_F32P ? n0 * K * 4
+                                                           : n0 * pxl_row_bytes(wfmt, K));
     if (dt == PXL_F32 && !bias) {
         compute(ks, wfmt, packed_q, T, cols, K, xk, qbuf, Wn, (float *)y + n0, N);
         return;

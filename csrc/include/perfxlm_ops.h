@@ -30,7 +30,7 @@ typedef struct { uint16_t d; uint8_t qs[PXL_QK / 2]; } pxl_block_q4_0;
 typedef struct { uint16_t d, m; uint8_t qs[PXL_QK / 2]; } pxl_block_q4_1;
 
 /* element / weight formats */
-enum { PXL_F32 = 0, PXL_BF16 = 1, PXL_Q8_0 = 2, PXL_Q4_0 = 3, PXL_Q4_1 = 4, PXL_BF16P = 5, PXL_NFMT = 6 };
+enum { PXL_F32 = 0, PXL_BF16 = 1, PXL_Q8_0 = 2, PXL_Q4_0 = 3, PXL_Q4_1 = 4, PXL_BF16P = 5, PXL_F32P = 6, PXL_NFMT = 7 };
 
 /* runtime: which kernel set runs ("avx512bf16", "avx512", "avx2", "rvv", "generic") */
 const char *pxl_isa(void);
@@ -48,10 +48,11 @@ int pxl_batch_invariant(void);
  * (quantised formats need K % 32 == 0); x, bias, y in dt */
 void pxl_linear(int dt, int wfmt, size_t T, size_t N, size_t K, const void *x, const void *W,
                 const void *bias, void *y);
-/* Packed weights: a kernel set may run dense bf16 Linear fastest on a packed copy of W
- * (PXL_BF16P: 32-feature panels with K in pairs, [ceil(N/32)][K/2][32][2], zero-padded).
- * pxl_packed_bytes(PXL_BF16, N, K) is its size, or 0 when the active set has no such
- * kernel (or K is odd); pxl_pack_weights fills it, then pass it to pxl_linear as PXL_BF16P. */
+/* Packed weights: a kernel set may run dense Linear fastest on a packed copy of W
+ * (PXL_BF16P: 32-feature panels with K in pairs, [ceil(N/32)][K/2][32][2] bf16; PXL_F32P:
+ * [ceil(N/32)][K][32] fp32; zero-padded). pxl_packed_bytes(PXL_BF16 or PXL_F32, N, K) is
+ * its size, or 0 when the active set has no such kernel (or, for bf16, K is odd);
+ * pxl_pack_weights fills it, then pass it to pxl_linear as PXL_BF16P / PXL_F32P. */
 size_t pxl_packed_bytes(int wfmt, size_t N, size_t K);
 void pxl_pack_weights(int wfmt, size_t N, size_t K, const void *W, void *out);
 /* y (T, D) = table (V, D)[idx (T,)] */

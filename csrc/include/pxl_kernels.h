@@ -43,9 +43,12 @@ typedef struct {
      * (NULL: the set does not pack; K even) */
     void (*gemm_bf16p)(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy,
                        int nvalid);
+    /* the same for X fp32 and one PXL_F32P panel (NULL: the set does not pack fp32) */
+    void (*gemm_f32p)(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy,
+                      int nvalid);
 } pxl_kernel_set;
-#define PXL_PANEL 32 /* features per PXL_BF16P panel */
-#define PXL_PANEL_RM 12 /* tokens per gemm_bf16p call */
+#define PXL_PANEL 32 /* features per PXL_BF16P / PXL_F32P panel */
+#define PXL_PANEL_RM 12 /* tokens per gemm_bf16p / gemm_f32p call */
 
 extern const pxl_kernel_set pxl_kernels_generic;
 #if defined(__x86_64__)

@@ -101,23 +101,29 @@ static void *make_weights(int fmt, size_t N, size_t K, double *deq) {
     return w;
 }
 
-static const char *fmt_name[] = {"f32", "bf16", "q8_0", "q4_0", "q4_1", "bf16 packed"};
+static const char *fmt_name[] = {"f32", "bf16", "q8_0", "q4_0", "q4_1", "bf16 packed", "f32 packed"};
 
 /* Quantised weights with small T (or batch invariant) take int8 dot products on x quantised
  * per 32-block: the reference then uses the same quantised x (checked on its own in
  * test_quantize_x), so only the kernels' summation is under test. */
 static int int8_path(int fmt, size_t T) { return fmt >= PXL_Q8_0 && fmt <= PXL_Q4_1 && (T <= 4 || pxl_batch_invariant()); }
 
+/* packed formats are made from dense weights of this format */
+static int dense_of(int fmt) { return fmt == PXL_BF16P ? PXL_BF16 : fmt == PXL_F32P ? PXL_F32 : fmt; }
+/* the kernel set's packed copy of W (freed), or W itself for unpacked formats */
+static void *packed_copy(int fmt, size_t N, size_t K, void *W) {
+    if (fmt != PXL_BF16P && fmt != PXL_F32P) return W;
+    void *packed = malloc(pxl_packed_bytes(dense_of(fmt), N, K));
+    pxl_pack_weights(dense_of(fmt), N, K, W, packed);
+    free(W);
+    return packed;
+}
+
 static void test_linear(int dt, int fmt, size_t T, size_t N, size_t K, int with_bias) {
     double *deq = malloc(N * K * 8), *ref = malloc(T * N * 8), *mag = malloc(T * N * 8), *xr = malloc(T * K * 8);
-    void *W = make_weights(fmt == PXL_BF16P ? PXL_BF16 : fmt, N, K, deq), *x = alloc_rand(dt, T * K, 1);
+    void *W = make_weights(dense_of(fmt), N, K, deq), *x = alloc_rand(dt, T * K, 1);
     void *b = alloc_rand(dt, N, 1);
-    if (fmt == PXL_BF16P) { /* the kernel set's packed copy */
-        void *packed = malloc(pxl_packed_bytes(PXL_BF16, N, K));
-        pxl_pack_weights(PXL_BF16, N, K, W, packed);
-        free(W);
-        W = packed;
-    }
+    W = packed_copy(fmt, N, K, W);
     void *y = malloc(T * N * 4 + 64);
     size_t nb = K / PXL_QK;
     int8_t *q = malloc(T * K + 1);
@@ -184,13 +190,8 @@ static void test_quantize_x(size_t K) {
 /* batch invariance: each row of a T-row Linear equals the same row computed alone, bitwise */
 static void test_batch_invariant(int dt, int fmt, size_t T, size_t N, size_t K) {
     double *deq = malloc(N * K * 8);
-    void *W = make_weights(fmt == PXL_BF16P ? PXL_BF16 : fmt, N, K, deq), *x = alloc_rand(dt, T * K, 1);
-    if (fmt == PXL_BF16P) {
-        void *packed = malloc(pxl_packed_bytes(PXL_BF16, N, K));
-        pxl_pack_weights(PXL_BF16, N, K, W, packed);
-        free(W);
-        W = packed;
-    }
+    void *W = make_weights(dense_of(fmt), N, K, deq), *x = alloc_rand(dt, T * K, 1);
+    W = packed_copy(fmt, N, K, W);
     size_t es = dt ? 2 : 4;
     char *y = malloc(T * N * es), *y1 = malloc(N * es);
     pxl_set_batch_invariant(1);
@@ -356,6 +357,14 @@ int main(void) {
                     test_linear(dt, PXL_BF16P, pshapes[i][0], pshapes[i][1], pshapes[i][2], i % 2);
             test_batch_invariant(1, PXL_BF16P, 37, 83, 578);
             test_linear(PXL_BF16, PXL_Q8_0, 70, 70, 576, 1); /* dequantised panels packed (T >= 64) */
+        }
+        if (pxl_packed_bytes(PXL_F32, 1, 1)) { /* packed fp32 micro-kernel: M, N and K tails */
+            size_t pshapes[][3] = {{1, 32, 64}, {1, 33, 576}, {5, 31, 3}, {12, 64, 130}, {13, 100, 577},
+                                   {37, 65, 1536}, {300, 40, 96}};
+            for (size_t i = 0; i < sizeof pshapes / sizeof pshapes[0]; i++)
+                for (int dt = 0; dt < 2; dt++)
+                    test_linear(dt, PXL_F32P, pshapes[i][0], pshapes[i][1], pshapes[i][2], i % 2);
+            test_batch_invariant(0, PXL_F32P, 37, 83, 577);
         }
         test_quantize_x(32);
         test_quantize_x(576);

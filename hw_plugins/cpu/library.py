@@ -13,7 +13,7 @@ logger = logging.getLogger(__name__)
 
 LIB_NAME = "libperfxlm_kernels.so"
 _HERE = Path(__file__).resolve().parent
-F32, BF16, Q8_0, Q4_0, Q4_1, BF16P = range(6)  # BF16P: bf16 packed for the kernel set (pxl_pack_weights)
+F32, BF16, Q8_0, Q4_0, Q4_1, BF16P, F32P = range(7)  # *P: packed for the kernel set (pxl_pack_weights)
 
 _sz, _p, _i, _f = ctypes.c_size_t, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {

@@ -15,7 +15,7 @@ import numpy as np
 
 from hw_plugins.base import HwPlugin
 from hw_plugins.cpu import library
-from hw_plugins.cpu.library import BF16, BF16P, F32, Q4_0, Q4_1, Q8_0
+from hw_plugins.cpu.library import BF16, BF16P, F32, F32P, Q4_0, Q4_1, Q8_0
 
 logger = logging.getLogger(__name__)
 
@@ -119,13 +119,13 @@ class CpuPlugin(HwPlugin):
                              _ptr(outs[0]))
 
     def linear_weight(self, attrs: dict, w: np.ndarray) -> tuple[int, np.ndarray]:
-        """(weight format code, the array the kernels read): dense bf16 weights go to the
-        kernel set's packed layout once, where it has one (AVX512-BF16's micro-kernel)."""
+        """(weight format code, the array the kernels read): dense weights go to the kernel
+        set's packed layout once, where it has one (the AVX512-BF16 and AVX-512F micro-kernels)."""
         fmt = _WEIGHT_FORMATS[attrs.get("weight_format", "dense")]
         if fmt is not None:
             return fmt, w
         fmt = _ACT[w.dtype.name]
-        size = self.lib.pxl_packed_bytes(fmt, w.shape[0], w.shape[1]) if fmt == BF16 else 0
+        size = self.lib.pxl_packed_bytes(fmt, w.shape[0], w.shape[1])
         if not size:
             return fmt, w
         key = (_ptr(w), w.shape)
@@ -133,7 +133,7 @@ class CpuPlugin(HwPlugin):
             packed = host_zeros((size,), np.uint8)
             self.lib.pxl_pack_weights(fmt, w.shape[0], w.shape[1], _ptr(w), _ptr(packed))
             self._packed[key] = (w, packed)
-        return BF16P, self._packed[key][1]
+        return (BF16P if fmt == BF16 else F32P), self._packed[key][1]
 
     def _linear(self, attrs: dict, ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
         x = ins[0]                                              # (T, K), weights (N, K) or (N, row bytes)
