@@ -50,6 +50,12 @@ def test_throughput_profiles_the_ops_of_the_timed_run(tiny_llama_dir, tmp_path, 
     assert 0 < sum(o["seconds"] for o in ops.values()) <= prof["elapsed_time"]
 
 
+def test_profile_ops_says_when_no_cpu_step_ran(tiny_llama_dir, capsys):
+    assert cli.main(["bench", "throughput", "--model", str(tiny_llama_dir), "--dtype", "float32", "--num-prompts", "2",
+                     "--input-len", "6", "--output-len", "2", "--hw-plugin", "torch", "--profile-ops"]) == 0
+    assert "no compiled cpu-plugin step ran" in capsys.readouterr().out
+
+
 def test_gemv_bench_prints_ours_openblas_and_torch(monkeypatch, tmp_path, capsys):
     from hw_plugins.base import available_plugins
     if not dict((n, ok) for n, ok, _ in available_plugins()).get("cpu"):

@@ -114,8 +114,9 @@ void pxl_pack_weights(int wfmt, size_t N, size_t K, const void *W, void *out) {
                    (uint16_t *)out + n * K);
 }
 
-/* Y (T, cols) = X (T, K) bf16 . packed panels; T walks in chunks that stay in L2 while a
- * panel (32 x K bf16, L1-sized) serves every token of the chunk */
+/* Y (T, cols) = X (T, K) . packed panels, bf16 (PXL_BF16P) or fp32 (f32: PXL_F32P); T walks
+ * in chunks that stay in L2 while a panel (32 x K: L1-sized in bf16, L2 in fp32) serves every
+ * token of the chunk */
 static void run_packed(const pxl_kernel_set *ks, int f32, size_t T, size_t cols, size_t K, const void *X,
                        const void *Wp, float *Y, size_t ldy) {
     size_t es = f32 ? 4 : 2;

@@ -65,8 +65,8 @@ void pxl_plan_run(const pxl_plan_node *nodes, size_t n, size_t T, size_t N, size
     }
 }
 
-/* Per-op time across steps (PERFXLM_PROFILE_OPS=1 in the plugin): seconds[op], calls[op] for
- * the 7 op kinds above, in enum order; reading resets them. */
+/* Per-op time across steps (`perfxlm bench ... --profile-ops`): seconds[op], calls[op] for
+ * the 7 op kinds above, in enum order; reading resets them, `on` starts or stops timing. */
 void pxl_plan_profile(int on, double *seconds, int64_t *calls) {
     for (int i = 0; i < N_OPS; i++) {
         if (seconds) seconds[i] = op_seconds[i];

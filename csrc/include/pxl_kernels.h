@@ -74,9 +74,6 @@ static inline uint16_t pxl_f32_to_bf16(float f) { /* round to nearest even, NaN 
 }
 float pxl_fp16_to_fp32(uint16_t h);
 
-/* exp(x), x clamped to [-87, 88]: 2^(x log2 e) split into 2^n by the exponent bits and 2^f,
- * f in [-0.5, 0.5], by a degree-6 polynomial (relative error < 2e-7); plain arithmetic, so
- * loops over it vectorise (softmax, SiLU) where libm's expf would not */
 /* Portable C loops compiled once per x86 level (AVX-512 F/BW/VL/DQ, AVX2+FMA, baseline) and
  * picked at load time: AVX-512 without BW would leave every bf16 loop scalar. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -85,6 +82,9 @@ float pxl_fp16_to_fp32(uint16_t h);
 #define PXL_CLONES
 #endif
 
+/* exp(x), x clamped to [-87, 88]: 2^(x log2 e) split into 2^n by the exponent bits and 2^f,
+ * f in [-0.5, 0.5], by a degree-6 polynomial (relative error < 2e-7); plain arithmetic, so
+ * loops over it vectorise (softmax, SiLU) where libm's expf would not */
 static inline float pxl_exp(float x) {
     x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;
     /* round to nearest by the 1.5 * 2^23 shifter: plain arithmetic, so it vectorises anywhere */

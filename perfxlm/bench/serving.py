@@ -132,7 +132,9 @@ def _profile_ops(args: argparse.Namespace, start: bool) -> dict[str, tuple[float
         return {}
     from hw_plugins.cpu import library
     prof = library.op_profile(on=start)
-    if not start:
+    if not start and not prof:
+        print("--profile-ops: no compiled cpu-plugin step ran (it times the cpu plugin's steps only)")
+    elif not start:
         total = sum(t for t, _ in prof.values()) or float("nan")
         print(f"{'op':<16}{'calls':>8}{'seconds':>10}{'ms/call':>10}{'share':>8}")
         for op, (t, n) in sorted(prof.items(), key=lambda kv: -kv[1][0]):
