@@ -1,6 +1,7 @@
 """Shared fixtures: the embedded SmolLM2 GGUF, an HF directory built from it by
 transformers, and tiny random-weight Llama/Qwen2 models built with transformers."""
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -25,6 +26,36 @@ def golden(name: str) -> dict:
 def graph_cache(tmp_path_factory):
     """Graphs exported by the tests go to a temporary cache, not the user's."""
     os.environ["PERFXLM_GRAPH_CACHE"] = str(tmp_path_factory.mktemp("graphs"))
+
+
+@contextlib.contextmanager
+def gguf_layout_kernel_set():
+    """The cpu plugin on a kernel set that keeps GGUF's row-major blocks (AVX2 where the CPU's
+    own set repacks them 16 rows at a time): there quantised Linear takes int8 dot products
+    for T <= 4 (and every T in batch-invariant mode) and dequantised fp32/bf16 panels above.
+    The library's kernel set is per process: engines built inside keep GGUF's layout, and
+    the CPU's own set comes back afterwards."""
+    from hw_plugins.cpu import library
+    lib = library.load()
+    before = lib.pxl_isa()
+    if lib.pxl_packed_bytes(library.Q4_1, 16, 32) and lib.pxl_set_isa(b"avx2") != 0:
+        pytest.skip("no kernel set here keeps GGUF's block layout")
+    try:
+        yield
+    finally:
+        lib.pxl_set_isa(before)
+
+
+@pytest.fixture
+def gguf_layout_kernels():
+    with gguf_layout_kernel_set():
+        yield
+
+
+def repacks_gguf_blocks() -> bool:
+    """Whether the cpu plugin's kernel set repacks GGUF blocks (then int8 dot products at every T)."""
+    from hw_plugins.cpu import library
+    return bool(library.load().pxl_packed_bytes(library.Q4_1, 16, 32))
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import random
 import pytest
 
 from perfxlm import LLM, SamplingParams
-from tests.conftest import SMALL_KV
+from tests.conftest import SMALL_KV, repacks_gguf_blocks
 
 TARGET = "The capital of France is"
 
@@ -55,7 +55,20 @@ def test_alone_equals_batch_of_32(gguf_path, monkeypatch, dtype, quantization):
         assert alone == together, params
 
 
-def test_each_engine_keeps_its_own_mode(gguf_path, monkeypatch):
+def test_repacked_blocks_are_invariant_without_the_mode(gguf_path, monkeypatch):
+    """Where the kernel set repacks the GGUF blocks 16 rows at a time (AVX-512), quantised
+    Linear runs the same int8 dot products at every T: invariant even without the mode."""
+    if not repacks_gguf_blocks():
+        pytest.skip("this CPU's kernel set keeps GGUF's block layout")
+    monkeypatch.setenv("PERFXLM_BATCH_INVARIANT", "0")
+    llm = LLM(str(gguf_path), kv_cache_memory_bytes=SMALL_KV, max_model_len=1024, enable_prefix_caching=False)
+    assert not llm.llm_engine.config.batch_invariant
+    for params in (GREEDY, SEEDED):
+        alone, together = _alone_and_batched(llm, params)
+        assert alone == together, params
+
+
+def test_each_engine_keeps_its_own_mode(gguf_path, monkeypatch, gguf_layout_kernels):
     """The library's flag is per process: an engine started later without the mode must not
     take it away from one started with it."""
     monkeypatch.setenv("PERFXLM_BATCH_INVARIANT", "1")
@@ -77,7 +90,7 @@ def test_vllm_variable_is_honoured_and_validated(gguf_path, monkeypatch):
         LLM(str(gguf_path), kv_cache_memory_bytes=SMALL_KV, max_model_len=256)
 
 
-def test_without_the_mode_quantised_decode_depends_on_the_batch(gguf_path, monkeypatch):
+def test_without_the_mode_quantised_decode_depends_on_the_batch(gguf_path, monkeypatch, gguf_layout_kernels):
     """The control: by default a lone decode step (T = 1) takes the int8 dot products and a
     batch of 32 the fp32 panels, so the same prompt's logprobs differ. The mode is what
     makes them equal."""

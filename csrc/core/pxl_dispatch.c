@@ -21,6 +21,7 @@ void pxl_tile_bf16_avx512(int, int, size_t, const void *, size_t, const void *, 
 void pxl_gemm_bf16p_avx512bf16(int, size_t, const void *, size_t, const void *, float *, size_t, int);
 void pxl_gemm_f32p_avx512(int, size_t, const void *, size_t, const void *, float *, size_t, int);
 extern const pxl_gemv_q_fn pxl_gemv_q_avx512vnni[PXL_NFMT], pxl_gemv_q_avx2[PXL_NFMT];
+extern const pxl_gemv_qr_fn pxl_gemv_qr_avx512vnni[PXL_NFMT], pxl_gemv_qr_avx512[PXL_NFMT];
 
 const pxl_kernel_set pxl_kernels_avx2 = {
     .isa = "avx2", .rm = 4, .rn = 2, .gemv_rn = 4, .tile_f32 = pxl_tile_f32_avx2, .tile_bf16 = pxl_tile_bf16_avx2};
@@ -79,6 +80,11 @@ static void activate(const pxl_kernel_set *ks) {
                              : ks == &pxl_kernels_generic   ? NULL
                                                             : pxl_gemv_q_avx2;
     for (int f = 0; q && f < PXL_NFMT; f++) merged.gemv_q[f] = q[f];
+    /* 16-row repacked blocks: 512-bit vectors only (AVX2 keeps GGUF's layout) */
+    const pxl_gemv_qr_fn *qr = ks == &pxl_kernels_avx512bf16 ? pxl_gemv_qr_avx512vnni
+                               : ks == &pxl_kernels_avx512   ? pxl_gemv_qr_avx512
+                                                             : NULL;
+    for (int f = 0; qr && f < PXL_NFMT; f++) merged.gemv_qr[f] = qr[f];
 #endif
     for (int f = 0; f < PXL_NFMT; f++)
         if (!merged.gemv_q[f]) merged.gemv_q[f] = pxl_kernels_generic.gemv_q[f];

@@ -54,8 +54,11 @@ void pxl_quantize_x(int fmt, size_t T, size_t K, const float *x, int8_t *q, floa
                 sum += xb[j];
             }
             d[t * nb + b] = db;
-            c[t * nb + b] = fmt == PXL_Q4_1 ? sum : 0.0f;
-            e[t * nb + b] = fmt == PXL_Q4_1 ? 8.0f * (sum - db * (float)qsum) : fmt == PXL_Q4_0 ? -8.0f * db * (float)qsum : 0.0f;
+            c[t * nb + b] = PXL_QBASE(fmt) == PXL_Q4_1 ? sum : 0.0f;
+            e[t * nb + b] = PXL_QBASE(fmt) == PXL_Q4_1   ? 8.0f * (sum - db * (float)qsum)
+                            : PXL_QBASE(fmt) == PXL_Q4_0 ? -8.0f * db * (float)qsum
+                            : fmt == PXL_Q8_0R           ? -128.0f * (float)qsum /* exact: |.| < 2^24 */
+                                                         : 0.0f;
         }
 }
 
@@ -79,6 +82,8 @@ static void prepare_rows(int dt, int wfmt, size_t T, size_t t0, size_t t1, size_
 
 size_t pxl_packed_bytes(int wfmt, size_t N, size_t K) {
     const pxl_kernel_set *ks = pxl_kernels();
+    if (wfmt >= PXL_Q8_0 && wfmt <= PXL_Q4_1)
+        return ks->gemv_qr[wfmt] && K % PXL_QK == 0 ? (N + 15) / 16 * 16 * pxl_row_bytes(wfmt, K) : 0;
     if (wfmt == PXL_F32 && ks->gemm_f32p) return (N + PXL_PANEL - 1) / PXL_PANEL * K * PXL_PANEL * 4;
     if (wfmt != PXL_BF16 || K % 2 || !ks->gemm_bf16p) return 0;
     return (N + PXL_PANEL - 1) / PXL_PANEL * K * PXL_PANEL * 2;
@@ -104,6 +109,10 @@ static void pack_panel_f32(size_t rows, size_t K, const float *src, float *out) 
 }
 
 void pxl_pack_weights(int wfmt, size_t N, size_t K, const void *W, void *out) {
+    if (wfmt >= PXL_Q8_0 && wfmt <= PXL_Q4_1) {
+        pxl_repack_q(wfmt, N, K, W, out);
+        return;
+    }
     if (wfmt == PXL_F32) {
         for (size_t n = 0; n < N; n += PXL_PANEL)
             pack_panel_f32(N - n < PXL_PANEL ? N - n : PXL_PANEL, K, (const float *)W + n * K, (float *)out + n * K);
@@ -120,6 +129,11 @@ void pxl_pack_weights(int wfmt, size_t N, size_t K, const void *W, void *out) {
 static void run_packed(const pxl_kernel_set *ks, int f32, size_t T, size_t cols, size_t K, const void *X,
                        const void *Wp, float *Y, size_t ldy) {
     size_t es = f32 ? 4 : 2;
+    /* weights packed under another kernel set (pxl_set_isa since): the portable kernels */
+    void (*f32p)(int, size_t, const void *, size_t, const void *, float *, size_t, int) =
+        ks->gemm_f32p ? ks->gemm_f32p : pxl_gemm_f32p_generic;
+    void (*bf16p)(int, size_t, const void *, size_t, const void *, float *, size_t, int) =
+        ks->gemm_bf16p ? ks->gemm_bf16p : pxl_gemm_bf16p_generic;
     for (size_t t0 = 0; t0 < T; t0 += 4 * T_CHUNK) {
         size_t t1 = t0 + 4 * T_CHUNK < T ? t0 + 4 * T_CHUNK : T;
         for (size_t n = 0; n < cols; n += PXL_PANEL)
@@ -127,8 +141,8 @@ static void run_packed(const pxl_kernel_set *ks, int f32, size_t T, size_t cols,
                 int rm = t1 - t < PXL_PANEL_RM ? (int)(t1 - t) : PXL_PANEL_RM;
                 int nvalid = cols - n < PXL_PANEL ? (int)(cols - n) : PXL_PANEL;
                 const char *x = (const char *)X + t * K * es, *w = (const char *)Wp + n * K * es;
-                if (f32) ks->gemm_f32p(rm, K, x, K, w, Y + t * ldy + n, ldy, nvalid);
-                else ks->gemm_bf16p(rm, K, x, K, w, Y + t * ldy + n, ldy, nvalid);
+                if (f32) f32p(rm, K, x, K, w, Y + t * ldy + n, ldy, nvalid);
+                else bf16p(rm, K, x, K, w, Y + t * ldy + n, ldy, nvalid);
             }
     }
 }
@@ -141,6 +155,20 @@ static void compute(const pxl_kernel_set *ks, int wfmt, int packed_q, size_t T, 
     } else if (wfmt <= PXL_BF16) {
         run_tiles(ks, wfmt == PXL_F32 ? ks->tile_f32 : ks->tile_bf16, wfmt == PXL_F32 ? 4 : 2, T, 0, cols, K, xk, W,
                   Y, ldy);
+    } else if (qbuf && wfmt >= PXL_Q8_0R) { /* repacked: up to PXL_QR_T tokens share each weight load */
+        size_t nb = K / PXL_QK, step = T <= PXL_QR_T ? cols : 4 * PANEL;
+        const float *d = (const float *)(qbuf + T * K), *c = d + T * nb, *e = c + T * nb;
+        pxl_qx xs[PXL_QR_T];
+        pxl_gemv_qr_fn qr = ks->gemv_qr[PXL_QBASE(wfmt)];
+        for (size_t n = 0; n < cols; n += step)
+            for (size_t t0 = 0; t0 < T; t0 += PXL_QR_T) {
+                size_t tn = T - t0 < PXL_QR_T ? T - t0 : PXL_QR_T, rows = cols - n < step ? cols - n : step;
+                for (size_t t = 0; t < tn; t++)
+                    xs[t] = (pxl_qx){qbuf + (t0 + t) * K, d + (t0 + t) * nb, c + (t0 + t) * nb, e + (t0 + t) * nb};
+                const char *Wr = W + n * pxl_row_bytes(wfmt, K);
+                if (qr) qr(tn, rows, K, Wr, xs, Y + t0 * ldy + n, ldy);
+                else pxl_gemv_qr_generic(wfmt, tn, rows, K, Wr, xs, Y + t0 * ldy + n, ldy);
+            }
     } else if (qbuf) { /* int8 dot products, token by token over panels of rows that stay in L1 */
         size_t nb = K / PXL_QK, step = T == 1 ? cols : PANEL;
         const float *d = (const float *)(qbuf + T * K), *c = d + T * nb, *e = c + T * nb;
@@ -170,10 +198,12 @@ static void compute(const pxl_kernel_set *ks, int wfmt, int packed_q, size_t T, 
 
 static void linear_team(const pxl_kernel_set *ks, int dt, int wfmt, size_t T, size_t N, size_t K, const void *x,
                         const void *W, const void *bias, void *y) {
-    const int bf16_w = wfmt == PXL_BF16 || wfmt == PXL_BF16P, quant = wfmt >= PXL_Q8_0 && wfmt <= PXL_Q4_1;
+    const int bf16_w = wfmt == PXL_BF16 || wfmt == PXL_BF16P, quant = PXL_IS_QUANT(wfmt);
     /* quantised weights: int8 dot products for decode-sized T (and every T when batch
-     * invariant, so a row's result never depends on the batch), dequantised panels else */
-    const int qdot = quant && (T <= Q_DOT_MAX_T || pxl_batch_invariant());
+     * invariant, so a row's result never depends on the batch), dequantised panels else.
+     * Repacked blocks always: their kernel shares each weight load among 4 tokens and beats
+     * dequantised fp32 / bf16 GEMM at every T (`perfxlm bench gemv --rows 512`). */
+    const int qdot = quant && (T <= Q_DOT_MAX_T || pxl_batch_invariant() || wfmt >= PXL_Q8_0R);
     /* prefill on quantised weights with bf16 x: packed bf16 panels where the set has the kernel */
     const int packed_q = quant && !qdot && dt == PXL_BF16 && ks->gemm_bf16p && T >= PACKED_Q_MIN_T;
     const int convert = bf16_w ? dt == PXL_F32 : dt == PXL_BF16 && !packed_q; /* (F32P: x in fp32) */

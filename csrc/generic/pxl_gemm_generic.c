@@ -30,11 +30,16 @@ size_t pxl_row_bytes(int fmt, size_t K) {
     case PXL_BF16: return K * 2;
     case PXL_Q8_0: return K / PXL_QK * sizeof(pxl_block_q8_0);
     case PXL_Q4_0: return K / PXL_QK * sizeof(pxl_block_q4_0);
-    default: return K / PXL_QK * sizeof(pxl_block_q4_1);
+    case PXL_Q4_1: return K / PXL_QK * sizeof(pxl_block_q4_1);
+    default: return pxl_row_bytes(PXL_QBASE(fmt), K); /* repacked: the same bytes, 16 rows interleaved */
     }
 }
 
 void pxl_dequant_rows(int fmt, const void *W, size_t n0, size_t rows, size_t K, float *out) {
+    if (fmt >= PXL_Q8_0R) {
+        pxl_dequant_rows_qr(fmt, W, n0, rows, K, out);
+        return;
+    }
     const char *base = (const char *)W + n0 * pxl_row_bytes(fmt, K);
     size_t nb = K / PXL_QK;
     for (size_t r = 0; r < rows; r++, out += K) {
@@ -136,6 +141,29 @@ static void gemv_q4_0_generic(size_t n0, size_t n1, size_t K, const void *W, con
 }
 static void gemv_q4_1_generic(size_t n0, size_t n1, size_t K, const void *W, const pxl_qx *x, float *y) {
     gemv_q4_generic(1, n0, n1, K, W, x, y);
+}
+
+/* The packed layouts' portable kernels (PXL_F32P [K][32], PXL_BF16P [K/2][32][2]): a set
+ * without its own runs weights another set packed (pxl_set_isa after packing) correctly. */
+void pxl_gemm_f32p_generic(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy,
+                           int nvalid) {
+    for (int i = 0; i < rm; i++)
+        for (int j = 0; j < nvalid; j++) {
+            float acc = 0;
+            for (size_t k = 0; k < K; k++) acc += ((const float *)X)[i * ldx + k] * ((const float *)Wp)[k * 32 + j];
+            Y[i * ldy + j] = acc;
+        }
+}
+void pxl_gemm_bf16p_generic(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy,
+                            int nvalid) {
+    const uint16_t *x = X, *w = Wp;
+    for (int i = 0; i < rm; i++)
+        for (int j = 0; j < nvalid; j++) {
+            float acc = 0;
+            for (size_t k = 0; k < K; k++)
+                acc += pxl_bf16_to_f32(x[i * ldx + k]) * pxl_bf16_to_f32(w[(k / 2 * 32 + j) * 2 + k % 2]);
+            Y[i * ldy + j] = acc;
+        }
 }
 
 const pxl_kernel_set pxl_kernels_generic = {

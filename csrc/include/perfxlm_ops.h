@@ -10,7 +10,8 @@
  *   Q4_1: { fp16 d; fp16 m; uint8 qs[16]; }    w = d * nibble + m
  * where byte j holds weight j in its low nibble and weight j + 16 in its high one. Linear on
  * quantised weights quantises x to int8 per 32-block for its dot products (llama.cpp's
- * scheme) when T is small (decode) or in batch-invariant mode; larger T run in fp32.
+ * scheme) when T is small (decode), in batch-invariant mode, and at every T on repacked
+ * blocks (PXL_Q*R below); otherwise larger T run on dequantised fp32 / bf16 panels.
  * Ops are multi-threaded inside (OpenMP) and pick their kernels from the CPU's features.
  */
 #ifndef PERFXLM_OPS_H
@@ -30,7 +31,13 @@ typedef struct { uint16_t d; uint8_t qs[PXL_QK / 2]; } pxl_block_q4_0;
 typedef struct { uint16_t d, m; uint8_t qs[PXL_QK / 2]; } pxl_block_q4_1;
 
 /* element / weight formats */
-enum { PXL_F32 = 0, PXL_BF16 = 1, PXL_Q8_0 = 2, PXL_Q4_0 = 3, PXL_Q4_1 = 4, PXL_BF16P = 5, PXL_F32P = 6, PXL_NFMT = 7 };
+enum {
+    PXL_F32 = 0, PXL_BF16 = 1, PXL_Q8_0 = 2, PXL_Q4_0 = 3, PXL_Q4_1 = 4, PXL_BF16P = 5, PXL_F32P = 6,
+    PXL_Q8_0R = 7, PXL_Q4_0R = 8, PXL_Q4_1R = 9, /* Q8_0 / Q4_0 / Q4_1 repacked 16 rows a block */
+    PXL_NFMT = 10
+};
+#define PXL_IS_QUANT(f) (((f) >= PXL_Q8_0 && (f) <= PXL_Q4_1) || (f) >= PXL_Q8_0R)
+#define PXL_QBASE(f) ((f) >= PXL_Q8_0R ? (f) - (PXL_Q8_0R - PXL_Q8_0) : (f)) /* the GGUF format of a repacked one */
 
 /* runtime: which kernel set runs ("avx512bf16", "avx512", "avx2", "rvv", "generic") */
 const char *pxl_isa(void);
@@ -44,15 +51,21 @@ void pxl_set_num_threads(int n);
 void pxl_set_batch_invariant(int on);
 int pxl_batch_invariant(void);
 
-/* y (T, N) = x (T, K) @ W (N, K)^T (+ bias (N,)); wfmt: PXL_F32/BF16/Q8_0/Q4_0/Q4_1
- * (quantised formats need K % 32 == 0); x, bias, y in dt */
+/* y (T, N) = x (T, K) @ W (N, K)^T (+ bias (N,)); wfmt: any format above (quantised formats
+ * need K % 32 == 0); x, bias, y in dt */
 void pxl_linear(int dt, int wfmt, size_t T, size_t N, size_t K, const void *x, const void *W,
                 const void *bias, void *y);
-/* Packed weights: a kernel set may run dense Linear fastest on a packed copy of W
+/* Packed weights: a kernel set may run Linear fastest on a packed copy of W
  * (PXL_BF16P: 32-feature panels with K in pairs, [ceil(N/32)][K/2][32][2] bf16; PXL_F32P:
- * [ceil(N/32)][K][32] fp32; zero-padded). pxl_packed_bytes(PXL_BF16 or PXL_F32, N, K) is
- * its size, or 0 when the active set has no such kernel (or, for bf16, K is odd);
- * pxl_pack_weights fills it, then pass it to pxl_linear as PXL_BF16P / PXL_F32P. */
+ * [ceil(N/32)][K][32] fp32; zero-padded). Quantised blocks repack 16 rows at a time,
+ * [ceil(N/16)][K/32][16-row block] (PXL_Q*R, zero rows pad N): a 16-row block holds the 16
+ * fp16 scales d, for Q4_1 the 16 fp16 mins m, then the quants as 64-byte vectors that each
+ * hold 4 consecutive weights of all 16 rows (byte 4r + s: row r; Q4: low nibble weight
+ * 8p + s, high nibble 8p + 4 + s of vector p; Q8_0: weight 4p + s stored + 128 as uint8),
+ * so one int8 dot-product instruction serves 16 rows with x broadcast. Same bytes as GGUF.
+ * pxl_packed_bytes(PXL_BF16 / PXL_F32 / PXL_Q8_0 / PXL_Q4_0 / PXL_Q4_1, N, K) is the size,
+ * or 0 when the active set has no such kernel (or, for bf16, K is odd); pxl_pack_weights
+ * fills it, then pass it to pxl_linear as PXL_BF16P / PXL_F32P / PXL_Q*R. */
 size_t pxl_packed_bytes(int wfmt, size_t N, size_t K);
 void pxl_pack_weights(int wfmt, size_t N, size_t K, const void *W, void *out);
 /* y (T, D) = table (V, D)[idx (T,)] */

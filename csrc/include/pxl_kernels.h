@@ -22,6 +22,8 @@ typedef void (*pxl_tile_fn)(int rm, int rn, size_t K, const void *X, size_t ldx,
  * Q4_1 (w = d_w n + m_w):  c = sum(x) exact, e = 8 (sum(x) - d sum(q)), which equals
  *   d_w sum((n - 8) q d) + (m_w + 8 d_w) sum(x): the rounding of x only meets the centred
  *   nibbles (n - 8), 3.6x less error variance than meeting n in [0, 15].
+ * Q8_0 repacked (PXL_Q8_0R, w + 128 stored unsigned): c = 0, e = -128 sum(q), so the
+ *   block's dot is the exact integer int_dot(w + 128, q) + e.
  * Dot products run in uint8/int8 x int8 -> exact int32 (VNNI, maddubs). */
 typedef struct {
     const int8_t *q;
@@ -31,6 +33,11 @@ typedef struct {
 void pxl_quantize_x(int fmt, size_t T, size_t K, const float *x, int8_t *q, float *d, float *c, float *e);
 /* y[n] = sum_b y_b (above) for n in [n0, n1) */
 typedef void (*pxl_gemv_q_fn)(size_t n0, size_t n1, size_t K, const void *W, const pxl_qx *x, float *y);
+/* T <= PXL_QR_T tokens x[t] on quantised weights repacked 16 rows a block (PXL_Q*R, from
+ * W's first row): y[t * ldy + n] for n < rows; each token's result is independent of T */
+typedef void (*pxl_gemv_qr_fn)(size_t T, size_t rows, size_t K, const void *W, const pxl_qx *x, float *y,
+                               size_t ldy);
+#define PXL_QR_T 4
 
 typedef struct {
     const char *isa;
@@ -39,6 +46,8 @@ typedef struct {
     pxl_tile_fn tile_f32;
     pxl_tile_fn tile_bf16; /* X and W in bf16 (NULL: bf16 weights are widened to fp32 panels) */
     pxl_gemv_q_fn gemv_q[PXL_NFMT];
+    /* the repacked formats' kernels, indexed by the GGUF format (NULL: the set does not repack it) */
+    pxl_gemv_qr_fn gemv_qr[PXL_NFMT];
     /* Y (rm <= 12, nvalid <= 32 of the panel's features) = X (rm, K) bf16 . one PXL_BF16P panel
      * (NULL: the set does not pack; K even) */
     void (*gemm_bf16p)(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy,
@@ -139,8 +148,20 @@ static inline void pxl_split(size_t n, size_t align, size_t *n0, size_t *n1) {
     *n1 = *n0 + per < n ? *n0 + per : n;
 }
 
-/* dequantise rows [n0, n0 + rows) of a weight matrix in `fmt` into fp32 (rows, K) */
+/* dequantise rows [n0, n0 + rows) of a weight matrix in `fmt` into fp32 (rows, K); for a
+ * repacked format W starts at a 16-row block and n0 is a multiple of 16 */
 void pxl_dequant_rows(int fmt, const void *W, size_t n0, size_t rows, size_t K, float *out);
+/* repacked 16-row blocks (PXL_Q*R) of quantised rows (N, K) in GGUF format fmt */
+void pxl_repack_q(int fmt, size_t N, size_t K, const void *W, void *out);
+void pxl_dequant_rows_qr(int fmt, const void *W, size_t n0, size_t rows, size_t K, float *out);
+/* portable kernels for the packed layouts, used by sets without their own */
+void pxl_gemm_f32p_generic(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy,
+                           int nvalid);
+void pxl_gemm_bf16p_generic(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy,
+                            int nvalid);
+/* the scalar kernel for every repacked format: any set runs PXL_Q*R weights */
+void pxl_gemv_qr_generic(int fmt, size_t T, size_t rows, size_t K, const void *W, const pxl_qx *x, float *y,
+                         size_t ldy);
 size_t pxl_row_bytes(int fmt, size_t K);
 
 #endif

@@ -10,6 +10,8 @@
 
 /* internal (pxl_kernels.h): x quantised per 32-block for the int8 dot products */
 void pxl_quantize_x(int fmt, size_t T, size_t K, const float *x, int8_t *q, float *d, float *c, float *e);
+/* internal: the 16-row repacker, which every set can read through the scalar fallback */
+void pxl_repack_q(int fmt, size_t N, size_t K, const void *W, void *out);
 
 static int passed, failed;
 static const char *isa = "";
@@ -101,19 +103,43 @@ static void *make_weights(int fmt, size_t N, size_t K, double *deq) {
     return w;
 }
 
-static const char *fmt_name[] = {"f32", "bf16", "q8_0", "q4_0", "q4_1", "bf16 packed", "f32 packed"};
+static const char *fmt_name[] = {"f32", "bf16", "q8_0", "q4_0", "q4_1", "bf16 packed", "f32 packed",
+                                  "q8_0 x16", "q4_0 x16", "q4_1 x16"};
 
 /* Quantised weights with small T (or batch invariant) take int8 dot products on x quantised
  * per 32-block: the reference then uses the same quantised x (checked on its own in
  * test_quantize_x), so only the kernels' summation is under test. */
-static int int8_path(int fmt, size_t T) { return fmt >= PXL_Q8_0 && fmt <= PXL_Q4_1 && (T <= 4 || pxl_batch_invariant()); }
+static int int8_path(int fmt, size_t T) {
+    return PXL_IS_QUANT(fmt) && (T <= 4 || pxl_batch_invariant() || fmt >= PXL_Q8_0R);
+}
 
 /* packed formats are made from dense weights of this format */
-static int dense_of(int fmt) { return fmt == PXL_BF16P ? PXL_BF16 : fmt == PXL_F32P ? PXL_F32 : fmt; }
-/* the kernel set's packed copy of W (freed), or W itself for unpacked formats */
+static int dense_of(int fmt) { return fmt == PXL_BF16P ? PXL_BF16 : fmt == PXL_F32P ? PXL_F32 : PXL_QBASE(fmt); }
+static size_t q_block_bytes(int fmt) {
+    return fmt == PXL_Q8_0 ? sizeof(pxl_block_q8_0) : fmt == PXL_Q4_0 ? sizeof(pxl_block_q4_0) : sizeof(pxl_block_q4_1);
+}
+/* the packed copy of W (W freed), or W itself for unpacked formats. Repacked quantised
+ * blocks are made for every set (those without their own kernel run the scalar one); where
+ * the set packs them itself, pxl_packed_bytes must give the layout's size and the bytes match. */
 static void *packed_copy(int fmt, size_t N, size_t K, void *W) {
+    if (fmt >= PXL_Q8_0R) {
+        int base = PXL_QBASE(fmt);
+        size_t bytes = (N + 15) / 16 * 16 * (K / PXL_QK) * q_block_bytes(base), own = pxl_packed_bytes(base, N, K);
+        char *packed = malloc(bytes), *mine = own ? malloc(own) : NULL;
+        pxl_repack_q(base, N, K, W, packed);
+        if (own) {
+            pxl_pack_weights(base, N, K, W, mine);
+            if (own != bytes || memcmp(mine, packed, bytes)) printf("FAIL [%s] pxl_pack_weights %s N=%zu K=%zu\n", isa, fmt_name[fmt], N, K), failed++;
+            free(mine);
+        }
+        free(W);
+        return packed;
+    }
     if (fmt != PXL_BF16P && fmt != PXL_F32P) return W;
-    void *packed = malloc(pxl_packed_bytes(dense_of(fmt), N, K));
+    /* dense panels likewise: sets without the micro-kernel run the portable one */
+    size_t bytes = (N + 31) / 32 * K * 32 * (fmt == PXL_F32P ? 4 : 2), own = pxl_packed_bytes(dense_of(fmt), N, K);
+    if (own && own != bytes) printf("FAIL [%s] pxl_packed_bytes %s N=%zu K=%zu\n", isa, fmt_name[fmt], N, K), failed++;
+    void *packed = malloc(bytes);
     pxl_pack_weights(dense_of(fmt), N, K, W, packed);
     free(W);
     return packed;
@@ -123,7 +149,6 @@ static void test_linear(int dt, int fmt, size_t T, size_t N, size_t K, int with_
     double *deq = malloc(N * K * 8), *ref = malloc(T * N * 8), *mag = malloc(T * N * 8), *xr = malloc(T * K * 8);
     void *W = make_weights(dense_of(fmt), N, K, deq), *x = alloc_rand(dt, T * K, 1);
     void *b = alloc_rand(dt, N, 1);
-    W = packed_copy(fmt, N, K, W);
     void *y = malloc(T * N * 4 + 64);
     size_t nb = K / PXL_QK;
     int8_t *q = malloc(T * K + 1);
@@ -131,7 +156,7 @@ static void test_linear(int dt, int fmt, size_t T, size_t N, size_t K, int with_
     for (size_t i = 0; i < T * K; i++) xf[i] = get(dt, x, i);
     int qdot = int8_path(fmt, T);
     /* bf16 x on quantised weights past the int8 path: dequantised panels rounded to bf16 */
-    int packed_q = fmt >= PXL_Q8_0 && fmt <= PXL_Q4_1 && dt && !qdot && T >= 64 && pxl_packed_bytes(PXL_BF16, 1, 2);
+    int packed_q = PXL_IS_QUANT(fmt) && dt && !qdot && T >= 64 && pxl_packed_bytes(PXL_BF16, 1, 2);
     if (qdot) pxl_quantize_x(fmt, T, K, xf, q, qd, qc, qe);
     if (packed_q)
         for (size_t i = 0; i < N * K; i++) deq[i] = rnd(1, (float)deq[i]);
@@ -142,13 +167,14 @@ static void test_linear(int dt, int fmt, size_t T, size_t N, size_t K, int with_
             double s = with_bias ? get(dt, b, n) : 0, m = fabs(s);
             for (size_t k = 0; k < K; k++) {
                 s += deq[n * K + k] * xr[t * K + k], m += fabs(deq[n * K + k] * xf[t * K + k]);
-                if (qdot && fmt == PXL_Q4_1) { /* Q4_1: d (n - 8) meets rounded x, m + 8d the exact sum */
+                if (qdot && dense_of(fmt) == PXL_Q4_1) { /* Q4_1: d (n - 8) meets rounded x, m + 8d the exact sum */
                     const pxl_block_q4_1 *blk = (const pxl_block_q4_1 *)W + n * nb + k / PXL_QK;
                     s += (fp16(blk->m) + 8 * fp16(blk->d)) * (xf[t * K + k] - xr[t * K + k]);
                 }
             }
             ref[t * N + n] = s, mag[t * N + n] = m;
         }
+    W = packed_copy(fmt, N, K, W);
     pxl_linear(dt, fmt, T, N, K, x, W, with_bias ? b : NULL, y);
     char name[112];
     snprintf(name, sizeof name, "linear %s w=%s T=%zu N=%zu K=%zu%s%s", dt ? "bf16" : "f32", fmt_name[fmt], T, N, K,
@@ -165,7 +191,8 @@ static void test_quantize_x(size_t K) {
     x[5] = 0; /* and an all-zero block: d = 0, q = 0 */
     for (size_t j = 0; j < PXL_QK && K >= 2 * PXL_QK; j++) x[PXL_QK + j] = 0;
     int ok = 1;
-    for (int fmt = PXL_Q8_0; fmt <= PXL_Q4_1; fmt++) {
+    for (int fmt = PXL_Q8_0; fmt < PXL_NFMT; fmt++) {
+        if (!PXL_IS_QUANT(fmt)) continue;
         pxl_quantize_x(fmt, 1, K, x, q, d, c, e);
         for (size_t b = 0; b < nb; b++) {
             double amax = 0, sum = 0, qsum = 0;
@@ -175,9 +202,12 @@ static void test_quantize_x(size_t K) {
                 ok &= fabs(v - (double)d[b] * q[b * PXL_QK + j]) <= 0.5001 * d[b] + 1e-12;
             }
             ok &= fabs(d[b] - amax / 127) <= 1e-7 * amax;
-            double want_c = fmt == PXL_Q4_1 ? sum : 0;
-            double want_e = fmt == PXL_Q4_1 ? 8 * (sum - d[b] * qsum) : fmt == PXL_Q4_0 ? -8 * d[b] * qsum : 0;
-            ok &= fabs(c[b] - want_c) <= 1e-5 * (fabs(want_c) + 1) && fabs(e[b] - want_e) <= 1e-5 * (fabs(sum) + 1);
+            int base = PXL_QBASE(fmt);
+            double want_c = base == PXL_Q4_1 ? sum : 0;
+            double want_e = base == PXL_Q4_1 ? 8 * (sum - d[b] * qsum) : base == PXL_Q4_0 ? -8 * d[b] * qsum : 0;
+            if (fmt == PXL_Q8_0R) ok &= e[b] == -128 * qsum; /* exact: it completes an integer dot */
+            else ok &= fabs(e[b] - want_e) <= 1e-5 * (fabs(sum) + 1);
+            ok &= fabs(c[b] - want_c) <= 1e-5 * (fabs(want_c) + 1);
         }
     }
     char name[48];
@@ -342,23 +372,32 @@ int main(void) {
         test_linear(PXL_F32, PXL_BF16, 3, 9, 70, 0);
         size_t qshapes[][3] = {{1, 1, 32}, {1, 7, 64}, {1, 576, 576}, {2, 37, 96}, {3, 40, 64}, {17, 70, 576}, {70, 33, 160}};
         for (size_t i = 0; i < sizeof qshapes / sizeof qshapes[0]; i++)
-            for (int fmt = PXL_Q8_0; fmt <= PXL_Q4_1; fmt++)
-                test_linear(PXL_F32, fmt, qshapes[i][0], qshapes[i][1], qshapes[i][2], i == 3);
+            for (int fmt = PXL_Q8_0; fmt < PXL_NFMT; fmt++)
+                if (PXL_IS_QUANT(fmt)) test_linear(PXL_F32, fmt, qshapes[i][0], qshapes[i][1], qshapes[i][2], i == 3);
+        /* repacked blocks: 1-4 tokens share loads, row tails inside a 16-row block, bf16 x */
+        size_t rshapes[][3] = {{4, 16, 64}, {2, 1, 32}, {3, 49, 576}, {1, 200, 1536}, {4, 576, 576}};
+        for (size_t i = 0; i < sizeof rshapes / sizeof rshapes[0]; i++)
+            for (int fmt = PXL_Q8_0R; fmt <= PXL_Q4_1R; fmt++)
+                test_linear(i % 2, fmt, rshapes[i][0], rshapes[i][1], rshapes[i][2], i == 2);
+        test_linear(PXL_BF16, PXL_Q4_1R, 70, 70, 576, 1); /* prefill: dequantised from the repacked blocks */
+        test_linear(PXL_F32, PXL_Q8_0R, 33, 40, 64, 0);
         test_linear(PXL_BF16, PXL_Q4_1, 5, 19, 96, 1);
         test_linear(PXL_BF16, PXL_Q8_0, 2, 19, 96, 1);
         pxl_set_batch_invariant(1); /* every T takes the int8 path */
-        for (int fmt = PXL_Q8_0; fmt <= PXL_Q4_1; fmt++) test_linear(PXL_F32, fmt, 17, 70, 576, 0);
+        for (int fmt = PXL_Q8_0; fmt < PXL_NFMT; fmt++)
+            if (PXL_IS_QUANT(fmt)) test_linear(PXL_F32, fmt, 17, 70, 576, 0);
         pxl_set_batch_invariant(0);
-        if (pxl_packed_bytes(PXL_BF16, 1, 2)) { /* packed bf16 micro-kernel: M, N and K tails */
+        { /* packed bf16 panels (the set's micro-kernel, or the portable one): M, N and K tails */
             size_t pshapes[][3] = {{1, 32, 64}, {1, 33, 576}, {5, 31, 2}, {12, 64, 130}, {13, 100, 576},
                                    {37, 65, 1536}, {300, 40, 96}};
             for (size_t i = 0; i < sizeof pshapes / sizeof pshapes[0]; i++)
                 for (int dt = 0; dt < 2; dt++)
                     test_linear(dt, PXL_BF16P, pshapes[i][0], pshapes[i][1], pshapes[i][2], i % 2);
             test_batch_invariant(1, PXL_BF16P, 37, 83, 578);
-            test_linear(PXL_BF16, PXL_Q8_0, 70, 70, 576, 1); /* dequantised panels packed (T >= 64) */
+            if (pxl_packed_bytes(PXL_BF16, 1, 2))
+                test_linear(PXL_BF16, PXL_Q8_0, 70, 70, 576, 1); /* dequantised panels packed (T >= 64) */
         }
-        if (pxl_packed_bytes(PXL_F32, 1, 1)) { /* packed fp32 micro-kernel: M, N and K tails */
+        { /* packed fp32 panels: M, N and K tails */
             size_t pshapes[][3] = {{1, 32, 64}, {1, 33, 576}, {5, 31, 3}, {12, 64, 130}, {13, 100, 577},
                                    {37, 65, 1536}, {300, 40, 96}};
             for (size_t i = 0; i < sizeof pshapes / sizeof pshapes[0]; i++)
@@ -368,9 +407,10 @@ int main(void) {
         }
         test_quantize_x(32);
         test_quantize_x(576);
-        for (int fmt = PXL_F32; fmt <= PXL_Q4_1; fmt++) {
-            test_batch_invariant(fmt == PXL_BF16, fmt, 37, 83, fmt >= PXL_Q8_0 ? 576 : 577);
-            test_batch_invariant(PXL_F32, fmt, 9, 1536, fmt >= PXL_Q8_0 ? 576 : 100);
+        for (int fmt = PXL_F32; fmt < PXL_NFMT; fmt++) {
+            if (fmt == PXL_BF16P || fmt == PXL_F32P) continue; /* above, where the set packs */
+            test_batch_invariant(fmt == PXL_BF16, fmt, 37, 83, PXL_IS_QUANT(fmt) ? 576 : 577);
+            test_batch_invariant(PXL_F32, fmt, 9, 1536, PXL_IS_QUANT(fmt) ? 576 : 100);
         }
         for (int dt = 0; dt < 2; dt++) {
             test_rowwise(dt, 1, 1);

@@ -15,7 +15,7 @@ import numpy as np
 
 from hw_plugins.base import HwPlugin
 from hw_plugins.cpu import library
-from hw_plugins.cpu.library import BF16, BF16P, F32, F32P, Q4_0, Q4_1, Q8_0
+from hw_plugins.cpu.library import BF16, F32, Q4_0, Q4_1, Q8_0
 
 logger = logging.getLogger(__name__)
 
@@ -119,21 +119,23 @@ class CpuPlugin(HwPlugin):
                              _ptr(outs[0]))
 
     def linear_weight(self, attrs: dict, w: np.ndarray) -> tuple[int, np.ndarray]:
-        """(weight format code, the array the kernels read): dense weights go to the kernel
-        set's packed layout once, where it has one (the AVX512-BF16 and AVX-512F micro-kernels)."""
+        """(weight format code, the array the kernels read): weights go to the kernel set's
+        own layout once, where it has one: dense weights to the AVX512-BF16 / AVX-512F
+        micro-kernels' panels, GGUF blocks to 16-row interleaved blocks (AVX-512 int8 GEMV)."""
         fmt = _WEIGHT_FORMATS[attrs.get("weight_format", "dense")]
-        if fmt is not None:
-            return fmt, w
-        fmt = _ACT[w.dtype.name]
-        size = self.lib.pxl_packed_bytes(fmt, w.shape[0], w.shape[1])
+        if fmt is None:
+            fmt, K = _ACT[w.dtype.name], w.shape[1]
+        else:  # quantised rows are (N, row bytes)
+            K = w.shape[1] // library.BLOCK_BYTES[fmt] * 32
+        size = self.lib.pxl_packed_bytes(fmt, w.shape[0], K)
         if not size:
             return fmt, w
         key = (_ptr(w), w.shape)
         if key not in self._packed:  # keyed by the weight buffer, which lives as long as the graph
             packed = host_zeros((size,), np.uint8)
-            self.lib.pxl_pack_weights(fmt, w.shape[0], w.shape[1], _ptr(w), _ptr(packed))
+            self.lib.pxl_pack_weights(fmt, w.shape[0], K, _ptr(w), _ptr(packed))
             self._packed[key] = (w, packed)
-        return (BF16P if fmt == BF16 else F32P), self._packed[key][1]
+        return library.PACKED[fmt], self._packed[key][1]
 
     def _linear(self, attrs: dict, ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
         x = ins[0]                                              # (T, K), weights (N, K) or (N, row bytes)
