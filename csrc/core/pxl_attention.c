@@ -1,14 +1,15 @@
 /* Paged attention over a block-table KV cache, decode and (chunked) prefill alike.
  *
- * Work items are (sequence, KV head, query token), in that order, shared out in chunks.
- * Prefill: a thread gathers the sequence's keys for its KV head once, transposed to (hd, n)
- * in float32, and its values as (n, hd), and reuses them for every query token of the
- * chunk; scores are then vectorised along keys. Decode (one query token): the rows are
- * read in place, each key row once for the G query heads of the group, scores vectorised
- * along the head dim. Both compute a score in the same order (see scores_t), softmax in
- * float32 with a vectorised exp, and the weighted sum of value rows in increasing key
- * order, so an item's result does not depend on the chunking or on the other sequences
- * (batch invariance).
+ * Work items are (sequence, KV head, tile of query tokens): a tile's query rows (its tokens
+ * x the G heads of the KV head; one token for decode) read the key and value rows in place
+ * from the cache, each key row once for all of them. Scores go 16 keys at a time: each
+ * (row, key) is a 16-lane dot product along the head dim, and 16 of them fold together (a
+ * transpose-add tree, no per-key horizontal sum). Softmax in float32 with a vectorised exp,
+ * then each row's weighted sum of value rows in increasing key order.
+ *
+ * Every (row, key) score, softmax and weighted sum runs the same instructions whatever else
+ * shares the tile or the step, so a token's result does not depend on the batch, on how
+ * its prompt was chunked, or on whether it ran as a decode (batch invariance).
  */
 #include <float.h>
 #include <math.h>
@@ -17,123 +18,115 @@
 
 #pragma GCC diagnostic ignored "-Wpsabi" /* vector values in the non-AVX-512 clones: all inlined */
 
-#define CHUNK 32 /* items per scheduling chunk: consecutive tokens of one (sequence, KV head) */
+#define TILE_ROWS 12 /* query rows (tokens x heads of the group) per prefill tile */
+#define CHUNK 16     /* items per scheduling chunk at most */
 
-static inline void load_f32(int dt, const void *p, size_t n, float *out) {
-    if (dt == PXL_F32) memcpy(out, p, n * 4);
-    else for (size_t i = 0; i < n; i++) out[i] = pxl_bf16_to_f32(((const uint16_t *)p)[i]);
-}
-
-static inline size_t slot_of(const int64_t *table, size_t block_size, size_t pos) {
-    return (size_t)table[pos / block_size] * block_size + pos % block_size;
-}
 static inline void prefetch_row(const char *p, size_t bytes) {
     for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o);
 }
 
-/* keys [0, n) of one KV head: kt (hd, ld) transposed (columns n..ld zero), vv (n, hd), float32 */
-PXL_CLONES static void gather_kv(int dt, size_t n, size_t ld, size_t hd, const char *k_cache, const char *v_cache,
-                                 const int64_t *table, size_t block_size, size_t row_bytes, size_t kv_off, float *kt,
-                                 float *vv, float *row) {
-    for (size_t j = 0; j < n; j++) {
-        size_t slot = slot_of(table, block_size, j);
-        load_f32(dt, k_cache + slot * row_bytes + kv_off, hd, row);
-        for (size_t d = 0; d < hd; d++) kt[d * ld + j] = row[d];
-        load_f32(dt, v_cache + slot * row_bytes + kv_off, hd, vv + j * hd);
-    }
-    for (size_t d = 0; d < hd; d++)
-        for (size_t j = n; j < ld; j++) kt[d * ld + j] = 0;
-}
-
-/* A score q.k in the one order both paths use, so a token's result does not depend on
- * whether it ran as a decode or inside a prefill chunk of any length (batch invariance):
- * lane l sums q[d] k[d] over d = l, l + 16, l + 32, ... in increasing d, then the 16 lanes
- * fold in halves (l += l + 8, then l + 4, l + 2, l + 1). Decode computes it per key with
- * the lanes along d (no transpose); prefill with 16 accumulators along keys. The loops use
- * GCC/Clang vector types: explicit registers (a widened row in a stack array would cost a
- * failed store-to-load forward per use), one source for AVX-512, AVX2 and RVV. */
+/* GCC/Clang vector types: explicit registers (a widened row in a stack array would cost a
+ * failed store-to-load forward per use), one source for AVX-512, AVX2 and RVV */
 typedef float f32x16 __attribute__((vector_size(64)));
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef float f32x4 __attribute__((vector_size(16)));
-typedef float f32x2 __attribute__((vector_size(8)));
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x32 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
 
 static inline f32x16 ld16(int dt, const void *p) { /* 16 values at p (float32 or bf16), widened */
     f32x16 v;
     if (dt == PXL_F32) {
         memcpy(&v, p, sizeof v);
-    } else {
-        u16x16 h;
+    } else { /* bf16 -> fp32: each value into the high half of a 32-bit lane (one vpermi2w) */
+        u16x16 h, z = {0};
         memcpy(&h, p, sizeof h);
-        u32x16 w = __builtin_convertvector(h, u32x16) << 16;
+        u16x32 w = __builtin_shufflevector(z, h, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23, 8, 24, 9, 25,
+                                           10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
         memcpy(&v, &w, sizeof v);
     }
     return v;
 }
-static inline f32x16 splat16(float x) { return (f32x16){0} + x; } /* the form GCC broadcasts best in a clone */
+static inline f32x16 splat16(float x) { /* the form GCC turns into one vbroadcastss (from memory) in a clone */
+    f32x16 v = {x};
+    return __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+}
 
-static inline float fold16(f32x16 a) {
-    f32x8 b = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) +
-              __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
-    f32x4 c = __builtin_shufflevector(b, b, 0, 1, 2, 3) + __builtin_shufflevector(b, b, 4, 5, 6, 7);
-    f32x2 d = __builtin_shufflevector(c, c, 0, 1) + __builtin_shufflevector(c, c, 2, 3);
-    return d[0] + d[1];
+/* The score order: lane l of a (row, key) accumulator sums q[d] k[d] over d = l, l + 16, ...
+ * in increasing d; then the 16 lanes fold in halves (l + 8, then + 4, + 2, + 1).
+ * fold16x16 does that fold for 16 accumulators at once: out[k] = fold(a[k]). Each step adds
+ * the same lane pairs as folding one vector alone (only the packing differs), so the bits
+ * are those of a per-key fold. */
+#define SHUF(x, y, ...) __builtin_shufflevector(x, y, __VA_ARGS__)
+static inline f32x16 fold16x16(const f32x16 *a) {
+    f32x16 b[8], c[4], d[2];
+    for (int i = 0; i < 8; i++) /* lanes l and l + 8 of keys 2i, 2i + 1: two keys x 8 partials */
+        b[i] = SHUF(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+               SHUF(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int i = 0; i < 4; i++) /* four keys x 4 partials */
+        c[i] = SHUF(b[2 * i], b[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+               SHUF(b[2 * i], b[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    for (int i = 0; i < 2; i++) /* eight keys x 2 partials */
+        d[i] = SHUF(c[2 * i], c[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+               SHUF(c[2 * i], c[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    return SHUF(d[0], d[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+           SHUF(d[0], d[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
 /* the scalar form of the same order, for a head dim that is not a multiple of 16 */
-static float dot_scalar(size_t hd, const float *q, int dt, const void *k, size_t stride) {
+static float dot_scalar(size_t hd, const float *q, int dt, const void *k) {
     float acc[16] = {0};
     for (size_t d = 0; d < hd; d++)
-        acc[d % 16] += q[d] * (dt == PXL_F32 ? ((const float *)k)[d * stride]
-                                             : pxl_bf16_to_f32(((const uint16_t *)k)[d * stride]));
+        acc[d % 16] += q[d] * (dt == PXL_F32 ? ((const float *)k)[d] : pxl_bf16_to_f32(((const uint16_t *)k)[d]));
     for (int w = 8; w; w /= 2)
         for (int l = 0; l < w; l++) acc[l] += acc[l + w];
     return acc[0];
 }
 
-/* s (n) = q . kt[:, lo .. lo + n) for kt (hd, ld) float32, 16 keys at a time; qb (hd) is
- * scratch for q's broadcasts (built once, then a plain vector load beside each FMA) */
-PXL_CLONES static void scores_t(size_t hd, size_t ld, const float *q, const float *kt, size_t lo, size_t n,
-                                float *s, f32x16 *qb) {
+/* s[r * lds + j] = q_r . k_j for R query rows q (R, hd) fp32 and the n key rows at krows[j]
+ * (cache rows in dt), 16 keys at a time. kw: 17 rows of hd floats of scratch (bf16 keys
+ * widened once for all R rows; the 17th stands for the keys past n). vrows: the value
+ * rows the weighted sum reads next (prefetched with the keys). */
+PXL_CLONES static void scores_tile(int dt, size_t R, size_t hd, const float *q, const char *const *krows,
+                                   const char *const *vrows, size_t n, float *s, size_t lds, float *kw) {
+    size_t es = dt == PXL_F32 ? 4 : 2;
     if (hd % 16) {
-        for (size_t j = 0; j < n; j++) s[j] = dot_scalar(hd, q, PXL_F32, kt + lo + j, ld);
+        for (size_t r = 0; r < R; r++)
+            for (size_t j = 0; j < n; j++) s[r * lds + j] = dot_scalar(hd, q + r * hd, dt, krows[j]);
         return;
     }
-    for (size_t d = 0; d < hd; d++) qb[d] = splat16(q[d]);
+    float *zero = kw + 16 * hd;
+    memset(zero, 0, hd * sizeof(float));
     for (size_t j0 = 0; j0 < n; j0 += 16) {
-        f32x16 acc[16];
-        for (int l = 0; l < 16; l++) acc[l] = (f32x16){0};
-        const float *k0 = kt + lo + j0;
-        for (size_t d = 0; d < hd; d += 16)
-#pragma GCC unroll 16
-            for (int l = 0; l < 16; l++) acc[l] += qb[d + l] * ld16(PXL_F32, k0 + (d + l) * ld);
-        for (int w = 8; w; w /= 2)
-            for (int l = 0; l < w; l++) acc[l] += acc[l + w];
-        if (n - j0 >= 16) memcpy(s + j0, &acc[0], sizeof acc[0]);
-        else for (size_t jj = 0; jj < n - j0; jj++) s[j0 + jj] = acc[0][jj];
-    }
-}
-
-/* s (G, n) = q (G, hd) . k for the n key rows at rows[j] (cache rows, dt), a key at a time;
- * vrows: the value rows weighted_sum reads next (prefetched) */
-PXL_CLONES static void scores_rows(int dt, size_t G, size_t hd, const float *q, const char *const *rows,
-                                   const char *const *vrows, size_t n, float *s) {
-    size_t es = dt == PXL_F32 ? 4 : 2;
-    for (size_t j = 0; j < n; j++) {
-        if (j + 16 < n) { /* the cache is far bigger than L2: fetch ahead, the V rows for weighted_sum too */
-            prefetch_row(rows[j + 16], hd * es);
-            prefetch_row(vrows[j + 16], hd * es);
-        }
-        for (size_t g = 0; g < G; g++) {
-            const float *qg = q + g * hd;
-            if (hd % 16) {
-                s[g * n + j] = dot_scalar(hd, qg, dt, rows[j], 1);
-                continue;
+        size_t cnt = n - j0 < 16 ? n - j0 : 16;
+        const float *kp[16];
+        for (size_t jj = 0; jj < 16; jj++) {
+            size_t j = j0 + jj;
+            if (j + 32 < n) { /* the cache is far bigger than L2: fetch ahead, V rows too */
+                prefetch_row(krows[j + 32], hd * es);
+                prefetch_row(vrows[j + 32], hd * es);
             }
-            f32x16 acc = {0};
-            for (size_t d = 0; d < hd; d += 16) acc += ld16(PXL_F32, qg + d) * ld16(dt, rows[j] + d * es);
-            s[g * n + j] = fold16(acc);
+            if (jj >= cnt) {
+                kp[jj] = zero;
+            } else if (dt == PXL_F32) {
+                kp[jj] = (const float *)krows[j];
+            } else {
+                for (size_t d = 0; d < hd; d += 16) {
+                    f32x16 v = ld16(PXL_BF16, krows[j] + d * 2);
+                    memcpy(kw + jj * hd + d, &v, sizeof v);
+                }
+                kp[jj] = kw + jj * hd;
+            }
+        }
+        for (size_t r = 0; r < R; r++) {
+            f32x16 acc[16];
+            for (int jj = 0; jj < 16; jj++) acc[jj] = (f32x16){0};
+            for (size_t d = 0; d < hd; d += 16) {
+                f32x16 qv = ld16(PXL_F32, q + r * hd + d);
+#pragma GCC unroll 16
+                for (int jj = 0; jj < 16; jj++) acc[jj] += qv * ld16(PXL_F32, kp[jj] + d);
+            }
+            f32x16 out = fold16x16(acc);
+            if (cnt == 16) memcpy(s + r * lds + j0, &out, sizeof out);
+            else for (size_t jj = 0; jj < cnt; jj++) s[r * lds + j0 + jj] = out[jj];
         }
     }
 }
@@ -142,8 +135,16 @@ PXL_CLONES static void scores_rows(int dt, size_t G, size_t hd, const float *q, 
  * (independent of where s sits in memory: vectorised loops may peel by alignment) */
 PXL_CLONES static void softmax(float *s, size_t n) {
     float m = -FLT_MAX, part[16] = {0};
-    for (size_t j = 0; j < n; j++) m = s[j] > m ? s[j] : m;
     size_t j = 0;
+    f32x16 mv = splat16(-FLT_MAX); /* the max is exact in any order: 16 lanes, then across */
+    for (; j + 16 <= n; j += 16) {
+        f32x16 x = ld16(PXL_F32, s + j);
+        i32x16 gt = x > mv;
+        mv = (f32x16)((gt & (i32x16)x) | (~gt & (i32x16)mv));
+    }
+    for (int l = 0; l < 16; l++) m = mv[l] > m ? mv[l] : m;
+    for (; j < n; j++) m = s[j] > m ? s[j] : m;
+    j = 0;
     for (; j + 16 <= n; j += 16)
         for (int l = 0; l < 16; l++) {
             s[j + l] = pxl_exp(s[j + l] - m);
@@ -159,54 +160,67 @@ PXL_CLONES static void softmax(float *s, size_t n) {
     for (j = 0; j < n; j++) s[j] *= inv;
 }
 
-/* out (G, hd) = sum_j w[g, j] v_j in increasing j, w (G, n), for the n value rows at
- * rows[j] (float32 or bf16, dt). Each (head, 16 dims) output is one accumulator; CNT of
- * them advance together over the keys, so CNT independent FMA chains hide the FMA latency
- * (one chain ran at a quarter of the rate). DT and CNT are constants in each instance. */
-static inline __attribute__((always_inline)) void wsum_group(const int DT, const int CNT, size_t hd, const float *w,
-                                                             size_t n, const char *const *rows, size_t p0,
-                                                             float *out) {
-    f32x16 acc[8] = {{0}};
-    const float *wi[8];
-    size_t off[8];
-    for (int i = 0; i < CNT; i++) /* output offset (p0 + i) * 16 = g * hd + d0 */
-        wi[i] = w + (p0 + i) * 16 / hd * n, off[i] = (p0 + i) * 16 % hd * (DT == PXL_F32 ? 4 : 2);
-    for (size_t j = 0; j < n; j++)
-        for (int i = 0; i < CNT; i++) acc[i] += splat16(wi[i][j]) * ld16(DT, rows[j] + off[i]);
-    for (int i = 0; i < CNT; i++) memcpy(out + (p0 + i) * 16, &acc[i], sizeof acc[i]);
+/* out[r * hd + c .. + 16] += sum_j w[r * ldw + j] v_j[c .. + 16] for j in [j0, j1) in increasing
+ * j, rows r0 .. r0 + CNT, continuing from out: each (row, 16 dims) is one accumulator, CNT of
+ * them advance together so CNT independent FMA chains hide the latency, and each value
+ * chunk is widened once for all of them. DT and CNT are constants in each instance. */
+static inline __attribute__((always_inline)) void wsum_group(const int DT, const int CNT, size_t hd, size_t c,
+                                                             const float *w, size_t ldw, const char *const *vrows,
+                                                             size_t j0, size_t j1, float *out) {
+    f32x16 acc[8];
+    for (int i = 0; i < CNT; i++) acc[i] = ld16(PXL_F32, out + i * hd + c);
+    size_t off = c * (DT == PXL_F32 ? 4 : 2);
+    for (size_t j = j0; j < j1; j++) {
+        f32x16 v = ld16(DT, vrows[j] + off);
+        for (int i = 0; i < CNT; i++) acc[i] += splat16(w[i * ldw + j]) * v;
+    }
+    for (int i = 0; i < CNT; i++) memcpy(out + i * hd + c, &acc[i], sizeof acc[i]);
 }
 
 #define WSUM_CASES(DT)                                                                                                \
     switch (cnt) {                                                                                                     \
-    case 8: wsum_group(DT, 8, hd, w, n, rows, p0, out); break;                                                         \
-    case 7: wsum_group(DT, 7, hd, w, n, rows, p0, out); break;                                                         \
-    case 6: wsum_group(DT, 6, hd, w, n, rows, p0, out); break;                                                         \
-    case 5: wsum_group(DT, 5, hd, w, n, rows, p0, out); break;                                                         \
-    case 4: wsum_group(DT, 4, hd, w, n, rows, p0, out); break;                                                         \
-    case 3: wsum_group(DT, 3, hd, w, n, rows, p0, out); break;                                                         \
-    case 2: wsum_group(DT, 2, hd, w, n, rows, p0, out); break;                                                         \
-    default: wsum_group(DT, 1, hd, w, n, rows, p0, out); break;                                                        \
+    case 8: wsum_group(DT, 8, hd, c, wr, ldw, vrows, j0, j1, o); break;                                                \
+    case 7: wsum_group(DT, 7, hd, c, wr, ldw, vrows, j0, j1, o); break;                                                \
+    case 6: wsum_group(DT, 6, hd, c, wr, ldw, vrows, j0, j1, o); break;                                                \
+    case 5: wsum_group(DT, 5, hd, c, wr, ldw, vrows, j0, j1, o); break;                                                \
+    case 4: wsum_group(DT, 4, hd, c, wr, ldw, vrows, j0, j1, o); break;                                                \
+    case 3: wsum_group(DT, 3, hd, c, wr, ldw, vrows, j0, j1, o); break;                                                \
+    case 2: wsum_group(DT, 2, hd, c, wr, ldw, vrows, j0, j1, o); break;                                                \
+    default: wsum_group(DT, 1, hd, c, wr, ldw, vrows, j0, j1, o); break;                                               \
     }
 
-PXL_CLONES static void weighted_sum(int dt, size_t G, size_t hd, const float *w, const char *const *rows, size_t n,
-                                    float *out) {
+/* out (R, hd) += the weighted sums of value rows j in [j0, j1) for R rows of weights w (R, ldw) */
+PXL_CLONES static void weighted_sum(int dt, size_t R, size_t hd, const float *w, size_t ldw, const char *const *vrows,
+                                    size_t j0, size_t j1, float *out) {
     if (hd % 16) { /* a head dim that is not a multiple of 16: the same sums, one at a time */
-        for (size_t g = 0; g < G; g++)
+        for (size_t r = 0; r < R; r++)
             for (size_t d = 0; d < hd; d++) {
-                float acc = 0;
-                for (size_t j = 0; j < n; j++)
-                    acc += w[g * n + j] * (dt == PXL_F32 ? ((const float *)rows[j])[d]
-                                                         : pxl_bf16_to_f32(((const uint16_t *)rows[j])[d]));
-                out[g * hd + d] = acc;
+                float acc = out[r * hd + d];
+                for (size_t j = j0; j < j1; j++)
+                    acc += w[r * ldw + j] * (dt == PXL_F32 ? ((const float *)vrows[j])[d]
+                                                           : pxl_bf16_to_f32(((const uint16_t *)vrows[j])[d]));
+                out[r * hd + d] = acc;
             }
         return;
     }
-    size_t np = G * hd / 16;
-    for (size_t p0 = 0; p0 < np; p0 += 8) {
-        size_t cnt = np - p0 < 8 ? np - p0 : 8;
-        if (dt == PXL_F32) WSUM_CASES(PXL_F32)
-        else WSUM_CASES(PXL_BF16)
-    }
+    for (size_t c = 0; c < hd; c += 16)
+        for (size_t r0 = 0; r0 < R; r0 += 8) {
+            size_t cnt = R - r0 < 8 ? R - r0 : 8;
+            const float *wr = w + r0 * ldw;
+            float *o = out + r0 * hd;
+            if (dt == PXL_F32) WSUM_CASES(PXL_F32)
+            else WSUM_CASES(PXL_BF16)
+        }
+}
+
+/* a step's items: per sequence, Hkv x tiles of query tokens */
+typedef struct {
+    size_t tq; /* query tokens per tile */
+    size_t items;
+} seq_items;
+static inline seq_items items_of(size_t qlen, size_t G, size_t Hkv) {
+    size_t tq = qlen == 1 ? 1 : TILE_ROWS / G > 1 ? TILE_ROWS / G : 1;
+    return (seq_items){tq, Hkv * ((qlen + tq - 1) / tq)};
 }
 
 static void attention_team(int dt, size_t T, size_t B, size_t H, size_t Hkv, size_t hd, const void *q,
@@ -222,54 +236,75 @@ static void attention_team(int dt, size_t T, size_t B, size_t H, size_t Hkv, siz
         memcpy((char *)k_cache + (size_t)slot_mapping[t] * row_bytes, (const char *)k + t * row_bytes, row_bytes);
         memcpy((char *)v_cache + (size_t)slot_mapping[t] * row_bytes, (const char *)v + t * row_bytes, row_bytes);
     }
-    size_t max_len = 0;
-    for (size_t b = 0; b < B; b++) max_len = (size_t)seq_lens[b] > max_len ? (size_t)seq_lens[b] : max_len;
-    size_t ld_max = (max_len + 15) / 16 * 16;
-    /* per thread: q's broadcasts (hd vectors); the n K and V row addresses of a decode and
-     * the n row addresses of vv;
-     * kt (hd, ld) and vv (n, hd); scores (G, n); q and out (G, hd); one widened row (hd) */
-    f32x16 *qb = pxl_scratch(3, hd * sizeof(f32x16) + 3 * max_len * sizeof(char *) +
-                                    ((ld_max + max_len) * hd + G * max_len + 2 * G * hd + hd) * sizeof(float));
-    const char **krows = (const char **)(qb + hd), **vrows = krows + max_len, **vvrows = vrows + max_len;
-    float *kt = (float *)(vvrows + max_len), *vv = kt + ld_max * hd, *s = vv + max_len * hd, *qf = s + G * max_len;
-    float *of = qf + G * hd, *row = of + G * hd;
-    size_t have_b = (size_t)-1, have_h = 0, n = 0, ld = 0; /* which keys kt/vv hold */
+    size_t max_len = 0, items = 0;
+    for (size_t b = 0; b < B; b++) {
+        max_len = (size_t)seq_lens[b] > max_len ? (size_t)seq_lens[b] : max_len;
+        items += items_of(query_start_loc[b + 1] - query_start_loc[b], G, Hkv).items;
+    }
+    size_t R_max = TILE_ROWS > G ? TILE_ROWS : G, lds = (max_len + 15) / 16 * 16;
+    /* per thread: key / value row addresses (n); q, out (R, hd); scores (R, lds); 17 widened key rows */
+    const char **krows = pxl_scratch(3, 2 * max_len * sizeof(char *) + (2 * R_max * hd + R_max * lds + 17 * hd) * 4);
+    const char **vrows = krows + max_len;
+    float *qf = (float *)(vrows + max_len), *of = qf + R_max * hd, *s = of + R_max * hd, *kw = s + R_max * lds;
+    size_t chunk = items / (8 * PXL_NTH()) + 1;
+    chunk = chunk < CHUNK ? chunk : CHUNK;
+    size_t b = 0, first = 0; /* the sequence of the last item and its first item's index */
 #pragma omp barrier /* every row of this step is in the cache before anyone reads it */
-#pragma omp for schedule(dynamic, CHUNK) nowait
-    for (size_t it = 0; it < T * Hkv; it++) { /* (sequence, KV head, token) order */
-        size_t b = 0;
-        while ((size_t)query_start_loc[b + 1] * Hkv <= it) b++;
-        size_t qs = query_start_loc[b], qlen = query_start_loc[b + 1] - qs, r = it - qs * Hkv;
-        size_t kvh = r / qlen, t = qs + r % qlen;
-        size_t pos = seq_lens[b] - qlen + (t - qs); /* this token's position */
-        size_t lo = window && pos + 1 > window ? pos + 1 - window : 0, nk = pos + 1 - lo;
-        const int64_t *table = block_tables + b * max_blocks;
-        load_f32(dt, (const char *)q + (t * H + kvh * G) * hd * es, G * hd, qf);
-        for (size_t i = 0; i < G * hd; i++) qf[i] *= scale;
-        if (qlen == 1) { /* decode: read the rows in place, each once for all G heads */
-            for (size_t j = 0; j < nk; j++) {
-                size_t off = slot_of(table, block_size, lo + j) * row_bytes + kvh * hd * es;
-                krows[j] = (const char *)k_cache + off, vrows[j] = (const char *)v_cache + off;
-            }
-            scores_rows(dt, G, hd, qf, krows, vrows, nk, s);
-            for (size_t g = 0; g < G; g++) softmax(s + g * nk, nk);
-            weighted_sum(dt, G, hd, s, vrows, nk, of);
-        } else { /* prefill: the sequence's keys once per thread, for all its tokens here */
-            if (b != have_b || kvh != have_h) {
-                n = seq_lens[b], ld = (n + 15) / 16 * 16;
-                gather_kv(dt, n, ld, hd, k_cache, v_cache, table, block_size, row_bytes, kvh * hd * es, kt, vv, row);
-                for (size_t j = 0; j < n; j++) vvrows[j] = (const char *)(vv + j * hd);
-                have_b = b, have_h = kvh;
-            }
-            for (size_t g = 0; g < G; g++) {
-                scores_t(hd, ld, qf + g * hd, kt, lo, nk, s + g * nk, qb);
-                softmax(s + g * nk, nk);
-            }
-            weighted_sum(PXL_F32, G, hd, s, vvrows + lo, nk, of);
+#pragma omp for schedule(dynamic, chunk) nowait
+    for (size_t it = 0; it < items; it++) { /* (sequence, KV head, tile) order */
+        if (it < first) b = 0, first = 0;   /* (a thread's items only ever increase; kept safe anyway) */
+        size_t qs, qlen;
+        seq_items si;
+        for (;; first += si.items, b++) {
+            qs = query_start_loc[b], qlen = query_start_loc[b + 1] - qs, si = items_of(qlen, G, Hkv);
+            if (it < first + si.items) break;
         }
-        char *yr = (char *)y + (t * H + kvh * G) * hd * es;
-        if (dt == PXL_F32) memcpy(yr, of, G * hd * 4);
-        else for (size_t i = 0; i < G * hd; i++) ((uint16_t *)yr)[i] = pxl_f32_to_bf16(of[i]);
+        size_t ntiles = si.items / Hkv, kvh = (it - first) / ntiles, tile = (it - first) % ntiles;
+        size_t tok0 = tile * si.tq, tn = qlen - tok0 < si.tq ? qlen - tok0 : si.tq, R = tn * G;
+        size_t pos0 = seq_lens[b] - qlen + tok0; /* the tile's first position; its tokens follow */
+        size_t lo0 = window && pos0 + 1 > window ? pos0 + 1 - window : 0, n = pos0 + tn - lo0;
+        const int64_t *table = block_tables + b * max_blocks;
+        for (size_t i = 0; i < tn; i++) { /* row r = i * G + g: token i, head kvh * G + g; q pre-scaled */
+            const char *src = (const char *)q + ((qs + tok0 + i) * H + kvh * G) * hd * es;
+            for (size_t e = 0; e < G * hd; e++)
+                qf[i * G * hd + e] = scale * (dt == PXL_F32 ? ((const float *)src)[e]
+                                                            : pxl_bf16_to_f32(((const uint16_t *)src)[e]));
+        }
+        for (size_t j = 0, blk = lo0 / block_size, in = lo0 % block_size; j < n; j++) { /* no division per key */
+            size_t off = ((size_t)table[blk] * block_size + in) * row_bytes + kvh * hd * es;
+            krows[j] = (const char *)k_cache + off, vrows[j] = (const char *)v_cache + off;
+            if (++in == block_size) in = 0, blk++;
+        }
+        scores_tile(dt, R, hd, qf, krows, vrows, n, s, lds, kw);
+        /* token i sees keys [a_i, e_i) of the tile's n: causal, and a window's start */
+        size_t a_last = 0, e_first = n;
+        for (size_t i = 0; i < tn; i++) {
+            size_t pos = pos0 + i, lo = window && pos + 1 > window ? pos + 1 - window : 0;
+            size_t a = lo - lo0, e = pos + 1 - lo0;
+            for (size_t g = 0; g < G; g++) softmax(s + (i * G + g) * lds + a, e - a);
+            a_last = a, e_first = i == 0 ? e : e_first;
+        }
+        memset(of, 0, R * hd * sizeof(float));
+        if (a_last < e_first) { /* keys every token sees, all rows together; each row's own before and after */
+            for (size_t i = 0; i < tn; i++) {
+                size_t pos = pos0 + i, lo = window && pos + 1 > window ? pos + 1 - window : 0;
+                weighted_sum(dt, G, hd, s + i * G * lds, lds, vrows, lo - lo0, a_last, of + i * G * hd);
+            }
+            weighted_sum(dt, R, hd, s, lds, vrows, a_last, e_first, of);
+            for (size_t i = 1; i < tn; i++)
+                weighted_sum(dt, G, hd, s + i * G * lds, lds, vrows, e_first, pos0 + i + 1 - lo0, of + i * G * hd);
+        } else { /* a window shorter than the tile: each token's keys on their own */
+            for (size_t i = 0; i < tn; i++) {
+                size_t pos = pos0 + i, lo = window && pos + 1 > window ? pos + 1 - window : 0;
+                weighted_sum(dt, G, hd, s + i * G * lds, lds, vrows, lo - lo0, pos + 1 - lo0, of + i * G * hd);
+            }
+        }
+        for (size_t i = 0; i < tn; i++) {
+            char *yr = (char *)y + ((qs + tok0 + i) * H + kvh * G) * hd * es;
+            const float *o = of + i * G * hd;
+            if (dt == PXL_F32) memcpy(yr, o, G * hd * 4);
+            else for (size_t e = 0; e < G * hd; e++) ((uint16_t *)yr)[e] = pxl_f32_to_bf16(o[e]);
+        }
     }
 }
 
