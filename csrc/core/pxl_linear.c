@@ -38,28 +38,40 @@ static void run_tiles(const pxl_kernel_set *ks, pxl_tile_fn tile, size_t es, siz
     }
 }
 
+/* One 32-block of x: the per-lane loops are selects and plain arithmetic (no libm roundf,
+ * no float reductions the compiler may not reorder), so every clone vectorises them: this
+ * runs once per Linear call and thread in decode, where a scalar loop cost several us. */
+PXL_CLONES static void quantize_blocks(int fmt, size_t nb, const float *x, int8_t *q, float *d, float *c, float *e) {
+    for (size_t b = 0; b < nb; b++) {
+        const float *xb = x + b * PXL_QK;
+        float m[16], s[16];
+        for (int l = 0; l < 16; l++) {
+            float a = fabsf(xb[l]), z = fabsf(xb[l + 16]);
+            m[l] = a > z ? a : z, s[l] = xb[l] + xb[l + 16];
+        }
+        for (int w = 8; w; w /= 2) /* max and sum folded in halves */
+            for (int l = 0; l < w; l++) m[l] = m[l] > m[l + w] ? m[l] : m[l + w], s[l] += s[l + w];
+        float amax = m[0], sum = s[0], db = amax / 127.0f, id = db != 0 ? 1.0f / db : 0.0f;
+        int32_t qsum = 0;
+        for (int j = 0; j < PXL_QK; j++) { /* round half to even by the 1.5 * 2^23 shifter (|x id| <= 127) */
+            float r = (xb[j] * id + 12582912.0f) - 12582912.0f;
+            q[b * PXL_QK + j] = (int8_t)r;
+            qsum += (int32_t)r;
+        }
+        int base = PXL_QBASE(fmt);
+        d[b] = db;
+        c[b] = base == PXL_Q4_1 ? sum : 0.0f;
+        e[b] = base == PXL_Q4_1   ? 8.0f * (sum - db * (float)qsum)
+               : base == PXL_Q4_0 ? -8.0f * db * (float)qsum
+               : fmt == PXL_Q8_0R ? -128.0f * (float)qsum /* exact: |.| < 2^24 */
+                                  : 0.0f;
+    }
+}
+
 void pxl_quantize_x(int fmt, size_t T, size_t K, const float *x, int8_t *q, float *d, float *c, float *e) {
     size_t nb = K / PXL_QK;
     for (size_t t = 0; t < T; t++)
-        for (size_t b = 0; b < nb; b++) {
-            const float *xb = x + t * K + b * PXL_QK;
-            int8_t *qb = q + t * K + b * PXL_QK;
-            float amax = 0, sum = 0;
-            for (int j = 0; j < PXL_QK; j++) amax = fabsf(xb[j]) > amax ? fabsf(xb[j]) : amax;
-            float db = amax / 127.0f, id = db != 0 ? 1.0f / db : 0.0f;
-            int32_t qsum = 0;
-            for (int j = 0; j < PXL_QK; j++) {
-                qb[j] = (int8_t)roundf(xb[j] * id);
-                qsum += qb[j];
-                sum += xb[j];
-            }
-            d[t * nb + b] = db;
-            c[t * nb + b] = PXL_QBASE(fmt) == PXL_Q4_1 ? sum : 0.0f;
-            e[t * nb + b] = PXL_QBASE(fmt) == PXL_Q4_1   ? 8.0f * (sum - db * (float)qsum)
-                            : PXL_QBASE(fmt) == PXL_Q4_0 ? -8.0f * db * (float)qsum
-                            : fmt == PXL_Q8_0R           ? -128.0f * (float)qsum /* exact: |.| < 2^24 */
-                                                         : 0.0f;
-        }
+        quantize_blocks(fmt, nb, x + t * K, q + t * K, d + t * nb, c + t * nb, e + t * nb);
 }
 
 /* x rows [t0, t1) as the kernels read them: converted between bf16 and fp32 into xc (when

@@ -22,7 +22,7 @@ static inline __m512i dot4(__m512i acc, __m512i w, __m512i x) {
 #endif
 
 #define G 16
-#define QPF 1536 /* bytes ahead in the weight stream (4-5 blocks of 16 rows) */
+#define QPF 8192 /* bytes ahead in the weight stream: ~ bandwidth x DRAM latency per thread, and more */
 #define PXL_INLINE static inline __attribute__((always_inline))
 
 PXL_INLINE void rows_qr(const int fmt, const int T, size_t rows, size_t K, const uint8_t *W, const pxl_qx *x,
