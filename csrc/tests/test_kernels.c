@@ -300,10 +300,13 @@ static void test_rope(int dt, size_t T, size_t H, size_t hd) {
     free(x); free(y); free(c); free(s); free(ref); free(mag); free(pos);
 }
 
-/* B sequences with the given query lengths and cached lengths, blocks shuffled */
-static void test_attention(int dt, size_t H, size_t Hkv, size_t hd, size_t window) {
-    enum { B = 3, BS = 4, MAXB = 6, NBLK = 20 };
-    int64_t qlen[B] = {1, 5, 9}, seq[B] = {13, 7, 9}, qsl[B + 1] = {0}, tables[B * MAXB], perm[NBLK];
+/* B sequences with the given query lengths and cached lengths, blocks shuffled; B = 3: a
+ * decode and two prefill chunks; B = 12: decodes only (then each is one item for all KV heads) */
+static void test_attention(int dt, size_t H, size_t Hkv, size_t hd, size_t window, int B) {
+    enum { BS = 4, MAXB = 6, NBLK = 80 };
+    int64_t qlen[12] = {1, 5, 9}, seq[12] = {13, 7, 9}, qsl[13] = {0}, tables[12 * MAXB], perm[NBLK];
+    if (B > 3)
+        for (int b = 0; b < B; b++) qlen[b] = 1, seq[b] = 1 + (b * 7) % 23;
     for (int i = 0; i < NBLK; i++) perm[i] = i;
     for (int i = NBLK - 1; i > 0; i--) { int j = rand() % (i + 1); int64_t t = perm[i]; perm[i] = perm[j]; perm[j] = t; }
     for (int i = 0; i < B * MAXB; i++) tables[i] = perm[i % NBLK];
@@ -311,7 +314,7 @@ static void test_attention(int dt, size_t H, size_t Hkv, size_t hd, size_t windo
     size_t T = qsl[B], row = Hkv * hd;
     void *q = alloc_rand(dt, T * H * hd, 1), *k = alloc_rand(dt, T * row, 1), *v = alloc_rand(dt, T * row, 1);
     void *kc = alloc_rand(dt, NBLK * BS * row, 1), *vc = alloc_rand(dt, NBLK * BS * row, 1), *y = malloc(T * H * hd * 4);
-    int64_t slots[32];
+    int64_t slots[64];
     for (int b = 0; b < B; b++)
         for (int i = 0; i < qlen[b]; i++) {
             int64_t p = seq[b] - qlen[b] + i;
@@ -352,7 +355,7 @@ static void test_attention(int dt, size_t H, size_t Hkv, size_t hd, size_t windo
     pxl_paged_attention(dt, T, B, H, Hkv, hd, q, k, v, kc, vc, BS, slots, tables, MAXB, seq, qsl, scale, window, y);
     for (size_t d = 0; d < H * hd; d++) ref[1 * H * hd + d] = get(dt, y, 1 * H * hd + d); /* padding row: unchecked */
     char name[80];
-    snprintf(name, sizeof name, "paged_attention %s H=%zu Hkv=%zu hd=%zu window=%zu", dt ? "bf16" : "f32", H, Hkv, hd, window);
+    snprintf(name, sizeof name, "paged_attention %s B=%d H=%zu Hkv=%zu hd=%zu window=%zu", dt ? "bf16" : "f32", B, H, Hkv, hd, window);
     check(name, dt, T * H * hd, y, ref, NULL, dt ? 2e-2 : 1e-5); /* bf16: q.k rounded to bf16 inputs */
     free(q); free(k); free(v); free(kc); free(vc); free(y); free(ref);
 }
@@ -417,9 +420,11 @@ int main(void) {
             test_rowwise(dt, 13, 577);
             test_rope(dt, 1, 1, 2);
             test_rope(dt, 7, 9, 64);
-            test_attention(dt, 6, 2, 8, 0);
-            test_attention(dt, 9, 3, 64, 0);
-            test_attention(dt, 4, 4, 16, 3);
+            test_attention(dt, 6, 2, 8, 0, 3);
+            test_attention(dt, 9, 3, 64, 0, 3);
+            test_attention(dt, 4, 4, 16, 3, 3);
+            test_attention(dt, 9, 3, 64, 0, 12);
+            test_attention(dt, 6, 2, 16, 5, 12);
         }
         printf("kernel set %s: %d checks\n", isa, passed + failed - before);
     }
