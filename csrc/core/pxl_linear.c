@@ -148,13 +148,17 @@ static void run_packed(const pxl_kernel_set *ks, int f32, size_t T, size_t cols,
         ks->gemm_bf16p ? ks->gemm_bf16p : pxl_gemm_bf16p_generic;
     for (size_t t0 = 0; t0 < T; t0 += 4 * T_CHUNK) {
         size_t t1 = t0 + 4 * T_CHUNK < T ? t0 + 4 * T_CHUNK : T;
+        /* the chunk in calls of near-equal size (64 tokens: 11, 11, 11, 11, 10, 10, not 12 x 5 + 4):
+         * a call with few tokens has too few accumulators to hide the FMA latency */
+        size_t calls = (t1 - t0 + PXL_PANEL_RM - 1) / PXL_PANEL_RM, base = (t1 - t0) / calls, extra = (t1 - t0) % calls;
         for (size_t n = 0; n < cols; n += PXL_PANEL)
-            for (size_t t = t0; t < t1; t += PXL_PANEL_RM) {
-                int rm = t1 - t < PXL_PANEL_RM ? (int)(t1 - t) : PXL_PANEL_RM;
+            for (size_t c = 0, t = t0; c < calls; c++) {
+                int rm = (int)(base + (c < extra));
                 int nvalid = cols - n < PXL_PANEL ? (int)(cols - n) : PXL_PANEL;
                 const char *x = (const char *)X + t * K * es, *w = (const char *)Wp + n * K * es;
                 if (f32) f32p(rm, K, x, K, w, Y + t * ldy + n, ldy, nvalid);
                 else bf16p(rm, K, x, K, w, Y + t * ldy + n, ldy, nvalid);
+                t += rm;
             }
     }
 }
