@@ -53,10 +53,16 @@ PXL_CLONES static void quantize_blocks(int fmt, size_t nb, const float *x, int8_
             for (int l = 0; l < w; l++) m[l] = m[l] > m[l + w] ? m[l] : m[l + w], s[l] += s[l + w];
         float amax = m[0], sum = s[0], db = amax / 127.0f, id = db != 0 ? 1.0f / db : 0.0f;
         int32_t qsum = 0;
-        for (int j = 0; j < PXL_QK; j++) { /* round half to even by the 1.5 * 2^23 shifter (|x id| <= 127) */
-            float r = (xb[j] * id + 12582912.0f) - 12582912.0f;
+        for (int j = 0; j < PXL_QK; j++) {
+            /* round half to even by the 1.5 * 2^23 shifter (|x id| <= 127): the integer is then the
+             * float's low mantissa bits, read without a float-to-int conversion (qemu 7.2's RVV
+             * translator aborts on the vfncvt.rtz clang emits for one) */
+            float f = xb[j] * id + 12582912.0f;
+            int32_t bits;
+            memcpy(&bits, &f, 4);
+            int32_t r = bits - 0x4B400000;
             q[b * PXL_QK + j] = (int8_t)r;
-            qsum += (int32_t)r;
+            qsum += r;
         }
         int base = PXL_QBASE(fmt);
         d[b] = db;
