@@ -269,6 +269,28 @@ static void tile_head(int dt, size_t tn, size_t G, size_t H, size_t hd, size_t p
     }
 }
 
+/* where item `it` sits: its sequence, KV head, query tokens and key range; *b / *first carry a
+ * thread's scan from one item to the next (its items only ever increase) */
+typedef struct {
+    size_t b, qs, kvh, tok0, tn, pos0, lo0, n;
+} item_pos;
+static item_pos locate(size_t it, size_t *b, size_t *first, const int64_t *query_start_loc,
+                       const int64_t *seq_lens, size_t G, size_t Hkv, size_t window) {
+    size_t qs, qlen;
+    seq_items si;
+    for (;; *first += si.items, (*b)++) {
+        qs = query_start_loc[*b], qlen = query_start_loc[*b + 1] - qs, si = items_of(qlen, G, Hkv);
+        if (it < *first + si.items) break;
+    }
+    item_pos p = {.b = *b, .qs = qs};
+    size_t ntiles = si.items / Hkv, tile = (it - *first) % ntiles;
+    p.kvh = (it - *first) / ntiles;
+    p.tok0 = tile * si.tq, p.tn = qlen - p.tok0 < si.tq ? qlen - p.tok0 : si.tq;
+    p.pos0 = seq_lens[*b] - qlen + p.tok0; /* the tile's first position; its tokens follow */
+    p.lo0 = window && p.pos0 + 1 > window ? p.pos0 + 1 - window : 0, p.n = p.pos0 + p.tn - p.lo0;
+    return p;
+}
+
 static void attention_team(int dt, size_t T, size_t B, size_t H, size_t Hkv, size_t hd, const void *q,
                            const void *k, const void *v, void *k_cache, void *v_cache, size_t block_size,
                            const int64_t *slot_mapping, const int64_t *block_tables, size_t max_blocks,
@@ -299,25 +321,27 @@ static void attention_team(int dt, size_t T, size_t B, size_t H, size_t Hkv, siz
 #pragma omp for schedule(dynamic, chunk) nowait
     for (size_t it = 0; it < items; it++) { /* (sequence, KV head, tile) order */
         if (it < first) b = 0, first = 0;   /* (a thread's items only ever increase; kept safe anyway) */
-        size_t qs, qlen;
-        seq_items si;
-        for (;; first += si.items, b++) {
-            qs = query_start_loc[b], qlen = query_start_loc[b + 1] - qs, si = items_of(qlen, G, Hkv);
-            if (it < first + si.items) break;
-        }
-        size_t ntiles = si.items / Hkv, kvh = (it - first) / ntiles, tile = (it - first) % ntiles;
-        size_t tok0 = tile * si.tq, tn = qlen - tok0 < si.tq ? qlen - tok0 : si.tq;
-        size_t pos0 = seq_lens[b] - qlen + tok0; /* the tile's first position; its tokens follow */
-        size_t lo0 = window && pos0 + 1 > window ? pos0 + 1 - window : 0, n = pos0 + tn - lo0;
-        const int64_t *table = block_tables + b * max_blocks;
-        for (size_t j = 0, blk = lo0 / block_size, in = lo0 % block_size; j < n; j++) { /* no division per key */
+        item_pos p = locate(it, &b, &first, query_start_loc, seq_lens, G, Hkv, window);
+        const int64_t *table = block_tables + p.b * max_blocks;
+        for (size_t j = 0, blk = p.lo0 / block_size, in = p.lo0 % block_size; j < p.n; j++) { /* no division per key */
             size_t off = ((size_t)table[blk] * block_size + in) * row_bytes;
             krows[j] = (const char *)k_cache + off, vrows[j] = (const char *)v_cache + off;
             if (++in == block_size) in = 0, blk++;
         }
-        size_t head = (qs + tok0) * H + kvh * G; /* the first row's (token, head) */
-        tile_head(dt, tn, G, H, hd, pos0, lo0, n, window, scale, (const char *)q + head * hd * es, krows, vrows,
-                  kvh * hd * es, (char *)y + head * hd * es, qf, of, s, lds, kw);
+        if (it + 1 < items) { /* the next item's first keys, which its own look-ahead never covers */
+            size_t nb = b, nf = first;
+            item_pos x = locate(it + 1, &nb, &nf, query_start_loc, seq_lens, G, Hkv, window);
+            const int64_t *nt = block_tables + x.b * max_blocks;
+            size_t kn = x.n < PF_KEYS ? x.n : PF_KEYS;
+            for (size_t j = 0, blk = x.lo0 / block_size, in = x.lo0 % block_size; j < kn; j++) {
+                size_t off = ((size_t)nt[blk] * block_size + in) * row_bytes + x.kvh * hd * es;
+                prefetch_row((const char *)k_cache + off, hd * es), prefetch_row((const char *)v_cache + off, hd * es);
+                if (++in == block_size) in = 0, blk++;
+            }
+        }
+        size_t head = (p.qs + p.tok0) * H + p.kvh * G; /* the first row's (token, head) */
+        tile_head(dt, p.tn, G, H, hd, p.pos0, p.lo0, p.n, window, scale, (const char *)q + head * hd * es, krows,
+                  vrows, p.kvh * hd * es, (char *)y + head * hd * es, qf, of, s, lds, kw);
     }
 }
 
