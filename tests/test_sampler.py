@@ -108,3 +108,12 @@ def test_inverse_cdf_maps_uniform_quantiles_to_each_token_in_proportion():
     assert (counts - p.double()).abs().max() < 2.0 / n + 1e-6  # each token gets its share of quantiles
     edge = inverse_cdf(p.unsqueeze(0), torch.tensor([[1.0]]), block=64)  # u rounded up to the total
     assert p[edge] > 0
+
+
+def test_greedy_argmax_takes_the_first_of_equal_maxima_and_nan_like_torch():
+    logits = torch.randn(4, 1000)
+    logits[1, 7] = logits[1, 9] = 50.0            # a tie: the first index wins
+    logits[2, 3] = logits[2, 8] = float("nan")    # NaN counts as the largest, the first one
+    logits[3, -1] = 60.0
+    out = Sampler(seed=0)(logits.clone(), [req(temperature=0) for _ in range(4)])
+    assert out.token_ids == logits.argmax(dim=-1).tolist() and out.token_ids[1:] == [7, 3, 999]

@@ -32,7 +32,7 @@ class Sampler:
         _apply_constraints(logits, reqs)
         _apply_penalties(logits, reqs)
         greedy = [r.sampling_params.sampling_type == SamplingType.GREEDY for r in reqs]
-        tokens = logits.argmax(dim=-1) if any(greedy) else None
+        tokens = _argmax(logits) if any(greedy) else None
         if not all(greedy):
             rows = [i for i, g in enumerate(greedy) if not g]
             sampled = self._sample(logits if len(rows) == logits.shape[0] else logits[rows], [reqs[i] for i in rows])
@@ -69,6 +69,14 @@ class Sampler:
             u = torch.rand(len(unseeded), 1, generator=self.generator)
             tokens[unseeded] = inverse_cdf(rows, u)
         return tokens
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Row-wise argmax of logits (B, V), the first of equal maxima (NaN counts as the largest),
+    as torch's: numpy's is 3 us on a 49152-token row where torch's costs 35 us a decode step."""
+    if logits.device.type != "cpu":
+        return logits.argmax(dim=-1)
+    return torch.from_numpy(logits.numpy().argmax(axis=-1))
 
 
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch.Tensor:
