@@ -197,7 +197,9 @@ class LLMEngine:
         sampling = [by_id[rid] for rid in inp.sample_rows]        # row i of out is sampling[i]
         sampled, out = {}, None
         if sampling:
-            out = self.sampler(logits[list(inp.sample_rows.values())], sampling)
+            rows = list(inp.sample_rows.values())
+            # every row samples in order (the usual decode step): the logits themselves, no gather copy
+            out = self.sampler(logits if rows == list(range(len(logits))) else logits[rows], sampling)
             sampled = dict(zip(inp.sample_rows, out.token_ids))
         sample_row = {rid: i for i, rid in enumerate(inp.sample_rows)}
         got_token = self.scheduler.update(sched, sampled)
