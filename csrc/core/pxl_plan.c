@@ -14,7 +14,7 @@ static double now(void) {
 }
 
 typedef struct {
-    int32_t op, dt, wfmt, rows; /* rows: 0 = the step's T, 1 = its N */
+    int32_t op, dt, wfmt, rows; /* rows bit 0: the step's N rows (else T); bit 1: see NO_WAIT */
     int64_t a, b, c, d, e;      /* sizes, per op (see pxl_plan_run) */
     float f0, f1;
     const void *p[10];
@@ -26,8 +26,14 @@ static int op_profile_on;
 static double op_seconds[N_OPS];
 static int64_t op_calls[N_OPS];
 
+/* rows bit 1: this Linear and the next share no buffer but their input (q / k / v, gate / up),
+ * so in a decode step, where each thread prepares its own copy of x, no thread need wait for
+ * the others between them (a longer step shares prepared rows across the team: it waits) */
+#define NO_WAIT 2
+#define NO_WAIT_MAX_T 4 /* pxl_linear.c's T_PRIVATE */
+
 static void run_node(const pxl_plan_node *x, size_t T, size_t N, size_t B, size_t max_blocks) {
-    size_t rows = x->rows ? N : T;
+    size_t rows = x->rows & 1 ? N : T;
     void *const *p = (void *const *)x->p;
     switch (x->op) {
     case OP_GATHER: pxl_gather(x->dt, rows, x->a, p[0], p[1], p[2]); break;
@@ -54,6 +60,7 @@ void pxl_plan_run(const pxl_plan_node *nodes, size_t n, size_t T, size_t N, size
         double t0 = prof ? now() : 0;
         for (size_t i = 0; i < n; i++) {
             run_node(&nodes[i], T, N, B, max_blocks);
+            if ((nodes[i].rows & NO_WAIT) && (nodes[i].rows & 1 ? N : T) <= NO_WAIT_MAX_T && !prof) continue;
 #pragma omp barrier
             if (prof && PXL_ITH() == 0) { /* the barrier makes this the node's team time */
                 double t1 = now();

@@ -15,6 +15,15 @@ from hw_plugins.cpu.plugin import _ACT, _ptr
 GATHER, RMSNORM, LINEAR, ROPE, ATTENTION, SILU_MUL, ADD = range(7)
 
 
+NO_WAIT = 2  # PlanNode.rows bit: no barrier before the next node in a decode step (pxl_plan.c)
+
+
+def _independent(a: "PlanNode", b: "PlanNode") -> bool:
+    """Two Linear records (p: x, weight, bias, y) that share at most their input (q / k / v,
+    gate / up): neither reads or writes the buffer the other writes."""
+    return a.p[3] not in (b.p[0], b.p[3]) and b.p[3] != a.p[0]
+
+
 class PlanNode(ctypes.Structure):
     _fields_ = [("op", ctypes.c_int32), ("dt", ctypes.c_int32), ("wfmt", ctypes.c_int32), ("rows", ctypes.c_int32),
                 ("a", ctypes.c_int64), ("b", ctypes.c_int64), ("c", ctypes.c_int64), ("d", ctypes.c_int64),
@@ -64,6 +73,9 @@ class Plan:
             for j, name in enumerate(ins):  # remember where graph inputs go, to re-point them on growth
                 if name in self.input_refs:
                     self.input_refs[name].append((i, j))
+        for a, b in zip(self.records, self.records[1:]):
+            if a.op == LINEAR and b.op == LINEAR and _independent(a, b):
+                a.rows |= NO_WAIT
         self._run = lib.pxl_plan_run
         self._run.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t,
                               ctypes.c_size_t]
