@@ -42,7 +42,9 @@ class Sampler:
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         """Random sampling of logits (R, V) for non-greedy requests -> (R,) token ids."""
         params = [r.sampling_params for r in reqs]
-        logits = logits / torch.tensor([p.temperature for p in params]).unsqueeze(1)
+        temps = [p.temperature for p in params]
+        if any(t != 1.0 for t in temps):  # x / 1.0 is x: skip a pass over (R, V) in the common case
+            logits = logits / torch.tensor(temps).unsqueeze(1)
         min_p = torch.tensor([p.min_p for p in params])
         if (min_p > 0).any():
             probs = logits.softmax(dim=-1)
