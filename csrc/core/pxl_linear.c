@@ -2,9 +2,11 @@
  *
  * Threads split N (each reads its own weight rows once: decode is bandwidth-bound).
  * T == 1 runs GEMV tiles; T > 1 walks T in chunks that stay in L2 and tiles each chunk
- * against the weight rows. Quantised weights for small T run int8 dot products on the
- * blocks (x quantised per 32-block, as llama.cpp does); for larger T they are dequantised
- * a 16-row panel at a time into L1/L2 and reused by every fp32 token tile.
+ * against the weight rows; dense weights a set packs run its packed micro-kernel at every T.
+ * Quantised weights run int8 dot products on the blocks (x quantised per 32-block, as
+ * llama.cpp does): blocks repacked 16 rows at a time at every T, GGUF-layout blocks for small
+ * T, while for larger T those are dequantised a panel at a time into L1/L2 and reused by
+ * every token tile.
  * (OpenBLAS's sgemm was slower on every SmolLM2 prefill shape: `perfxlm bench gemv --rows 512`.)
  */
 #include <math.h>
