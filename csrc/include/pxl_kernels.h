@@ -96,8 +96,13 @@ float pxl_fp16_to_fp32(uint16_t h);
  * loops over it vectorise (softmax, SiLU) where libm's expf would not */
 static inline float pxl_exp(float x) {
     x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;
-    /* round to nearest by the 1.5 * 2^23 shifter: plain arithmetic, so it vectorises anywhere */
-    float t = x * 1.44269504f, n = (t + 12582912.0f) - 12582912.0f, f = t - n;
+    /* round to nearest by the 1.5 * 2^23 shifter: plain arithmetic, so it vectorises anywhere;
+     * the integer n is the shifted float's low mantissa bits (no float-to-int conversion: qemu
+     * 7.2's RVV translator aborts on the vfncvt.rtz clang emits for one, where a block starts) */
+    float t = x * 1.44269504f, sh = t + 12582912.0f, n = sh - 12582912.0f, f = t - n;
+    int32_t ni;
+    memcpy(&ni, &sh, 4);
+    ni -= 0x4B400000;
     float p = 1.5403530e-4f;
     p = p * f + 1.3333558e-3f;
     p = p * f + 9.6181291e-3f;
@@ -105,7 +110,7 @@ static inline float pxl_exp(float x) {
     p = p * f + 2.4022651e-1f;
     p = p * f + 6.9314718e-1f;
     p = p * f + 1.0f;
-    int32_t bits = ((int32_t)n + 127) << 23;
+    int32_t bits = (ni + 127) << 23;
     float scale;
     memcpy(&scale, &bits, 4);
     return p * scale;
