@@ -11,10 +11,8 @@
 
 #define G 16 /* rows per repacked block */
 
-static size_t block_bytes(int fmt) { /* one GGUF block; a repacked block is G of them */
-    return fmt == PXL_Q8_0 ? sizeof(pxl_block_q8_0) : fmt == PXL_Q4_0 ? sizeof(pxl_block_q4_0)
-                                                                      : sizeof(pxl_block_q4_1);
-}
+/* one GGUF block's bytes; a repacked block is G of them */
+static size_t block_bytes(int fmt) { return pxl_row_bytes(fmt, PXL_QK); }
 static size_t quants_at(int fmt) { return fmt == PXL_Q4_1 ? 4 * G : 2 * G; } /* after d[16] (and m[16]) */
 
 /* weight j of a GGUF block's quants, as the unsigned value the repacked layout stores */

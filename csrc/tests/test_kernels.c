@@ -390,24 +390,18 @@ int main(void) {
         for (int fmt = PXL_Q8_0; fmt < PXL_NFMT; fmt++)
             if (PXL_IS_QUANT(fmt)) test_linear(PXL_F32, fmt, 17, 70, 576, 0);
         pxl_set_batch_invariant(0);
-        { /* packed bf16 panels (the set's micro-kernel, or the portable one): M, N and K tails */
-            size_t pshapes[][3] = {{1, 32, 64}, {1, 33, 576}, {5, 31, 2}, {12, 64, 130}, {13, 100, 576},
+        for (int fmt = PXL_BF16P; fmt <= PXL_F32P; fmt++) { /* packed panels (the set's micro-kernel, or
+                                                               the portable one): M, N and K tails */
+            size_t odd = fmt == PXL_F32P; /* fp32 panels take odd K too; bf16 pairs need it even */
+            size_t pshapes[][3] = {{1, 32, 64}, {1, 33, 576}, {5, 31, 2 + odd}, {12, 64, 130}, {13, 100, 576 + odd},
                                    {37, 65, 1536}, {300, 40, 96}};
             for (size_t i = 0; i < sizeof pshapes / sizeof pshapes[0]; i++)
                 for (int dt = 0; dt < 2; dt++)
-                    test_linear(dt, PXL_BF16P, pshapes[i][0], pshapes[i][1], pshapes[i][2], i % 2);
-            test_batch_invariant(1, PXL_BF16P, 37, 83, 578);
-            if (pxl_packed_bytes(PXL_BF16, 1, 2))
-                test_linear(PXL_BF16, PXL_Q8_0, 70, 70, 576, 1); /* dequantised panels packed (T >= 64) */
+                    test_linear(dt, fmt, pshapes[i][0], pshapes[i][1], pshapes[i][2], i % 2);
+            test_batch_invariant(fmt == PXL_BF16P, fmt, 37, 83, 578 - odd);
         }
-        { /* packed fp32 panels: M, N and K tails */
-            size_t pshapes[][3] = {{1, 32, 64}, {1, 33, 576}, {5, 31, 3}, {12, 64, 130}, {13, 100, 577},
-                                   {37, 65, 1536}, {300, 40, 96}};
-            for (size_t i = 0; i < sizeof pshapes / sizeof pshapes[0]; i++)
-                for (int dt = 0; dt < 2; dt++)
-                    test_linear(dt, PXL_F32P, pshapes[i][0], pshapes[i][1], pshapes[i][2], i % 2);
-            test_batch_invariant(0, PXL_F32P, 37, 83, 577);
-        }
+        if (pxl_packed_bytes(PXL_BF16, 1, 2))
+            test_linear(PXL_BF16, PXL_Q8_0, 70, 70, 576, 1); /* dequantised panels packed (T >= 64) */
         test_quantize_x(32);
         test_quantize_x(576);
         for (int fmt = PXL_F32; fmt < PXL_NFMT; fmt++) {

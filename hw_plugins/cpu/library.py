@@ -17,7 +17,6 @@ F32, BF16, Q8_0, Q4_0, Q4_1, BF16P, F32P, Q8_0R, Q4_0R, Q4_1R = range(10)
 # the kernel set's own layout of each weight format, where pxl_packed_bytes says it has one:
 # dense weights in panels, GGUF blocks repacked 16 rows at a time (pxl_pack_weights)
 PACKED = {F32: F32P, BF16: BF16P, Q8_0: Q8_0R, Q4_0: Q4_0R, Q4_1: Q4_1R}
-BLOCK_BYTES = {Q8_0: 34, Q4_0: 18, Q4_1: 20}  # bytes per 32-weight GGUF block
 
 _sz, _p, _i, _f = ctypes.c_size_t, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from graph_export import quant
 from hw_plugins.base import HwPlugin
 from hw_plugins.cpu import library
 from hw_plugins.cpu.library import BF16, F32, Q4_0, Q4_1, Q8_0
@@ -122,11 +123,12 @@ class CpuPlugin(HwPlugin):
         """(weight format code, the array the kernels read): weights go to the kernel set's
         own layout once, where it has one: dense weights to the AVX512-BF16 / AVX-512F
         micro-kernels' panels, GGUF blocks to 16-row interleaved blocks (AVX-512 int8 GEMV)."""
-        fmt = _WEIGHT_FORMATS[attrs.get("weight_format", "dense")]
+        name = attrs.get("weight_format", "dense")
+        fmt = _WEIGHT_FORMATS[name]
         if fmt is None:
             fmt, K = _ACT[w.dtype.name], w.shape[1]
         else:  # quantised rows are (N, row bytes)
-            K = w.shape[1] // library.BLOCK_BYTES[fmt] * 32
+            K = w.shape[1] // quant.FORMATS[name][1] * quant.BLOCK
         size = self.lib.pxl_packed_bytes(fmt, w.shape[0], K)
         if not size:
             return fmt, w
