@@ -98,12 +98,14 @@ def test_cpu_compiled_step_equals_node_by_node(tiny_llama_dir, monkeypatch):
     assert a == b
 
 
-def test_cpu_kv_cache_memory_is_zeroed_and_writable():
+def test_cpu_host_memory_is_zeroed_writable_and_cache_line_aligned():
     import numpy as np
     from hw_plugins.cpu.plugin import host_zeros
-    for shape in [(3, 5), (4, 1024, 1024)]:  # small: np.zeros; 16 MiB: a huge-page-advised mapping
-        a = host_zeros(shape, np.float32)
+    # small: inside a numpy buffer; 16 MiB: a private mapping, with and without huge pages
+    for shape, huge in [((3, 5), True), ((1000, 3), True), ((4, 1024, 1024), True), ((4, 1024, 1024), False)]:
+        a = host_zeros(shape, np.float32, huge_pages=huge)
         assert a.shape == shape and a.dtype == np.float32 and a.flags.writeable and a.flags.c_contiguous
+        assert a.ctypes.data % 64 == 0  # numpy's own buffers start 16 bytes into a line
         assert not a.any()
         a.reshape(-1)[-1] = 7
         assert a.sum() == 7 and a.reshape(-1)[-1] == 7
