@@ -18,6 +18,7 @@
 #define T_PRIVATE 4  /* up to this many tokens, each thread prepares x itself (no barrier) */
 #define Q_DOT_MAX_T 4 /* quantised weights: int8 dot products up to this many tokens */
 #define PACKED_Q_MIN_T 64 /* below this, packing dequantised panels costs more than it saves */
+#define PACKED_T_CHUNK (4 * T_CHUNK) /* tokens per pass over the packed panels */
 
 static void run_tiles(const pxl_kernel_set *ks, pxl_tile_fn tile, size_t es, size_t T, size_t n0, size_t n1,
                       size_t K, const char *X, const char *W, float *Y, size_t ldy) {
@@ -143,39 +144,76 @@ void pxl_pack_weights(int wfmt, size_t N, size_t K, const void *W, void *out) {
                    (uint16_t *)out + n * K);
 }
 
+/* Where fp32 results go when they are not y itself: bias added, then stored in dt (bf16
+ * rounded once). y and bias start at the thread's first column. */
+typedef struct {
+    int dt;
+    const void *bias;
+    void *y;
+    size_t ldy;
+} out_spec;
+
+/* rows x cols of fp32 src (lds) -> out at (r0, c0): a loop per case, so each clone vectorises
+ * it (this ran as scalar SSE2 code at ~4 % of a W1 run) */
+PXL_CLONES static void store_rows(const out_spec *o, size_t r0, size_t c0, size_t rows, size_t cols, const float *src,
+                                  size_t lds) {
+    for (size_t r = 0; r < rows; r++) {
+        const float *a = src + r * lds;
+        if (o->dt == PXL_F32) {
+            float *y = (float *)o->y + (r0 + r) * o->ldy + c0;
+            const float *b = o->bias ? (const float *)o->bias + c0 : NULL;
+            if (b) for (size_t j = 0; j < cols; j++) y[j] = a[j] + b[j];
+            else memcpy(y, a, cols * 4);
+        } else {
+            uint16_t *y = (uint16_t *)o->y + (r0 + r) * o->ldy + c0;
+            const uint16_t *b = o->bias ? (const uint16_t *)o->bias + c0 : NULL;
+            if (b) for (size_t j = 0; j < cols; j++) y[j] = pxl_f32_to_bf16(a[j] + pxl_bf16_to_f32(b[j]));
+            else for (size_t j = 0; j < cols; j++) y[j] = pxl_f32_to_bf16(a[j]);
+        }
+    }
+}
+
 /* Y (T, cols) = X (T, K) . packed panels, bf16 (PXL_BF16P) or fp32 (f32: PXL_F32P); T walks
  * in chunks that stay in L2 while a panel (32 x K: L1-sized in bf16, L2 in fp32) serves every
- * token of the chunk */
+ * token of the chunk. With `out`, Y is a scratch tile of PXL_PANEL columns for one chunk, and
+ * each (chunk, panel) goes to out as soon as it is done, while it is in L1: no T x cols fp32
+ * copy of the result (6 MB for the lm_head of a 64-token decode step) goes through memory. */
 static void run_packed(const pxl_kernel_set *ks, int f32, size_t T, size_t cols, size_t K, const void *X,
-                       const void *Wp, float *Y, size_t ldy) {
+                       const void *Wp, float *Y, size_t ldy, const out_spec *out, size_t c0) {
     size_t es = f32 ? 4 : 2;
     /* weights packed under another kernel set (pxl_set_isa since): the portable kernels */
     void (*f32p)(int, size_t, const void *, size_t, const void *, float *, size_t, int) =
         ks->gemm_f32p ? ks->gemm_f32p : pxl_gemm_f32p_generic;
     void (*bf16p)(int, size_t, const void *, size_t, const void *, float *, size_t, int) =
         ks->gemm_bf16p ? ks->gemm_bf16p : pxl_gemm_bf16p_generic;
-    for (size_t t0 = 0; t0 < T; t0 += 4 * T_CHUNK) {
-        size_t t1 = t0 + 4 * T_CHUNK < T ? t0 + 4 * T_CHUNK : T;
+    for (size_t t0 = 0; t0 < T; t0 += PACKED_T_CHUNK) {
+        size_t t1 = t0 + PACKED_T_CHUNK < T ? t0 + PACKED_T_CHUNK : T;
         /* the chunk in calls of near-equal size (64 tokens: 11, 11, 11, 11, 10, 10, not 12 x 5 + 4):
          * a call with few tokens has too few accumulators to hide the FMA latency */
         size_t calls = (t1 - t0 + PXL_PANEL_RM - 1) / PXL_PANEL_RM, base = (t1 - t0) / calls, extra = (t1 - t0) % calls;
-        for (size_t n = 0; n < cols; n += PXL_PANEL)
+        for (size_t n = 0; n < cols; n += PXL_PANEL) {
+            int nvalid = cols - n < PXL_PANEL ? (int)(cols - n) : PXL_PANEL;
+            const char *w = (const char *)Wp + n * K * es;
             for (size_t c = 0, t = t0; c < calls; c++) {
                 int rm = (int)(base + (c < extra));
-                int nvalid = cols - n < PXL_PANEL ? (int)(cols - n) : PXL_PANEL;
-                const char *x = (const char *)X + t * K * es, *w = (const char *)Wp + n * K * es;
-                if (f32) f32p(rm, K, x, K, w, Y + t * ldy + n, ldy, nvalid);
-                else bf16p(rm, K, x, K, w, Y + t * ldy + n, ldy, nvalid);
+                const char *x = (const char *)X + t * K * es;
+                float *yt = out ? Y + (t - t0) * PXL_PANEL : Y + t * ldy + n;
+                size_t ld = out ? PXL_PANEL : ldy;
+                if (f32) f32p(rm, K, x, K, w, yt, ld, nvalid);
+                else bf16p(rm, K, x, K, w, yt, ld, nvalid);
                 t += rm;
             }
+            if (out) store_rows(out, t0, c0 + n, t1 - t0, nvalid, Y, PXL_PANEL);
+        }
     }
 }
 
-/* columns [0, cols) of y = x @ W^T where W starts at this thread's first row */
+/* columns [0, cols) of y = x @ W^T where W starts at this thread's first row: into Y, or for
+ * the packed paths with `out`, through a one-panel tile Y into out */
 static void compute(const pxl_kernel_set *ks, int wfmt, int packed_q, size_t T, size_t cols, size_t K,
-                    const void *xk, const int8_t *qbuf, const char *W, float *Y, size_t ldy) {
+                    const void *xk, const int8_t *qbuf, const char *W, float *Y, size_t ldy, const out_spec *out) {
     if (wfmt == PXL_BF16P || wfmt == PXL_F32P) {
-        run_packed(ks, wfmt == PXL_F32P, T, cols, K, xk, W, Y, ldy);
+        run_packed(ks, wfmt == PXL_F32P, T, cols, K, xk, W, Y, ldy, out, 0);
     } else if (wfmt <= PXL_BF16) {
         run_tiles(ks, wfmt == PXL_F32 ? ks->tile_f32 : ks->tile_bf16, wfmt == PXL_F32 ? 4 : 2, T, 0, cols, K, xk, W,
                   Y, ldy);
@@ -208,7 +246,7 @@ static void compute(const pxl_kernel_set *ks, int wfmt, int packed_q, size_t T, 
             size_t r = cols - n < PXL_PANEL ? cols - n : PXL_PANEL;
             pxl_dequant_rows(wfmt, W, n, r, K, rows);
             pack_panel(PXL_F32, r, K, rows, panel);
-            run_packed(ks, 0, T, r, K, xk, panel, Y + n, ldy);
+            run_packed(ks, 0, T, r, K, xk, panel, out ? Y : Y + n, ldy, out, n);
         }
     } else { /* fp32 GEMM tiles over dequantised panels of rows */
         float *panel = pxl_scratch(3, (size_t)PANEL * K * 4);
@@ -259,20 +297,16 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int wfmt, size_t T, si
                                         : wfmt == PXL_F32P ? n0 * K * 4
                                                            : n0 * pxl_row_bytes(wfmt, K));
     if (dt == PXL_F32 && !bias) {
-        compute(ks, wfmt, packed_q, T, cols, K, xk, qbuf, Wn, (float *)y + n0, N);
+        compute(ks, wfmt, packed_q, T, cols, K, xk, qbuf, Wn, (float *)y + n0, N, NULL);
         return;
     }
     /* bias or bf16 output: this thread's columns in fp32, then added and rounded once */
-    float *yp = pxl_scratch(1, T * cols * 4);
-    compute(ks, wfmt, packed_q, T, cols, K, xk, qbuf, Wn, yp, cols);
-    for (size_t t = 0; t < T; t++)
-        for (size_t j = 0; j < cols; j++) {
-            size_t n = n0 + j;
-            float v = yp[t * cols + j];
-            if (bias) v += dt == PXL_F32 ? ((const float *)bias)[n] : pxl_bf16_to_f32(((const uint16_t *)bias)[n]);
-            if (dt == PXL_F32) ((float *)y)[t * N + n] = v;
-            else ((uint16_t *)y)[t * N + n] = pxl_f32_to_bf16(v);
-        }
+    size_t es = dt == PXL_F32 ? 4 : 2;
+    out_spec o = {dt, bias ? (const char *)bias + n0 * es : NULL, (char *)y + n0 * es, N};
+    const int fused = wfmt == PXL_BF16P || wfmt == PXL_F32P || packed_q;
+    float *yp = pxl_scratch(1, (fused ? PACKED_T_CHUNK * PXL_PANEL : T * cols) * 4);
+    compute(ks, wfmt, packed_q, T, cols, K, xk, qbuf, Wn, yp, cols, fused ? &o : NULL);
+    if (!fused) store_rows(&o, 0, 0, T, cols, yp, cols);
 }
 
 void pxl_linear(int dt, int wfmt, size_t T, size_t N, size_t K, const void *x, const void *W, const void *bias,

@@ -394,7 +394,7 @@ int main(void) {
                                                                the portable one): M, N and K tails */
             size_t odd = fmt == PXL_F32P; /* fp32 panels take odd K too; bf16 pairs need it even */
             size_t pshapes[][3] = {{1, 32, 64}, {1, 33, 576}, {5, 31, 2 + odd}, {12, 64, 130}, {13, 100, 576 + odd},
-                                   {37, 65, 1536}, {300, 40, 96}};
+                                   {37, 65, 1536}, {300, 40, 96}, {257, 70, 64}}; /* (> 256: two token chunks) */
             for (size_t i = 0; i < sizeof pshapes / sizeof pshapes[0]; i++)
                 for (int dt = 0; dt < 2; dt++)
                     test_linear(dt, fmt, pshapes[i][0], pshapes[i][1], pshapes[i][2], i % 2);
