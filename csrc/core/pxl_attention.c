@@ -238,24 +238,20 @@ PXL_CLONES static void weighted_sum(int dt, size_t R, size_t hd, const float *w,
             }
         return;
     }
-    if (hd == 64) { /* up to 6 rows at a time, keys outer */
-        for (size_t r0 = 0; r0 < R; r0 += 6) {
-            size_t cnt = R - r0 < 6 ? R - r0 : 6;
-            const float *wr = w + r0 * ldw;
-            float *o = out + r0 * hd;
+    const size_t group = hd == 64 ? 6 : 8; /* rows at a time: keys outer for a 64-dim head, else 16 dims outer */
+    for (size_t r0 = 0; r0 < R; r0 += group) {
+        size_t cnt = R - r0 < group ? R - r0 : group;
+        const float *wr = w + r0 * ldw;
+        float *o = out + r0 * hd;
+        if (hd == 64) {
             if (dt == PXL_F32) WSUM64_CASES(PXL_F32)
             else WSUM64_CASES(PXL_BF16)
+        } else {
+            for (size_t c = 0; c < hd; c += 16)
+                if (dt == PXL_F32) WSUM_CASES(PXL_F32)
+                else WSUM_CASES(PXL_BF16)
         }
-        return;
     }
-    for (size_t c = 0; c < hd; c += 16)
-        for (size_t r0 = 0; r0 < R; r0 += 8) {
-            size_t cnt = R - r0 < 8 ? R - r0 : 8;
-            const float *wr = w + r0 * ldw;
-            float *o = out + r0 * hd;
-            if (dt == PXL_F32) WSUM_CASES(PXL_F32)
-            else WSUM_CASES(PXL_BF16)
-        }
 }
 
 /* A step's items: per sequence, Hkv x tiles of query tokens. (Decode items covering all KV
