@@ -42,6 +42,7 @@ def run(threads: int, formats: list[str], rows: int = 1) -> list[dict]:
 
     from graph_export.quant import dequantize, quantize
     from hw_plugins.cpu import library
+    from hw_plugins.cpu.plugin import host_zeros
     from perfxlm.bench import openblas
 
     lib = library.load()
@@ -70,10 +71,14 @@ def run(threads: int, formats: list[str], rows: int = 1) -> list[dict]:
                 x, code, nbytes = x32, {"q8_0": library.Q8_0, "q4_0": library.Q4_0, "q4_1": library.Q4_1}[fmt], w.nbytes
                 tw, tx = torch.from_numpy(dequantize(w, fmt)), torch.from_numpy(x32)
             if lib.pxl_packed_bytes(code, N, K):  # what the engine runs: the kernel set's packed copy
-                packed = np.empty(lib.pxl_packed_bytes(code, N, K), np.uint8)
+                packed = host_zeros((lib.pxl_packed_bytes(code, N, K),), np.uint8)
                 lib.pxl_pack_weights(code, N, K, w.__array_interface__["data"][0],
                                      packed.__array_interface__["data"][0])
                 w, code = packed, library.PACKED[code]
+            # x and y on cache lines too, as the engine's activation buffers are
+            xa, y = host_zeros(x.shape, x.dtype), host_zeros(y.shape, y.dtype)
+            xa[...] = x
+            x = xa
             pw, px, py = (a.__array_interface__["data"][0] for a in (w, x, y))
             act = library.BF16 if fmt == "bf16" else library.F32
             ours = _time(lambda: lib.pxl_linear(act, code, rows, N, K, px, pw, None, py))
