@@ -18,8 +18,8 @@ void pxl_tile_bf16_avx512bf16(int, int, size_t, const void *, size_t, const void
 void pxl_tile_f32_avx2(int, int, size_t, const void *, size_t, const void *, size_t, float *, size_t);
 void pxl_tile_bf16_avx2(int, int, size_t, const void *, size_t, const void *, size_t, float *, size_t);
 void pxl_tile_bf16_avx512(int, int, size_t, const void *, size_t, const void *, size_t, float *, size_t);
-void pxl_gemm_bf16p_avx512bf16(int, size_t, const void *, size_t, const void *, float *, size_t, int);
-void pxl_gemm_f32p_avx512(int, size_t, const void *, size_t, const void *, float *, size_t, int);
+void pxl_gemm_bf16p_avx512bf16(int, size_t, const void *, size_t, const void *, float *, size_t, int, const void *, size_t);
+void pxl_gemm_f32p_avx512(int, size_t, const void *, size_t, const void *, float *, size_t, int, const void *, size_t);
 extern const pxl_gemv_q_fn pxl_gemv_q_avx512vnni[PXL_NFMT], pxl_gemv_q_avx2[PXL_NFMT];
 extern const pxl_gemv_qr_fn pxl_gemv_qr_avx512vnni[PXL_NFMT], pxl_gemv_qr_avx512[PXL_NFMT];
 

@@ -182,10 +182,11 @@ static void run_packed(const pxl_kernel_set *ks, int f32, size_t T, size_t cols,
                        const void *Wp, float *Y, size_t ldy, const out_spec *out, size_t c0) {
     size_t es = f32 ? 4 : 2;
     /* weights packed under another kernel set (pxl_set_isa since): the portable kernels */
-    void (*f32p)(int, size_t, const void *, size_t, const void *, float *, size_t, int) =
+    void (*f32p)(int, size_t, const void *, size_t, const void *, float *, size_t, int, const void *, size_t) =
         ks->gemm_f32p ? ks->gemm_f32p : pxl_gemm_f32p_generic;
-    void (*bf16p)(int, size_t, const void *, size_t, const void *, float *, size_t, int) =
+    void (*bf16p)(int, size_t, const void *, size_t, const void *, float *, size_t, int, const void *, size_t) =
         ks->gemm_bf16p ? ks->gemm_bf16p : pxl_gemm_bf16p_generic;
+    const size_t lines = K * PXL_PANEL * es / 64; /* cache lines of a panel */
     for (size_t t0 = 0; t0 < T; t0 += PACKED_T_CHUNK) {
         size_t t1 = t0 + PACKED_T_CHUNK < T ? t0 + PACKED_T_CHUNK : T;
         /* the chunk in calls of near-equal size (64 tokens: 11, 11, 11, 11, 10, 10, not 12 x 5 + 4):
@@ -194,13 +195,19 @@ static void run_packed(const pxl_kernel_set *ks, int f32, size_t T, size_t cols,
         for (size_t n = 0; n < cols; n += PXL_PANEL) {
             int nvalid = cols - n < PXL_PANEL ? (int)(cols - n) : PXL_PANEL;
             const char *w = (const char *)Wp + n * K * es;
+            /* the next panel comes from DRAM in a decode step, and the hardware prefetchers only
+             * follow demand misses: the calls after a panel's first run from L1 and leave the
+             * memory idle, so each call prefetches its share of the next panel's lines */
+            const char *next = n + PXL_PANEL < cols ? w + PXL_PANEL * K * es : NULL;
             for (size_t c = 0, t = t0; c < calls; c++) {
                 int rm = (int)(base + (c < extra));
+                size_t l0 = next ? lines * c / calls : 0, l1 = next ? lines * (c + 1) / calls : 0;
+                const char *pf = next ? next + l0 * 64 : NULL;
                 const char *x = (const char *)X + t * K * es;
                 float *yt = out ? Y + (t - t0) * PXL_PANEL : Y + t * ldy + n;
                 size_t ld = out ? PXL_PANEL : ldy;
-                if (f32) f32p(rm, K, x, K, w, yt, ld, nvalid);
-                else bf16p(rm, K, x, K, w, yt, ld, nvalid);
+                if (f32) f32p(rm, K, x, K, w, yt, ld, nvalid, pf, l1 - l0);
+                else bf16p(rm, K, x, K, w, yt, ld, nvalid, pf, l1 - l0);
                 t += rm;
             }
             if (out) store_rows(out, t0, c0 + n, t1 - t0, nvalid, Y, PXL_PANEL);

@@ -146,7 +146,7 @@ static void gemv_q4_1_generic(size_t n0, size_t n1, size_t K, const void *W, con
 /* The packed layouts' portable kernels (PXL_F32P [K][32], PXL_BF16P [K/2][32][2]): a set
  * without its own runs weights another set packed (pxl_set_isa after packing) correctly. */
 void pxl_gemm_f32p_generic(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy,
-                           int nvalid) {
+                           int nvalid, const void *pf, size_t npf) {
     for (int i = 0; i < rm; i++)
         for (int j = 0; j < nvalid; j++) {
             float acc = 0;
@@ -155,7 +155,7 @@ void pxl_gemm_f32p_generic(int rm, size_t K, const void *X, size_t ldx, const vo
         }
 }
 void pxl_gemm_bf16p_generic(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy,
-                            int nvalid) {
+                            int nvalid, const void *pf, size_t npf) {
     const uint16_t *x = X, *w = Wp;
     for (int i = 0; i < rm; i++)
         for (int j = 0; j < nvalid; j++) {

@@ -49,12 +49,13 @@ typedef struct {
     /* the repacked formats' kernels, indexed by the GGUF format (NULL: the set does not repack it) */
     pxl_gemv_qr_fn gemv_qr[PXL_NFMT];
     /* Y (rm <= 12, nvalid <= 32 of the panel's features) = X (rm, K) bf16 . one PXL_BF16P panel
-     * (NULL: the set does not pack; K even) */
+     * (NULL: the set does not pack; K even). Meanwhile it prefetches npf cache lines from pf, at
+     * most one per K pair (a hint: the portable kernels ignore it) */
     void (*gemm_bf16p)(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy,
-                       int nvalid);
+                       int nvalid, const void *pf, size_t npf);
     /* the same for X fp32 and one PXL_F32P panel (NULL: the set does not pack fp32) */
     void (*gemm_f32p)(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy,
-                      int nvalid);
+                      int nvalid, const void *pf, size_t npf);
 } pxl_kernel_set;
 #define PXL_PANEL 32 /* features per PXL_BF16P / PXL_F32P panel */
 #define PXL_PANEL_RM 12 /* tokens per gemm_bf16p / gemm_f32p call */
@@ -161,9 +162,9 @@ void pxl_repack_q(int fmt, size_t N, size_t K, const void *W, void *out);
 void pxl_dequant_rows_qr(int fmt, const void *W, size_t n0, size_t rows, size_t K, float *out);
 /* portable kernels for the packed layouts, used by sets without their own */
 void pxl_gemm_f32p_generic(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy,
-                           int nvalid);
+                           int nvalid, const void *pf, size_t npf);
 void pxl_gemm_bf16p_generic(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy,
-                            int nvalid);
+                            int nvalid, const void *pf, size_t npf);
 /* the scalar kernel for every repacked format: any set runs PXL_Q*R weights */
 void pxl_gemv_qr_generic(int fmt, size_t T, size_t rows, size_t K, const void *W, const pxl_qx *x, float *y,
                          size_t ldy);

@@ -12,10 +12,11 @@
 #define PXL_INLINE static inline __attribute__((always_inline))
 
 PXL_INLINE void ukernel(const int RM, size_t K, const float *X, size_t ldx, const float *Wp, float *Y, size_t ldy,
-                        __mmask16 m0, __mmask16 m1) {
+                        __mmask16 m0, __mmask16 m1, const char *pf, size_t npf) {
     __m512 acc[12][2];
     for (int i = 0; i < RM; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
     for (size_t k = 0; k < K; k++) {
+        if (k < npf) _mm_prefetch(pf + k * 64, _MM_HINT_T0);
         __m512 b0 = _mm512_loadu_ps(Wp + k * 32), b1 = _mm512_loadu_ps(Wp + k * 32 + 16);
         for (int i = 0; i < RM; i++) {
             __m512 a = _mm512_set1_ps(X[i * ldx + k]);
@@ -30,11 +31,11 @@ PXL_INLINE void ukernel(const int RM, size_t K, const float *X, size_t ldx, cons
 }
 
 void pxl_gemm_f32p_avx512(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy,
-                          int nvalid) {
+                          int nvalid, const void *pf, size_t npf) {
     __mmask16 m0 = nvalid >= 16 ? 0xffff : (__mmask16)((1u << nvalid) - 1);
     __mmask16 m1 = nvalid >= 32 ? 0xffff : nvalid <= 16 ? 0 : (__mmask16)((1u << (nvalid - 16)) - 1);
     switch (rm) {
-#define R(n) case n: ukernel(n, K, X, ldx, Wp, Y, ldy, m0, m1); return;
+#define R(n) case n: ukernel(n, K, X, ldx, Wp, Y, ldy, m0, m1, pf, npf); return;
         R(1) R(2) R(3) R(4) R(5) R(6) R(7) R(8) R(9) R(10) R(11) R(12)
 #undef R
     }
