@@ -1,6 +1,7 @@
 """Bad input fails early with vLLM's error type and message; nothing else is lost."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -153,3 +154,17 @@ def test_bad_thread_count_is_named(monkeypatch, value):
     monkeypatch.setenv("PERFXLM_NUM_THREADS", value)
     with pytest.raises(ValueError, match=f"PERFXLM_NUM_THREADS must be a positive integer, got '{value}'"):
         num_threads()
+
+
+@pytest.mark.parametrize("value,message", [
+    ("0-x", "must be 'auto', 'nobind' or a CPU list such as '0-3,8', got '0-x'"),
+    ("0|1", "one CPU list per tensor-parallel rank; perfxlm runs a single rank"),
+    ("0,99999", "CPU 99999 is not in this process's CPU set"),
+    ("0,0", "a CPU is listed twice"),
+])
+def test_bad_thread_binding_is_named(monkeypatch, value, message):
+    from hw_plugins.cpu.library import thread_cpus
+    monkeypatch.delenv("PERFXLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", value)  # vLLM's name is honoured, and named back
+    with pytest.raises(ValueError, match="VLLM_CPU_OMP_THREADS_BIND.*" + re.escape(message)):
+        thread_cpus()

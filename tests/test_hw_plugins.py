@@ -109,3 +109,55 @@ def test_cpu_host_memory_is_zeroed_writable_and_cache_line_aligned():
         assert not a.any()
         a.reshape(-1)[-1] = 7
         assert a.sum() == 7 and a.reshape(-1)[-1] == 7
+
+
+_THREAD_SETS = """
+import glob, json, os, threading
+from hw_plugins.cpu import library
+before = sorted(os.sched_getaffinity(0))
+library.load()
+def cpus(path):
+    line = next(l for l in open(path) if l.startswith("Cpus_allowed_list"))
+    out = []
+    for part in line.split()[1].split(","):
+        lo, _, hi = part.partition("-")
+        out += range(int(lo), int(hi or lo) + 1)
+    return out
+me = threading.get_native_id()
+tasks = {int(p.split("/")[4]): cpus(p) for p in glob.glob("/proc/self/task/*/status")}
+print(json.dumps({"before": before, "main": tasks.pop(me), "others": list(tasks.values())}))
+"""
+
+
+@pytest.mark.parametrize("bind", ["auto", "last", "nobind"])
+def test_cpu_kernel_threads_are_pinned(bind):
+    """The kernel library pins its worker threads one per CPU ('auto': one per core; a list:
+    those CPUs; 'nobind': none) and leaves the application's own thread its CPU set."""
+    import json
+    import os
+    import subprocess
+    import sys
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip("pinning is only visible with two or more CPUs in this process's set")
+    env = dict(os.environ, PERFXLM_NUM_THREADS="2", PERFXLM_CPU_OMP_THREADS_BIND=
+               {"auto": "auto", "last": f"{allowed[-1]}", "nobind": "nobind"}[bind])
+    env.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+    got = json.loads(subprocess.run([sys.executable, "-c", _THREAD_SETS], env=env, capture_output=True, text=True,
+                                    check=True, cwd=Path(__file__).resolve().parents[1]).stdout)
+    assert got["main"] == got["before"] == allowed
+    pinned = [s for s in got["others"] if len(s) == 1]
+    if bind == "nobind":
+        assert not pinned
+    else:  # worker 1 on the list's second CPU ('auto': the second core), or round the list
+        from hw_plugins.cpu.library import _one_per_core
+        want = _one_per_core(allowed)[1] if bind == "auto" else allowed[-1]
+        assert pinned == [[want]]
+
+
+def test_cpu_step_gives_the_calling_thread_its_cpus_back(tiny_llm):
+    """The calling thread is pinned only while a compiled step runs."""
+    import os
+    before = os.sched_getaffinity(0)
+    tiny_llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_tokens=3), use_tqdm=False)
+    assert os.sched_getaffinity(0) == before

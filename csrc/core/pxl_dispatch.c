@@ -1,11 +1,8 @@
-/* Runtime kernel selection from the CPU's features (cpuid on x86, hwcap on RISC-V), the
- * thread count, and per-thread scratch memory. The generic C set is always there;
+/* Runtime kernel selection from the CPU's features (cpuid on x86, hwcap on RISC-V) and
+ * per-thread scratch memory (the thread team: pxl_threads.c). The generic C set is always there;
  * $PXL_ISA or pxl_set_isa() forces another set (tests compare them all). */
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #if defined(__riscv) && defined(__linux__)
 #include <sys/auxv.h>
 #endif
@@ -113,17 +110,6 @@ const pxl_kernel_set *pxl_kernels(void) {
 }
 
 const char *pxl_isa(void) { return pxl_kernels()->isa; }
-
-static int n_threads;
-int pxl_num_threads(void) {
-#ifdef _OPENMP
-    if (n_threads <= 0) n_threads = omp_get_max_threads();
-    return n_threads;
-#else
-    return 1;
-#endif
-}
-void pxl_set_num_threads(int n) { n_threads = n; }
 
 static int batch_invariant;
 void pxl_set_batch_invariant(int on) { batch_invariant = on != 0; }

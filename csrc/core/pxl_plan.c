@@ -55,6 +55,8 @@ static void run_node(const pxl_plan_node *x, size_t T, size_t N, size_t B, size_
 void pxl_plan_run(const pxl_plan_node *nodes, size_t n, size_t T, size_t N, size_t B, size_t max_blocks) {
     pxl_kernels(); /* resolve the kernel set before the team starts */
     int prof = op_profile_on;
+    pxl_cpu_mask saved;
+    int pinned = pxl_pin_caller(&saved);
 #pragma omp parallel num_threads(pxl_num_threads())
     {
         double t0 = prof ? now() : 0;
@@ -70,6 +72,7 @@ void pxl_plan_run(const pxl_plan_node *nodes, size_t n, size_t T, size_t N, size
             }
         }
     }
+    if (pinned) pxl_unpin_caller(&saved);
 }
 
 /* Per-op time across steps (`perfxlm bench ... --profile-ops`): seconds[op], calls[op] for

@@ -45,6 +45,10 @@ const char *pxl_isa(void);
 int pxl_set_isa(const char *isa);
 int pxl_num_threads(void);
 void pxl_set_num_threads(int n);
+/* pin the kernel threads, thread i to cpus[i % n] (the calling thread to cpus[0] while a
+ * compiled step runs); returns 0, the number of threads that could not be pinned, or -1 for
+ * a bad list */
+int pxl_bind_threads(const int *cpus, int n);
 /* batch invariance: every op's result for a token is bitwise independent of the other
  * tokens in the call (Linear on quantised weights then always takes the int8 dot-product
  * path; everything else already is). Off by default. */

@@ -121,6 +121,11 @@ static inline float pxl_exp(float x) {
  * slots are independent buffers: 0-2 inputs/outputs of an op, 3 a worker's own panel */
 #define PXL_SCRATCH_SLOTS 4
 void *pxl_scratch(int slot, size_t bytes);
+/* the calling thread onto the first bound CPU for a step, and back (pxl_threads.c); pin
+ * returns 1 if it pinned (then unpin restores *saved) */
+typedef struct { uint64_t bits[16]; } pxl_cpu_mask;
+int pxl_pin_caller(pxl_cpu_mask *saved);
+void pxl_unpin_caller(const pxl_cpu_mask *saved);
 
 /* Threads. Every op body is "team code": it runs on all threads of the current OpenMP
  * team and shares work with orphaned `omp for` / `omp single`, so the same body serves a

@@ -24,6 +24,7 @@ _SIGNATURES = {
     "pxl_set_isa": ([ctypes.c_char_p], _i),
     "pxl_num_threads": ([], _i),
     "pxl_set_num_threads": ([_i], None),
+    "pxl_bind_threads": ([_p, _i], _i),
     "pxl_set_batch_invariant": ([_i], None),
     "pxl_batch_invariant": ([], _i),
     "pxl_linear": ([_i, _i, _sz, _sz, _sz, _p, _p, _p, _p], None),
@@ -41,13 +42,62 @@ _SIGNATURES = {
 
 
 def num_threads() -> int:
-    """$PERFXLM_NUM_THREADS, else every core this process may run on."""
+    """$PERFXLM_NUM_THREADS, else one per CPU the threads are bound to (thread_cpus), else one
+    per CPU this process may run on."""
     value = os.environ.get("PERFXLM_NUM_THREADS")
     if not value:
-        return len(os.sched_getaffinity(0))
+        return len(thread_cpus() or os.sched_getaffinity(0))
     if not value.isdigit() or int(value) < 1:
         raise ValueError(f"PERFXLM_NUM_THREADS must be a positive integer, got {value!r}")
     return int(value)
+
+
+BIND_VARS = ("PERFXLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_OMP_THREADS_BIND")
+
+
+def thread_cpus() -> list[int] | None:
+    """The CPUs the kernel threads are pinned to, thread i to the i-th (None: not pinned), from
+    $PERFXLM_CPU_OMP_THREADS_BIND or vLLM's $VLLM_CPU_OMP_THREADS_BIND: 'auto' (the default)
+    takes one logical CPU per physical core of this process's CPU set, 'nobind' pins nothing,
+    and a list such as '0-3,8' those CPUs in that order."""
+    name = next((v for v in BIND_VARS if os.environ.get(v)), None)
+    value = os.environ[name].strip() if name else "auto"
+    allowed = sorted(os.sched_getaffinity(0))
+    if value == "nobind":
+        return None
+    if value == "auto":
+        return _one_per_core(allowed)
+    if "|" in value:
+        raise ValueError(f"{name}={value!r} gives one CPU list per tensor-parallel rank; perfxlm runs a single "
+                         "rank: give one list, such as '0-3'")
+    cpus: list[int] = []
+    try:
+        for part in value.split(","):
+            lo, _, hi = part.partition("-")
+            cpus += range(int(lo), int(hi or lo) + 1)
+    except ValueError:
+        raise ValueError(f"{name} must be 'auto', 'nobind' or a CPU list such as '0-3,8', got {value!r}") from None
+    outside = [c for c in cpus if c not in allowed]
+    if not cpus or outside or len(set(cpus)) != len(cpus):
+        why = f"CPU {outside[0]} is not in this process's CPU set {allowed}" if outside else "a CPU is listed twice" \
+            if cpus else "the list is empty"
+        raise ValueError(f"{name}={value!r}: {why}")
+    return cpus
+
+
+def _one_per_core(cpus: list[int]) -> list[int]:
+    """The first logical CPU of each physical core among cpus (SMT siblings share a core's
+    FMA units: two GEMM threads on one core run no faster than one)."""
+    seen, out = set(), []
+    for c in cpus:
+        try:
+            core = Path(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list").read_text().strip()
+        except OSError:
+            core = str(c)
+        if core not in seen:
+            seen.add(core)
+            out.append(c)
+    return out
 
 
 def candidates() -> list[Path]:
@@ -73,7 +123,13 @@ def load() -> ctypes.CDLL:
                 fn = getattr(lib, name)
                 fn.argtypes, fn.restype = args, res
             lib.pxl_set_num_threads(num_threads())
-            logger.info("native kernels %s: %s, %d threads", path, lib.pxl_isa().decode(), lib.pxl_num_threads())
+            cpus = thread_cpus()
+            pinned = ""
+            if cpus is not None:
+                unpinned = lib.pxl_bind_threads((ctypes.c_int * len(cpus))(*cpus), len(cpus))
+                pinned = f" pinned to CPUs {cpus}" if unpinned == 0 else f" (pinning to CPUs {cpus} failed)"
+            logger.info("native kernels %s: %s, %d threads%s", path, lib.pxl_isa().decode(), lib.pxl_num_threads(),
+                        pinned)
             _cache["lib"] = lib
             return lib
         tried.append(str(path))
