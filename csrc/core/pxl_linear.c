@@ -83,6 +83,13 @@ void pxl_quantize_x(int fmt, size_t T, size_t K, const float *x, int8_t *q, floa
         quantize_blocks(fmt, nb, x + t * K, q + t * K, d + t * nb, c + t * nb, e + t * nb);
 }
 
+/* n values fp32 -> bf16 (to_bf16) or bf16 -> fp32: a loop of its own, so each clone
+ * vectorises it (the team code around it is built for the baseline ISA) */
+PXL_CLONES static void convert_row(int to_bf16, size_t n, const void *src, void *dst) {
+    if (to_bf16) for (size_t i = 0; i < n; i++) ((uint16_t *)dst)[i] = pxl_f32_to_bf16(((const float *)src)[i]);
+    else for (size_t i = 0; i < n; i++) ((float *)dst)[i] = pxl_bf16_to_f32(((const uint16_t *)src)[i]);
+}
+
 /* x rows [t0, t1) as the kernels read them: converted between bf16 and fp32 into xc (when
  * not NULL) and, for int8 dot products, quantised into qbuf (q (T, K) | d | c | e, each (T, nb)) */
 static void prepare_rows(int dt, int wfmt, size_t T, size_t t0, size_t t1, size_t K, const void *x, void *xc,
@@ -90,9 +97,9 @@ static void prepare_rows(int dt, int wfmt, size_t T, size_t t0, size_t t1, size_
     size_t nb = K / PXL_QK;
     for (size_t t = t0; t < t1; t++) {
         if (xc && (wfmt == PXL_BF16 || wfmt == PXL_BF16P))
-            for (size_t i = 0; i < K; i++) ((uint16_t *)xc)[t * K + i] = pxl_f32_to_bf16(((const float *)x)[t * K + i]);
+            convert_row(1, K, (const float *)x + t * K, (uint16_t *)xc + t * K);
         else if (xc)
-            for (size_t i = 0; i < K; i++) ((float *)xc)[t * K + i] = pxl_bf16_to_f32(((const uint16_t *)x)[t * K + i]);
+            convert_row(0, K, (const uint16_t *)x + t * K, (float *)xc + t * K);
         if (qbuf) {
             float *d = (float *)(qbuf + T * K), *c = d + T * nb, *e = c + T * nb;
             pxl_quantize_x(wfmt, 1, K, (const float *)(xc ? xc : x) + t * K, qbuf + t * K, d + t * nb, c + t * nb,
