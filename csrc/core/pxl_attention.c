@@ -58,20 +58,24 @@ static inline f32x16 splat16(float x) { /* the form GCC turns into one vbroadcas
  * the same lane pairs as folding one vector alone (only the packing differs), so the bits
  * are those of a per-key fold. */
 #define SHUF(x, y, ...) __builtin_shufflevector(x, y, __VA_ARGS__)
-static inline f32x16 fold16x16(const f32x16 *a) {
-    f32x16 b[8], c[4], d[2];
-    for (int i = 0; i < 8; i++) /* lanes l and l + 8 of keys 2i, 2i + 1: two keys x 8 partials */
+/* the first three levels for 8 keys: one vector of their 2 partials each */
+static inline f32x16 fold8x16(const f32x16 *a) {
+    f32x16 b[4], c[2];
+    for (int i = 0; i < 4; i++) /* lanes l and l + 8 of keys 2i, 2i + 1: two keys x 8 partials */
         b[i] = SHUF(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
                SHUF(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-    for (int i = 0; i < 4; i++) /* four keys x 4 partials */
+    for (int i = 0; i < 2; i++) /* four keys x 4 partials */
         c[i] = SHUF(b[2 * i], b[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
                SHUF(b[2 * i], b[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-    for (int i = 0; i < 2; i++) /* eight keys x 2 partials */
-        d[i] = SHUF(c[2 * i], c[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
-               SHUF(c[2 * i], c[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-    return SHUF(d[0], d[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-           SHUF(d[0], d[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    return SHUF(c[0], c[1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) + /* eight keys x 2 */
+           SHUF(c[0], c[1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
 }
+/* the last level: keys 0-7 (lo) and 8-15 (hi) folded to one score each */
+static inline f32x16 fold_last(f32x16 lo, f32x16 hi) {
+    return SHUF(lo, hi, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+           SHUF(lo, hi, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+static inline f32x16 fold16x16(const f32x16 *a) { return fold_last(fold8x16(a), fold8x16(a + 8)); }
 
 /* the scalar form of the same order, for a head dim that is not a multiple of 16 */
 static float dot_scalar(size_t hd, const float *q, int dt, const void *k) {
@@ -81,20 +85,6 @@ static float dot_scalar(size_t hd, const float *q, int dt, const void *k) {
     for (int w = 8; w; w /= 2)
         for (int l = 0; l < w; l++) acc[l] += acc[l + w];
     return acc[0];
-}
-
-/* The first three levels of fold16x16 for 8 keys: one vector of their 2 partials each (what
- * fold16x16 calls d[0] for keys 0-7 and d[1] for keys 8-15) */
-static inline f32x16 fold8x16(const f32x16 *a) {
-    f32x16 b[4], c[2];
-    for (int i = 0; i < 4; i++)
-        b[i] = SHUF(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-               SHUF(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-    for (int i = 0; i < 2; i++)
-        c[i] = SHUF(b[2 * i], b[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-               SHUF(b[2 * i], b[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-    return SHUF(c[0], c[1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
-           SHUF(c[0], c[1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
 }
 
 /* scores_tile's sums for RN <= 3 rows (a decode token's heads), keys widened in registers: 8
@@ -132,8 +122,7 @@ static inline __attribute__((always_inline)) void scores_rows(const int DT, cons
             for (int r = 0; r < RN; r++) d[r][h] = fold8x16(acc[r]);
         }
         for (int r = 0; r < RN; r++) {
-            f32x16 out = SHUF(d[r][0], d[r][1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-                         SHUF(d[r][0], d[r][1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+            f32x16 out = fold_last(d[r][0], d[r][1]);
             if (cnt == 16) memcpy(s + r * lds + j0, &out, sizeof out);
             else for (size_t jj = 0; jj < cnt; jj++) s[r * lds + j0 + jj] = out[jj];
         }
