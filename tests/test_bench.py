@@ -47,6 +47,11 @@ def test_throughput_profiles_the_ops_of_the_timed_run(tiny_llama_dir, tmp_path, 
     assert set(ops) == {"Gather", "RMSNorm", "Linear", "RoPE", "PagedAttention", "SiluMul", "Add"}
     # only the timed generate: one prefill step and 3 decode steps (the warm-up is not counted)
     assert ops["PagedAttention"]["calls"] == 4 * layers and ops["Linear"]["calls"] == 4 * (7 * layers + 1)
+    # split by phase: the prefill step, then the decode steps
+    assert ops["PagedAttention"]["prefill_calls"] == layers and ops["PagedAttention"]["decode_calls"] == 3 * layers
+    for o in ops.values():
+        assert o["prefill_seconds"] + o["decode_seconds"] == pytest.approx(o["seconds"])
+        assert o["prefill_calls"] + o["decode_calls"] == o["calls"]
     assert 0 < sum(o["seconds"] for o in ops.values()) <= prof["elapsed_time"]
 
 

@@ -22,9 +22,10 @@ typedef struct {
 
 enum { OP_GATHER, OP_RMSNORM, OP_LINEAR, OP_ROPE, OP_ATTENTION, OP_SILU_MUL, OP_ADD, N_OPS };
 
+/* per phase: steps with prompt tokens (0), decode steps, one query token a sequence (1) */
 static int op_profile_on;
-static double op_seconds[N_OPS];
-static int64_t op_calls[N_OPS];
+static double op_seconds[2][N_OPS];
+static int64_t op_calls[2][N_OPS];
 
 /* rows bit 1: this Linear and the next share no buffer but their input (q / k / v, gate / up),
  * so in a decode step, where each thread prepares its own copy of x, no thread need wait for
@@ -54,7 +55,7 @@ static void run_node(const pxl_plan_node *x, size_t T, size_t N, size_t B, size_
  * or joined between nodes. */
 void pxl_plan_run(const pxl_plan_node *nodes, size_t n, size_t T, size_t N, size_t B, size_t max_blocks) {
     pxl_kernels(); /* resolve the kernel set before the team starts */
-    int prof = op_profile_on;
+    int prof = op_profile_on, phase = T == B;
     pxl_cpu_mask saved;
     int pinned = pxl_pin_caller(&saved);
 #pragma omp parallel num_threads(pxl_num_threads())
@@ -66,8 +67,8 @@ void pxl_plan_run(const pxl_plan_node *nodes, size_t n, size_t T, size_t N, size
 #pragma omp barrier
             if (prof && PXL_ITH() == 0) { /* the barrier makes this the node's team time */
                 double t1 = now();
-                op_seconds[nodes[i].op] += t1 - t0;
-                op_calls[nodes[i].op]++;
+                op_seconds[phase][nodes[i].op] += t1 - t0;
+                op_calls[phase][nodes[i].op]++;
                 t0 = t1;
             }
         }
@@ -75,13 +76,15 @@ void pxl_plan_run(const pxl_plan_node *nodes, size_t n, size_t T, size_t N, size
     if (pinned) pxl_unpin_caller(&saved);
 }
 
-/* Per-op time across steps (`perfxlm bench ... --profile-ops`): seconds[op], calls[op] for
- * the 7 op kinds above, in enum order; reading resets them, `on` starts or stops timing. */
+/* Per-op time across steps (`perfxlm bench ... --profile-ops`): seconds[phase * 7 + op] and
+ * calls[...] for the 7 op kinds above in enum order, phase 0 for steps with prompt tokens and
+ * 1 for decode steps; reading resets them, `on` starts or stops timing. */
 void pxl_plan_profile(int on, double *seconds, int64_t *calls) {
-    for (int i = 0; i < N_OPS; i++) {
-        if (seconds) seconds[i] = op_seconds[i];
-        if (calls) calls[i] = op_calls[i];
-        op_seconds[i] = 0, op_calls[i] = 0;
-    }
+    for (int ph = 0; ph < 2; ph++)
+        for (int i = 0; i < N_OPS; i++) {
+            if (seconds) seconds[ph * N_OPS + i] = op_seconds[ph][i];
+            if (calls) calls[ph * N_OPS + i] = op_calls[ph][i];
+            op_seconds[ph][i] = 0, op_calls[ph][i] = 0;
+        }
     op_profile_on = on;
 }

@@ -141,10 +141,16 @@ def load() -> ctypes.CDLL:
 PLAN_OPS = ("Gather", "RMSNorm", "Linear", "RoPE", "PagedAttention", "SiluMul", "Add")  # pxl_plan.c's order
 
 
-def op_profile(on: bool) -> dict[str, tuple[float, int]]:
-    """Seconds and calls per op kind in compiled steps since the last call (then reset);
-    `on` switches the timing (a barrier-to-barrier clock read on thread 0) for what follows."""
+PROFILE_PHASES = ("prefill", "decode")  # steps with prompt tokens; steps of one query token a sequence
+
+
+def op_profile(on: bool) -> dict[str, dict[str, tuple[float, int]]]:
+    """Per phase (PROFILE_PHASES), seconds and calls per op kind in compiled steps since the
+    last call (then reset); `on` switches the timing (a barrier-to-barrier clock read on
+    thread 0) for what follows."""
     lib = load()
-    seconds, calls = (ctypes.c_double * len(PLAN_OPS))(), (ctypes.c_int64 * len(PLAN_OPS))()
+    n = len(PLAN_OPS)
+    seconds, calls = (ctypes.c_double * (2 * n))(), (ctypes.c_int64 * (2 * n))()
     lib.pxl_plan_profile(int(on), seconds, calls)
-    return {op: (seconds[i], calls[i]) for i, op in enumerate(PLAN_OPS) if calls[i]}
+    return {phase: {op: (seconds[k * n + i], calls[k * n + i]) for i, op in enumerate(PLAN_OPS) if calls[k * n + i]}
+            for k, phase in enumerate(PROFILE_PHASES)}

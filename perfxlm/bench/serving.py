@@ -36,7 +36,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-json", default=None, help="write the figures as JSON")
     p.add_argument("--plot", default=None, help="draw the figures into FILE.png (needs matplotlib)")
     p.add_argument("--profile-ops", action="store_true",
-                   help="also print the time per op kind in the cpu plugin's compiled steps (timed run only)")
+                   help="also print the time per op kind in the cpu plugin's compiled steps, in all and split into "
+                        "prefill and decode steps (timed run only)")
 
 
 def make_llm(args: argparse.Namespace) -> Any:
@@ -126,25 +127,38 @@ def _pct(xs: list[float], q: float) -> float:
     return float(np.percentile(xs, q)) if xs else float("nan")
 
 
-def _profile_ops(args: argparse.Namespace, start: bool) -> dict[str, tuple[float, int]]:
-    """Starts (start=True) or reads and prints the cpu plugin's per-op times (--profile-ops)."""
+def _profile_ops(args: argparse.Namespace, start: bool) -> dict[str, dict[str, float | int]]:
+    """Starts (start=True) or reads and prints the cpu plugin's per-op times (--profile-ops):
+    per op kind its calls and seconds, in all and split into prefill and decode steps."""
     if not args.profile_ops:
         return {}
     from hw_plugins.cpu import library
-    prof = library.op_profile(on=start)
-    if not start and not prof:
+    by_phase = library.op_profile(on=start)
+    if start:
+        return {}
+    prof: dict[str, dict[str, float | int]] = {}
+    for phase, ops in by_phase.items():
+        for op, (t, n) in ops.items():
+            row = prof.setdefault(op, {"seconds": 0.0, "calls": 0, "prefill_seconds": 0.0, "prefill_calls": 0,
+                                       "decode_seconds": 0.0, "decode_calls": 0})
+            row["seconds"] += t
+            row["calls"] += n
+            row[f"{phase}_seconds"] += t
+            row[f"{phase}_calls"] += n
+    if not prof:
         print("--profile-ops: no compiled cpu-plugin step ran (it times the cpu plugin's steps only)")
-    elif not start:
-        total = sum(t for t, _ in prof.values()) or float("nan")
-        print(f"{'op':<16}{'calls':>8}{'seconds':>10}{'ms/call':>10}{'share':>8}")
-        for op, (t, n) in sorted(prof.items(), key=lambda kv: -kv[1][0]):
-            print(f"{op:<16}{n:>8}{t:>10.3f}{1e3 * t / n:>10.3f}{100 * t / total:>7.1f}%")
+        return prof
+    total = sum(r["seconds"] for r in prof.values()) or float("nan")
+    print(f"{'op':<16}{'calls':>8}{'seconds':>10}{'ms/call':>10}{'share':>8}{'prefill s':>11}{'decode s':>10}")
+    for op, r in sorted(prof.items(), key=lambda kv: -kv[1]["seconds"]):
+        print(f"{op:<16}{r['calls']:>8}{r['seconds']:>10.3f}{1e3 * r['seconds'] / r['calls']:>10.3f}"
+              f"{100 * r['seconds'] / total:>7.1f}%{r['prefill_seconds']:>11.3f}{r['decode_seconds']:>10.3f}")
     return prof
 
 
 def _describe(args: argparse.Namespace, llm: Any, res: dict) -> dict:
     if args.profile_ops:
-        res["op_profile"] = {op: {"seconds": t, "calls": n} for op, (t, n) in _profile_ops(args, start=False).items()}
+        res["op_profile"] = _profile_ops(args, start=False)
     cfg = llm.llm_engine.config
     runner = llm.llm_engine.runner.executor
     plugins = sorted({n.plugin.name for n in runner.runner.nodes}) if hasattr(runner, "runner") else ["eager"]
