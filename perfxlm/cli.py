@@ -25,6 +25,15 @@ def main(argv: list[str] | None = None) -> int:
     gemv.add_argument("--formats", default="fp32,bf16,q4_1", help="comma list of fp32, bf16, q8_0, q4_0, q4_1")
     gemv.add_argument("--rows", type=int, default=1, help="tokens per call: 1 = decode GEMV, e.g. 512 = prefill GEMM")
     gemv.add_argument("--output-json", default=None, help="also write the rows as JSON")
+    att = bsub.add_parser("attention", help="paged attention, decode and prefill over many layers' caches: ours, "
+                                             "torch's SDPA")
+    att.add_argument("--batch", type=int, default=64, help="sequences (default: W1's 64)")
+    att.add_argument("--context", type=int, default=192, help="cached tokens a decoding sequence attends to")
+    att.add_argument("--prefill-len", type=int, default=128, help="prompt tokens per sequence for the prefill")
+    att.add_argument("--layers", type=int, default=30, help="distinct caches walked per pass (SmolLM2: 30)")
+    att.add_argument("--heads", default="9,3,64", help="query heads, KV heads, head dim (SmolLM2: 9,3,64)")
+    att.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    att.add_argument("--output-json", default=None, help="also write the rows as JSON")
     roof = bsub.add_parser("roofline", help="memory bandwidth and peak fp32/bf16/int8 rates, and each workload's "
                                              "ceiling on a model")
     roof.add_argument("--model", default=None, help="a GGUF file (default: the embedded SmolLM2)")
@@ -47,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
             return _bench_gemv(args)
         if args.bench == "roofline":
             return _bench_roofline(args)
+        if args.bench == "attention":
+            return _bench_attention(args)
         import perfxlm  # noqa: F401 - configures logging
         from perfxlm.bench import serving
         getattr(serving, args.bench)(args)
@@ -76,6 +87,41 @@ def _bench_gemv(args: argparse.Namespace) -> int:
         with open(args.output_json, "w") as f:
             json.dump(rows, f, indent=1)
     return 0
+
+
+def _bench_attention(args: argparse.Namespace) -> int:
+    import json
+
+    import perfxlm  # noqa: F401 - configures logging
+    from hw_plugins.cpu import library
+    from perfxlm.bench import attention
+
+    try:
+        heads, kv_heads, head_dim = (int(x) for x in args.heads.split(","))
+    except ValueError:
+        raise SystemExit(f"perfxlm bench attention: --heads must be three integers such as 9,3,64, got {args.heads!r}")
+    sizes = {"--batch": args.batch, "--context": args.context, "--prefill-len": args.prefill_len,
+             "--layers": args.layers, "--heads": min(heads, kv_heads, head_dim)}
+    bad = [name for name, v in sizes.items() if v < 1]
+    if bad or heads % kv_heads:
+        raise SystemExit(f"perfxlm bench attention: {bad[0]} must be >= 1" if bad else
+                         f"perfxlm bench attention: --heads {args.heads}: query heads must be a multiple of KV heads")
+    rows = attention.run(args.batch, args.context, args.prefill_len, args.layers, heads, kv_heads, head_dim,
+                         args.dtype)
+    lib = library.load()
+    print(f"paged attention, {args.dtype}, {args.batch} sequences, {heads}/{kv_heads} heads of {head_dim}, "
+          f"{args.layers} layers' caches; decode over {args.context} + 1 keys, prefill of {args.prefill_len} tokens; "
+          f"ours: {lib.pxl_isa().decode()} kernels, {lib.pxl_num_threads()} threads; torch {_torch_threads()}")
+    print(attention.report(rows))
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+def _torch_threads() -> str:
+    import torch
+    return f"{torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def _bench_roofline(args: argparse.Namespace) -> int:

@@ -124,3 +124,28 @@ def test_side_by_side_script_prints_both_engines_and_the_ratio():
     row = next(line for line in lines if line.startswith("W3 prefill tok/s"))
     ours, theirs, ratio = (float(v.rstrip("x")) for v in row.split()[-3:])
     assert ratio == pytest.approx(ours / theirs, rel=0.02)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 3e-2)])
+def test_attention_bench_agrees_with_torch_sdpa(tmp_path, capsys, dtype, tol):
+    """Decode and prefill over several layers' paged caches, beside torch's SDPA on the same
+    values laid out densely: both timed, and our output is torch's to rounding."""
+    from hw_plugins.base import available_plugins
+    if not dict((n, ok) for n, ok, _ in available_plugins()).get("cpu"):
+        pytest.skip("the native cpu kernels are not built here")
+    out = tmp_path / "attn.json"
+    assert cli.main(["bench", "attention", "--batch", "3", "--context", "37", "--prefill-len", "21", "--layers", "2",
+                     "--heads", "4,2,32", "--dtype", dtype, "--output-json", str(out)]) == 0
+    assert "x torch" in capsys.readouterr().out
+    rows = json.loads(out.read_text())
+    assert [r["phase"] for r in rows] == ["decode", "prefill"]
+    for r in rows:
+        assert r["ours_us"] > 0 and r["torch_us"] > 0 and r["max_abs_diff"] < tol, r
+
+
+@pytest.mark.parametrize("flag,value,message", [("--heads", "9,2,64", "multiple of KV heads"),
+                                                ("--heads", "9,3", "three integers"),
+                                                ("--layers", "0", "--layers must be >= 1")])
+def test_attention_bench_names_bad_flags(flag, value, message):
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["bench", "attention", flag, value])
