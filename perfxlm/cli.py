@@ -66,7 +66,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _bench_gemv(args: argparse.Namespace) -> int:
-    import json
     import os
 
     import perfxlm  # noqa: F401 - configures logging
@@ -78,19 +77,15 @@ def _bench_gemv(args: argparse.Namespace) -> int:
     bad = [f for f in formats if f not in gemv.FORMATS]
     if bad or args.rows < 1 or threads < 1:
         raise SystemExit(f"perfxlm bench gemv: unknown --formats {bad} (choose from {', '.join(gemv.FORMATS)})"
-                         if bad else f"perfxlm bench gemv: --rows and --threads must be >= 1")
+                         if bad else "perfxlm bench gemv: --rows and --threads must be >= 1")
     rows = gemv.run(threads, formats, args.rows)
     print(f"{'bs=1 GEMV' if args.rows == 1 else f'GEMM with {args.rows} rows'}, {threads} threads; ours: {library.load().pxl_isa().decode()} kernels; "
           f"OpenBLAS {openblas.corename()}; torch {__import__('torch').__version__}")
-    print(gemv.report(rows))
-    if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump(rows, f, indent=1)
-    return 0
+    return _report(gemv.report(rows), rows, args.output_json)
 
 
 def _bench_attention(args: argparse.Namespace) -> int:
-    import json
+    import torch
 
     import perfxlm  # noqa: F401 - configures logging
     from hw_plugins.cpu import library
@@ -111,22 +106,23 @@ def _bench_attention(args: argparse.Namespace) -> int:
     lib = library.load()
     print(f"paged attention, {args.dtype}, {args.batch} sequences, {heads}/{kv_heads} heads of {head_dim}, "
           f"{args.layers} layers' caches; decode over {args.context} + 1 keys, prefill of {args.prefill_len} tokens; "
-          f"ours: {lib.pxl_isa().decode()} kernels, {lib.pxl_num_threads()} threads; torch {_torch_threads()}")
-    print(attention.report(rows))
-    if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump(rows, f, indent=1)
+          f"ours: {lib.pxl_isa().decode()} kernels, {lib.pxl_num_threads()} threads; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    return _report(attention.report(rows), rows, args.output_json)
+
+
+def _report(text: str, data: object, json_path: str | None) -> int:
+    """Print a bench's table; with --output-json also write its figures."""
+    import json
+    print(text)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(data, f, indent=1)
     return 0
-
-
-def _torch_threads() -> str:
-    import torch
-    return f"{torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def _bench_roofline(args: argparse.Namespace) -> int:
     import dataclasses
-    import json
     import os
 
     import perfxlm  # noqa: F401 - configures logging
@@ -140,11 +136,8 @@ def _bench_roofline(args: argparse.Namespace) -> int:
     threads = args.threads or len(os.sched_getaffinity(0))
     roofs = roofline.measure(threads)
     rows = roofline.ceilings(roofs, roofline.model_cost(args.model))
-    print(roofline.report(roofs, rows, threads))
-    if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump({"roofs": dataclasses.asdict(roofs), "workloads": rows}, f, indent=1)
-    return 0
+    return _report(roofline.report(roofs, rows, threads), {"roofs": dataclasses.asdict(roofs), "workloads": rows},
+                   args.output_json)
 
 
 def _export(args: argparse.Namespace) -> int:
