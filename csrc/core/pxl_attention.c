@@ -24,6 +24,10 @@
 #define PF_KEYS 32   /* keys ahead to prefetch (16 to 64 measured alike; 0: 25 % slower, 128: 10 %) */
 
 static inline void prefetch_row(const char *p, size_t bytes) {
+    if (bytes == 128) { /* a bf16 row of a 64-dim head: no loop (it was ~10 % of decode scores) */
+        __builtin_prefetch(p), __builtin_prefetch(p + 64);
+        return;
+    }
     for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o);
 }
 
@@ -46,6 +50,13 @@ static inline f32x16 ld16(int dt, const void *p) { /* 16 values at p (float32 or
         memcpy(&v, &w, sizeof v);
     }
     return v;
+}
+/* 32 bf16 values at p (one cache line) widened by a shift and a mask, no shuffle: out[0] gets
+ * the even-indexed ones (0, 2 .. 30), out[1] the odd ones */
+static inline void widen_pairs(const void *p, f32x16 *out) {
+    i32x16 w;
+    memcpy(&w, p, sizeof w);
+    out[0] = (f32x16)(w << 16), out[1] = (f32x16)(w & (int32_t)0xffff0000);
 }
 static inline f32x16 splat16(float x) { /* the form GCC turns into one vbroadcastss (from memory) in a clone */
     f32x16 v = {x};
@@ -108,14 +119,15 @@ static inline __attribute__((always_inline)) void scores_rows(const int DT, cons
                 prefetch_row(krows[j + PF_KEYS] + off, hd * es);
                 prefetch_row(vrows[j + PF_KEYS] + off, hd * es);
             }
-            const char *kr[8];
-            for (int jj = 0; jj < 8; jj++) kr[jj] = j0 + h * 8 + jj < n ? krows[j0 + h * 8 + jj] + off : NULL;
+            const char *kr[8]; /* keys past n read zeros (as bf16 too): no test in the loop */
+            for (int jj = 0; jj < 8; jj++)
+                kr[jj] = j0 + h * 8 + jj < n ? krows[j0 + h * 8 + jj] + off : (const char *)zero;
             for (size_t c = 0; c < hd; c += 16) {
                 f32x16 qc[3];
                 for (int r = 0; r < RN; r++) qc[r] = ld16(PXL_F32, q + r * hd + c);
 #pragma GCC unroll 8
                 for (int jj = 0; jj < 8; jj++) {
-                    f32x16 kv = kr[jj] ? ld16(DT, kr[jj] + c * es) : ld16(PXL_F32, zero);
+                    f32x16 kv = ld16(DT, kr[jj] + c * es);
                     for (int r = 0; r < RN; r++) acc[r][jj] += qc[r] * kv;
                 }
             }
@@ -259,6 +271,28 @@ static inline __attribute__((always_inline)) void wsum_rows64(const int DT, cons
                                                               size_t j1, float *out) {
     const size_t es = DT == PXL_F32 ? 4 : 2;
     f32x16 acc[6][4];
+    if (DT == PXL_BF16) { /* accumulators in the order widen_pairs gives: dims 0, 2 .. 30 | 1, 3 .. 31 | ... */
+        for (int i = 0; i < CNT; i++)
+            for (int c = 0; c < 4; c += 2) {
+                f32x16 a = ld16(PXL_F32, out + i * 64 + c * 16), b = ld16(PXL_F32, out + i * 64 + c * 16 + 16);
+                acc[i][c] = SHUF(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+                acc[i][c + 1] = SHUF(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+            }
+        for (size_t j = j0; j < j1; j++) {
+            const char *vr = vrows[j] + voff;
+            f32x16 v[4];
+            widen_pairs(vr, v), widen_pairs(vr + 64, v + 2);
+            for (int i = 0; i < CNT; i++)
+                for (int c = 0; c < 4; c++) acc[i][c] += splat16(w[i * ldw + j]) * v[c];
+        }
+        for (int i = 0; i < CNT; i++)
+            for (int c = 0; c < 4; c += 2) {
+                f32x16 a = SHUF(acc[i][c], acc[i][c + 1], 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+                f32x16 b = SHUF(acc[i][c], acc[i][c + 1], 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+                memcpy(out + i * 64 + c * 16, &a, sizeof a), memcpy(out + i * 64 + c * 16 + 16, &b, sizeof b);
+            }
+        return;
+    }
     for (int i = 0; i < CNT; i++)
         for (int c = 0; c < 4; c++) acc[i][c] = ld16(PXL_F32, out + i * 64 + c * 16);
     for (size_t j = j0; j < j1; j++) {
