@@ -117,3 +117,66 @@ def test_greedy_argmax_takes_the_first_of_equal_maxima_and_nan_like_torch():
     logits[3, -1] = 60.0
     out = Sampler(seed=0)(logits.clone(), [req(temperature=0) for _ in range(4)])
     assert out.token_ids == logits.argmax(dim=-1).tolist() and out.token_ids[1:] == [7, 3, 999]
+
+
+def _native_sampler():
+    from hw_plugins.cpu.plugin import CpuPlugin
+    plugin = CpuPlugin()
+    if not plugin.is_available():
+        pytest.skip(f"cpu plugin: {plugin.unavailable_reason()}")
+    return plugin.sample_rows
+
+
+def test_native_inverse_cdf_from_logits_maps_quantiles_in_proportion():
+    sample_rows = _native_sampler()
+    V, n = 1000, 20000  # zero-probability (-inf) runs across the kernel's 256-token blocks
+    p = torch.rand(V, dtype=torch.float64) + 0.01
+    p[250:270] = 0
+    p[990:] = 0
+    p[0] = 0
+    p = p / p.sum()
+    logits = (p.log() + 3.0).float()  # a shift softmax removes; log(0) = -inf
+    u = ((torch.arange(n) + 0.5) / n).float()
+    tokens = torch.from_numpy(sample_rows(logits.repeat(n, 1).numpy(), u.numpy()))
+    counts = torch.bincount(tokens, minlength=V).double() / n
+    assert counts[p == 0].sum() == 0
+    assert (counts - p).abs().max() < 2.0 / n + 1e-6
+    # the same tokens as torch's softmax + inverse_cdf wherever u is not at a CDF step's edge
+    from perfxlm.engine.sampler import inverse_cdf
+    want = inverse_cdf(logits.softmax(-1).repeat(n, 1), u.unsqueeze(1))
+    cdf = p.cumsum(0)
+    near_edge = (cdf.unsqueeze(0) - u.double().unsqueeze(1)).abs().min(dim=1).values < 1e-5
+    assert ((tokens == want) | near_edge).all()
+    edge = sample_rows(logits.unsqueeze(0).numpy(), torch.tensor([0.99999994]).numpy())
+    assert p[edge[0]] > 0
+    bad = torch.stack([logits, logits, torch.full((V,), float("-inf"))])
+    bad[1, 5] = float("nan")
+    bad[0, 7] = float("inf")
+    assert sample_rows(bad.numpy(), torch.tensor([0.5, 0.5, 0.5]).numpy()).tolist() == [-1, -1, -1]
+    with pytest.raises(ValueError, match="float32 rows"):
+        sample_rows(logits.double().unsqueeze(0).numpy(), u[:1].numpy())
+
+
+def test_sampler_with_the_native_kernel_follows_the_distribution_and_filters():
+    s = Sampler(seed=0, native=_native_sampler())
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().repeat(4000, 1)
+    counts = torch.bincount(torch.tensor(s(logits.clone(), [req(temperature=1.0)] * 4000).token_ids), minlength=4)
+    assert torch.allclose(counts / 4000, probs, atol=0.03)
+    assert set(s(logits.clone(), [req(temperature=1.0, top_k=2)] * 2000).token_ids) == {0, 1}
+    assert set(s(logits.clone(), [req(temperature=1.0, min_p=0.5)] * 2000).token_ids) == {0, 1}
+    # a NaN row is left to torch (whatever its softmax makes of it); the other rows still sample
+    rows = torch.tensor([[0.0, float("nan"), 0.0], [float("-inf"), 0.0, float("-inf")]])
+    out = s(rows, [req(temperature=1.0), req(temperature=1.0)]).token_ids
+    assert out[1] == 1 and 0 <= out[0] < 3
+
+
+def test_engine_samples_natively_on_the_cpu_plugin_only():
+    from perfxlm import LLM
+    _native_sampler()
+    llm = LLM("HuggingFaceTB/SmolLM2-135M-Instruct", hw_plugin="cpu", max_model_len=256)
+    assert llm.llm_engine.sampler.native is not None
+    out = llm.generate(["Hello"], SamplingParams(temperature=1.0, max_tokens=5, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 5
+    llm = LLM("HuggingFaceTB/SmolLM2-135M-Instruct", hw_plugin="torch", max_model_len=256)
+    assert llm.llm_engine.sampler.native is None  # the torch reference plugin samples with torch

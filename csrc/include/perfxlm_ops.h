@@ -93,6 +93,10 @@ void pxl_paged_attention(int dt, size_t T, size_t B, size_t H, size_t Hkv, size_
                          const int64_t *slot_mapping, const int64_t *block_tables, size_t max_blocks,
                          const int64_t *seq_lens, const int64_t *query_start_loc, float scale, size_t window,
                          void *y);
+/* Sampling: out[r] = the first token i of logits row r (R, V; rows ld apart, float32) where the
+ * running sum of softmax(row) passes u[r] in [0, 1); never a -inf token; -1 for a row whose max
+ * is not finite (NaN, +inf, all -inf) */
+void pxl_sample_rows(size_t R, size_t V, const float *logits, size_t ld, const float *u, int64_t *out);
 
 #ifdef __cplusplus
 }

@@ -393,6 +393,55 @@ static void test_attention_invariant(int dt, size_t H, size_t Hkv, size_t hd) {
     free(q); free(k); free(v); free(kc); free(vc); free(all); free(one);
 }
 
+/* sampling by inverse CDF: the token drawn for u must be drawable (not -inf) and have u
+ * between the double-precision CDF before it and through it; a row alone draws the same
+ * token as inside the batch; rows with no finite max give -1 */
+static void test_sample(size_t R, size_t V) {
+    size_t ld = V + 3;
+    float *x = malloc(R * ld * sizeof(float)), *u = malloc(R * sizeof(float));
+    int64_t *out = malloc(R * sizeof(int64_t)), one;
+    for (size_t r = 0; r < R; r++) {
+        for (size_t i = 0; i < V; i++) x[r * ld + i] = frand() * (r % 3 ? 8.0f : 0.5f);
+        for (size_t i = r % 5; i < V; i += 3 + r % 4) x[r * ld + i] = -INFINITY; /* masked tokens */
+        x[r * ld + (r * 7919) % V] = 1.0f; /* at least one drawable token */
+        u[r] = r % 11 == 0 ? 0.0f : r % 11 == 1 ? 0.99999994f : (frand() + 1.0f) / 2.0f * 0.999f;
+    }
+    size_t nan_row = R > 3 ? 3 : R, inf_row = R > 4 ? 4 : R, masked_row = R > 5 ? 5 : R; /* (R: none) */
+    if (nan_row < R) x[nan_row * ld + V / 2] = NAN;
+    if (inf_row < R) x[inf_row * ld] = INFINITY;
+    if (masked_row < R)
+        for (size_t i = 0; i < V; i++) x[masked_row * ld + i] = -INFINITY;
+    pxl_sample_rows(R, V, x, ld, u, out);
+    char name[96];
+    snprintf(name, sizeof name, "sample_rows R=%zu V=%zu", R, V);
+    for (size_t r = 0; r < R; r++) {
+        const float *row = x + r * ld;
+        const char *why = NULL;
+        pxl_sample_rows(1, V, row, ld, u + r, &one);
+        if (one != out[r]) why = "differs alone and in the batch";
+        if (r == nan_row || r == inf_row || r == masked_row) {
+            if (!why && out[r] != -1) why = "a row without a finite max must give -1";
+        } else if (!why && (out[r] < 0 || out[r] >= (int64_t)V || row[out[r]] == -INFINITY)) {
+            why = "not a drawable token";
+        } else if (!why) {
+            double m = -INFINITY, total = 0, before = 0;
+            for (size_t i = 0; i < V; i++) m = row[i] > m ? row[i] : m;
+            for (size_t i = 0; i < V; i++) total += exp((double)row[i] - m);
+            for (int64_t i = 0; i < out[r]; i++) before += exp((double)row[i] - m) / total;
+            double through = before + exp((double)row[out[r]] - m) / total;
+            if (!(before <= u[r] + 1e-5 && through >= u[r] - 1e-5)) why = "u is not inside the token's CDF step";
+        }
+        if (why) {
+            printf("FAIL [%s] %s: row %zu got %lld: %s\n", isa, name, r, (long long)out[r], why);
+            failed++;
+            free(x), free(u), free(out);
+            return;
+        }
+    }
+    passed++;
+    free(x), free(u), free(out);
+}
+
 int main(void) {
     const char *sets[] = {"generic", "avx2", "avx512", "avx512bf16", "rvv"};
     for (size_t s = 0; s < sizeof sets / sizeof sets[0]; s++) {
@@ -457,6 +506,9 @@ int main(void) {
             test_attention_invariant(dt, 4, 4, 16);
             test_attention_invariant(dt, 6, 3, 24);
         }
+        test_sample(1, 1);
+        test_sample(7, 300);
+        test_sample(64, 4099);
         printf("kernel set %s: %d checks\n", isa, passed + failed - before);
     }
     printf("%d passed, %d failed\n", passed, failed);

@@ -38,6 +38,7 @@ _SIGNATURES = {
     "pxl_plan_profile": ([_i, _p, _p], None),
     "pxl_paged_attention": ([_i, _sz, _sz, _sz, _sz, _sz, _p, _p, _p, _p, _p, _sz, _p, _p, _sz, _p, _p, _f, _sz, _p],
                             None),
+    "pxl_sample_rows": ([_sz, _sz, _p, _sz, _p, _p], None),
 }
 
 

@@ -114,6 +114,20 @@ class CpuPlugin(HwPlugin):
         from hw_plugins.cpu.plan import Plan
         return Plan(self, nodes, buffer, inputs, rows_n)
 
+    def sample_rows(self, logits: np.ndarray, u: np.ndarray) -> np.ndarray:
+        """Not a graph op: the engine's sampler hands its unseeded random rows here. logits
+        (R, V) float32 rows, u (R,) float32 in [0, 1) -> (R,) int64, each row's token where the
+        CDF of softmax(row) passes u (csrc/core/pxl_sample.c), or -1 where the row has no finite
+        max (NaN, +inf, every token masked)."""
+        if logits.dtype != np.float32 or logits.ndim != 2 or logits.strides[1] != 4:
+            raise ValueError(f"sample_rows takes (R, V) float32 rows of unit stride, got {logits.dtype} "
+                             f"{logits.shape} strides {logits.strides}")
+        u = np.ascontiguousarray(u, np.float32)
+        out = np.empty(logits.shape[0], np.int64)
+        self.lib.pxl_sample_rows(logits.shape[0], logits.shape[1], _ptr(logits), logits.strides[0] // 4, _ptr(u),
+                                 _ptr(out))
+        return out
+
     # ---- ops: (attrs, inputs, outputs) -> None, writing into the preallocated outputs ----
 
     def _gather(self, attrs: dict, ins: list[np.ndarray], outs: list[np.ndarray]) -> None:

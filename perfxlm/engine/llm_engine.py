@@ -54,11 +54,12 @@ class LLMEngine:
                     "per request: %.2fx", num_blocks, config.block_size, num_blocks * per_block / (1 << 30),
                     str(config.dtype).removeprefix("torch."), config.max_model_len,
                     num_blocks * config.block_size / config.max_model_len)
-        self.runner = ModelRunner(self._make_executor(num_blocks), config.block_size)
+        executor = self._make_executor(num_blocks)
+        self.runner = ModelRunner(executor, config.block_size)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_model_len, config.enable_chunked_prefill)
-        self.sampler = Sampler(config.seed)
+        self.sampler = Sampler(config.seed, getattr(executor, "native_sampler", None))
         self.outputs = OutputProcessor(self.tokenizer)
         self.requests: dict[str, RequestState] = {}
         logger.info("engine ready in %.1f s: %s, %s", time.perf_counter() - start, source.path,

@@ -84,6 +84,8 @@ class GraphExecutor:
 
     def __init__(self, runner: GraphRunner) -> None:
         self.runner = runner
+        # the logits' plugin may sample them natively (the cpu plugins: sample_rows)
+        self.native_sampler = getattr(runner.nodes[-1].plugin, "sample_rows", None)
 
     def __call__(self, inp: ModelInput) -> torch.Tensor:
         a = inp.attn

@@ -6,8 +6,10 @@ top-k/top-p and a draw. Logprobs are the log-softmax of the raw logits, taken
 before any of that (vLLM's default `raw_logprobs`).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from perfxlm.engine.request import Request
@@ -20,9 +22,16 @@ class SamplerOutput:
     logprobs: torch.Tensor | None = None   # (B, V) raw log-softmax, when some row asked for logprobs
 
 
+# (logits (R, V) float32, u (R,) float32) -> (R,) int64 tokens, -1 where a row cannot be sampled
+NativeSampler = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
 class Sampler:
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, native: NativeSampler | None = None) -> None:
         self.generator = torch.Generator().manual_seed(seed)  # for unseeded random requests
+        # the cpu plugin's inverse CDF straight from logits (hw_plugins/cpu: sample_rows), where
+        # it runs the graph: one pass over each row instead of softmax + block sums in torch
+        self.native = native
 
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
         """logits (B, V) float32, one row per request -> one token per request."""
@@ -55,21 +64,33 @@ class Sampler:
         top_p = torch.tensor([p.top_p for p in params])
         if (top_k < vocab).any() or (top_p < 1).any():
             logits = apply_top_k_top_p(logits, top_k, top_p)
-        probs = logits.softmax(dim=-1)
         tokens = torch.empty(len(reqs), dtype=torch.int64)
         # Each seeded request draws from its own generator, so its output is batch-independent:
         # argmax(p / q) with q ~ Exp(1) (the Gumbel-max trick, as vLLM) samples from p.
-        for i, r in enumerate(reqs):
-            if r.generator is not None:
-                q = torch.empty_like(probs[i]).exponential_(generator=r.generator)
-                tokens[i] = probs[i].div_(q).argmax()
+        seeded = [i for i, r in enumerate(reqs) if r.generator is not None]
+        if seeded:
+            probs = (logits if len(seeded) == len(reqs) else logits[seeded]).softmax(dim=-1)
+            for k, i in enumerate(seeded):
+                q = torch.empty_like(probs[k]).exponential_(generator=reqs[i].generator)
+                tokens[i] = probs[k].div_(q).argmax()
         # The unseeded rows share one generator and need no per-token noise: inverse CDF, one
         # uniform per row (at 64 x 49152, ~1 ms instead of 12 ms of uniforms and logs).
         unseeded = [i for i, r in enumerate(reqs) if r.generator is None]
         if unseeded:
-            rows = probs if len(unseeded) == len(reqs) else probs[unseeded]
+            rows = logits if len(unseeded) == len(reqs) else logits[unseeded]
             u = torch.rand(len(unseeded), 1, generator=self.generator)
-            tokens[unseeded] = inverse_cdf(rows, u)
+            tokens[unseeded] = self._inverse_cdf(rows, u)
+        return tokens
+
+    def _inverse_cdf(self, logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """logits (R, V), u (R, 1) -> (R,) tokens by inverse CDF of softmax(logits)."""
+        if self.native is None or logits.device.type != "cpu" or logits.dtype != torch.float32 \
+                or logits.stride(1) != 1:
+            return inverse_cdf(logits.softmax(dim=-1), u)
+        tokens = torch.from_numpy(self.native(logits.numpy(), u.numpy().reshape(-1)))
+        bad = (tokens < 0).nonzero().flatten()
+        if len(bad):  # no finite max (NaN, +inf, all masked): whatever torch's softmax makes of it
+            tokens[bad] = inverse_cdf(logits[bad].softmax(dim=-1), u[bad])
         return tokens
 
 
