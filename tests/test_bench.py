@@ -53,6 +53,8 @@ def test_throughput_profiles_the_ops_of_the_timed_run(tiny_llama_dir, tmp_path, 
         assert o["prefill_seconds"] + o["decode_seconds"] == pytest.approx(o["seconds"])
         assert o["prefill_calls"] + o["decode_calls"] == o["calls"]
     assert 0 < sum(o["seconds"] for o in ops.values()) <= prof["elapsed_time"]
+    # and the engine's own time around them
+    assert 0 < prof["outside_ops_seconds"] < prof["elapsed_time"] and "outside the ops:" in text
 
 
 def test_profile_ops_says_when_no_cpu_step_ran(tiny_llama_dir, capsys):

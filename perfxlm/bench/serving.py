@@ -158,7 +158,11 @@ def _profile_ops(args: argparse.Namespace, start: bool) -> dict[str, dict[str, f
 
 def _describe(args: argparse.Namespace, llm: Any, res: dict) -> dict:
     if args.profile_ops:
-        res["op_profile"] = _profile_ops(args, start=False)
+        res["op_profile"] = prof = _profile_ops(args, start=False)
+        if prof and "elapsed_time" in res:  # the rest of a throughput run: Python around the compiled steps
+            res["outside_ops_seconds"] = res["elapsed_time"] - sum(r["seconds"] for r in prof.values())
+            print(f"outside the ops: {res['outside_ops_seconds']:.3f} s of {res['elapsed_time']:.3f} s "
+                  "(scheduler, inputs, logits to float32, sampler, detokenizer: the engine's Python)")
     cfg = llm.llm_engine.config
     runner = llm.llm_engine.runner.executor
     plugins = sorted({n.plugin.name for n in runner.runner.nodes}) if hasattr(runner, "runner") else ["eager"]
