@@ -5,7 +5,7 @@
  * A row is read twice, never written: its max, then exp(x - max) summed per block of 256
  * tokens; the block where the running sum of those passes u x total is then walked token by
  * token. torch's path writes a probability row (softmax), sums it per block, gathers the
- * block: ~1.3 ms a decode step at 64 x 49152 where this takes ~0.2.
+ * block: 0.89 ms at 64 x 49152 where this takes 0.45 (one row: 63 vs 20 us).
  * Masked tokens (-inf) get exactly 0, so they are never drawn. A row whose max is not finite
  * (NaN, +inf, or every token masked) is left to the caller: out = -1.
  * Each row runs the same instructions whatever the other rows are (batch invariant). */
@@ -27,7 +27,7 @@ static inline float weight(float x, float m) {
 typedef float f32x16 __attribute__((vector_size(64))); /* GCC/Clang vectors: the max's select */
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 
-/* the row's max, 16 lanes at a time (a NaN shows later: its weight is NaN, so is the total) */
+/* the row's max, 64 values at a time (a NaN shows later: its weight is NaN, so is the total) */
 PXL_CLONES static float row_max(size_t V, const float *x) {
     f32x16 mv[4]; /* four running maxima: one would wait on the compare-select latency */
     for (int a = 0; a < 4; a++)
