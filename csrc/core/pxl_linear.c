@@ -189,10 +189,8 @@ static void run_packed(const pxl_kernel_set *ks, int f32, size_t T, size_t cols,
                        const void *Wp, float *Y, size_t ldy, const out_spec *out, size_t c0) {
     size_t es = f32 ? 4 : 2;
     /* weights packed under another kernel set (pxl_set_isa since): the portable kernels */
-    void (*f32p)(int, size_t, const void *, size_t, const void *, float *, size_t, int, const void *, size_t) =
-        ks->gemm_f32p ? ks->gemm_f32p : pxl_gemm_f32p_generic;
-    void (*bf16p)(int, size_t, const void *, size_t, const void *, float *, size_t, int, const void *, size_t) =
-        ks->gemm_bf16p ? ks->gemm_bf16p : pxl_gemm_bf16p_generic;
+    pxl_gemm_p_fn gemm = f32 ? (ks->gemm_f32p ? ks->gemm_f32p : pxl_gemm_f32p_generic)
+                             : (ks->gemm_bf16p ? ks->gemm_bf16p : pxl_gemm_bf16p_generic);
     const size_t lines = K * PXL_PANEL * es / 64; /* cache lines of a panel */
     for (size_t t0 = 0; t0 < T; t0 += PACKED_T_CHUNK) {
         size_t t1 = t0 + PACKED_T_CHUNK < T ? t0 + PACKED_T_CHUNK : T;
@@ -213,8 +211,7 @@ static void run_packed(const pxl_kernel_set *ks, int f32, size_t T, size_t cols,
                 const char *x = (const char *)X + t * K * es;
                 float *yt = out ? Y + (t - t0) * PXL_PANEL : Y + t * ldy + n;
                 size_t ld = out ? PXL_PANEL : ldy;
-                if (f32) f32p(rm, K, x, K, w, yt, ld, nvalid, pf, l1 - l0);
-                else bf16p(rm, K, x, K, w, yt, ld, nvalid, pf, l1 - l0);
+                gemm(rm, K, x, K, w, yt, ld, nvalid, pf, l1 - l0);
                 t += rm;
             }
             if (out) store_rows(out, t0, c0 + n, t1 - t0, nvalid, Y, PXL_PANEL);

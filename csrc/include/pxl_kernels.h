@@ -38,6 +38,11 @@ typedef void (*pxl_gemv_q_fn)(size_t n0, size_t n1, size_t K, const void *W, con
 typedef void (*pxl_gemv_qr_fn)(size_t T, size_t rows, size_t K, const void *W, const pxl_qx *x, float *y,
                                size_t ldy);
 #define PXL_QR_T 4
+/* Y (rm <= 12, nvalid <= 32 of the panel's features) = X (rm, K) . one packed panel
+ * (PXL_BF16P with X bf16, K even; PXL_F32P with X fp32). Meanwhile it prefetches npf cache
+ * lines from pf, at most one per K step (a hint: the portable kernels ignore it) */
+typedef void (*pxl_gemm_p_fn)(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy,
+                              int nvalid, const void *pf, size_t npf);
 
 typedef struct {
     const char *isa;
@@ -48,14 +53,8 @@ typedef struct {
     pxl_gemv_q_fn gemv_q[PXL_NFMT];
     /* the repacked formats' kernels, indexed by the GGUF format (NULL: the set does not repack it) */
     pxl_gemv_qr_fn gemv_qr[PXL_NFMT];
-    /* Y (rm <= 12, nvalid <= 32 of the panel's features) = X (rm, K) bf16 . one PXL_BF16P panel
-     * (NULL: the set does not pack; K even). Meanwhile it prefetches npf cache lines from pf, at
-     * most one per K pair (a hint: the portable kernels ignore it) */
-    void (*gemm_bf16p)(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy,
-                       int nvalid, const void *pf, size_t npf);
-    /* the same for X fp32 and one PXL_F32P panel (NULL: the set does not pack fp32) */
-    void (*gemm_f32p)(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy,
-                      int nvalid, const void *pf, size_t npf);
+    pxl_gemm_p_fn gemm_bf16p; /* NULL: the set does not pack bf16 */
+    pxl_gemm_p_fn gemm_f32p;  /* NULL: the set does not pack fp32 */
 } pxl_kernel_set;
 #define PXL_PANEL 32 /* features per PXL_BF16P / PXL_F32P panel */
 #define PXL_PANEL_RM 12 /* tokens per gemm_bf16p / gemm_f32p call */
