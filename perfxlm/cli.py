@@ -34,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     att.add_argument("--heads", default="9,3,64", help="query heads, KV heads, head dim (SmolLM2: 9,3,64)")
     att.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     att.add_argument("--output-json", default=None, help="also write the rows as JSON")
+    smp = bsub.add_parser("sampler", help="random sampling from logits rows: ours (C, from the logits), torch "
+                                           "(softmax + inverse CDF)")
+    smp.add_argument("--rows", default="1,64", help="comma list of batch sizes (default: W2's 1 and W1's 64)")
+    smp.add_argument("--vocab", type=int, default=49152, help="logits per row (SmolLM2: 49152)")
+    smp.add_argument("--output-json", default=None, help="also write the rows as JSON")
     roof = bsub.add_parser("roofline", help="memory bandwidth and peak fp32/bf16/int8 rates, and each workload's "
                                              "ceiling on a model")
     roof.add_argument("--model", default=None, help="a GGUF file (default: the embedded SmolLM2)")
@@ -58,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             return _bench_roofline(args)
         if args.bench == "attention":
             return _bench_attention(args)
+        if args.bench == "sampler":
+            return _bench_sampler(args)
         import perfxlm  # noqa: F401 - configures logging
         from perfxlm.bench import serving
         getattr(serving, args.bench)(args)
@@ -109,6 +116,26 @@ def _bench_attention(args: argparse.Namespace) -> int:
           f"ours: {lib.pxl_isa().decode()} kernels, {lib.pxl_num_threads()} threads; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     return _report(attention.report(rows), rows, args.output_json)
+
+
+def _bench_sampler(args: argparse.Namespace) -> int:
+    import torch
+
+    import perfxlm  # noqa: F401 - configures logging
+    from hw_plugins.cpu import library
+    from perfxlm.bench import sampler
+
+    try:
+        batches = [int(x) for x in args.rows.split(",")]
+    except ValueError:
+        raise SystemExit(f"perfxlm bench sampler: --rows must be a comma list of integers, got {args.rows!r}")
+    if min(batches) < 1 or args.vocab < 1:
+        raise SystemExit("perfxlm bench sampler: --rows and --vocab must be >= 1")
+    rows = sampler.run(batches, args.vocab)
+    lib = library.load()
+    print(f"sampling by inverse CDF, unseeded rows; ours: {lib.pxl_isa().decode()} kernels, "
+          f"{lib.pxl_num_threads()} threads; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    return _report(sampler.report(rows), rows, args.output_json)
 
 
 def _report(text: str, data: object, json_path: str | None) -> int:

@@ -151,3 +151,23 @@ def test_attention_bench_agrees_with_torch_sdpa(tmp_path, capsys, dtype, tol):
 def test_attention_bench_names_bad_flags(flag, value, message):
     with pytest.raises(SystemExit, match=message):
         cli.main(["bench", "attention", flag, value])
+
+
+def test_sampler_bench_draws_the_same_tokens_as_torch(tmp_path, capsys):
+    from hw_plugins.base import available_plugins
+    if not dict((n, ok) for n, ok, _ in available_plugins()).get("cpu"):
+        pytest.skip("the native cpu kernels are not built here")
+    out = tmp_path / "smp.json"
+    assert cli.main(["bench", "sampler", "--rows", "1,16", "--vocab", "3000", "--output-json", str(out)]) == 0
+    assert "x torch" in capsys.readouterr().out
+    rows = json.loads(out.read_text())
+    assert [(r["rows"], r["vocab"]) for r in rows] == [(1, 3000), (16, 3000)]
+    for r in rows:  # (a uniform at a CDF edge may round either way: almost never at these sizes)
+        assert r["ours_us"] > 0 and r["torch_us"] > 0 and r["same_tokens"] >= r["rows"] - 1, r
+
+
+@pytest.mark.parametrize("args,message", [(["--rows", "1,x"], "comma list of integers"),
+                                          (["--rows", "0"], "must be >= 1"), (["--vocab", "0"], "must be >= 1")])
+def test_sampler_bench_names_bad_flags(args, message):
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["bench", "sampler", *args])

@@ -1,1 +1,15 @@
 """`perfxlm bench ...`: benchmarks that print our numbers beside a reference run in the same process."""
+
+import time
+from collections.abc import Callable
+
+
+def best_of(fn: Callable[[], object], reps: int) -> float:
+    """The fastest of `reps` timed calls of fn, in seconds, after one untimed warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)

@@ -9,11 +9,12 @@ the same values as dense contiguous tensors (no block table to follow): what one
 without a paged kernel. Times are the best of `reps` passes over all layers, per layer.
 """
 
-import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+
+from perfxlm.bench import best_of
 
 BLOCK = 16
 
@@ -25,16 +26,6 @@ class Result:
     torch_us: float
     kv_gb_per_s: float     # K and V bytes the phase reads, over our time
     max_abs_diff: float    # ours vs torch, layer 0
-
-
-def _best(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def run(batch: int = 64, context: int = 192, prefill_len: int = 128, layers: int = 30, heads: int = 9,
@@ -92,7 +83,7 @@ def run(batch: int = 64, context: int = 192, prefill_len: int = 128, layers: int
             return [torch.nn.functional.scaled_dot_product_attention(tq, kt, vt, attn_mask=mask, scale=scale,
                                                                      enable_gqa=True) for kt, vt in kv]
 
-        t_ours, t_ref = _best(ours, reps) / layers, _best(ref, reps) / layers
+        t_ours, t_ref = best_of(ours, reps) / layers, best_of(ref, reps) / layers
         lib.pxl_paged_attention(code, T, B, heads, kv_heads, head_dim, ptr(qa), ptr(ka), ptr(va), ptr(caches[0][0]),
                                 ptr(caches[0][1]), BLOCK, ptr(slots), ptr(tables), tables.shape[1], ptr(seq_lens),
                                 ptr(qsl), scale, 0, ptr(y))
