@@ -76,14 +76,16 @@ def test_perfxlm_plugins_command(oot_plugin, capsys):
 
 
 @pytest.mark.skipif(not _native_available(), reason="the native cpu kernels are not built here")
-def test_cpu_compiled_step_equals_node_by_node(tiny_llama_dir, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_compiled_step_equals_node_by_node(tiny_llama_dir, monkeypatch, dtype):
     """The cpu plugin's one-call-per-step plan runs the same kernels in the same order as the
-    node-by-node walk: logprobs are bitwise equal, with chunked prefill and batching."""
+    node-by-node walk: logprobs are bitwise equal, with chunked prefill and batching (in
+    bfloat16 the plan's lm_head stores float32 logits itself; the walk converts them after)."""
     prompts = [{"prompt_token_ids": list(range(5, 5 + n))} for n in (3, 17, 9)]
     params = SamplingParams(temperature=0, max_tokens=6, logprobs=2)
 
     def run() -> list:
-        llm = LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory_bytes=8 << 20, max_num_batched_tokens=8)
+        llm = LLM(str(tiny_llama_dir), dtype=dtype, kv_cache_memory_bytes=8 << 20, max_num_batched_tokens=8)
         runner = llm.llm_engine.runner.executor.runner
         outs = llm.generate(prompts, params, use_tqdm=False)
         assert_no_leaks(llm)

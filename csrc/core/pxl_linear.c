@@ -151,10 +151,11 @@ void pxl_pack_weights(int wfmt, size_t N, size_t K, const void *W, void *out) {
                    (uint16_t *)out + n * K);
 }
 
-/* Where fp32 results go when they are not y itself: bias added, then stored in dt (bf16
- * rounded once). y and bias start at the thread's first column. */
+/* Where fp32 results go when they are not y itself: bias added, then rounded once to dt and
+ * stored as odt (dt's values, widened when odt is PXL_F32). y and bias start at the thread's
+ * first column. */
 typedef struct {
-    int dt;
+    int dt, odt;
     const void *bias;
     void *y;
     size_t ldy;
@@ -171,6 +172,11 @@ PXL_CLONES static void store_rows(const out_spec *o, size_t r0, size_t c0, size_
             const float *b = o->bias ? (const float *)o->bias + c0 : NULL;
             if (b) for (size_t j = 0; j < cols; j++) y[j] = a[j] + b[j];
             else memcpy(y, a, cols * 4);
+        } else if (o->odt == PXL_F32) { /* bf16 values, stored widened */
+            float *y = (float *)o->y + (r0 + r) * o->ldy + c0;
+            const uint16_t *b = o->bias ? (const uint16_t *)o->bias + c0 : NULL;
+            if (b) for (size_t j = 0; j < cols; j++) y[j] = pxl_bf16_to_f32(pxl_f32_to_bf16(a[j] + pxl_bf16_to_f32(b[j])));
+            else for (size_t j = 0; j < cols; j++) y[j] = pxl_bf16_to_f32(pxl_f32_to_bf16(a[j]));
         } else {
             uint16_t *y = (uint16_t *)o->y + (r0 + r) * o->ldy + c0;
             const uint16_t *b = o->bias ? (const uint16_t *)o->bias + c0 : NULL;
@@ -269,8 +275,8 @@ static void compute(const pxl_kernel_set *ks, int wfmt, int packed_q, size_t T, 
     }
 }
 
-static void linear_team(const pxl_kernel_set *ks, int dt, int wfmt, size_t T, size_t N, size_t K, const void *x,
-                        const void *W, const void *bias, void *y) {
+static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int wfmt, size_t T, size_t N, size_t K,
+                        const void *x, const void *W, const void *bias, void *y) {
     const int bf16_w = wfmt == PXL_BF16 || wfmt == PXL_BF16P, quant = PXL_IS_QUANT(wfmt);
     /* quantised weights: int8 dot products for decode-sized T (and every T when batch
      * invariant, so a row's result never depends on the batch), dequantised panels else.
@@ -307,22 +313,28 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int wfmt, size_t T, si
     const char *Wn = (const char *)W + (wfmt == PXL_BF16P   ? n0 * K * 2
                                         : wfmt == PXL_F32P ? n0 * K * 4
                                                            : n0 * pxl_row_bytes(wfmt, K));
-    if (dt == PXL_F32 && !bias) {
+    if (dt == PXL_F32 && odt == PXL_F32 && !bias) {
         compute(ks, wfmt, packed_q, T, cols, K, xk, qbuf, Wn, (float *)y + n0, N, NULL);
         return;
     }
     /* bias or bf16 output: this thread's columns in fp32, then added and rounded once */
-    size_t es = dt == PXL_F32 ? 4 : 2;
-    out_spec o = {dt, bias ? (const char *)bias + n0 * es : NULL, (char *)y + n0 * es, N};
+    size_t es = dt == PXL_F32 ? 4 : 2, oes = odt == PXL_F32 ? 4 : 2;
+    out_spec o = {dt, odt, bias ? (const char *)bias + n0 * es : NULL, (char *)y + n0 * oes, N};
     const int fused = wfmt == PXL_BF16P || wfmt == PXL_F32P || packed_q;
     float *yp = pxl_scratch(1, (fused ? PACKED_T_CHUNK * PXL_PANEL : T * cols) * 4);
     compute(ks, wfmt, packed_q, T, cols, K, xk, qbuf, Wn, yp, cols, fused ? &o : NULL);
     if (!fused) store_rows(&o, 0, 0, T, cols, yp, cols);
 }
 
-void pxl_linear(int dt, int wfmt, size_t T, size_t N, size_t K, const void *x, const void *W, const void *bias,
-                void *y) {
+void pxl_linear_to(int dt, int odt, int wfmt, size_t T, size_t N, size_t K, const void *x, const void *W,
+                   const void *bias, void *y) {
     const pxl_kernel_set *ks = pxl_kernels();
     int nth = (double)T * N * K < 32768 ? 1 : pxl_num_threads(); /* tiny: not worth waking threads */
-    PXL_ON_TEAM(nth, linear_team(ks, dt, wfmt, T, N, K, x, W, bias, y));
+    if (dt == PXL_F32) odt = PXL_F32; /* (no narrowing store) */
+    PXL_ON_TEAM(nth, linear_team(ks, dt, odt, wfmt, T, N, K, x, W, bias, y));
+}
+
+void pxl_linear(int dt, int wfmt, size_t T, size_t N, size_t K, const void *x, const void *W, const void *bias,
+                void *y) {
+    pxl_linear_to(dt, dt, wfmt, T, N, K, x, W, bias, y);
 }

@@ -14,7 +14,7 @@ static double now(void) {
 }
 
 typedef struct {
-    int32_t op, dt, wfmt, rows; /* rows bit 0: the step's N rows (else T); bit 1: see NO_WAIT */
+    int32_t op, dt, wfmt, rows; /* rows bit 0: the step's N rows (else T); bits 1, 2: NO_WAIT, OUT_F32 */
     int64_t a, b, c, d, e;      /* sizes, per op (see pxl_plan_run) */
     float f0, f1;
     const void *p[10];
@@ -32,6 +32,8 @@ static int64_t op_calls[2][N_OPS];
  * the others between them (a longer step shares prepared rows across the team: it waits) */
 #define NO_WAIT 2
 #define NO_WAIT_MAX_T 4 /* pxl_linear.c's T_PRIVATE */
+/* rows bit 2 (a Linear): y is fp32 holding dt's values (the logits: no conversion pass) */
+#define OUT_F32 4
 
 static void run_node(const pxl_plan_node *x, size_t T, size_t N, size_t B, size_t max_blocks) {
     size_t rows = x->rows & 1 ? N : T;
@@ -39,7 +41,9 @@ static void run_node(const pxl_plan_node *x, size_t T, size_t N, size_t B, size_
     switch (x->op) {
     case OP_GATHER: pxl_gather(x->dt, rows, x->a, p[0], p[1], p[2]); break;
     case OP_RMSNORM: pxl_rmsnorm(x->dt, rows, x->a, p[0], p[1], x->f0, p[2]); break;
-    case OP_LINEAR: pxl_linear(x->dt, x->wfmt, rows, x->a, x->b, p[0], p[1], p[2], p[3]); break;
+    case OP_LINEAR:
+        pxl_linear_to(x->dt, x->rows & OUT_F32 ? PXL_F32 : x->dt, x->wfmt, rows, x->a, x->b, p[0], p[1], p[2], p[3]);
+        break;
     case OP_ROPE: pxl_rope(x->dt, rows, x->a, x->b, p[0], p[1], p[2], p[3], p[4]); break;
     case OP_ATTENTION:
         pxl_paged_attention(x->dt, T, B, x->a, x->b, x->c, p[0], p[1], p[2], p[3], p[4], x->d, p[5], p[6],

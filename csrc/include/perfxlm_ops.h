@@ -59,6 +59,11 @@ int pxl_batch_invariant(void);
  * need K % 32 == 0); x, bias, y in dt */
 void pxl_linear(int dt, int wfmt, size_t T, size_t N, size_t K, const void *x, const void *W,
                 const void *bias, void *y);
+/* pxl_linear with y stored as odt, dt or PXL_F32: each value is the one pxl_linear gives in
+ * dt, widened if need be (a bf16 model's logits for the sampler, which reads fp32, without a
+ * conversion pass over them) */
+void pxl_linear_to(int dt, int odt, int wfmt, size_t T, size_t N, size_t K, const void *x, const void *W,
+                   const void *bias, void *y);
 /* Packed weights: a kernel set may run Linear fastest on a packed copy of W
  * (PXL_BF16P: 32-feature panels with K in pairs, [ceil(N/32)][K/2][32][2] bf16; PXL_F32P:
  * [ceil(N/32)][K][32] fp32; zero-padded). Quantised blocks repack 16 rows at a time,

@@ -239,6 +239,26 @@ static void test_batch_invariant(int dt, int fmt, size_t T, size_t N, size_t K) 
     free(deq); free(W); free(x); free(y); free(y1);
 }
 
+/* pxl_linear_to(bf16 -> fp32): each value is pxl_linear's bf16 result widened, bitwise */
+static void test_linear_to(int fmt, size_t T, size_t N, size_t K, int with_bias) {
+    double *deq = malloc(N * K * 8);
+    void *W = make_weights(dense_of(fmt), N, K, deq), *x = alloc_rand(PXL_BF16, T * K, 1);
+    void *b = alloc_rand(PXL_BF16, N, 1);
+    W = packed_copy(fmt, N, K, W);
+    uint16_t *y16 = malloc(T * N * 2);
+    float *y32 = malloc(T * N * 4);
+    pxl_linear(PXL_BF16, fmt, T, N, K, x, W, with_bias ? b : NULL, y16);
+    pxl_linear_to(PXL_BF16, PXL_F32, fmt, T, N, K, x, W, with_bias ? b : NULL, y32);
+    int ok = 1;
+    for (size_t i = 0; i < T * N; i++) ok &= from_bf16(y16[i]) == y32[i];
+    char name[96];
+    snprintf(name, sizeof name, "linear_to f32 w=%s T=%zu N=%zu K=%zu%s", fmt_name[fmt], T, N, K,
+             with_bias ? " +bias" : "");
+    if (ok) passed++;
+    else printf("FAIL [%s] %s\n", isa, name), failed++;
+    free(deq); free(W); free(x); free(b); free(y16); free(y32);
+}
+
 static void test_rowwise(int dt, size_t T, size_t D) {
     size_t n = T * D, cap = (T > 5 ? T : 5) * D; /* gather writes 5 rows */
     void *a = alloc_rand(dt, n, 4), *b = alloc_rand(dt, n, 1), *w = alloc_rand(dt, D, 1), *y = malloc(cap * 4);
@@ -486,6 +506,11 @@ int main(void) {
             test_linear(PXL_BF16, PXL_Q8_0, 70, 70, 576, 1); /* dequantised panels packed (T >= 64) */
         test_quantize_x(32);
         test_quantize_x(576);
+        for (int fmt = PXL_BF16; fmt < PXL_NFMT; fmt++) /* decode and prefill sizes, every path */
+            for (int bias = 0; bias < 2; bias++) {
+                test_linear_to(fmt, 3, 70, 576, bias);
+                test_linear_to(fmt, 70, 33, 576, bias);
+            }
         for (int fmt = PXL_F32; fmt < PXL_NFMT; fmt++) {
             if (fmt == PXL_BF16P || fmt == PXL_F32P) continue; /* above, where the set packs */
             test_batch_invariant(fmt == PXL_BF16, fmt, 37, 83, PXL_IS_QUANT(fmt) ? 576 : 577);

@@ -10,12 +10,13 @@ from typing import Any
 
 import numpy as np
 
-from hw_plugins.cpu.plugin import _ACT, _ptr
+from hw_plugins.cpu.plugin import _ACT, _ptr, host_zeros
 
 GATHER, RMSNORM, LINEAR, ROPE, ATTENTION, SILU_MUL, ADD = range(7)
 
 
 NO_WAIT = 2  # PlanNode.rows bit: no barrier before the next node in a decode step (pxl_plan.c)
+OUT_F32 = 4  # PlanNode.rows bit: a Linear stores its (bf16) values widened to float32
 
 
 def _independent(a: "PlanNode", b: "PlanNode") -> bool:
@@ -36,7 +37,9 @@ class Plan:
                  rows_n: set[str]) -> None:
         """nodes: the runner's nodes in order; buffer(name) -> the fixed array holding a value
         (its full planned size); inputs: staging arrays of the graph inputs; rows_n: values
-        whose row count is the step's N (logits rows), not T."""
+        whose row count is the step's N (logits rows), not T. After a step, `logits` holds the
+        float32 logits of its N rows: the lm_head stores them so (bf16 values widened), where the
+        engine would otherwise convert 64 x 49152 of them a decode step."""
         lib = plugin.lib
         self.plugin, self.lib, self.inputs = plugin, lib, inputs
         self.records = (PlanNode * len(nodes))()
@@ -56,6 +59,9 @@ class Plan:
             elif node.op_type == "Linear":
                 r.op, r.a, r.b = LINEAR, arrays[1].shape[0], arrays[0].shape[1]
                 r.wfmt, weight = plugin.linear_weight(at, arrays[1])
+                if node.outputs[0] == "logits" and out.dtype != np.float32:
+                    out = host_zeros(out.shape, np.float32)
+                    r.rows |= OUT_F32
                 ptrs = [arrays[0], weight, arrays[2] if len(arrays) > 2 else None, out]
             elif node.op_type == "RoPE":
                 hd = at["head_dim"]
@@ -68,6 +74,8 @@ class Plan:
                 r.op, r.a, ptrs = SILU_MUL if node.op_type == "SiluMul" else ADD, arrays[0].shape[1], [*arrays[:2], out]
             else:
                 raise ValueError(f"no plan record for {node.op_type}")
+            if node.outputs[0] == "logits":
+                self.logits = out
             for j, a in enumerate(ptrs):
                 r.p[j] = None if a is None else _ptr(a)
             for j, name in enumerate(ins):  # remember where graph inputs go, to re-point them on growth

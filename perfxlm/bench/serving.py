@@ -162,7 +162,7 @@ def _describe(args: argparse.Namespace, llm: Any, res: dict) -> dict:
         if prof and "elapsed_time" in res:  # the rest of a throughput run: Python around the compiled steps
             res["outside_ops_seconds"] = res["elapsed_time"] - sum(r["seconds"] for r in prof.values())
             print(f"outside the ops: {res['outside_ops_seconds']:.3f} s of {res['elapsed_time']:.3f} s "
-                  "(scheduler, inputs, logits to float32, sampler, detokenizer: the engine's Python)")
+                  "(scheduler, inputs, sampler, detokenizer: the engine's Python)")
     cfg = llm.llm_engine.config
     runner = llm.llm_engine.runner.executor
     plugins = sorted({n.plugin.name for n in runner.runner.nodes}) if hasattr(runner, "runner") else ["eager"]
