@@ -79,8 +79,11 @@ def test_perfxlm_plugins_command(oot_plugin, capsys):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cpu_compiled_step_equals_node_by_node(tiny_llama_dir, monkeypatch, dtype):
     """The cpu plugin's one-call-per-step plan runs the same kernels in the same order as the
-    node-by-node walk: logprobs are bitwise equal, with chunked prefill and batching (in
-    bfloat16 the plan's lm_head stores float32 logits itself; the walk converts them after)."""
+    node-by-node walk: logprobs are bitwise equal, with chunked prefill and batching. The plan
+    also fuses: gate, up and SiluMul in one pass (where the kernel set packs the weights), and
+    in bfloat16 the lm_head stores float32 logits itself (the walk converts them after)."""
+    from hw_plugins.cpu import library
+    from hw_plugins.cpu.plan import LINEAR_SILU
     prompts = [{"prompt_token_ids": list(range(5, 5 + n))} for n in (3, 17, 9)]
     params = SamplingParams(temperature=0, max_tokens=6, logprobs=2)
 
@@ -89,14 +92,16 @@ def test_cpu_compiled_step_equals_node_by_node(tiny_llama_dir, monkeypatch, dtyp
         runner = llm.llm_engine.runner.executor.runner
         outs = llm.generate(prompts, params, use_tqdm=False)
         assert_no_leaks(llm)
-        return runner.fast is not None, [[(t, {k: v.logprob for k, v in lp.items()})
-                                          for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
-                                         for o in outs]
+        fused = runner.fast is not None and any(r.op == LINEAR_SILU for r in runner.fast.records)
+        return runner.fast is not None, fused, [[(t, {k: v.logprob for k, v in lp.items()})
+                                                 for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
+                                                for o in outs]
 
-    planned, a = run()
+    planned, fused, a = run()
     monkeypatch.setenv("PERFXLM_NODE_BY_NODE", "1")
-    walked, b = run()
+    walked, _, b = run()
     assert planned and not walked
+    assert fused == (library.load().pxl_packed_bytes(library.BF16 if dtype == "bfloat16" else library.F32, 128, 64) != 0)
     assert a == b
 
 

@@ -10,6 +10,8 @@
  * (OpenBLAS's sgemm was slower on every SmolLM2 prefill shape: `perfxlm bench gemv --rows 512`.)
  */
 #include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
 
 #include "pxl_kernels.h"
 
@@ -151,11 +153,24 @@ void pxl_pack_weights(int wfmt, size_t N, size_t K, const void *W, void *out) {
                    (uint16_t *)out + n * K);
 }
 
+void pxl_pack_gated(int wfmt, size_t N, size_t K, const void *Wg, const void *Wu, void *out) {
+    size_t es = wfmt == PXL_F32 ? 4 : 2, slot = (size_t)PXL_PANEL * K * es;
+    for (size_t n = 0; n < N; n += PXL_PANEL)
+        for (int h = 0; h < 2; h++) { /* panel n / 32 of gate, then of up */
+            const char *src = (const char *)(h ? Wu : Wg) + n * K * es;
+            char *dst = (char *)out + (2 * (n / PXL_PANEL) + h) * slot;
+            size_t rows = N - n < PXL_PANEL ? N - n : PXL_PANEL;
+            if (wfmt == PXL_F32) pack_panel_f32(rows, K, (const float *)src, (float *)dst);
+            else pack_panel(wfmt, rows, K, (const uint16_t *)src, (uint16_t *)dst);
+        }
+}
+
 /* Where fp32 results go when they are not y itself: bias added, then rounded once to dt and
  * stored as odt (dt's values, widened when odt is PXL_F32). y and bias start at the thread's
  * first column. */
 typedef struct {
     int dt, odt;
+    int gated; /* the panels alternate gate and up: y = silu(gate) * up (pxl_linear_silu) */
     const void *bias;
     void *y;
     size_t ldy;
@@ -186,6 +201,24 @@ PXL_CLONES static void store_rows(const out_spec *o, size_t r0, size_t c0, size_
     }
 }
 
+/* rows x cols of silu(g) * u from fp32 tiles g and u (lds) -> out at (r0, c0), each of g and u
+ * rounded to dt first, as two Linears' outputs would be */
+PXL_CLONES static void store_gated(const out_spec *o, size_t r0, size_t c0, size_t rows, size_t cols, const float *g,
+                                   const float *u, size_t lds) {
+    for (size_t r = 0; r < rows; r++) {
+        const float *a = g + r * lds, *b = u + r * lds;
+        if (o->dt == PXL_F32) {
+            float *y = (float *)o->y + (r0 + r) * o->ldy + c0;
+            for (size_t j = 0; j < cols; j++) y[j] = pxl_silu_mul1(a[j], b[j]);
+        } else {
+            uint16_t *y = (uint16_t *)o->y + (r0 + r) * o->ldy + c0;
+            for (size_t j = 0; j < cols; j++)
+                y[j] = pxl_f32_to_bf16(pxl_silu_mul1(pxl_bf16_to_f32(pxl_f32_to_bf16(a[j])),
+                                                     pxl_bf16_to_f32(pxl_f32_to_bf16(b[j]))));
+        }
+    }
+}
+
 /* Y (T, cols) = X (T, K) . packed panels, bf16 (PXL_BF16P) or fp32 (f32: PXL_F32P); T walks
  * in chunks that stay in L2 while a panel (32 x K: L1-sized in bf16, L2 in fp32) serves every
  * token of the chunk. With `out`, Y is a scratch tile of PXL_PANEL columns for one chunk, and
@@ -203,24 +236,33 @@ static void run_packed(const pxl_kernel_set *ks, int f32, size_t T, size_t cols,
         /* the chunk in calls of near-equal size (64 tokens: 11, 11, 11, 11, 10, 10, not 12 x 5 + 4):
          * a call with few tokens has too few accumulators to hide the FMA latency */
         size_t calls = (t1 - t0 + PXL_PANEL_RM - 1) / PXL_PANEL_RM, base = (t1 - t0) / calls, extra = (t1 - t0) % calls;
-        for (size_t n = 0; n < cols; n += PXL_PANEL) {
+        /* panels in memory order; gated, they alternate gate and up (each into a tile of its own)
+         * and an up panel ends an output panel */
+        const int gated = out && out->gated;
+        const size_t npanels = (cols + PXL_PANEL - 1) / PXL_PANEL, slots = gated ? 2 * npanels : npanels;
+        for (size_t s = 0; s < slots; s++) {
+            size_t n = (gated ? s / 2 : s) * PXL_PANEL;
             int nvalid = cols - n < PXL_PANEL ? (int)(cols - n) : PXL_PANEL;
-            const char *w = (const char *)Wp + n * K * es;
+            const char *w = (const char *)Wp + s * PXL_PANEL * K * es;
+            float *tile = gated ? Y + (s & 1) * PACKED_T_CHUNK * PXL_PANEL : Y;
             /* the next panel comes from DRAM in a decode step, and the hardware prefetchers only
              * follow demand misses: the calls after a panel's first run from L1 and leave the
              * memory idle, so each call prefetches its share of the next panel's lines */
-            const char *next = n + PXL_PANEL < cols ? w + PXL_PANEL * K * es : NULL;
+            const char *next = s + 1 < slots ? w + PXL_PANEL * K * es : NULL;
             for (size_t c = 0, t = t0; c < calls; c++) {
                 int rm = (int)(base + (c < extra));
                 size_t l0 = next ? lines * c / calls : 0, l1 = next ? lines * (c + 1) / calls : 0;
                 const char *pf = next ? next + l0 * 64 : NULL;
                 const char *x = (const char *)X + t * K * es;
-                float *yt = out ? Y + (t - t0) * PXL_PANEL : Y + t * ldy + n;
+                float *yt = out ? tile + (t - t0) * PXL_PANEL : Y + t * ldy + n;
                 size_t ld = out ? PXL_PANEL : ldy;
                 gemm(rm, K, x, K, w, yt, ld, nvalid, pf, l1 - l0);
                 t += rm;
             }
-            if (out) store_rows(out, t0, c0 + n, t1 - t0, nvalid, Y, PXL_PANEL);
+            if (gated && (s & 1))
+                store_gated(out, t0, c0 + n, t1 - t0, nvalid, Y, Y + PACKED_T_CHUNK * PXL_PANEL, PXL_PANEL);
+            else if (out && !gated)
+                store_rows(out, t0, c0 + n, t1 - t0, nvalid, Y, PXL_PANEL);
         }
     }
 }
@@ -275,8 +317,8 @@ static void compute(const pxl_kernel_set *ks, int wfmt, int packed_q, size_t T, 
     }
 }
 
-static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int wfmt, size_t T, size_t N, size_t K,
-                        const void *x, const void *W, const void *bias, void *y) {
+static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, int wfmt, size_t T, size_t N,
+                        size_t K, const void *x, const void *W, const void *bias, void *y) {
     const int bf16_w = wfmt == PXL_BF16 || wfmt == PXL_BF16P, quant = PXL_IS_QUANT(wfmt);
     /* quantised weights: int8 dot products for decode-sized T (and every T when batch
      * invariant, so a row's result never depends on the batch), dequantised panels else.
@@ -310,18 +352,18 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int wfmt, siz
     pxl_split(N, wfmt == PXL_BF16P || wfmt == PXL_F32P || packed_q ? PXL_PANEL : 16, &n0, &n1);
     if (n0 >= n1) return;
     size_t cols = n1 - n0;
-    const char *Wn = (const char *)W + (wfmt == PXL_BF16P   ? n0 * K * 2
-                                        : wfmt == PXL_F32P ? n0 * K * 4
-                                                           : n0 * pxl_row_bytes(wfmt, K));
-    if (dt == PXL_F32 && odt == PXL_F32 && !bias) {
+    const char *Wn = (const char *)W + (gated + 1) * (wfmt == PXL_BF16P   ? n0 * K * 2
+                                                     : wfmt == PXL_F32P ? n0 * K * 4
+                                                                        : n0 * pxl_row_bytes(wfmt, K));
+    if (dt == PXL_F32 && odt == PXL_F32 && !bias && !gated) {
         compute(ks, wfmt, packed_q, T, cols, K, xk, qbuf, Wn, (float *)y + n0, N, NULL);
         return;
     }
     /* bias or bf16 output: this thread's columns in fp32, then added and rounded once */
     size_t es = dt == PXL_F32 ? 4 : 2, oes = odt == PXL_F32 ? 4 : 2;
-    out_spec o = {dt, odt, bias ? (const char *)bias + n0 * es : NULL, (char *)y + n0 * oes, N};
+    out_spec o = {dt, odt, gated, bias ? (const char *)bias + n0 * es : NULL, (char *)y + n0 * oes, N};
     const int fused = wfmt == PXL_BF16P || wfmt == PXL_F32P || packed_q;
-    float *yp = pxl_scratch(1, (fused ? PACKED_T_CHUNK * PXL_PANEL : T * cols) * 4);
+    float *yp = pxl_scratch(1, (fused ? (size_t)(gated + 1) * PACKED_T_CHUNK * PXL_PANEL : T * cols) * 4);
     compute(ks, wfmt, packed_q, T, cols, K, xk, qbuf, Wn, yp, cols, fused ? &o : NULL);
     if (!fused) store_rows(&o, 0, 0, T, cols, yp, cols);
 }
@@ -331,7 +373,17 @@ void pxl_linear_to(int dt, int odt, int wfmt, size_t T, size_t N, size_t K, cons
     const pxl_kernel_set *ks = pxl_kernels();
     int nth = (double)T * N * K < 32768 ? 1 : pxl_num_threads(); /* tiny: not worth waking threads */
     if (dt == PXL_F32) odt = PXL_F32; /* (no narrowing store) */
-    PXL_ON_TEAM(nth, linear_team(ks, dt, odt, wfmt, T, N, K, x, W, bias, y));
+    PXL_ON_TEAM(nth, linear_team(ks, dt, odt, 0, wfmt, T, N, K, x, W, bias, y));
+}
+
+void pxl_linear_silu(int dt, int wfmt, size_t T, size_t N, size_t K, const void *x, const void *Wgu, void *y) {
+    if (wfmt != PXL_BF16P && wfmt != PXL_F32P) { /* a caller's bug: no other layout alternates panels */
+        fprintf(stderr, "pxl_linear_silu: weights must be packed panels (PXL_BF16P / PXL_F32P), got %d\n", wfmt);
+        abort();
+    }
+    const pxl_kernel_set *ks = pxl_kernels();
+    int nth = 2.0 * T * N * K < 32768 ? 1 : pxl_num_threads();
+    PXL_ON_TEAM(nth, linear_team(ks, dt, dt, 1, wfmt, T, N, K, x, Wgu, NULL, y));
 }
 
 void pxl_linear(int dt, int wfmt, size_t T, size_t N, size_t K, const void *x, const void *W, const void *bias,

@@ -92,8 +92,7 @@ void pxl_rope(int dt, size_t T, size_t H, size_t hd, const void *x, const int64_
 
 PXL_INLINE void silu_mul_n(int dt, size_t i0, size_t i1, const void *g, const void *u, void *y) {
     for (size_t i = i0; i < i1; i++) {
-        float a = ld(dt, g, i);
-        st(dt, y, i, a / (1.0f + pxl_exp(-a)) * ld(dt, u, i));
+        st(dt, y, i, pxl_silu_mul1(ld(dt, g, i), ld(dt, u, i)));
     }
 }
 PXL_CLONES static void silu_mul_range(int dt, size_t i0, size_t i1, const void *gate, const void *up, void *y) {

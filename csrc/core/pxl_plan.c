@@ -20,7 +20,7 @@ typedef struct {
     const void *p[10];
 } pxl_plan_node;
 
-enum { OP_GATHER, OP_RMSNORM, OP_LINEAR, OP_ROPE, OP_ATTENTION, OP_SILU_MUL, OP_ADD, N_OPS };
+enum { OP_GATHER, OP_RMSNORM, OP_LINEAR, OP_ROPE, OP_ATTENTION, OP_SILU_MUL, OP_ADD, OP_LINEAR_SILU, N_OPS };
 
 /* per phase: steps with prompt tokens (0), decode steps, one query token a sequence (1) */
 static int op_profile_on;
@@ -51,6 +51,7 @@ static void run_node(const pxl_plan_node *x, size_t T, size_t N, size_t B, size_
         break;
     case OP_SILU_MUL: pxl_silu_mul(x->dt, rows * x->a, p[0], p[1], p[2]); break;
     case OP_ADD: pxl_add(x->dt, rows * x->a, p[0], p[1], p[2]); break;
+    case OP_LINEAR_SILU: pxl_linear_silu(x->dt, x->wfmt, rows, x->a, x->b, p[0], p[1], p[2]); break;
     }
 }
 
@@ -80,8 +81,8 @@ void pxl_plan_run(const pxl_plan_node *nodes, size_t n, size_t T, size_t N, size
     if (pinned) pxl_unpin_caller(&saved);
 }
 
-/* Per-op time across steps (`perfxlm bench ... --profile-ops`): seconds[phase * 7 + op] and
- * calls[...] for the 7 op kinds above in enum order, phase 0 for steps with prompt tokens and
+/* Per-op time across steps (`perfxlm bench ... --profile-ops`): seconds[phase * N_OPS + op] and
+ * calls[...] for the N_OPS op kinds above in enum order, phase 0 for steps with prompt tokens and
  * 1 for decode steps; reading resets them, `on` starts or stops timing. */
 void pxl_plan_profile(int on, double *seconds, int64_t *calls) {
     for (int ph = 0; ph < 2; ph++)

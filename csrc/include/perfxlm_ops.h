@@ -77,6 +77,13 @@ void pxl_linear_to(int dt, int odt, int wfmt, size_t T, size_t N, size_t K, cons
  * fills it, then pass it to pxl_linear as PXL_BF16P / PXL_F32P / PXL_Q*R. */
 size_t pxl_packed_bytes(int wfmt, size_t N, size_t K);
 void pxl_pack_weights(int wfmt, size_t N, size_t K, const void *W, void *out);
+/* The gated MLP's first half in one pass: y (T, N) = silu(x @ Wg^T) * (x @ Wu^T), each product
+ * rounded to dt first, so bitwise what two pxl_linear calls and pxl_silu_mul give, without the
+ * two (T, N) intermediates or a pass of their own. Wgu: gate and up packed by pxl_pack_gated
+ * (wfmt PXL_BF16 or PXL_F32, where pxl_packed_bytes(wfmt, N, K) is not 0; it is twice that size),
+ * panel j of gate then panel j of up; pass it as PXL_BF16P / PXL_F32P. */
+void pxl_pack_gated(int wfmt, size_t N, size_t K, const void *Wg, const void *Wu, void *out);
+void pxl_linear_silu(int dt, int wfmt, size_t T, size_t N, size_t K, const void *x, const void *Wgu, void *y);
 /* y (T, D) = table (V, D)[idx (T,)] */
 void pxl_gather(int dt, size_t T, size_t D, const void *table, const int64_t *idx, void *y);
 /* y (T, D) = w (D,) * x / sqrt(mean(x^2) + eps) */

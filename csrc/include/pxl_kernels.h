@@ -116,6 +116,10 @@ static inline float pxl_exp(float x) {
     return p * scale;
 }
 
+/* one element of SiLU-mul, silu(g) * u: the expression pxl_silu_mul and the gated Linear's
+ * epilogue share, so the fused path gives the same bits */
+static inline float pxl_silu_mul1(float g, float u) { return g / (1.0f + pxl_exp(-g)) * u; }
+
 /* a per-thread buffer that only grows (reused across calls: no allocation per step);
  * slots are independent buffers: 0-2 inputs/outputs of an op, 3 a worker's own panel */
 #define PXL_SCRATCH_SLOTS 4

@@ -259,6 +259,27 @@ static void test_linear_to(int fmt, size_t T, size_t N, size_t K, int with_bias)
     free(deq); free(W); free(x); free(b); free(y16); free(y32);
 }
 
+/* pxl_linear_silu on gate and up packed together = pxl_linear on each, then pxl_silu_mul, bitwise */
+static void test_linear_silu(int dt, int fmt, size_t T, size_t N, size_t K) {
+    double *deq = malloc(N * K * 8);
+    int src = dense_of(fmt);
+    void *Wg = make_weights(src, N, K, deq), *Wu = make_weights(src, N, K, deq), *x = alloc_rand(dt, T * K, 1);
+    size_t es = dt ? 2 : 4, slot = (size_t)K * 32 * (fmt == PXL_F32P ? 4 : 2);
+    void *Wgu = malloc(2 * (N + 31) / 32 * slot);
+    pxl_pack_gated(src, N, K, Wg, Wu, Wgu);
+    Wg = packed_copy(fmt, N, K, Wg), Wu = packed_copy(fmt, N, K, Wu);
+    char *g = malloc(T * N * es), *u = malloc(T * N * es), *want = malloc(T * N * es), *got = malloc(T * N * es);
+    pxl_linear(dt, fmt, T, N, K, x, Wg, NULL, g);
+    pxl_linear(dt, fmt, T, N, K, x, Wu, NULL, u);
+    pxl_silu_mul(dt, T * N, g, u, want);
+    pxl_linear_silu(dt, fmt, T, N, K, x, Wgu, got);
+    char name[80];
+    snprintf(name, sizeof name, "linear_silu %s w=%s T=%zu N=%zu K=%zu", dt ? "bf16" : "f32", fmt_name[fmt], T, N, K);
+    if (!memcmp(want, got, T * N * es)) passed++;
+    else printf("FAIL [%s] %s\n", isa, name), failed++;
+    free(deq); free(Wg); free(Wu); free(Wgu); free(x); free(g); free(u); free(want); free(got);
+}
+
 static void test_rowwise(int dt, size_t T, size_t D) {
     size_t n = T * D, cap = (T > 5 ? T : 5) * D; /* gather writes 5 rows */
     void *a = alloc_rand(dt, n, 4), *b = alloc_rand(dt, n, 1), *w = alloc_rand(dt, D, 1), *y = malloc(cap * 4);
@@ -506,6 +527,13 @@ int main(void) {
             test_linear(PXL_BF16, PXL_Q8_0, 70, 70, 576, 1); /* dequantised panels packed (T >= 64) */
         test_quantize_x(32);
         test_quantize_x(576);
+        for (int fmt = PXL_BF16P; fmt <= PXL_F32P; fmt++) /* one token to two token chunks, N tails */
+            for (int dt = 0; dt < 2; dt++) {
+                test_linear_silu(dt, fmt, 1, 64, 576);
+                test_linear_silu(dt, fmt, 3, 70, 64);
+                test_linear_silu(dt, fmt, 64, 1536, 576);
+                test_linear_silu(dt, fmt, 300, 40, 130);
+            }
         for (int fmt = PXL_BF16; fmt < PXL_NFMT; fmt++) /* decode and prefill sizes, every path */
             for (int bias = 0; bias < 2; bias++) {
                 test_linear_to(fmt, 3, 70, 576, bias);

@@ -30,6 +30,8 @@ _SIGNATURES = {
     "pxl_linear": ([_i, _i, _sz, _sz, _sz, _p, _p, _p, _p], None),
     "pxl_packed_bytes": ([_i, _sz, _sz], _sz),
     "pxl_pack_weights": ([_i, _sz, _sz, _p, _p], None),
+    "pxl_pack_gated": ([_i, _sz, _sz, _p, _p, _p], None),
+    "pxl_linear_silu": ([_i, _i, _sz, _sz, _sz, _p, _p, _p], None),
     "pxl_gather": ([_i, _sz, _sz, _p, _p, _p], None),
     "pxl_rmsnorm": ([_i, _sz, _sz, _p, _p, _f, _p], None),
     "pxl_rope": ([_i, _sz, _sz, _sz, _p, _p, _p, _p, _p], None),
@@ -139,7 +141,8 @@ def load() -> ctypes.CDLL:
     raise OSError(msg)
 
 
-PLAN_OPS = ("Gather", "RMSNorm", "Linear", "RoPE", "PagedAttention", "SiluMul", "Add")  # pxl_plan.c's order
+PLAN_OPS = ("Gather", "RMSNorm", "Linear", "RoPE", "PagedAttention", "SiluMul", "Add",
+            "Linear+SiluMul")  # pxl_plan.c's order; the last: gate, up and SiluMul in one pass
 
 
 PROFILE_PHASES = ("prefill", "decode")  # steps with prompt tokens; steps of one query token a sequence

@@ -12,7 +12,7 @@ import numpy as np
 
 from hw_plugins.cpu.plugin import _ACT, _ptr, host_zeros
 
-GATHER, RMSNORM, LINEAR, ROPE, ATTENTION, SILU_MUL, ADD = range(7)
+GATHER, RMSNORM, LINEAR, ROPE, ATTENTION, SILU_MUL, ADD, LINEAR_SILU = range(8)
 
 
 NO_WAIT = 2  # PlanNode.rows bit: no barrier before the next node in a decode step (pxl_plan.c)
@@ -23,6 +23,26 @@ def _independent(a: "PlanNode", b: "PlanNode") -> bool:
     """Two Linear records (p: x, weight, bias, y) that share at most their input (q / k / v,
     gate / up): neither reads or writes the buffer the other writes."""
     return a.p[3] not in (b.p[0], b.p[3]) and b.p[3] != a.p[0]
+
+
+def _gated_pairs(nodes: list[Any]) -> dict[int, tuple[Any, Any]]:
+    """The SiluMul nodes (by index) whose gate and up are two bias-free Linears of one input
+    that nothing else reads: each becomes one pass (pxl_linear_silu) in place of the three."""
+    readers: dict[str, int] = {}
+    for node in nodes:
+        for name in node.inputs:
+            readers[name] = readers.get(name, 0) + 1
+    producer = {node.outputs[0]: node for node in nodes}
+    pairs = {}
+    for i, node in enumerate(nodes):
+        if node.op_type != "SiluMul":
+            continue
+        gate, up = (producer.get(name) for name in node.inputs)
+        if (gate is not None and up is not None and gate.op_type == up.op_type == "Linear"
+                and len(gate.inputs) == len(up.inputs) == 2 and gate.inputs[0] == up.inputs[0]
+                and readers[gate.outputs[0]] == readers[up.outputs[0]] == 1):
+            pairs[i] = (gate, up)
+    return pairs
 
 
 class PlanNode(ctypes.Structure):
@@ -42,6 +62,13 @@ class Plan:
         engine would otherwise convert 64 x 49152 of them a decode step."""
         lib = plugin.lib
         self.plugin, self.lib, self.inputs = plugin, lib, inputs
+        gated = {}  # id(SiluMul node) -> (its gate Linear, the packed gate and up weights)
+        for i, (gate, up) in _gated_pairs(nodes).items():
+            packed = plugin.gated_weight(gate.attrs, buffer(gate.inputs[1]), up.attrs, buffer(up.inputs[1]))
+            if packed is not None:
+                gated[id(nodes[i])] = (gate, up, packed)
+        fused = {id(n) for gate, up, _ in gated.values() for n in (gate, up)}
+        nodes = [n for n in nodes if id(n) not in fused]  # each pair's SiluMul record runs it
         self.records = (PlanNode * len(nodes))()
         self.input_refs: dict[str, list[tuple[int, int]]] = {n: [] for n in inputs}
         for i, node in enumerate(nodes):
@@ -70,6 +97,11 @@ class Plan:
                 r.op, r.a, r.b, r.c = ATTENTION, at["num_heads"], at["num_kv_heads"], at["head_dim"]
                 r.d, r.e, r.f0 = arrays[3].shape[1], at.get("sliding_window") or 0, at["scale"]
                 ptrs = [*arrays[:9], out]
+            elif id(node) in gated:  # y = silu(x @ Wg^T) * (x @ Wu^T), in one pass
+                gate, _, (r.wfmt, weight) = gated[id(node)]
+                x = buffer(gate.inputs[0])
+                r.op, r.a, r.b, r.dt, ptrs = LINEAR_SILU, out.shape[1], x.shape[1], _ACT[x.dtype.name], [x, weight, out]
+                ins = [gate.inputs[0]]
             elif node.op_type in ("SiluMul", "Add"):
                 r.op, r.a, ptrs = SILU_MUL if node.op_type == "SiluMul" else ADD, arrays[0].shape[1], [*arrays[:2], out]
             else:

@@ -55,7 +55,7 @@ class CpuPlugin(HwPlugin):
         self._ops = {"Gather": self._gather, "RMSNorm": self._rmsnorm, "Linear": self._linear, "RoPE": self._rope,
                      "PagedAttention": self._paged_attention, "SiluMul": self._silu_mul, "Add": self._add}
         self.lib, self._error = None, self._unsupported_here()
-        self._packed: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # weight -> (weight, packed copy)
+        self._packed: dict[tuple, tuple[np.ndarray, ...]] = {}  # weight(s) -> (weight(s), packed copy)
         self.batch_invariant = False
         if self._error is None:
             try:
@@ -158,7 +158,26 @@ class CpuPlugin(HwPlugin):
             packed = host_zeros((size,), np.uint8)
             self.lib.pxl_pack_weights(fmt, w.shape[0], K, _ptr(w), _ptr(packed))
             self._packed[key] = (w, packed)
-        return library.PACKED[fmt], self._packed[key][1]
+        return library.PACKED[fmt], self._packed[key][-1]
+
+    def gated_weight(self, gate_attrs: dict, wg: np.ndarray, up_attrs: dict, wu: np.ndarray) \
+            -> tuple[int, np.ndarray] | None:
+        """(weight format code, array) of a gated MLP's gate and up weights packed together for
+        pxl_linear_silu (panel j of gate, then of up), or None where the kernel set does not pack
+        them (quantised blocks, other shapes, no packed micro-kernel)."""
+        if gate_attrs.get("weight_format", "dense") != "dense" or up_attrs.get("weight_format", "dense") != "dense" \
+                or wg.shape != wu.shape or wg.dtype != wu.dtype or wg.dtype.name not in _ACT:
+            return None
+        fmt, (N, K) = _ACT[wg.dtype.name], wg.shape
+        size = self.lib.pxl_packed_bytes(fmt, N, K)
+        if not size:
+            return None
+        key = (_ptr(wg), _ptr(wu), wg.shape)
+        if key not in self._packed:  # kept here: the plan holds only its address
+            packed = host_zeros((2 * size,), np.uint8)
+            self.lib.pxl_pack_gated(fmt, N, K, _ptr(wg), _ptr(wu), _ptr(packed))
+            self._packed[key] = (wg, wu, packed)
+        return library.PACKED[fmt], self._packed[key][-1]
 
     def _linear(self, attrs: dict, ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
         x = ins[0]                                              # (T, K), weights (N, K) or (N, row bytes)
