@@ -80,10 +80,11 @@ def test_perfxlm_plugins_command(oot_plugin, capsys):
 def test_cpu_compiled_step_equals_node_by_node(tiny_llama_dir, monkeypatch, dtype):
     """The cpu plugin's one-call-per-step plan runs the same kernels in the same order as the
     node-by-node walk: logprobs are bitwise equal, with chunked prefill and batching. The plan
-    also fuses: gate, up and SiluMul in one pass (where the kernel set packs the weights), and
-    in bfloat16 the lm_head stores float32 logits itself (the walk converts them after)."""
+    also fuses: gate, up and SiluMul in one pass (where the kernel set packs the weights), a
+    residual Add with the RMSNorm after it, and in bfloat16 the lm_head stores float32 logits
+    itself (the walk converts them after)."""
     from hw_plugins.cpu import library
-    from hw_plugins.cpu.plan import LINEAR_SILU
+    from hw_plugins.cpu.plan import ADD_RMSNORM, LINEAR_SILU
     prompts = [{"prompt_token_ids": list(range(5, 5 + n))} for n in (3, 17, 9)]
     params = SamplingParams(temperature=0, max_tokens=6, logprobs=2)
 
@@ -92,7 +93,9 @@ def test_cpu_compiled_step_equals_node_by_node(tiny_llama_dir, monkeypatch, dtyp
         runner = llm.llm_engine.runner.executor.runner
         outs = llm.generate(prompts, params, use_tqdm=False)
         assert_no_leaks(llm)
-        fused = runner.fast is not None and any(r.op == LINEAR_SILU for r in runner.fast.records)
+        ops = [r.op for r in runner.fast.records] if runner.fast is not None else []
+        assert runner.fast is None or ops.count(ADD_RMSNORM) == 2 * runner.params.n_layers - 1
+        fused = LINEAR_SILU in ops
         return runner.fast is not None, fused, [[(t, {k: v.logprob for k, v in lp.items()})
                                                  for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
                                                 for o in outs]

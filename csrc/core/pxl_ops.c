@@ -32,6 +32,10 @@ void pxl_gather(int dt, size_t T, size_t D, const void *table, const int64_t *id
     });
 }
 
+PXL_INLINE void add_n(int dt, size_t i0, size_t i1, const void *a, const void *b, void *y) {
+    for (size_t i = i0; i < i1; i++) st(dt, y, i, ld(dt, a, i) + ld(dt, b, i));
+}
+
 PXL_INLINE void rmsnorm_row(int dt, size_t D, const void *x, const void *w, float eps, void *y) {
     float ss = 0;
 #pragma omp simd reduction(+ : ss)
@@ -55,6 +59,29 @@ void pxl_rmsnorm(int dt, size_t T, size_t D, const void *x, const void *w, float
         size_t t0, t1;
         pxl_split(T, 1, &t0, &t1);
         rmsnorm_rows(dt, t0, t1, D, x, w, eps, y);
+    });
+}
+
+/* s = a + b, then y = rmsnorm(s) from s as stored (rounded to dt): the residual add and the
+ * next norm in one pass, each row's sum still in L1 when the norm reads it back; bitwise
+ * pxl_add then pxl_rmsnorm */
+PXL_CLONES static void add_rmsnorm_rows(int dt, size_t t0, size_t t1, size_t D, const void *a, const void *b,
+                                        const void *w, float eps, void *s, void *y) {
+    size_t es = dt == PXL_F32 ? 4 : 2;
+    for (size_t t = t0; t < t1; t++) {
+        const char *ar = (const char *)a + t * D * es, *br = (const char *)b + t * D * es;
+        char *sr = (char *)s + t * D * es, *yr = (char *)y + t * D * es;
+        if (dt == PXL_F32) add_n(PXL_F32, 0, D, ar, br, sr), rmsnorm_row(PXL_F32, D, sr, w, eps, yr);
+        else add_n(PXL_BF16, 0, D, ar, br, sr), rmsnorm_row(PXL_BF16, D, sr, w, eps, yr);
+    }
+}
+void pxl_add_rmsnorm(int dt, size_t T, size_t D, const void *a, const void *b, const void *w, float eps, void *s,
+                     void *y) {
+    int nth = T < 8 ? 1 : pxl_num_threads();
+    PXL_ON_TEAM(nth, {
+        size_t t0, t1;
+        pxl_split(T, 1, &t0, &t1);
+        add_rmsnorm_rows(dt, t0, t1, D, a, b, w, eps, s, y);
     });
 }
 
@@ -108,9 +135,6 @@ void pxl_silu_mul(int dt, size_t n, const void *gate, const void *up, void *y) {
     });
 }
 
-PXL_INLINE void add_n(int dt, size_t i0, size_t i1, const void *a, const void *b, void *y) {
-    for (size_t i = i0; i < i1; i++) st(dt, y, i, ld(dt, a, i) + ld(dt, b, i));
-}
 PXL_CLONES static void add_range(int dt, size_t i0, size_t i1, const void *a, const void *b, void *y) {
     if (dt == PXL_F32) add_n(PXL_F32, i0, i1, a, b, y);
     else add_n(PXL_BF16, i0, i1, a, b, y);

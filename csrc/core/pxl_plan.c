@@ -20,7 +20,8 @@ typedef struct {
     const void *p[10];
 } pxl_plan_node;
 
-enum { OP_GATHER, OP_RMSNORM, OP_LINEAR, OP_ROPE, OP_ATTENTION, OP_SILU_MUL, OP_ADD, OP_LINEAR_SILU, N_OPS };
+enum { OP_GATHER, OP_RMSNORM, OP_LINEAR, OP_ROPE, OP_ATTENTION, OP_SILU_MUL, OP_ADD, OP_LINEAR_SILU, OP_ADD_RMSNORM,
+       N_OPS };
 
 /* per phase: steps with prompt tokens (0), decode steps, one query token a sequence (1) */
 static int op_profile_on;
@@ -52,6 +53,7 @@ static void run_node(const pxl_plan_node *x, size_t T, size_t N, size_t B, size_
     case OP_SILU_MUL: pxl_silu_mul(x->dt, rows * x->a, p[0], p[1], p[2]); break;
     case OP_ADD: pxl_add(x->dt, rows * x->a, p[0], p[1], p[2]); break;
     case OP_LINEAR_SILU: pxl_linear_silu(x->dt, x->wfmt, rows, x->a, x->b, p[0], p[1], p[2]); break;
+    case OP_ADD_RMSNORM: pxl_add_rmsnorm(x->dt, rows, x->a, p[0], p[1], p[2], x->f0, p[3], p[4]); break;
     }
 }
 

@@ -88,6 +88,9 @@ void pxl_linear_silu(int dt, int wfmt, size_t T, size_t N, size_t K, const void 
 void pxl_gather(int dt, size_t T, size_t D, const void *table, const int64_t *idx, void *y);
 /* y (T, D) = w (D,) * x / sqrt(mean(x^2) + eps) */
 void pxl_rmsnorm(int dt, size_t T, size_t D, const void *x, const void *w, float eps, void *y);
+/* s (T, D) = a + b and y = rmsnorm(s) (from s in dt) in one pass: bitwise pxl_add, pxl_rmsnorm */
+void pxl_add_rmsnorm(int dt, size_t T, size_t D, const void *a, const void *b, const void *w, float eps, void *s,
+                     void *y);
 /* y (T, H*hd) = x * cos[pos] + rotate_half(x) * sin[pos]; cos, sin (P, hd); halves layout */
 void pxl_rope(int dt, size_t T, size_t H, size_t hd, const void *x, const int64_t *pos, const void *cos,
               const void *sin, void *y);

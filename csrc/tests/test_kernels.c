@@ -280,6 +280,25 @@ static void test_linear_silu(int dt, int fmt, size_t T, size_t N, size_t K) {
     free(deq); free(Wg); free(Wu); free(Wgu); free(x); free(g); free(u); free(want); free(got);
 }
 
+/* pxl_add_rmsnorm = pxl_add then pxl_rmsnorm, bitwise, also with y over a (the plan may reuse
+ * a's buffer for y) */
+static void test_add_rmsnorm(int dt, size_t T, size_t D) {
+    size_t n = T * D, es = dt ? 2 : 4;
+    void *a = alloc_rand(dt, n, 4), *b = alloc_rand(dt, n, 1), *w = alloc_rand(dt, D, 1);
+    char *s1 = malloc(n * es), *y1 = malloc(n * es), *s2 = malloc(n * es), *y2 = malloc(n * es);
+    pxl_add(dt, n, a, b, s1);
+    pxl_rmsnorm(dt, T, D, s1, w, 1e-5f, y1);
+    pxl_add_rmsnorm(dt, T, D, a, b, w, 1e-5f, s2, y2);
+    int ok = !memcmp(s1, s2, n * es) && !memcmp(y1, y2, n * es);
+    pxl_add_rmsnorm(dt, T, D, a, b, w, 1e-5f, s2, a); /* y in place of a */
+    ok &= !memcmp(s1, s2, n * es) && !memcmp(y1, a, n * es);
+    char name[64];
+    snprintf(name, sizeof name, "add_rmsnorm %s T=%zu D=%zu", dt ? "bf16" : "f32", T, D);
+    if (ok) passed++;
+    else printf("FAIL [%s] %s\n", isa, name), failed++;
+    free(a); free(b); free(w); free(s1); free(y1); free(s2); free(y2);
+}
+
 static void test_rowwise(int dt, size_t T, size_t D) {
     size_t n = T * D, cap = (T > 5 ? T : 5) * D; /* gather writes 5 rows */
     void *a = alloc_rand(dt, n, 4), *b = alloc_rand(dt, n, 1), *w = alloc_rand(dt, D, 1), *y = malloc(cap * 4);
@@ -547,6 +566,9 @@ int main(void) {
         for (int dt = 0; dt < 2; dt++) {
             test_rowwise(dt, 1, 1);
             test_rowwise(dt, 13, 577);
+            test_add_rmsnorm(dt, 1, 576);
+            test_add_rmsnorm(dt, 64, 576);
+            test_add_rmsnorm(dt, 7, 33);
             test_rope(dt, 1, 1, 2);
             test_rope(dt, 7, 9, 64);
             test_attention(dt, 6, 2, 8, 0, 3);

@@ -37,6 +37,7 @@ _SIGNATURES = {
     "pxl_rope": ([_i, _sz, _sz, _sz, _p, _p, _p, _p, _p], None),
     "pxl_silu_mul": ([_i, _sz, _p, _p, _p], None),
     "pxl_add": ([_i, _sz, _p, _p, _p], None),
+    "pxl_add_rmsnorm": ([_i, _sz, _sz, _p, _p, _p, _f, _p, _p], None),
     "pxl_plan_profile": ([_i, _p, _p], None),
     "pxl_paged_attention": ([_i, _sz, _sz, _sz, _sz, _sz, _p, _p, _p, _p, _p, _sz, _p, _p, _sz, _p, _p, _f, _sz, _p],
                             None),
@@ -142,7 +143,7 @@ def load() -> ctypes.CDLL:
 
 
 PLAN_OPS = ("Gather", "RMSNorm", "Linear", "RoPE", "PagedAttention", "SiluMul", "Add",
-            "Linear+SiluMul")  # pxl_plan.c's order; the last: gate, up and SiluMul in one pass
+            "Linear+SiluMul", "Add+RMSNorm")  # pxl_plan.c's order; the last two: fused pairs of ops
 
 
 PROFILE_PHASES = ("prefill", "decode")  # steps with prompt tokens; steps of one query token a sequence

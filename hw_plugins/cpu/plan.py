@@ -12,7 +12,7 @@ import numpy as np
 
 from hw_plugins.cpu.plugin import _ACT, _ptr, host_zeros
 
-GATHER, RMSNORM, LINEAR, ROPE, ATTENTION, SILU_MUL, ADD, LINEAR_SILU = range(8)
+GATHER, RMSNORM, LINEAR, ROPE, ATTENTION, SILU_MUL, ADD, LINEAR_SILU, ADD_RMSNORM = range(9)
 
 
 NO_WAIT = 2  # PlanNode.rows bit: no barrier before the next node in a decode step (pxl_plan.c)
@@ -68,7 +68,11 @@ class Plan:
             if packed is not None:
                 gated[id(nodes[i])] = (gate, up, packed)
         fused = {id(n) for gate, up, _ in gated.values() for n in (gate, up)}
-        nodes = [n for n in nodes if id(n) not in fused]  # each pair's SiluMul record runs it
+        # a residual Add and the RMSNorm of its sum right after it: one pass (pxl_add_rmsnorm)
+        normed = {id(a): b for a, b in zip(nodes, nodes[1:])
+                  if a.op_type == "Add" and b.op_type == "RMSNorm" and b.inputs[0] == a.outputs[0]}
+        fused |= {id(b) for b in normed.values()}
+        nodes = [n for n in nodes if id(n) not in fused]  # each fused pair's first (SiluMul: last) record runs it
         self.records = (PlanNode * len(nodes))()
         self.input_refs: dict[str, list[tuple[int, int]]] = {n: [] for n in inputs}
         for i, node in enumerate(nodes):
@@ -102,6 +106,10 @@ class Plan:
                 x = buffer(gate.inputs[0])
                 r.op, r.a, r.b, r.dt, ptrs = LINEAR_SILU, out.shape[1], x.shape[1], _ACT[x.dtype.name], [x, weight, out]
                 ins = [gate.inputs[0]]
+            elif id(node) in normed:  # s = a + b, y = rmsnorm(s)
+                norm = normed[id(node)]
+                r.op, r.a, r.f0 = ADD_RMSNORM, out.shape[1], norm.attrs["epsilon"]
+                ptrs = [*arrays[:2], buffer(norm.inputs[1]), out, buffer(norm.outputs[0])]
             elif node.op_type in ("SiluMul", "Add"):
                 r.op, r.a, ptrs = SILU_MUL if node.op_type == "SiluMul" else ADD, arrays[0].shape[1], [*arrays[:2], out]
             else:
