@@ -31,12 +31,11 @@ static inline void prefetch_row(const char *p, size_t bytes) {
     for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o);
 }
 
-/* GCC/Clang vector types: explicit registers (a widened row in a stack array would cost a
- * failed store-to-load forward per use), one source for AVX-512, AVX2 and RVV */
-typedef float f32x16 __attribute__((vector_size(64)));
+/* GCC/Clang vector types (f32x16, i32x16: pxl_kernels.h): explicit registers (a widened row
+ * in a stack array would cost a failed store-to-load forward per use), one source for AVX-512,
+ * AVX2 and RVV */
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
 typedef uint16_t u16x32 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
 
 static inline f32x16 ld16(int dt, const void *p) { /* 16 values at p (float32 or bf16), widened */
     f32x16 v;

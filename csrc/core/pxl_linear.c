@@ -190,8 +190,8 @@ PXL_CLONES static void store_rows(const out_spec *o, size_t r0, size_t c0, size_
         } else if (o->odt == PXL_F32) { /* bf16 values, stored widened */
             float *y = (float *)o->y + (r0 + r) * o->ldy + c0;
             const uint16_t *b = o->bias ? (const uint16_t *)o->bias + c0 : NULL;
-            if (b) for (size_t j = 0; j < cols; j++) y[j] = pxl_bf16_to_f32(pxl_f32_to_bf16(a[j] + pxl_bf16_to_f32(b[j])));
-            else for (size_t j = 0; j < cols; j++) y[j] = pxl_bf16_to_f32(pxl_f32_to_bf16(a[j]));
+            if (b) for (size_t j = 0; j < cols; j++) y[j] = pxl_round_bf16(a[j] + pxl_bf16_to_f32(b[j]));
+            else for (size_t j = 0; j < cols; j++) y[j] = pxl_round_bf16(a[j]);
         } else {
             uint16_t *y = (uint16_t *)o->y + (r0 + r) * o->ldy + c0;
             const uint16_t *b = o->bias ? (const uint16_t *)o->bias + c0 : NULL;
@@ -213,8 +213,7 @@ PXL_CLONES static void store_gated(const out_spec *o, size_t r0, size_t c0, size
         } else {
             uint16_t *y = (uint16_t *)o->y + (r0 + r) * o->ldy + c0;
             for (size_t j = 0; j < cols; j++)
-                y[j] = pxl_f32_to_bf16(pxl_silu_mul1(pxl_bf16_to_f32(pxl_f32_to_bf16(a[j])),
-                                                     pxl_bf16_to_f32(pxl_f32_to_bf16(b[j]))));
+                y[j] = pxl_f32_to_bf16(pxl_silu_mul1(pxl_round_bf16(a[j]), pxl_round_bf16(b[j])));
         }
     }
 }

@@ -25,9 +25,6 @@ static inline float weight(float x, float m) {
     return d < -87.0f ? 0.0f : pxl_exp(d);
 }
 
-typedef float f32x16 __attribute__((vector_size(64))); /* GCC/Clang vectors: the max's select */
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-
 /* the row's max, 64 values at a time (a NaN shows later: its weight is NaN, so is the total) */
 PXL_CLONES static float row_max(size_t V, const float *x) {
     f32x16 mv[4]; /* four running maxima: one would wait on the compare-select latency */

@@ -81,7 +81,13 @@ static inline uint16_t pxl_f32_to_bf16(float f) { /* round to nearest even, NaN 
     uint32_t rounded = (b + 0x7fff + ((b >> 16) & 1)) >> 16, quiet = (b >> 16) | 0x40;
     return (uint16_t)((b & 0x7fffffff) > 0x7f800000 ? quiet : rounded); /* a select: vectorises */
 }
+static inline float pxl_round_bf16(float f) { return pxl_bf16_to_f32(pxl_f32_to_bf16(f)); } /* f's bf16 value */
 float pxl_fp16_to_fp32(uint16_t h);
+
+/* GCC/Clang vector types of one 64-byte register, for the portable kernels' vector code
+ * (attention, sampling): each ISA clone compiles them to its own instructions */
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
 
 /* Portable C loops compiled once per x86 level (AVX-512 F/BW/VL/DQ, AVX2+FMA, baseline) and
  * picked at load time: AVX-512 without BW would leave every bf16 loop scalar. */

@@ -33,6 +33,7 @@ def run(batch: int = 64, context: int = 192, prefill_len: int = 128, layers: int
     import ml_dtypes
 
     from hw_plugins.cpu import library
+    from hw_plugins.cpu.plugin import _ptr as ptr
     from hw_plugins.cpu.plugin import host_zeros
 
     lib = library.load()
@@ -43,9 +44,6 @@ def run(batch: int = 64, context: int = 192, prefill_len: int = 128, layers: int
 
     def rand(*shape):
         return rng.standard_normal(shape, np.float32).astype(np_dt)
-
-    def ptr(a):
-        return a.ctypes.data
 
     def phase(name: str, qlen: int, cached: int, tables: np.ndarray) -> Result:
         B, T, n = batch, batch * qlen, cached + qlen  # n: keys each query's sequence ends with
@@ -63,11 +61,14 @@ def run(batch: int = 64, context: int = 192, prefill_len: int = 128, layers: int
         pos = np.arange(cached, n)
         slots = (tables[:, pos // BLOCK] * BLOCK + pos % BLOCK).reshape(-1).astype(np.int64)
 
+        def attend(kc: np.ndarray, vc: np.ndarray) -> None:  # one layer: y
+            lib.pxl_paged_attention(code, T, B, heads, kv_heads, head_dim, ptr(qa), ptr(ka), ptr(va), ptr(kc),
+                                    ptr(vc), BLOCK, ptr(slots), ptr(tables), tables.shape[1], ptr(seq_lens),
+                                    ptr(qsl), scale, 0, ptr(y))
+
         def ours() -> None:
             for kc, vc in caches:
-                lib.pxl_paged_attention(code, T, B, heads, kv_heads, head_dim, ptr(qa), ptr(ka), ptr(va), ptr(kc),
-                                        ptr(vc), BLOCK, ptr(slots), ptr(tables), tables.shape[1], ptr(seq_lens),
-                                        ptr(qsl), scale, 0, ptr(y))
+                attend(kc, vc)
 
         def dense(cache: np.ndarray, new: np.ndarray) -> torch.Tensor:  # (B, kv_heads, n, head_dim)
             j = np.arange(n)
@@ -84,9 +85,7 @@ def run(batch: int = 64, context: int = 192, prefill_len: int = 128, layers: int
                                                                      enable_gqa=True) for kt, vt in kv]
 
         t_ours, t_ref = best_of(ours, reps) / layers, best_of(ref, reps) / layers
-        lib.pxl_paged_attention(code, T, B, heads, kv_heads, head_dim, ptr(qa), ptr(ka), ptr(va), ptr(caches[0][0]),
-                                ptr(caches[0][1]), BLOCK, ptr(slots), ptr(tables), tables.shape[1], ptr(seq_lens),
-                                ptr(qsl), scale, 0, ptr(y))
+        attend(*caches[0])
         want = ref()[0].transpose(1, 2).reshape(T, -1).float().numpy()
         diff = float(np.abs(y.astype(np.float32) - want).max())
         kv_bytes = 2 * B * n * kv_heads * head_dim * np.dtype(np_dt).itemsize
