@@ -13,7 +13,8 @@ import time
 
 import numpy as np
 
-SHAPES = [(576, 1536), (1536, 576), (576, 49152), (4096, 4096)]  # (K, N)
+# (K, N): every SmolLM2 Linear shape (k/v, q/o, gate/up, down, lm_head), and a 7B-class square one
+SHAPES = [(576, 192), (576, 576), (576, 1536), (1536, 576), (576, 49152), (4096, 4096)]
 FORMATS = ("fp32", "bf16", "q8_0", "q4_0", "q4_1")
 
 
