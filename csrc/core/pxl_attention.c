@@ -7,6 +7,10 @@
  * transpose-add tree, no per-key horizontal sum). Softmax in float32 with a vectorised exp,
  * then each row's weighted sum of value rows in increasing key order.
  *
+ * A decode step reads every sequence's keys and values from DRAM (283 MB a W1 step), so a
+ * thread fetches its next item's rows while it computes this one's: the next keys during the
+ * scores, the next values during the weighted sums (pf_queue).
+ *
  * Every (row, key) score, softmax and weighted sum runs the same instructions whatever else
  * shares the tile or the step, so a token's result does not depend on the batch, on how
  * its prompt was chunked, or on whether it ran as a decode (batch invariance).
@@ -21,7 +25,7 @@
 
 #define TILE_ROWS 12 /* query rows (tokens x heads of the group) per prefill tile */
 #define CHUNK 16     /* items per scheduling chunk at most */
-#define PF_KEYS 32   /* keys ahead to prefetch (16 to 64 measured alike; 0: 25 % slower, 128: 10 %) */
+#define PF_KEYS 32   /* an unfetched item's own look-ahead in keys (16 to 64 measured alike; 0: 25 % slower) */
 
 static inline void prefetch_row(const char *p, size_t bytes) {
     if (bytes == 128) { /* a bf16 row of a 64-dim head: no loop (it was ~10 % of decode scores) */
@@ -29,6 +33,18 @@ static inline void prefetch_row(const char *p, size_t bytes) {
         return;
     }
     for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o);
+}
+
+/* Cache rows still to prefetch: rows[at .. n) + off, `bytes` each. The key and value loops
+ * take rows from these as they go, so fetching the next item's rows overlaps this item's
+ * arithmetic (a decode item reads 48 KiB from DRAM and used to wait on most of it). */
+typedef struct {
+    const char *const *rows;
+    size_t off, bytes, at, n;
+} pf_queue;
+static inline void pf_take(pf_queue *q, size_t k) {
+    size_t e = q->n - q->at < k ? q->n : q->at + k;
+    for (; q->at < e; q->at++) prefetch_row(q->rows[q->at] + q->off, q->bytes);
 }
 
 /* GCC/Clang vector types (f32x16, i32x16: pxl_kernels.h): explicit registers (a widened row
@@ -103,9 +119,9 @@ static float dot_scalar(size_t hd, const float *q, int dt, const void *k) {
  * key row once and then spent ~50 cycles a key on the staging). Each accumulator adds the
  * same terms in the same order and the fold is fold16x16's, so the bits are the same. */
 static inline __attribute__((always_inline)) void scores_rows(const int DT, const int RN, size_t hd, const float *q,
-                                                              const char *const *krows, const char *const *vrows,
-                                                              size_t off, size_t n, float *s, size_t lds,
-                                                              const float *zero) {
+                                                              const char *const *krows, size_t off, size_t n,
+                                                              float *s, size_t lds, const float *zero,
+                                                              pf_queue *pf, int npf) {
     const size_t es = DT == PXL_F32 ? 4 : 2;
     for (size_t j0 = 0; j0 < n; j0 += 16) {
         size_t cnt = n - j0 < 16 ? n - j0 : 16;
@@ -114,10 +130,7 @@ static inline __attribute__((always_inline)) void scores_rows(const int DT, cons
             f32x16 acc[3][8];
             for (int r = 0; r < RN; r++)
                 for (int jj = 0; jj < 8; jj++) acc[r][jj] = (f32x16){0};
-            for (size_t j = j0 + h * 8; j < j0 + h * 8 + 8 && j + PF_KEYS < n; j++) { /* fetch ahead, V too */
-                prefetch_row(krows[j + PF_KEYS] + off, hd * es);
-                prefetch_row(vrows[j + PF_KEYS] + off, hd * es);
-            }
+            for (int i = 0; i < npf; i++) pf_take(&pf[i], 8); /* a row of each queue per key */
             const char *kr[8]; /* keys past n read zeros (as bf16 too): no test in the loop */
             for (int jj = 0; jj < 8; jj++)
                 kr[jj] = j0 + h * 8 + jj < n ? krows[j0 + h * 8 + jj] + off : (const char *)zero;
@@ -142,11 +155,10 @@ static inline __attribute__((always_inline)) void scores_rows(const int DT, cons
 
 /* s[r * lds + j] = q_r . k_j for R query rows q (R, hd) fp32 and the n keys at krows[j] + off
  * (cache rows in dt), 16 keys at a time. kw: 17 rows of hd floats of scratch (bf16 keys
- * widened once for all R rows; the 17th stands for the keys past n). vrows: the value rows
- * the weighted sum reads next (prefetched with the keys). */
+ * widened once for all R rows; the 17th stands for the keys past n). pf: npf queues of rows to
+ * prefetch, a row of each per key. */
 PXL_CLONES static void scores_tile(int dt, size_t R, size_t hd, const float *q, const char *const *krows,
-                                   const char *const *vrows, size_t off, size_t n, float *s, size_t lds, float *kw) {
-    size_t es = dt == PXL_F32 ? 4 : 2;
+                                   size_t off, size_t n, float *s, size_t lds, float *kw, pf_queue *pf, int npf) {
     if (hd % 16) {
         for (size_t r = 0; r < R; r++)
             for (size_t j = 0; j < n; j++) s[r * lds + j] = dot_scalar(hd, q + r * hd, dt, krows[j] + off);
@@ -156,25 +168,22 @@ PXL_CLONES static void scores_tile(int dt, size_t R, size_t hd, const float *q, 
     memset(zero, 0, hd * sizeof(float));
     if (R <= 3) {
         if (dt == PXL_F32) {
-            if (R == 3) scores_rows(PXL_F32, 3, hd, q, krows, vrows, off, n, s, lds, zero);
-            else if (R == 2) scores_rows(PXL_F32, 2, hd, q, krows, vrows, off, n, s, lds, zero);
-            else scores_rows(PXL_F32, 1, hd, q, krows, vrows, off, n, s, lds, zero);
+            if (R == 3) scores_rows(PXL_F32, 3, hd, q, krows, off, n, s, lds, zero, pf, npf);
+            else if (R == 2) scores_rows(PXL_F32, 2, hd, q, krows, off, n, s, lds, zero, pf, npf);
+            else scores_rows(PXL_F32, 1, hd, q, krows, off, n, s, lds, zero, pf, npf);
         } else {
-            if (R == 3) scores_rows(PXL_BF16, 3, hd, q, krows, vrows, off, n, s, lds, zero);
-            else if (R == 2) scores_rows(PXL_BF16, 2, hd, q, krows, vrows, off, n, s, lds, zero);
-            else scores_rows(PXL_BF16, 1, hd, q, krows, vrows, off, n, s, lds, zero);
+            if (R == 3) scores_rows(PXL_BF16, 3, hd, q, krows, off, n, s, lds, zero, pf, npf);
+            else if (R == 2) scores_rows(PXL_BF16, 2, hd, q, krows, off, n, s, lds, zero, pf, npf);
+            else scores_rows(PXL_BF16, 1, hd, q, krows, off, n, s, lds, zero, pf, npf);
         }
         return;
     }
     for (size_t j0 = 0; j0 < n; j0 += 16) {
         size_t cnt = n - j0 < 16 ? n - j0 : 16;
         const float *kp[16];
+        for (int i = 0; i < npf; i++) pf_take(&pf[i], 16);
         for (size_t jj = 0; jj < 16; jj++) {
             size_t j = j0 + jj;
-            if (j + PF_KEYS < n) { /* the cache is far bigger than L2: fetch ahead, V rows too */
-                prefetch_row(krows[j + PF_KEYS] + off, hd * es);
-                prefetch_row(vrows[j + PF_KEYS] + off, hd * es);
-            }
             if (jj >= cnt) {
                 kp[jj] = zero;
             } else if (dt == PXL_F32) {
@@ -237,11 +246,13 @@ PXL_CLONES static void softmax(float *s, size_t n) {
  * chunk is widened once for all of them. DT and CNT are constants in each instance. */
 static inline __attribute__((always_inline)) void wsum_group(const int DT, const int CNT, size_t hd, size_t c,
                                                              const float *w, size_t ldw, const char *const *vrows,
-                                                             size_t voff, size_t j0, size_t j1, float *out) {
+                                                             size_t voff, size_t j0, size_t j1, float *out,
+                                                             pf_queue *pv) {
     f32x16 acc[8];
     for (int i = 0; i < CNT; i++) acc[i] = ld16(PXL_F32, out + i * hd + c);
     size_t off = voff + c * (DT == PXL_F32 ? 4 : 2);
     for (size_t j = j0; j < j1; j++) {
+        if ((j - j0) % 8 == 0) pf_take(pv, 8);
         f32x16 v = ld16(DT, vrows[j] + off);
         for (int i = 0; i < CNT; i++) acc[i] += splat16(w[i * ldw + j]) * v;
     }
@@ -250,14 +261,14 @@ static inline __attribute__((always_inline)) void wsum_group(const int DT, const
 
 #define WSUM_CASES(DT)                                                                                                \
     switch (cnt) {                                                                                                     \
-    case 8: wsum_group(DT, 8, hd, c, wr, ldw, vrows, voff, j0, j1, o); break;                                                \
-    case 7: wsum_group(DT, 7, hd, c, wr, ldw, vrows, voff, j0, j1, o); break;                                                \
-    case 6: wsum_group(DT, 6, hd, c, wr, ldw, vrows, voff, j0, j1, o); break;                                                \
-    case 5: wsum_group(DT, 5, hd, c, wr, ldw, vrows, voff, j0, j1, o); break;                                                \
-    case 4: wsum_group(DT, 4, hd, c, wr, ldw, vrows, voff, j0, j1, o); break;                                                \
-    case 3: wsum_group(DT, 3, hd, c, wr, ldw, vrows, voff, j0, j1, o); break;                                                \
-    case 2: wsum_group(DT, 2, hd, c, wr, ldw, vrows, voff, j0, j1, o); break;                                                \
-    default: wsum_group(DT, 1, hd, c, wr, ldw, vrows, voff, j0, j1, o); break;                                               \
+    case 8: wsum_group(DT, 8, hd, c, wr, ldw, vrows, voff, j0, j1, o, pv); break;                                                \
+    case 7: wsum_group(DT, 7, hd, c, wr, ldw, vrows, voff, j0, j1, o, pv); break;                                                \
+    case 6: wsum_group(DT, 6, hd, c, wr, ldw, vrows, voff, j0, j1, o, pv); break;                                                \
+    case 5: wsum_group(DT, 5, hd, c, wr, ldw, vrows, voff, j0, j1, o, pv); break;                                                \
+    case 4: wsum_group(DT, 4, hd, c, wr, ldw, vrows, voff, j0, j1, o, pv); break;                                                \
+    case 3: wsum_group(DT, 3, hd, c, wr, ldw, vrows, voff, j0, j1, o, pv); break;                                                \
+    case 2: wsum_group(DT, 2, hd, c, wr, ldw, vrows, voff, j0, j1, o, pv); break;                                                \
+    default: wsum_group(DT, 1, hd, c, wr, ldw, vrows, voff, j0, j1, o, pv); break;                                               \
     }
 
 /* The same sums for CNT <= 6 rows of a 64-dim head, keys outer: all CNT x 4 accumulators stay
@@ -267,7 +278,7 @@ static inline __attribute__((always_inline)) void wsum_group(const int DT, const
  * bits do not change. */
 static inline __attribute__((always_inline)) void wsum_rows64(const int DT, const int CNT, const float *w, size_t ldw,
                                                               const char *const *vrows, size_t voff, size_t j0,
-                                                              size_t j1, float *out) {
+                                                              size_t j1, float *out, pf_queue *pv) {
     const size_t es = DT == PXL_F32 ? 4 : 2;
     f32x16 acc[6][4];
     if (DT == PXL_BF16) { /* accumulators in the order widen_pairs gives: dims 0, 2 .. 30 | 1, 3 .. 31 | ... */
@@ -278,6 +289,7 @@ static inline __attribute__((always_inline)) void wsum_rows64(const int DT, cons
                 acc[i][c + 1] = SHUF(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
             }
         for (size_t j = j0; j < j1; j++) {
+            if ((j - j0) % 8 == 0) pf_take(pv, 8);
             const char *vr = vrows[j] + voff;
             f32x16 v[4];
             widen_pairs(vr, v), widen_pairs(vr + 64, v + 2);
@@ -295,6 +307,7 @@ static inline __attribute__((always_inline)) void wsum_rows64(const int DT, cons
     for (int i = 0; i < CNT; i++)
         for (int c = 0; c < 4; c++) acc[i][c] = ld16(PXL_F32, out + i * 64 + c * 16);
     for (size_t j = j0; j < j1; j++) {
+        if ((j - j0) % 8 == 0) pf_take(pv, 8);
         const char *vr = vrows[j] + voff;
         f32x16 v[4] = {ld16(DT, vr), ld16(DT, vr + 16 * es), ld16(DT, vr + 32 * es), ld16(DT, vr + 48 * es)};
         for (int i = 0; i < CNT; i++)
@@ -306,18 +319,18 @@ static inline __attribute__((always_inline)) void wsum_rows64(const int DT, cons
 
 #define WSUM64_CASES(DT)                                                                                              \
     switch (cnt) {                                                                                                     \
-    case 6: wsum_rows64(DT, 6, wr, ldw, vrows, voff, j0, j1, o); break;                                                 \
-    case 5: wsum_rows64(DT, 5, wr, ldw, vrows, voff, j0, j1, o); break;                                                 \
-    case 4: wsum_rows64(DT, 4, wr, ldw, vrows, voff, j0, j1, o); break;                                                 \
-    case 3: wsum_rows64(DT, 3, wr, ldw, vrows, voff, j0, j1, o); break;                                                 \
-    case 2: wsum_rows64(DT, 2, wr, ldw, vrows, voff, j0, j1, o); break;                                                 \
-    default: wsum_rows64(DT, 1, wr, ldw, vrows, voff, j0, j1, o); break;                                                \
+    case 6: wsum_rows64(DT, 6, wr, ldw, vrows, voff, j0, j1, o, pv); break;                                                 \
+    case 5: wsum_rows64(DT, 5, wr, ldw, vrows, voff, j0, j1, o, pv); break;                                                 \
+    case 4: wsum_rows64(DT, 4, wr, ldw, vrows, voff, j0, j1, o, pv); break;                                                 \
+    case 3: wsum_rows64(DT, 3, wr, ldw, vrows, voff, j0, j1, o, pv); break;                                                 \
+    case 2: wsum_rows64(DT, 2, wr, ldw, vrows, voff, j0, j1, o, pv); break;                                                 \
+    default: wsum_rows64(DT, 1, wr, ldw, vrows, voff, j0, j1, o, pv); break;                                                \
     }
 
 /* out (R, hd) += the weighted sums of the values at vrows[j] + voff, j in [j0, j1), for R rows of
- * weights w (R, ldw) */
+ * weights w (R, ldw); a row of pv prefetched per key */
 PXL_CLONES static void weighted_sum(int dt, size_t R, size_t hd, const float *w, size_t ldw, const char *const *vrows,
-                                    size_t voff, size_t j0, size_t j1, float *out) {
+                                    size_t voff, size_t j0, size_t j1, float *out, pf_queue *pv) {
     if (hd % 16) { /* a head dim that is not a multiple of 16: the same sums, one at a time */
         for (size_t r = 0; r < R; r++)
             for (size_t d = 0; d < hd; d++) {
@@ -370,15 +383,16 @@ PXL_CLONES static void store_out(int dt, size_t n, const float *o, char *y) {
 }
 
 /* one KV head's part of an item: tn tokens from position pos0 (rows i * G + g), keys lo0 .. lo0 + n
- * at krows / vrows + off; q rows of token i at qrows + i * H * hd, output rows likewise */
+ * at krows / vrows + off; q rows of token i at qrows + i * H * hd, output rows likewise. The
+ * scores take rows from the npf queues pf, the weighted sums from pv, to prefetch. */
 static void tile_head(int dt, size_t tn, size_t G, size_t H, size_t hd, size_t pos0, size_t lo0, size_t n,
                       size_t window, float scale, const char *qrows, const char *const *krows,
                       const char *const *vrows, size_t off, char *yrows, float *qf, float *of, float *s,
-                      size_t lds, float *kw) {
+                      size_t lds, float *kw, pf_queue *pf, int npf, pf_queue *pv) {
     size_t es = dt == PXL_F32 ? 4 : 2, R = tn * G;
     for (size_t i = 0; i < tn; i++) /* row r = i * G + g; q pre-scaled */
         load_q(dt, G * hd, scale, qrows + i * H * hd * es, qf + i * G * hd);
-    scores_tile(dt, R, hd, qf, krows, vrows, off, n, s, lds, kw);
+    scores_tile(dt, R, hd, qf, krows, off, n, s, lds, kw, pf, npf);
     /* token i sees keys [a_i, e_i) of the tile's n: causal, and a window's start */
     size_t a_last = 0, e_first = n;
     for (size_t i = 0; i < tn; i++) {
@@ -391,12 +405,12 @@ static void tile_head(int dt, size_t tn, size_t G, size_t H, size_t hd, size_t p
     for (size_t i = 0; i < tn; i++) { /* each row's keys in increasing order: its own first ... */
         size_t pos = pos0 + i, lo = window && pos + 1 > window ? pos + 1 - window : 0;
         size_t end = a_last < e_first ? a_last : pos + 1 - lo0; /* (a window shorter than the tile: all) */
-        weighted_sum(dt, G, hd, s + i * G * lds, lds, vrows, off, lo - lo0, end, of + i * G * hd);
+        weighted_sum(dt, G, hd, s + i * G * lds, lds, vrows, off, lo - lo0, end, of + i * G * hd, pv);
     }
     if (a_last < e_first) { /* ... then the keys every token sees, all rows together, then the rest */
-        weighted_sum(dt, R, hd, s, lds, vrows, off, a_last, e_first, of);
+        weighted_sum(dt, R, hd, s, lds, vrows, off, a_last, e_first, of, pv);
         for (size_t i = 1; i < tn; i++)
-            weighted_sum(dt, G, hd, s + i * G * lds, lds, vrows, off, e_first, pos0 + i + 1 - lo0, of + i * G * hd);
+            weighted_sum(dt, G, hd, s + i * G * lds, lds, vrows, off, e_first, pos0 + i + 1 - lo0, of + i * G * hd, pv);
     }
     for (size_t i = 0; i < tn; i++) store_out(dt, G * hd, of + i * G * hd, yrows + i * H * hd * es);
 }
@@ -423,6 +437,29 @@ static item_pos locate(size_t it, size_t *b, size_t *first, const int64_t *query
     return p;
 }
 
+/* Key and value row addresses of keys lo0 .. lo0 + filled of sequence b: the next item of the
+ * same sequence (another KV head, a later tile) reuses them and adds only its new keys */
+typedef struct {
+    size_t b, lo0, filled;
+    const char **k, **v;
+} row_set;
+typedef struct { /* where the rows live */
+    const int64_t *block_tables;
+    size_t max_blocks, block_size, row_bytes;
+    const char *k_cache, *v_cache;
+} row_src;
+static inline int row_set_has(const row_set *r, size_t b, size_t lo0) { return r->b == b && r->lo0 == lo0; }
+static void row_set_fill(row_set *r, const row_src *c, size_t b, size_t lo0, size_t n) {
+    if (!row_set_has(r, b, lo0)) r->b = b, r->lo0 = lo0, r->filled = 0;
+    const int64_t *table = c->block_tables + b * c->max_blocks;
+    for (size_t j = r->filled, blk = (lo0 + j) / c->block_size, in = (lo0 + j) % c->block_size; j < n; j++) {
+        size_t off = ((size_t)table[blk] * c->block_size + in) * c->row_bytes; /* (no division per key) */
+        r->k[j] = c->k_cache + off, r->v[j] = c->v_cache + off;
+        if (++in == c->block_size) in = 0, blk++;
+    }
+    r->filled = n > r->filled ? n : r->filled;
+}
+
 static void attention_team(int dt, size_t T, size_t B, size_t H, size_t Hkv, size_t hd, const void *q,
                            const void *k, const void *v, void *k_cache, void *v_cache, size_t block_size,
                            const int64_t *slot_mapping, const int64_t *block_tables, size_t max_blocks,
@@ -442,43 +479,56 @@ static void attention_team(int dt, size_t T, size_t B, size_t H, size_t Hkv, siz
         items += items_of(query_start_loc[b + 1] - query_start_loc[b], G, Hkv).items;
     }
     size_t R_max = TILE_ROWS > G ? TILE_ROWS : G, lds = (max_len + 15) / 16 * 16;
-    /* per thread: key / value row addresses (n); q, out (R, hd); scores (R, lds); 17 widened key rows */
-    const char **krows = pxl_scratch(3, 2 * max_len * sizeof(char *) + (2 * R_max * hd + R_max * lds + 17 * hd) * 4);
-    const char **vrows = krows + max_len;
-    float *qf = (float *)(vrows + max_len), *of = qf + R_max * hd, *s = of + R_max * hd, *kw = s + R_max * lds;
+    /* per thread: two row sets' key / value row addresses (n each); q, out (R, hd); scores (R,
+     * lds); 17 widened key rows */
+    const char **rows = pxl_scratch(3, (4 * max_len + 8) * sizeof(char *) + (2 * R_max * hd + R_max * lds + 17 * hd) * 4);
+    float *qf = (float *)(rows + 4 * max_len + 8), *of = qf + R_max * hd, *s = of + R_max * hd, *kw = s + R_max * lds;
+    row_set rs[2] = {{SIZE_MAX, 0, 0, rows, rows + max_len}, {SIZE_MAX, 0, 0, rows + 2 * max_len, rows + 3 * max_len}};
+    const row_src src = {block_tables, max_blocks, block_size, row_bytes, (const char *)k_cache, (const char *)v_cache};
     size_t chunk = items / (8 * PXL_NTH()) + 1;
     chunk = chunk < CHUNK ? chunk : CHUNK;
-    size_t b = 0, first = 0; /* the sequence of the last item and its first item's index */
-    /* krows / vrows hold key rows lo .. lo + filled of sequence fb: the next item of the same
-     * sequence (another KV head, a later tile) reuses them and adds only its new keys */
-    size_t fb = SIZE_MAX, flo = 0, filled = 0;
+    size_t nchunks = (items + chunk - 1) / chunk, b = 0, first = 0; /* the last item's sequence, its first item */
+    int cur = 0;
 #pragma omp barrier /* every row of this step is in the cache before anyone reads it */
-#pragma omp for schedule(dynamic, chunk) nowait
-    for (size_t it = 0; it < items; it++) { /* (sequence, KV head, tile) order */
-        if (it < first) b = 0, first = 0;   /* (a thread's items only ever increase; kept safe anyway) */
-        item_pos p = locate(it, &b, &first, query_start_loc, seq_lens, G, Hkv, window);
-        const int64_t *table = block_tables + p.b * max_blocks;
-        if (p.b != fb || p.lo0 != flo) fb = p.b, flo = p.lo0, filled = 0;
-        for (size_t j = filled, blk = (p.lo0 + j) / block_size, in = (p.lo0 + j) % block_size; j < p.n; j++) {
-            size_t off = ((size_t)table[blk] * block_size + in) * row_bytes; /* (no division per key) */
-            krows[j] = (const char *)k_cache + off, vrows[j] = (const char *)v_cache + off;
-            if (++in == block_size) in = 0, blk++;
-        }
-        filled = p.n > filled ? p.n : filled;
-        if (it + 1 < items) { /* the next item's first keys, which its own look-ahead never covers */
-            size_t nb = b, nf = first;
-            item_pos x = locate(it + 1, &nb, &nf, query_start_loc, seq_lens, G, Hkv, window);
-            const int64_t *nt = block_tables + x.b * max_blocks;
-            size_t kn = x.n < PF_KEYS ? x.n : PF_KEYS;
-            for (size_t j = 0, blk = x.lo0 / block_size, in = x.lo0 % block_size; j < kn; j++) {
-                size_t off = ((size_t)nt[blk] * block_size + in) * row_bytes + x.kvh * hd * es;
-                prefetch_row((const char *)k_cache + off, hd * es), prefetch_row((const char *)v_cache + off, hd * es);
-                if (++in == block_size) in = 0, blk++;
+#pragma omp for schedule(dynamic, 1) nowait
+    for (size_t c = 0; c < nchunks; c++) { /* chunks of items in (sequence, KV head, tile) order */
+        size_t end = (c + 1) * chunk < items ? (c + 1) * chunk : items, unfetched = SIZE_MAX;
+        for (size_t it = c * chunk; it < end; it++) {
+            if (it < first) b = 0, first = 0; /* (a thread's items only ever increase; kept safe anyway) */
+            item_pos p = locate(it, &b, &first, query_start_loc, seq_lens, G, Hkv, window);
+            if (!row_set_has(&rs[cur], p.b, p.lo0) && row_set_has(&rs[cur ^ 1], p.b, p.lo0)) cur ^= 1;
+            row_set_fill(&rs[cur], &src, p.b, p.lo0, p.n);
+            size_t off = p.kvh * hd * es;
+            /* queues: the scores' own look-ahead over the rows the item before did not fetch
+             * (all for the first of a chunk: the next chunk may be another thread's; in L2 may
+             * be too far for a later tile), then the next item's keys during the scores and
+             * its values during the weighted sums */
+            pf_queue pf[3], pv = {0};
+            int npf = 0;
+            unfetched = unfetched < p.n ? unfetched : p.n;
+            if (unfetched) {
+                size_t kn = unfetched < PF_KEYS ? unfetched : PF_KEYS;
+                pf[0] = (pf_queue){rs[cur].k, off, hd * es, 0, unfetched};
+                pf[1] = (pf_queue){rs[cur].v, off, hd * es, 0, unfetched};
+                pf_take(&pf[0], kn), pf_take(&pf[1], kn), npf = 2;
             }
+            if (it + 1 < end) {
+                size_t nb = b, nf = first;
+                item_pos x = locate(it + 1, &nb, &nf, query_start_loc, seq_lens, G, Hkv, window);
+                int nx = row_set_has(&rs[cur], x.b, x.lo0) ? cur : cur ^ 1;
+                row_set_fill(&rs[nx], &src, x.b, x.lo0, x.n);
+                /* a later tile of this one's head reads the rows this one has just read, and more */
+                size_t from = x.b == p.b && x.kvh == p.kvh && x.lo0 == p.lo0 ? p.n : 0;
+                unfetched = from;
+                pf[npf++] = (pf_queue){rs[nx].k, x.kvh * hd * es, hd * es, from, x.n};
+                pv = (pf_queue){rs[nx].v, x.kvh * hd * es, hd * es, from, x.n};
+            }
+            size_t head = (p.qs + p.tok0) * H + p.kvh * G; /* the first row's (token, head) */
+            tile_head(dt, p.tn, G, H, hd, p.pos0, p.lo0, p.n, window, scale, (const char *)q + head * hd * es,
+                      rs[cur].k, rs[cur].v, off, (char *)y + head * hd * es, qf, of, s, lds, kw, pf, npf, &pv);
+            for (int i = 0; i < npf; i++) pf_take(&pf[i], SIZE_MAX); /* (rows the loops did not reach) */
+            pf_take(&pv, SIZE_MAX);
         }
-        size_t head = (p.qs + p.tok0) * H + p.kvh * G; /* the first row's (token, head) */
-        tile_head(dt, p.tn, G, H, hd, p.pos0, p.lo0, p.n, window, scale, (const char *)q + head * hd * es, krows,
-                  vrows, p.kvh * hd * es, (char *)y + head * hd * es, qf, of, s, lds, kw);
     }
 }
 
