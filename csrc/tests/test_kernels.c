@@ -246,7 +246,7 @@ static void test_linear_to(int fmt, size_t T, size_t N, size_t K, int with_bias)
     void *b = alloc_rand(PXL_BF16, N, 1);
     W = packed_copy(fmt, N, K, W);
     uint16_t *y16 = malloc(T * N * 2);
-    float *y32 = malloc(T * N * 4);
+    float *y32 = aligned_alloc(64, (T * N * 4 + 63) / 64 * 64); /* (on lines, as the engine's logits: streamed when big) */
     pxl_linear(PXL_BF16, fmt, T, N, K, x, W, with_bias ? b : NULL, y16);
     pxl_linear_to(PXL_BF16, PXL_F32, fmt, T, N, K, x, W, with_bias ? b : NULL, y32);
     int ok = 1;
@@ -557,6 +557,7 @@ int main(void) {
             for (int bias = 0; bias < 2; bias++) {
                 test_linear_to(fmt, 3, 70, 576, bias);
                 test_linear_to(fmt, 70, 33, 576, bias);
+                test_linear_to(fmt, 64, 16400, 64, bias); /* >= 4 MiB of logits: stored non-temporally */
             }
         for (int fmt = PXL_F32; fmt < PXL_NFMT; fmt++) {
             if (fmt == PXL_BF16P || fmt == PXL_F32P) continue; /* above, where the set packs */
