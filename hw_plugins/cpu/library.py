@@ -28,6 +28,7 @@ _SIGNATURES = {
     "pxl_set_batch_invariant": ([_i], None),
     "pxl_batch_invariant": ([], _i),
     "pxl_linear": ([_i, _i, _sz, _sz, _sz, _p, _p, _p, _p], None),
+    "pxl_linear_to": ([_i, _i, _i, _sz, _sz, _sz, _p, _p, _p, _p], None),
     "pxl_packed_bytes": ([_i, _sz, _sz], _sz),
     "pxl_pack_weights": ([_i, _sz, _sz, _p, _p], None),
     "pxl_pack_gated": ([_i, _sz, _sz, _p, _p, _p], None),

@@ -15,6 +15,9 @@ import numpy as np
 
 # (K, N): every SmolLM2 Linear shape (k/v, q/o, gate/up, down, lm_head), and a 7B-class square one
 SHAPES = [(576, 192), (576, 576), (576, 1536), (1536, 576), (576, 49152), (4096, 4096)]
+# the lm_head also runs as the engine runs it in bf16: float32 logits out ("bf16>f32": bf16 values,
+# widened in the kernel's epilogue; torch: its bf16 mm, then a copy to float32)
+LM_HEAD = (576, 49152)
 FORMATS = ("fp32", "bf16", "q8_0", "q4_0", "q4_1")
 
 
@@ -101,19 +104,26 @@ def run(threads: int, formats: list[str], rows: int = 1) -> list[dict]:
                             K, pwb, K, ctypes.c_float(0.0), pyb, N]
                     row["openblas_us"] = _time(lambda: blas.scipy_cblas_sgemm(*args)) * 1e6
             table.append(row)
+            if fmt == "bf16" and (K, N) == LM_HEAD:
+                y32, ty32 = host_zeros((rows, N), np.float32), torch.empty((rows, N), dtype=torch.float32)
+                p32 = y32.__array_interface__["data"][0]
+                ours = _time(lambda: lib.pxl_linear_to(act, library.F32, code, rows, N, K, px, pw, None, p32))
+                ref = _time(lambda: ty32.copy_(torch.mm(tx, tw.t(), out=ty)))
+                table.append({**row, "format": "bf16>f32", "ours_us": ours * 1e6, "torch_us": ref * 1e6,
+                              "ours_GBs": nbytes / ours / 1e9, "ours_GFLOPs": 2 * rows * N * K / ours / 1e9})
     return table
 
 
 def report(rows: list[dict]) -> str:
     rate = "GB/s" if rows[0]["rows"] == 1 else "GF/s"
-    head = f"{'K->N':>12} {'fmt':>5} {'MB':>6} | {'ours us':>9} {rate:>6} | {'OpenBLAS us':>11} | {'torch us':>9} | " \
+    head = f"{'K->N':>12} {'fmt':>8} {'MB':>6} | {'ours us':>9} {rate:>6} | {'OpenBLAS us':>11} | {'torch us':>9} | " \
            f"{'vs BLAS':>7} {'vs torch':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
         blas = r.get("openblas_us")
         blas_cell = "n/a" if blas is None else f"{blas:.1f}"
         vs_blas = "" if blas is None else f"{blas / r['ours_us']:.2f}x"
-        lines.append(f"{r['K']:>5}->{r['N']:<6} {r['format']:>5} {r['weight_MB']:6.1f} | {r['ours_us']:9.1f} "
+        lines.append(f"{r['K']:>5}->{r['N']:<6} {r['format']:>8} {r['weight_MB']:6.1f} | {r['ours_us']:9.1f} "
                      f"{r['ours_GBs' if r['rows'] == 1 else 'ours_GFLOPs']:6.1f} | {blas_cell:>11} | {r['torch_us']:9.1f} | {vs_blas:>7} "
                      f"{r['torch_us'] / r['ours_us']:7.2f}x")
     return "\n".join(lines)
