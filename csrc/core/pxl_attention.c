@@ -481,8 +481,8 @@ static void attention_team(int dt, size_t T, size_t B, size_t H, size_t Hkv, siz
     size_t R_max = TILE_ROWS > G ? TILE_ROWS : G, lds = (max_len + 15) / 16 * 16;
     /* per thread: two row sets' key / value row addresses (n each); q, out (R, hd); scores (R,
      * lds); 17 widened key rows */
-    const char **rows = pxl_scratch(3, (4 * max_len + 8) * sizeof(char *) + (2 * R_max * hd + R_max * lds + 17 * hd) * 4);
-    float *qf = (float *)(rows + 4 * max_len + 8), *of = qf + R_max * hd, *s = of + R_max * hd, *kw = s + R_max * lds;
+    const char **rows = pxl_scratch(3, 4 * max_len * sizeof(char *) + (2 * R_max * hd + R_max * lds + 17 * hd) * 4);
+    float *qf = (float *)(rows + 4 * max_len), *of = qf + R_max * hd, *s = of + R_max * hd, *kw = s + R_max * lds;
     row_set rs[2] = {{SIZE_MAX, 0, 0, rows, rows + max_len}, {SIZE_MAX, 0, 0, rows + 2 * max_len, rows + 3 * max_len}};
     const row_src src = {block_tables, max_blocks, block_size, row_bytes, (const char *)k_cache, (const char *)v_cache};
     size_t chunk = items / (8 * PXL_NTH()) + 1;
@@ -500,9 +500,9 @@ static void attention_team(int dt, size_t T, size_t B, size_t H, size_t Hkv, siz
             row_set_fill(&rs[cur], &src, p.b, p.lo0, p.n);
             size_t off = p.kvh * hd * es;
             /* queues: the scores' own look-ahead over the rows the item before did not fetch
-             * (all for the first of a chunk: the next chunk may be another thread's; in L2 may
-             * be too far for a later tile), then the next item's keys during the scores and
-             * its values during the weighted sums */
+             * (all of them for a chunk's first item, whose chunk may follow another thread's;
+             * a later tile's older keys, which may have left L1), then the next item's keys
+             * during the scores and its values during the weighted sums */
             pf_queue pf[3], pv = {0};
             int npf = 0;
             unfetched = unfetched < p.n ? unfetched : p.n;

@@ -375,8 +375,8 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
     size_t es = dt == PXL_F32 ? 4 : 2, oes = odt == PXL_F32 ? 4 : 2;
     /* A decode step's logits (64 x 49152 fp32: 12.6 MB) are read after the whole lm_head has
      * streamed its 56 MB of weights through the caches, so they are written around them: no
-     * read for ownership of every line, no eviction of the weights still to come (lm_head
-     * alone, `perfxlm bench gemv`-style at 64 tokens: 4.39-4.55 -> 3.99-4.01 ms). */
+     * read for ownership of every line, no eviction of the weights still to come (`perfxlm
+     * bench gemv --rows 64 --formats bf16`: the bf16>f32 row, against bf16 out). */
     const int stream = odt == PXL_F32 && dt != PXL_F32 && (double)T * N * 4 >= STREAM_MIN_BYTES;
     out_spec o = {dt, odt, gated, bias ? (const char *)bias + n0 * es : NULL, (char *)y + n0 * oes, N, stream};
     const int fused = wfmt == PXL_BF16P || wfmt == PXL_F32P || packed_q;
