@@ -230,9 +230,16 @@ PXL_CLONES static void softmax(float *s, size_t n) {
             s[j + l] = pxl_exp(s[j + l] - m);
             part[l] += s[j + l];
         }
-    for (int l = 0; j < n; j++, l++) {
-        s[j] = pxl_exp(s[j] - m);
-        part[l] += s[j];
+    if (j < n) { /* the last 1..15: one more vector pass (prefill rows end anywhere; a scalar
+                  * pxl_exp a value was most of a 128-token prompt's softmax) */
+        size_t rem = n - j;
+        float t[16];
+        for (int l = 0; l < 16; l++) t[l] = (size_t)l < rem ? s[j + l] : m;
+        for (int l = 0; l < 16; l++) {
+            t[l] = pxl_exp(t[l] - m);
+            part[l] += (size_t)l < rem ? t[l] : 0.0f; /* + 0 leaves a lane's sum as it was */
+        }
+        memcpy(s + j, t, rem * sizeof(float));
     }
     float sum = 0;
     for (int l = 0; l < 16; l++) sum += part[l];
@@ -437,6 +444,13 @@ static item_pos locate(size_t it, size_t *b, size_t *first, const int64_t *query
     return p;
 }
 
+/* tn query rows of `bytes` each, `stride` apart. (Through prefetch_row, a third caller, GCC
+ * stopped specialising its 128-byte case inside the score and value loops: decode 2x slower.) */
+static void prefetch_q(size_t tn, const char *q, size_t stride, size_t bytes) {
+    for (size_t i = 0; i < tn; i++)
+        for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(q + i * stride + o);
+}
+
 /* Key and value row addresses of keys lo0 .. lo0 + filled of sequence b: the next item of the
  * same sequence (another KV head, a later tile) reuses them and adds only its new keys */
 typedef struct {
@@ -522,6 +536,10 @@ static void attention_team(int dt, size_t T, size_t B, size_t H, size_t Hkv, siz
                 unfetched = from;
                 pf[npf++] = (pf_queue){rs[nx].k, x.kvh * hd * es, hd * es, from, x.n};
                 pv = (pf_queue){rs[nx].v, x.kvh * hd * es, hd * es, from, x.n};
+                /* and a prefill tile's query rows: they come from L3 (a step's q is megabytes),
+                 * and waiting on them was ~8 % of prefill attention */
+                if (x.tn > 1) prefetch_q(x.tn, (const char *)q + ((x.qs + x.tok0) * H + x.kvh * G) * hd * es,
+                                         H * hd * es, G * hd * es);
             }
             size_t head = (p.qs + p.tok0) * H + p.kvh * G; /* the first row's (token, head) */
             tile_head(dt, p.tn, G, H, hd, p.pos0, p.lo0, p.n, window, scale, (const char *)q + head * hd * es,
