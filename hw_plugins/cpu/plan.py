@@ -62,7 +62,7 @@ class Plan:
         engine would otherwise convert 64 x 49152 of them a decode step."""
         lib = plugin.lib
         self.plugin, self.lib, self.inputs = plugin, lib, inputs
-        gated = {}  # id(SiluMul node) -> (its gate Linear, the packed gate and up weights)
+        gated = {}  # id(SiluMul node) -> (its gate and up Linears, (format, their packed weights))
         for i, (gate, up) in _gated_pairs(nodes).items():
             packed = plugin.gated_weight(gate.attrs, buffer(gate.inputs[1]), up.attrs, buffer(up.inputs[1]))
             if packed is not None:
