@@ -1,6 +1,7 @@
 """Plugin discovery through entry points, selection, per-op fallback, `perfxlm plugins`."""
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,27 @@ def test_cpu_host_memory_is_zeroed_writable_and_cache_line_aligned():
         assert not a.any()
         a.reshape(-1)[-1] = 7
         assert a.sum() == 7 and a.reshape(-1)[-1] == 7
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore and MAP_POPULATE are Linux's")
+def test_cpu_kv_caches_are_committed_up_front():
+    import ctypes
+    import mmap
+
+    import numpy as np
+    from hw_plugins.cpu.plugin import CpuPlugin, host_zeros
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def resident(a: np.ndarray) -> float:  # the fraction of a's pages in memory
+        n = -(-a.nbytes // mmap.PAGESIZE)
+        vec = (ctypes.c_ubyte * n)()
+        assert libc.mincore(ctypes.c_void_p(a.ctypes.data), ctypes.c_size_t(a.nbytes), vec) == 0
+        return sum(v & 1 for v in vec) / n
+
+    lazy = host_zeros((4, 1024, 1024), np.float32, huge_pages=False)
+    assert resident(lazy) < 0.5  # committed on first touch
+    cache = CpuPlugin().zeros((256, 16, 2, 64), np.float32)  # 2 MiB of KV cache
+    assert resident(cache) == 1.0 and not cache.any()
 
 
 _THREAD_SETS = """

@@ -8,6 +8,8 @@
 #define _GNU_SOURCE
 #include <sched.h>
 #include <pthread.h>
+#include <sys/mman.h>
+#include <unistd.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -15,6 +17,9 @@
 #include "pxl_kernels.h"
 
 #define MAX_BOUND 1024
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23 /* (Linux 5.14; older headers lack the name) */
+#endif
 
 static int n_threads;
 static int bound[MAX_BOUND], n_bound; /* thread i runs on bound[i % n_bound] */
@@ -61,4 +66,26 @@ int pxl_pin_caller(pxl_cpu_mask *saved) {
 
 void pxl_unpin_caller(const pxl_cpu_mask *saved) {
     pthread_setaffinity_np(pthread_self(), sizeof(cpu_set_t), (const cpu_set_t *)saved->bits);
+}
+
+/* Commit zero-filled memory [p, p + bytes) now, each thread its share of the pages (a page
+ * then sits on the memory node of the thread that committed it, as first touch would put it):
+ * MADV_POPULATE_WRITE where the kernel has it (Linux 5.14; it faults pages in and changes no
+ * byte), else a 0 written into each page where it overlaps [p, p + bytes), which leaves the
+ * zeros as they were. For the KV caches: a first batch then pays no page faults as it writes
+ * its keys and values. */
+void pxl_commit(void *p, size_t bytes) {
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    char *base = (char *)((uintptr_t)p / page * page);
+    size_t pages = ((char *)p + bytes - base + page - 1) / page;
+#pragma omp parallel num_threads(pxl_num_threads())
+    {
+        size_t i0, i1;
+        pxl_split(pages, 1, &i0, &i1);
+        if (i0 < i1 && madvise(base + i0 * page, (i1 - i0) * page, MADV_POPULATE_WRITE) != 0)
+            for (size_t i = i0; i < i1; i++) {
+                char *a = base + i * page < (char *)p ? (char *)p : base + i * page;
+                *(volatile char *)a = 0;
+            }
+    }
 }

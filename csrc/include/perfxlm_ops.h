@@ -49,6 +49,8 @@ void pxl_set_num_threads(int n);
  * compiled step runs); returns 0, the number of threads that could not be pinned, or -1 for
  * a bad list */
 int pxl_bind_threads(const int *cpus, int n);
+/* commit fresh zero-filled memory now, each kernel thread its share of the pages */
+void pxl_commit(void *p, size_t bytes);
 /* batch invariance: every op's result for a token is bitwise independent of the other
  * tokens in the call (Linear on quantised weights then always takes the int8 dot-product
  * path; everything else already is). Off by default. */

@@ -25,6 +25,7 @@ _SIGNATURES = {
     "pxl_num_threads": ([], _i),
     "pxl_set_num_threads": ([_i], None),
     "pxl_bind_threads": ([_p, _i], _i),
+    "pxl_commit": ([_p, _sz], None),
     "pxl_set_batch_invariant": ([_i], None),
     "pxl_batch_invariant": ([], _i),
     "pxl_linear": ([_i, _i, _sz, _sz, _sz, _p, _p, _p, _p], None),

@@ -98,10 +98,14 @@ class CpuPlugin(HwPlugin):
         return np.ascontiguousarray(array)  # memory-mapped weights stay mapped: no copy
 
     def zeros(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-        # KV caches: 4 KiB pages. A cache fills block by block all run long, and each first touch
-        # of a huge page zeroes 2 MiB (after direct compaction, under THP's usual defrag
-        # setting): measured, W1's prefill attention went from 0.37 to 0.7 s with them
-        return host_zeros(shape, dtype, huge_pages=False)
+        # KV caches: 4 KiB pages, each first touch of a huge page zeroed 2 MiB after direct
+        # compaction (under THP's usual defrag setting; W1's prefill attention went from 0.37 to
+        # 0.7 s with them). Committed here, as vLLM's zero-filled cache is: the budget is held from
+        # the start (no out-of-memory later, when the cache fills), and a first batch pays no page
+        # faults as it writes its keys and values (docs/roofline.md, session 12)
+        buf = host_zeros(shape, dtype, huge_pages=False)
+        self.lib.pxl_commit(_ptr(buf), buf.nbytes)
+        return buf
 
     def download(self, buf: np.ndarray) -> np.ndarray:
         return buf.copy()  # planned buffers are reused next step
