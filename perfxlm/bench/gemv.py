@@ -18,6 +18,10 @@ SHAPES = [(576, 192), (576, 576), (576, 1536), (1536, 576), (576, 49152), (4096,
 # the lm_head also runs as the engine runs it in bf16: float32 logits out ("bf16>f32": bf16 values,
 # widened in the kernel's epilogue; torch: its bf16 mm, then a copy to float32)
 LM_HEAD = (576, 49152)
+# gate/up also runs as the engine runs it: one fused pass, y = silu(x Wg^T) * (x Wu^T), over panels
+# that alternate gate and up ("gated": N = 1536 outputs from 2 x 1536 weight rows; torch: two mms,
+# silu, mul)
+GATED = (576, 1536)
 FORMATS = ("fp32", "bf16", "q8_0", "q4_0", "q4_1")
 
 
@@ -111,7 +115,33 @@ def run(threads: int, formats: list[str], rows: int = 1) -> list[dict]:
                 ref = _time(lambda: ty32.copy_(torch.mm(tx, tw.t(), out=ty)))
                 table.append({**row, "format": "bf16>f32", "ours_us": ours * 1e6, "torch_us": ref * 1e6,
                               "ours_GBs": nbytes / ours / 1e9, "ours_GFLOPs": 2 * rows * N * K / ours / 1e9})
+            if fmt in ("fp32", "bf16") and (K, N) == GATED and code in (library.F32P, library.BF16P):
+                table.append(_gated(lib, act, code, rows, N, K, w32, x, tx, tw))
     return table
+
+
+def _gated(lib, act: int, code: int, rows: int, N: int, K: int, w32, x, tx, tw) -> dict:
+    """The gated row: pxl_linear_silu on gate and up packed as the engine packs them (gate = the
+    shape's weights, up = them reversed) vs torch's silu(x Wg^T) * (x Wu^T)."""
+    import ml_dtypes
+    import torch
+
+    from hw_plugins.cpu import library
+    from hw_plugins.cpu.plugin import host_zeros
+
+    wu32 = np.ascontiguousarray(w32[::-1])
+    wg, wu = (w32, wu32) if act == library.F32 else (w32.astype(ml_dtypes.bfloat16), wu32.astype(ml_dtypes.bfloat16))
+    fmt = library.F32 if act == library.F32 else library.BF16
+    packed = host_zeros((2 * lib.pxl_packed_bytes(fmt, N, K),), np.uint8)
+    lib.pxl_pack_gated(fmt, N, K, *(a.__array_interface__["data"][0] for a in (wg, wu, packed)))
+    y = host_zeros((rows, N), x.dtype)
+    px, pw, py = (a.__array_interface__["data"][0] for a in (x, packed, y))
+    ours = _time(lambda: lib.pxl_linear_silu(act, code, rows, N, K, px, pw, py))
+    twu = torch.flip(tw, [0]).contiguous()
+    ref = _time(lambda: torch.nn.functional.silu(tx @ tw.t()) * (tx @ twu.t()))
+    nbytes = wg.nbytes + wu.nbytes
+    return {"rows": rows, "K": K, "N": N, "format": "gated", "ours_us": ours * 1e6, "torch_us": ref * 1e6,
+            "ours_GBs": nbytes / ours / 1e9, "ours_GFLOPs": 4 * rows * N * K / ours / 1e9, "weight_MB": nbytes / 1e6}
 
 
 def report(rows: list[dict]) -> str:
