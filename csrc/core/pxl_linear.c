@@ -266,15 +266,18 @@ static void run_packed(const pxl_kernel_set *ks, int f32, size_t T, size_t cols,
                 size_t l0 = next ? lines * c / calls : 0, l1 = next ? lines * (c + 1) / calls : 0;
                 const char *pf = next ? next + l0 * 64 : NULL;
                 const char *x = (const char *)X + t * K * es;
-                float *yt = out ? tile + (t - t0) * PXL_PANEL : Y + t * ldy + n;
-                size_t ld = out ? PXL_PANEL : ldy;
-                gemm(rm, K, x, K, w, yt, ld, nvalid, pf, l1 - l0);
+                /* a gate panel's rows wait in their tile for the up panel's; every other call's
+                 * rows go out as soon as the call is done, from a tile of its own rows that is
+                 * still in L1 (a whole chunk's tile, 32 KB, stored at the panel's end, cost a
+                 * 576->576 prefill GEMM 3-5 %: `perfxlm bench gemv --rows 4096`) */
+                float *yt = !out ? Y + t * ldy + n : gated && !(s & 1) ? tile + (t - t0) * PXL_PANEL : tile;
+                gemm(rm, K, x, K, w, yt, out ? PXL_PANEL : ldy, nvalid, pf, l1 - l0);
+                if (gated && (s & 1))
+                    store_gated(out, t, c0 + n, rm, nvalid, Y + (t - t0) * PXL_PANEL, yt, PXL_PANEL);
+                else if (out && !gated)
+                    store_rows(out, t, c0 + n, rm, nvalid, yt, PXL_PANEL);
                 t += rm;
             }
-            if (gated && (s & 1))
-                store_gated(out, t0, c0 + n, t1 - t0, nvalid, Y, Y + PACKED_T_CHUNK * PXL_PANEL, PXL_PANEL);
-            else if (out && !gated)
-                store_rows(out, t0, c0 + n, t1 - t0, nvalid, Y, PXL_PANEL);
         }
     }
 }
