@@ -179,6 +179,7 @@ typedef struct {
     void *y;
     size_t ldy;
     int stream; /* non-temporal stores (x86): y is too big to be in a cache when it is read */
+    pxl_silu_bf16_fn silu_bf16; /* the kernel set's gated epilogue in bf16 (NULL: the loop below) */
 } out_spec;
 
 /* rows x cols of fp32 src (lds) -> out at (r0, c0): a loop per case, so each clone vectorises
@@ -223,6 +224,8 @@ PXL_CLONES static void store_gated(const out_spec *o, size_t r0, size_t c0, size
         if (o->dt == PXL_F32) {
             float *y = (float *)o->y + (r0 + r) * o->ldy + c0;
             for (size_t j = 0; j < cols; j++) y[j] = pxl_silu_mul1(a[j], b[j]);
+        } else if (o->silu_bf16) {
+            o->silu_bf16(cols, a, b, (uint16_t *)o->y + (r0 + r) * o->ldy + c0);
         } else {
             uint16_t *y = (uint16_t *)o->y + (r0 + r) * o->ldy + c0;
             for (size_t j = 0; j < cols; j++)
@@ -381,7 +384,8 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
      * read for ownership of every line, no eviction of the weights still to come (`perfxlm
      * bench gemv --rows 64 --formats bf16`: the bf16>f32 row, against bf16 out). */
     const int stream = odt == PXL_F32 && dt != PXL_F32 && (double)T * N * 4 >= STREAM_MIN_BYTES;
-    out_spec o = {dt, odt, gated, bias ? (const char *)bias + n0 * es : NULL, (char *)y + n0 * oes, N, stream};
+    out_spec o = {dt, odt, gated, bias ? (const char *)bias + n0 * es : NULL, (char *)y + n0 * oes, N, stream,
+                  ks->silu_bf16};
     const int fused = wfmt == PXL_BF16P || wfmt == PXL_F32P || packed_q;
     float *yp = pxl_scratch(1, (fused ? (size_t)(gated + 1) * PACKED_T_CHUNK * PXL_PANEL : T * cols) * 4);
     compute(ks, wfmt, packed_q, T, cols, K, xk, qbuf, Wn, yp, cols, fused ? &o : NULL);

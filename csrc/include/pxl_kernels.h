@@ -44,6 +44,10 @@ typedef void (*pxl_gemv_qr_fn)(size_t T, size_t rows, size_t K, const void *W, c
 typedef void (*pxl_gemm_p_fn)(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy,
                               int nvalid, const void *pf, size_t npf);
 
+/* y[j] = bf16(silu(bf16(g[j])) * bf16(u[j])) for j < n, g and u fp32 (two Linears' outputs
+ * before rounding): SiLU-mul in bf16, fused (pxl_linear_silu) and not (pxl_silu_mul) alike */
+typedef void (*pxl_silu_bf16_fn)(size_t n, const float *g, const float *u, uint16_t *y);
+
 typedef struct {
     const char *isa;
     int rm, rn;          /* largest tile: rm tokens x rn features */
@@ -55,6 +59,7 @@ typedef struct {
     pxl_gemv_qr_fn gemv_qr[PXL_NFMT];
     pxl_gemm_p_fn gemm_bf16p; /* NULL: the set does not pack bf16 */
     pxl_gemm_p_fn gemm_f32p;  /* NULL: the set does not pack fp32 */
+    pxl_silu_bf16_fn silu_bf16; /* NULL: the portable pxl_silu_mul1 loop */
 } pxl_kernel_set;
 #define PXL_PANEL 32 /* features per PXL_BF16P / PXL_F32P panel */
 #define PXL_PANEL_RM 12 /* tokens per gemm_bf16p / gemm_f32p call */
