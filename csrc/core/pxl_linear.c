@@ -271,8 +271,8 @@ static void run_packed(const pxl_kernel_set *ks, int f32, size_t T, size_t cols,
                 const char *x = (const char *)X + t * K * es;
                 /* a gate panel's rows wait in their tile for the up panel's; every other call's
                  * rows go out as soon as the call is done, from a tile of its own rows that is
-                 * still in L1 (a whole chunk's tile, 32 KB, stored at the panel's end, cost a
-                 * 576->576 prefill GEMM 3-5 %: `perfxlm bench gemv --rows 4096`) */
+                 * still in L1 (a whole chunk's tile, 32 KB, stored at the panel's end, cost
+                 * 576->576 and 576->1536 at 4096 rows ~3 %: `perfxlm bench gemv --rows 4096`) */
                 float *yt = !out ? Y + t * ldy + n : gated && !(s & 1) ? tile + (t - t0) * PXL_PANEL : tile;
                 gemm(rm, K, x, K, w, yt, out ? PXL_PANEL : ldy, nvalid, pf, l1 - l0);
                 if (gated && (s & 1))
