@@ -387,7 +387,8 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
     out_spec o = {dt, odt, gated, bias ? (const char *)bias + n0 * es : NULL, (char *)y + n0 * oes, N, stream,
                   ks->silu_bf16};
     const int fused = wfmt == PXL_BF16P || wfmt == PXL_F32P || packed_q;
-    float *yp = pxl_scratch(1, (fused ? (size_t)(gated + 1) * PACKED_T_CHUNK * PXL_PANEL : T * cols) * 4);
+    /* fused: a chunk's gate tile when gated, then one call's rows (run_packed) */
+    float *yp = pxl_scratch(1, (fused ? (gated * PACKED_T_CHUNK + PXL_PANEL_RM) * (size_t)PXL_PANEL : T * cols) * 4);
     compute(ks, wfmt, packed_q, T, cols, K, xk, qbuf, Wn, yp, cols, fused ? &o : NULL);
     if (!fused) store_rows(&o, 0, 0, T, cols, yp, cols);
 #ifdef __x86_64__

@@ -131,9 +131,8 @@ def _gated(lib, act: int, code: int, rows: int, N: int, K: int, w32, x, tx, tw) 
 
     wu32 = np.ascontiguousarray(w32[::-1])
     wg, wu = (w32, wu32) if act == library.F32 else (w32.astype(ml_dtypes.bfloat16), wu32.astype(ml_dtypes.bfloat16))
-    fmt = library.F32 if act == library.F32 else library.BF16
-    packed = host_zeros((2 * lib.pxl_packed_bytes(fmt, N, K),), np.uint8)
-    lib.pxl_pack_gated(fmt, N, K, *(a.__array_interface__["data"][0] for a in (wg, wu, packed)))
+    packed = host_zeros((2 * lib.pxl_packed_bytes(act, N, K),), np.uint8)  # (act: the weights' format too)
+    lib.pxl_pack_gated(act, N, K, *(a.__array_interface__["data"][0] for a in (wg, wu, packed)))
     y = host_zeros((rows, N), x.dtype)
     px, pw, py = (a.__array_interface__["data"][0] for a in (x, packed, y))
     ours = _time(lambda: lib.pxl_linear_silu(act, code, rows, N, K, px, pw, py))
