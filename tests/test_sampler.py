@@ -84,6 +84,19 @@ def test_sampling_follows_the_distribution_and_filters():
     assert set(cold) == {0}
 
 
+def test_plain_random_batches_take_the_short_path_and_draw_the_same_tokens():
+    plain = [req(temperature=1.0) for _ in range(6)]
+    assert all(r.plain_draw for r in plain)
+    assert not any(r.plain_draw for r in (req(temperature=0), req(temperature=0.7), req(top_k=5), req(top_p=0.9),
+                                          req(min_p=0.1), req(seed=1), req(logprobs=1), req(logit_bias={1: 1.0}),
+                                          req(presence_penalty=0.5), req(allowed_token_ids=[1, 2])))
+    logits = torch.randn(6, 300)
+    short = Sampler(seed=3)(logits.clone(), plain).token_ids
+    for r in plain:  # the same requests through the general path: the same uniforms, the same tokens
+        r.plain_draw = False
+    assert Sampler(seed=3)(logits.clone(), plain).token_ids == short
+
+
 def test_logprobs_are_raw_and_seeded_draws_repeat():
     logits = torch.tensor([[0.0, 1.0, 2.0]])
     s = Sampler(seed=0)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from perfxlm.logprobs import PromptLogprobs, SampleLogprobs
-from perfxlm.sampling_params import SamplingParams
+from perfxlm.sampling_params import SamplingParams, SamplingType
 
 
 class RequestStatus(enum.IntEnum):
@@ -53,9 +53,11 @@ class Request:
     cumulative_logprob: float = 0.0
     first_token_time: float | None = None
     wants_prompt_logprobs: bool = False
+    plain_draw: bool = False             # each token a draw from softmax(logits) as they are (sampler.py)
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
+        self.plain_draw = _plain_draw(self.sampling_params)
         self.wants_prompt_logprobs = self.sampling_params.prompt_logprobs is not None
         if self.sampling_params.logprobs is not None:
             self.logprobs = []
@@ -81,3 +83,14 @@ class Request:
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+
+
+def _plain_draw(p: SamplingParams) -> bool:
+    """Unseeded random sampling at temperature 1 with nothing that masks, biases, penalises or
+    truncates the logits first, and no logprobs: the sampler's short path (a throughput
+    bench's requests, vLLM's random-sampling defaults)."""
+    return (p.sampling_type == SamplingType.RANDOM and p.temperature == 1.0 and p.logprobs is None
+            and p.allowed_token_ids is None and not p.bad_words and not p.logit_bias
+            and (p.min_tokens == 0 or not p.all_stop_token_ids)
+            and p.repetition_penalty == 1.0 and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0
+            and p.top_k <= 0 and p.top_p == 1.0 and p.min_p == 0.0)

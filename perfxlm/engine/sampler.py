@@ -35,6 +35,9 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
         """logits (B, V) float32, one row per request -> one token per request."""
+        if all(r.plain_draw for r in reqs):  # the usual random batch: one uniform a row, drawn as below
+            u = torch.rand(len(reqs), 1, generator=self.generator)
+            return SamplerOutput(self._inverse_cdf(logits, u).tolist())
         logprobs = None
         if any(r.sampling_params.logprobs is not None for r in reqs):
             logprobs = torch.log_softmax(logits, dim=-1)
