@@ -179,7 +179,8 @@ def test_sampler_bench_draws_the_same_tokens_as_torch(tmp_path, capsys):
     assert cli.main(["bench", "sampler", "--rows", "1,16", "--vocab", "3000", "--output-json", str(out)]) == 0
     assert "x torch" in capsys.readouterr().out
     rows = json.loads(out.read_text())
-    assert [(r["rows"], r["vocab"]) for r in rows] == [(1, 3000), (16, 3000)]
+    assert [(r["rows"], r["vocab"], r["logits"]) for r in rows] == [(1, 3000, "cached"), (1, 3000, "DRAM"),
+                                                                     (16, 3000, "cached"), (16, 3000, "DRAM")]
     for r in rows:  # (a uniform at a CDF edge may round either way: almost never at these sizes)
         assert r["ours_us"] > 0 and r["torch_us"] > 0 and r["same_tokens"] >= r["rows"] - 1, r
 
