@@ -51,7 +51,7 @@ PXL_CLONES static float row_max(size_t V, const float *x) {
  * from DRAM (the lm_head stores the logits around the caches), and the memory would otherwise
  * sit idle while these exps run from L2 */
 PXL_CLONES static void block_sums(size_t V, const float *x, float m, float *sums, const float *next) {
-    const size_t lines = V * sizeof(float) / 64, nb = (V + BLOCK - 1) / BLOCK;
+    const size_t lines = (V * sizeof(float) + 63) / 64, nb = (V + BLOCK - 1) / BLOCK;
     for (size_t b0 = 0; b0 < V; b0 += BLOCK) {
         size_t n = V - b0 < BLOCK ? V - b0 : BLOCK;
         if (next)
@@ -101,7 +101,8 @@ static void sample_team(size_t R, size_t V, const float *logits, size_t ld, cons
     float *sums = pxl_scratch(0, (V + BLOCK - 1) / BLOCK * sizeof(float));
     size_t r0, r1;
     pxl_split(R, 1, &r0, &r1);
-    for (size_t r = r0; r < r1; r++) out[r] = sample_row(V, logits + r * ld, u[r], sums, r + 1 < r1 ? logits + (r + 1) * ld : NULL);
+    for (size_t r = r0; r < r1; r++)
+        out[r] = sample_row(V, logits + r * ld, u[r], sums, r + 1 < r1 ? logits + (r + 1) * ld : NULL);
 }
 
 void pxl_sample_rows(size_t R, size_t V, const float *logits, size_t ld, const float *u, int64_t *out) {

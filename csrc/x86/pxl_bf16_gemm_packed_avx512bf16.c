@@ -70,13 +70,13 @@ void pxl_silu_mul_bf16_avx512bf16(size_t n, const float *g, const float *u, uint
                                            6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     for (size_t j = 0; j < n; j += 32) {
         size_t m = n - j < 32 ? n - j : 32;
-        __mmask16 m0 = m >= 16 ? 0xffff : (__mmask16)((1u << m) - 1);
-        __mmask16 m1 = m <= 16 ? 0 : m >= 32 ? 0xffff : (__mmask16)((1u << (m - 16)) - 1);
         __m512i gb, ub;
         if (m == 32) { /* plain loads: u was just stored by the GEMM call, and a masked load waits for that */
             gb = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(g + j + 16), _mm512_loadu_ps(g + j));
             ub = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(u + j + 16), _mm512_loadu_ps(u + j));
         } else {
+            __mmask16 m0 = m >= 16 ? 0xffff : (__mmask16)((1u << m) - 1);
+            __mmask16 m1 = m <= 16 ? 0 : (__mmask16)((1u << (m - 16)) - 1);
             gb = (__m512i)_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(m1, g + j + 16), _mm512_maskz_loadu_ps(m0, g + j));
             ub = (__m512i)_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(m1, u + j + 16), _mm512_maskz_loadu_ps(m0, u + j));
         }

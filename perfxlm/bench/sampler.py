@@ -9,12 +9,12 @@ around the caches). The tokens should agree except where a uniform sits at a CDF
 where the two float roundings may fall either way.
 """
 
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+
+from perfxlm.bench import best_of
 
 
 @dataclass
@@ -37,16 +37,8 @@ def run(batches: list[int], vocab: int = 49152, reps: int = 20) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     flush = np.zeros(64 << 20, np.uint8)  # written between calls: more than a last-level cache holds
 
-    def best(fn: Callable[[], object], cold: bool) -> float:
-        fn()
-        times = []
-        for _ in range(reps):
-            if cold:
-                np.add(flush, 1, out=flush)
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return min(times)
+    def evict() -> None:
+        np.add(flush, 1, out=flush)
 
     results = []
     for rows in batches:
@@ -56,8 +48,9 @@ def run(batches: list[int], vocab: int = 49152, reps: int = 20) -> list[dict]:
         ours = torch.from_numpy(plugin.sample_rows(ln, un))
         ref = inverse_cdf(logits.softmax(dim=-1), u)
         for cold in (False, True):
-            t_ours = best(lambda: plugin.sample_rows(ln, un), cold)
-            t_ref = best(lambda: inverse_cdf(logits.softmax(dim=-1), u), cold)
+            before = evict if cold else None
+            t_ours = best_of(lambda: plugin.sample_rows(ln, un), reps, before)
+            t_ref = best_of(lambda: inverse_cdf(logits.softmax(dim=-1), u), reps, before)
             results.append(Result(rows, vocab, "DRAM" if cold else "cached", 1e6 * t_ours, 1e6 * t_ref,
                                   int((ours == ref).sum())))
     return [asdict(r) for r in results]

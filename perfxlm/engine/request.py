@@ -53,7 +53,7 @@ class Request:
     cumulative_logprob: float = 0.0
     first_token_time: float | None = None
     wants_prompt_logprobs: bool = False
-    plain_draw: bool = False             # each token a draw from softmax(logits) as they are (sampler.py)
+    plain_draw: bool = field(default=False, init=False)  # each token a draw from softmax(logits) as they are
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
