@@ -16,6 +16,12 @@ void pxl_tile_f32_avx2(int, int, size_t, const void *, size_t, const void *, siz
 void pxl_tile_bf16_avx2(int, int, size_t, const void *, size_t, const void *, size_t, float *, size_t);
 void pxl_tile_bf16_avx512(int, int, size_t, const void *, size_t, const void *, size_t, float *, size_t);
 void pxl_gemm_bf16p_avx512bf16(int, size_t, const void *, size_t, const void *, float *, size_t, int, const void *, size_t);
+void pxl_gemm_bf16p_bf16_avx512bf16(int, size_t, const void *, size_t, const void *, uint16_t *, size_t, int, const void *,
+                                    size_t);
+void pxl_gemm_bf16p_silu_avx512bf16(int, size_t, const void *, size_t, const void *, uint16_t *, size_t, int, const void *,
+                                    size_t);
+void pxl_gemm_bf16p_wide_avx512bf16(int, size_t, const void *, size_t, const void *, float *, size_t, int, const void *,
+                                    size_t);
 void pxl_silu_mul_bf16_avx512bf16(size_t, const float *, const float *, uint16_t *);
 void pxl_gemm_f32p_avx512(int, size_t, const void *, size_t, const void *, float *, size_t, int, const void *, size_t);
 extern const pxl_gemv_q_fn pxl_gemv_q_avx512vnni[PXL_NFMT], pxl_gemv_q_avx2[PXL_NFMT];
@@ -29,6 +35,8 @@ const pxl_kernel_set pxl_kernels_avx512 = {
 const pxl_kernel_set pxl_kernels_avx512bf16 = {
     .isa = "avx512bf16", .rm = 4, .rn = 4, .gemv_rn = 8, .tile_f32 = pxl_tile_f32_avx512,
     .tile_bf16 = pxl_tile_bf16_avx512bf16, .gemm_bf16p = pxl_gemm_bf16p_avx512bf16,
+    .gemm_bf16p_bf16 = pxl_gemm_bf16p_bf16_avx512bf16, .gemm_bf16p_silu = pxl_gemm_bf16p_silu_avx512bf16,
+    .gemm_bf16p_wide_nt = pxl_gemm_bf16p_wide_avx512bf16,
     .gemm_f32p = pxl_gemm_f32p_avx512, .silu_bf16 = pxl_silu_mul_bf16_avx512bf16};
 #endif
 

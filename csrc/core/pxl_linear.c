@@ -157,16 +157,26 @@ void pxl_pack_weights(int wfmt, size_t N, size_t K, const void *W, void *out) {
                    (uint16_t *)out + n * K);
 }
 
+/* panel j: features 0-15 are gate rows 16j .. 16j + 15, features 16-31 the same rows of up, so
+ * one call's accumulators hold both factors of 16 outputs (the tail's missing rows are zeros) */
 void pxl_pack_gated(int wfmt, size_t N, size_t K, const void *Wg, const void *Wu, void *out) {
-    size_t es = wfmt == PXL_F32 ? 4 : 2, slot = (size_t)PXL_PANEL * K * es;
-    for (size_t n = 0; n < N; n += PXL_PANEL)
-        for (int h = 0; h < 2; h++) { /* panel n / 32 of gate, then of up */
+    size_t es = wfmt == PXL_F32 ? 4 : 2, half = PXL_PANEL / 2, slot = (size_t)PXL_PANEL * K * es;
+    for (size_t n = 0; n < N; n += half) {
+        size_t rows = N - n < half ? N - n : half;
+        char *dst = (char *)out + n / half * slot;
+        memset(dst, 0, slot);
+        for (int h = 0; h < 2; h++) { /* features h * 16 + j <- row n + j of gate (h = 0) or up */
             const char *src = (const char *)(h ? Wu : Wg) + n * K * es;
-            char *dst = (char *)out + (2 * (n / PXL_PANEL) + h) * slot;
-            size_t rows = N - n < PXL_PANEL ? N - n : PXL_PANEL;
-            if (wfmt == PXL_F32) pack_panel_f32(rows, K, (const float *)src, (float *)dst);
-            else pack_panel(wfmt, rows, K, (const uint16_t *)src, (uint16_t *)dst);
+            for (size_t j = 0; j < rows; j++)
+                for (size_t k = 0; k < K; k++) {
+                    size_t f = h * half + j;
+                    if (wfmt == PXL_F32)
+                        ((float *)dst)[k * PXL_PANEL + f] = ((const float *)src)[j * K + k];
+                    else /* [K/2][32][2] */
+                        ((uint16_t *)dst)[(k / 2 * PXL_PANEL + f) * 2 + k % 2] = ((const uint16_t *)src)[j * K + k];
+                }
         }
+    }
 }
 
 /* Where fp32 results go when they are not y itself: bias added, then rounded once to dt and
@@ -174,7 +184,7 @@ void pxl_pack_gated(int wfmt, size_t N, size_t K, const void *Wg, const void *Wu
  * first column. */
 typedef struct {
     int dt, odt;
-    int gated; /* the panels alternate gate and up: y = silu(gate) * up (pxl_linear_silu) */
+    int gated; /* panels of 16 gate and 16 up features: y = silu(gate) * up (pxl_linear_silu) */
     const void *bias;
     void *y;
     size_t ldy;
@@ -236,49 +246,60 @@ PXL_CLONES static void store_gated(const out_spec *o, size_t r0, size_t c0, size
 
 /* Y (T, cols) = X (T, K) . packed panels, bf16 (PXL_BF16P) or fp32 (f32: PXL_F32P); T walks
  * in chunks that stay in L2 while a panel (32 x K: L1-sized in bf16, L2 in fp32) serves every
- * token of the chunk. With `out`, Y is a scratch tile of PXL_PANEL columns for one chunk, and
- * each (chunk, panel) goes to out as soon as it is done, while it is in L1: no T x cols fp32
- * copy of the result (6 MB for the lm_head of a 64-token decode step) goes through memory. */
+ * token of the chunk. With `out`, each call's rows go to out as soon as the call is done: the
+ * kernel set rounds and stores them itself where it can (bf16 out, or the gated SiLU-mul),
+ * else they pass through Y, a scratch tile of one call's rows x PXL_PANEL columns, while it is
+ * in L1: no T x cols fp32 copy of the result (6 MB for the lm_head of a 64-token decode step)
+ * goes through memory. Gated, a panel makes 16 columns of out. */
 static void run_packed(const pxl_kernel_set *ks, int f32, size_t T, size_t cols, size_t K, const void *X,
                        const void *Wp, float *Y, size_t ldy, const out_spec *out, size_t c0) {
     size_t es = f32 ? 4 : 2;
     /* weights packed under another kernel set (pxl_set_isa since): the portable kernels */
     pxl_gemm_p_fn gemm = f32 ? (ks->gemm_f32p ? ks->gemm_f32p : pxl_gemm_f32p_generic)
                              : (ks->gemm_bf16p ? ks->gemm_bf16p : pxl_gemm_bf16p_generic);
-    const size_t lines = K * PXL_PANEL * es / 64; /* cache lines of a panel */
+    const int gated = out && out->gated;
+    /* bf16 out, no bias: the set's own rounding store (a separate kernel for the gated product) */
+    pxl_gemm_p_bf16_fn direct = NULL;
+    if (!f32 && out && !out->bias && out->dt == PXL_BF16 && out->odt == PXL_BF16 && ks->gemm_bf16p)
+        direct = gated ? ks->gemm_bf16p_silu : ks->gemm_bf16p_bf16;
+    /* the logits: bf16 values widened, whole lines around the caches */
+    pxl_gemm_p_fn wide = !f32 && out && !out->bias && out->stream && out->dt == PXL_BF16 && out->odt == PXL_F32 &&
+                                 ks->gemm_bf16p && (uintptr_t)out->y % 64 == 0 && out->ldy % 16 == 0
+                             ? ks->gemm_bf16p_wide_nt
+                             : NULL;
+    const size_t width = gated ? PXL_PANEL / 2 : PXL_PANEL; /* out columns a panel makes */
+    const size_t lines = K * PXL_PANEL * es / 64;           /* cache lines of a panel */
     for (size_t t0 = 0; t0 < T; t0 += PACKED_T_CHUNK) {
         size_t t1 = t0 + PACKED_T_CHUNK < T ? t0 + PACKED_T_CHUNK : T;
         /* the chunk in calls of near-equal size (64 tokens: 11, 11, 11, 11, 10, 10, not 12 x 5 + 4):
          * a call with few tokens has too few accumulators to hide the FMA latency */
         size_t calls = (t1 - t0 + PXL_PANEL_RM - 1) / PXL_PANEL_RM, base = (t1 - t0) / calls, extra = (t1 - t0) % calls;
-        /* panels in memory order; gated, they alternate gate and up (each into a tile of its own)
-         * and an up panel ends an output panel */
-        const int gated = out && out->gated;
-        const size_t npanels = (cols + PXL_PANEL - 1) / PXL_PANEL, slots = gated ? 2 * npanels : npanels;
-        for (size_t s = 0; s < slots; s++) {
-            size_t n = (gated ? s / 2 : s) * PXL_PANEL;
-            int nvalid = cols - n < PXL_PANEL ? (int)(cols - n) : PXL_PANEL;
+        const size_t npanels = (cols + width - 1) / width;
+        for (size_t s = 0; s < npanels; s++) { /* panels in memory order */
+            size_t n = s * width;
+            int nvalid = cols - n < width ? (int)(cols - n) : (int)width;
             const char *w = (const char *)Wp + s * PXL_PANEL * K * es;
-            float *tile = gated ? Y + (s & 1) * PACKED_T_CHUNK * PXL_PANEL : Y;
             /* the next panel comes from DRAM in a decode step, and the hardware prefetchers only
              * follow demand misses: the calls after a panel's first run from L1 and leave the
              * memory idle, so each call prefetches its share of the next panel's lines */
-            const char *next = s + 1 < slots ? w + PXL_PANEL * K * es : NULL;
+            const char *next = s + 1 < npanels ? w + PXL_PANEL * K * es : NULL;
             for (size_t c = 0, t = t0; c < calls; c++) {
                 int rm = (int)(base + (c < extra));
                 size_t l0 = next ? lines * c / calls : 0, l1 = next ? lines * (c + 1) / calls : 0;
                 const char *pf = next ? next + l0 * 64 : NULL;
                 const char *x = (const char *)X + t * K * es;
-                /* a gate panel's rows wait in their tile for the up panel's; every other call's
-                 * rows go out as soon as the call is done, from a tile of its own rows that is
-                 * still in L1 (a whole chunk's tile, 32 KB, stored at the panel's end, cost
-                 * 576->576 and 576->1536 at 4096 rows ~3 %: `perfxlm bench gemv --rows 4096`) */
-                float *yt = !out ? Y + t * ldy + n : gated && !(s & 1) ? tile + (t - t0) * PXL_PANEL : tile;
-                gemm(rm, K, x, K, w, yt, out ? PXL_PANEL : ldy, nvalid, pf, l1 - l0);
-                if (gated && (s & 1))
-                    store_gated(out, t, c0 + n, rm, nvalid, Y + (t - t0) * PXL_PANEL, yt, PXL_PANEL);
-                else if (out && !gated)
-                    store_rows(out, t, c0 + n, rm, nvalid, yt, PXL_PANEL);
+                if (wide && nvalid == PXL_PANEL && (c0 + n) % 16 == 0) {
+                    wide(rm, K, x, K, w, (float *)out->y + t * out->ldy + c0 + n, out->ldy, nvalid, pf, l1 - l0);
+                } else if (direct) {
+                    direct(rm, K, x, K, w, (uint16_t *)out->y + t * out->ldy + c0 + n, out->ldy, nvalid, pf, l1 - l0);
+                } else if (!out) {
+                    gemm(rm, K, x, K, w, Y + t * ldy + n, ldy, nvalid, pf, l1 - l0);
+                } else { /* through the tile, from L1 (a whole chunk's tile, 32 KB, stored at the panel's
+                          * end, cost 576->576 and 576->1536 at 4096 rows ~3 %) */
+                    gemm(rm, K, x, K, w, Y, PXL_PANEL, gated ? PXL_PANEL : nvalid, pf, l1 - l0);
+                    if (gated) store_gated(out, t, c0 + n, rm, nvalid, Y, Y + PXL_PANEL / 2, PXL_PANEL);
+                    else store_rows(out, t, c0 + n, rm, nvalid, Y, PXL_PANEL);
+                }
                 t += rm;
             }
         }
@@ -367,7 +388,7 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
     const void *xk = xc ? xc : x;
 
     size_t n0, n1;
-    pxl_split(N, wfmt == PXL_BF16P || wfmt == PXL_F32P || packed_q ? PXL_PANEL : 16, &n0, &n1);
+    pxl_split(N, gated ? PXL_PANEL / 2 : wfmt == PXL_BF16P || wfmt == PXL_F32P || packed_q ? PXL_PANEL : 16, &n0, &n1);
     if (n0 >= n1) return;
     size_t cols = n1 - n0;
     const char *Wn = (const char *)W + (gated + 1) * (wfmt == PXL_BF16P   ? n0 * K * 2
@@ -387,8 +408,8 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
     out_spec o = {dt, odt, gated, bias ? (const char *)bias + n0 * es : NULL, (char *)y + n0 * oes, N, stream,
                   ks->silu_bf16};
     const int fused = wfmt == PXL_BF16P || wfmt == PXL_F32P || packed_q;
-    /* fused: a chunk's gate tile when gated, then one call's rows (run_packed) */
-    float *yp = pxl_scratch(1, (fused ? (gated * PACKED_T_CHUNK + PXL_PANEL_RM) * (size_t)PXL_PANEL : T * cols) * 4);
+    /* fused: one call's rows (run_packed) */
+    float *yp = pxl_scratch(1, (fused ? PXL_PANEL_RM * (size_t)PXL_PANEL : T * cols) * 4);
     compute(ks, wfmt, packed_q, T, cols, K, xk, qbuf, Wn, yp, cols, fused ? &o : NULL);
     if (!fused) store_rows(&o, 0, 0, T, cols, yp, cols);
 #ifdef __x86_64__

@@ -82,8 +82,9 @@ void pxl_pack_weights(int wfmt, size_t N, size_t K, const void *W, void *out);
 /* The gated MLP's first half in one pass: y (T, N) = silu(x @ Wg^T) * (x @ Wu^T), each product
  * rounded to dt first, so bitwise what two pxl_linear calls and pxl_silu_mul give, without the
  * two (T, N) intermediates or a pass of their own. Wgu: gate and up packed by pxl_pack_gated
- * (wfmt PXL_BF16 or PXL_F32, where pxl_packed_bytes(wfmt, N, K) is not 0; it is twice that size),
- * panel j of gate then panel j of up; pass it as PXL_BF16P / PXL_F32P. */
+ * (wfmt PXL_BF16 or PXL_F32, where pxl_packed_bytes(wfmt, N, K) is not 0; it is twice that size):
+ * panel j holds rows 16j .. 16j + 15 of gate, then the same rows of up; pass it as PXL_BF16P /
+ * PXL_F32P. */
 void pxl_pack_gated(int wfmt, size_t N, size_t K, const void *Wg, const void *Wu, void *out);
 void pxl_linear_silu(int dt, int wfmt, size_t T, size_t N, size_t K, const void *x, const void *Wgu, void *y);
 /* y (T, D) = table (V, D)[idx (T,)] */

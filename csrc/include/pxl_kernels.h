@@ -43,6 +43,10 @@ typedef void (*pxl_gemv_qr_fn)(size_t T, size_t rows, size_t K, const void *W, c
  * lines from pf, at most one per K step (a hint: the portable kernels ignore it) */
 typedef void (*pxl_gemm_p_fn)(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy,
                               int nvalid, const void *pf, size_t npf);
+/* the same product rounded to bf16 (as pxl_f32_to_bf16) and stored to y (ldy) by the kernel
+ * itself: no fp32 tile goes through memory between the sums and the output */
+typedef void (*pxl_gemm_p_bf16_fn)(int rm, size_t K, const void *X, size_t ldx, const void *Wp, uint16_t *y,
+                                   size_t ldy, int nvalid, const void *pf, size_t npf);
 
 /* y[j] = bf16(silu(bf16(g[j])) * bf16(u[j])) for j < n, g and u fp32 (two Linears' outputs
  * before rounding): SiLU-mul in bf16, fused (pxl_linear_silu) and not (pxl_silu_mul) alike */
@@ -58,6 +62,13 @@ typedef struct {
     /* the repacked formats' kernels, indexed by the GGUF format (NULL: the set does not repack it) */
     pxl_gemv_qr_fn gemv_qr[PXL_NFMT];
     pxl_gemm_p_fn gemm_bf16p; /* NULL: the set does not pack bf16 */
+    pxl_gemm_p_bf16_fn gemm_bf16p_bf16; /* NULL: bf16 outputs go through an fp32 tile */
+    /* the gated product (pxl_pack_gated panels: nvalid <= 16 outputs of silu(gate) * up, as
+     * silu_bf16 computes them); NULL: through the tile and silu_bf16 */
+    pxl_gemm_p_bf16_fn gemm_bf16p_silu;
+    /* bf16 values stored widened to fp32 around the caches (the logits): Y 64-byte aligned,
+     * nvalid 32; NULL: through the tile */
+    pxl_gemm_p_fn gemm_bf16p_wide_nt;
     pxl_gemm_p_fn gemm_f32p;  /* NULL: the set does not pack fp32 */
     pxl_silu_bf16_fn silu_bf16; /* NULL: the portable pxl_silu_mul1 loop */
 } pxl_kernel_set;

@@ -11,38 +11,6 @@
 
 #define PXL_INLINE static inline __attribute__((always_inline))
 
-PXL_INLINE void ukernel(const int RM, size_t K2, const uint16_t *X, size_t ldx, const uint16_t *Wp, float *Y,
-                        size_t ldy, __mmask16 m0, __mmask16 m1, const char *pf, size_t npf) {
-    __m512 acc[12][2];
-    for (int i = 0; i < RM; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-    for (size_t p = 0; p < K2; p++) {
-        if (p < npf) _mm_prefetch(pf + p * 64, _MM_HINT_T0);
-        __m512bh b0 = (__m512bh)_mm512_loadu_si512(Wp + p * 64), b1 = (__m512bh)_mm512_loadu_si512(Wp + p * 64 + 32);
-        for (int i = 0; i < RM; i++) {
-            uint32_t pair;
-            memcpy(&pair, X + i * ldx + 2 * p, 4);
-            __m512bh a = (__m512bh)_mm512_set1_epi32((int)pair);
-            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a, b0);
-            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a, b1);
-        }
-    }
-    for (int i = 0; i < RM; i++) {
-        _mm512_mask_storeu_ps(Y + i * ldy, m0, acc[i][0]);
-        _mm512_mask_storeu_ps(Y + i * ldy + 16, m1, acc[i][1]);
-    }
-}
-
-void pxl_gemm_bf16p_avx512bf16(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy,
-                               int nvalid, const void *pf, size_t npf) {
-    __mmask16 m0 = nvalid >= 16 ? 0xffff : (__mmask16)((1u << nvalid) - 1);
-    __mmask16 m1 = nvalid >= 32 ? 0xffff : nvalid <= 16 ? 0 : (__mmask16)((1u << (nvalid - 16)) - 1);
-    switch (rm) {
-#define R(n) case n: ukernel(n, K / 2, X, ldx, Wp, Y, ldy, m0, m1, pf, npf); return;
-        R(1) R(2) R(3) R(4) R(5) R(6) R(7) R(8) R(9) R(10) R(11) R(12)
-#undef R
-    }
-}
-
 /* exp(x) for x in [-87, 88] (clamped), pxl_exp's reduction and polynomial with its multiply-adds
  * fused; returns 1 + exp(x), the SiLU denominator, with that add fused too */
 PXL_INLINE __m512 one_plus_exp(__m512 x) {
@@ -57,6 +25,105 @@ PXL_INLINE __m512 one_plus_exp(__m512 x) {
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
     __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_castps_si512(sh), _mm512_set1_epi32(127 - 0x4B400000)), 23);
     return _mm512_fmadd_ps(p, _mm512_castsi512_ps(e), _mm512_set1_ps(1.0f));
+}
+
+/* silu(bf16(g)) * bf16(u), 16 lanes, g and u fp32: pxl_silu_mul_bf16_avx512bf16's arithmetic
+ * lane for lane (the same roundings, exp and division), so the fused product has its bits */
+PXL_INLINE __m512 silu_mul16(__m512 g, __m512 u) {
+    __m512 gv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(g)), 16));
+    __m512 uv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(u)), 16));
+    return _mm512_mul_ps(_mm512_div_ps(gv, one_plus_exp(_mm512_sub_ps(_mm512_setzero_ps(), gv))), uv);
+}
+
+/* OUT selects where the accumulators go: OUT_F32 stores them to Y (fp32, nvalid columns);
+ * OUT_BF16 rounds them to bf16 in registers and stores them to y (ldy); OUT_SILU takes columns
+ * 0-15 as gate and 16-31 as up (pxl_pack_gated) and stores nvalid <= 16 bf16 of silu(gate) * up;
+ * OUT_WIDE_NT stores 32 bf16 values widened to fp32, each row's two lines around the caches
+ * (non-temporal: y 64-byte aligned, nvalid 32) */
+enum { OUT_F32, OUT_BF16, OUT_SILU, OUT_WIDE_NT };
+
+/* 32 accumulators (lo: columns 0-15, hi: 16-31) rounded to bf16 exactly as pxl_f32_to_bf16:
+ * vcvtne2ps2bf16 rounds to nearest even and quiets NaNs alike, and the one input where the two
+ * differ, an fp32 denormal (flushed here), never reaches it: vdpbf16ps flushes denormal results
+ * to zero, and every accumulator has had at least one */
+PXL_INLINE __m512i round_bf16x32(__m512 lo, __m512 hi) { return (__m512i)_mm512_cvtne2ps_pbh(hi, lo); }
+
+PXL_INLINE void ukernel(const int RM, const int OUT, size_t K2, const uint16_t *X, size_t ldx, const uint16_t *Wp,
+                        void *Y, size_t ldy, int nvalid, const char *pf, size_t npf) {
+    __m512 acc[12][2];
+    for (int i = 0; i < RM; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (size_t p = 0; p < K2; p++) {
+        if (p < npf) _mm_prefetch(pf + p * 64, _MM_HINT_T0);
+        __m512bh b0 = (__m512bh)_mm512_loadu_si512(Wp + p * 64), b1 = (__m512bh)_mm512_loadu_si512(Wp + p * 64 + 32);
+        for (int i = 0; i < RM; i++) {
+            uint32_t pair;
+            memcpy(&pair, X + i * ldx + 2 * p, 4);
+            __m512bh a = (__m512bh)_mm512_set1_epi32((int)pair);
+            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a, b0);
+            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a, b1);
+        }
+    }
+    if (OUT == OUT_SILU) {
+        __mmask16 m = nvalid >= 16 ? 0xffff : (__mmask16)((1u << nvalid) - 1);
+        for (int i = 0; i < RM; i++)
+            _mm256_mask_storeu_epi16((uint16_t *)Y + i * ldy, m, (__m256i)_mm512_cvtneps_pbh(silu_mul16(acc[i][0], acc[i][1])));
+        return;
+    }
+    if (OUT == OUT_WIDE_NT) {
+        for (int i = 0; i < RM; i++) {
+            __m512i r = round_bf16x32(acc[i][0], acc[i][1]);
+            _mm512_stream_ps((float *)Y + i * ldy, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(r)), 16)));
+            _mm512_stream_ps((float *)Y + i * ldy + 16, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(r, 1)), 16)));
+        }
+        return;
+    }
+    if (OUT == OUT_BF16) { /* no fp32 tile: each row leaves as 32 bf16, one store */
+        __mmask32 m = nvalid >= 32 ? 0xffffffffu : (__mmask32)((1u << nvalid) - 1);
+        for (int i = 0; i < RM; i++) _mm512_mask_storeu_epi16((uint16_t *)Y + i * ldy, m, round_bf16x32(acc[i][0], acc[i][1]));
+        return;
+    }
+    __mmask16 m0 = nvalid >= 16 ? 0xffff : (__mmask16)((1u << nvalid) - 1);
+    __mmask16 m1 = nvalid >= 32 ? 0xffff : nvalid <= 16 ? 0 : (__mmask16)((1u << (nvalid - 16)) - 1);
+    for (int i = 0; i < RM; i++) {
+        _mm512_mask_storeu_ps((float *)Y + i * ldy, m0, acc[i][0]);
+        _mm512_mask_storeu_ps((float *)Y + i * ldy + 16, m1, acc[i][1]);
+    }
+}
+
+void pxl_gemm_bf16p_avx512bf16(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy,
+                               int nvalid, const void *pf, size_t npf) {
+    switch (rm) {
+#define R(n) case n: ukernel(n, OUT_F32, K / 2, X, ldx, Wp, Y, ldy, nvalid, pf, npf); return;
+        R(1) R(2) R(3) R(4) R(5) R(6) R(7) R(8) R(9) R(10) R(11) R(12)
+#undef R
+    }
+}
+
+void pxl_gemm_bf16p_bf16_avx512bf16(int rm, size_t K, const void *X, size_t ldx, const void *Wp, uint16_t *y,
+                                    size_t ldy, int nvalid, const void *pf, size_t npf) {
+    switch (rm) {
+#define R(n) case n: ukernel(n, OUT_BF16, K / 2, X, ldx, Wp, y, ldy, nvalid, pf, npf); return;
+        R(1) R(2) R(3) R(4) R(5) R(6) R(7) R(8) R(9) R(10) R(11) R(12)
+#undef R
+    }
+}
+
+void pxl_gemm_bf16p_wide_avx512bf16(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *y, size_t ldy,
+                                    int nvalid, const void *pf, size_t npf) {
+    switch (rm) {
+#define R(n) case n: ukernel(n, OUT_WIDE_NT, K / 2, X, ldx, Wp, y, ldy, nvalid, pf, npf); return;
+        R(1) R(2) R(3) R(4) R(5) R(6) R(7) R(8) R(9) R(10) R(11) R(12)
+#undef R
+    }
+}
+
+void pxl_gemm_bf16p_silu_avx512bf16(int rm, size_t K, const void *X, size_t ldx, const void *Wp, uint16_t *y,
+                                    size_t ldy, int nvalid, const void *pf, size_t npf) {
+    switch (rm) {
+#define R(n) case n: ukernel(n, OUT_SILU, K / 2, X, ldx, Wp, y, ldy, nvalid, pf, npf); return;
+        R(1) R(2) R(3) R(4) R(5) R(6) R(7) R(8) R(9) R(10) R(11) R(12)
+#undef R
+    }
 }
 
 /* y[j] = bf16(silu(bf16(g[j])) * bf16(u[j])) for j < n: SiLU-mul on two Linears' bf16 outputs
