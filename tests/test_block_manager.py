@@ -98,3 +98,30 @@ def test_reset_prefix_cache_only_when_idle():
     assert not bm.reset_prefix_cache()
     bm.free_blocks(a)
     assert bm.reset_prefix_cache() and bm.cached == {}
+
+
+def test_decoded_blocks_enter_the_prefix_cache_as_they_fill_and_again_after_preemption():
+    bm = BlockManager(num_blocks=10, block_size=4)
+    a = make_request("a", list(range(6)))
+    assert bm.allocate_slots(a, 6)
+    a.num_computed_tokens = 6
+    bm.cache_blocks(a)
+    assert a.num_cached_blocks == 1 and len(bm.cached) == 1
+    for token in (50, 51):                     # two decode steps fill the second block
+        a.append_output_token(token)
+        assert bm.allocate_slots(a, 1)
+        a.num_computed_tokens += 1
+        bm.cache_blocks(a)
+    assert a.num_cached_blocks == 2 and len(bm.cached) == 2
+    # a request with the same 8 tokens finds both blocks (and computes its last token itself)
+    b = make_request("b", list(range(6)) + [50, 51, 7])
+    assert bm.get_computed_blocks(b) == a.block_ids[:2]
+    # preempted, a recomputes from scratch: its new blocks are offered to the cache again
+    bm.free_blocks(a)
+    assert a.num_cached_blocks == 0
+    computed = bm.get_computed_blocks(a)
+    assert len(computed) == 1                  # (8 tokens: the last one is always computed)
+    assert bm.allocate_slots(a, 8 - 4, computed) and a.num_cached_blocks == 1
+    a.num_computed_tokens = 8
+    bm.cache_blocks(a)
+    assert a.num_cached_blocks == 2

@@ -45,7 +45,15 @@ class BlockManager:
 
     def allocate_slots(self, req: Request, num_new_tokens: int, computed_blocks: list[int] = ()) -> bool:
         """Give req the blocks for `num_new_tokens` more tokens; False (and no change) if short."""
-        num_computed = len(computed_blocks) * self.block_size if computed_blocks else req.num_computed_tokens
+        if not computed_blocks:  # a running request: a new block every block_size decode steps
+            new = -(-(req.num_computed_tokens + num_new_tokens) // self.block_size) - len(req.block_ids)
+            if new <= 0:
+                return True
+            if new > len(self.free):
+                return False
+            self._take_free(req, new)
+            return True
+        num_computed = len(computed_blocks) * self.block_size
         total = self.blocks_needed(num_computed + num_new_tokens)
         new = total - len(req.block_ids) - len(computed_blocks)
         revived = sum(1 for b in computed_blocks if self.ref_counts[b] == 0)  # free now, taken back
@@ -56,7 +64,12 @@ class BlockManager:
                 del self.free[b]
             self.ref_counts[b] += 1
         req.block_ids.extend(computed_blocks)
-        for _ in range(max(new, 0)):
+        req.num_cached_blocks = len(req.block_ids)  # (hits: in the prefix cache already)
+        self._take_free(req, new)
+        return True
+
+    def _take_free(self, req: Request, n: int) -> None:
+        for _ in range(n):
             b, _ = self.free.popitem(last=False)
             if self.block_hash[b] is not None:  # evict its old contents from the prefix cache
                 if self.cached.get(self.block_hash[b]) == b:
@@ -64,19 +77,20 @@ class BlockManager:
                 self.block_hash[b] = None
             self.ref_counts[b] = 1
             req.block_ids.append(b)
-        return True
 
     def cache_blocks(self, req: Request) -> None:
-        """Register req's blocks that became full of computed tokens in the prefix cache."""
-        if not self.enable_prefix_caching:
-            return
+        """Register req's blocks that became full of computed tokens in the prefix cache (each
+        block once: a decode step fills at most one)."""
         num_full = req.num_computed_tokens // self.block_size
+        if not self.enable_prefix_caching or num_full <= req.num_cached_blocks:
+            return
         self._hash_full_blocks(req, num_full * self.block_size)
-        for i in range(num_full):
+        for i in range(req.num_cached_blocks, num_full):
             b, h = req.block_ids[i], req.block_hashes[i]
             if self.block_hash[b] is None and h not in self.cached:
                 self.block_hash[b] = h
                 self.cached[h] = b
+        req.num_cached_blocks = num_full
 
     def free_blocks(self, req: Request) -> None:
         """Release req's blocks; its tail blocks go first to the eviction end."""
@@ -86,6 +100,7 @@ class BlockManager:
             if self.ref_counts[b] == 0:
                 self.free[b] = None
         req.block_ids = []
+        req.num_cached_blocks = 0
 
     def reset_prefix_cache(self) -> bool:
         if len(self.free) != self.num_blocks:

@@ -51,9 +51,14 @@ class ModelRunner:
         bs = self.block_size
         for req, n in zip(sched.requests, sched.num_tokens):
             start, row0 = req.num_computed_tokens, len(ids)
-            ids += req.all_token_ids[start:start + n]
-            positions += range(start, start + n)
-            slots += [req.block_ids[p // bs] * bs + p % bs for p in range(start, start + n)]
+            if n == 1:  # a decode (most rows of a busy engine's steps)
+                ids.append(req.all_token_ids[start])
+                positions.append(start)
+                slots.append(req.block_ids[start // bs] * bs + start % bs)
+            else:
+                ids += req.all_token_ids[start:start + n]
+                positions += range(start, start + n)
+                slots += [req.block_ids[p // bs] * bs + p % bs for p in range(start, start + n)]
             n_prompt = min(start + n, req.num_prompt_tokens - 1) - start  # rows that score a prompt token
             if req.wants_prompt_logprobs and n_prompt > 0:
                 prompt_rows[req.request_id] = (len(logits_idx), start + 1, n_prompt)
@@ -62,11 +67,13 @@ class ModelRunner:
                 sample_rows[req.request_id] = len(logits_idx)
                 logits_idx.append(row0 + n - 1)
         max_blocks = max(len(r.block_ids) for r in sched.requests)
-        tables = [r.block_ids + [0] * (max_blocks - len(r.block_ids)) for r in sched.requests]
+        tables = np.zeros((len(sched.requests), max_blocks), np.int64)  # (B, max_blocks), 0-padded
+        for i, r in enumerate(sched.requests):
+            tables[i, :len(r.block_ids)] = r.block_ids
         seq_lens = [r.num_computed_tokens + n for r, n in zip(sched.requests, sched.num_tokens)]
         attn = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.int64),
-            block_tables=torch.tensor(tables, dtype=torch.int64),
+            block_tables=torch.from_numpy(tables),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int64),
             query_lens=list(sched.num_tokens),
             seq_lens_list=seq_lens,

@@ -46,6 +46,7 @@ class Request:
     num_cached_tokens: int = -1          # prompt tokens served by the prefix cache (set once)
     block_ids: list[int] = field(default_factory=list)      # KV blocks, in token order
     block_hashes: list[int] = field(default_factory=list)   # chained hashes of full blocks
+    num_cached_blocks: int = 0           # leading block_ids already offered to the prefix cache
     stop_reason: int | str | None = None
     generator: torch.Generator | None = None                 # per-request RNG when seeded
     logprobs: SampleLogprobs | None = None
