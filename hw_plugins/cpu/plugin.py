@@ -167,7 +167,7 @@ class CpuPlugin(HwPlugin):
     def gated_weight(self, gate_attrs: dict, wg: np.ndarray, up_attrs: dict, wu: np.ndarray) \
             -> tuple[int, np.ndarray] | None:
         """(weight format code, array) of a gated MLP's gate and up weights packed together for
-        pxl_linear_silu (panel j of gate, then of up), or None where the kernel set does not pack
+        pxl_linear_silu (each panel 16 rows of gate and the same 16 of up), or None where the kernel set does not pack
         them (quantised blocks, other shapes, no packed micro-kernel)."""
         if gate_attrs.get("weight_format", "dense") != "dense" or up_attrs.get("weight_format", "dense") != "dense" \
                 or wg.shape != wu.shape or wg.dtype != wu.dtype or wg.dtype.name not in _ACT:

@@ -19,7 +19,7 @@ SHAPES = [(576, 192), (576, 576), (576, 1536), (1536, 576), (576, 49152), (4096,
 # widened in the kernel's epilogue; torch: its bf16 mm, then a copy to float32)
 LM_HEAD = (576, 49152)
 # gate/up also runs as the engine runs it: one fused pass, y = silu(x Wg^T) * (x Wu^T), over panels
-# that alternate gate and up ("gated": N = 1536 outputs from 2 x 1536 weight rows; torch: two mms,
+# of 16 gate and 16 up rows each ("gated": N = 1536 outputs from 2 x 1536 weight rows; torch: two mms,
 # silu, mul)
 GATED = (576, 1536)
 FORMATS = ("fp32", "bf16", "q8_0", "q4_0", "q4_1")
