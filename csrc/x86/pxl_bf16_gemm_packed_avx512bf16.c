@@ -90,41 +90,24 @@ PXL_INLINE void ukernel(const int RM, const int OUT, size_t K2, const uint16_t *
     }
 }
 
-void pxl_gemm_bf16p_avx512bf16(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy,
-                               int nvalid, const void *pf, size_t npf) {
-    switch (rm) {
-#define R(n) case n: ukernel(n, OUT_F32, K / 2, X, ldx, Wp, Y, ldy, nvalid, pf, npf); return;
-        R(1) R(2) R(3) R(4) R(5) R(6) R(7) R(8) R(9) R(10) R(11) R(12)
-#undef R
+/* the exported kernels: one instance of ukernel per (rows, where the sums go) */
+#define RM_CASE(n, OUT, Y) case n: ukernel(n, OUT, K / 2, X, ldx, Wp, Y, ldy, nvalid, pf, npf); return;
+#define RM_SWITCH(OUT, Y)                                                                                          \
+    switch (rm) {                                                                                                  \
+        RM_CASE(1, OUT, Y) RM_CASE(2, OUT, Y) RM_CASE(3, OUT, Y) RM_CASE(4, OUT, Y) RM_CASE(5, OUT, Y)             \
+        RM_CASE(6, OUT, Y) RM_CASE(7, OUT, Y) RM_CASE(8, OUT, Y) RM_CASE(9, OUT, Y) RM_CASE(10, OUT, Y)            \
+        RM_CASE(11, OUT, Y) RM_CASE(12, OUT, Y)                                                                    \
     }
-}
 
-void pxl_gemm_bf16p_bf16_avx512bf16(int rm, size_t K, const void *X, size_t ldx, const void *Wp, uint16_t *y,
-                                    size_t ldy, int nvalid, const void *pf, size_t npf) {
-    switch (rm) {
-#define R(n) case n: ukernel(n, OUT_BF16, K / 2, X, ldx, Wp, y, ldy, nvalid, pf, npf); return;
-        R(1) R(2) R(3) R(4) R(5) R(6) R(7) R(8) R(9) R(10) R(11) R(12)
-#undef R
+#define ENTRY(name, OUT, YT)                                                                                       \
+    void name(int rm, size_t K, const void *X, size_t ldx, const void *Wp, YT *Y, size_t ldy, int nvalid,           \
+              const void *pf, size_t npf) {                                                                         \
+        RM_SWITCH(OUT, Y)                                                                                          \
     }
-}
-
-void pxl_gemm_bf16p_wide_avx512bf16(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *y, size_t ldy,
-                                    int nvalid, const void *pf, size_t npf) {
-    switch (rm) {
-#define R(n) case n: ukernel(n, OUT_WIDE_NT, K / 2, X, ldx, Wp, y, ldy, nvalid, pf, npf); return;
-        R(1) R(2) R(3) R(4) R(5) R(6) R(7) R(8) R(9) R(10) R(11) R(12)
-#undef R
-    }
-}
-
-void pxl_gemm_bf16p_silu_avx512bf16(int rm, size_t K, const void *X, size_t ldx, const void *Wp, uint16_t *y,
-                                    size_t ldy, int nvalid, const void *pf, size_t npf) {
-    switch (rm) {
-#define R(n) case n: ukernel(n, OUT_SILU, K / 2, X, ldx, Wp, y, ldy, nvalid, pf, npf); return;
-        R(1) R(2) R(3) R(4) R(5) R(6) R(7) R(8) R(9) R(10) R(11) R(12)
-#undef R
-    }
-}
+ENTRY(pxl_gemm_bf16p_avx512bf16, OUT_F32, float)           /* pxl_gemm_p_fn */
+ENTRY(pxl_gemm_bf16p_bf16_avx512bf16, OUT_BF16, uint16_t)  /* pxl_gemm_p_bf16_fn */
+ENTRY(pxl_gemm_bf16p_silu_avx512bf16, OUT_SILU, uint16_t)  /* pxl_gemm_p_bf16_fn, gated panels */
+ENTRY(pxl_gemm_bf16p_wide_avx512bf16, OUT_WIDE_NT, float)  /* pxl_gemm_p_fn, the logits */
 
 /* y[j] = bf16(silu(bf16(g[j])) * bf16(u[j])) for j < n: SiLU-mul on two Linears' bf16 outputs
  * given in fp32, 32 lanes at a time. The conversions are vcvtne2ps2bf16 (round to nearest even,
