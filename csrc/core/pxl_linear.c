@@ -262,7 +262,8 @@ static void run_packed(const pxl_kernel_set *ks, int f32, size_t T, size_t cols,
     pxl_gemm_p_bf16_fn direct = NULL;
     if (!f32 && out && !out->bias && out->dt == PXL_BF16 && out->odt == PXL_BF16 && ks->gemm_bf16p)
         direct = gated ? ks->gemm_bf16p_silu : ks->gemm_bf16p_bf16;
-    /* the logits: bf16 values widened, whole lines around the caches */
+    /* the logits: bf16 values widened, whole lines around the caches (n and c0 are multiples of
+     * PXL_PANEL, so a full panel's rows start on a line when y and ldy allow) */
     pxl_gemm_p_fn wide = !f32 && out && !out->bias && out->stream && out->dt == PXL_BF16 && out->odt == PXL_F32 &&
                                  ks->gemm_bf16p && (uintptr_t)out->y % 64 == 0 && out->ldy % 16 == 0
                              ? ks->gemm_bf16p_wide_nt
@@ -297,7 +298,7 @@ static void run_packed(const pxl_kernel_set *ks, int f32, size_t T, size_t cols,
                 size_t l0 = next ? lines * c / calls : 0, l1 = next ? lines * (c + 1) / calls : 0;
                 const char *pf = next ? next + l0 * 64 : NULL;
                 const char *x = (const char *)X + t * K * es;
-                if (wide && nvalid == PXL_PANEL && (c0 + n) % 16 == 0) {
+                if (wide && nvalid == PXL_PANEL) {
                     wide(rm, K, x, K, w, (float *)out->y + t * out->ldy + c0 + n, out->ldy, nvalid, pf, l1 - l0);
                 } else if (direct) {
                     direct(rm, K, x, K, w, (uint16_t *)out->y + t * out->ldy + c0 + n, out->ldy, nvalid, pf, l1 - l0);

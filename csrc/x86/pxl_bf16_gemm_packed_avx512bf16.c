@@ -65,21 +65,27 @@ PXL_INLINE void ukernel(const int RM, const int OUT, size_t K2, const uint16_t *
     }
     if (OUT == OUT_SILU) {
         __mmask16 m = nvalid >= 16 ? 0xffff : (__mmask16)((1u << nvalid) - 1);
-        for (int i = 0; i < RM; i++)
-            _mm256_mask_storeu_epi16((uint16_t *)Y + i * ldy, m, (__m256i)_mm512_cvtneps_pbh(silu_mul16(acc[i][0], acc[i][1])));
+        for (int i = 0; i < RM; i++) {
+            __m256i s = (__m256i)_mm512_cvtneps_pbh(silu_mul16(acc[i][0], acc[i][1]));
+            _mm256_mask_storeu_epi16((uint16_t *)Y + i * ldy, m, s);
+        }
         return;
     }
     if (OUT == OUT_WIDE_NT) {
         for (int i = 0; i < RM; i++) {
             __m512i r = round_bf16x32(acc[i][0], acc[i][1]);
-            _mm512_stream_ps((float *)Y + i * ldy, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(r)), 16)));
-            _mm512_stream_ps((float *)Y + i * ldy + 16, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(r, 1)), 16)));
+            for (int h = 0; h < 2; h++) { /* bf16 h * 16 .. + 16, each into the high half of a lane */
+                __m256i half = h ? _mm512_extracti64x4_epi64(r, 1) : _mm512_castsi512_si256(r);
+                __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16);
+                _mm512_stream_ps((float *)Y + i * ldy + 16 * h, _mm512_castsi512_ps(wide));
+            }
         }
         return;
     }
     if (OUT == OUT_BF16) { /* no fp32 tile: each row leaves as 32 bf16, one store */
         __mmask32 m = nvalid >= 32 ? 0xffffffffu : (__mmask32)((1u << nvalid) - 1);
-        for (int i = 0; i < RM; i++) _mm512_mask_storeu_epi16((uint16_t *)Y + i * ldy, m, round_bf16x32(acc[i][0], acc[i][1]));
+        for (int i = 0; i < RM; i++)
+            _mm512_mask_storeu_epi16((uint16_t *)Y + i * ldy, m, round_bf16x32(acc[i][0], acc[i][1]));
         return;
     }
     __mmask16 m0 = nvalid >= 16 ? 0xffff : (__mmask16)((1u << nvalid) - 1);
@@ -110,33 +116,17 @@ ENTRY(pxl_gemm_bf16p_silu_avx512bf16, OUT_SILU, uint16_t)  /* pxl_gemm_p_bf16_fn
 ENTRY(pxl_gemm_bf16p_wide_avx512bf16, OUT_WIDE_NT, float)  /* pxl_gemm_p_fn, the logits */
 
 /* y[j] = bf16(silu(bf16(g[j])) * bf16(u[j])) for j < n: SiLU-mul on two Linears' bf16 outputs
- * given in fp32, 32 lanes at a time. The conversions are vcvtne2ps2bf16 (round to nearest even,
- * as pxl_f32_to_bf16, except that fp32 denormals become zeros): in place of ~16 integer ops for
- * each 16 lanes, one for 32. The lanes run as even and odd halves (a shift and a mask widen
- * a converted pair back) and one permute puts the result in order. */
+ * given in fp32 (the unfused op, and the fused one's tile path), 16 lanes at a time through the
+ * gated kernel's own silu_mul16, so both give the same bits */
 void pxl_silu_mul_bf16_avx512bf16(size_t n, const float *g, const float *u, uint16_t *y) {
-    const __m512i odd = _mm512_set1_epi32((int)0xffff0000);
-    const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
-                                           6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    for (size_t j = 0; j < n; j += 32) {
-        size_t m = n - j < 32 ? n - j : 32;
-        __m512i gb, ub;
-        if (m == 32) { /* plain loads: u was just stored by the GEMM call, and a masked load waits for that */
-            gb = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(g + j + 16), _mm512_loadu_ps(g + j));
-            ub = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(u + j + 16), _mm512_loadu_ps(u + j));
-        } else {
-            __mmask16 m0 = m >= 16 ? 0xffff : (__mmask16)((1u << m) - 1);
-            __mmask16 m1 = m <= 16 ? 0 : (__mmask16)((1u << (m - 16)) - 1);
-            gb = (__m512i)_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(m1, g + j + 16), _mm512_maskz_loadu_ps(m0, g + j));
-            ub = (__m512i)_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(m1, u + j + 16), _mm512_maskz_loadu_ps(m0, u + j));
-        }
-        __m512 s[2];
-        for (int h = 0; h < 2; h++) { /* even elements, then odd */
-            __m512 gv = _mm512_castsi512_ps(h ? _mm512_and_si512(gb, odd) : _mm512_slli_epi32(gb, 16));
-            __m512 uv = _mm512_castsi512_ps(h ? _mm512_and_si512(ub, odd) : _mm512_slli_epi32(ub, 16));
-            s[h] = _mm512_mul_ps(_mm512_div_ps(gv, one_plus_exp(_mm512_sub_ps(_mm512_setzero_ps(), gv))), uv);
-        }
-        __m512i w = _mm512_permutexvar_epi16(order, (__m512i)_mm512_cvtne2ps_pbh(s[1], s[0]));
-        _mm512_mask_storeu_epi16(y + j, m >= 32 ? 0xffffffffu : (__mmask32)((1ull << m) - 1), w);
+    for (size_t j = 0; j < n; j += 16) {
+        size_t m = n - j < 16 ? n - j : 16;
+        __mmask16 k = m == 16 ? 0xffff : (__mmask16)((1u << m) - 1);
+        __m512 gv, uv;
+        if (m == 16) /* plain loads: a masked load cannot take its data from a store just made */
+            gv = _mm512_loadu_ps(g + j), uv = _mm512_loadu_ps(u + j);
+        else
+            gv = _mm512_maskz_loadu_ps(k, g + j), uv = _mm512_maskz_loadu_ps(k, u + j);
+        _mm256_mask_storeu_epi16(y + j, k, (__m256i)_mm512_cvtneps_pbh(silu_mul16(gv, uv)));
     }
 }

@@ -45,17 +45,11 @@ class BlockManager:
 
     def allocate_slots(self, req: Request, num_new_tokens: int, computed_blocks: list[int] = ()) -> bool:
         """Give req the blocks for `num_new_tokens` more tokens; False (and no change) if short."""
-        if not computed_blocks:  # a running request: a new block every block_size decode steps
-            new = -(-(req.num_computed_tokens + num_new_tokens) // self.block_size) - len(req.block_ids)
-            if new <= 0:
-                return True
-            if new > len(self.free):
-                return False
-            self._take_free(req, new)
-            return True
-        num_computed = len(computed_blocks) * self.block_size
+        num_computed = len(computed_blocks) * self.block_size if computed_blocks else req.num_computed_tokens
         total = self.blocks_needed(num_computed + num_new_tokens)
         new = total - len(req.block_ids) - len(computed_blocks)
+        if new <= 0 and not computed_blocks:  # a running request between block boundaries
+            return True
         revived = sum(1 for b in computed_blocks if self.ref_counts[b] == 0)  # free now, taken back
         if new > len(self.free) - revived:
             return False
@@ -64,12 +58,9 @@ class BlockManager:
                 del self.free[b]
             self.ref_counts[b] += 1
         req.block_ids.extend(computed_blocks)
-        req.num_cached_blocks = len(req.block_ids)  # (hits: in the prefix cache already)
-        self._take_free(req, new)
-        return True
-
-    def _take_free(self, req: Request, n: int) -> None:
-        for _ in range(n):
+        if computed_blocks:  # hits: in the prefix cache already
+            req.num_cached_blocks = len(req.block_ids)
+        for _ in range(max(new, 0)):
             b, _ = self.free.popitem(last=False)
             if self.block_hash[b] is not None:  # evict its old contents from the prefix cache
                 if self.cached.get(self.block_hash[b]) == b:
@@ -77,6 +68,7 @@ class BlockManager:
                 self.block_hash[b] = None
             self.ref_counts[b] = 1
             req.block_ids.append(b)
+        return True
 
     def cache_blocks(self, req: Request) -> None:
         """Register req's blocks that became full of computed tokens in the prefix cache (each
