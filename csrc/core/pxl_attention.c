@@ -118,10 +118,8 @@ static float dot_scalar(size_t hd, const float *q, int dt, const void *k) {
  * stores every widened key row to scratch and reloads it per row (a decode item read each
  * key row once and then spent ~50 cycles a key on the staging). Each accumulator adds the
  * same terms in the same order and the fold is fold16x16's, so the bits are the same. */
-static inline __attribute__((always_inline)) void scores_rows(const int DT, const int RN, size_t hd, const float *q,
-                                                              const char *const *krows, size_t off, size_t n,
-                                                              float *s, size_t lds, const float *zero,
-                                                              pf_queue *pf, int npf) {
+PXL_INLINE void scores_rows(const int DT, const int RN, size_t hd, const float *q, const char *const *krows,
+                            size_t off, size_t n, float *s, size_t lds, const float *zero, pf_queue *pf, int npf) {
     const size_t es = DT == PXL_F32 ? 4 : 2;
     for (size_t j0 = 0; j0 < n; j0 += 16) {
         size_t cnt = n - j0 < 16 ? n - j0 : 16;
@@ -251,10 +249,8 @@ PXL_CLONES static void softmax(float *s, size_t n) {
  * j, rows r0 .. r0 + CNT, continuing from out: each (row, 16 dims) is one accumulator, CNT of
  * them advance together so CNT independent FMA chains hide the latency, and each value
  * chunk is widened once for all of them. DT and CNT are constants in each instance. */
-static inline __attribute__((always_inline)) void wsum_group(const int DT, const int CNT, size_t hd, size_t c,
-                                                             const float *w, size_t ldw, const char *const *vrows,
-                                                             size_t voff, size_t j0, size_t j1, float *out,
-                                                             pf_queue *pv) {
+PXL_INLINE void wsum_group(const int DT, const int CNT, size_t hd, size_t c, const float *w, size_t ldw,
+                           const char *const *vrows, size_t voff, size_t j0, size_t j1, float *out, pf_queue *pv) {
     f32x16 acc[8];
     for (int i = 0; i < CNT; i++) acc[i] = ld16(PXL_F32, out + i * hd + c);
     size_t off = voff + c * (DT == PXL_F32 ? 4 : 2);
@@ -283,9 +279,8 @@ static inline __attribute__((always_inline)) void wsum_group(const int DT, const
  * times (a decode item's 3 rows x 192 keys: keys and values together fill L1; measured 10 %
  * of decode attention). Each accumulator still adds the same terms in increasing j, so the
  * bits do not change. */
-static inline __attribute__((always_inline)) void wsum_rows64(const int DT, const int CNT, const float *w, size_t ldw,
-                                                              const char *const *vrows, size_t voff, size_t j0,
-                                                              size_t j1, float *out, pf_queue *pv) {
+PXL_INLINE void wsum_rows64(const int DT, const int CNT, const float *w, size_t ldw, const char *const *vrows,
+                            size_t voff, size_t j0, size_t j1, float *out, pf_queue *pv) {
     const size_t es = DT == PXL_F32 ? 4 : 2;
     f32x16 acc[6][4];
     if (DT == PXL_BF16) { /* accumulators in the order widen_pairs gives: dims 0, 2 .. 30 | 1, 3 .. 31 | ... */

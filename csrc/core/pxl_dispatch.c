@@ -10,23 +10,6 @@
 #include "pxl_kernels.h"
 
 #if defined(__x86_64__)
-void pxl_tile_f32_avx512(int, int, size_t, const void *, size_t, const void *, size_t, float *, size_t);
-void pxl_tile_bf16_avx512bf16(int, int, size_t, const void *, size_t, const void *, size_t, float *, size_t);
-void pxl_tile_f32_avx2(int, int, size_t, const void *, size_t, const void *, size_t, float *, size_t);
-void pxl_tile_bf16_avx2(int, int, size_t, const void *, size_t, const void *, size_t, float *, size_t);
-void pxl_tile_bf16_avx512(int, int, size_t, const void *, size_t, const void *, size_t, float *, size_t);
-void pxl_gemm_bf16p_avx512bf16(int, size_t, const void *, size_t, const void *, float *, size_t, int, const void *, size_t);
-void pxl_gemm_bf16p_bf16_avx512bf16(int, size_t, const void *, size_t, const void *, uint16_t *, size_t, int, const void *,
-                                    size_t);
-void pxl_gemm_bf16p_silu_avx512bf16(int, size_t, const void *, size_t, const void *, uint16_t *, size_t, int, const void *,
-                                    size_t);
-void pxl_gemm_bf16p_wide_avx512bf16(int, size_t, const void *, size_t, const void *, float *, size_t, int, const void *,
-                                    size_t);
-void pxl_silu_mul_bf16_avx512bf16(size_t, const float *, const float *, uint16_t *);
-void pxl_gemm_f32p_avx512(int, size_t, const void *, size_t, const void *, float *, size_t, int, const void *, size_t);
-extern const pxl_gemv_q_fn pxl_gemv_q_avx512vnni[PXL_NFMT], pxl_gemv_q_avx2[PXL_NFMT];
-extern const pxl_gemv_qr_fn pxl_gemv_qr_avx512vnni[PXL_NFMT], pxl_gemv_qr_avx512[PXL_NFMT];
-
 const pxl_kernel_set pxl_kernels_avx2 = {
     .isa = "avx2", .rm = 4, .rn = 2, .gemv_rn = 4, .tile_f32 = pxl_tile_f32_avx2, .tile_bf16 = pxl_tile_bf16_avx2};
 const pxl_kernel_set pxl_kernels_avx512 = {

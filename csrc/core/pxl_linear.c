@@ -18,13 +18,14 @@
 #include <xmmintrin.h>
 #endif
 
+/* (the token counts that pick a path: PXL_T_PRIVATE in pxl_abi.h, PXL_Q_DOT_MAX_T and
+ * PXL_PACKED_Q_MIN_T in pxl_kernels.h) */
 #define T_CHUNK 64   /* tokens per pass over the weights: 64 x K floats stay in L2 */
 #define PANEL 16     /* quantised rows dequantised at a time */
-#define T_PRIVATE 4  /* up to this many tokens, each thread prepares x itself (no barrier) */
-#define Q_DOT_MAX_T 4 /* quantised weights: int8 dot products up to this many tokens */
-#define PACKED_Q_MIN_T 64 /* below this, packing dequantised panels costs more than it saves */
 #define STREAM_MIN_BYTES (4 << 20) /* a widened output at least this big is stored non-temporally */
 #define PACKED_T_CHUNK (4 * T_CHUNK) /* tokens per pass over the packed panels */
+/* a thread's rows, and every PANEL of them, start on a repacked block */
+_Static_assert(PANEL % PXL_QR_ROWS == 0, "PANEL rows are whole repacked blocks");
 
 static void run_tiles(const pxl_kernel_set *ks, pxl_tile_fn tile, size_t es, size_t T, size_t n0, size_t n1,
                       size_t K, const char *X, const char *W, float *Y, size_t ldy) {
@@ -117,7 +118,9 @@ static void prepare_rows(int dt, int wfmt, size_t T, size_t t0, size_t t1, size_
 size_t pxl_packed_bytes(int wfmt, size_t N, size_t K) {
     const pxl_kernel_set *ks = pxl_kernels();
     if (wfmt >= PXL_Q8_0 && wfmt <= PXL_Q4_1)
-        return ks->gemv_qr[wfmt] && K % PXL_QK == 0 ? (N + 15) / 16 * 16 * pxl_row_bytes(wfmt, K) : 0;
+        return ks->gemv_qr[wfmt] && K % PXL_QK == 0
+                   ? (N + PXL_QR_ROWS - 1) / PXL_QR_ROWS * PXL_QR_ROWS * pxl_row_bytes(wfmt, K)
+                   : 0;
     if (wfmt == PXL_F32 && ks->gemm_f32p) return (N + PXL_PANEL - 1) / PXL_PANEL * K * PXL_PANEL * 4;
     if (wfmt != PXL_BF16 || K % 2 || !ks->gemm_bf16p) return 0;
     return (N + PXL_PANEL - 1) / PXL_PANEL * K * PXL_PANEL * 2;
@@ -373,14 +376,14 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
      * invariant, so a row's result never depends on the batch), dequantised panels else.
      * Repacked blocks always: their kernel shares each weight load among 4 tokens and beats
      * dequantised fp32 / bf16 GEMM at every T (`perfxlm bench gemv --rows 512`). */
-    const int qdot = quant && (T <= Q_DOT_MAX_T || pxl_batch_invariant() || wfmt >= PXL_Q8_0R);
+    const int qdot = quant && (T <= PXL_Q_DOT_MAX_T || pxl_batch_invariant() || wfmt >= PXL_Q8_0R);
     /* prefill on quantised weights with bf16 x: packed bf16 panels where the set has the kernel */
-    const int packed_q = quant && !qdot && dt == PXL_BF16 && ks->gemm_bf16p && T >= PACKED_Q_MIN_T;
+    const int packed_q = quant && !qdot && dt == PXL_BF16 && ks->gemm_bf16p && T >= PXL_PACKED_Q_MIN_T;
     const int convert = bf16_w ? dt == PXL_F32 : dt == PXL_BF16 && !packed_q; /* (F32P: x in fp32) */
     const size_t xes = bf16_w ? 2 : 4, qbytes = T * K + 3 * T * (K / PXL_QK) * 4;
     void *xc = NULL;
     int8_t *qbuf = NULL;
-    if ((convert || qdot) && T <= T_PRIVATE) { /* decode: every thread prepares x for itself */
+    if ((convert || qdot) && T <= PXL_T_PRIVATE) { /* decode: every thread prepares x for itself */
         xc = convert ? pxl_scratch(0, T * K * xes) : NULL;
         qbuf = qdot ? pxl_scratch(2, qbytes) : NULL;
         prepare_rows(dt, wfmt, T, 0, T, K, x, xc, qbuf);
@@ -398,7 +401,8 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
     const void *xk = xc ? xc : x;
 
     size_t n0, n1;
-    pxl_split(N, gated ? PXL_PANEL / 2 : wfmt == PXL_BF16P || wfmt == PXL_F32P || packed_q ? PXL_PANEL : 16, &n0, &n1);
+    pxl_split(N, gated ? PXL_PANEL / 2 : wfmt == PXL_BF16P || wfmt == PXL_F32P || packed_q ? PXL_PANEL : PXL_QR_ROWS,
+              &n0, &n1);
     if (n0 >= n1) return;
     size_t cols = n1 - n0;
     const char *Wn = (const char *)W + (gated + 1) * (wfmt == PXL_BF16P   ? n0 * K * 2

@@ -5,8 +5,6 @@
 
 #include "pxl_kernels.h"
 
-#define PXL_INLINE static inline __attribute__((always_inline))
-
 PXL_INLINE float ld(int dt, const void *p, size_t i) {
     return dt == PXL_F32 ? ((const float *)p)[i] : pxl_bf16_to_f32(((const uint16_t *)p)[i]);
 }

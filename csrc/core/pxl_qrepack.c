@@ -9,7 +9,7 @@
  * (llama.cpp's CPU "repack" buffers do the same). */
 #include "pxl_kernels.h"
 
-#define G 16 /* rows per repacked block */
+#define G PXL_QR_ROWS /* rows per repacked block */
 
 /* one GGUF block's bytes; a repacked block is G of them */
 static size_t block_bytes(int fmt) { return pxl_row_bytes(fmt, PXL_QK); }

@@ -74,13 +74,12 @@ void pxl_dequant_rows(int fmt, const void *W, size_t n0, size_t rows, size_t K, 
     }
 }
 
-static inline __attribute__((always_inline)) float elem(const int BF16, const void *p, size_t i) {
+PXL_INLINE float elem(const int BF16, const void *p, size_t i) {
     return BF16 ? pxl_bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
-static inline __attribute__((always_inline)) void tile_generic(const int BF16, int rm, int rn, size_t K, const void *X,
-                                                               size_t ldx, const void *W, size_t ldw, float *Y,
-                                                               size_t ldy) {
+PXL_INLINE void tile_generic(const int BF16, int rm, int rn, size_t K, const void *X, size_t ldx, const void *W,
+                             size_t ldw, float *Y, size_t ldy) {
     for (int i = 0; i < rm; i++)
         for (int j = 0; j < rn; j++) {
             size_t xo = i * ldx, wo = j * ldw;
@@ -150,7 +149,8 @@ void pxl_gemm_f32p_generic(int rm, size_t K, const void *X, size_t ldx, const vo
     for (int i = 0; i < rm; i++)
         for (int j = 0; j < nvalid; j++) {
             float acc = 0;
-            for (size_t k = 0; k < K; k++) acc += ((const float *)X)[i * ldx + k] * ((const float *)Wp)[k * 32 + j];
+            for (size_t k = 0; k < K; k++)
+                acc += ((const float *)X)[i * ldx + k] * ((const float *)Wp)[k * PXL_PANEL + j];
             Y[i * ldy + j] = acc;
         }
 }
@@ -161,7 +161,7 @@ void pxl_gemm_bf16p_generic(int rm, size_t K, const void *X, size_t ldx, const v
         for (int j = 0; j < nvalid; j++) {
             float acc = 0;
             for (size_t k = 0; k < K; k++)
-                acc += pxl_bf16_to_f32(x[i * ldx + k]) * pxl_bf16_to_f32(w[(k / 2 * 32 + j) * 2 + k % 2]);
+                acc += pxl_bf16_to_f32(x[i * ldx + k]) * pxl_bf16_to_f32(w[(k / 2 * PXL_PANEL + j) * 2 + k % 2]);
             Y[i * ldy + j] = acc;
         }
 }

@@ -20,24 +20,15 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "pxl_abi.h" /* the formats, PXL_QK, the compiled step (pxl_plan_run) */
+
 #ifdef __cplusplus
 extern "C" {
 #endif
 
-#define PXL_QK 32 /* weights per quantisation block */
-
 typedef struct { uint16_t d; int8_t qs[PXL_QK]; } pxl_block_q8_0;
 typedef struct { uint16_t d; uint8_t qs[PXL_QK / 2]; } pxl_block_q4_0;
 typedef struct { uint16_t d, m; uint8_t qs[PXL_QK / 2]; } pxl_block_q4_1;
-
-/* element / weight formats */
-enum {
-    PXL_F32 = 0, PXL_BF16 = 1, PXL_Q8_0 = 2, PXL_Q4_0 = 3, PXL_Q4_1 = 4, PXL_BF16P = 5, PXL_F32P = 6,
-    PXL_Q8_0R = 7, PXL_Q4_0R = 8, PXL_Q4_1R = 9, /* Q8_0 / Q4_0 / Q4_1 repacked 16 rows a block */
-    PXL_NFMT = 10
-};
-#define PXL_IS_QUANT(f) (((f) >= PXL_Q8_0 && (f) <= PXL_Q4_1) || (f) >= PXL_Q8_0R)
-#define PXL_QBASE(f) ((f) >= PXL_Q8_0R ? (f) - (PXL_Q8_0R - PXL_Q8_0) : (f)) /* the GGUF format of a repacked one */
 
 /* runtime: which kernel set runs ("avx512bf16", "avx512", "avx2", "rvv", "generic") */
 const char *pxl_isa(void);
@@ -115,6 +106,13 @@ void pxl_paged_attention(int dt, size_t T, size_t B, size_t H, size_t Hkv, size_
  * running sum of softmax(row) passes u[r] in [0, 1); never a -inf token; -1 for a row whose max
  * is not finite (NaN, +inf, all -inf) */
 void pxl_sample_rows(size_t R, size_t V, const float *logits, size_t ld, const float *u, int64_t *out);
+
+/* Roofline probes (`perfxlm bench roofline`), on the kernel threads: the arithmetic done (2 per
+ * multiply-add) by `iters` steps of every thread's register-resident chains, kind 0 fp32 FMA,
+ * 1 bf16 pair-dot, 2 int8 quad-dot (0 where the CPU or build lacks the instruction); and a read
+ * of `bytes` at p, each thread its share, returning a checksum of it */
+double pxl_roofline_peak(int kind, size_t iters);
+uint64_t pxl_roofline_read(const void *p, size_t bytes);
 
 #ifdef __cplusplus
 }

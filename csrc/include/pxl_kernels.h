@@ -72,18 +72,53 @@ typedef struct {
     pxl_gemm_p_fn gemm_f32p;  /* NULL: the set does not pack fp32 */
     pxl_silu_bf16_fn silu_bf16; /* NULL: the portable pxl_silu_mul1 loop */
 } pxl_kernel_set;
-#define PXL_PANEL 32 /* features per PXL_BF16P / PXL_F32P panel */
-#define PXL_PANEL_RM 12 /* tokens per gemm_bf16p / gemm_f32p call */
+#define PXL_PANEL_RM 12 /* tokens per gemm_bf16p / gemm_f32p call (PXL_PANEL: pxl_abi.h) */
+
+/* Linear's paths by token count (pxl_linear.c; the kernel tests pick their reference by them) */
+#define PXL_Q_DOT_MAX_T 4      /* quantised weights in GGUF layout: int8 dot products up to this many tokens */
+/* from this many tokens, bf16 x on quantised weights runs dequantised panels packed for the bf16
+ * micro-kernel (for fewer tokens, packing the panels costs more than it saves) */
+#define PXL_PACKED_Q_MIN_T 64
 
 extern const pxl_kernel_set pxl_kernels_generic;
 #if defined(__x86_64__)
 extern const pxl_kernel_set pxl_kernels_avx2, pxl_kernels_avx512, pxl_kernels_avx512bf16;
+/* the x86 files' kernels, which pxl_dispatch.c assembles into those sets */
+void pxl_tile_f32_avx2(int rm, int rn, size_t K, const void *X, size_t ldx, const void *W, size_t ldw, float *Y,
+                       size_t ldy);
+void pxl_tile_bf16_avx2(int rm, int rn, size_t K, const void *X, size_t ldx, const void *W, size_t ldw, float *Y,
+                        size_t ldy);
+void pxl_tile_f32_avx512(int rm, int rn, size_t K, const void *X, size_t ldx, const void *W, size_t ldw, float *Y,
+                         size_t ldy);
+void pxl_tile_bf16_avx512(int rm, int rn, size_t K, const void *X, size_t ldx, const void *W, size_t ldw, float *Y,
+                          size_t ldy);
+void pxl_tile_bf16_avx512bf16(int rm, int rn, size_t K, const void *X, size_t ldx, const void *W, size_t ldw,
+                              float *Y, size_t ldy);
+void pxl_gemm_f32p_avx512(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy,
+                          int nvalid, const void *pf, size_t npf);
+void pxl_gemm_bf16p_avx512bf16(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy,
+                               int nvalid, const void *pf, size_t npf);
+void pxl_gemm_bf16p_bf16_avx512bf16(int rm, size_t K, const void *X, size_t ldx, const void *Wp, uint16_t *Y,
+                                    size_t ldy, int nvalid, const void *pf, size_t npf);
+void pxl_gemm_bf16p_silu_avx512bf16(int rm, size_t K, const void *X, size_t ldx, const void *Wp, uint16_t *Y,
+                                    size_t ldy, int nvalid, const void *pf, size_t npf);
+void pxl_gemm_bf16p_wide_avx512bf16(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y,
+                                    size_t ldy, int nvalid, const void *pf, size_t npf);
+void pxl_silu_mul_bf16_avx512bf16(size_t n, const float *g, const float *u, uint16_t *y);
+/* quantised GEMVs by weight format: GGUF blocks with vpmaddubsw (AVX2, AVX-512F) or vpdpbusd
+ * (VNNI); repacked blocks (AVX-512F, VNNI) */
+extern const pxl_gemv_q_fn pxl_gemv_q_avx2[PXL_NFMT], pxl_gemv_q_avx512vnni[PXL_NFMT];
+extern const pxl_gemv_qr_fn pxl_gemv_qr_avx512[PXL_NFMT], pxl_gemv_qr_avx512vnni[PXL_NFMT];
 #endif
 #if defined(__riscv_v_intrinsic) && __riscv_v_intrinsic >= 11000
 #define PXL_HAVE_RVV 1
 extern const pxl_kernel_set pxl_kernels_rvv;
 #endif
 const pxl_kernel_set *pxl_kernels(void);
+
+/* for the kernels' building blocks: inlined into every instance, so each is compiled with the
+ * constant arguments (rows, format, dtype) of its caller */
+#define PXL_INLINE static inline __attribute__((always_inline))
 
 static inline float pxl_bf16_to_f32(uint16_t h) {
     uint32_t b = (uint32_t)h << 16;

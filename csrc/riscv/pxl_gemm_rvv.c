@@ -20,8 +20,6 @@ static inline vfloat32m2_t ld_bf16(const void *p, size_t k, size_t vl) { /* bf16
     return __riscv_vreinterpret_v_u32m2_f32m2(__riscv_vsll_vx_u32m2(w, 16, vl));
 }
 
-#define PXL_INLINE static inline __attribute__((always_inline))
-
 PXL_INLINE void tile(const int BF16, int rm, int rn, size_t K, const void *X, size_t ldx, const void *W, size_t ldw,
                      float *Y, size_t ldy) {
     const size_t es = BF16 ? 2 : 4, vlmax = __riscv_vsetvlmax_e32m2();

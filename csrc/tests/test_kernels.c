@@ -6,12 +6,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "perfxlm_ops.h"
-
-/* internal (pxl_kernels.h): x quantised per 32-block for the int8 dot products */
-void pxl_quantize_x(int fmt, size_t T, size_t K, const float *x, int8_t *q, float *d, float *c, float *e);
-/* internal: the 16-row repacker, which every set can read through the scalar fallback */
-void pxl_repack_q(int fmt, size_t N, size_t K, const void *W, void *out);
+/* the public API, and internals: pxl_quantize_x (x quantised per 32-block for the int8 dot
+ * products), pxl_repack_q (the 16-row repacker, which every set can read through the scalar
+ * fallback), and the token counts at which Linear changes path */
+#include "pxl_kernels.h"
 
 static int passed, failed;
 static const char *isa = "";
@@ -105,12 +103,13 @@ static void *make_weights(int fmt, size_t N, size_t K, double *deq) {
 
 static const char *fmt_name[] = {"f32", "bf16", "q8_0", "q4_0", "q4_1", "bf16 packed", "f32 packed",
                                   "q8_0 x16", "q4_0 x16", "q4_1 x16"};
+_Static_assert(sizeof fmt_name / sizeof fmt_name[0] == PXL_NFMT, "a name for every format");
 
 /* Quantised weights with small T (or batch invariant) take int8 dot products on x quantised
  * per 32-block: the reference then uses the same quantised x (checked on its own in
  * test_quantize_x), so only the kernels' summation is under test. */
 static int int8_path(int fmt, size_t T) {
-    return PXL_IS_QUANT(fmt) && (T <= 4 || pxl_batch_invariant() || fmt >= PXL_Q8_0R);
+    return PXL_IS_QUANT(fmt) && (T <= PXL_Q_DOT_MAX_T || pxl_batch_invariant() || fmt >= PXL_Q8_0R);
 }
 
 /* packed formats are made from dense weights of this format */
@@ -124,7 +123,8 @@ static size_t q_block_bytes(int fmt) {
 static void *packed_copy(int fmt, size_t N, size_t K, void *W) {
     if (fmt >= PXL_Q8_0R) {
         int base = PXL_QBASE(fmt);
-        size_t bytes = (N + 15) / 16 * 16 * (K / PXL_QK) * q_block_bytes(base), own = pxl_packed_bytes(base, N, K);
+        size_t bytes = (N + PXL_QR_ROWS - 1) / PXL_QR_ROWS * PXL_QR_ROWS * (K / PXL_QK) * q_block_bytes(base);
+        size_t own = pxl_packed_bytes(base, N, K);
         char *packed = malloc(bytes), *mine = own ? malloc(own) : NULL;
         pxl_repack_q(base, N, K, W, packed);
         if (own) {
@@ -137,7 +137,8 @@ static void *packed_copy(int fmt, size_t N, size_t K, void *W) {
     }
     if (fmt != PXL_BF16P && fmt != PXL_F32P) return W;
     /* dense panels likewise: sets without the micro-kernel run the portable one */
-    size_t bytes = (N + 31) / 32 * K * 32 * (fmt == PXL_F32P ? 4 : 2), own = pxl_packed_bytes(dense_of(fmt), N, K);
+    size_t bytes = (N + PXL_PANEL - 1) / PXL_PANEL * K * PXL_PANEL * (fmt == PXL_F32P ? 4 : 2);
+    size_t own = pxl_packed_bytes(dense_of(fmt), N, K);
     if (own && own != bytes) printf("FAIL [%s] pxl_packed_bytes %s N=%zu K=%zu\n", isa, fmt_name[fmt], N, K), failed++;
     void *packed = malloc(bytes);
     pxl_pack_weights(dense_of(fmt), N, K, W, packed);
@@ -156,7 +157,7 @@ static void test_linear(int dt, int fmt, size_t T, size_t N, size_t K, int with_
     for (size_t i = 0; i < T * K; i++) xf[i] = get(dt, x, i);
     int qdot = int8_path(fmt, T);
     /* bf16 x on quantised weights past the int8 path: dequantised panels rounded to bf16 */
-    int packed_q = PXL_IS_QUANT(fmt) && dt && !qdot && T >= 64 && pxl_packed_bytes(PXL_BF16, 1, 2);
+    int packed_q = PXL_IS_QUANT(fmt) && dt && !qdot && T >= PXL_PACKED_Q_MIN_T && pxl_packed_bytes(PXL_BF16, 1, 2);
     if (qdot) pxl_quantize_x(fmt, T, K, xf, q, qd, qc, qe);
     if (packed_q)
         for (size_t i = 0; i < N * K; i++) deq[i] = rnd(1, (float)deq[i]);
@@ -264,8 +265,8 @@ static void test_linear_silu(int dt, int fmt, size_t T, size_t N, size_t K) {
     double *deq = malloc(N * K * 8);
     int src = dense_of(fmt);
     void *Wg = make_weights(src, N, K, deq), *Wu = make_weights(src, N, K, deq), *x = alloc_rand(dt, T * K, 1);
-    size_t es = dt ? 2 : 4, slot = (size_t)K * 32 * (fmt == PXL_F32P ? 4 : 2);
-    void *Wgu = malloc(2 * (N + 31) / 32 * slot);
+    size_t es = dt ? 2 : 4, slot = (size_t)K * PXL_PANEL * (fmt == PXL_F32P ? 4 : 2);
+    void *Wgu = malloc(2 * (N + PXL_PANEL - 1) / PXL_PANEL * slot);
     pxl_pack_gated(src, N, K, Wg, Wu, Wgu);
     Wg = packed_copy(fmt, N, K, Wg), Wu = packed_copy(fmt, N, K, Wu);
     char *g = malloc(T * N * es), *u = malloc(T * N * es), *want = malloc(T * N * es), *got = malloc(T * N * es);

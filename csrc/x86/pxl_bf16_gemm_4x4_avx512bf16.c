@@ -4,8 +4,6 @@
 
 #include "pxl_kernels.h"
 
-#define PXL_INLINE static inline __attribute__((always_inline))
-
 PXL_INLINE void tile(const int RM, const int RN, size_t K, const uint16_t *X, size_t ldx, const uint16_t *W,
                      size_t ldw, float *Y, size_t ldy) {
     __m512 acc[4][8];

@@ -9,8 +9,6 @@
 
 #include "pxl_kernels.h"
 
-#define PXL_INLINE static inline __attribute__((always_inline))
-
 /* exp(x) for x in [-87, 88] (clamped), pxl_exp's reduction and polynomial with its multiply-adds
  * fused; returns 1 + exp(x), the SiLU denominator, with that add fused too */
 PXL_INLINE __m512 one_plus_exp(__m512 x) {

@@ -9,8 +9,6 @@
 
 #include "pxl_kernels.h"
 
-#define PXL_INLINE static inline __attribute__((always_inline))
-
 PXL_INLINE void ukernel(const int RM, size_t K, const float *X, size_t ldx, const float *Wp, float *Y, size_t ldy,
                         __mmask16 m0, __mmask16 m1, const char *pf, size_t npf) {
     __m512 acc[12][2];

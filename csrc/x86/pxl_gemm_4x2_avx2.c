@@ -5,8 +5,6 @@
 
 #include "pxl_kernels.h"
 
-#define PXL_INLINE static inline __attribute__((always_inline))
-
 static inline __m256i tail_mask(size_t r) { /* lanes < r set */
     return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)r), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }

@@ -5,8 +5,6 @@
 
 #include "pxl_kernels.h"
 
-#define PXL_INLINE static inline __attribute__((always_inline))
-
 PXL_INLINE __m512 ld_full(const int BF16, const void *p, size_t k) { /* unmasked: masked loads cost more */
     if (BF16)
         return _mm512_castsi512_ps(_mm512_slli_epi32(

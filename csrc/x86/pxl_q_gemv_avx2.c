@@ -22,7 +22,6 @@ static inline __m256i dot_u8s8(__m256i w, __m256i x) {
 #ifndef QPF
 #define QPF 16384 /* bytes ahead on each row: without it DRAM streams ran at 8-15 GB/s a core */
 #endif
-#define PXL_INLINE static inline __attribute__((always_inline))
 
 PXL_INLINE float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

@@ -21,9 +21,9 @@ static inline __m512i dot4(__m512i acc, __m512i w, __m512i x) {
 }
 #endif
 
-#define G 16
+#define G PXL_QR_ROWS /* rows per repacked block: one zmm of fp32 lanes, one mask bit each */
+_Static_assert(PXL_QR_ROWS == 16, "a repacked block's rows fill one zmm");
 #define QPF 8192 /* bytes ahead in the weight stream: ~ bandwidth x DRAM latency per thread, and more */
-#define PXL_INLINE static inline __attribute__((always_inline))
 
 PXL_INLINE void rows_qr(const int fmt, const int T, size_t rows, size_t K, const uint8_t *W, const pxl_qx *x,
                         float *y, size_t ldy) {

@@ -1,0 +1,92 @@
+/* The binary contract between libperfxlm_kernels.so and its callers: the codes, struct
+ * layouts and constants that the C files and the Python side (hw_plugins/cpu/library.py,
+ * which binds the library with ctypes and mirrors them) must agree on. Everything here is
+ * defined once; the C files include it through perfxlm_ops.h, the GPU sources through
+ * cuda/pxl_gpu.h.
+ *
+ * pxl_abi() reports the values a caller can check at load time (library.py refuses a library
+ * built for another ABI). Bump PXL_ABI_VERSION whenever a change here is not visible in those
+ * values: a code renumbered, a field's meaning or type changed, a flag bit moved.
+ */
+#ifndef PXL_ABI_H
+#define PXL_ABI_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define PXL_ABI_VERSION 1
+
+/* element / weight formats (activations are PXL_F32 or PXL_BF16) */
+enum {
+    PXL_F32 = 0, PXL_BF16 = 1, PXL_Q8_0 = 2, PXL_Q4_0 = 3, PXL_Q4_1 = 4, PXL_BF16P = 5, PXL_F32P = 6,
+    PXL_Q8_0R = 7, PXL_Q4_0R = 8, PXL_Q4_1R = 9, /* Q8_0 / Q4_0 / Q4_1 repacked 16 rows a block */
+    PXL_NFMT = 10
+};
+#define PXL_IS_QUANT(f) (((f) >= PXL_Q8_0 && (f) <= PXL_Q4_1) || (f) >= PXL_Q8_0R)
+#define PXL_QBASE(f) ((f) >= PXL_Q8_0R ? (f) - (PXL_Q8_0R - PXL_Q8_0) : (f)) /* the GGUF format of a repacked one */
+
+/* weight layouts (perfxlm_ops.h describes them) */
+#define PXL_QK 32       /* weights per quantisation block */
+#define PXL_QR_ROWS 16  /* rows per repacked block (PXL_Q*R) */
+#define PXL_PANEL 32    /* features per PXL_BF16P / PXL_F32P panel */
+
+/* A compiled step (pxl_plan_run): one record per node, every pointer fixed at compile time */
+#define PXL_PLAN_MAX_PTRS 10
+typedef struct {
+    int32_t op, dt, wfmt; /* PXL_OP_*, activation format, weight format (Linears) */
+    int32_t rows;         /* PXL_ROWS_N | PXL_NO_WAIT | PXL_OUT_F32 */
+    int64_t a, b, c, d, e; /* sizes, per op (pxl_plan.c's run_node) */
+    float f0, f1;
+    const void *p[PXL_PLAN_MAX_PTRS]; /* inputs, weights, caches, outputs, per op */
+} pxl_plan_node;
+
+/* plan op codes, in the order of library.py's PLAN_OPS (pxl_plan_profile reports them so) */
+enum {
+    PXL_OP_GATHER, PXL_OP_RMSNORM, PXL_OP_LINEAR, PXL_OP_ROPE, PXL_OP_ATTENTION, PXL_OP_SILU_MUL, PXL_OP_ADD,
+    PXL_OP_LINEAR_SILU, PXL_OP_ADD_RMSNORM,
+    PXL_NOPS
+};
+
+/* pxl_plan_node.rows bits */
+#define PXL_ROWS_N 1  /* the op runs on the step's N rows (the logits rows), else on its T tokens */
+/* this Linear and the next share no buffer but their input (q / k / v, gate / up): in a step of
+ * at most PXL_T_PRIVATE tokens, where each thread prepares its own copy of x, no thread waits for
+ * the others between them */
+#define PXL_NO_WAIT 2
+#define PXL_OUT_F32 4 /* a Linear's y is fp32 holding dt's values (the logits: no conversion pass) */
+
+/* Up to this many tokens, Linear has every thread prepare (convert, quantise) x for itself, so
+ * the team needs no barrier before the product; PXL_NO_WAIT relies on it */
+#define PXL_T_PRIVATE 4
+
+/* one step: T tokens, N logits rows, B sequences, block tables max_blocks wide */
+void pxl_plan_run(const pxl_plan_node *nodes, size_t n, size_t T, size_t N, size_t B, size_t max_blocks);
+/* Per-op time across steps (`perfxlm bench ... --profile-ops`): seconds[phase * PXL_NOPS + op] and
+ * calls[...] for the op codes above, phase 0 for steps with prompt tokens and 1 for decode steps;
+ * reading resets them, `on` starts or stops timing. */
+void pxl_plan_profile(int on, double *seconds, int64_t *calls);
+
+/* What this build of the library was compiled for */
+typedef struct {
+    int64_t version;   /* PXL_ABI_VERSION */
+    int64_t node_size; /* sizeof(pxl_plan_node) */
+    int64_t node_rows; /* offsetof(pxl_plan_node, rows) */
+    int64_t node_a;    /* offsetof(pxl_plan_node, a) */
+    int64_t node_f0;   /* offsetof(pxl_plan_node, f0) */
+    int64_t node_p;    /* offsetof(pxl_plan_node, p) */
+    int64_t node_ptrs; /* PXL_PLAN_MAX_PTRS */
+    int64_t n_ops;     /* PXL_NOPS */
+    int64_t n_formats; /* PXL_NFMT */
+} pxl_abi_info;
+/* fills the first `size` bytes of *out (at most sizeof(pxl_abi_info)): a caller built against an
+ * older, shorter pxl_abi_info still gets the fields it knows */
+void pxl_abi(pxl_abi_info *out, size_t size);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
