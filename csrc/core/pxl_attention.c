@@ -7,7 +7,7 @@
  * transpose-add tree, no per-key horizontal sum). Softmax in float32 with a vectorised exp,
  * then each row's weighted sum of value rows in increasing key order.
  *
- * A decode step reads every sequence's keys and values from DRAM (283 MB a W1 step), so a
+ * A decode step reads every sequence's keys and values from DRAM (the whole cache in use), so a
  * thread fetches its next item's rows while it computes this one's: the next keys during the
  * scores, the next values during the weighted sums (pf_queue).
  *
@@ -25,10 +25,11 @@
 
 #define TILE_ROWS 12 /* query rows (tokens x heads of the group) per prefill tile */
 #define CHUNK 16     /* items per scheduling chunk at most */
-#define PF_KEYS 32   /* an unfetched item's own look-ahead in keys (16 to 64 measured alike; 0: 25 % slower) */
+#define PF_KEYS 32   /* an unfetched item's own look-ahead in keys: covers DRAM latency (with none,
+                        * the first keys wait on memory) */
 
 static inline void prefetch_row(const char *p, size_t bytes) {
-    if (bytes == 128) { /* a bf16 row of a 64-dim head: no loop (it was ~10 % of decode scores) */
+    if (bytes == 128) { /* a bf16 row of a 64-dim head, the common case: no loop in the key loops */
         __builtin_prefetch(p), __builtin_prefetch(p + 64);
         return;
     }
@@ -37,7 +38,7 @@ static inline void prefetch_row(const char *p, size_t bytes) {
 
 /* Cache rows still to prefetch: rows[at .. n) + off, `bytes` each. The key and value loops
  * take rows from these as they go, so fetching the next item's rows overlaps this item's
- * arithmetic (a decode item reads 48 KiB from DRAM and used to wait on most of it). */
+ * arithmetic (a decode item's rows come from DRAM, and it would otherwise wait on them). */
 typedef struct {
     const char *const *rows;
     size_t off, bytes, at, n;
@@ -115,8 +116,8 @@ static float dot_scalar(size_t hd, const float *q, int dt, const void *k) {
 
 /* scores_tile's sums for RN <= 3 rows (a decode token's heads), keys widened in registers: 8
  * keys x RN rows of accumulators stay in registers and q comes from L1, where the tile path
- * stores every widened key row to scratch and reloads it per row (a decode item read each
- * key row once and then spent ~50 cycles a key on the staging). Each accumulator adds the
+ * stores every widened key row to scratch and reloads it per row (a decode item reads each key
+ * row once, for few rows, so that staging costs more than it saves). Each accumulator adds the
  * same terms in the same order and the fold is fold16x16's, so the bits are the same. */
 PXL_INLINE void scores_rows(const int DT, const int RN, size_t hd, const float *q, const char *const *krows,
                             size_t off, size_t n, float *s, size_t lds, const float *zero, pf_queue *pf, int npf) {
@@ -228,8 +229,8 @@ PXL_CLONES static void softmax(float *s, size_t n) {
             s[j + l] = pxl_exp(s[j + l] - m);
             part[l] += s[j + l];
         }
-    if (j < n) { /* the last 1..15: one more vector pass (prefill rows end anywhere; a scalar
-                  * pxl_exp a value was most of a 128-token prompt's softmax) */
+    if (j < n) { /* the last 1..15: one more vector pass (prefill rows end anywhere, so every row
+                  * has a tail, and pxl_exp one value at a time would dominate a short row) */
         size_t rem = n - j;
         float t[16];
         for (int l = 0; l < 16; l++) t[l] = (size_t)l < rem ? s[j + l] : m;
@@ -276,9 +277,9 @@ PXL_INLINE void wsum_group(const int DT, const int CNT, size_t hd, size_t c, con
 
 /* The same sums for CNT <= 6 rows of a 64-dim head, keys outer: all CNT x 4 accumulators stay
  * in registers, so each value row is read once, whole, where the loop above walks the rows 4
- * times (a decode item's 3 rows x 192 keys: keys and values together fill L1; measured 10 %
- * of decode attention). Each accumulator still adds the same terms in increasing j, so the
- * bits do not change. */
+ * times (a decode item's keys and values together can fill L1, so a later walk reloads them
+ * from L2). Each accumulator still adds the same terms in increasing j, so the bits do not
+ * change. */
 PXL_INLINE void wsum_rows64(const int DT, const int CNT, const float *w, size_t ldw, const char *const *vrows,
                             size_t voff, size_t j0, size_t j1, float *out, pf_queue *pv) {
     const size_t es = DT == PXL_F32 ? 4 : 2;
@@ -360,9 +361,9 @@ PXL_CLONES static void weighted_sum(int dt, size_t R, size_t hd, const float *w,
     }
 }
 
-/* A step's items: per sequence, Hkv x tiles of query tokens. (Decode items covering all KV
- * heads of a sequence, reading each cache row whole, measured slower: 704 vs 582 us a layer
- * at 64 x 190 keys from DRAM.) */
+/* A step's items: per sequence, Hkv x tiles of query tokens. Items per KV head rather than one
+ * decode item for all heads reading each cache row whole: that one is the slower of the two,
+ * and smaller items balance the threads better. */
 typedef struct {
     size_t tq; /* query tokens per tile */
     size_t items;
@@ -373,8 +374,7 @@ static inline seq_items items_of(size_t qlen, size_t G, size_t Hkv) {
 }
 
 /* n values of q in dt -> scale * q in fp32, and n fp32 results -> y in dt: loops of their own,
- * so each clone vectorises them (inside the unversioned team code they ran as SSE2, ~17 % of
- * prefill attention) */
+ * so each clone vectorises them (inside the unversioned team code they would run as SSE2) */
 PXL_CLONES static void load_q(int dt, size_t n, float scale, const char *q, float *out) {
     if (dt == PXL_F32) for (size_t e = 0; e < n; e++) out[e] = scale * ((const float *)q)[e];
     else for (size_t e = 0; e < n; e++) out[e] = scale * pxl_bf16_to_f32(((const uint16_t *)q)[e]);
@@ -439,8 +439,8 @@ static item_pos locate(size_t it, size_t *b, size_t *first, const int64_t *query
     return p;
 }
 
-/* tn query rows of `bytes` each, `stride` apart. (Through prefetch_row, a third caller, GCC
- * stopped specialising its 128-byte case inside the score and value loops: decode 2x slower.) */
+/* tn query rows of `bytes` each, `stride` apart. (Not through prefetch_row: with a third
+ * caller GCC no longer specialises its 128-byte case inside the score and value loops.) */
 static void prefetch_q(size_t tn, const char *q, size_t stride, size_t bytes) {
     for (size_t i = 0; i < tn; i++)
         for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(q + i * stride + o);
@@ -532,7 +532,7 @@ static void attention_team(int dt, size_t T, size_t B, size_t H, size_t Hkv, siz
                 pf[npf++] = (pf_queue){rs[nx].k, x.kvh * hd * es, hd * es, from, x.n};
                 pv = (pf_queue){rs[nx].v, x.kvh * hd * es, hd * es, from, x.n};
                 /* and a prefill tile's query rows: they come from L3 (a step's q is megabytes),
-                 * and waiting on them was ~8 % of prefill attention */
+                 * and the next item would otherwise start by waiting on them */
                 if (x.tn > 1) prefetch_q(x.tn, (const char *)q + ((x.qs + x.tok0) * H + x.kvh * G) * hd * es,
                                          H * hd * es, G * hd * es);
             }

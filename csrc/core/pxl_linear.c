@@ -6,8 +6,8 @@
  * Quantised weights run int8 dot products on the blocks (x quantised per 32-block, as
  * llama.cpp does): blocks repacked 16 rows at a time at every T, GGUF-layout blocks for small
  * T, while for larger T those are dequantised a panel at a time into L1/L2 and reused by
- * every token tile.
- * (OpenBLAS's sgemm was slower on every SmolLM2 prefill shape: `perfxlm bench gemv --rows 512`.)
+ * every token tile. Our own GEMM rather than OpenBLAS's sgemm, which is slower on these
+ * shapes (`perfxlm bench gemv` runs both side by side).
  */
 #include <math.h>
 #include <stdio.h>
@@ -50,7 +50,7 @@ static void run_tiles(const pxl_kernel_set *ks, pxl_tile_fn tile, size_t es, siz
 
 /* One 32-block of x: the per-lane loops are selects and plain arithmetic (no libm roundf,
  * no float reductions the compiler may not reorder), so every clone vectorises them: this
- * runs once per Linear call and thread in decode, where a scalar loop cost several us. */
+ * runs once per Linear call and thread in decode, on the critical path of every token. */
 PXL_CLONES static void quantize_blocks(int fmt, size_t nb, const float *x, int8_t *q, float *d, float *c, float *e) {
     for (size_t b = 0; b < nb; b++) {
         const float *xb = x + b * PXL_QK;
@@ -196,7 +196,7 @@ typedef struct {
 } out_spec;
 
 /* rows x cols of fp32 src (lds) -> out at (r0, c0): a loop per case, so each clone vectorises
- * it (this ran as scalar SSE2 code at ~4 % of a W1 run) */
+ * it (the team code around it is built for the baseline ISA, where it would run as scalar SSE2) */
 PXL_CLONES static void store_rows(const out_spec *o, size_t r0, size_t c0, size_t rows, size_t cols, const float *src,
                                   size_t lds) {
     for (size_t r = 0; r < rows; r++) {
@@ -290,8 +290,8 @@ static void run_packed(const pxl_kernel_set *ks, int f32, size_t T, size_t cols,
             for (size_t c = 0, t = t0; c < calls; c++) {
                 int rm = (int)(base + (c < extra));
                 /* the next chunk's x rows, a share a call: a prefill's x (megabytes, the op before's
-                 * output) comes from L3 or DRAM, and each chunk's first panel waited on it (576->192
-                 * at 4096 rows with x from DRAM ~10 %; prefetcht1 / t2 fetch nothing here) */
+                 * output) comes from L3 or DRAM, and each chunk's first panel would wait on it
+                 * (prefetcht0, the default hint: prefetcht1 / t2 do not bring these lines in) */
                 if (t1 < T) {
                     size_t xl = ((T - t1 < PACKED_T_CHUNK ? T - t1 : PACKED_T_CHUNK) * K * es + 63) / 64;
                     size_t G = npanels * calls, g = s * calls + c;
@@ -307,8 +307,8 @@ static void run_packed(const pxl_kernel_set *ks, int f32, size_t T, size_t cols,
                     direct(rm, K, x, K, w, (uint16_t *)out->y + t * out->ldy + c0 + n, out->ldy, nvalid, pf, l1 - l0);
                 } else if (!out) {
                     gemm(rm, K, x, K, w, Y + t * ldy + n, ldy, nvalid, pf, l1 - l0);
-                } else { /* through the tile, from L1 (a whole chunk's tile, 32 KB, stored at the panel's
-                          * end, cost 576->576 and 576->1536 at 4096 rows ~3 %) */
+                } else { /* through the tile, one call's rows while they are in L1 (a whole chunk's
+                          * tile, stored at the panel's end, would leave L1 first) */
                     gemm(rm, K, x, K, w, Y, PXL_PANEL, gated ? PXL_PANEL : nvalid, pf, l1 - l0);
                     if (gated) store_gated(out, t, c0 + n, rm, nvalid, Y, Y + PXL_PANEL / 2, PXL_PANEL);
                     else store_rows(out, t, c0 + n, rm, nvalid, Y, PXL_PANEL);
@@ -374,8 +374,8 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
     const int bf16_w = wfmt == PXL_BF16 || wfmt == PXL_BF16P, quant = PXL_IS_QUANT(wfmt);
     /* quantised weights: int8 dot products for decode-sized T (and every T when batch
      * invariant, so a row's result never depends on the batch), dequantised panels else.
-     * Repacked blocks always: their kernel shares each weight load among 4 tokens and beats
-     * dequantised fp32 / bf16 GEMM at every T (`perfxlm bench gemv --rows 512`). */
+     * Repacked blocks always: their kernel shares each weight load among PXL_QR_T tokens and
+     * needs no dequantised copy, which beats dequantised fp32 / bf16 GEMM at every T. */
     const int qdot = quant && (T <= PXL_Q_DOT_MAX_T || pxl_batch_invariant() || wfmt >= PXL_Q8_0R);
     /* prefill on quantised weights with bf16 x: packed bf16 panels where the set has the kernel */
     const int packed_q = quant && !qdot && dt == PXL_BF16 && ks->gemm_bf16p && T >= PXL_PACKED_Q_MIN_T;
@@ -414,10 +414,9 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
     }
     /* bias or bf16 output: this thread's columns in fp32, then added and rounded once */
     size_t es = dt == PXL_F32 ? 4 : 2, oes = odt == PXL_F32 ? 4 : 2;
-    /* A decode step's logits (64 x 49152 fp32: 12.6 MB) are read after the whole lm_head has
-     * streamed its 56 MB of weights through the caches, so they are written around them: no
-     * read for ownership of every line, no eviction of the weights still to come (`perfxlm
-     * bench gemv --rows 64 --formats bf16`: the bf16>f32 row, against bf16 out). */
+    /* A decode step's logits (T x vocabulary fp32: megabytes) are read only after the whole
+     * lm_head has streamed its weights through the caches, so they are written around them: no
+     * read for ownership of every line, no eviction of the weights still to come. */
     const int stream = odt == PXL_F32 && dt != PXL_F32 && (double)T * N * 4 >= STREAM_MIN_BYTES;
     out_spec o = {dt, odt, gated, bias ? (const char *)bias + n0 * es : NULL, (char *)y + n0 * oes, N, stream,
                   ks->silu_bf16};

@@ -87,7 +87,7 @@ PXL_INLINE void rope_rows(int dt, size_t t0, size_t t1, size_t H, size_t hd, con
                           const void *cos, const void *sin, void *y) {
     size_t half = hd / 2;
     float r[hd]; /* a head's result, then stored: y may be x, and with the loads and stores of
-                    both halves in one loop the compiler kept it scalar (~3 % of a W1 run) */
+                    both halves in one loop the compiler cannot vectorise it */
     for (size_t t = t0; t < t1; t++) {
         size_t c = (size_t)pos[t] * hd;
         for (size_t h = 0; h < H; h++) {

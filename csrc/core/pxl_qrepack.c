@@ -3,9 +3,9 @@
  * any kernel set can run them with.
  *
  * Why repack: on GGUF's row-major blocks a decode GEMV does per row and block one int8 dot
- * product, a horizontal sum and scalar scale work, which made Q4_1 decode compute-bound
- * (3.5 cycles a block). Interleaving 16 rows lets one 64-byte vpdpbusd advance 16 rows by
- * 4 weights against x's 4 int8 broadcast, and one vector FMA scale 16 rows' block sums
+ * product, a horizontal sum and scalar scale work, which makes Q4_1 decode compute-bound
+ * rather than bandwidth-bound. Interleaving 16 rows lets one 64-byte vpdpbusd advance 16 rows
+ * by 4 weights against x's 4 int8 broadcast, and one vector FMA scale 16 rows' block sums
  * (llama.cpp's CPU "repack" buffers do the same). */
 #include "pxl_kernels.h"
 
