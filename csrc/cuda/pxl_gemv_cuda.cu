@@ -9,29 +9,29 @@ constexpr int kWarpsPerBlock = 4;
 __device__ __forceinline__ float dot_row(int wfmt, const void *W, int n, int K, int dt, const void *x, int t) {
     float s = 0.f;
     const int lane = threadIdx.x % PXL_WARP;
-    if (wfmt <= 1) {  // dense fp32 / bf16
+    if (wfmt <= PXL_BF16) {  // dense fp32 / bf16
         for (int k = lane; k < K; k += PXL_WARP) s += pxl_ld(wfmt, W, (size_t)n * K + k) * pxl_ld(dt, x, (size_t)t * K + k);
         return s;
     }
-    const int nb = K / 32;
-    const size_t bs = wfmt == 2 ? 34 : wfmt == 3 ? 18 : 20;
+    const int nb = K / PXL_QK;
+    const size_t bs = wfmt == PXL_Q8_0 ? 34 : wfmt == PXL_Q4_0 ? 18 : 20;  // GGUF block bytes (perfxlm_ops.h)
     const uint8_t *row = (const uint8_t *)W + (size_t)n * nb * bs;
     for (int b = lane; b < nb; b += PXL_WARP) {
         const uint8_t *blk = row + b * bs;
         const float d = pxl_half(blk[0] | (uint16_t)blk[1] << 8);
         float dot = 0.f, xs = 0.f;
-        const size_t x0 = (size_t)t * K + b * 32;
-        if (wfmt == 2) {
+        const size_t x0 = (size_t)t * K + b * PXL_QK;
+        if (wfmt == PXL_Q8_0) {
             for (int j = 0; j < 32; j++) dot += (float)(int8_t)blk[2 + j] * pxl_ld(dt, x, x0 + j);
             s += d * dot;
         } else {
-            const uint8_t *qs = blk + (wfmt == 4 ? 4 : 2);
+            const uint8_t *qs = blk + (wfmt == PXL_Q4_1 ? 4 : 2);
             for (int j = 0; j < 16; j++) {
                 float lo = pxl_ld(dt, x, x0 + j), hi = pxl_ld(dt, x, x0 + j + 16);
                 dot += (float)(qs[j] & 15) * lo + (float)(qs[j] >> 4) * hi;
                 xs += lo + hi;
             }
-            const float m = wfmt == 4 ? pxl_half(blk[2] | (uint16_t)blk[3] << 8) : -8.f * d;
+            const float m = wfmt == PXL_Q4_1 ? pxl_half(blk[2] | (uint16_t)blk[3] << 8) : -8.f * d;
             s += d * dot + m * xs;
         }
     }

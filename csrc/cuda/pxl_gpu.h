@@ -4,6 +4,8 @@
 #pragma once
 #include <stdint.h>
 
+#include "../include/pxl_abi.h" /* the format codes (PXL_F32, PXL_BF16, PXL_Q8_0 ..), PXL_QK */
+
 #if defined(__HIP_PLATFORM_AMD__) || defined(__HIPCC__)
 #include "../dcu/pxl_hip_vendor.h"
 #else
@@ -24,13 +26,13 @@ __device__ __forceinline__ float pxl_warp_max(float v) {
     for (int m = PXL_WARP / 2; m > 0; m >>= 1) v = fmaxf(v, pxl_shfl_xor(v, m));
     return v;
 }
-/* activations: float (dt 0) or bf16 bits (dt 1), computed in float */
+/* activations: float (dt PXL_F32) or bf16 bits (dt PXL_BF16), computed in float */
 __device__ __forceinline__ float pxl_ld(int dt, const void *p, size_t i) {
-    if (dt == 0) return ((const float *)p)[i];
+    if (dt == PXL_F32) return ((const float *)p)[i];
     return __uint_as_float((uint32_t)((const uint16_t *)p)[i] << 16);
 }
 __device__ __forceinline__ void pxl_st(int dt, void *p, size_t i, float v) {
-    if (dt == 0) { ((float *)p)[i] = v; return; }
+    if (dt == PXL_F32) { ((float *)p)[i] = v; return; }
     uint32_t b = __float_as_uint(v);
     ((uint16_t *)p)[i] = (uint16_t)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
 }

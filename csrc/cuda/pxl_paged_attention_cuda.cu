@@ -8,7 +8,7 @@ __global__ void write_kv_kernel(int dt, int T, int row, const void *k, const voi
                                 const int64_t *slots) {
     const int t = blockIdx.x;
     if (slots[t] < 0) return;
-    const size_t es = dt == 0 ? 4 : 2, dst = (size_t)slots[t] * row * es, src = (size_t)t * row * es;
+    const size_t es = dt == PXL_F32 ? 4 : 2, dst = (size_t)slots[t] * row * es, src = (size_t)t * row * es;
     for (int i = threadIdx.x; i < row * (int)es; i += blockDim.x) {
         ((char *)kc)[dst + i] = ((const char *)k)[src + i];
         ((char *)vc)[dst + i] = ((const char *)v)[src + i];
