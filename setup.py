@@ -5,7 +5,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import Distribution, find_namespace_packages, setup
 from setuptools.command.build_py import build_py
 
 LIB = "libperfxlm_kernels.so"
@@ -31,6 +31,19 @@ class BuildWithKernels(build_py):
             shutil.copy2(lib, target / LIB)
 
 
+class BinaryDistribution(Distribution):
+    """The wheel ships a native library (hw_plugins/cpu/libperfxlm_kernels.so): tag it for this
+    platform, not py3-none-any, so pip does not install an x86-64 .so on another machine."""
+
+    def has_ext_modules(self) -> bool:
+        return True
+
+
+# Every directory of modules under the three top-level packages, with or without an
+# __init__.py (find_packages alone would silently drop one that lacks it from the wheel).
+PACKAGES = find_namespace_packages(include=["perfxlm", "perfxlm.*", "graph_export", "graph_export.*",
+                                            "hw_plugins", "hw_plugins.*"], exclude=["*.__pycache__"])
+
 version = {}
 exec(Path("perfxlm/version.py").read_text(), version)
 
@@ -41,9 +54,9 @@ setup(
     long_description=Path("README.md").read_text() if Path("README.md").exists() else "",
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    python_requires=">=3.10",
-    packages=find_packages(include=["perfxlm", "perfxlm.*", "graph_export", "graph_export.*",
-                                    "hw_plugins", "hw_plugins.*"]),
+    # 3.11: perfxlm/inputs.py uses typing.NotRequired
+    python_requires=">=3.11",
+    packages=PACKAGES,
     install_requires=[
         # pinned: a looser torch pin pulls several GB of CUDA packages on CPU machines
         "torch==2.13.0",
@@ -56,16 +69,20 @@ setup(
         "jinja2",
         "huggingface_hub",
         "onnx>=1.16",
-        "onnxruntime",  # `perfxlm export --verify` checks graphs with it
         "ml_dtypes",    # bfloat16 arrays on the host side of plugins
-        "scipy-openblas32",  # OpenBLAS: the reference `perfxlm bench gemv` measures our kernels against
     ],
     cmdclass={"build_py": BuildWithKernels},
+    distclass=BinaryDistribution,
     entry_points={
         "console_scripts": ["perfxlm = perfxlm.cli:main"],
         "perfxlm.hw_plugins": ["torch = hw_plugins.torch_ref:TorchPlugin", "cpu = hw_plugins.cpu:CpuPlugin",
                                "rvv = hw_plugins.cpu:RvvPlugin", "cuda = hw_plugins.cuda:CudaPlugin",
                                "dcu = hw_plugins.cuda:DcuPlugin"],
     },
-    extras_require={"test": ["pytest", "accelerate"]},  # accelerate: transformers' GGUF loader in tests
+    extras_require={
+        "verify": ["onnxruntime"],      # `perfxlm export --verify` checks graphs with it
+        "bench": ["scipy-openblas32"],  # OpenBLAS: the reference `perfxlm bench gemv` measures our kernels against
+        # accelerate: transformers' GGUF loader in tests; the tests also run --verify and bench gemv
+        "test": ["pytest", "accelerate", "onnxruntime", "scipy-openblas32"],
+    },
 )

@@ -1,22 +1,23 @@
-"""OpenBLAS from the `scipy-openblas32` wheel, bound with ctypes (symbols prefixed `scipy_`)."""
+"""OpenBLAS from the `scipy-openblas32` wheel, bound with ctypes (symbols prefixed `scipy_`).
+
+Only `perfxlm bench gemv` needs it, so it is an extra: `pip install 'perfxlm[bench]'`.
+"""
 
 import ctypes
-import logging
 from functools import cache
 
-logger = logging.getLogger(__name__)
-
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
+MISSING = "perfxlm bench gemv needs scipy-openblas32: pip install 'perfxlm[bench]'"
 
 
 @cache
-def load() -> ctypes.CDLL | None:
-    """The library with sgemm/sgemv signatures set, or None when the wheel is missing."""
+def load() -> ctypes.CDLL:
+    """The library with sgemm/sgemv signatures set. Without the `scipy-openblas32` wheel
+    (the `bench` extra) this exits with a message saying how to install it."""
     try:
         import scipy_openblas32
-    except ImportError:
-        logger.info("scipy-openblas32 is not installed: no OpenBLAS")
-        return None
+    except ImportError as e:
+        raise SystemExit(MISSING) from e
     lib = ctypes.CDLL(f"{scipy_openblas32.get_lib_dir()}/lib{scipy_openblas32.get_library()}.so")
     i, f, p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
     lib.scipy_cblas_sgemm.argtypes = [i, i, i, i, i, i, f, p, i, p, i, f, p, i]
@@ -26,11 +27,8 @@ def load() -> ctypes.CDLL | None:
 
 
 def set_threads(n: int) -> None:
-    lib = load()
-    if lib is not None:
-        lib.scipy_openblas_set_num_threads(n)
+    load().scipy_openblas_set_num_threads(n)
 
 
 def corename() -> str:
-    lib = load()
-    return lib.scipy_openblas_get_corename().decode() if lib is not None else "none"
+    return load().scipy_openblas_get_corename().decode()
