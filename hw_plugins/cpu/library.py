@@ -13,13 +13,82 @@ logger = logging.getLogger(__name__)
 
 LIB_NAME = "libperfxlm_kernels.so"
 _HERE = Path(__file__).resolve().parent
-F32, BF16, Q8_0, Q4_0, Q4_1, BF16P, F32P, Q8_0R, Q4_0R, Q4_1R = range(10)
+
+# The library's binary interface as this Python side uses it: csrc/include/pxl_abi.h is the one
+# C definition of every code, flag and layout below, and check_abi() compares the two at load.
+ABI_VERSION = 1  # PXL_ABI_VERSION
+
+# weight / element formats, in the order of pxl_abi.h's enum (PXL_F32 = 0 ..)
+FORMATS = ("F32", "BF16", "Q8_0", "Q4_0", "Q4_1", "BF16P", "F32P", "Q8_0R", "Q4_0R", "Q4_1R")
+F32, BF16, Q8_0, Q4_0, Q4_1, BF16P, F32P, Q8_0R, Q4_0R, Q4_1R = range(len(FORMATS))
 # the kernel set's own layout of each weight format, where pxl_packed_bytes says it has one:
 # dense weights in panels, GGUF blocks repacked 16 rows at a time (pxl_pack_weights)
 PACKED = {F32: F32P, BF16: BF16P, Q8_0: Q8_0R, Q4_0: Q4_0R, Q4_1: Q4_1R}
 
+# A compiled step's records (pxl_plan_run): the op codes in pxl_abi.h's order (PXL_OP_*), the
+# names op_profile reports them by; the last two are fused pairs of ops
+PLAN_OPS = ("Gather", "RMSNorm", "Linear", "RoPE", "PagedAttention", "SiluMul", "Add",
+            "Linear+SiluMul", "Add+RMSNorm")
+GATHER, RMSNORM, LINEAR, ROPE, ATTENTION, SILU_MUL, ADD, LINEAR_SILU, ADD_RMSNORM = range(len(PLAN_OPS))
+# PlanNode.rows bits
+ROWS_N = 1  # the op runs on the step's N (logits) rows, else on its T tokens
+NO_WAIT = 2  # no barrier after this Linear in a decode step: the next shares only its input
+OUT_F32 = 4  # a Linear stores its (bf16) values widened to float32
+PLAN_MAX_PTRS = 10
+
+
+class PlanNode(ctypes.Structure):
+    """pxl_plan_node: one record of a compiled step."""
+    _fields_ = [("op", ctypes.c_int32), ("dt", ctypes.c_int32), ("wfmt", ctypes.c_int32), ("rows", ctypes.c_int32),
+                ("a", ctypes.c_int64), ("b", ctypes.c_int64), ("c", ctypes.c_int64), ("d", ctypes.c_int64),
+                ("e", ctypes.c_int64), ("f0", ctypes.c_float), ("f1", ctypes.c_float),
+                ("p", ctypes.c_void_p * PLAN_MAX_PTRS)]
+
+
+class AbiInfo(ctypes.Structure):
+    """pxl_abi_info: what a build of the library was compiled for (pxl_abi fills it)."""
+    _fields_ = [(name, ctypes.c_int64) for name in
+                ("version", "node_size", "node_rows", "node_a", "node_f0", "node_p", "node_ptrs", "n_ops",
+                 "n_formats")]
+
+
+def expected_abi() -> dict[str, int]:
+    """AbiInfo's fields as this Python side lays things out."""
+    return {"version": ABI_VERSION, "node_size": ctypes.sizeof(PlanNode), "node_rows": PlanNode.rows.offset,
+            "node_a": PlanNode.a.offset, "node_f0": PlanNode.f0.offset, "node_p": PlanNode.p.offset,
+            "node_ptrs": PLAN_MAX_PTRS, "n_ops": len(PLAN_OPS), "n_formats": len(FORMATS)}
+
+
+_ABI_LABELS = {"version": "ABI version", "node_size": "plan node bytes", "node_rows": "offset of rows",
+               "node_a": "offset of a", "node_f0": "offset of f0", "node_p": "offset of p",
+               "node_ptrs": "pointers per plan node", "n_ops": "plan ops", "n_formats": "formats"}
+_REBUILD = "rebuild it with `pip install -e .` or `make -C csrc`"
+
+
+def _abi_summary(v: dict[str, int]) -> str:
+    return f"ABI {v['version']} (plan node {v['node_size']} bytes, {v['n_ops']} plan ops, {v['n_formats']} formats)"
+
+
+def check_abi(lib: ctypes.CDLL, path: str | Path) -> None:
+    """Raises OSError unless the library at `path` was built for the ABI this module expects."""
+    try:
+        fn = lib.pxl_abi
+    except AttributeError:
+        raise OSError(f"{LIB_NAME} at {path} has no pxl_abi(): it predates the ABI check "
+                      f"(this perfxlm expects {_abi_summary(expected_abi())}); {_REBUILD}") from None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t], None
+    info = AbiInfo()
+    fn(ctypes.byref(info), ctypes.sizeof(info))
+    got, want = {name: getattr(info, name) for name, _ in AbiInfo._fields_}, expected_abi()
+    diff = [f"{_ABI_LABELS[k]} {got[k]} (expected {want[k]})" for k in want if got[k] != want[k]]
+    if diff:
+        raise OSError(f"{LIB_NAME} at {path} was built for {_abi_summary(got)} but this perfxlm expects "
+                      f"{_abi_summary(want)}: {'; '.join(diff)}; {_REBUILD}")
+
+
 _sz, _p, _i, _f = ctypes.c_size_t, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
+    "pxl_abi": ([_p, _sz], None),
     "pxl_isa": ([], ctypes.c_char_p),
     "pxl_set_isa": ([ctypes.c_char_p], _i),
     "pxl_num_threads": ([], _i),
@@ -40,10 +109,13 @@ _SIGNATURES = {
     "pxl_silu_mul": ([_i, _sz, _p, _p, _p], None),
     "pxl_add": ([_i, _sz, _p, _p, _p], None),
     "pxl_add_rmsnorm": ([_i, _sz, _sz, _p, _p, _p, _f, _p, _p], None),
+    "pxl_plan_run": ([_p, _sz, _sz, _sz, _sz, _sz], None),
     "pxl_plan_profile": ([_i, _p, _p], None),
     "pxl_paged_attention": ([_i, _sz, _sz, _sz, _sz, _sz, _p, _p, _p, _p, _p, _sz, _p, _p, _sz, _p, _p, _f, _sz, _p],
                             None),
     "pxl_sample_rows": ([_sz, _sz, _p, _sz, _p, _p], None),
+    "pxl_roofline_peak": ([_i, _sz], ctypes.c_double),
+    "pxl_roofline_read": ([_p, _sz], ctypes.c_uint64),
 }
 
 
@@ -125,9 +197,12 @@ def load() -> ctypes.CDLL:
     for path in candidates():
         if path.is_file():
             lib = ctypes.CDLL(str(path))
-            for name, (args, res) in _SIGNATURES.items():
-                fn = getattr(lib, name)
-                fn.argtypes, fn.restype = args, res
+            try:
+                check_abi(lib, path)
+                _bind(lib, path)
+            except OSError as e:
+                _cache["lib"] = str(e)
+                raise
             lib.pxl_set_num_threads(num_threads())
             cpus = thread_cpus()
             pinned = ""
@@ -144,8 +219,14 @@ def load() -> ctypes.CDLL:
     raise OSError(msg)
 
 
-PLAN_OPS = ("Gather", "RMSNorm", "Linear", "RoPE", "PagedAttention", "SiluMul", "Add",
-            "Linear+SiluMul", "Add+RMSNorm")  # pxl_plan.c's order; the last two: fused pairs of ops
+def _bind(lib: ctypes.CDLL, path: Path) -> None:
+    """Sets every _SIGNATURES function's argument and result types; OSError if one is missing."""
+    for name, (args, res) in _SIGNATURES.items():
+        try:
+            fn = getattr(lib, name)
+        except AttributeError:
+            raise OSError(f"{LIB_NAME} at {path} has no {name}(); {_REBUILD}") from None
+        fn.argtypes, fn.restype = args, res
 
 
 PROFILE_PHASES = ("prefill", "decode")  # steps with prompt tokens; steps of one query token a sequence

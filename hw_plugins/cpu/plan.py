@@ -2,7 +2,8 @@
 
 Built once from the runner's nodes and fixed buffers (weights, caches, planned activation
 slots, staging arrays for the graph inputs); a step copies its small index inputs into the
-staging arrays and passes T, N, B and the block-table width.
+staging arrays and passes T, N, B and the block-table width. The records (PlanNode) and their
+codes come from library.py, which checks them against the loaded library.
 """
 
 import ctypes
@@ -10,13 +11,12 @@ from typing import Any
 
 import numpy as np
 
+from hw_plugins.cpu.library import (ADD, ADD_RMSNORM, ATTENTION, GATHER, LINEAR, LINEAR_SILU, NO_WAIT, OUT_F32,
+                                    RMSNORM, ROPE, ROWS_N, SILU_MUL, PlanNode)
 from hw_plugins.cpu.plugin import _ACT, _ptr, host_zeros
 
-GATHER, RMSNORM, LINEAR, ROPE, ATTENTION, SILU_MUL, ADD, LINEAR_SILU, ADD_RMSNORM = range(9)
-
-
-NO_WAIT = 2  # PlanNode.rows bit: no barrier before the next node in a decode step (pxl_plan.c)
-OUT_F32 = 4  # PlanNode.rows bit: a Linear stores its (bf16) values widened to float32
+__all__ = ["Plan", "PlanNode", "GATHER", "RMSNORM", "LINEAR", "ROPE", "ATTENTION", "SILU_MUL", "ADD",
+           "LINEAR_SILU", "ADD_RMSNORM", "ROWS_N", "NO_WAIT", "OUT_F32"]  # (the codes: library.py)
 
 
 def _independent(a: "PlanNode", b: "PlanNode") -> bool:
@@ -43,13 +43,6 @@ def _gated_pairs(nodes: list[Any]) -> dict[int, tuple[Any, Any]]:
                 and readers[gate.outputs[0]] == readers[up.outputs[0]] == 1):
             pairs[i] = (gate, up)
     return pairs
-
-
-class PlanNode(ctypes.Structure):
-    _fields_ = [("op", ctypes.c_int32), ("dt", ctypes.c_int32), ("wfmt", ctypes.c_int32), ("rows", ctypes.c_int32),
-                ("a", ctypes.c_int64), ("b", ctypes.c_int64), ("c", ctypes.c_int64), ("d", ctypes.c_int64),
-                ("e", ctypes.c_int64), ("f0", ctypes.c_float), ("f1", ctypes.c_float),
-                ("p", ctypes.c_void_p * 10)]
 
 
 class Plan:
@@ -81,7 +74,7 @@ class Plan:
             out = buffer(node.outputs[0])
             r = self.records[i]
             r.dt = _ACT[arrays[0].dtype.name]
-            r.rows = int(node.outputs[0] in rows_n)
+            r.rows = ROWS_N if node.outputs[0] in rows_n else 0
             at = node.attrs
             if node.op_type == "Gather":
                 r.op, r.a, ptrs = GATHER, arrays[0].shape[1], [arrays[0], arrays[1], out]
@@ -124,9 +117,7 @@ class Plan:
         for a, b in zip(self.records, self.records[1:]):
             if a.op == LINEAR and b.op == LINEAR and _independent(a, b):
                 a.rows |= NO_WAIT
-        self._run = lib.pxl_plan_run
-        self._run.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t,
-                              ctypes.c_size_t]
+        self._run = lib.pxl_plan_run  # (argument types: library._SIGNATURES)
         self._records_ptr = ctypes.addressof(self.records)
 
     def run(self, feeds: dict[str, np.ndarray]) -> None:

@@ -14,14 +14,15 @@ from typing import Any
 
 import torch
 
+from hw_plugins.cpu.library import BF16, F32, Q4_0, Q4_1, Q8_0  # the format codes (csrc/include/pxl_abi.h)
 from hw_plugins.torch_ref.plugin import (TorchPlugin, _add, _linear, _paged_attention, _rmsnorm, _rope,
                                          _silu_mul)
 
 logger = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).resolve().parent.parent.parent / "csrc" / "build"
-_FORMATS = {"dense": None, "q8_0": 2, "q4_0": 3, "q4_1": 4}
-_DT = {torch.float32: 0, torch.bfloat16: 1}  # activation dtypes our kernels take
+_FORMATS = {"dense": None, "q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1}
+_DT = {torch.float32: F32, torch.bfloat16: BF16}  # activation dtypes our kernels take
 GEMV_MAX_ROWS = 8  # up to this many tokens a warp-per-feature GEMV beats a cuBLAS GEMM launch
 
 
@@ -54,7 +55,7 @@ class CudaPlugin(TorchPlugin):
     def unavailable_reason(self) -> str | None:
         return self._reason
 
-    # ---- our kernels (dt: 0 = float32, 1 = bfloat16; other dtypes take the torch path) ----
+    # ---- our kernels (dt: F32 or BF16; other dtypes take the torch path) ----
 
     def _stream(self) -> ctypes.c_void_p:
         return ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
