@@ -3,6 +3,7 @@
 import copy
 import logging
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
@@ -14,6 +15,7 @@ logger = logging.getLogger(__name__)
 
 _SAMPLING_EPS = 1e-5  # temperature below this means greedy
 _MIN_TEMP = 1e-2      # smaller positive temperatures are raised to this (overflow guard)
+_EXTRA_ARGS_INT_RANGE = (-(1 << 63), (1 << 64) - 1)  # what vLLM's msgpack transport carries
 
 
 class SamplingType(IntEnum):
@@ -131,6 +133,9 @@ class SamplingParams:
                 raise VLLMValidationError(
                     f"logit_bias contains key(s) that cannot be converted to integer token IDs: {bad!r}",
                     parameter="logit_bias", value=bad)
+            for k, v in bias.items():  # ±inf clamp to ±100 below; NaN would clamp to -100 silently
+                if not _is_real(v) or math.isnan(v):
+                    _bad_bias(k, v)
             kwargs["logit_bias"] = {int(k): min(100.0, max(-100.0, v)) for k, v in bias.items()}
         return SamplingParams(**kwargs)
 
@@ -161,6 +166,8 @@ class SamplingParams:
             self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
             if self.n > 1:
                 raise VLLMValidationError(f"n must be 1 when using greedy sampling, got {self.n}.")
+        if self.extra_args is not None:
+            _check_extra_args_ints(self.extra_args)
         self._all_stop_token_ids.update(self.stop_token_ids)
         if self.skip_reading_prefix_cache is None:
             # cached prefix tokens would have no logits, so prompt logprobs need a full prefill
@@ -242,6 +249,10 @@ class SamplingParams:
         if any(not w for w in self.bad_words):
             raise VLLMValidationError(
                 f"bad_words cannot contain an empty string. Got bad_words={self.bad_words}")
+        # perfxlm's own: a NaN or infinite bias would reach the sampler's logits
+        for token_id, bias in (self.logit_bias or {}).items():
+            if not _is_real(bias) or not math.isfinite(bias):
+                _bad_bias(token_id, bias)
 
     def update_from_generation_config(self, generation_config: dict[str, Any],
                                       eos_token_id: int | None = None) -> None:
@@ -298,6 +309,31 @@ class SamplingParams:
     def clone(self) -> "SamplingParams":
         """A deep copy (logits processors, if any, are shared)."""
         return self if self.skip_clone else copy.deepcopy(self)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _bad_bias(token_id: Any, bias: Any) -> None:
+    raise VLLMValidationError(f"logit_bias values must be finite numbers, got {bias!r} for token id {token_id!r}.",
+                              parameter="logit_bias", value=bias)
+
+
+def _check_extra_args_ints(value: Any) -> None:
+    """vLLM's rule: every integer in extra_args, however nested in dicts, lists and tuples,
+    must fit int64 or uint64 (bools are fine; other objects are left alone)."""
+    low, high = _EXTRA_ARGS_INT_RANGE
+    stack, seen = [value], set()
+    while stack:
+        item = stack.pop()
+        if isinstance(item, int) and not isinstance(item, bool):
+            if not low <= item <= high:
+                raise VLLMValidationError(f"extra_args integers must be between {low} and {high}, got {item}.",
+                                          parameter="extra_args", value=item)
+        elif isinstance(item, (dict, list, tuple)) and id(item) not in seen:
+            seen.add(id(item))
+            stack.extend(item.values() if isinstance(item, dict) else item)
 
 
 def _is_int_like(key: Any) -> bool:
