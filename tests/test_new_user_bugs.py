@@ -9,8 +9,36 @@ import pytest
 
 from perfxlm import SamplingParams
 from perfxlm.exceptions import VLLMValidationError
+from tests.conftest import assert_no_leaks
 
 OK = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+
+
+class NoDeepCopy:
+    def __deepcopy__(self, memo):
+        raise TypeError("NoDeepCopy cannot be deep-copied")
+
+
+def _generate_is_clean(llm) -> None:
+    """No request left behind, and the next call returns one output per prompt."""
+    assert_no_leaks(llm)
+    out = llm.generate(["first prompt", "second prompt"], OK, use_tqdm=False)
+    assert [o.prompt for o in out] == ["first prompt", "second prompt"]
+    assert all(len(o.outputs[0].token_ids) == 3 for o in out)
+
+
+# ---- a. a request that fails while being queued takes the call's earlier requests with it ----
+
+@pytest.mark.parametrize("bad", [
+    SamplingParams(seed=2**70, max_tokens=2),               # torch's generator takes 64 bits
+    SamplingParams(bad_words=["  "], max_tokens=2),         # nothing left to tokenize
+    SamplingParams(n=2, seed=2**64 - 1, max_tokens=2),      # the second child's seed is 2**64
+    SamplingParams(extra_args={"obj": NoDeepCopy()}, max_tokens=2),  # the engine clones the params
+], ids=["seed-2**70", "bad-word-spaces", "n2-seed-uint64-max", "extra-args-no-deepcopy"])
+def test_failed_add_aborts_the_calls_earlier_requests(tiny_llm, bad):
+    with pytest.raises((ValueError, TypeError)):
+        tiny_llm.generate(["a good prompt", "another good one", "the bad one"], [OK, OK, bad], use_tqdm=False)
+    _generate_is_clean(tiny_llm)
 
 
 @pytest.mark.parametrize("value", [2**64, -(2**63) - 1])

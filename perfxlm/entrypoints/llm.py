@@ -212,15 +212,18 @@ class LLM:
         for (ids, _), p in zip(inputs, params):  # validate everything before queueing anything
             engine.validate_request(ids, p)
         ids = []
-        for (prompt_ids, text), p in zip(inputs, params):
-            p.output_kind = RequestOutputKind.FINAL_ONLY  # vLLM sets this on the caller's object
-            request_id = str(next(self.request_counter))
-            engine.add_request(request_id, prompt_ids, p, prompt=text)
-            ids.append(request_id)
         try:
+            for (prompt_ids, text), p in zip(inputs, params):
+                p.output_kind = RequestOutputKind.FINAL_ONLY  # vLLM sets this on the caller's object
+                request_id = str(next(self.request_counter))
+                ids.append(request_id)  # before add_request: one that fails half-way is aborted too
+                engine.add_request(request_id, prompt_ids, p, prompt=text)
             outputs = self._run_engine(len(inputs), use_tqdm)
         except BaseException:
-            engine.abort_request(ids)  # leave the engine clean for the next call
+            # a request that failed to add (an overflowing seed, a bad word that is all spaces,
+            # extra_args that cannot be copied, ...) or a failing step: abort what this call
+            # queued, as vLLM does, so the next call sees a clean engine
+            engine.abort_request(ids)
             raise
         return sorted(outputs, key=lambda o: int(o.request_id))
 
