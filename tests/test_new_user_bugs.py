@@ -4,10 +4,11 @@ arguments fail early and clearly; a missing optional extra says which to install
 
 import math
 import sys
+import threading
 
 import pytest
 
-from perfxlm import SamplingParams
+from perfxlm import LLM, SamplingParams
 from perfxlm.exceptions import VLLMValidationError
 from tests.conftest import assert_no_leaks
 
@@ -47,6 +48,45 @@ def test_extra_args_integers_out_of_range_rejected_at_construction(value):
         SamplingParams(extra_args={"nested": [{"x": value}]})
     for ok in (2**64 - 1, -(2**63), True):  # vLLM's bounds, inclusive; bools are fine
         assert SamplingParams(extra_args={"nested": [{"x": ok}]}).extra_args == {"nested": [{"x": ok}]}
+
+
+# ---- b. threads sharing one LLM -------------------------------------------------------
+
+def test_concurrent_generate_calls_each_get_their_own_outputs(tiny_llm):
+    prompts = {0: ["thread zero, prompt one", "thread zero, prompt two", "thread zero, prompt three"],
+               1: ["thread one says hello", "thread one again", "thread one, last"]}
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    barrier, results, errors = threading.Barrier(2), {}, []
+
+    def work(k: int) -> None:
+        try:
+            barrier.wait()
+            for _ in range(2):  # twice each, to overlap with the other thread's steps
+                results.setdefault(k, []).append(tiny_llm.generate(prompts[k], params, use_tqdm=False))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    for k, runs in results.items():
+        assert len(runs) == 2
+        for outs in runs:
+            assert [o.prompt for o in outs] == prompts[k]
+            assert all(o.finished and len(o.outputs[0].token_ids) == 12 for o in outs)
+    assert_no_leaks(tiny_llm)
+
+
+def test_generate_from_inside_a_running_call_is_refused(tiny_llm):
+    def bar(**kwargs):  # a use_tqdm callable runs while the call's requests are queued
+        tiny_llm.generate("nested", OK, use_tqdm=False)
+
+    with pytest.raises(RuntimeError, match="while a call on the same LLM is running"):
+        tiny_llm.generate(["outer one", "outer two"], OK, use_tqdm=bar)
+    _generate_is_clean(tiny_llm)
 
 
 # ---- c. non-finite logit_bias -----------------------------------------------------------

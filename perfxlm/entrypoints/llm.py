@@ -1,10 +1,12 @@
 """`LLM`: vLLM's offline entry point, in process."""
 
+import contextlib
 import itertools
 import logging
 import os
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -43,6 +45,11 @@ class LLM:
     the local HF cache, or the embedded default `HuggingFaceTB/SmolLM2-135M-Instruct`.
     Engine arguments (`max_model_len`, `max_num_seqs`, ...) are keyword arguments as
     in vLLM; see docs/compatibility.md for which are honoured, accepted or refused.
+
+    One LLM may be shared by threads: concurrent `generate` / `chat` calls (and
+    `reset_prefix_cache`) run one at a time, behind a lock held for the whole call,
+    and each call returns exactly its own outputs. They are serialised, not batched
+    together: to batch, pass all the prompts to one call.
     """
 
     def __init__(self, model: str, *, runner: str = "auto", convert: str = "auto",
@@ -102,6 +109,9 @@ class LLM:
         self.llm_engine = LLMEngine(config, source)
         self.request_counter = itertools.count()
         self.default_sampling_params: SamplingParams | None = None
+        # one call at a time drives the engine: a call collects every output the engine yields
+        self._lock = threading.Lock()
+        self._lock_owner: int | None = None
 
     # ---- public API -------------------------------------------------------------------
 
@@ -127,10 +137,12 @@ class LLM:
                  use_tqdm: bool | Callable[..., tqdm] = True, lora_request: Any = None, priority: list[int] | None = None,
                  tokenization_kwargs: dict[str, Any] | None = None,
                  mm_processor_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
-        """Generate completions for the prompts; outputs come back in prompt order."""
-        prompt_list = _as_prompt_list(prompts)
-        inputs = [self._tokenize(p, tokenization_kwargs) for p in prompt_list]
-        return self._run(inputs, sampling_params, use_tqdm, lora_request, priority)
+        """Generate completions for the prompts; outputs come back in prompt order.
+        Concurrent calls on one LLM run one after the other (see the class docstring)."""
+        with self._exclusive("generate"):
+            prompt_list = _as_prompt_list(prompts)
+            inputs = [self._tokenize(p, tokenization_kwargs) for p in prompt_list]
+            return self._run(inputs, sampling_params, use_tqdm, lora_request, priority)
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -140,25 +152,28 @@ class LLM:
              tools: list[dict[str, Any]] | None = None, chat_template_kwargs: dict[str, Any] | None = None,
              tokenization_kwargs: dict[str, Any] | None = None,
              mm_processor_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
-        """Render conversations with the chat template, then generate (one output per conversation)."""
-        tok = self._require_tokenizer("chat")
-        conversations = messages if messages and isinstance(messages[0], list) else [messages]
-        template = _load_template(chat_template) or self.llm_engine.config.chat_template or tok.chat_template
-        if template is None:
-            raise ValueError("As of transformers v4.44, default chat template is no longer allowed, so you "
-                             "must provide a chat template if the tokenizer does not define one.")
-        inputs = []
-        for conv in conversations:
-            text = tok.apply_chat_template(
-                [_flatten_content(m) for m in conv], tokenize=False, chat_template=template,
-                add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
-                tools=tools, **(chat_template_kwargs or {}))
-            # the template writes the special tokens (BOS, ...) itself
-            inputs.append((tok.encode(text, add_special_tokens=False), text))
-        return self._run(inputs, sampling_params, use_tqdm, lora_request, None)
+        """Render conversations with the chat template, then generate (one output per conversation).
+        Concurrent calls on one LLM run one after the other (see the class docstring)."""
+        with self._exclusive("chat"):
+            tok = self._require_tokenizer("chat")
+            conversations = messages if messages and isinstance(messages[0], list) else [messages]
+            template = _load_template(chat_template) or self.llm_engine.config.chat_template or tok.chat_template
+            if template is None:
+                raise ValueError("As of transformers v4.44, default chat template is no longer allowed, so you "
+                                 "must provide a chat template if the tokenizer does not define one.")
+            inputs = []
+            for conv in conversations:
+                text = tok.apply_chat_template(
+                    [_flatten_content(m) for m in conv], tokenize=False, chat_template=template,
+                    add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+                    tools=tools, **(chat_template_kwargs or {}))
+                # the template writes the special tokens (BOS, ...) itself
+                inputs.append((tok.encode(text, add_special_tokens=False), text))
+            return self._run(inputs, sampling_params, use_tqdm, lora_request, None)
 
     def reset_prefix_cache(self) -> bool:
-        return self.llm_engine.block_manager.reset_prefix_cache()
+        with self._exclusive("reset_prefix_cache"):
+            return self.llm_engine.block_manager.reset_prefix_cache()
 
     def beam_search(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError("perfxlm does not support beam_search yet")
@@ -169,6 +184,20 @@ class LLM:
     embed = classify = score = reward = encode
 
     # ---- internals --------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _exclusive(self, what: str) -> Iterator[None]:
+        """Hold the LLM's lock for one call; other threads' calls wait their turn."""
+        me = threading.get_ident()
+        if self._lock_owner == me:  # would deadlock, or take the running call's outputs
+            raise RuntimeError(f"LLM.{what}() was called while a call on the same LLM is running in this "
+                               "thread (e.g. from a use_tqdm callback); call it after that call returns")
+        with self._lock:
+            self._lock_owner = me
+            try:
+                yield
+            finally:
+                self._lock_owner = None
 
     def _require_tokenizer(self, what: str) -> Any:
         tok = self.llm_engine.tokenizer
