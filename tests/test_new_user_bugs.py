@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from perfxlm import LLM, SamplingParams
+from perfxlm import LLM, SamplingParams, TextPrompt
 from perfxlm.exceptions import VLLMValidationError
 from tests.conftest import assert_no_leaks
 
@@ -102,6 +102,49 @@ def test_from_optional_clamps_infinite_bias_but_rejects_nan():
     assert SamplingParams.from_optional(logit_bias={"5": -math.inf, 6: math.inf}).logit_bias == {5: -100.0, 6: 100.0}
     with pytest.raises(VLLMValidationError, match="logit_bias values must be finite numbers"):
         SamplingParams.from_optional(logit_bias={5: float("nan")})
+
+
+# ---- d. a prompt that is not valid Unicode ------------------------------------------------
+
+@pytest.mark.parametrize("bad", ["abc\ud800", TextPrompt(prompt="x\udfffy")])
+def test_lone_surrogate_in_prompt_is_named(tiny_llm, bad):
+    with pytest.raises(VLLMValidationError, match="is not valid Unicode text") as exc:
+        tiny_llm.generate(["a good prompt", bad], OK, use_tqdm=False)
+    text = bad if isinstance(bad, str) else bad["prompt"]
+    assert repr(text) in str(exc.value)
+    _generate_is_clean(tiny_llm)
+
+
+def test_non_str_prompt_text_is_named(tiny_llm):
+    with pytest.raises(VLLMValidationError, match="the text of a prompt must be a str, got int"):
+        tiny_llm.generate(["a good prompt", {"prompt": 42}], OK, use_tqdm=False)
+    _generate_is_clean(tiny_llm)
+
+
+# ---- e. malformed chat messages -------------------------------------------------------
+
+@pytest.mark.parametrize("messages, message", [
+    ([{"content": "hi"}], "Invalid chat message (message 0): missing key 'role'"),
+    ([{"role": "user", "content": "hi"}, "hi"], "Invalid chat message (message 1): expected a dict"),
+    ([[{"role": "user", "content": "fine"}], [{"role": "system", "content": "s"}, {"content": "no role"}]],
+     "Invalid chat message (conversation 1, message 1): missing key 'role'"),
+    ([[{"role": "user", "content": "fine"}], "not a conversation"], "Invalid conversation 1"),
+    ({"role": "user", "content": "a dict, not a list"}, "chat() takes a conversation"),
+    ([{"role": "user", "content": "lone \ud800 surrogate"}], "rendered chat prompt"),
+])
+def test_malformed_chat_messages_are_named(tiny_llm, messages, message):
+    with pytest.raises(VLLMValidationError) as exc:
+        tiny_llm.chat(messages, OK, use_tqdm=False)
+    assert message in str(exc.value)
+    _generate_is_clean(tiny_llm)
+
+
+def test_chat_message_without_content_renders_as_empty(tiny_llm):
+    tok = tiny_llm.get_tokenizer()
+    out = tiny_llm.chat([{"role": "user"}], OK, use_tqdm=False)
+    assert out[0].prompt == tok.apply_chat_template([{"role": "user", "content": ""}], tokenize=False,
+                                                    add_generation_prompt=True)
+    assert_no_leaks(tiny_llm)
 
 
 # ---- packaging: the optional extras ----------------------------------------------------------

@@ -156,7 +156,7 @@ class LLM:
         Concurrent calls on one LLM run one after the other (see the class docstring)."""
         with self._exclusive("chat"):
             tok = self._require_tokenizer("chat")
-            conversations = messages if messages and isinstance(messages[0], list) else [messages]
+            conversations = _as_conversations(messages)
             template = _load_template(chat_template) or self.llm_engine.config.chat_template or tok.chat_template
             if template is None:
                 raise ValueError("As of transformers v4.44, default chat template is no longer allowed, so you "
@@ -164,9 +164,10 @@ class LLM:
             inputs = []
             for conv in conversations:
                 text = tok.apply_chat_template(
-                    [_flatten_content(m) for m in conv], tokenize=False, chat_template=template,
+                    conv, tokenize=False, chat_template=template,
                     add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
                     tools=tools, **(chat_template_kwargs or {}))
+                _check_text(text, "rendered chat prompt")
                 # the template writes the special tokens (BOS, ...) itself
                 inputs.append((tok.encode(text, add_special_tokens=False), text))
             return self._run(inputs, sampling_params, use_tqdm, lora_request, None)
@@ -218,8 +219,13 @@ class LLM:
             return list(prompt["prompt_token_ids"]), prompt.get("prompt")
         if "prompt" not in prompt:
             raise VLLMValidationError(f"Invalid prompt {prompt!r}: a dict needs 'prompt' or 'prompt_token_ids'")
+        text = prompt["prompt"]
+        if not isinstance(text, str):
+            raise VLLMValidationError(f"Invalid prompt {text!r}: the text of a prompt must be a str, got "
+                                      f"{type(text).__name__}", parameter="prompt", value=text)
+        _check_text(text, "prompt")
         tok = self._require_tokenizer("A text prompt")
-        return tok.encode(prompt["prompt"], **(tokenization_kwargs or {})), prompt["prompt"]
+        return tok.encode(text, **(tokenization_kwargs or {})), text
 
     def _run(self, inputs: list[tuple[list[int], str | None]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None,
@@ -290,14 +296,54 @@ def _as_prompt_list(prompts: Any) -> list[Any]:
     return list(prompts)
 
 
+def _as_conversations(messages: Any) -> list[list[dict[str, Any]]]:
+    """One conversation or a list of them -> checked, flattened conversations. A message that
+    is not a dict, or has no 'role', fails here (naming it) rather than inside the template."""
+    if not isinstance(messages, (list, tuple)):
+        raise VLLMValidationError(f"chat() takes a conversation (a list of message dicts) or a list of "
+                                  f"conversations, got {type(messages).__name__}", parameter="messages")
+    many = bool(messages) and isinstance(messages[0], (list, tuple))
+    conversations = messages if many else [messages]
+    checked = []
+    for c, conv in enumerate(conversations):
+        where = f"conversation {c}, " if many else ""
+        if not isinstance(conv, (list, tuple)):
+            raise VLLMValidationError(f"Invalid conversation {c}: expected a list of message dicts, got "
+                                      f"{type(conv).__name__}", parameter="messages")
+        for i, m in enumerate(conv):
+            if not isinstance(m, dict):
+                raise VLLMValidationError(f"Invalid chat message ({where}message {i}): expected a dict with "
+                                          f"'role' and 'content', got {type(m).__name__} {m!r}",
+                                          parameter="messages", value=m)
+            if "role" not in m:
+                raise VLLMValidationError(f"Invalid chat message ({where}message {i}): missing key 'role' "
+                                          f"in {m!r}", parameter="messages", value=m)
+        checked.append([_flatten_content(m) for m in conv])
+    return checked
+
+
 def _flatten_content(message: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI-style content parts -> one string, as vLLM's 'string' content format does."""
+    """OpenAI-style content parts -> one string, as vLLM's 'string' content format does;
+    no content (absent or None) is the empty string, as in vLLM."""
     content = message.get("content")
     if isinstance(content, list):
         texts = [p.get("text", "") if isinstance(p, dict) else str(p) for p in content
                  if not isinstance(p, dict) or p.get("type", "text") == "text"]
         message = {**message, "content": "\n".join(texts)}
+    elif content is None:
+        message = {**message, "content": ""}
     return message
+
+
+def _check_text(text: str, what: str) -> None:
+    """Text the tokenizer can take: a lone surrogate (e.g. from a bad decode) is not UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        shown = repr(text) if len(text) <= 200 else repr(text[:200]) + "..."
+        raise VLLMValidationError(
+            f"Invalid {what} {shown}: it is not valid Unicode text ({e.reason}: {text[e.start:e.end]!r} at "
+            f"position {e.start}); pass a str that encodes to UTF-8", parameter="prompt", value=text) from None
 
 
 def _load_template(template: str | None) -> str | None:
