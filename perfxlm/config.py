@@ -1,6 +1,7 @@
 """Engine configuration: vLLM's engine arguments, resolved against the model."""
 
 import logging
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +13,7 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16, "half": torch.float16}
 DEFAULT_KV_CACHE_GIB = 4  # vLLM-cpu's VLLM_CPU_KVCACHE_SPACE default
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed takes
 
 
 @dataclass
@@ -38,17 +40,19 @@ class EngineConfig:
     batch_invariant: bool = field(default_factory=lambda: batch_invariant_from_env())
 
     def __post_init__(self) -> None:
-        if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}.")
-        if self.max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}.")
+        # the plugin's name is checked where it is selected (LLM() does it before loading anything)
+        check_engine_args(dtype=self.dtype, seed=self.seed, max_model_len=self.max_model_len,
+                          max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+                          block_size=self.block_size, kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+                          enable_prefix_caching=self.enable_prefix_caching,
+                          enable_chunked_prefill=self.enable_chunked_prefill, max_logprobs=self.max_logprobs,
+                          skip_tokenizer_init=self.skip_tokenizer_init, trust_remote_code=self.trust_remote_code,
+                          generation_config=self.generation_config)
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) is smaller than max_model_len "
                 f"({self.max_model_len}) with chunked prefill disabled: long prompts could never be "
                 "scheduled. Raise max_num_batched_tokens or enable chunked prefill.")
-        if self.block_size < 1 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size must be a power of two, got {self.block_size}.")
 
     def kv_cache_bytes(self) -> int:
         """KV cache budget: kv_cache_memory_bytes, else VLLM_CPU_KVCACHE_SPACE /
@@ -60,6 +64,59 @@ class EngineConfig:
             if value and float(value) > 0:
                 return int(float(value) * (1 << 30))
         return DEFAULT_KV_CACHE_GIB << 30
+
+
+def check_engine_args(*, dtype: Any = "auto", seed: Any = 0, max_model_len: Any = None, max_num_seqs: Any = None,
+                      max_num_batched_tokens: Any = None, block_size: Any = None, kv_cache_memory_bytes: Any = None,
+                      enable_prefix_caching: Any = None, enable_chunked_prefill: Any = None, max_logprobs: Any = None,
+                      skip_tokenizer_init: Any = None, trust_remote_code: Any = None, generation_config: Any = None,
+                      hw_plugin: Any = None, select_hw_plugin: bool = False) -> None:
+    """Every check of an engine argument that needs no model (None: the default). LLM() runs it
+    before it reads anything of the model, so a bad argument fails at once, naming the value,
+    instead of after seconds of loading. `select_hw_plugin` also selects the plugin named by
+    `hw_plugin` or $PERFXLM_PLUGIN: an unknown or unavailable one fails here too."""
+    check_dtype(dtype)
+    if seed is not None:
+        _check_int("seed", seed, SEED_RANGE[0], SEED_RANGE[1])
+    for name, value, minimum in (("max_model_len", max_model_len, 1), ("max_num_seqs", max_num_seqs, 1),
+                                 ("max_num_batched_tokens", max_num_batched_tokens, 1), ("block_size", block_size, 1),
+                                 ("kv_cache_memory_bytes", kv_cache_memory_bytes, 1),
+                                 ("max_logprobs", max_logprobs, -1)):
+        if value is not None:
+            _check_int(name, value, minimum)
+    if block_size is not None and block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two, got {block_size}.")
+    for name, value in (("enable_prefix_caching", enable_prefix_caching),
+                        ("enable_chunked_prefill", enable_chunked_prefill),
+                        ("skip_tokenizer_init", skip_tokenizer_init), ("trust_remote_code", trust_remote_code)):
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}.")
+    if generation_config not in (None, "auto", "vllm"):
+        raise NotImplementedError(f"perfxlm: generation_config={generation_config!r} is not supported; use 'auto' "
+                                  "(the model's generation_config.json) or 'vllm' (vLLM's defaults)")
+    if hw_plugin is not None and not isinstance(hw_plugin, str):
+        raise ValueError(f"hw_plugin must be a plugin name (str), got {hw_plugin!r}.")
+    if select_hw_plugin and (hw_plugin or os.environ.get("PERFXLM_PLUGIN")):
+        from hw_plugins.base import select_plugin
+        select_plugin(hw_plugin)  # ValueError for an unknown name, RuntimeError for an unavailable plugin
+
+
+def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}.")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be at most {maximum}, got {value}.")
+
+
+def check_dtype(dtype: Any) -> None:
+    """A dtype perfxlm runs: 'auto', one of _DTYPES' names, or one of their torch dtypes."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"Unsupported dtype {dtype}; choose one of 'auto', {sorted(_DTYPES)}.")
+    elif not isinstance(dtype, str) or (dtype != "auto" and dtype not in _DTYPES):
+        raise ValueError(f"Unknown dtype {dtype!r}; choose one of 'auto', {sorted(_DTYPES)}.")
 
 
 def batch_invariant_from_env() -> bool:
@@ -75,14 +132,13 @@ def batch_invariant_from_env() -> bool:
 
 def resolve_dtype(dtype: str | torch.dtype, hf_config: dict[str, Any]) -> torch.dtype:
     """vLLM's rule: 'auto' takes the checkpoint's dtype, but float32 checkpoints run in bfloat16."""
+    check_dtype(dtype)
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
         config_dtype = hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32"
         resolved = _DTYPES.get(str(config_dtype).removeprefix("torch."), torch.float32)
         return torch.bfloat16 if resolved == torch.float32 else resolved
-    if dtype not in _DTYPES:
-        raise ValueError(f"Unknown dtype {dtype!r}; choose one of 'auto', {sorted(_DTYPES)}.")
     return _DTYPES[dtype]
 
 
@@ -90,8 +146,7 @@ def derive_max_model_len(hf_config: dict[str, Any], requested: int | None) -> in
     derived = hf_config.get("max_position_embeddings") or 2048
     if requested is None:
         return derived
-    if requested < 1:
-        raise ValueError(f"max_model_len must be at least 1, got {requested}.")
+    _check_int("max_model_len", requested, 1)
     if requested > derived:
         raise ValueError(
             f"User-specified max_model_len ({requested}) is greater than the derived max_model_len "

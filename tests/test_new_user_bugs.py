@@ -7,6 +7,7 @@ import sys
 import threading
 
 import pytest
+import torch
 
 from perfxlm import LLM, SamplingParams, TextPrompt
 from perfxlm.exceptions import VLLMValidationError
@@ -145,6 +146,59 @@ def test_chat_message_without_content_renders_as_empty(tiny_llm):
     assert out[0].prompt == tok.apply_chat_template([{"role": "user", "content": ""}], tokenize=False,
                                                     add_generation_prompt=True)
     assert_no_leaks(tiny_llm)
+
+
+# ---- f. bad engine arguments fail before the model is read ------------------------------------
+
+@pytest.fixture
+def no_model_reads(monkeypatch):
+    """Reading the model (its config, tokenizer or weights) fails the test."""
+    import perfxlm.entrypoints.llm as llm_module
+    from perfxlm.models import loader
+
+    def read(*args, **kwargs):
+        raise AssertionError("the model was read before the engine arguments were checked")
+
+    monkeypatch.setattr(llm_module, "resolve_model", read)
+    for name in ("resolve_model", "load_tokenizer"):
+        if hasattr(loader, name):
+            monkeypatch.setattr(loader, name, read)
+    if hasattr(loader.ModelSource, "load_weights"):
+        monkeypatch.setattr(loader.ModelSource, "load_weights", read)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"dtype": "float64"}, ValueError, "Unknown dtype 'float64'"),
+    ({"dtype": torch.float64}, ValueError, "Unsupported dtype torch.float64"),
+    ({"max_num_seqs": 0}, ValueError, "max_num_seqs must be at least 1, got 0."),
+    ({"max_num_seqs": "4"}, ValueError, "max_num_seqs must be an integer, got '4'."),
+    ({"max_num_batched_tokens": 0}, ValueError, "max_num_batched_tokens must be at least 1, got 0."),
+    ({"block_size": 3}, ValueError, "block_size must be a power of two, got 3."),
+    ({"block_size": 0}, ValueError, "block_size must be at least 1, got 0."),
+    ({"max_model_len": -1}, ValueError, "max_model_len must be at least 1, got -1."),
+    ({"hw_plugin": "nope"}, ValueError, "Unknown hw_plugin 'nope'"),
+    ({"kv_cache_memory_bytes": -5}, ValueError, "kv_cache_memory_bytes must be at least 1, got -5."),
+    ({"seed": 2**70}, ValueError, f"seed must be at most {2**64 - 1}, got {2**70}."),
+    ({"max_logprobs": -2}, ValueError, "max_logprobs must be at least -1, got -2."),
+    ({"enable_prefix_caching": "no"}, ValueError, "enable_prefix_caching must be True or False, got 'no'."),
+    ({"generation_config": "/some/folder"}, NotImplementedError, "generation_config='/some/folder'"),
+])
+def test_bad_engine_argument_fails_before_the_model_is_read(no_model_reads, kwargs, error, message):
+    with pytest.raises(error) as exc:
+        LLM("any-model-name", **kwargs)
+    assert message in str(exc.value)
+
+
+def test_plugin_from_environment_is_checked_early(no_model_reads, monkeypatch):
+    monkeypatch.setenv("PERFXLM_PLUGIN", "nope")
+    with pytest.raises(ValueError, match="Unknown hw_plugin 'nope'"):
+        LLM("any-model-name")
+
+
+def test_good_engine_arguments_reach_the_model(no_model_reads):
+    with pytest.raises(AssertionError, match="the model was read"):
+        LLM("any-model-name", dtype="float32", seed=2**64 - 1, max_num_seqs=4, block_size=32, max_logprobs=-1,
+            kv_cache_memory_bytes=1 << 20, enable_prefix_caching=False, generation_config="vllm", hw_plugin="torch")
 
 
 # ---- packaging: the optional extras ----------------------------------------------------------

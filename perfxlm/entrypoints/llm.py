@@ -11,7 +11,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from perfxlm.config import EngineConfig, derive_max_model_len, resolve_dtype
+from perfxlm.config import EngineConfig, check_engine_args, derive_max_model_len, resolve_dtype
 from perfxlm.engine.llm_engine import LLMEngine
 from perfxlm.exceptions import VLLMValidationError
 from perfxlm.inputs import PromptType
@@ -45,6 +45,7 @@ class LLM:
     the local HF cache, or the embedded default `HuggingFaceTB/SmolLM2-135M-Instruct`.
     Engine arguments (`max_model_len`, `max_num_seqs`, ...) are keyword arguments as
     in vLLM; see docs/compatibility.md for which are honoured, accepted or refused.
+    Every engine argument is checked before anything of the model is read.
 
     One LLM may be shared by threads: concurrent `generate` / `chat` calls (and
     `reset_prefix_cache`) run one at a time, behind a lock held for the whole call,
@@ -83,6 +84,11 @@ class LLM:
             raise NotImplementedError("perfxlm does not support cpu_offload_gb or custom logits_processors")
         if tokenizer_mode not in ("auto", "hf", "slow"):
             raise NotImplementedError(f"perfxlm: tokenizer_mode={tokenizer_mode!r} is not supported")
+        engine_kw = {k: v for k, v in kwargs.items() if k in _ENGINE_KWARGS}
+        # before the model is read: a bad argument fails at once, not after seconds of loading
+        check_engine_args(dtype=dtype, seed=seed, kv_cache_memory_bytes=kv_cache_memory_bytes,
+                          skip_tokenizer_init=skip_tokenizer_init, trust_remote_code=trust_remote_code,
+                          select_hw_plugin=True, **engine_kw)
 
         source = resolve_model(model, revision)
         if hf_overrides is not None:
@@ -92,7 +98,6 @@ class LLM:
             raise ValueError(f"quantization='gguf' needs a .gguf model file; {model!r} is not one")
         # vLLM runs a GGUF quantised; so do we unless an explicit dtype asks for dense weights
         keep_blocks = quantization == "gguf" or (quantization is None and dtype == "auto" and source.is_quantized())
-        engine_kw = {k: v for k, v in kwargs.items() if k in _ENGINE_KWARGS}
         config = EngineConfig(
             model=model,
             dtype=resolve_dtype(dtype, source.hf_config),
