@@ -1,137 +1,173 @@
-"""perfxlm model (torch module + weights) -> ONNX graph over the op set of ops.py.
+"""A model's forward -> ONNX graph over the op set of ops.py, by tracing it once.
 
-The graph computes one engine step: T new tokens of B sequences in, logits for
-the `logits_indices` rows out, with each layer's paged KV cache as an input that
+The model computes through graph_export.functional; export runs its forward on a tiny
+step (two tokens of one sequence) with a tracer that records one node per op call. Each
+value is named by where it comes from: a graph input (ops.GRAPH_INPUTS, the KV caches), a
+weight (the module's own parameter or buffer name) or a node's output. Nothing here knows
+an architecture or a weight name.
+
+The graph computes one engine step: T new tokens of B sequences in, logits for the
+`logits_indices` rows out, with each layer's paged KV cache as an input that
 PagedAttention updates in place (and names again as an output).
 """
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper
 
-from graph_export.ops import DOMAIN, DOMAIN_VERSION, FORMAT_VERSION, GRAPH_INPUTS, IR_VERSION, ONNX_OPSET, OPS
+from graph_export import functional
+from graph_export.ops import (DOMAIN, DOMAIN_VERSION, FORMAT_VERSION, GRAPH_INPUTS, IR_VERSION, LOGITS, ONNX_OPSET,
+                              OPS, cache_input_names, cache_output_name)
 
 logger = logging.getLogger(__name__)
 
 _ONNX_DTYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16,
                 torch.bfloat16: TensorProto.BFLOAT16}
+TRACE_BLOCK_SIZE = 16
 
 
-class _GraphBuilder:
-    def __init__(self) -> None:
+class _Tracer:
+    """Records the functional ops a forward calls (graph_export.functional._tracer)."""
+
+    def __init__(self, model: torch.nn.Module, quantized: dict[str, tuple[str, np.ndarray]]) -> None:
+        self.quantized = quantized
+        self.weight_names: dict[int, list[str]] = {}   # id(tensor) -> its names in the module (tied: several)
+        for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+            self.weight_names.setdefault(id(t), []).append(name)
+        self.values: dict[int, str] = {}               # id(tensor) -> graph value name
+        self.alive: list[torch.Tensor] = []            # every traced tensor, so no id is reused
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: dict[str, onnx.TensorProto] = {}
+        self.blocks: dict[str, str] = {}               # weight name -> its GGUF blocks' initializer
+        self.node_names: set[str] = set()
         self.count = 0
 
-    def weight(self, name: str, t: torch.Tensor) -> str:
-        if name not in self.initializers:
-            self.initializers[name] = to_tensor_proto(t, name)
-        return name
+    def name_input(self, t: torch.Tensor, name: str) -> None:
+        self.values[id(t)] = name
+        self.alive.append(t)
 
-    def raw_weight(self, name: str, blocks: np.ndarray) -> str:
-        if name not in self.initializers:
-            self.initializers[name] = onnx.numpy_helper.from_array(np.ascontiguousarray(blocks, np.uint8), name)
-        return name
-
-    def op(self, op_type: str, inputs: list[str], n_out: int = 1, name: str = "", **attrs) -> list[str]:
+    def record(self, op_type: str, inputs: list[Any], outputs: list[torch.Tensor], **attrs: Any) -> None:
         spec = OPS[op_type]
+        names = [self._value(t, quantizable=op_type == "Linear" and i == 1) for i, t in enumerate(inputs)]
+        if op_type == "Linear" and names[1] in self.blocks.values():
+            name = next(n for n in self.weight_names[id(inputs[1])] if n in self.quantized)
+            attrs["weight_format"] = self.quantized[name][0]
+        out_names = [self._node_name(op_type, names)]
+        for o in range(1, len(outputs)):  # outputs that alias an input (the KV caches) are named after it
+            out_names.append(cache_output_name(names[spec.aliases[o]]))
+        self.nodes.append(helper.make_node(op_type, names, out_names, name=out_names[0], domain=spec.domain, **attrs))
+        self.values[id(outputs[0])] = out_names[0]
+        self.alive.append(outputs[0])
+
+    def _value(self, t: torch.Tensor, quantizable: bool) -> str:
+        names = self.weight_names.get(id(t), [])
+        quantized = [n for n in names if n in self.quantized]
+        if quantizable and quantized:  # a Linear reads GGUF blocks; the same tensor may be read dense elsewhere
+            return self._blocks(names[-1], self.quantized[quantized[0]][1])  # a tied projection's own name
+        name = self.values.get(id(t))
+        if name is not None:
+            return name
+        if not names:
+            raise ValueError(f"an op input of shape {tuple(t.shape)} is neither a graph input, a weight of the model, "
+                             "nor an op's output: a model must compute only through graph_export.functional")
+        name = self.values[id(t)] = self._unique(names[0])
+        self.initializers[name] = to_tensor_proto(t, name)
+        return name
+
+    def _blocks(self, name: str, blocks: np.ndarray) -> str:
+        if name not in self.blocks:
+            self.blocks[name] = self._unique(name)
+            self.initializers[self.blocks[name]] = onnx.numpy_helper.from_array(
+                np.ascontiguousarray(blocks, np.uint8), self.blocks[name])
+        return self.blocks[name]
+
+    def _unique(self, name: str) -> str:
+        return name if name not in self.initializers else f"{name}.{len(self.initializers)}"
+
+    def _node_name(self, op_type: str, inputs: list[str]) -> str:
+        """A weight's op is named after the weight ('layers.0.attention.wq'), others by a count."""
+        weight = inputs[1] if len(inputs) > 1 and inputs[1] in self.initializers else None
+        if op_type == "Gather" and inputs[0] in self.initializers:
+            weight = inputs[0]
         self.count += 1
-        base = name or f"{op_type.lower()}_{self.count}"
-        outputs = [base] if n_out == 1 else [f"{base}.{i}" for i in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=base, domain=spec.domain, **attrs))
-        return outputs
+        name = weight.removesuffix(".weight") if weight else f"{op_type.lower()}_{self.count}"
+        if name in self.node_names:
+            name = f"{name}_{self.count}"
+        self.node_names.add(name)
+        return name
 
 
 def to_tensor_proto(t: torch.Tensor, name: str) -> onnx.TensorProto:
     t = t.detach().contiguous().cpu()
     if t.dtype == torch.bfloat16:  # numpy has no bfloat16: store the raw 16-bit patterns
-        proto = helper.make_tensor(name, TensorProto.BFLOAT16, list(t.shape), t.view(torch.int16).numpy().tobytes(),
-                                   raw=True)
-        return proto
+        return helper.make_tensor(name, TensorProto.BFLOAT16, list(t.shape), t.view(torch.int16).numpy().tobytes(),
+                                  raw=True)
     return onnx.numpy_helper.from_array(t.numpy(), name)
 
 
-def export_model(model: torch.nn.Module, *, source: str = "",
+def trace_inputs(model: torch.nn.Module, dtype: torch.dtype) -> tuple[functional.StepInputs, list[functional.KVCache]]:
+    """A two-token prefill of one sequence, and one cache block per layer: enough to run every op once."""
+    def ints(*values: int) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64)
+    step = functional.StepInputs(input_ids=ints(0, 1), positions=ints(0, 1), slot_mapping=ints(0, 1),
+                                 block_tables=ints(0).view(1, 1), seq_lens=ints(2), query_start_loc=ints(0, 2),
+                                 logits_indices=ints(1))
+    caches = [(torch.zeros(1, TRACE_BLOCK_SIZE, *k, dtype=dtype), torch.zeros(1, TRACE_BLOCK_SIZE, *v, dtype=dtype))
+              for k, v in model.kv_cache_shapes()]
+    return step, caches
+
+
+def export_model(model: torch.nn.Module, *, source: str = "", producer_version: str = "",
                  quantized: dict[str, tuple[str, np.ndarray]] | None = None) -> onnx.ModelProto:
-    """Build the ONNX graph of a perfxlm Transformer (see models/llama.py).
+    """The ONNX graph of `model` (a perfxlm model family: forward(step, kv_caches) -> logits,
+    kv_cache_shapes()), traced once.
 
     `quantized` maps Linear weight names to (weight_format, uint8 blocks) (graph_export/quant.py):
     those Linear nodes read the blocks as stored instead of the module's float weights."""
     quantized = quantized or {}
-    p = model.params
-    dtype = model.tok_embeddings.weight.dtype
-    g = _GraphBuilder()
-    w = {k: v for k, v in model.state_dict().items()}
-    cos = g.weight("rope_cos", model.rope_cos.to(dtype))
-    sin = g.weight("rope_sin", model.rope_sin.to(dtype))
-    meta_inputs = ["slot_mapping", "block_tables", "seq_lens", "query_start_loc"]
-
-    def linear(x: str, prefix: str, name: str) -> str:
-        fmt, blocks = quantized.get(f"{prefix}.weight", ("dense", None))
-        if blocks is not None:
-            ins = [x, g.raw_weight(f"{prefix}.weight", blocks)]
-        else:
-            ins = [x, g.weight(f"{prefix}.weight", w[f"{prefix}.weight"])]
-        if f"{prefix}.bias" in w:
-            ins.append(g.weight(f"{prefix}.bias", w[f"{prefix}.bias"]))
-        attrs = {} if fmt == "dense" else {"weight_format": fmt}
-        return g.op("Linear", ins, name=name, **attrs)[0]
-
-    def rmsnorm(x: str, prefix: str, name: str) -> str:
-        return g.op("RMSNorm", [x, g.weight(f"{prefix}.weight", w[f"{prefix}.weight"])], name=name,
-                    epsilon=float(p.norm_eps))[0]
-
-    x = g.op("Gather", [g.weight("tok_embeddings.weight", w["tok_embeddings.weight"]), "input_ids"],
-             name="embed", axis=0)[0]
-    for i in range(p.n_layers):
-        L = f"layers.{i}"
-        h = rmsnorm(x, f"{L}.attention_norm", f"{L}.attn_norm")
-        q = linear(h, f"{L}.attention.wq", f"{L}.q")
-        k = linear(h, f"{L}.attention.wk", f"{L}.k")
-        v = linear(h, f"{L}.attention.wv", f"{L}.v")
-        q = g.op("RoPE", [q, "positions", cos, sin], name=f"{L}.q_rope", head_dim=p.head_dim)[0]
-        k = g.op("RoPE", [k, "positions", cos, sin], name=f"{L}.k_rope", head_dim=p.head_dim)[0]
-        attn, _, _ = g.op("PagedAttention", [q, k, v, f"k_cache.{i}", f"v_cache.{i}", *meta_inputs], n_out=3,
-                          name=f"{L}.attn", num_heads=p.n_heads, num_kv_heads=p.n_kv_heads, head_dim=p.head_dim,
-                          scale=float(p.head_dim ** -0.5), sliding_window=int(p.sliding_window or 0))
-        g.nodes[-1].output[1:] = [f"k_cache_out.{i}", f"v_cache_out.{i}"]
-        x = g.op("Add", [x, linear(attn, f"{L}.attention.wo", f"{L}.o")], name=f"{L}.attn_residual")[0]
-        h = rmsnorm(x, f"{L}.ffn_norm", f"{L}.ffn_norm")
-        gate = linear(h, f"{L}.feed_forward.w1", f"{L}.gate")
-        up = linear(h, f"{L}.feed_forward.w3", f"{L}.up")
-        act = g.op("SiluMul", [gate, up], name=f"{L}.silu_mul")[0]
-        x = g.op("Add", [x, linear(act, f"{L}.feed_forward.w2", f"{L}.down")], name=f"{L}.ffn_residual")[0]
-    rows = g.op("Gather", [x, "logits_indices"], name="logits_rows", axis=0)[0]
-    h = rmsnorm(rows, "norm", "final_norm")
-    if "output.weight" in quantized:
-        fmt, blocks = quantized["output.weight"]
-        ins, attrs = [h, g.raw_weight("output.weight", blocks)], {"weight_format": fmt}
-    else:
-        out_weight = "tok_embeddings.weight" if p.tie_word_embeddings else "output.weight"
-        ins, attrs = [h, g.weight(out_weight, w[out_weight])], {}
-    g.nodes.append(helper.make_node("Linear", ins, ["logits"], name="lm_head", domain=DOMAIN, **attrs))
+    dtype = next(model.parameters()).dtype
+    tracer = _Tracer(model, quantized)
+    step, caches = trace_inputs(model, dtype)
+    for name in GRAPH_INPUTS:
+        tracer.name_input(getattr(step, name), name)
+    for i, (k, v) in enumerate(caches):
+        k_name, v_name = cache_input_names(i)
+        tracer.name_input(k, k_name)
+        tracer.name_input(v, v_name)
+    functional._tracer = tracer
+    try:
+        with torch.inference_mode():
+            logits = model(step, caches)                                     # (N, V)
+    finally:
+        functional._tracer = None
+    last = tracer.nodes[-1]
+    if tracer.values.get(id(logits)) != last.output[0]:
+        raise ValueError("the model's forward must return the output of its last op (the logits)")
+    last.output[0] = last.name = LOGITS
 
     et = _ONNX_DTYPES[dtype]
-    cache_shape = ["num_blocks", "block_size", p.n_kv_heads, p.head_dim]
     inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, _dims(s)) for n, s in GRAPH_INPUTS.items()]
-    outputs = [helper.make_tensor_value_info("logits", et, ["N", p.vocab_size])]
-    for i in range(p.n_layers):
-        for kind in ("k", "v"):
-            inputs.append(helper.make_tensor_value_info(f"{kind}_cache.{i}", et, cache_shape))
-            outputs.append(helper.make_tensor_value_info(f"{kind}_cache_out.{i}", et, cache_shape))
-    graph = helper.make_graph(g.nodes, "perfxlm_llm_step", inputs, outputs, list(g.initializers.values()))
+    outputs = [helper.make_tensor_value_info(LOGITS, et, ["N", int(logits.shape[1])])]
+    for i, cache in enumerate(caches):
+        for name, t in zip(cache_input_names(i), cache):
+            shape = ["num_blocks", "block_size", *t.shape[2:]]
+            inputs.append(helper.make_tensor_value_info(name, et, shape))
+            outputs.append(helper.make_tensor_value_info(cache_output_name(name), et, shape))
+    graph = helper.make_graph(tracer.nodes, "perfxlm_llm_step", inputs, outputs, list(tracer.initializers.values()))
     m = helper.make_model(graph, producer_name="perfxlm", ir_version=IR_VERSION, opset_imports=[
         helper.make_opsetid("", ONNX_OPSET), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)])
-    from perfxlm.version import __version__
-    m.producer_version = __version__
+    m.producer_version = producer_version
+    params = getattr(model, "params", None)
     helper.set_model_props(m, {
         "perfxlm.format_version": str(FORMAT_VERSION),
-        "perfxlm.model_params": json.dumps(p.__dict__),
+        "perfxlm.model_params": json.dumps(dataclasses.asdict(params) if dataclasses.is_dataclass(params) else {}),
         "perfxlm.dtype": str(dtype).removeprefix("torch."),
         "perfxlm.weight_formats": json.dumps(sorted({f for f, _ in quantized.values()})),
         "perfxlm.source": source,

@@ -60,7 +60,7 @@ OPS: dict[str, OpSpec] = {op.name: op for op in [
            "// y = a + b (residual)"),
 ]}
 
-# graph inputs every exported LLM graph takes, in order (plus k_cache.i / v_cache.i per layer)
+# graph inputs every exported LLM graph takes, in order (then each layer's cache_input_names)
 GRAPH_INPUTS = {
     "input_ids": "(T,) int64",
     "positions": "(T,) int64",
@@ -70,3 +70,19 @@ GRAPH_INPUTS = {
     "query_start_loc": "(B+1,) int64",
     "logits_indices": "(N,) int64",
 }
+LOGITS = "logits"  # the graph's output: (N, V) logits of the logits_indices rows
+
+
+def cache_input_names(layer: int) -> tuple[str, str]:
+    """The graph inputs of a layer's paged KV cache, each (num_blocks, block_size, ...)."""
+    return f"k_cache.{layer}", f"v_cache.{layer}"
+
+
+def cache_output_name(name: str) -> str:
+    """The graph output that names a cache input again after PagedAttention updated it."""
+    base, layer = name.rsplit(".", 1)
+    return f"{base}_out.{layer}"
+
+
+def is_cache_input(name: str) -> bool:
+    return name.startswith(("k_cache.", "v_cache."))

@@ -9,8 +9,9 @@ import numpy as np
 import onnx
 import torch
 
+from graph_export.functional import StepInputs
 from graph_export.lowering import lower_to_standard_onnx
-from perfxlm.models.paged_attention import AttentionMetadata
+from graph_export.ops import cache_input_names, cache_output_name
 
 # Allowed max |logits difference|, relative to max |logit|. The lowered graph computes in
 # float32 from the same (rounded) weights: in float32 only summation order differs (~1e-6
@@ -33,8 +34,13 @@ class VerifyResult:
 
 def verify_graph(graph: onnx.ModelProto, model: torch.nn.Module, prompt_ids: list[int],
                  block_size: int = 16) -> VerifyResult:
-    import onnxruntime as ort
-    p, dtype = model.params, model.tok_embeddings.weight.dtype
+    """Run a prefill of prompt_ids and one decode step through onnxruntime (the lowered graph)
+    and through the model's own forward; compare their logits."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ImportError("verifying a graph needs onnxruntime: pip install 'perfxlm[verify]'") from None
+    dtype = next(model.parameters()).dtype
     n = len(prompt_ids)
     num_blocks = (n + 1) // block_size + 2
     table = np.arange(num_blocks, dtype=np.int64)[None, :]
@@ -47,25 +53,25 @@ def verify_graph(graph: onnx.ModelProto, model: torch.nn.Module, prompt_ids: lis
         onnx.save_model(lower_to_standard_onnx(graph), str(path), save_as_external_data=True,
                         location="lowered.onnx.data")
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    cache_shape = (num_blocks, block_size, p.n_kv_heads, p.head_dim)
-    ort_caches = {f"{kind}_cache.{i}": np.zeros(cache_shape, np.float32)
-                  for i in range(p.n_layers) for kind in "kv"}
-    torch_cache = torch.zeros(p.n_layers, 2, *cache_shape, dtype=dtype)
+    ort_caches, torch_caches = {}, []
+    for i, shapes in enumerate(model.kv_cache_shapes()):
+        layer = []
+        for name, shape in zip(cache_input_names(i), shapes):
+            ort_caches[name] = np.zeros((num_blocks, block_size, *shape), np.float32)
+            layer.append(torch.zeros(num_blocks, block_size, *shape, dtype=dtype))
+        torch_caches.append(tuple(layer))
+    names = [o.name for o in session.get_outputs()]
     diffs, scale = [], 1.0
     for ids, positions, seq_len, rows in steps:
         feeds = {"input_ids": ids.astype(np.int64), "positions": positions.astype(np.int64),
                  "slot_mapping": positions.astype(np.int64), "block_tables": table,
                  "seq_lens": np.array([seq_len], np.int64), "query_start_loc": np.array([0, len(ids)], np.int64),
-                 "logits_indices": rows.astype(np.int64), **ort_caches}
-        names = [o.name for o in session.get_outputs()]
-        outs = dict(zip(names, session.run(names, feeds)))
-        ort_caches = {name.replace("_out", ""): outs[name] for name in names if "_cache_out." in name}
-        meta = AttentionMetadata(torch.from_numpy(feeds["slot_mapping"]), torch.from_numpy(table),
-                                 torch.tensor([seq_len]), [len(ids)], [seq_len])
+                 "logits_indices": rows.astype(np.int64)}
+        outs = dict(zip(names, session.run(names, {**feeds, **ort_caches})))
+        ort_caches = {name: outs[cache_output_name(name)] for name in ort_caches}
         with torch.inference_mode():
-            hidden = model(torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["positions"]),
-                           torch_cache, meta)
-            ref = model.compute_logits(hidden[torch.from_numpy(feeds["logits_indices"])]).numpy()
+            step = StepInputs(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+            ref = model(step, torch_caches).float().numpy()
         scale = max(scale, float(np.abs(ref).max()))
         diffs.append(float(np.abs(outs["logits"] - ref).max()))
     return VerifyResult(diffs[0], diffs[1], RELATIVE_TOLERANCE[dtype] * scale)

@@ -11,8 +11,10 @@ can ship as its own wheel:
 import logging
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -20,6 +22,33 @@ logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "perfxlm.hw_plugins"
 REFERENCE = "torch"
+API_VERSION = 1  # bumped when this interface changes incompatibly; a plugin states the one it implements
+
+
+@dataclass
+class Node:
+    """One graph node as the runner hands it to a plugin (attrs decoded to Python values)."""
+
+    op_type: str                  # a row of graph_export/ops.py
+    name: str
+    inputs: list[str]             # value names in the op's input order; "" for an absent optional input
+    outputs: list[str]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    plugin: "HwPlugin | None" = None  # the plugin the runner gave it to
+
+
+class CompiledStep(Protocol):
+    """A whole graph step compiled by a plugin (HwPlugin.compile_step)."""
+
+    logits: np.ndarray            # (max N, V) float32: the last step's logits rows
+
+    def run(self, feeds: dict[str, np.ndarray]) -> None:
+        """One step: feeds are the graph inputs (ops.GRAPH_INPUTS) as int64 host arrays."""
+
+
+# (logits (R, V) float32 host rows, u (R,) float32 in [0, 1)) -> (R,) int64 tokens by inverse
+# CDF of softmax(row); -1 where a row has no finite max
+NativeSampler = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 class HwPlugin(ABC):
@@ -27,6 +56,7 @@ class HwPlugin(ABC):
 
     name: str = ""
     priority: int = 0
+    api_version: int = API_VERSION
 
     @abstractmethod
     def is_available(self) -> bool:
@@ -57,14 +87,24 @@ class HwPlugin(ABC):
         """Device buffer -> host array."""
 
     @abstractmethod
-    def run(self, node: Any, inputs: list[Any], outputs: list[Any]) -> None:
+    def run(self, node: Node, inputs: list[Any], outputs: list[Any]) -> None:
         """Execute one graph node: read `inputs`, write into the preallocated `outputs`."""
 
     def synchronize(self) -> None:
         """Wait until every run() issued so far has finished (no-op on synchronous devices)."""
 
-    def compile(self, graph: Any) -> None:
-        """Optional: see the whole graph once before running it (fusion, device graphs)."""
+    def compile_step(self, nodes: list[Node], buffer: Callable[[str], Any], inputs: dict[str, np.ndarray],
+                     rows_n: set[str]) -> CompiledStep | None:
+        """Optional: when this plugin runs every node, compile the whole step once (fusions, one
+        call a step). `buffer(name)` is the fixed buffer of a weight, cache or planned
+        activation at its largest size; `inputs` are host staging arrays for the graph inputs;
+        `rows_n` names the values whose row count is the step's N (logits rows), not T.
+        None (the default): the runner calls run() node by node."""
+        return None
+
+    def native_sampler(self) -> NativeSampler | None:
+        """Optional: a sampler for the unseeded random rows of logits this plugin produced."""
+        return None
 
     def set_batch_invariant(self, on: bool) -> bool:
         """Batch invariance (PERFXLM_BATCH_INVARIANT=1): make every op's result for a token
@@ -74,13 +114,21 @@ class HwPlugin(ABC):
 
 
 def discover_plugins() -> dict[str, type[HwPlugin]]:
-    """name -> plugin class for every installed `perfxlm.hw_plugins` entry point."""
+    """name -> plugin class for every installed `perfxlm.hw_plugins` entry point that loads and
+    implements this API_VERSION."""
     found: dict[str, type[HwPlugin]] = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
-            found[ep.name] = ep.load()
+            cls = ep.load()
         except Exception as e:  # a broken third-party plugin must not break perfxlm
             logger.warning("hw plugin %r (%s) failed to load: %s", ep.name, ep.value, e)
+            continue
+        version = getattr(cls, "api_version", None)
+        if version != API_VERSION:
+            logger.warning("hw plugin %r (%s) implements plugin API %s; this perfxlm needs %d: skipped",
+                           ep.name, ep.value, version, API_VERSION)
+            continue
+        found[ep.name] = cls
     return found
 
 

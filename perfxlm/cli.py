@@ -172,11 +172,12 @@ def _export(args: argparse.Namespace) -> int:
     from graph_export.export import export_model, op_histogram, save_model
     from perfxlm.config import resolve_dtype
     from perfxlm.models.loader import load_tokenizer, resolve_model
+    from perfxlm.version import __version__
 
     source = resolve_model(args.model)
     dtype = resolve_dtype(args.dtype, source.hf_config)
     model = source.load_weights(dtype)
-    graph = export_model(model, source=args.model)
+    graph = export_model(model, source=args.model, producer_version=__version__)
     save_model(graph, args.output)
     print(f"wrote {args.output} ({str(dtype).removeprefix('torch.')}); op types:")
     for op, count in op_histogram(graph).items():

@@ -30,7 +30,7 @@ def test_export_is_valid_onnx_with_few_op_types(tiny_export):
     onnx.checker.check_model(str(path))
     hist = op_histogram(graph)
     assert set(hist) <= set(OPS) and len(hist) <= 8
-    assert hist["PagedAttention"] == model.params.n_layers
+    assert hist["PagedAttention"] == len(model.layers)
     m, meta = load_graph(path)
     assert m.producer_name == "perfxlm" and meta["perfxlm.format_version"] == str(FORMAT_VERSION)
     assert {o.domain: o.version for o in m.opset_import}[""] >= 21

@@ -94,10 +94,10 @@ def test_cpu_compiled_step_equals_node_by_node(tiny_llama_dir, monkeypatch, dtyp
         runner = llm.llm_engine.runner.executor.runner
         outs = llm.generate(prompts, params, use_tqdm=False)
         assert_no_leaks(llm)
-        ops = [r.op for r in runner.fast.records] if runner.fast is not None else []
-        assert runner.fast is None or ops.count(ADD_RMSNORM) == 2 * runner.params.n_layers - 1
+        ops = [r.op for r in runner.compiled.records] if runner.compiled is not None else []
+        assert runner.compiled is None or ops.count(ADD_RMSNORM) == len(runner.spec.caches) - 1  # 2 a layer, less 1
         fused = LINEAR_SILU in ops
-        return runner.fast is not None, fused, [[(t, {k: v.logprob for k, v in lp.items()})
+        return runner.compiled is not None, fused, [[(t, {k: v.logprob for k, v in lp.items()})
                                                  for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
                                                 for o in outs]
 

@@ -11,8 +11,8 @@ from graph_export.lowering import lower_to_standard_onnx
 from graph_export.ops import DOMAIN, IR_VERSION, ONNX_OPSET, OPS
 from hw_plugins.base import available_plugins, discover_plugins
 from hw_plugins.torch_ref import TorchPlugin
-from perfxlm.engine.graph_runner import Node
-from perfxlm.models.llama import ModelParams, rope_cache
+from hw_plugins.base import Node
+from perfxlm.models.layers import RotaryTables
 
 T, H, HKV, HD, BS, BLOCKS = 7, 4, 2, 8, 4, 8
 # max normalised squared error: float32 differs only in summation order; bf16/fp16 round
@@ -37,8 +37,9 @@ def case(op: str) -> tuple[dict, list[np.ndarray], list[tuple]]:
     if op == "Linear":
         return {}, [f(T, 24), f(40, 24), f(40)], [(T, 40)]
     if op == "RoPE":
-        cos, sin = rope_cache(ModelParams(10, 16, 1, 2, 2, HD, 16, max_position_embeddings=64))
-        return {"head_dim": HD}, [f(T, H * HD), rng.integers(0, 64, T), cos.numpy(), sin.numpy()], [(T, H * HD)]
+        tables = RotaryTables(HD, 10000.0, 64, None)
+        return {"head_dim": HD}, [f(T, H * HD), rng.integers(0, 64, T), tables.cos.numpy(), tables.sin.numpy()], \
+            [(T, H * HD)]
     if op == "PagedAttention":
         # sequence 0: 5 cached tokens + a 6-token prefill chunk; sequence 1: 9 cached + 1 decode token
         tables = np.array([[3, 0, 5, 0], [1, 6, 2, 7]], np.int64)

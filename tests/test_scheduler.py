@@ -21,9 +21,8 @@ def make_request(rid: str, n_prompt: int, max_tokens: int = 4, eos: int | None =
 
 def run_step(s: Scheduler, token: int = 7):
     out = s.schedule()
-    sampled = {r.request_id: token for r, n in zip(out.requests, out.num_tokens)
-               if r.num_computed_tokens + n == r.num_tokens}
-    s.update(out, sampled)
+    sampling = [r for r, n in zip(out.requests, out.num_tokens) if r.num_computed_tokens + n == r.num_tokens]
+    s.update(out, sampling, [token] * len(sampling))
     return out
 
 

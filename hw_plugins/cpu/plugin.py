@@ -7,43 +7,21 @@ library on riscv64 with the RVV 1.0 kernel set required.
 """
 
 import logging
-import mmap
 import platform
 from typing import Any
 
 import numpy as np
 
 from graph_export import quant
-from hw_plugins.base import HwPlugin
+from hw_plugins.base import CompiledStep, HwPlugin, NativeSampler, Node
 from hw_plugins.cpu import library
+from hw_plugins.cpu.buffers import _ptr, host_zeros
 from hw_plugins.cpu.library import BF16, F32, Q4_0, Q4_1, Q8_0
 
 logger = logging.getLogger(__name__)
 
 _ACT = {"float32": F32, "bfloat16": BF16}
 _WEIGHT_FORMATS = {"dense": None, "q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1}
-
-
-def _ptr(a: np.ndarray) -> int:
-    return a.__array_interface__["data"][0]
-
-
-def host_zeros(shape: tuple[int, ...], dtype: Any, huge_pages: bool = True) -> np.ndarray:
-    """Zero-filled host memory starting on a cache line (numpy's own allocations start 16 bytes
-    into one, so every 64-byte load of a kernel would straddle two lines). A large buffer is a
-    private anonymous mapping, committed on first touch as with calloc; `huge_pages` advises
-    transparent huge pages for it (the usual 'madvise' THP setting): a decode step streams
-    every packed weight panel, and 4 KiB pages miss the TLB every few rows."""
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    if nbytes < (1 << 20):
-        raw = np.zeros(nbytes + 64, np.uint8)
-        start = -raw.ctypes.data % 64
-        return raw[start:start + nbytes].view(dtype).reshape(shape)
-    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # page-aligned
-    if huge_pages and hasattr(mmap, "MADV_HUGEPAGE"):
-        buf.madvise(mmap.MADV_HUGEPAGE)
-    return np.frombuffer(buf, dtype, nbytes // dtype.itemsize).reshape(shape)  # keeps the mapping alive
 
 
 class CpuPlugin(HwPlugin):
@@ -98,11 +76,10 @@ class CpuPlugin(HwPlugin):
         return np.ascontiguousarray(array)  # memory-mapped weights stay mapped: no copy
 
     def zeros(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-        # KV caches: 4 KiB pages, each first touch of a huge page zeroed 2 MiB after direct
-        # compaction (under THP's usual defrag setting; W1's prefill attention went from 0.37 to
-        # 0.7 s with them). Committed here, as vLLM's zero-filled cache is: the budget is held from
-        # the start (no out-of-memory later, when the cache fills), and a first batch pays no page
-        # faults as it writes its keys and values (docs/roofline.md, session 12)
+        # KV caches: 4 KiB pages, since under THP's usual defrag setting each first touch of a huge
+        # page zeroes 2 MiB after direct compaction. Committed here, as vLLM's zero-filled cache is:
+        # the budget is held from the start (no out-of-memory later, when the cache fills), and a
+        # first batch pays no page faults as it writes its keys and values
         buf = host_zeros(shape, dtype, huge_pages=False)
         self.lib.pxl_commit(_ptr(buf), buf.nbytes)
         return buf
@@ -110,13 +87,17 @@ class CpuPlugin(HwPlugin):
     def download(self, buf: np.ndarray) -> np.ndarray:
         return buf.copy()  # planned buffers are reused next step
 
-    def run(self, node: Any, inputs: list[np.ndarray], outputs: list[np.ndarray]) -> None:
+    def run(self, node: Node, inputs: list[np.ndarray], outputs: list[np.ndarray]) -> None:
         self._ops[node.op_type](node.attrs, inputs, outputs)
 
-    def make_plan(self, nodes: list[Any], buffer: Any, inputs: dict[str, np.ndarray], rows_n: set[str]) -> Any:
+    def compile_step(self, nodes: list[Node], buffer: Any, inputs: dict[str, np.ndarray],
+                     rows_n: set[str]) -> CompiledStep:
         """The whole node list compiled into one C call per step (hw_plugins/cpu/plan.py)."""
         from hw_plugins.cpu.plan import Plan
         return Plan(self, nodes, buffer, inputs, rows_n)
+
+    def native_sampler(self) -> NativeSampler:
+        return self.sample_rows
 
     def sample_rows(self, logits: np.ndarray, u: np.ndarray) -> np.ndarray:
         """Not a graph op: the engine's sampler hands its unseeded random rows here. logits

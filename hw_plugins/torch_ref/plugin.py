@@ -1,19 +1,19 @@
 """The `torch` reference plugin: every op of graph_export/ops.py in plain torch.
 
-It runs on any torch device (CPU here; CUDA and ROCm devices elsewhere, chosen by
+Its kernels are the bodies of graph_export/functional.py, the functions the models are
+written against, so the graph on this plugin computes what the eager model does. It runs on any torch device (CPU here; CUDA and ROCm devices elsewhere, chosen by
 $PERFXLM_TORCH_DEVICE) and is the oracle that every other plugin is tested against.
 """
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from hw_plugins.base import HwPlugin
-from perfxlm.models.llama import apply_rope
-from perfxlm.models.paged_attention import AttentionMetadata, paged_attention, write_kv
+from graph_export import functional
+from hw_plugins.base import HwPlugin, Node
 
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64,
           "int32": torch.int32, "uint8": torch.uint8}
@@ -25,8 +25,7 @@ class TorchPlugin(HwPlugin):
 
     def __init__(self, device: str | None = None) -> None:
         self.device = torch.device(device or os.environ.get("PERFXLM_TORCH_DEVICE", "cpu"))
-        self._kernels = {"Gather": _gather, "RMSNorm": _rmsnorm, "Linear": _linear, "RoPE": _rope,
-                         "PagedAttention": _paged_attention, "SiluMul": _silu_mul, "Add": _add}
+        self._kernels = {op: _reference(op) for op in functional.KERNELS}
 
     def is_available(self) -> bool:
         try:
@@ -60,7 +59,7 @@ class TorchPlugin(HwPlugin):
             return buf.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return buf.numpy()
 
-    def run(self, node: Any, inputs: list[Any], outputs: list[Any]) -> None:
+    def run(self, node: Node, inputs: list[Any], outputs: list[Any]) -> None:
         self._kernels[node.op_type](node.attrs, inputs, outputs)
 
     def synchronize(self) -> None:
@@ -68,65 +67,19 @@ class TorchPlugin(HwPlugin):
             torch.cuda.synchronize(self.device)
 
 
-# Each kernel: (attrs, inputs, outputs) -> None, writing into the preallocated outputs.
-
-def _gather(attrs: dict, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
-    torch.index_select(ins[0], 0, ins[1], out=outs[0])             # (V, D)[(T,)] -> (T, D)
+Kernel = Callable[[dict, list[torch.Tensor], list[torch.Tensor]], None]
 
 
-def _rmsnorm(attrs: dict, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
-    x, weight = ins                                                 # (T, D), (D,)
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + attrs["epsilon"])
-    torch.mul(weight, xf.to(x.dtype), out=outs[0])
+def _reference(op_type: str) -> Kernel:
+    """(attrs, inputs, outputs) -> None: the op's functional body (the same the models run),
+    its result written into the preallocated output (the caches are updated in place)."""
+    body = functional.KERNELS[op_type]
+
+    def kernel(attrs: dict, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
+        outs[0].copy_(body(attrs, ins))
+    return kernel
 
 
-def _linear(attrs: dict, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
-    # x (T, K) @ W (N, K)^T (+ b) -> (T, N); the same GEMM call as F.linear, bit for bit
-    w = ins[1]
-    fmt = attrs.get("weight_format", "dense")
-    if fmt != "dense":  # GGUF blocks (uint8): the reference dequantises them (once per weight)
-        w = _dequantized(w, fmt, ins[0].dtype)
-    if len(ins) > 2:
-        torch.addmm(ins[2], ins[0], w.t(), out=outs[0])
-    else:
-        torch.mm(ins[0], w.t(), out=outs[0])
-
-
-_DEQUANTIZED: dict[tuple[int, str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _dequantized(blocks: torch.Tensor, fmt: str, dtype: torch.dtype) -> torch.Tensor:
-    key = (blocks.data_ptr(), fmt, dtype)
-    hit = _DEQUANTIZED.get(key)
-    if hit is None or hit[0] is not blocks:
-        from graph_export.quant import dequantize
-        w = torch.from_numpy(dequantize(blocks.cpu().numpy(), fmt)).to(dtype=dtype, device=blocks.device)
-        hit = _DEQUANTIZED[key] = (blocks, w)
-    return hit[1]
-
-
-def _rope(attrs: dict, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
-    x, positions, cos, sin = ins                                    # (T, H*hd), (T,), (P, hd) x 2
-    T, hd = x.shape[0], attrs["head_dim"]
-    y = apply_rope(x.view(T, -1, hd), cos[positions], sin[positions])
-    outs[0].copy_(y.view(T, -1))
-
-
-def _paged_attention(attrs: dict, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
-    q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc = ins
-    T, H, Hkv, hd = q.shape[0], attrs["num_heads"], attrs["num_kv_heads"], attrs["head_dim"]
-    write_kv(k.view(T, Hkv, hd), v.view(T, Hkv, hd), k_cache, v_cache, slot_mapping)
-    meta = AttentionMetadata(slot_mapping, block_tables, seq_lens, query_start_loc.diff().tolist(),
-                             seq_lens.tolist())
-    y = paged_attention(q.view(T, H, hd), k_cache, v_cache, meta, attrs["scale"],
-                        attrs.get("sliding_window") or None)
-    outs[0].copy_(y.view(T, H * hd))                                # outs[1:] alias the caches
-
-
-def _silu_mul(attrs: dict, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
-    torch.mul(F.silu(ins[0]), ins[1], out=outs[0])
-
-
-def _add(attrs: dict, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
-    torch.add(ins[0], ins[1], out=outs[0])
+# the reference kernels by name, for plugins that fall back to them op by op (hw_plugins/cuda)
+_gather, _rmsnorm, _linear, _rope, _paged_attention, _silu_mul, _add = (
+    _reference(op) for op in ("Gather", "RMSNorm", "Linear", "RoPE", "PagedAttention", "SiluMul", "Add"))

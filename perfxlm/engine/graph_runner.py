@@ -7,8 +7,8 @@ the largest step, and slots are reused as soon as their value is dead. A step
 then only uploads the small index inputs, runs the nodes and downloads logits.
 """
 
-import json
 import logging
+import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -19,21 +19,51 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from graph_export.ops import FORMAT_VERSION, GRAPH_INPUTS, OPS
-from hw_plugins.base import HwPlugin
-from perfxlm.models.llama import ModelParams
+from graph_export.ops import FORMAT_VERSION, GRAPH_INPUTS, LOGITS, OPS, is_cache_input
+from hw_plugins.base import CompiledStep, HwPlugin, Node
 
 logger = logging.getLogger(__name__)
 
+_ONNX_FLOATS = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.BFLOAT16: "bfloat16",
+                onnx.TensorProto.FLOAT16: "float16"}
+_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
-@dataclass
-class Node:
-    op_type: str
-    name: str
-    inputs: list[str]
-    outputs: list[str]
-    attrs: dict[str, Any]
-    plugin: HwPlugin | None = None
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """One paged KV cache the graph takes: (num_blocks, block_size, *slot_shape) of dtype."""
+
+    name: str                       # the graph input
+    slot_shape: tuple[int, ...]     # one token's entry, e.g. (kv heads, head dim)
+    dtype: str                      # numpy name
+
+    def shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        return (num_blocks, block_size, *self.slot_shape)
+
+    def bytes_per_block(self, block_size: int) -> int:
+        return block_size * math.prod(self.slot_shape) * _ITEMSIZE[self.dtype]
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """What the engine must know of a model to serve it, read off the graph's inputs and outputs."""
+
+    vocab_size: int
+    caches: tuple[CacheSpec, ...]
+
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        return sum(c.bytes_per_block(block_size) for c in self.caches)
+
+    @classmethod
+    def of_graph(cls, m: onnx.ModelProto) -> "GraphSpec":
+        caches = []
+        for v in m.graph.input:
+            if is_cache_input(v.name):
+                dims = v.type.tensor_type.shape.dim
+                caches.append(CacheSpec(v.name, tuple(d.dim_value for d in dims[2:]),
+                                        _ONNX_FLOATS[v.type.tensor_type.elem_type]))
+        logits = next(v for v in m.graph.output if v.name == LOGITS)
+        return cls(logits.type.tensor_type.shape.dim[1].dim_value, tuple(caches))
 
 
 @dataclass
@@ -64,24 +94,17 @@ def load_graph(path: str | Path) -> tuple[onnx.ModelProto, dict[str, str]]:
 class GraphRunner:
     def __init__(self, path: str | Path, plugin: HwPlugin, reference: HwPlugin, max_tokens: int,
                  num_blocks: int, block_size: int) -> None:
-        m, meta = load_graph(path)
-        self.params = ModelParams(**json.loads(meta["perfxlm.model_params"]))
+        m, _ = load_graph(path)
+        self.spec = GraphSpec.of_graph(m)
         self.plugin, self.reference = plugin, reference
         weights = {t.name: _to_numpy(t, Path(path).parent) for t in m.graph.initializer}
         self.nodes = [Node(n.op_type, n.name, list(n.input), list(n.output),
-                           {a.name: helper.get_attribute_value(a) for a in n.attribute}) for n in m.graph.node]
-        for node in self.nodes:
-            for k, v in node.attrs.items():
-                node.attrs[k] = v.decode() if isinstance(v, bytes) else v
-        p = self.params
-        cache_dtype = weights["tok_embeddings.weight"].dtype.name
+                           {a.name: _attr(a) for a in n.attribute}) for n in m.graph.node]
         shapes = {n: (("N",) if n == "logits_indices" else ("T",)) for n in GRAPH_INPUTS}
         shapes["block_tables"], shapes["seq_lens"], shapes["query_start_loc"] = ("B", "M"), ("B",), ("B1",)
         dtypes = {n: "int64" for n in GRAPH_INPUTS}
-        for i in range(p.n_layers):
-            for kind in ("k", "v"):
-                shapes[f"{kind}_cache.{i}"] = (num_blocks, block_size, p.n_kv_heads, p.head_dim)
-                dtypes[f"{kind}_cache.{i}"] = cache_dtype
+        for cache in self.spec.caches:
+            shapes[cache.name], dtypes[cache.name] = cache.shape(num_blocks, block_size), cache.dtype
         shapes.update({k: w.shape for k, w in weights.items()})
         dtypes.update({k: w.dtype.name for k, w in weights.items()})
         self._assign_plugins(dtypes, shapes)
@@ -96,11 +119,11 @@ class GraphRunner:
                     self.values[key] = node.plugin.upload(weights[name])
                 elif name in GRAPH_INPUTS and node.plugin not in self.input_plugins[name]:
                     self.input_plugins[name].append(node.plugin)
-                elif "_cache." in name and key not in self.values:
+                elif is_cache_input(name) and key not in self.values:
                     # zero-filled: masked attention rows still read padded slots, which must be finite
-                    self.values[key] = node.plugin.zeros(shapes[name], weights["tok_embeddings.weight"].dtype)
+                    self.values[key] = node.plugin.zeros(shapes[name], np_dtype(dtypes[name]))
         self._plan(shapes, dtypes, max_tokens)
-        self.fast = self._compile_step(shapes, max_tokens)
+        self.compiled = self._compile_step(shapes, max_tokens)
         logger.info("graph %s: %d nodes on %s, %d activation buffers", Path(path).name, len(self.nodes),
                     ", ".join(sorted({n.plugin.name for n in self.nodes})), len(self.slots))
 
@@ -146,15 +169,15 @@ class GraphRunner:
             slot.values.append(out)
             self.slot_of[out] = slot
             for name in set(node.inputs):
-                if last_use.get(name) == i and name in self.slot_of and name != "logits":
+                if last_use.get(name) == i and name in self.slot_of and name != LOGITS:
                     free[self.slot_of[name].key].append(self.slot_of[name])
 
-    def _compile_step(self, shapes: dict[str, tuple], max_tokens: int) -> Any:
-        """When one plugin runs every node and can compile a step (`make_plan`), hand it the
-        fixed buffers once; run() then makes a single call per step and reads the plan's
-        `logits`, (N, V) float32. None otherwise."""
+    def _compile_step(self, shapes: dict[str, tuple], max_tokens: int) -> CompiledStep | None:
+        """When one plugin runs every node, offer it the whole step with its fixed buffers
+        (HwPlugin.compile_step); run() then makes one call a step and reads its `logits`,
+        (N, V) float32. None where the plugin declines or nodes are split across plugins."""
         plugin = self.nodes[0].plugin
-        if any(n.plugin is not plugin for n in self.nodes) or not hasattr(plugin, "make_plan"):
+        if any(n.plugin is not plugin for n in self.nodes):
             return None
         if os.environ.get("PERFXLM_NODE_BY_NODE") == "1":  # for debugging and comparing the two paths
             return None
@@ -168,14 +191,18 @@ class GraphRunner:
             return self.slot_of[name].buffer
 
         rows_n = {name for name, s in shapes.items() if s and s[0] == "N"}
-        return plugin.make_plan(self.nodes, buffer, inputs, rows_n)
+        return plugin.compile_step(self.nodes, buffer, inputs, rows_n)
+
+    def native_sampler(self) -> Any:
+        """The sampler of the plugin that produces the logits, if it has one (HwPlugin.native_sampler)."""
+        return self.nodes[-1].plugin.native_sampler()
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """One step: feeds are the GRAPH_INPUTS arrays -> logits (N, V) float32, valid until the
         next step (the compiled path's are written as float32 into one buffer it reuses)."""
-        if self.fast is not None:
-            self.fast.run(feeds)
-            return self.fast.logits[:len(feeds["logits_indices"])]
+        if self.compiled is not None:
+            self.compiled.run(feeds)
+            return self.compiled.logits[:len(feeds["logits_indices"])]
         rows = {"T": len(feeds["input_ids"]), "N": len(feeds["logits_indices"])}
         env: dict[tuple[str, str], Any] = {}  # this step's values: (name, plugin name) -> buffer
         for name, plugins in self.input_plugins.items():
@@ -191,7 +218,7 @@ class GraphRunner:
             plugin.run(node, ins, outs)
         last = self.nodes[-1].plugin
         last.synchronize()
-        return last.download(env[("logits", last.name)]).astype(np.float32, copy=False)
+        return last.download(env[(LOGITS, last.name)]).astype(np.float32, copy=False)
 
     def _fetch(self, env: dict, name: str, plugin: HwPlugin) -> Any:
         """A value on `plugin`: a weight or cache, or this step's value, copied over from the
@@ -205,6 +232,18 @@ class GraphRunner:
             producer.synchronize()
             buf = env[key] = plugin.upload(producer.download(env[(name, producer.name)]))
         return buf
+
+
+def np_dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        import ml_dtypes  # numpy has no bfloat16 of its own
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def _attr(a: onnx.AttributeProto) -> Any:
+    value = helper.get_attribute_value(a)
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _to_numpy(t: onnx.TensorProto, base_dir: Path) -> np.ndarray:

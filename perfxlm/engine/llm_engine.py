@@ -4,21 +4,23 @@ import logging
 import numbers
 import os
 import time
+from pathlib import Path
 
-from graph_export.cache import cached_graph
+import torch
+
 from hw_plugins.base import select_plugin
 from hw_plugins.torch_ref import TorchPlugin
 from perfxlm.config import EngineConfig
 from perfxlm.engine.block_manager import BlockManager
 from perfxlm.engine.detokenizer import IncrementalDetokenizer
-from perfxlm.engine.graph_runner import GraphRunner
-from perfxlm.engine.model_runner import EagerExecutor, Executor, GraphExecutor, ModelRunner, kv_bytes_per_block
+from perfxlm.engine.graph_runner import GraphRunner, GraphSpec, load_graph
+from perfxlm.engine.model_runner import EagerExecutor, Executor, GraphExecutor, ModelRunner, eager_spec
 from perfxlm.engine.output_processor import OutputProcessor, RequestState
 from perfxlm.engine.request import Request, RequestStatus
 from perfxlm.engine.sampler import Sampler
 from perfxlm.engine.scheduler import Scheduler
 from perfxlm.exceptions import VLLMValidationError
-from perfxlm.models.llama import ModelParams
+from perfxlm.models.graph_cache import cached_graph
 from perfxlm.models.loader import ModelSource, load_tokenizer
 from perfxlm.outputs import RequestOutput
 from perfxlm.sampling_params import SamplingParams
@@ -34,12 +36,34 @@ class LLMEngine:
         self.tokenizer = None
         if not config.skip_tokenizer_init:
             self.tokenizer = load_tokenizer(source, config.tokenizer, trust_remote_code=config.trust_remote_code)
-        params = ModelParams.from_hf_config(source.hf_config)
-        self.vocab_size = params.vocab_size
         self.generation_config = source.generation_config if config.generation_config != "vllm" else {}
         self.eos_token_id = self._eos_token_id()
 
-        per_block = kv_bytes_per_block(params, config.block_size, config.dtype)
+        # the model (its exported graph, or the torch module) says what its KV caches are
+        eager = os.environ.get("PERFXLM_EXECUTOR", "graph") == "eager"
+        if eager and config.batch_invariant:
+            raise ValueError("PERFXLM_BATCH_INVARIANT=1 needs the graph executor (PERFXLM_EXECUTOR=eager "
+                             "runs torch, whose GEMMs depend on the batch)")
+        model = source.load_weights(config.dtype) if eager else None
+        graph = None if eager else cached_graph(source, config.dtype, config.quantization)
+        spec = eager_spec(model, config.dtype) if eager else GraphSpec.of_graph(load_graph(graph)[0])
+        self.vocab_size = spec.vocab_size
+        num_blocks = self._num_blocks(spec)
+        executor = (EagerExecutor(model, config.dtype, num_blocks, config.block_size) if eager
+                    else self._graph_executor(graph, num_blocks))
+        self.runner = ModelRunner(executor, config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.max_model_len, config.enable_chunked_prefill)
+        self.sampler = Sampler(config.seed, executor.native_sampler)
+        self.outputs = OutputProcessor(self.tokenizer)
+        self.requests: dict[str, RequestState] = {}
+        logger.info("engine ready in %.1f s: %s, %s", time.perf_counter() - start, source.path,
+                    str(config.dtype).removeprefix("torch."))
+
+    def _num_blocks(self, spec: GraphSpec) -> int:
+        config = self.config
+        per_block = spec.kv_bytes_per_block(config.block_size)
         num_blocks = config.kv_cache_bytes() // per_block
         if num_blocks * config.block_size < config.max_model_len:
             need = -(-config.max_model_len // config.block_size) * per_block
@@ -54,26 +78,11 @@ class LLMEngine:
                     "per request: %.2fx", num_blocks, config.block_size, num_blocks * per_block / (1 << 30),
                     str(config.dtype).removeprefix("torch."), config.max_model_len,
                     num_blocks * config.block_size / config.max_model_len)
-        executor = self._make_executor(num_blocks)
-        self.runner = ModelRunner(executor, config.block_size)
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.max_model_len, config.enable_chunked_prefill)
-        self.sampler = Sampler(config.seed, getattr(executor, "native_sampler", None))
-        self.outputs = OutputProcessor(self.tokenizer)
-        self.requests: dict[str, RequestState] = {}
-        logger.info("engine ready in %.1f s: %s, %s", time.perf_counter() - start, source.path,
-                    str(config.dtype).removeprefix("torch."))
+        return num_blocks
 
-    def _make_executor(self, num_blocks: int) -> Executor:
+    def _graph_executor(self, graph: Path, num_blocks: int) -> Executor:
         cfg = self.config
-        if os.environ.get("PERFXLM_EXECUTOR", "graph") == "eager":
-            if cfg.batch_invariant:
-                raise ValueError("PERFXLM_BATCH_INVARIANT=1 needs the graph executor (PERFXLM_EXECUTOR=eager "
-                                 "runs torch, whose GEMMs depend on the batch)")
-            return EagerExecutor(self.source.load_weights(cfg.dtype), num_blocks, cfg.block_size, cfg.dtype)
-        path = cached_graph(self.source, cfg.dtype, cfg.quantization)
-        runner = GraphRunner(path, select_plugin(cfg.hw_plugin), TorchPlugin(), cfg.max_num_batched_tokens,
+        runner = GraphRunner(graph, select_plugin(cfg.hw_plugin), TorchPlugin(), cfg.max_num_batched_tokens,
                              num_blocks, cfg.block_size)
         for plugin in {node.plugin for node in runner.nodes}:
             if not plugin.set_batch_invariant(cfg.batch_invariant):
@@ -144,7 +153,12 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None) -> None:
-        """Queue a validated request (call validate_request first); n > 1 fans out into n sequences."""
+        """Validate and queue a request; n > 1 fans out into n sequences. Raises
+        VLLMValidationError (nothing queued) for what vLLM rejects, and ValueError for a
+        request id that is already running."""
+        self.validate_request(prompt_token_ids, params)
+        if request_id in self.requests:
+            raise ValueError(f"Request id {request_id!r} is already running")
         prompt_token_ids = [int(t) for t in prompt_token_ids]  # numpy integers become plain ints
         params = params.clone()
         params.update_from_generation_config(self.generation_config, self.eos_token_id)
@@ -191,34 +205,26 @@ class LLMEngine:
                 raise RuntimeError("scheduler could not schedule any waiting request (KV cache exhausted)")
             return []
         inp = self.runner.prepare(sched)
-        logits = self.runner.execute(inp)                                     # (N, vocab) float32
-        by_id = {r.request_id: r for r in sched.requests}
-        for rid, (row, first_pos, count) in inp.prompt_rows.items():
-            self.outputs.add_prompt_logprobs(by_id[rid], logits[row:row + count], first_pos)
-        sampling = [by_id[rid] for rid in inp.sample_rows]        # row i of out is sampling[i]
-        sampled, out = {}, None
-        if sampling:
-            rows = list(inp.sample_rows.values())
-            # every row samples in order (the usual decode step): the logits themselves, no gather copy
-            out = self.sampler(logits if rows == list(range(len(logits))) else logits[rows], sampling)
-            sampled = dict(zip(inp.sample_rows, out.token_ids))
-        sample_row = {rid: i for i, rid in enumerate(inp.sample_rows)}
-        got_token = self.scheduler.update(sched, sampled)
+        logits = torch.from_numpy(self.runner.execute(inp))                   # (N, vocab) float32
+        for req, row, first_pos, count in inp.prompt_rows:
+            self.outputs.add_prompt_logprobs(req, logits[row:row + count], first_pos)
+        out = None
+        if inp.sampling:  # rows ascend: as many as logits rows means every row, in order (no gather copy)
+            rows = inp.sample_rows
+            out = self.sampler(logits if len(rows) == len(logits) else logits[rows], inp.sampling)
+        got_token = self.scheduler.update(sched, inp.sampling, out.token_ids if out is not None else [])
         finished: list[RequestOutput] = []
         now = time.monotonic()
-        for req in got_token:
+        for i in got_token:
+            req = inp.sampling[i]
             if req.first_token_time is None:
                 req.first_token_time = now
             if req.logprobs is not None:
-                self.outputs.add_sample_logprobs(req, out.logprobs[sample_row[req.request_id]])
+                self.outputs.add_sample_logprobs(req, out.logprobs[i])
             state = self.requests[req.parent_id]
             stop_str = self.outputs.process_token(state, req)
-            if stop_str is not None and not req.is_finished:
-                req.stop_reason = stop_str
-                self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
-            elif stop_str is not None:  # a stop string completed by the last token: it wins
-                req.stop_reason = stop_str
-                req.status = RequestStatus.FINISHED_STOPPED
+            if stop_str is not None:  # a stop string wins over the token's own finish reason
+                self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED, stop_str)
             if req.is_finished:
                 state.finished_children.add(req.index)
                 if len(state.finished_children) == len(state.children):

@@ -1,11 +1,11 @@
 """The seam between scheduler and model: a typed batch in, logits out.
 
-`ModelRunner.prepare` turns a SchedulerOutput into flat index tensors (ids,
-positions, slot mapping, block tables, sequence lengths) and the logits rows
-needed: each request's last token when it samples, and prompt rows when prompt
-logprobs were asked for. An executor then computes those logits: by default the
-exported graph on hardware plugins (`GraphExecutor`), or the torch module itself
-(`EagerExecutor`, PERFXLM_EXECUTOR=eager), the reference it was exported from.
+`ModelRunner.prepare` turns a SchedulerOutput straight into the graph's numpy inputs
+(ids, positions, slot mapping, block tables, sequence lengths, logits rows) and says,
+aligned by index, which requests sample from which logits row and which rows score
+prompt tokens. An executor then computes those logits: by default the exported graph on
+hardware plugins (`GraphExecutor`), or the torch module itself (`EagerExecutor`,
+PERFXLM_EXECUTOR=eager), the reference it was exported from.
 """
 
 from dataclasses import dataclass, field
@@ -13,31 +13,29 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from torch import nn
 
-from perfxlm.engine.graph_runner import GraphRunner
+from graph_export.functional import StepInputs
+from graph_export.ops import cache_input_names
+from perfxlm.engine.graph_runner import CacheSpec, GraphRunner, GraphSpec
+from perfxlm.engine.request import Request
 from perfxlm.engine.scheduler import SchedulerOutput
-from perfxlm.models.paged_attention import AttentionMetadata
+from perfxlm.models.layers import CausalLM
 
 
 @dataclass
 class ModelInput:
-    input_ids: torch.Tensor       # (T,) int64
-    positions: torch.Tensor       # (T,) int64
-    attn: AttentionMetadata
-    logits_indices: torch.Tensor  # (N,) int64: rows of T whose logits are computed
-    sample_rows: dict[str, int] = field(default_factory=dict)  # req id -> logits row of its next token
-    # req id -> (first logits row, first prompt position scored, count); row r scores token r+1
-    prompt_rows: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    feeds: dict[str, np.ndarray]                       # ops.GRAPH_INPUTS, int64
+    sampling: list[Request] = field(default_factory=list)   # requests that sample a token this step
+    sample_rows: list[int] = field(default_factory=list)    # sampling[i]'s logits row
+    # (request, its first logits row, the first prompt position scored, count); row r scores token r+1
+    prompt_rows: list[tuple[Request, int, int, int]] = field(default_factory=list)
 
 
 class Executor(Protocol):
-    def __call__(self, inp: ModelInput) -> torch.Tensor:
-        """-> logits (N, vocab) float32 for the rows inp.logits_indices."""
+    spec: GraphSpec
 
-
-def kv_bytes_per_block(params, block_size: int, dtype: torch.dtype) -> int:
-    return params.n_layers * 2 * block_size * params.n_kv_heads * params.head_dim * dtype.itemsize
+    def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """-> logits (N, vocab) float32 for the rows feeds['logits_indices'], valid until the next call."""
 
 
 class ModelRunner:
@@ -47,7 +45,7 @@ class ModelRunner:
 
     def prepare(self, sched: SchedulerOutput) -> ModelInput:
         ids, positions, slots, logits_idx = [], [], [], []
-        sample_rows, prompt_rows = {}, {}
+        inp = ModelInput({})
         bs = self.block_size
         for req, n in zip(sched.requests, sched.num_tokens):
             start, row0 = req.num_computed_tokens, len(ids)
@@ -61,29 +59,30 @@ class ModelRunner:
                 slots += [req.block_ids[p // bs] * bs + p % bs for p in range(start, start + n)]
             n_prompt = min(start + n, req.num_prompt_tokens - 1) - start  # rows that score a prompt token
             if req.wants_prompt_logprobs and n_prompt > 0:
-                prompt_rows[req.request_id] = (len(logits_idx), start + 1, n_prompt)
+                inp.prompt_rows.append((req, len(logits_idx), start + 1, n_prompt))
                 logits_idx += range(row0, row0 + n_prompt)
             if start + n == req.num_tokens:  # the whole sequence is computed: sample its next token
-                sample_rows[req.request_id] = len(logits_idx)
+                inp.sampling.append(req)
+                inp.sample_rows.append(len(logits_idx))
                 logits_idx.append(row0 + n - 1)
-        max_blocks = max(len(r.block_ids) for r in sched.requests)
-        tables = np.zeros((len(sched.requests), max_blocks), np.int64)  # (B, max_blocks), 0-padded
+        B = len(sched.requests)
+        tables = np.zeros((B, max(len(r.block_ids) for r in sched.requests)), np.int64)  # (B, max_blocks), 0-padded
         for i, r in enumerate(sched.requests):
             tables[i, :len(r.block_ids)] = r.block_ids
-        seq_lens = [r.num_computed_tokens + n for r, n in zip(sched.requests, sched.num_tokens)]
-        attn = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64),
-            block_tables=torch.from_numpy(tables),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int64),
-            query_lens=list(sched.num_tokens),
-            seq_lens_list=seq_lens,
-        )
-        return ModelInput(torch.tensor(ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64),
-                          attn, torch.tensor(logits_idx, dtype=torch.int64), sample_rows, prompt_rows)
+        query_lens = np.array(sched.num_tokens, np.int64)                                 # (B,)
+        query_start_loc = np.zeros(B + 1, np.int64)                                       # (B+1,)
+        np.cumsum(query_lens, out=query_start_loc[1:])
+        inp.feeds = {
+            "input_ids": np.array(ids, np.int64), "positions": np.array(positions, np.int64),
+            "slot_mapping": np.array(slots, np.int64), "block_tables": tables,
+            "seq_lens": np.array([r.num_computed_tokens for r in sched.requests], np.int64) + query_lens,
+            "query_start_loc": query_start_loc, "logits_indices": np.array(logits_idx, np.int64),
+        }
+        return inp
 
-    def execute(self, inp: ModelInput) -> torch.Tensor:
-        """-> logits (N, vocab) float32 for the rows in inp.logits_indices."""
-        return self.executor(inp)
+    def execute(self, inp: ModelInput) -> np.ndarray:
+        """-> logits (N, vocab) float32 for the rows in inp.feeds['logits_indices']."""
+        return self.executor(inp.feeds)
 
 
 class GraphExecutor:
@@ -91,35 +90,35 @@ class GraphExecutor:
 
     def __init__(self, runner: GraphRunner) -> None:
         self.runner = runner
-        # the logits' plugin may sample them natively (the cpu plugins: sample_rows)
-        self.native_sampler = getattr(runner.nodes[-1].plugin, "sample_rows", None)
+        self.spec = runner.spec
+        self.native_sampler = runner.native_sampler()
 
-    def __call__(self, inp: ModelInput) -> torch.Tensor:
-        a = inp.attn
-        feeds = {
-            "input_ids": inp.input_ids.numpy(), "positions": inp.positions.numpy(),
-            "slot_mapping": a.slot_mapping.numpy(), "block_tables": a.block_tables.numpy(),
-            "seq_lens": a.seq_lens.numpy(),
-            "query_start_loc": np.concatenate(([0], np.cumsum(a.query_lens))).astype(np.int64),
-            "logits_indices": inp.logits_indices.numpy(),
-        }
-        return torch.from_numpy(self.runner.run(feeds))
+    def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return self.runner.run(feeds)
 
 
 class EagerExecutor:
-    """Runs the torch module directly over a KV cache it owns."""
+    """Runs the torch module directly over KV caches it owns."""
 
-    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype) -> None:
+    native_sampler = None
+
+    def __init__(self, model: CausalLM, dtype: torch.dtype, num_blocks: int, block_size: int) -> None:
         self.model = model
-        p = model.params
-        # (layers, k/v, blocks, block_size, kv heads, head dim). Zeroed, so padded slots
-        # that masked attention rows still read are finite; numpy's calloc gives zero pages
-        # that the OS commits only when touched, so a large budget costs nothing up front.
-        shape = (p.n_layers, 2, num_blocks, block_size, p.n_kv_heads, p.head_dim)
-        raw = np.zeros((*shape[:-1], p.head_dim * dtype.itemsize), dtype=np.uint8)
-        self.kv_cache = torch.from_numpy(raw).view(dtype)
+        self.spec = eager_spec(model, dtype)
+        # zeroed, so padded slots that masked attention rows still read are finite
+        caches = [torch.zeros(c.shape(num_blocks, block_size), dtype=dtype) for c in self.spec.caches]
+        self.kv_caches = list(zip(caches[0::2], caches[1::2]))
 
     @torch.inference_mode()
-    def __call__(self, inp: ModelInput) -> torch.Tensor:
-        hidden = self.model(inp.input_ids, inp.positions, self.kv_cache, inp.attn)  # (T, dim)
-        return self.model.compute_logits(hidden[inp.logits_indices])
+    def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        step = StepInputs(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+        return self.model(step, self.kv_caches).float().numpy()
+
+
+def eager_spec(model: CausalLM, dtype: torch.dtype) -> GraphSpec:
+    """The GraphSpec the model's exported graph would have."""
+    caches = []
+    for i, shapes in enumerate(model.kv_cache_shapes()):
+        for name, shape in zip(cache_input_names(i), shapes):
+            caches.append(CacheSpec(name, tuple(shape), str(dtype).removeprefix("torch.")))
+    return GraphSpec(model.vocab_size, tuple(caches))

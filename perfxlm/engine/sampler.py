@@ -6,12 +6,11 @@ top-k/top-p and a draw. Logprobs are the log-softmax of the raw logits, taken
 before any of that (vLLM's default `raw_logprobs`).
 """
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
+from hw_plugins.base import NativeSampler
 from perfxlm.engine.request import Request
 from perfxlm.sampling_params import SamplingType
 
@@ -22,15 +21,13 @@ class SamplerOutput:
     logprobs: torch.Tensor | None = None   # (B, V) raw log-softmax, when some row asked for logprobs
 
 
-# (logits (R, V) float32, u (R,) float32) -> (R,) int64 tokens, -1 where a row cannot be sampled
-NativeSampler = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 class Sampler:
     def __init__(self, seed: int, native: NativeSampler | None = None) -> None:
         self.generator = torch.Generator().manual_seed(seed)  # for unseeded random requests
-        # the cpu plugin's inverse CDF straight from logits (hw_plugins/cpu: sample_rows), where
-        # it runs the graph: one pass over each row instead of softmax + block sums in torch
+        # the logits' plugin's inverse CDF straight from logits (HwPlugin.native_sampler, the cpu
+        # plugins'): one pass over each row instead of softmax + block sums in torch
         self.native = native
 
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
@@ -77,7 +74,7 @@ class Sampler:
                 q = torch.empty_like(probs[k]).exponential_(generator=reqs[i].generator)
                 tokens[i] = probs[k].div_(q).argmax()
         # The unseeded rows share one generator and need no per-token noise: inverse CDF, one
-        # uniform per row (at 64 x 49152, ~1 ms instead of 12 ms of uniforms and logs).
+        # uniform per row instead of a uniform and a log per token.
         unseeded = [i for i, r in enumerate(reqs) if r.generator is None]
         if unseeded:
             rows = logits if len(unseeded) == len(reqs) else logits[unseeded]
@@ -99,7 +96,7 @@ class Sampler:
 
 def _argmax(logits: torch.Tensor) -> torch.Tensor:
     """Row-wise argmax of logits (B, V), the first of equal maxima (NaN counts as the largest),
-    as torch's: numpy's is 3 us on a 49152-token row where torch's costs 35 us a decode step."""
+    as torch's; numpy's is the faster of the two on CPU rows."""
     if logits.device.type != "cpu":
         return logits.argmax(dim=-1)
     return torch.from_numpy(logits.numpy().argmax(axis=-1))
@@ -109,7 +106,7 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch
     """For each row of probs (R, V) (unnormalised is fine) the token where its CDF crosses
     u (R, 1) in [0, 1) of the row's total: the first block of `block` tokens whose running
     sum passes it, then the token inside that block (two short scans: a full-row cumsum is
-    single-threaded, 2.5 ms at 64 x 49152). Never a zero-probability token."""
+    single-threaded). Never a zero-probability token."""
     R, V = probs.shape
     full = V // block * block
     sums = probs[:, :full].view(R, full // block, block).sum(dim=-1)                # (R, nb)

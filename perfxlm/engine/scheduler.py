@@ -25,10 +25,6 @@ class SchedulerOutput:
     num_tokens: list[int] = field(default_factory=list)    # new tokens of each request this step
     preempted: list[Request] = field(default_factory=list)
 
-    @property
-    def total_tokens(self) -> int:
-        return sum(self.num_tokens)
-
     def is_empty(self) -> bool:
         return not self.requests
 
@@ -90,46 +86,50 @@ class Scheduler:
             budget -= n
         return out
 
-    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Record computed tokens and the sampled ones; return the requests that got a token."""
-        got_token = []
+    def update(self, out: SchedulerOutput, sampling: list[Request], tokens: list[int]) -> list[int]:
+        """Record the step's computed tokens and sampling[i]'s new token tokens[i]; end the
+        sequences that EOS, a stop token or the length limit ends. Returns the indices i of the
+        requests that got their token (not those aborted during the step)."""
         for req, n in zip(out.requests, out.num_tokens):
+            if not req.is_finished:
+                req.num_computed_tokens += n
+                self.block_manager.cache_blocks(req)
+        got_token = []
+        for i, (req, token) in enumerate(zip(sampling, tokens)):
             if req.is_finished:  # aborted during the step
                 continue
-            req.num_computed_tokens += n
-            self.block_manager.cache_blocks(req)
-            if req.request_id not in sampled:  # a prefill chunk that is not the last one
-                continue
-            req.append_output_token(sampled[req.request_id])
-            got_token.append(req)
-            if self._check_stop(req):
-                self.finish(req, req.status)
+            req.append_output_token(token)
+            got_token.append(i)
+            stop = self._check_stop(req)
+            if stop is not None:
+                self.finish(req, *stop)
         return got_token
 
-    def finish(self, req: Request, status: RequestStatus) -> None:
-        """End req (stop, length or abort) and free its KV blocks."""
-        req.status = status
+    def finish(self, req: Request, status: RequestStatus, stop_reason: int | str | None = None) -> None:
+        """End req (EOS, stop token or string, length, abort) and free its KV blocks. A stop
+        string found in the text of a token that also hit a limit overrides that status."""
+        already = req.is_finished
+        req.status, req.stop_reason = status, stop_reason
+        if already:
+            return
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
         self.block_manager.free_blocks(req)
 
-    def _check_stop(self, req: Request) -> bool:
+    def _check_stop(self, req: Request) -> tuple[RequestStatus, int | None] | None:
+        """vLLM's order: EOS and stop token ids (once min_tokens are out), then the length limits."""
         params = req.sampling_params
         if req.num_output_tokens >= params.min_tokens:
             last = req.output_token_ids[-1]
             if not params.ignore_eos and last == req.eos_token_id:
-                req.status = RequestStatus.FINISHED_STOPPED
-                return True
+                return RequestStatus.FINISHED_STOPPED, None
             if last in params.stop_token_ids:
-                req.status = RequestStatus.FINISHED_STOPPED
-                req.stop_reason = last
-                return True
+                return RequestStatus.FINISHED_STOPPED, last
         if req.num_tokens >= self.max_model_len or req.num_output_tokens >= req.max_tokens:
-            req.status = RequestStatus.FINISHED_LENGTH_CAPPED
-            return True
-        return False
+            return RequestStatus.FINISHED_LENGTH_CAPPED, None
+        return None
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.block_manager.free_blocks(req)

@@ -1,9 +1,9 @@
-"""Read a llama-family GGUF file: HF-style config, float weights and a tokenizer.
+"""Read a GGUF file: HF-style config, weights (float or kept as blocks) and a tokenizer.
 
-Block-quantised tensors (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, ...) are dequantised at
-load with llama.cpp's own `gguf` package. The Q/K projections of `llama`
-GGUFs are stored permuted for ggml's interleaved RoPE; they are permuted back
-to the halves layout the model file uses.
+Block-quantised tensors (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, ...) are dequantised at load with
+llama.cpp's own `gguf` package, or kept as blocks where our kernels run them. Which
+parameter a tensor fills, and any convert-time layout to undo, is the model family's
+(`gguf_weight_names`, `gguf_tensor`).
 """
 
 import logging
@@ -14,21 +14,16 @@ from typing import Any
 import numpy as np
 import torch
 
-logger = logging.getLogger(__name__)
+from perfxlm.models.layers import CausalLM
+from perfxlm.models.registry import gguf_architecture, gguf_architectures
 
-# GGUF tensor name -> Transformer parameter name ({} is the layer index)
-_NAMES = {
-    "token_embd": "tok_embeddings", "output_norm": "norm", "output": "output",
-    "attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
-    "attn_output": "attention.wo", "ffn_gate": "feed_forward.w1", "ffn_up": "feed_forward.w3",
-    "ffn_down": "feed_forward.w2", "attn_norm": "attention_norm", "ffn_norm": "ffn_norm",
-}
-_ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+logger = logging.getLogger(__name__)
 
 # Pre-tokenizer split rules by `tokenizer.ggml.pre` (byte-level BPE vocabularies)
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+_TENSOR_NAME = re.compile(r"(?:blk\.(\d+)\.)?(\w+)\.(weight|bias)")
 
 
 class GGUFFile:
@@ -37,14 +32,27 @@ class GGUFFile:
     def __init__(self, path: str | Path) -> None:
         import gguf
         self.path = Path(path)
-        self.reader = gguf.GGUFReader(str(self.path))
+        try:
+            self.reader = gguf.GGUFReader(str(self.path))
+        except (ValueError, IndexError, KeyError, OSError) as e:  # gguf reports a cut file as a bad reshape
+            size = self.path.stat().st_size if self.path.exists() else 0
+            raise ValueError(f"{self.path} is not a readable GGUF file ({size} bytes; truncated or corrupt?): "
+                             f"{e}") from None
+        self._check_complete()
         big = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
                "tokenizer.ggml.scores")  # read on demand by tokenizer()
         self.meta = {k: _field_value(f) for k, f in self.reader.fields.items() if k not in big}
-        self.arch = self.meta["general.architecture"]
-        if self.arch not in _ARCHS:
+        self.arch = self.meta.get("general.architecture")
+        if gguf_architecture(self.arch) is None:
             raise ValueError(f"GGUF architecture {self.arch!r} in {self.path} is not supported; "
-                             f"supported: {sorted(_ARCHS)}")
+                             f"supported: {gguf_architectures()}")
+
+    def _check_complete(self) -> None:
+        size = self.path.stat().st_size
+        for t in self.reader.tensors:
+            if t.data_offset + t.n_bytes > size:
+                raise ValueError(f"{self.path} is truncated: tensor {t.name} ends at byte "
+                                 f"{t.data_offset + t.n_bytes} of a {size}-byte file")
 
     def _get(self, key: str, default: Any = None) -> Any:
         return self.meta.get(f"{self.arch}.{key}", default)
@@ -54,9 +62,12 @@ class GGUFFile:
         names = {t.name for t in self.reader.tensors}
         n_heads = self._get("attention.head_count")
         dim = self._get("embedding_length")
+        if n_heads is None or dim is None:
+            raise ValueError(f"{self.path} has no {self.arch}.attention.head_count / {self.arch}.embedding_length "
+                             "metadata")
         vocab = self._get("vocab_size") or len(self.reader.fields["tokenizer.ggml.tokens"].data)
         cfg = {
-            "architectures": [_ARCHS[self.arch]],
+            "architectures": [gguf_architecture(self.arch)],
             "model_type": self.arch,
             "vocab_size": vocab,
             "hidden_size": dim,
@@ -77,23 +88,24 @@ class GGUFFile:
             cfg["rope_scaling"] = {"rope_type": "linear", "factor": self._get("rope.scaling.factor")}
         return cfg
 
-    def state_dict(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """All tensors, dequantised to `dtype`, under the Transformer's parameter names."""
-        import gguf
-        cfg = self.hf_config()
-        out = {}
+    def _tensors(self, family: type[CausalLM], kinds: tuple[str, ...]) -> Any:
+        """(parameter name, GGUF tensor) for every tensor the family has a parameter for."""
         for t in self.reader.tensors:
-            m = re.fullmatch(r"(?:blk\.(\d+)\.)?(\w+)\.(weight|bias)", t.name)
-            if m is None or m.group(2) not in _NAMES:
+            m = _TENSOR_NAME.fullmatch(t.name)
+            if m is None or m.group(2) not in family.gguf_weight_names or m.group(3) not in kinds:
                 logger.debug("skipping GGUF tensor %s", t.name)
                 continue
             layer, base, kind = m.groups()
-            name = f"{_NAMES[base]}.{kind}" if layer is None else f"layers.{layer}.{_NAMES[base]}.{kind}"
+            yield f"{family.gguf_weight_names[base].format(layer)}.{kind}", t
+
+    def state_dict(self, family: type[CausalLM], params: Any, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """All tensors, dequantised to `dtype`, under the family's parameter names."""
+        import gguf
+        out = {}
+        for name, t in self._tensors(family, ("weight", "bias")):
             w = gguf.quants.dequantize(t.data, t.tensor_type)     # (rows, cols) float32
             w = np.asarray(w, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
-            if self.arch == "llama" and base in ("attn_q", "attn_k"):
-                heads = cfg["num_attention_heads"] if base == "attn_q" else cfg["num_key_value_heads"]
-                w = _unpermute(w, heads)
+            w = family.gguf_tensor(name, w, params, self.arch)
             out[name] = torch.from_numpy(np.array(w, dtype=np.float32)).to(dtype)  # copy off the mmap
         return out
 
@@ -103,29 +115,17 @@ class GGUFFile:
         from graph_export.quant import from_gguf_type
         return any(from_gguf_type(t.tensor_type.name) for t in self.reader.tensors if t.name.endswith(".weight"))
 
-    def linear_blocks(self) -> dict[str, tuple[str, np.ndarray]]:
-        """Linear weights whose GGUF blocks have native kernels, kept as stored:
-        name -> (weight_format, uint8 (N, K/32 * block bytes)). Q/K rows are un-permuted
-        like the float weights (a row is whole blocks, so rows move as bytes). A tied
-        output projection reuses the token embedding's blocks as `output.weight`."""
+    def linear_blocks(self, family: type[CausalLM], params: Any) -> dict[str, tuple[str, np.ndarray]]:
+        """2-D weights whose GGUF blocks have native kernels, kept as stored:
+        parameter name -> (weight_format, uint8 (N, K/32 * block bytes)); the exporter uses them
+        where a Linear reads that parameter (a tied output projection reads the token embedding's)."""
         from graph_export.quant import from_gguf_type
-        cfg = self.hf_config()
         out = {}
-        for t in self.reader.tensors:
-            m = re.fullmatch(r"(?:blk\.(\d+)\.)?(\w+)\.weight", t.name)
+        for name, t in self._tensors(family, ("weight",)):
             fmt = from_gguf_type(t.tensor_type.name)
-            if m is None or fmt is None or m.group(2) in ("attn_norm", "ffn_norm", "output_norm"):
+            if fmt is None or len(t.shape) != 2:
                 continue
-            layer, base = m.groups()
-            if base == "token_embd":
-                if not cfg["tie_word_embeddings"]:
-                    continue
-                base = "output"
-            blocks = np.asarray(t.data)                            # (N, row bytes), memory-mapped
-            if self.arch == "llama" and base in ("attn_q", "attn_k"):
-                blocks = _unpermute(blocks, cfg["num_attention_heads"] if base == "attn_q"
-                                    else cfg["num_key_value_heads"])
-            name = f"{_NAMES[base]}.weight" if layer is None else f"layers.{layer}.{_NAMES[base]}.weight"
+            blocks = family.gguf_tensor(name, np.asarray(t.data), params, self.arch)  # (N, row bytes), mmapped
             out[name] = (fmt, np.ascontiguousarray(blocks))
         return out
 
@@ -179,12 +179,6 @@ class GGUFFile:
             tokenizer_object=tok, bos_token=bos, eos_token=token("eos"), unk_token=token("unknown"),
             pad_token=token("padding"), chat_template=self.meta.get("tokenizer.chat_template"),
             clean_up_tokenization_spaces=False)
-
-
-def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Undo llama.cpp's convert-time permutation of a Q/K weight (out, in) or bias (out,)."""
-    half = w.shape[0] // n_heads // 2
-    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _field_value(field: Any) -> Any:

@@ -1,18 +1,19 @@
 """The Llama family in plain PyTorch (Llama, Mistral, Qwen2), gpt-fast style.
 
-Tokens of all sequences in a step are flattened into one (T,) batch; attention
-reads and writes a paged KV cache described by `AttentionMetadata`.
+Tokens of all sequences in a step are flattened into one (T,) batch; attention reads
+and writes each layer's paged KV cache as the step's inputs describe (StepInputs).
 """
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from perfxlm.models.paged_attention import AttentionMetadata, paged_attention, write_kv
+from graph_export import functional as F
+from graph_export.functional import KVCache, StepInputs
+from perfxlm.models.layers import ROPE_TYPES, CausalLM, Embedding, Linear, RMSNorm, RotaryTables, rope_type
 
 
 @dataclass
@@ -32,8 +33,46 @@ class ModelParams:
     qkv_bias: bool = False        # Qwen2 has biases on q, k and v
     sliding_window: int | None = None
 
+
+class LlamaForCausalLM(CausalLM):
+    hf_weight_names = [
+        (r"^model\.embed_tokens\.", "tok_embeddings."),
+        (r"^model\.norm\.", "norm."),
+        (r"^lm_head\.", "output."),
+        (r"^model\.layers\.(\d+)\.self_attn\.q_proj\.", r"layers.\1.attention.wq."),
+        (r"^model\.layers\.(\d+)\.self_attn\.k_proj\.", r"layers.\1.attention.wk."),
+        (r"^model\.layers\.(\d+)\.self_attn\.v_proj\.", r"layers.\1.attention.wv."),
+        (r"^model\.layers\.(\d+)\.self_attn\.o_proj\.", r"layers.\1.attention.wo."),
+        (r"^model\.layers\.(\d+)\.mlp\.gate_proj\.", r"layers.\1.feed_forward.w1."),
+        (r"^model\.layers\.(\d+)\.mlp\.up_proj\.", r"layers.\1.feed_forward.w3."),
+        (r"^model\.layers\.(\d+)\.mlp\.down_proj\.", r"layers.\1.feed_forward.w2."),
+        (r"^model\.layers\.(\d+)\.input_layernorm\.", r"layers.\1.attention_norm."),
+        (r"^model\.layers\.(\d+)\.post_attention_layernorm\.", r"layers.\1.ffn_norm."),
+    ]
+    gguf_weight_names = {
+        "token_embd": "tok_embeddings", "output_norm": "norm", "output": "output",
+        "attn_q": "layers.{}.attention.wq", "attn_k": "layers.{}.attention.wk", "attn_v": "layers.{}.attention.wv",
+        "attn_output": "layers.{}.attention.wo", "ffn_gate": "layers.{}.feed_forward.w1",
+        "ffn_up": "layers.{}.feed_forward.w3", "ffn_down": "layers.{}.feed_forward.w2",
+        "attn_norm": "layers.{}.attention_norm", "ffn_norm": "layers.{}.ffn_norm",
+    }
+    gguf_architectures = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+    def __init__(self, params: ModelParams) -> None:
+        super().__init__()
+        self.params = params
+        self.vocab_size = params.vocab_size
+        self.tok_embeddings = Embedding(params.vocab_size, params.dim)
+        self.layers = nn.ModuleList(LlamaBlock(params) for _ in range(params.n_layers))
+        self.norm = RMSNorm(params.dim, params.norm_eps)
+        self.output = Linear(params.dim, params.vocab_size)
+        if params.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.rotary = RotaryTables(params.head_dim, params.rope_theta, params.max_position_embeddings,
+                                   params.rope_scaling)
+
     @classmethod
-    def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelParams":
+    def params_from_hf(cls, cfg: dict[str, Any]) -> ModelParams:
         arch = (cfg.get("architectures") or ["LlamaForCausalLM"])[0]
         n_heads = cfg["num_attention_heads"]
         window = cfg.get("sliding_window")
@@ -41,9 +80,10 @@ class ModelParams:
             window = None
         rope_scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
         rope_theta = cfg.get("rope_theta") or (rope_scaling or {}).get("rope_theta") or 10000.0
-        if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) == "default":
-            rope_scaling = None
-        return cls(
+        if rope_type(rope_scaling) not in ROPE_TYPES:
+            raise ValueError(f"rope_scaling type {rope_type(rope_scaling)!r} is not supported for {arch}; "
+                             f"supported: {list(ROPE_TYPES)}")
+        return ModelParams(
             vocab_size=cfg["vocab_size"],
             dim=cfg["hidden_size"],
             n_layers=cfg["num_hidden_layers"],
@@ -53,136 +93,76 @@ class ModelParams:
             intermediate_size=cfg["intermediate_size"],
             norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta),
-            rope_scaling=rope_scaling,
+            rope_scaling=None if rope_type(rope_scaling) == "default" else rope_scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             qkv_bias=cfg.get("attention_bias", arch == "Qwen2ForCausalLM"),
             sliding_window=window,
         )
 
+    @classmethod
+    def gguf_tensor(cls, name: str, rows: np.ndarray, params: ModelParams, gguf_arch: str) -> np.ndarray:
+        """llama.cpp's converter permutes a `llama` GGUF's Q/K rows for ggml's interleaved RoPE;
+        this model rotates halves, so undo it (a row is whole blocks: quantised rows move as bytes)."""
+        if gguf_arch != "llama" or not name.endswith((".wq.weight", ".wq.bias", ".wk.weight", ".wk.bias")):
+            return rows
+        heads = params.n_heads if ".wq." in name else params.n_kv_heads
+        half = rows.shape[0] // heads // 2
+        return rows.reshape(heads, half, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
-class Transformer(nn.Module):
+    def kv_cache_shapes(self) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        p = self.params
+        return [((p.n_kv_heads, p.head_dim), (p.n_kv_heads, p.head_dim))] * p.n_layers
+
+    def forward(self, step: StepInputs, kv_caches: list[KVCache]) -> torch.Tensor:
+        """One step -> logits (N, vocab) for the rows step.logits_indices."""
+        x = self.tok_embeddings(step.input_ids)                  # (T, dim)
+        for layer, cache in zip(self.layers, kv_caches):
+            x = layer(x, step, cache, self.rotary)
+        x = F.gather_rows(x, step.logits_indices)                # (N, dim)
+        return self.output(self.norm(x))                         # (N, vocab)
+
+
+class LlamaBlock(nn.Module):
     def __init__(self, params: ModelParams) -> None:
         super().__init__()
-        self.params = params
-        self.tok_embeddings = nn.Embedding(params.vocab_size, params.dim)
-        self.layers = nn.ModuleList(TransformerBlock(params) for _ in range(params.n_layers))
-        self.norm = RMSNorm(params.dim, params.norm_eps)
-        self.output = nn.Linear(params.dim, params.vocab_size, bias=False)
-        if params.tie_word_embeddings:
-            self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_cache(params)
-        self.register_buffer("rope_cos", cos, persistent=False)  # (max_pos, head_dim)
-        self.register_buffer("rope_sin", sin, persistent=False)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions (T,); kv_cache (n_layers, 2, blocks, block_size, nkv, hd) -> hidden (T, dim)."""
-        x = self.tok_embeddings(input_ids)                       # (T, dim)
-        cos = self.rope_cos[positions].to(x.dtype)               # (T, hd)
-        sin = self.rope_sin[positions].to(x.dtype)
-        for layer, cache in zip(self.layers, kv_cache):
-            x = layer(x, cos, sin, cache, meta)
-        return self.norm(x)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (N, dim) -> logits (N, vocab) in float32."""
-        return self.output(hidden).float()
-
-
-class TransformerBlock(nn.Module):
-    def __init__(self, params: ModelParams) -> None:
-        super().__init__()
-        self.attention = CacheAttention(params)
-        self.feed_forward = FeedForward(params)
+        self.attention = LlamaAttention(params)
+        self.feed_forward = LlamaMLP(params)
         self.attention_norm = RMSNorm(params.dim, params.norm_eps)
         self.ffn_norm = RMSNorm(params.dim, params.norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache, meta)
-        return h + self.feed_forward(self.ffn_norm(h))
+    def forward(self, x: torch.Tensor, step: StepInputs, cache: KVCache, rotary: RotaryTables) -> torch.Tensor:
+        h = F.add(x, self.attention(self.attention_norm(x), step, cache, rotary))
+        return F.add(h, self.feed_forward(self.ffn_norm(h)))
 
 
-class CacheAttention(nn.Module):
+class LlamaAttention(nn.Module):
     """Multi-head attention with grouped KV heads over the paged KV cache."""
 
     def __init__(self, params: ModelParams) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = params.n_heads, params.n_kv_heads, params.head_dim
-        self.sliding_window = params.sliding_window
-        self.wq = nn.Linear(params.dim, params.n_heads * params.head_dim, bias=params.qkv_bias)
-        self.wk = nn.Linear(params.dim, params.n_kv_heads * params.head_dim, bias=params.qkv_bias)
-        self.wv = nn.Linear(params.dim, params.n_kv_heads * params.head_dim, bias=params.qkv_bias)
-        self.wo = nn.Linear(params.n_heads * params.head_dim, params.dim, bias=False)
+        self.sliding_window = params.sliding_window or 0
+        self.wq = Linear(params.dim, params.n_heads * params.head_dim, bias=params.qkv_bias)
+        self.wk = Linear(params.dim, params.n_kv_heads * params.head_dim, bias=params.qkv_bias)
+        self.wv = Linear(params.dim, params.n_kv_heads * params.head_dim, bias=params.qkv_bias)
+        self.wo = Linear(params.n_heads * params.head_dim, params.dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        T = x.shape[0]
-        q = self.wq(x).view(T, self.n_heads, self.head_dim)     # (T, nh, hd)
-        k = self.wk(x).view(T, self.n_kv_heads, self.head_dim)  # (T, nkv, hd)
-        v = self.wv(x).view(T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_cache, v_cache = cache                                 # (blocks, block_size, nkv, hd)
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        y = paged_attention(q, k_cache, v_cache, meta, self.head_dim ** -0.5, self.sliding_window)
-        return self.wo(y.reshape(T, self.n_heads * self.head_dim))
+    def forward(self, x: torch.Tensor, step: StepInputs, cache: KVCache, rotary: RotaryTables) -> torch.Tensor:
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)             # (T, nh*hd), (T, nkv*hd) x 2
+        q = rotary(q, step.positions, self.head_dim)
+        k = rotary(k, step.positions, self.head_dim)
+        y = F.paged_attention(q, k, v, cache, step, num_heads=self.n_heads, num_kv_heads=self.n_kv_heads,
+                              head_dim=self.head_dim, scale=self.head_dim ** -0.5, sliding_window=self.sliding_window)
+        return self.wo(y)                                        # (T, dim)
 
 
-class FeedForward(nn.Module):
+class LlamaMLP(nn.Module):
     def __init__(self, params: ModelParams) -> None:
         super().__init__()
-        self.w1 = nn.Linear(params.dim, params.intermediate_size, bias=False)  # gate
-        self.w3 = nn.Linear(params.dim, params.intermediate_size, bias=False)  # up
-        self.w2 = nn.Linear(params.intermediate_size, params.dim, bias=False)  # down
+        self.w1 = Linear(params.dim, params.intermediate_size)  # gate
+        self.w3 = Linear(params.dim, params.intermediate_size)  # up
+        self.w2 = Linear(params.intermediate_size, params.dim)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalise in float32 whatever the model dtype, then scale in the model dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (T, heads, hd) by position; cos, sin (T, hd). Halves layout (HF's rotate_half)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
-
-
-def rope_cache(params: ModelParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables (max_pos, head_dim) in float32."""
-    hd = params.head_dim
-    inv_freq = 1.0 / (params.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
-    scaling = params.rope_scaling or {}
-    if scaling.get("rope_type", scaling.get("type")) == "llama3":
-        inv_freq = _llama3_scaled(inv_freq, scaling)
-    elif scaling.get("rope_type", scaling.get("type")) == "linear":
-        inv_freq = inv_freq / scaling["factor"]
-    elif scaling:
-        raise NotImplementedError(f"perfxlm: rope_scaling {scaling} is not supported")
-    t = torch.arange(params.max_position_embeddings, dtype=torch.float32)
-    freqs = torch.outer(t, inv_freq)                        # (max_pos, hd/2)
-    emb = torch.cat((freqs, freqs), dim=-1)                 # (max_pos, hd)
-    return emb.cos(), emb.sin()
-
-
-def _llama3_scaled(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
-    """Llama 3.1's frequency-dependent RoPE stretch for long context."""
-    factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
-    old_len = s["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
-    smooth = (old_len / wavelen - low) / (high - low)
-    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-    mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
-    return torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+        return self.w2(F.silu_mul(self.w1(x), self.w3(x)))

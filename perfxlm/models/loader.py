@@ -9,34 +9,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from perfxlm.models import default_model
 from perfxlm.models.gguf_file import GGUFFile
-from perfxlm.models.registry import build_model
+from perfxlm.models.layers import CausalLM
+from perfxlm.models.registry import model_class
 
 logger = logging.getLogger(__name__)
-
-# HF checkpoint name -> Transformer parameter name
-_HF_RENAMES = [
-    (r"^model\.embed_tokens\.", "tok_embeddings."),
-    (r"^model\.norm\.", "norm."),
-    (r"^lm_head\.", "output."),
-    (r"^model\.layers\.(\d+)\.self_attn\.q_proj\.", r"layers.\1.attention.wq."),
-    (r"^model\.layers\.(\d+)\.self_attn\.k_proj\.", r"layers.\1.attention.wk."),
-    (r"^model\.layers\.(\d+)\.self_attn\.v_proj\.", r"layers.\1.attention.wv."),
-    (r"^model\.layers\.(\d+)\.self_attn\.o_proj\.", r"layers.\1.attention.wo."),
-    (r"^model\.layers\.(\d+)\.mlp\.gate_proj\.", r"layers.\1.feed_forward.w1."),
-    (r"^model\.layers\.(\d+)\.mlp\.up_proj\.", r"layers.\1.feed_forward.w3."),
-    (r"^model\.layers\.(\d+)\.mlp\.down_proj\.", r"layers.\1.feed_forward.w2."),
-    (r"^model\.layers\.(\d+)\.input_layernorm\.", r"layers.\1.attention_norm."),
-    (r"^model\.layers\.(\d+)\.post_attention_layernorm\.", r"layers.\1.ffn_norm."),
-]
 
 
 @dataclass
 class ModelSource:
-    """A located model: an HF directory or a GGUF file."""
+    """A located model: an HF directory or a GGUF file, its family checked against its config."""
 
     name: str                          # what the user asked for
     path: Path                         # HF directory, or the .gguf file
@@ -45,39 +29,71 @@ class ModelSource:
     generation_config: dict[str, Any] = field(default_factory=dict)
     _gguf: GGUFFile | None = field(default=None, repr=False)
 
-    def linear_blocks(self) -> dict:
-        """GGUF Linear weights kept as quantised blocks (see GGUFFile.linear_blocks); {} otherwise."""
-        return self._gguf.linear_blocks() if self.is_gguf else {}
+    @property
+    def config_file(self) -> Path:
+        return self.path if self.is_gguf else self.path / "config.json"
+
+    @property
+    def family(self) -> type[CausalLM]:
+        return model_class(self.hf_config.get("architectures") or ["LlamaForCausalLM"])
+
+    def params(self) -> Any:
+        """The family's parameters; a config that lacks what the family needs names the file and key."""
+        try:
+            return self.family.params_from_hf(self.hf_config)
+        except KeyError as e:
+            raise ValueError(f"{self.config_file}: the config has no {e.args[0]!r}, which "
+                             f"{self.family.__name__} needs") from None
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{self.config_file}: {e}") from None
+
+    def linear_blocks(self) -> dict[str, tuple[str, Any]]:
+        """GGUF weights kept as quantised blocks (see GGUFFile.linear_blocks); {} otherwise."""
+        return self._gguf.linear_blocks(self.family, self.params()) if self.is_gguf else {}
 
     def is_quantized(self) -> bool:
         return self.is_gguf and self._gguf.has_native_blocks()
 
-    def load_weights(self, dtype: torch.dtype) -> nn.Module:
-        model = build_model(self.hf_config)
+    def load_weights(self, dtype: torch.dtype) -> CausalLM:
+        """The model in `dtype`, its weights read from the checkpoint."""
+        family, params = self.family, self.params()
+        with torch.device("meta"):
+            model = family(params)
         if self.is_gguf:
-            state = self._gguf.state_dict(dtype)
+            state = self._gguf.state_dict(family, params, dtype)
         else:
-            state = {_rename(k): v.to(dtype) for k, v in _read_hf_tensors(self.path).items()
+            state = {_rename(family, k): v.to(dtype) for k, v in _read_hf_tensors(self.path).items()
                      if "rotary_emb" not in k}
-        if self.hf_config.get("tie_word_embeddings"):
-            state.pop("output.weight", None)
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-        missing = [m for m in missing if not (m == "output.weight" and self.hf_config.get("tie_word_embeddings"))]
-        if missing or unexpected:
-            raise ValueError(f"Weights of {self.name} do not fit the model: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
-        if self.hf_config.get("tie_word_embeddings"):
-            model.output.weight = model.tok_embeddings.weight
-        # non-persistent buffers (RoPE tables) were built on meta: rebuild them for real
-        from perfxlm.models.llama import rope_cache
-        model.rope_cos, model.rope_sin = rope_cache(model.params)
-        return model.eval()
+        _assign(model, state, self.name)
+        return model.to(dtype).eval()  # computed buffers (RoPE tables) to the model's dtype too
 
     def load_tokenizer(self, **kwargs: Any) -> Any:
         if self.is_gguf:
             return self._gguf.tokenizer()
         from transformers import AutoTokenizer
         return AutoTokenizer.from_pretrained(str(self.path), **kwargs)
+
+
+def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
+    """Put the checkpoint's tensors in the model's parameters; tied parameters (one tensor under
+    several names) take whichever of their names the checkpoint has."""
+    groups: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(pname)
+    missing = []
+    for names in groups.values():
+        found = next((n for n in names if n in state), None)
+        if found is None:
+            missing.append(names[0])
+            continue
+        param = torch.nn.Parameter(state[found], requires_grad=False)
+        for n in names:
+            owner, _, attr = n.rpartition(".")
+            setattr(model.get_submodule(owner), attr, param)
+    known = {n for names in groups.values() for n in names}
+    unexpected = sorted(set(state) - known)
+    if missing or unexpected:
+        raise ValueError(f"Weights of {name} do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 def load_tokenizer(source: ModelSource, tokenizer: str | None = None, **kwargs: Any) -> Any:
@@ -125,14 +141,31 @@ def _gguf_source(name: str, path: Path) -> ModelSource:
     gguf = GGUFFile(path)
     cfg = gguf.hf_config()
     gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id") if cfg.get(k) is not None}
-    return ModelSource(name, path, True, cfg, gen, gguf)
+    return _checked(ModelSource(name, path, True, cfg, gen, gguf))
 
 
 def _hf_source(name: str, path: Path) -> ModelSource:
-    cfg = json.loads((path / "config.json").read_text())
+    cfg = _read_json(path / "config.json")
     gen_path = path / "generation_config.json"
-    gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
-    return ModelSource(name, path, False, cfg, gen)
+    gen = _read_json(gen_path) if gen_path.is_file() else {}
+    return _checked(ModelSource(name, path, False, cfg, gen))
+
+
+def _checked(source: ModelSource) -> ModelSource:
+    """Refuse, before any weight is read, a model whose family is unknown or whose config lacks
+    what the family needs."""
+    source.params()
+    return source
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a readable JSON file: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} should hold a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _hf_cache_dir(repo_id: str, revision: str | None) -> Path | None:
@@ -157,8 +190,8 @@ def _read_hf_tensors(path: Path) -> dict[str, torch.Tensor]:
     raise ValueError(f"No *.safetensors or pytorch_model*.bin weights in {path}")
 
 
-def _rename(name: str) -> str:
-    for pattern, repl in _HF_RENAMES:
+def _rename(family: type[CausalLM], name: str) -> str:
+    for pattern, repl in family.hf_weight_names:
         new, n = re.subn(pattern, repl, name)
         if n:
             return new

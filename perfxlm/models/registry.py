@@ -1,23 +1,32 @@
-"""HF `architectures` name -> the perfxlm model class that runs it."""
-
-import torch
-from torch import nn
+"""HF `architectures` name -> the perfxlm model family that runs it (vLLM's ModelRegistry)."""
 
 from perfxlm.models import llama
+from perfxlm.models.layers import CausalLM
 
-_MODELS: dict[str, type[nn.Module]] = {
-    "LlamaForCausalLM": llama.Transformer,
-    "MistralForCausalLM": llama.Transformer,
-    "Qwen2ForCausalLM": llama.Transformer,
+_MODELS: dict[str, type[CausalLM]] = {
+    "LlamaForCausalLM": llama.LlamaForCausalLM,
+    "MistralForCausalLM": llama.LlamaForCausalLM,
+    "Qwen2ForCausalLM": llama.LlamaForCausalLM,
 }
-_PARAMS = {llama.Transformer: llama.ModelParams}
+
+
+class ModelRegistry:
+    """The families perfxlm can load; `register_model` adds one (as vLLM's out-of-tree models do)."""
+
+    @staticmethod
+    def register_model(architecture: str, model_cls: type[CausalLM]) -> None:
+        _MODELS[architecture] = model_cls
+
+    @staticmethod
+    def get_supported_archs() -> list[str]:
+        return sorted(_MODELS)
 
 
 def supported_architectures() -> list[str]:
-    return sorted(_MODELS)
+    return ModelRegistry.get_supported_archs()
 
 
-def model_class(architectures: list[str]) -> type[nn.Module]:
+def model_class(architectures: list[str]) -> type[CausalLM]:
     for arch in architectures:
         if arch in _MODELS:
             return _MODELS[arch]
@@ -25,8 +34,13 @@ def model_class(architectures: list[str]) -> type[nn.Module]:
                      f"Supported architectures: {supported_architectures()}")
 
 
-def build_model(hf_config: dict) -> nn.Module:
-    """An uninitialised model (on the meta device) for an HF config dict."""
-    cls = model_class(hf_config.get("architectures") or ["LlamaForCausalLM"])
-    with torch.device("meta"):
-        return cls(_PARAMS[cls].from_hf_config(hf_config))
+def gguf_architecture(gguf_arch: str) -> str | None:
+    """The HF architecture a GGUF's general.architecture loads as (None: no family reads it)."""
+    for cls in set(_MODELS.values()):
+        if gguf_arch in cls.gguf_architectures:
+            return cls.gguf_architectures[gguf_arch]
+    return None
+
+
+def gguf_architectures() -> list[str]:
+    return sorted({a for cls in _MODELS.values() for a in cls.gguf_architectures})

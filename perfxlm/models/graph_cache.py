@@ -1,11 +1,12 @@
-"""Exported graphs cached under ~/.cache/perfxlm/graphs ($PERFXLM_GRAPH_CACHE), keyed by model,
-dtype and graph format version."""
+"""Exported graphs cached under ~/.cache/perfxlm/graphs ($PERFXLM_GRAPH_CACHE), keyed by the
+checkpoint files, the code the graph is traced from, dtype and graph format version."""
 
 import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from graph_export.export import export_model, op_histogram, save_model
 from graph_export.ops import FORMAT_VERSION
 from perfxlm.models.default_model import cache_dir
 from perfxlm.models.loader import ModelSource
+from perfxlm.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -23,9 +25,21 @@ def graph_key(source: ModelSource, dtype: torch.dtype, quantization: str | None 
     files = [source.path] if source.is_gguf else sorted(source.path.glob("*.safetensors")) + sorted(
         source.path.glob("pytorch_model*.bin"))
     stamp = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    blob = json.dumps([stamp, source.hf_config, str(dtype), FORMAT_VERSION, quantization], sort_keys=True,
+    blob = json.dumps([stamp, _code_stamp(source), source.hf_config, str(dtype), FORMAT_VERSION, quantization], sort_keys=True,
                       default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _code_stamp(source: ModelSource) -> str:
+    """A digest of the code a graph is traced from (the family's file, the layers and the op
+    layer, the exporter): editing a model's forward exports its graph anew."""
+    import graph_export.export
+    import graph_export.functional
+    from perfxlm.models import layers
+    h = hashlib.sha256(f"{source.family.__module__}.{source.family.__qualname__}".encode())
+    for module in (sys.modules[source.family.__module__], layers, graph_export.functional, graph_export.export):
+        h.update(Path(module.__file__).read_bytes())
+    return h.hexdigest()
 
 
 def cached_graph(source: ModelSource, dtype: torch.dtype, quantization: str | None = None) -> Path:
@@ -40,7 +54,7 @@ def cached_graph(source: ModelSource, dtype: torch.dtype, quantization: str | No
     logger.info("exporting %s (%s) to %s", source.name, dtype, path.parent)
     model = source.load_weights(dtype)
     quantized = source.linear_blocks() if quantization == "gguf" else None
-    graph = export_model(model, source=source.name, quantized=quantized)
+    graph = export_model(model, source=source.name, producer_version=__version__, quantized=quantized)
     logger.info("op types: %s", op_histogram(graph))
     path.parent.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent.parent))

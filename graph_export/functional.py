@@ -1,0 +1,193 @@
+"""The op table (ops.py) as torch functions: the layer every model is written against.
+
+Called eagerly, each function computes its op with torch; these bodies are the reference
+that every plugin is compared with, and the `torch` plugin runs them. While
+`graph_export.export` traces a model's forward, each call also records its ONNX node
+(`_tracer` is set for the duration), so a model is written once and exported as it runs.
+Shapes as in ops.py: T tokens in the step, B sequences, N logits rows.
+"""
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as TF
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # one layer's (k_cache, v_cache), each (blocks, block_size, Hkv, hd)
+
+
+@dataclass
+class StepInputs:
+    """One engine step's graph inputs (ops.GRAPH_INPUTS) as int64 tensors."""
+
+    input_ids: torch.Tensor        # (T,)
+    positions: torch.Tensor        # (T,)
+    slot_mapping: torch.Tensor     # (T,): the cache slot each new token's K/V goes to
+    block_tables: torch.Tensor     # (B, max_blocks): each sequence's blocks, 0-padded
+    seq_lens: torch.Tensor         # (B,): tokens in the cache after this step
+    query_start_loc: torch.Tensor  # (B+1,): sequence b's new tokens are rows [qsl[b], qsl[b+1])
+    logits_indices: torch.Tensor   # (N,): the rows of T whose logits are computed
+
+
+class _Tracer(Protocol):
+    def record(self, op_type: str, inputs: list[Any], outputs: list[torch.Tensor], **attrs: Any) -> None: ...
+
+
+_tracer: _Tracer | None = None  # graph_export.export sets this while it traces a forward
+
+
+def _record(op_type: str, inputs: list[Any], outputs: list[torch.Tensor], **attrs: Any) -> torch.Tensor:
+    if _tracer is not None:
+        _tracer.record(op_type, inputs, outputs, **attrs)
+    return outputs[0]
+
+
+def embedding(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """table (V, D)[ids (T,)] -> (T, D). Also picks rows of a hidden state (gather_rows)."""
+    return _record("Gather", [table, ids], [torch.index_select(table, 0, ids)], axis=0)
+
+
+gather_rows = embedding  # hidden (T, D)[logits_indices (N,)] -> (N, D): the same Gather op
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (T, D) -> weight * x / sqrt(mean(x^2) + eps); normalised in float32 whatever the
+    dtype, then scaled in x's dtype (HF's LlamaRMSNorm)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return _record("RMSNorm", [x, weight], [weight * xf.to(x.dtype)], epsilon=float(eps))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           weight_format: str = "dense") -> torch.Tensor:
+    """x (T, K) @ weight (N, K)^T + bias (N,) -> (T, N). With a weight_format other than
+    'dense', weight holds GGUF blocks (uint8 (N, K/32 * block bytes)), dequantised here once."""
+    w = weight if weight_format == "dense" else _dequantized(weight, weight_format, x.dtype)
+    y = TF.linear(x, w, bias)
+    return _record("Linear", [x, weight] + ([bias] if bias is not None else []), [y])
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+         head_dim: int) -> torch.Tensor:
+    """x (T, H*hd): rotate each head's halves by its position's angle (HF's rotate_half);
+    cos, sin (max_pos, hd) tables in x's dtype."""
+    T = x.shape[0]
+    xh = x.view(T, -1, head_dim)                                    # (T, H, hd)
+    c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # (T, 1, hd)
+    x1, x2 = xh.chunk(2, dim=-1)
+    y = xh * c + torch.cat((-x2, x1), dim=-1) * s
+    return _record("RoPE", [x, positions, cos, sin], [y.reshape(T, -1)], head_dim=int(head_dim))
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, step: StepInputs, *,
+                    num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                    sliding_window: int = 0) -> torch.Tensor:
+    """Write k, v (T, Hkv*hd) to the cache slots step.slot_mapping, then each token of q
+    (T, H*hd) attends causally over its sequence's cached keys (the last `sliding_window`
+    of them when that is set) -> (T, H*hd). The caches are updated in place."""
+    k_cache, v_cache = kv_cache
+    T = q.shape[0]
+    k_cache.view(-1, num_kv_heads, head_dim)[step.slot_mapping] = k.view(T, num_kv_heads, head_dim)
+    v_cache.view(-1, num_kv_heads, head_dim)[step.slot_mapping] = v.view(T, num_kv_heads, head_dim)
+    y = _attend(q.view(T, num_heads, head_dim), k_cache, v_cache, step, scale, sliding_window).view(T, -1)
+    inputs = [q, k, v, k_cache, v_cache, step.slot_mapping, step.block_tables, step.seq_lens, step.query_start_loc]
+    return _record("PagedAttention", inputs, [y, k_cache, v_cache], num_heads=int(num_heads),
+                   num_kv_heads=int(num_kv_heads), head_dim=int(head_dim), scale=float(scale),
+                   sliding_window=int(sliding_window or 0))
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, both (T, F)."""
+    return _record("SiluMul", [gate, up], [TF.silu(gate) * up])
+
+
+def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a + b, both (T, D): the residual stream."""
+    return _record("Add", [a, b], [a + b])
+
+
+# ---- internals ------------------------------------------------------------------------
+
+_DEQUANTIZED: dict[tuple[int, str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _dequantized(blocks: torch.Tensor, fmt: str, dtype: torch.dtype) -> torch.Tensor:
+    key = (blocks.data_ptr(), fmt, dtype)
+    hit = _DEQUANTIZED.get(key)
+    if hit is None or hit[0] is not blocks:
+        from graph_export.quant import dequantize
+        w = torch.from_numpy(dequantize(blocks.cpu().numpy(), fmt)).to(dtype=dtype, device=blocks.device)
+        hit = _DEQUANTIZED[key] = (blocks, w)
+    return hit[1]
+
+
+def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, step: StepInputs, scale: float,
+            sliding_window: int) -> torch.Tensor:
+    """q (T, H, hd) over the paged caches -> (T, H, hd). Decode rows (one new token) run as
+    one padded batch; each prefill chunk runs alone, so a long prompt beside many decodes
+    pads nothing."""
+    out = torch.empty_like(q)
+    starts = step.query_start_loc.tolist()
+    seq_lens = step.seq_lens.tolist()
+    decode = [b for b in range(len(seq_lens)) if starts[b + 1] - starts[b] == 1]
+    if decode:
+        rows = torch.tensor([starts[b] for b in decode])
+        idx = torch.tensor(decode)
+        max_len = max(seq_lens[b] for b in decode)
+        k, v = _gather(k_cache, v_cache, step.block_tables[idx], max_len)   # (D, S, Hkv, hd)
+        key_pos = torch.arange(max_len)
+        lens = step.seq_lens[idx].unsqueeze(1)                               # (D, 1)
+        mask = key_pos < lens                                                 # (D, S)
+        if sliding_window:
+            mask &= key_pos >= lens - sliding_window
+        o = TF.scaled_dot_product_attention(
+            q[rows].unsqueeze(2),                                             # (D, H, 1, hd)
+            k.transpose(1, 2), v.transpose(1, 2),                             # (D, Hkv, S, hd)
+            attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)
+        out[rows] = o.squeeze(2)
+    for b, seq_len in enumerate(seq_lens):
+        n = starts[b + 1] - starts[b]
+        if n == 1:
+            continue
+        k, v = _gather(k_cache, v_cache, step.block_tables[b:b + 1], seq_len)  # (1, S, Hkv, hd)
+        qb = q[starts[b]:starts[b] + n].transpose(0, 1).unsqueeze(0)           # (1, H, n, hd)
+        q_pos = torch.arange(seq_len - n, seq_len).unsqueeze(1)                # (n, 1)
+        key_pos = torch.arange(seq_len)
+        mask = key_pos <= q_pos                                                # (n, S)
+        if sliding_window:
+            mask &= key_pos > q_pos - sliding_window
+        o = TF.scaled_dot_product_attention(qb, k.transpose(1, 2), v.transpose(1, 2),
+                                            attn_mask=mask, scale=scale, enable_gqa=True)
+        out[starts[b]:starts[b] + n] = o[0].transpose(0, 1)
+    return out
+
+
+def _gather(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+            length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `length` cached tokens of each row of block_tables -> 2 x (B, length, Hkv, hd)."""
+    block_size = k_cache.shape[1]
+    blocks = block_tables[:, :(length + block_size - 1) // block_size]
+    return k_cache[blocks].flatten(1, 2)[:, :length], v_cache[blocks].flatten(1, 2)[:, :length]
+
+
+def _run_paged_attention(attrs: dict, ins: list[torch.Tensor]) -> torch.Tensor:
+    q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc = ins
+    none: Any = None  # attention reads only the cache metadata of the step
+    step = StepInputs(input_ids=none, positions=none, slot_mapping=slot_mapping, block_tables=block_tables,
+                      seq_lens=seq_lens, query_start_loc=query_start_loc, logits_indices=none)
+    return paged_attention(q, k, v, (k_cache, v_cache), step, num_heads=attrs["num_heads"],
+                           num_kv_heads=attrs["num_kv_heads"], head_dim=attrs["head_dim"], scale=attrs["scale"],
+                           sliding_window=attrs.get("sliding_window", 0))
+
+
+# op type -> (attrs, inputs) -> output: how the torch plugin runs a graph node with these bodies
+KERNELS = {
+    "Gather": lambda attrs, ins: embedding(*ins),
+    "RMSNorm": lambda attrs, ins: rms_norm(*ins, attrs["epsilon"]),
+    "Linear": lambda attrs, ins: linear(ins[0], ins[1], ins[2] if len(ins) > 2 else None,
+                                        attrs.get("weight_format", "dense")),
+    "RoPE": lambda attrs, ins: rope(*ins, attrs["head_dim"]),
+    "PagedAttention": _run_paged_attention,
+    "SiluMul": lambda attrs, ins: silu_mul(*ins),
+    "Add": lambda attrs, ins: add(*ins),
+}

@@ -1,0 +1,1 @@
+"""Model families in plain PyTorch, and finding and loading their weights."""
