@@ -39,7 +39,7 @@ def verify_graph(graph: onnx.ModelProto, model: torch.nn.Module, prompt_ids: lis
     try:
         import onnxruntime as ort
     except ImportError:
-        raise ImportError("verifying a graph needs onnxruntime: pip install 'perfxlm[verify]'") from None
+        raise ImportError("perfxlm export --verify needs onnxruntime: pip install 'perfxlm[verify]'") from None
     dtype = next(model.parameters()).dtype
     n = len(prompt_ids)
     num_blocks = (n + 1) // block_size + 2

@@ -1,6 +1,7 @@
 """`perfxlm` command line: export, plugins, bench."""
 
 import argparse
+import importlib.util
 import logging
 import sys
 
@@ -174,6 +175,8 @@ def _export(args: argparse.Namespace) -> int:
     from perfxlm.models.loader import load_tokenizer, resolve_model
     from perfxlm.version import __version__
 
+    if args.verify and importlib.util.find_spec("onnxruntime") is None:  # before the export, not after it
+        raise SystemExit("perfxlm export --verify needs onnxruntime: pip install 'perfxlm[verify]'")
     source = resolve_model(args.model)
     dtype = resolve_dtype(args.dtype, source.hf_config)
     model = source.load_weights(dtype)

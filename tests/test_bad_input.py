@@ -27,6 +27,8 @@ OK = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     ("hi", SamplingParams(stop_token_ids=[10**6]), "token_id(s) [1000000] in stop_token_ids contain out-of-vocab"),
     ("hi", SamplingParams(logit_bias={10**6: 1.0}), "token_id(s) [1000000] in logit_bias contain out-of-vocab"),
     ("hi", SamplingParams(allowed_token_ids=[]), "allowed_token_ids is not None and empty!"),
+    ("hi", SamplingParams(seed=2**70), f"seed must be in [-2**63, 2**64 - n] (n=1), got {2**70}."),
+    ("hi", SamplingParams(n=2, seed=2**64 - 1), f"seed must be in [-2**63, 2**64 - n] (n=2), got {2**64 - 1}."),
 ])
 def test_rejected_at_add_time(tiny_llm, prompt, params, message):
     with pytest.raises(VLLMValidationError) as exc:
@@ -58,6 +60,9 @@ def test_max_logprobs_engine_argument(tiny_llama_dir):
     llm = LLM(str(tiny_llama_dir), dtype="float32", max_logprobs=30, kv_cache_memory_bytes=8 << 20)
     out = llm.generate("x", SamplingParams(max_tokens=1, logprobs=30), use_tqdm=False)[0]
     assert len(out.outputs[0].logprobs[0]) in (30, 31)
+    uncapped = LLM(str(tiny_llama_dir), dtype="float32", max_logprobs=-1, kv_cache_memory_bytes=8 << 20)
+    out = uncapped.generate("x", SamplingParams(max_tokens=1, logprobs=-1), use_tqdm=False)[0]  # -1: no cap
+    assert len(out.outputs[0].logprobs[0]) == uncapped.llm_engine.vocab_size
 
 
 @pytest.mark.parametrize("kwargs, error, message", [

@@ -119,14 +119,19 @@ class LLMEngine:
                 f"is longer than the maximum model length of {cfg.max_model_len}. Make sure that "
                 "`max_model_len` is no smaller than the number of text tokens (prompt + requested "
                 "output tokens).", parameter="prompt", value=n)
+        max_logprobs = vocab if cfg.max_logprobs == -1 else cfg.max_logprobs  # -1: no cap, as in vLLM
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(params, name)
             k = vocab if k == -1 else k
-            if k is not None and k > cfg.max_logprobs:
+            if k is not None and k > max_logprobs:
                 kind = "sample" if name == "logprobs" else "prompt"
                 raise VLLMValidationError(
                     f"Requested {kind} logprobs of {k}, which is greater than max allowed: {cfg.max_logprobs}",
                     parameter=name, value=k)
+        if params.seed is not None and not -2**63 <= params.seed <= 2**64 - params.n:
+            raise VLLMValidationError(  # torch's generators take a 64-bit seed; child i of n uses seed + i
+                f"seed must be in [-2**63, 2**64 - n] (n={params.n}), got {params.seed}.", parameter="seed",
+                value=params.seed)
         for name, ids in (("stop_token_ids", params.stop_token_ids),
                           ("logit_bias", list(params.logit_bias or ())),
                           ("allowed_token_ids", params.allowed_token_ids or [])):
