@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from hw_plugins.cpu.library import (ADD, ADD_RMSNORM, ATTENTION, GATHER, LINEAR, LINEAR_SILU, NO_WAIT, OUT_F32,
-                                    RMSNORM, ROPE, ROWS_N, SILU_MUL, PlanNode)
-from hw_plugins.cpu.plugin import _ACT, _ptr, host_zeros
+from hw_plugins.cpu.buffers import _ptr, host_zeros
+from hw_plugins.cpu.library import (ACTIVATIONS, ADD, ADD_RMSNORM, ATTENTION, GATHER, LINEAR, LINEAR_SILU, NO_WAIT,
+                                    OUT_F32, RMSNORM, ROPE, ROWS_N, SILU_MUL, PlanNode)
 
 __all__ = ["Plan", "PlanNode", "GATHER", "RMSNORM", "LINEAR", "ROPE", "ATTENTION", "SILU_MUL", "ADD",
            "LINEAR_SILU", "ADD_RMSNORM", "ROWS_N", "NO_WAIT", "OUT_F32"]  # (the codes: library.py)
@@ -73,7 +73,7 @@ class Plan:
             arrays = [buffer(n) for n in ins]
             out = buffer(node.outputs[0])
             r = self.records[i]
-            r.dt = _ACT[arrays[0].dtype.name]
+            r.dt = ACTIVATIONS[arrays[0].dtype.name]
             r.rows = ROWS_N if node.outputs[0] in rows_n else 0
             at = node.attrs
             if node.op_type == "Gather":
@@ -97,7 +97,7 @@ class Plan:
             elif id(node) in gated:  # y = silu(x @ Wg^T) * (x @ Wu^T), in one pass
                 gate, _, (r.wfmt, weight) = gated[id(node)]
                 x = buffer(gate.inputs[0])
-                r.op, r.a, r.b, r.dt, ptrs = LINEAR_SILU, out.shape[1], x.shape[1], _ACT[x.dtype.name], [x, weight, out]
+                r.op, r.a, r.b, r.dt, ptrs = LINEAR_SILU, out.shape[1], x.shape[1], ACTIVATIONS[x.dtype.name], [x, weight, out]
                 ins = [gate.inputs[0]]
             elif id(node) in normed:  # s = a + b, y = rmsnorm(s)
                 norm = normed[id(node)]

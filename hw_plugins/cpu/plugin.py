@@ -16,11 +16,11 @@ from graph_export import quant
 from hw_plugins.base import CompiledStep, HwPlugin, NativeSampler, Node
 from hw_plugins.cpu import library
 from hw_plugins.cpu.buffers import _ptr, host_zeros
-from hw_plugins.cpu.library import BF16, F32, Q4_0, Q4_1, Q8_0
+from hw_plugins.cpu.library import Q4_0, Q4_1, Q8_0
 
 logger = logging.getLogger(__name__)
 
-_ACT = {"float32": F32, "bfloat16": BF16}
+_ACT = library.ACTIVATIONS
 _WEIGHT_FORMATS = {"dense": None, "q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1}
 
 
