@@ -92,7 +92,7 @@ class _Tracer:
         return name if name not in self.initializers else f"{name}.{len(self.initializers)}"
 
     def _node_name(self, op_type: str, inputs: list[str]) -> str:
-        """A weight's op is named after the weight ('layers.0.attention.wq'), others by a count."""
+        """An op that reads a weight is named after that parameter (less '.weight'), others by a count."""
         weight = inputs[1] if len(inputs) > 1 and inputs[1] in self.initializers else None
         if op_type == "Gather" and inputs[0] in self.initializers:
             weight = inputs[0]

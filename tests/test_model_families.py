@@ -59,6 +59,17 @@ def test_a_new_family_is_one_file_and_one_registry_line(toy_dir, monkeypatch):
     assert len({tuple(o.outputs[0].token_ids) for o in got}) == 2  # the prompts lead somewhere different
 
 
+def test_the_exporter_knows_no_layer_or_weight_name(tiny_llama_dir):
+    from pathlib import Path
+    model = resolve_model(str(tiny_llama_dir)).load_weights(torch.float32)
+    # 'layers.0.attention.wq.weight' -> 'attention.wq.weight'; 'tok_embeddings.weight' as it is
+    names = {n.split(".", 2)[2] if n.startswith("layers.") else n for n, _ in model.named_parameters()}
+    assert {"attention.wq.weight", "feed_forward.w1.weight", "tok_embeddings.weight"} <= names
+    for path in (Path(__file__).parents[1] / "graph_export").glob("*.py"):
+        text = path.read_text()
+        assert "layers." not in text and not [n for n in names if n in text], path
+
+
 def _hf_dir(tmp_path, tiny_llama_dir, **config_changes):
     out = tmp_path / "model"
     shutil.copytree(tiny_llama_dir, out)
