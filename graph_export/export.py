@@ -46,8 +46,7 @@ class _Tracer:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: dict[str, onnx.TensorProto] = {}
         self.blocks: dict[str, str] = {}               # weight name -> its GGUF blocks' initializer
-        self.node_names: set[str] = set()
-        self.count = 0
+        self.scope: list[str] = []                     # module path of the forward being traced
 
     def name_input(self, t: torch.Tensor, name: str) -> None:
         self.values[id(t)] = name
@@ -92,16 +91,34 @@ class _Tracer:
         return name if name not in self.initializers else f"{name}.{len(self.initializers)}"
 
     def _node_name(self, op_type: str, inputs: list[str]) -> str:
-        """An op that reads a weight is named after that parameter (less '.weight'), others by a count."""
-        weight = inputs[1] if len(inputs) > 1 and inputs[1] in self.initializers else None
-        if op_type == "Gather" and inputs[0] in self.initializers:
-            weight = inputs[0]
-        self.count += 1
-        name = weight.removesuffix(".weight") if weight else f"{op_type.lower()}_{self.count}"
-        if name in self.node_names:
-            name = f"{name}_{self.count}"
-        self.node_names.add(name)
+        """A node that reads a weight is named after that parameter (less '.weight'), others after
+        the module that called the op and the op; a name already taken gets a number."""
+        weight = next((n for n in inputs[:2] if n in self.initializers), None)
+        scope = self.scope[-1:]
+        if len(self.scope) > 1 and not self.scope[-1].startswith(self.scope[-2] + "."):  # a shared module
+            scope = [f"{self.scope[-2]}.{self.scope[-1]}"]
+        name = weight.removesuffix(".weight") if weight else ".".join([*scope, op_type.lower()])
+        taken = set(self.initializers) | set(self.values.values()) | set(GRAPH_INPUTS)
+        base, k = name, 1
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
         return name
+
+
+def _name_scopes(model: torch.nn.Module, tracer: _Tracer) -> list[Any]:
+    """Keep tracer.scope as the path of the module whose forward is running (names nodes)."""
+    def enter(name: str) -> Any:
+        return lambda module, args: tracer.scope.append(name)
+
+    def leave(module: torch.nn.Module, args: Any, output: Any) -> None:
+        tracer.scope.pop()
+
+    handles = []
+    for name, module in model.named_modules():
+        if name:
+            handles.append(module.register_forward_pre_hook(enter(name)))
+            handles.append(module.register_forward_hook(leave))
+    return handles
 
 
 def to_tensor_proto(t: torch.Tensor, name: str) -> onnx.TensorProto:
@@ -141,12 +158,15 @@ def export_model(model: torch.nn.Module, *, source: str = "", producer_version: 
         k_name, v_name = cache_input_names(i)
         tracer.name_input(k, k_name)
         tracer.name_input(v, v_name)
-    functional._tracer = tracer
+    token = functional.tracer.set(tracer)
+    scopes = _name_scopes(model, tracer)
     try:
         with torch.inference_mode():
             logits = model(step, caches)                                     # (N, V)
     finally:
-        functional._tracer = None
+        functional.tracer.reset(token)
+        for handle in scopes:
+            handle.remove()
     last = tracer.nodes[-1]
     if tracer.values.get(id(logits)) != last.output[0]:
         raise ValueError("the model's forward must return the output of its last op (the logits)")
@@ -169,7 +189,8 @@ def export_model(model: torch.nn.Module, *, source: str = "", producer_version: 
         "perfxlm.format_version": str(FORMAT_VERSION),
         "perfxlm.model_params": json.dumps(dataclasses.asdict(params) if dataclasses.is_dataclass(params) else {}),
         "perfxlm.dtype": str(dtype).removeprefix("torch."),
-        "perfxlm.weight_formats": json.dumps(sorted({f for f, _ in quantized.values()})),
+        "perfxlm.weight_formats": json.dumps(sorted({a.s.decode() for n in tracer.nodes for a in n.attribute
+                                                     if a.name == "weight_format"})),
         "perfxlm.source": source,
     })
     return m

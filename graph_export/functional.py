@@ -3,10 +3,11 @@
 Called eagerly, each function computes its op with torch; these bodies are the reference
 that every plugin is compared with, and the `torch` plugin runs them. While
 `graph_export.export` traces a model's forward, each call also records its ONNX node
-(`_tracer` is set for the duration), so a model is written once and exported as it runs.
+(`tracer` is set for the duration, in that thread only), so a model is written once and exported as it runs.
 Shapes as in ops.py: T tokens in the step, B sequences, N logits rows.
 """
 
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -33,12 +34,14 @@ class _Tracer(Protocol):
     def record(self, op_type: str, inputs: list[Any], outputs: list[torch.Tensor], **attrs: Any) -> None: ...
 
 
-_tracer: _Tracer | None = None  # graph_export.export sets this while it traces a forward
+# set by graph_export.export while it traces a forward, for that thread (or task) only
+tracer: ContextVar[_Tracer | None] = ContextVar("perfxlm_tracer", default=None)
 
 
 def _record(op_type: str, inputs: list[Any], outputs: list[torch.Tensor], **attrs: Any) -> torch.Tensor:
-    if _tracer is not None:
-        _tracer.record(op_type, inputs, outputs, **attrs)
+    t = tracer.get()
+    if t is not None:
+        t.record(op_type, inputs, outputs, **attrs)
     return outputs[0]
 
 
