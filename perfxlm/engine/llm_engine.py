@@ -8,13 +8,12 @@ from pathlib import Path
 
 import torch
 
-from hw_plugins.base import select_plugin
-from hw_plugins.torch_ref import TorchPlugin
+from hw_plugins.base import REFERENCE, select_plugin
 from perfxlm.config import EngineConfig
 from perfxlm.engine.block_manager import BlockManager
 from perfxlm.engine.detokenizer import IncrementalDetokenizer
-from perfxlm.engine.graph_runner import GraphRunner, GraphSpec, load_graph
-from perfxlm.engine.model_runner import EagerExecutor, Executor, GraphExecutor, ModelRunner, eager_spec
+from perfxlm.engine.graph_runner import GraphRunner, GraphSpec
+from perfxlm.engine.model_runner import EagerExecutor, Executor, GraphExecutor, ModelRunner, model_spec
 from perfxlm.engine.output_processor import OutputProcessor, RequestState
 from perfxlm.engine.request import Request, RequestStatus
 from perfxlm.engine.sampler import Sampler
@@ -39,18 +38,20 @@ class LLMEngine:
         self.generation_config = source.generation_config if config.generation_config != "vllm" else {}
         self.eos_token_id = self._eos_token_id()
 
-        # the model (its exported graph, or the torch module) says what its KV caches are
-        eager = os.environ.get("PERFXLM_EXECUTOR", "graph") == "eager"
-        if eager and config.batch_invariant:
-            raise ValueError("PERFXLM_BATCH_INVARIANT=1 needs the graph executor (PERFXLM_EXECUTOR=eager "
-                             "runs torch, whose GEMMs depend on the batch)")
-        model = source.load_weights(config.dtype) if eager else None
-        graph = None if eager else cached_graph(source, config.dtype, config.quantization)
-        spec = eager_spec(model, config.dtype) if eager else GraphSpec.of_graph(load_graph(graph)[0])
+        # the model's shapes size the KV cache before any weight is read or graph exported
+        spec = model_spec(source.meta_model(), config.dtype)
         self.vocab_size = spec.vocab_size
         num_blocks = self._num_blocks(spec)
-        executor = (EagerExecutor(model, config.dtype, num_blocks, config.block_size) if eager
-                    else self._graph_executor(graph, num_blocks))
+        if os.environ.get("PERFXLM_EXECUTOR", "graph") == "eager":
+            if config.batch_invariant:
+                raise ValueError("PERFXLM_BATCH_INVARIANT=1 needs the graph executor (PERFXLM_EXECUTOR=eager "
+                                 "runs torch, whose GEMMs depend on the batch)")
+            executor: Executor = EagerExecutor(source.load_weights(config.dtype), spec, num_blocks, config.block_size)
+        else:
+            executor = self._graph_executor(cached_graph(source, config.dtype, config.quantization), num_blocks)
+            if executor.spec != spec:
+                raise RuntimeError(f"the exported graph's vocabulary and KV caches {executor.spec} differ from the "
+                                   f"model's {spec}")
         self.runner = ModelRunner(executor, config.block_size)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
@@ -82,8 +83,8 @@ class LLMEngine:
 
     def _graph_executor(self, graph: Path, num_blocks: int) -> Executor:
         cfg = self.config
-        runner = GraphRunner(graph, select_plugin(cfg.hw_plugin), TorchPlugin(), cfg.max_num_batched_tokens,
-                             num_blocks, cfg.block_size)
+        runner = GraphRunner(graph, select_plugin(cfg.hw_plugin), select_plugin(REFERENCE),
+                             cfg.max_num_batched_tokens, num_blocks, cfg.block_size)
         for plugin in {node.plugin for node in runner.nodes}:
             if not plugin.set_batch_invariant(cfg.batch_invariant):
                 raise ValueError(f"PERFXLM_BATCH_INVARIANT=1: hw_plugin {plugin.name!r} runs nodes here but "

@@ -102,11 +102,13 @@ class EagerExecutor:
 
     native_sampler = None
 
-    def __init__(self, model: CausalLM, dtype: torch.dtype, num_blocks: int, block_size: int) -> None:
-        self.model = model
-        self.spec = eager_spec(model, dtype)
-        # zeroed, so padded slots that masked attention rows still read are finite
-        caches = [torch.zeros(c.shape(num_blocks, block_size), dtype=dtype) for c in self.spec.caches]
+    def __init__(self, model: CausalLM, spec: GraphSpec, num_blocks: int, block_size: int) -> None:
+        self.model, self.spec = model, spec
+        # Zeroed, so padded slots that masked attention rows still read are finite; numpy's
+        # calloc gives zero pages the OS commits only when touched, so a large budget costs
+        # nothing up front.
+        caches = [torch.from_numpy(np.zeros(c.bytes_per_block(block_size) * num_blocks, np.uint8))
+                  .view(getattr(torch, c.dtype)).view(c.shape(num_blocks, block_size)) for c in spec.caches]
         self.kv_caches = list(zip(caches[0::2], caches[1::2]))
 
     @torch.inference_mode()
@@ -115,8 +117,8 @@ class EagerExecutor:
         return self.model(step, self.kv_caches).float().numpy()
 
 
-def eager_spec(model: CausalLM, dtype: torch.dtype) -> GraphSpec:
-    """The GraphSpec the model's exported graph would have."""
+def model_spec(model: CausalLM, dtype: torch.dtype) -> GraphSpec:
+    """The GraphSpec the model's exported graph has (the model may be on the meta device)."""
     caches = []
     for i, shapes in enumerate(model.kv_cache_shapes()):
         for name, shape in zip(cache_input_names(i), shapes):

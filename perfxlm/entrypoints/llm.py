@@ -256,8 +256,8 @@ class LLM:
             for (prompt_ids, text), p in zip(inputs, params):
                 p.output_kind = RequestOutputKind.FINAL_ONLY  # vLLM sets this on the caller's object
                 request_id = str(next(self.request_counter))
-                ids.append(request_id)  # before add_request: one that fails half-way is aborted too
-                engine.add_request(request_id, prompt_ids, p, prompt=text)
+                engine.add_request(request_id, prompt_ids, p, prompt=text)  # queues all of it or nothing
+                ids.append(request_id)
             outputs = self._run_engine(len(inputs), use_tqdm)
         except BaseException:
             # a request that failed to add (an overflowing seed, a bad word that is all spaces,

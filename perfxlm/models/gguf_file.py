@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from perfxlm.models.layers import CausalLM
-from perfxlm.models.registry import gguf_architecture, gguf_architectures
+from perfxlm.models.registry import gguf_architecture, gguf_architectures, model_class
 
 logger = logging.getLogger(__name__)
 
@@ -54,39 +54,25 @@ class GGUFFile:
                 raise ValueError(f"{self.path} is truncated: tensor {t.name} ends at byte "
                                  f"{t.data_offset + t.n_bytes} of a {size}-byte file")
 
-    def _get(self, key: str, default: Any = None) -> Any:
+    def get(self, key: str, default: Any = None) -> Any:
+        """The architecture's metadata value `{arch}.{key}` (llama.cpp's names)."""
         return self.meta.get(f"{self.arch}.{key}", default)
 
+    @property
+    def tensor_names(self) -> set[str]:
+        return {t.name for t in self.reader.tensors}
+
+    @property
+    def vocab_size(self) -> int:
+        return self.get("vocab_size") or len(self.reader.fields["tokenizer.ggml.tokens"].data)
+
     def hf_config(self) -> dict[str, Any]:
-        """The equivalent transformers config.json contents."""
-        names = {t.name for t in self.reader.tensors}
-        n_heads = self._get("attention.head_count")
-        dim = self._get("embedding_length")
-        if n_heads is None or dim is None:
-            raise ValueError(f"{self.path} has no {self.arch}.attention.head_count / {self.arch}.embedding_length "
-                             "metadata")
-        vocab = self._get("vocab_size") or len(self.reader.fields["tokenizer.ggml.tokens"].data)
-        cfg = {
-            "architectures": [gguf_architecture(self.arch)],
-            "model_type": self.arch,
-            "vocab_size": vocab,
-            "hidden_size": dim,
-            "num_hidden_layers": self._get("block_count"),
-            "num_attention_heads": n_heads,
-            "num_key_value_heads": self._get("attention.head_count_kv", n_heads),
-            "head_dim": self._get("attention.key_length", dim // n_heads),
-            "intermediate_size": self._get("feed_forward_length"),
-            "rms_norm_eps": float(self._get("attention.layer_norm_rms_epsilon", 1e-5)),
-            "rope_theta": float(self._get("rope.freq_base", 10000.0)),
-            "max_position_embeddings": self._get("context_length", 2048),
-            "tie_word_embeddings": "output.weight" not in names,
-            "bos_token_id": self.meta.get("tokenizer.ggml.bos_token_id"),
-            "eos_token_id": self.meta.get("tokenizer.ggml.eos_token_id"),
-            "attention_bias": "blk.0.attn_q.bias" in names,
-        }
-        if self._get("rope.scaling.type") == "linear":
-            cfg["rope_scaling"] = {"rope_type": "linear", "factor": self._get("rope.scaling.factor")}
-        return cfg
+        """The equivalent transformers config.json contents, as the model family reads them."""
+        architecture = gguf_architecture(self.arch)
+        try:
+            return model_class([architecture]).config_from_gguf(self, architecture)
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{self.path}: its {self.arch} metadata lacks what the model needs ({e})") from None
 
     def _tensors(self, family: type[CausalLM], kinds: tuple[str, ...]) -> Any:
         """(parameter name, GGUF tensor) for every tensor the family has a parameter for."""

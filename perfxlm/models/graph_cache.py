@@ -25,20 +25,25 @@ def graph_key(source: ModelSource, dtype: torch.dtype, quantization: str | None 
     files = [source.path] if source.is_gguf else sorted(source.path.glob("*.safetensors")) + sorted(
         source.path.glob("pytorch_model*.bin"))
     stamp = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    blob = json.dumps([stamp, _code_stamp(source), source.hf_config, str(dtype), FORMAT_VERSION, quantization], sort_keys=True,
-                      default=str)
+    blob = json.dumps([stamp, _code_stamp(source), source.hf_config, str(dtype), FORMAT_VERSION, quantization],
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _code_stamp(source: ModelSource) -> str:
-    """A digest of the code a graph is traced from (the family's file, the layers and the op
-    layer, the exporter): editing a model's forward exports its graph anew."""
+    """A digest of the code a graph comes from (the family's file, the shared layers, the
+    loaders, the op layer and the exporter): editing any of it exports the graph anew."""
     import graph_export.export
     import graph_export.functional
-    from perfxlm.models import layers
-    h = hashlib.sha256(f"{source.family.__module__}.{source.family.__qualname__}".encode())
-    for module in (sys.modules[source.family.__module__], layers, graph_export.functional, graph_export.export):
-        h.update(Path(module.__file__).read_bytes())
+    import graph_export.quant
+    from perfxlm.models import gguf_file, layers, loader
+    family = source.family
+    h = hashlib.sha256(f"{family.__module__}.{family.__qualname__}".encode())
+    for module in (sys.modules.get(family.__module__), layers, loader, gguf_file, graph_export.quant,
+                   graph_export.functional, graph_export.export):
+        file = getattr(module, "__file__", None)  # None for a family defined in __main__ or a notebook
+        if file is not None:
+            h.update(Path(file).read_bytes())
     return h.hexdigest()
 
 

@@ -31,6 +31,35 @@ class CausalLM(nn.Module):
     vocab_size: int  # logits per row; set by the family's __init__
 
     @classmethod
+    def config_from_gguf(cls, gguf: Any, architecture: str) -> dict[str, Any]:
+        """The HF config dict equivalent to a GGUF's metadata (`gguf.get(key)` reads llama.cpp's
+        `{arch}.{key}`; also gguf.meta, gguf.tensor_names, gguf.vocab_size). The default reads
+        the keys llama.cpp writes for every llama-like architecture; a missing one raises."""
+        names = gguf.tensor_names
+        n_heads, dim = gguf.get("attention.head_count"), gguf.get("embedding_length")
+        cfg = {
+            "architectures": [architecture],
+            "model_type": gguf.arch,
+            "vocab_size": gguf.vocab_size,
+            "hidden_size": dim,
+            "num_hidden_layers": gguf.get("block_count"),
+            "num_attention_heads": n_heads,
+            "num_key_value_heads": gguf.get("attention.head_count_kv", n_heads),
+            "head_dim": gguf.get("attention.key_length", dim // n_heads),
+            "intermediate_size": gguf.get("feed_forward_length"),
+            "rms_norm_eps": float(gguf.get("attention.layer_norm_rms_epsilon", 1e-5)),
+            "rope_theta": float(gguf.get("rope.freq_base", 10000.0)),
+            "max_position_embeddings": gguf.get("context_length", 2048),
+            "tie_word_embeddings": "output.weight" not in names,
+            "bos_token_id": gguf.meta.get("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": gguf.meta.get("tokenizer.ggml.eos_token_id"),
+            "attention_bias": "blk.0.attn_q.bias" in names,
+        }
+        if gguf.get("rope.scaling.type") == "linear":
+            cfg["rope_scaling"] = {"rope_type": "linear", "factor": gguf.get("rope.scaling.factor")}
+        return cfg
+
+    @classmethod
     def params_from_hf(cls, config: dict[str, Any]) -> Any:
         """The family's parameters from an HF config dict; a missing required key raises KeyError."""
         raise NotImplementedError

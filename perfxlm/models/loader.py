@@ -54,17 +54,20 @@ class ModelSource:
     def is_quantized(self) -> bool:
         return self.is_gguf and self._gguf.has_native_blocks()
 
+    def meta_model(self) -> CausalLM:
+        """The model with its shapes but no weights (on the meta device): reads nothing."""
+        with torch.device("meta"):
+            return self.family(self.params())
+
     def load_weights(self, dtype: torch.dtype) -> CausalLM:
         """The model in `dtype`, its weights read from the checkpoint."""
-        family, params = self.family, self.params()
-        with torch.device("meta"):
-            model = family(params)
+        family, params, model = self.family, self.params(), self.meta_model()
         if self.is_gguf:
             state = self._gguf.state_dict(family, params, dtype)
         else:
             state = {_rename(family, k): v.to(dtype) for k, v in _read_hf_tensors(self.path).items()
                      if "rotary_emb" not in k}
-        _assign(model, state, self.name)
+        _assign(model, state, self.path)
         return model.to(dtype).eval()  # computed buffers (RoPE tables) to the model's dtype too
 
     def load_tokenizer(self, **kwargs: Any) -> Any:
@@ -74,9 +77,10 @@ class ModelSource:
         return AutoTokenizer.from_pretrained(str(self.path), **kwargs)
 
 
-def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
-    """Put the checkpoint's tensors in the model's parameters; tied parameters (one tensor under
-    several names) take whichever of their names the checkpoint has."""
+def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Put the checkpoint's tensors in the model's parameters (on the meta device, so shapes
+    only); tied parameters (one tensor under several names) take whichever of their names
+    the checkpoint has."""
     groups: dict[int, list[str]] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(p), []).append(pname)
@@ -86,6 +90,10 @@ def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor], name: str) -
         if found is None:
             missing.append(names[0])
             continue
+        want = model.get_parameter(names[0]).shape
+        if state[found].shape != want:
+            raise ValueError(f"{path}: {found} has shape {tuple(state[found].shape)} but "
+                             f"{type(model).__name__} expects {tuple(want)} from the config")
         param = torch.nn.Parameter(state[found], requires_grad=False)
         for n in names:
             owner, _, attr = n.rpartition(".")
@@ -93,7 +101,8 @@ def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor], name: str) -
     known = {n for names in groups.values() for n in names}
     unexpected = sorted(set(state) - known)
     if missing or unexpected:
-        raise ValueError(f"Weights of {name} do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(f"{path}: the weights do not fit {type(model).__name__}: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
 
 
 def load_tokenizer(source: ModelSource, tokenizer: str | None = None, **kwargs: Any) -> Any:
@@ -182,8 +191,15 @@ def _hf_cache_dir(repo_id: str, revision: str | None) -> Path | None:
 def _read_hf_tensors(path: Path) -> dict[str, torch.Tensor]:
     files = sorted(path.glob("*.safetensors"))
     if files:
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        return {k: v for f in files for k, v in load_file(str(f)).items()}
+        out = {}
+        for f in files:
+            try:
+                out.update(load_file(str(f)))
+            except (SafetensorError, OSError) as e:
+                raise ValueError(f"{f} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+        return out
     files = sorted(path.glob("pytorch_model*.bin"))
     if files:
         return {k: v for f in files for k, v in torch.load(f, map_location="cpu", weights_only=True).items()}
