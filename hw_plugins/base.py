@@ -56,7 +56,7 @@ class HwPlugin(ABC):
 
     name: str = ""
     priority: int = 0
-    api_version: int = API_VERSION
+    api_version: int | None = None  # each plugin class states the API_VERSION it implements
 
     @abstractmethod
     def is_available(self) -> bool:
@@ -123,7 +123,7 @@ def discover_plugins() -> dict[str, type[HwPlugin]]:
         except Exception as e:  # a broken third-party plugin must not break perfxlm
             logger.warning("hw plugin %r (%s) failed to load: %s", ep.name, ep.value, e)
             continue
-        version = getattr(cls, "api_version", None)
+        version = getattr(cls, "api_version", None)  # a subclass's own: HwPlugin states none
         if version != API_VERSION:
             logger.warning("hw plugin %r (%s) implements plugin API %s; this perfxlm needs %d: skipped",
                            ep.name, ep.value, version, API_VERSION)

@@ -1,5 +1,6 @@
 """Plugin discovery through entry points, selection, per-op fallback, `perfxlm plugins`."""
 
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ def oot_plugin(tmp_path, monkeypatch):
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: perfxlm-numpy-demo\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text(
         "[perfxlm.hw_plugins]\nnumpy_demo = numpy_demo_plugin:NumpyDemoPlugin\n"
-        "broken_demo = numpy_demo_plugin:BrokenPlugin\n")
+        "broken_demo = numpy_demo_plugin:BrokenPlugin\nold_demo = numpy_demo_plugin:OldApiPlugin\n")
     monkeypatch.syspath_prepend(str(site))
     return site
 
@@ -37,9 +38,12 @@ def test_builtin_plugins_are_discovered():
     assert select_plugin().name == ("cpu" if _native_available() else "torch")
 
 
-def test_out_of_tree_plugin_is_discovered(oot_plugin):
+def test_out_of_tree_plugin_is_discovered(oot_plugin, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("hw_plugins"), "propagate", True)  # perfxlm logs to its own handler
     plugins = discover_plugins()
     assert {"torch", "numpy_demo", "broken_demo"} <= set(plugins)
+    assert "old_demo" not in plugins  # written for plugin API 0
+    assert "implements plugin API 0; this perfxlm needs 1: skipped" in caplog.text
     rows = {name: (ok, why) for name, ok, why in available_plugins()}
     assert rows["numpy_demo"] == (True, None)
     assert rows["broken_demo"] == (False, "no demo accelerator found (/dev/demo0 missing)")
@@ -85,7 +89,7 @@ def test_cpu_compiled_step_equals_node_by_node(tiny_llama_dir, monkeypatch, dtyp
     residual Add with the RMSNorm after it, and in bfloat16 the lm_head stores float32 logits
     itself (the walk converts them after)."""
     from hw_plugins.cpu import library
-    from hw_plugins.cpu.plan import ADD_RMSNORM, LINEAR_SILU
+    from hw_plugins.cpu.library import ADD_RMSNORM, LINEAR_SILU
     prompts = [{"prompt_token_ids": list(range(5, 5 + n))} for n in (3, 17, 9)]
     params = SamplingParams(temperature=0, max_tokens=6, logprobs=2)
 

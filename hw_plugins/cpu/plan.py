@@ -11,12 +11,10 @@ from typing import Any
 
 import numpy as np
 
+from graph_export.ops import LOGITS
 from hw_plugins.cpu.buffers import _ptr, host_zeros
 from hw_plugins.cpu.library import (ACTIVATIONS, ADD, ADD_RMSNORM, ATTENTION, GATHER, LINEAR, LINEAR_SILU, NO_WAIT,
                                     OUT_F32, RMSNORM, ROPE, ROWS_N, SILU_MUL, PlanNode)
-
-__all__ = ["Plan", "PlanNode", "GATHER", "RMSNORM", "LINEAR", "ROPE", "ATTENTION", "SILU_MUL", "ADD",
-           "LINEAR_SILU", "ADD_RMSNORM", "ROWS_N", "NO_WAIT", "OUT_F32"]  # (the codes: library.py)
 
 
 def _independent(a: "PlanNode", b: "PlanNode") -> bool:
@@ -83,7 +81,7 @@ class Plan:
             elif node.op_type == "Linear":
                 r.op, r.a, r.b = LINEAR, arrays[1].shape[0], arrays[0].shape[1]
                 r.wfmt, weight = plugin.linear_weight(at, arrays[1])
-                if node.outputs[0] == "logits" and out.dtype != np.float32:
+                if node.outputs[0] == LOGITS and out.dtype != np.float32:
                     out = host_zeros(out.shape, np.float32)
                     r.rows |= OUT_F32
                 ptrs = [arrays[0], weight, arrays[2] if len(arrays) > 2 else None, out]
@@ -97,7 +95,8 @@ class Plan:
             elif id(node) in gated:  # y = silu(x @ Wg^T) * (x @ Wu^T), in one pass
                 gate, _, (r.wfmt, weight) = gated[id(node)]
                 x = buffer(gate.inputs[0])
-                r.op, r.a, r.b, r.dt, ptrs = LINEAR_SILU, out.shape[1], x.shape[1], ACTIVATIONS[x.dtype.name], [x, weight, out]
+                r.op, r.a, r.b, r.dt = LINEAR_SILU, out.shape[1], x.shape[1], ACTIVATIONS[x.dtype.name]
+                ptrs = [x, weight, out]
                 ins = [gate.inputs[0]]
             elif id(node) in normed:  # s = a + b, y = rmsnorm(s)
                 norm = normed[id(node)]
@@ -107,7 +106,7 @@ class Plan:
                 r.op, r.a, ptrs = SILU_MUL if node.op_type == "SiluMul" else ADD, arrays[0].shape[1], [*arrays[:2], out]
             else:
                 raise ValueError(f"no plan record for {node.op_type}")
-            if node.outputs[0] == "logits":
+            if node.outputs[0] == LOGITS:
                 self.logits = out
             for j, a in enumerate(ptrs):
                 r.p[j] = None if a is None else _ptr(a)

@@ -16,17 +16,17 @@ from graph_export import quant
 from hw_plugins.base import CompiledStep, HwPlugin, NativeSampler, Node
 from hw_plugins.cpu import library
 from hw_plugins.cpu.buffers import _ptr, host_zeros
-from hw_plugins.cpu.library import Q4_0, Q4_1, Q8_0
+from hw_plugins.cpu.library import ACTIVATIONS, Q4_0, Q4_1, Q8_0
 
 logger = logging.getLogger(__name__)
 
-_ACT = library.ACTIVATIONS
 _WEIGHT_FORMATS = {"dense": None, "q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1}
 
 
 class CpuPlugin(HwPlugin):
     name = "cpu"
     priority = 10  # wins the default choice over the torch reference wherever the library loads
+    api_version = 1
     isa: str | None = None  # a kernel set this plugin insists on (None: the best the CPU has)
 
     def __init__(self) -> None:
@@ -61,7 +61,7 @@ class CpuPlugin(HwPlugin):
         return self._error
 
     def supports(self, op_type: str, dtypes: tuple[str, ...]) -> bool:
-        if op_type not in self._ops or not dtypes or dtypes[0] not in _ACT:
+        if op_type not in self._ops or not dtypes or dtypes[0] not in ACTIVATIONS:
             return False
         if op_type == "Linear":  # dense weights in the activation dtype, or quantised blocks (uint8)
             return dtypes[1] in (dtypes[0], "uint8") and all(d == dtypes[0] for d in dtypes[2:])
@@ -117,12 +117,12 @@ class CpuPlugin(HwPlugin):
 
     def _gather(self, attrs: dict, ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
         table, idx = ins                                        # (V, D), (T,) -> (T, D)
-        self.lib.pxl_gather(_ACT[table.dtype.name], idx.shape[0], table.shape[1], _ptr(table), _ptr(idx),
+        self.lib.pxl_gather(ACTIVATIONS[table.dtype.name], idx.shape[0], table.shape[1], _ptr(table), _ptr(idx),
                             _ptr(outs[0]))
 
     def _rmsnorm(self, attrs: dict, ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
         x, w = ins                                              # (T, D), (D,)
-        self.lib.pxl_rmsnorm(_ACT[x.dtype.name], x.shape[0], x.shape[1], _ptr(x), _ptr(w), attrs["epsilon"],
+        self.lib.pxl_rmsnorm(ACTIVATIONS[x.dtype.name], x.shape[0], x.shape[1], _ptr(x), _ptr(w), attrs["epsilon"],
                              _ptr(outs[0]))
 
     def linear_weight(self, attrs: dict, w: np.ndarray) -> tuple[int, np.ndarray]:
@@ -132,7 +132,7 @@ class CpuPlugin(HwPlugin):
         name = attrs.get("weight_format", "dense")
         fmt = _WEIGHT_FORMATS[name]
         if fmt is None:
-            fmt, K = _ACT[w.dtype.name], w.shape[1]
+            fmt, K = ACTIVATIONS[w.dtype.name], w.shape[1]
         else:  # quantised rows are (N, row bytes)
             K = w.shape[1] // quant.FORMATS[name][1] * quant.BLOCK
         size = self.lib.pxl_packed_bytes(fmt, w.shape[0], K)
@@ -151,9 +151,9 @@ class CpuPlugin(HwPlugin):
         pxl_linear_silu (each panel 16 rows of gate and the same 16 of up), or None where the kernel set does not pack
         them (quantised blocks, other shapes, no packed micro-kernel)."""
         if gate_attrs.get("weight_format", "dense") != "dense" or up_attrs.get("weight_format", "dense") != "dense" \
-                or wg.shape != wu.shape or wg.dtype != wu.dtype or wg.dtype.name not in _ACT:
+                or wg.shape != wu.shape or wg.dtype != wu.dtype or wg.dtype.name not in ACTIVATIONS:
             return None
-        fmt, (N, K) = _ACT[wg.dtype.name], wg.shape
+        fmt, (N, K) = ACTIVATIONS[wg.dtype.name], wg.shape
         size = self.lib.pxl_packed_bytes(fmt, N, K)
         if not size:
             return None
@@ -169,28 +169,28 @@ class CpuPlugin(HwPlugin):
         fmt, w = self.linear_weight(attrs, ins[1])
         bias = _ptr(ins[2]) if len(ins) > 2 else None
         self.lib.pxl_set_batch_invariant(int(self.batch_invariant))
-        self.lib.pxl_linear(_ACT[x.dtype.name], fmt, x.shape[0], ins[1].shape[0], x.shape[1], _ptr(x), _ptr(w), bias,
-                            _ptr(outs[0]))
+        self.lib.pxl_linear(ACTIVATIONS[x.dtype.name], fmt, x.shape[0], ins[1].shape[0], x.shape[1], _ptr(x), _ptr(w),
+                            bias, _ptr(outs[0]))
 
     def _rope(self, attrs: dict, ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
         x, pos, cos, sin = ins                                  # (T, H*hd), (T,), (P, hd) x 2
         hd = attrs["head_dim"]
-        self.lib.pxl_rope(_ACT[x.dtype.name], x.shape[0], x.shape[1] // hd, hd, _ptr(x), _ptr(pos), _ptr(cos),
+        self.lib.pxl_rope(ACTIVATIONS[x.dtype.name], x.shape[0], x.shape[1] // hd, hd, _ptr(x), _ptr(pos), _ptr(cos),
                           _ptr(sin), _ptr(outs[0]))
 
     def _paged_attention(self, attrs: dict, ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
         q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc = ins
         self.lib.pxl_paged_attention(
-            _ACT[q.dtype.name], q.shape[0], seq_lens.shape[0], attrs["num_heads"], attrs["num_kv_heads"],
+            ACTIVATIONS[q.dtype.name], q.shape[0], seq_lens.shape[0], attrs["num_heads"], attrs["num_kv_heads"],
             attrs["head_dim"], _ptr(q), _ptr(k), _ptr(v), _ptr(k_cache), _ptr(v_cache), k_cache.shape[1],
             _ptr(slot_mapping), _ptr(block_tables), block_tables.shape[1], _ptr(seq_lens), _ptr(query_start_loc),
             attrs["scale"], attrs.get("sliding_window") or 0, _ptr(outs[0]))   # outs[1:] alias the caches
 
     def _silu_mul(self, attrs: dict, ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
-        self.lib.pxl_silu_mul(_ACT[ins[0].dtype.name], ins[0].size, _ptr(ins[0]), _ptr(ins[1]), _ptr(outs[0]))
+        self.lib.pxl_silu_mul(ACTIVATIONS[ins[0].dtype.name], ins[0].size, _ptr(ins[0]), _ptr(ins[1]), _ptr(outs[0]))
 
     def _add(self, attrs: dict, ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
-        self.lib.pxl_add(_ACT[ins[0].dtype.name], ins[0].size, _ptr(ins[0]), _ptr(ins[1]), _ptr(outs[0]))
+        self.lib.pxl_add(ACTIVATIONS[ins[0].dtype.name], ins[0].size, _ptr(ins[0]), _ptr(ins[1]), _ptr(outs[0]))
 
 
 class RvvPlugin(CpuPlugin):

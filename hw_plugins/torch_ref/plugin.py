@@ -1,7 +1,8 @@
 """The `torch` reference plugin: every op of graph_export/ops.py in plain torch.
 
 Its kernels are the bodies of graph_export/functional.py, the functions the models are
-written against, so the graph on this plugin computes what the eager model does. It runs on any torch device (CPU here; CUDA and ROCm devices elsewhere, chosen by
+written against, so the graph on this plugin computes what the eager model does. It runs
+on any torch device (CPU here; CUDA and ROCm devices elsewhere, chosen by
 $PERFXLM_TORCH_DEVICE) and is the oracle that every other plugin is tested against.
 """
 
@@ -22,6 +23,7 @@ _TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 class TorchPlugin(HwPlugin):
     name = "torch"
     priority = 0  # the fallback: any native plugin should win the default choice
+    api_version = 1
 
     def __init__(self, device: str | None = None) -> None:
         self.device = torch.device(device or os.environ.get("PERFXLM_TORCH_DEVICE", "cpu"))

@@ -95,7 +95,7 @@ def run(threads: int, formats: list[str], rows: int = 1) -> list[dict]:
             row = {"rows": rows, "K": K, "N": N, "format": fmt, "ours_us": ours * 1e6, "torch_us": ref * 1e6,
                    "ours_GBs": nbytes / ours / 1e9, "ours_GFLOPs": 2 * rows * N * K / ours / 1e9,
                    "weight_MB": nbytes / 1e6}
-            if blas is not None and fmt != "bf16":  # scipy-openblas32 has no bf16 routines
+            if fmt != "bf16":  # scipy-openblas32 has no bf16 routines
                 wb = w32 if fmt == "fp32" else np.ascontiguousarray(tw.numpy())
                 yb = np.empty((rows, N), np.float32)
                 pwb, pxb, pyb = (a.__array_interface__["data"][0] for a in (wb, x32, yb))

@@ -7,7 +7,6 @@ ceiling: decode is bandwidth-bound (bytes per token: weights plus the KV cache r
 prefill and batched decode are compute-bound (FLOPs per token).
 """
 
-import ctypes
 import time
 from dataclasses import dataclass
 
@@ -39,8 +38,6 @@ def measure(threads: int | None = None, seconds: float = 0.5) -> Roofs:
     lib = library.load()
     if threads:
         lib.pxl_set_num_threads(threads)
-    lib.pxl_roofline_peak.argtypes, lib.pxl_roofline_peak.restype = [ctypes.c_int, ctypes.c_size_t], ctypes.c_double
-    lib.pxl_roofline_read.argtypes, lib.pxl_roofline_read.restype = [ctypes.c_void_p, ctypes.c_size_t], ctypes.c_uint64
 
     buf = np.ones(256 * MiB // 8, np.uint64)  # touched: no first-touch page faults in the timing
     ptr = buf.__array_interface__["data"][0]

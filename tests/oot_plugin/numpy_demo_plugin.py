@@ -12,6 +12,7 @@ from hw_plugins.base import HwPlugin
 class NumpyDemoPlugin(HwPlugin):
     name = "numpy_demo"
     priority = -10  # never the default choice
+    api_version = 1
 
     def is_available(self) -> bool:
         return True
@@ -40,6 +41,7 @@ class BrokenPlugin(HwPlugin):
     """A plugin whose hardware is absent: is_available() says so, with a reason."""
 
     name = "broken_demo"
+    api_version = 1
 
     def is_available(self) -> bool:
         return False
@@ -57,3 +59,10 @@ class BrokenPlugin(HwPlugin):
 
     def run(self, node, inputs, outputs):
         raise RuntimeError
+
+
+class OldApiPlugin(NumpyDemoPlugin):
+    """A plugin written against an interface this perfxlm no longer has: discovery skips it."""
+
+    name = "old_demo"
+    api_version = 0
