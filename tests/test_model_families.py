@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from graph_export.export import export_model, op_histogram
 from perfxlm import LLM, SamplingParams
 from perfxlm.models.loader import ModelSource, resolve_model
+from perfxlm.models import registry
 from perfxlm.models.registry import ModelRegistry
 from tests.conftest import assert_no_leaks
 from tests.toy_family import ToyForCausalLM
@@ -40,6 +41,7 @@ def toy_dir(tiny_llama_dir, tmp_path_factory):
 def test_a_new_family_is_one_file_and_one_registry_line(toy_dir, monkeypatch):
     with pytest.raises(ValueError, match=r"\['ToyForCausalLM'\] are not supported"):
         resolve_model(str(toy_dir))
+    monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))  # this test's registrations end with it
     ModelRegistry.register_model("ToyForCausalLM", ToyForCausalLM)  # the registry line
     model = resolve_model(str(toy_dir)).load_weights(torch.float32)
     hist = op_histogram(export_model(model))
@@ -93,7 +95,8 @@ def no_weight_reads(monkeypatch):
 @pytest.mark.parametrize("changes, message", [
     ({"architectures": ["OPTForCausalLM"], "intermediate_size": None},
      r"config.json: Model architectures \['OPTForCausalLM'\] are not supported by perfxlm. Supported architectures"),
-    ({"num_attention_heads": None}, r"config.json: the config has no 'num_attention_heads', which LlamaForCausalLM needs"),
+    ({"num_attention_heads": None},
+     r"config.json: the config has no 'num_attention_heads', which LlamaForCausalLM needs"),
     ({"rope_scaling": {"rope_type": "fancy", "factor": 2.0}}, r"rope_scaling type 'fancy' is not supported"),
 ])
 def test_unloadable_configs_are_refused_by_name(tmp_path, tiny_llama_dir, no_weight_reads, changes, message):
@@ -144,11 +147,11 @@ def test_recorded_graph_and_eager_forward_give_the_same_logits(tiny_llama_dir, t
     from graph_export.functional import StepInputs
     from hw_plugins.torch_ref import TorchPlugin
     from perfxlm.engine.graph_runner import GraphRunner
-    from perfxlm.engine.model_runner import EagerExecutor
+    from perfxlm.engine.model_runner import EagerExecutor, model_spec
     model = resolve_model(str(tiny_llama_dir)).load_weights(torch.float32)
     save_model(export_model(model), tmp_path / "g.onnx")
     runner = GraphRunner(tmp_path / "g.onnx", TorchPlugin(), TorchPlugin(), 64, 8, 16)
-    eager = EagerExecutor(model, torch.float32, 8, 16)
+    eager = EagerExecutor(model, model_spec(model, torch.float32), 8, 16)
     ids = [5, 17, 300, 41, 9, 77, 2024]
     steps = [  # a 7-token prefill, then one decode step (its logits over the cache the prefill wrote)
         dict(input_ids=ids, positions=range(7), slot_mapping=range(7), seq_lens=[7], query_start_loc=[0, 7],
@@ -162,3 +165,43 @@ def test_recorded_graph_and_eager_forward_give_the_same_logits(tiny_llama_dir, t
         assert got.shape == (len(feeds["logits_indices"]), model.vocab_size)
         np.testing.assert_array_equal(got, want)
     assert StepInputs.__dataclass_fields__.keys() == set(feeds)
+
+
+def test_weights_that_do_not_fit_the_config_name_the_file(tmp_path, tiny_llama_dir):
+    path = _hf_dir(tmp_path, tiny_llama_dir, intermediate_size=96)  # the checkpoint's MLP is 128 wide
+    with pytest.raises(ValueError, match=r"model: layers.0.feed_forward.w1.weight has shape \(128, 64\) but "
+                                         r"LlamaForCausalLM expects \(96, 64\) from the config"):
+        resolve_model(str(path)).load_weights(torch.float32)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"model.safetensors is not a readable safetensors file"):
+        resolve_model(str(path)).load_weights(torch.float32)
+
+
+def test_a_kv_budget_too_small_fails_before_weights_are_read(tiny_llama_dir, no_weight_reads):
+    with pytest.raises(ValueError, match=r"KV cache is needed, which is larger than the available KV cache memory"):
+        LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory_bytes=4096)
+
+
+def test_tracing_in_one_thread_records_nothing_of_another():
+    import threading
+
+    from graph_export import functional as F
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.ops: list[str] = []
+
+        def record(self, op_type, inputs, outputs, **attrs) -> None:
+            self.ops.append(op_type)
+
+    mine, x = Recorder(), torch.ones(2, 4)
+    token = F.tracer.set(mine)
+    try:
+        other = threading.Thread(target=lambda: F.add(x, x))  # e.g. an eager engine in another thread
+        other.start()
+        other.join()
+        F.silu_mul(x, x)
+    finally:
+        F.tracer.reset(token)
+    assert mine.ops == ["SiluMul"]
