@@ -26,11 +26,16 @@ test-rvv:
 	  echo "test-rvv: skipped ($(RV_CC) or $(QEMU) missing: sh .ci/toolchains.sh)"; \
 	  exit $${PXL_REQUIRE_TOOLCHAINS:-0}; fi; \
 	$(MAKE) --no-print-directory $(RV_BUILD)/test_kernels $(RV_BUILD)/libperfxlm_kernels.so || exit 1; \
+	jobs=$$(nproc 2>/dev/null || echo 1); \
+	echo "== qemu rv64 at VLEN $(RV_VLENS), $$jobs at a time (qemu-user runs the test on one core)"; \
+	printf '%s\n' $(RV_VLENS) | xargs -P $$jobs -I{} sh -c \
+	  '$(QEMU) -cpu rv64,v=true,vext_spec=v1.0,vlen={},elen=64,rvv_ta_all_1s=true,rvv_ma_all_1s=true \
+	    $(RV_BUILD)/test_kernels > $(RV_BUILD)/test-vlen{}.log 2>&1; echo $$? > $(RV_BUILD)/test-vlen{}.rc; \
+	   echo "   VLEN={} done"'; \
 	for v in $(RV_VLENS); do \
 	  echo "== qemu rv64 VLEN=$$v"; \
-	  out=$$($(QEMU) -cpu rv64,v=true,vext_spec=v1.0,vlen=$$v,elen=64,rvv_ta_all_1s=true,rvv_ma_all_1s=true \
-	    $(RV_BUILD)/test_kernels); rc=$$?; \
-	  echo "$$out" | grep -v '^skip' | grep -v '^ok'; [ $$rc = 0 ] || exit 1; \
+	  grep -v '^skip' $(RV_BUILD)/test-vlen$$v.log | grep -v '^ok'; \
+	  [ "$$(cat $(RV_BUILD)/test-vlen$$v.rc)" = 0 ] || exit 1; \
 	done
 
 # riscv64 Python + numpy from Debian trixie, for the `rvv` plugin test under qemu (tests/test_rvv_qemu.py)
