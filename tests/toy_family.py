@@ -3,23 +3,19 @@ y = down(silu(gate x) * up x) + skip x. Registering it is one line:
 `ModelRegistry.register_model("ToyForCausalLM", ToyForCausalLM)`."""
 
 import torch
-from torch import nn
 
 from graph_export import functional as F
 from perfxlm.models.layers import Linear
-from perfxlm.models.llama import LlamaForCausalLM, ModelParams
+from perfxlm.models.llama import LlamaForCausalLM, LlamaMLP, ModelParams
 
 
-class ToyMLP(nn.Module):
+class ToyMLP(LlamaMLP):
     def __init__(self, params: ModelParams) -> None:
-        super().__init__()
-        self.w1 = Linear(params.dim, params.intermediate_size)  # gate
-        self.w3 = Linear(params.dim, params.intermediate_size)  # up
-        self.w2 = Linear(params.intermediate_size, params.dim)  # down
-        self.w4 = Linear(params.dim, params.dim)                # skip
+        super().__init__(params)
+        self.w4 = Linear(params.dim, params.dim)  # skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.add(self.w2(F.silu_mul(self.w1(x), self.w3(x))), self.w4(x))
+        return F.add(super().forward(x), self.w4(x))
 
 
 class ToyForCausalLM(LlamaForCausalLM):
