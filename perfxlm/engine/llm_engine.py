@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from hw_plugins.base import REFERENCE, select_plugin
-from perfxlm.config import EngineConfig
+from perfxlm.config import SEED_RANGE, EngineConfig
 from perfxlm.engine.block_manager import BlockManager
 from perfxlm.engine.detokenizer import IncrementalDetokenizer
 from perfxlm.engine.graph_runner import GraphRunner, GraphSpec
@@ -129,7 +129,7 @@ class LLMEngine:
                 raise VLLMValidationError(
                     f"Requested {kind} logprobs of {k}, which is greater than max allowed: {cfg.max_logprobs}",
                     parameter=name, value=k)
-        if params.seed is not None and not -2**63 <= params.seed <= 2**64 - params.n:
+        if params.seed is not None and not SEED_RANGE[0] <= params.seed <= SEED_RANGE[1] + 1 - params.n:
             raise VLLMValidationError(  # torch's generators take a 64-bit seed; child i of n uses seed + i
                 f"seed must be in [-2**63, 2**64 - n] (n={params.n}), got {params.seed}.", parameter="seed",
                 value=params.seed)

@@ -249,8 +249,6 @@ class LLM:
         if priority is not None and any(priority):
             raise ValueError(f"Got priority {priority} but Priority scheduling is not enabled.")
         engine = self.llm_engine
-        for (ids, _), p in zip(inputs, params):  # validate everything before queueing anything
-            engine.validate_request(ids, p)
         ids = []
         try:
             for (prompt_ids, text), p in zip(inputs, params):
@@ -260,9 +258,9 @@ class LLM:
                 ids.append(request_id)
             outputs = self._run_engine(len(inputs), use_tqdm)
         except BaseException:
-            # a request that failed to add (an overflowing seed, a bad word that is all spaces,
-            # extra_args that cannot be copied, ...) or a failing step: abort what this call
-            # queued, as vLLM does, so the next call sees a clean engine
+            # a request that failed validation or could not be added (a bad word that is all
+            # spaces, extra_args that cannot be copied, ...) or a failing step: abort what this
+            # call queued, as vLLM does, so the next call sees a clean engine
             engine.abort_request(ids)
             raise
         return sorted(outputs, key=lambda o: int(o.request_id))
