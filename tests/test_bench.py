@@ -3,6 +3,7 @@ write the figures they print, and refuse bad arguments by name. (Speed itself is
 asserted: numbers are read off the bench output.)"""
 
 import json
+import sys
 
 import pytest
 
@@ -190,3 +191,14 @@ def test_sampler_bench_draws_the_same_tokens_as_torch(tmp_path, capsys):
 def test_sampler_bench_names_bad_flags(args, message):
     with pytest.raises(SystemExit, match=message):
         cli.main(["bench", "sampler", *args])
+
+
+def test_gemv_bench_without_openblas_names_the_extra(monkeypatch):
+    from perfxlm.bench import openblas
+    monkeypatch.setitem(sys.modules, "scipy_openblas32", None)  # as if the extra were not installed
+    openblas.load.cache_clear()
+    try:
+        with pytest.raises(SystemExit, match=r"needs scipy-openblas32: pip install 'perfxlm\[bench\]'"):
+            openblas.load()
+    finally:
+        openblas.load.cache_clear()

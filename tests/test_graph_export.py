@@ -96,3 +96,14 @@ def test_graph_is_cached_per_model_and_dtype(tiny_llama_dir):
     new = set(os.listdir(root)) - before
     assert len(new) == 1 and "bfloat16" in new.pop()
     assert np.all([(d.endswith(f"-v{FORMAT_VERSION}-" + d.split("-")[-1])) for d in os.listdir(root)])
+
+
+def test_export_verify_without_onnxruntime_names_the_extra_before_exporting(tiny_llama_dir, tmp_path, monkeypatch):
+    import importlib.util
+
+    from perfxlm.models.loader import ModelSource
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    monkeypatch.setattr(ModelSource, "load_weights", lambda *a: pytest.fail("exported before checking onnxruntime"))
+    with pytest.raises(SystemExit, match=r"--verify needs onnxruntime: pip install 'perfxlm\[verify\]'"):
+        main(["export", str(tiny_llama_dir), "-o", str(tmp_path / "g.onnx"), "--verify"])
