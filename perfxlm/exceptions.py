@@ -23,3 +23,11 @@ class VLLMValidationError(VLLMClientError, ValueError):
         super().__init__(message)
         self.parameter = parameter
         self.value = value
+
+
+class EngineDeadError(VLLMError):
+    """The engine loop stopped after an error; every pending and later request fails with this."""
+
+
+class EngineGenerateError(VLLMError):
+    """A request failed inside the engine (not because of its input); it has been aborted."""
