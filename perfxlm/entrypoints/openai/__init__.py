@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server (`perfxlm serve`): vLLM's routes, fields and errors on FastAPI."""
