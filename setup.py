@@ -70,7 +70,13 @@ setup(
         "huggingface_hub",
         "onnx>=1.16",
         "ml_dtypes",    # bfloat16 arrays on the host side of plugins
+        # `perfxlm serve` and `perfxlm bench serve`, as vLLM's own requirements
+        "fastapi",
+        "uvicorn",
+        "prometheus_client",
+        "aiohttp",
     ],
+    package_data={"perfxlm.entrypoints.openai": ["static/*.html"]},  # the chat page served at /
     cmdclass={"build_py": BuildWithKernels},
     distclass=BinaryDistribution,
     entry_points={
@@ -81,8 +87,11 @@ setup(
     },
     extras_require={
         "verify": ["onnxruntime"],      # `perfxlm export --verify` checks graphs with it
-        "bench": ["scipy-openblas32"],  # OpenBLAS: the reference `perfxlm bench gemv` measures our kernels against
-        # accelerate: transformers' GGUF loader in tests; the tests also run --verify and bench gemv
-        "test": ["pytest", "accelerate", "onnxruntime", "scipy-openblas32"],
+        # OpenBLAS: the reference `perfxlm bench gemv` measures our kernels against; matplotlib: --plot
+        "bench": ["scipy-openblas32", "matplotlib"],
+        # accelerate: transformers' GGUF loader in tests; the tests also run --verify, bench gemv and
+        # bench serve --plot, talk to the server with the openai client and drive the chat page in chromium
+        "test": ["pytest", "accelerate", "onnxruntime", "scipy-openblas32", "matplotlib", "openai", "requests",
+                 "selenium"],
     },
 )

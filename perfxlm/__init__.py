@@ -9,6 +9,10 @@ from perfxlm.version import __version__, __version_tuple__
 _MODULE_ATTRS = {
     "LLM": "perfxlm.entrypoints.llm",
     "LLMEngine": "perfxlm.engine.llm_engine",
+    "AsyncLLM": "perfxlm.engine.async_llm",
+    "AsyncLLMEngine": "perfxlm.engine.async_llm",
+    "EngineArgs": "perfxlm.engine.arg_utils",
+    "AsyncEngineArgs": "perfxlm.engine.arg_utils",
     "EngineConfig": "perfxlm.config",
     "SamplingParams": "perfxlm.sampling_params",
     "RequestOutputKind": "perfxlm.sampling_params",

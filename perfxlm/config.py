@@ -66,6 +66,33 @@ class EngineConfig:
         return DEFAULT_KV_CACHE_GIB << 30
 
 
+@dataclass
+class ModelConfig:
+    """What an app reads of the model being served (vLLM's `engine.model_config`)."""
+
+    model: str                      # the model argument as given
+    max_model_len: int
+    dtype: torch.dtype
+    hf_config: dict[str, Any]
+    vocab_size: int
+    max_logprobs: int
+    generation_config: dict[str, Any] = field(default_factory=dict)
+    served_model_name: str | None = None
+
+    def __post_init__(self) -> None:
+        self.served_model_name = self.served_model_name or self.model
+
+    def get_diff_sampling_param(self) -> dict[str, Any]:
+        """Default sampling values from the model's generation_config.json, as SamplingParams
+        field names (vLLM's rule: only these keys, max_new_tokens becomes max_tokens)."""
+        gen = self.generation_config
+        keys = ("repetition_penalty", "temperature", "top_k", "top_p", "min_p")
+        diff = {k: gen[k] for k in keys if gen.get(k) is not None}
+        if gen.get("max_new_tokens") is not None:
+            diff["max_tokens"] = gen["max_new_tokens"]
+        return diff
+
+
 def check_engine_args(*, dtype: Any = "auto", seed: Any = 0, max_model_len: Any = None, max_num_seqs: Any = None,
                       max_num_batched_tokens: Any = None, block_size: Any = None, kv_cache_memory_bytes: Any = None,
                       enable_prefix_caching: Any = None, enable_chunked_prefill: Any = None, max_logprobs: Any = None,

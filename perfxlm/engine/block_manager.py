@@ -19,7 +19,8 @@ class BlockManager:
         self.block_hash: list[int | None] = [None] * num_blocks
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # evict from the front
         self.cached: dict[int, int] = {}  # block hash -> block id
-        self.hits = self.queries = 0      # prefix-cache counters, in tokens
+        # prefix-cache lookups of admitted requests (not retried or resumed ones): count, tokens, hit tokens
+        self.lookups = self.queries = self.hits = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -39,9 +40,15 @@ class BlockManager:
             if block is None:
                 break
             hits.append(block)
-        self.queries += req.num_tokens
-        self.hits += len(hits) * self.block_size
         return hits
+
+    def record_lookup(self, req: Request, computed_blocks: list[int]) -> None:
+        """Count a first admission's prefix-cache lookup (vLLM leaves out lookups that found no room
+        and those of preempted requests resuming)."""
+        if self.enable_prefix_caching and not req.sampling_params.skip_reading_prefix_cache:
+            self.lookups += 1
+            self.queries += req.num_tokens
+            self.hits += len(computed_blocks) * self.block_size
 
     def allocate_slots(self, req: Request, num_new_tokens: int, computed_blocks: list[int] = ()) -> bool:
         """Give req the blocks for `num_new_tokens` more tokens; False (and no change) if short."""

@@ -1,24 +1,27 @@
 """The engine: owns tokenizer, model runner, scheduler and sampler; runs steps."""
 
 import logging
-import numbers
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from hw_plugins.base import REFERENCE, select_plugin
-from perfxlm.config import SEED_RANGE, EngineConfig
+from perfxlm.config import EngineConfig, ModelConfig
+from perfxlm.engine.arg_utils import EngineArgs, UsageContext
 from perfxlm.engine.block_manager import BlockManager
-from perfxlm.engine.detokenizer import IncrementalDetokenizer
 from perfxlm.engine.graph_runner import GraphRunner, GraphSpec
+from perfxlm.engine.input_processor import InputProcessor
 from perfxlm.engine.model_runner import EagerExecutor, Executor, GraphExecutor, ModelRunner, model_spec
 from perfxlm.engine.output_processor import OutputProcessor, RequestState
 from perfxlm.engine.request import Request, RequestStatus
 from perfxlm.engine.sampler import Sampler
 from perfxlm.engine.scheduler import Scheduler
 from perfxlm.exceptions import VLLMValidationError
+from perfxlm.inputs import PromptType
+from perfxlm.metrics.stats import IterationStats, SchedulerStats, finished_stats
 from perfxlm.models.graph_cache import cached_graph
 from perfxlm.models.loader import ModelSource, load_tokenizer
 from perfxlm.outputs import RequestOutput
@@ -28,9 +31,15 @@ logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, source: ModelSource) -> None:
+    """vLLM's LLMEngine, in process: `add_request`, then `step()` until no request is unfinished.
+
+    `stat_loggers` (perfxlm.metrics.loggers) get each step's statistics; without them the
+    engine builds none."""
+
+    def __init__(self, config: EngineConfig, source: ModelSource, stat_loggers: list[Any] | None = None) -> None:
         self.config = config
         self.source = source
+        self.stat_loggers = list(stat_loggers or [])
         start = time.perf_counter()
         self.tokenizer = None
         if not config.skip_tokenizer_init:
@@ -58,9 +67,25 @@ class LLMEngine:
                                    config.max_model_len, config.enable_chunked_prefill)
         self.sampler = Sampler(config.seed, executor.native_sampler)
         self.outputs = OutputProcessor(self.tokenizer)
+        self.input_processor = InputProcessor(config, self.vocab_size, self.tokenizer, self.generation_config,
+                                              self.eos_token_id)
         self.requests: dict[str, RequestState] = {}
+        self._prefix_seen = (0, 0, 0)  # the block manager's prefix-cache counters at the last stats
+        self._new_request_ns: list[int] = []  # n of each request queued since the last stats
         logger.info("engine ready in %.1f s: %s, %s", time.perf_counter() - start, source.path,
                     str(config.dtype).removeprefix("torch."))
+
+    @classmethod
+    def from_engine_args(cls, engine_args: EngineArgs, usage_context: UsageContext = UsageContext.ENGINE_CONTEXT,
+                         stat_loggers: list[Any] | None = None) -> "LLMEngine":
+        config, source = engine_args.create_engine_config(usage_context)
+        return cls(config, source, stat_loggers)
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(model=self.config.model, max_model_len=self.config.max_model_len,
+                           dtype=self.config.dtype, hf_config=self.source.hf_config, vocab_size=self.vocab_size,
+                           max_logprobs=self.config.max_logprobs, generation_config=self.generation_config)
 
     def _num_blocks(self, spec: GraphSpec) -> int:
         config = self.config
@@ -99,117 +124,90 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------
 
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
+                    arrival_time: float | None = None, lora_request: Any = None,
+                    tokenization_kwargs: dict[str, Any] | None = None, trace_headers: Any = None,
+                    priority: int = 0, prompt_text: str | None = None) -> str:
+        """Validate and queue a request (a str, TextPrompt, TokensPrompt or token ids); n > 1 fans
+        out into n sequences. Raises VLLMValidationError (nothing queued) for what vLLM rejects,
+        and ValueError for a request id that is already running. Returns the request id."""
+        if lora_request is not None:
+            raise VLLMValidationError(f"Got lora_request {lora_request} but LoRA is not enabled!")
+        if priority:
+            raise ValueError(f"Got priority {priority} but Priority scheduling is not enabled.")
+        state = self.input_processor.process(request_id, prompt, params, prompt_text=prompt_text,
+                                             tokenization_kwargs=tokenization_kwargs, arrival_time=arrival_time)
+        self.enqueue(state)
+        return request_id
+
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise VLLMValidationError for what vLLM rejects when a request is added."""
-        cfg, vocab = self.config, self.vocab_size
-        if not prompt_token_ids:
-            raise VLLMValidationError("The decoder prompt cannot be empty", parameter="prompt")
-        bad = [t for t in prompt_token_ids if not isinstance(t, numbers.Integral) or not 0 <= t < vocab]
-        if bad:
-            raise VLLMValidationError(f"Token id {bad[0]} is out of vocabulary", parameter="prompt_token_ids",
-                                      value=bad[0])
-        n = len(prompt_token_ids)
-        if n > cfg.max_model_len:
-            raise VLLMValidationError(
-                f"The decoder prompt (length {n}) is longer than the maximum model length of "
-                f"{cfg.max_model_len}. Make sure that `max_model_len` is no smaller than the number "
-                "of text tokens.", parameter="prompt", value=n)
-        if n == cfg.max_model_len:
-            raise VLLMValidationError(
-                f"The decoder prompt (length {n}) plus the number of requested output tokens (at least 1) "
-                f"is longer than the maximum model length of {cfg.max_model_len}. Make sure that "
-                "`max_model_len` is no smaller than the number of text tokens (prompt + requested "
-                "output tokens).", parameter="prompt", value=n)
-        max_logprobs = vocab if cfg.max_logprobs == -1 else cfg.max_logprobs  # -1: no cap, as in vLLM
-        for name in ("logprobs", "prompt_logprobs"):
-            k = getattr(params, name)
-            k = vocab if k == -1 else k
-            if k is not None and k > max_logprobs:
-                kind = "sample" if name == "logprobs" else "prompt"
-                raise VLLMValidationError(
-                    f"Requested {kind} logprobs of {k}, which is greater than max allowed: {cfg.max_logprobs}",
-                    parameter=name, value=k)
-        if params.seed is not None and not SEED_RANGE[0] <= params.seed <= SEED_RANGE[1] + 1 - params.n:
-            raise VLLMValidationError(  # torch's generators take a 64-bit seed; child i of n uses seed + i
-                f"seed must be in [-2**63, 2**64 - n] (n={params.n}), got {params.seed}.", parameter="seed",
-                value=params.seed)
-        for name, ids in (("stop_token_ids", params.stop_token_ids),
-                          ("logit_bias", list(params.logit_bias or ())),
-                          ("allowed_token_ids", params.allowed_token_ids or [])):
-            invalid = [t for t in ids if not 0 <= t < vocab]
-            if invalid:
-                raise VLLMValidationError(
-                    f"token_id(s) {invalid} in {name} contain out-of-vocab token ids. Vocabulary size: {vocab}",
-                    parameter=name, value=invalid)
-        if params.allowed_token_ids is not None and not params.allowed_token_ids:
-            raise VLLMValidationError("allowed_token_ids is not None and empty!", parameter="allowed_token_ids")
-        if params.thinking_token_budget is not None:
-            raise VLLMValidationError(
-                "thinking_token_budget is set but reasoning_config is not configured. Please set "
-                "--reasoning-config to use thinking_token_budget.", parameter="thinking_token_budget")
-        if (params.stop or params.bad_words) and self.tokenizer is None:
-            raise VLLMValidationError("stop strings and bad_words need a tokenizer (skip_tokenizer_init=True)")
-        unsupported = {"structured_outputs": params.structured_outputs, "logprob_token_ids": params.logprob_token_ids,
-                       "prompt_logprob_token_ids": params.prompt_logprob_token_ids,
-                       "flat_logprobs": params.flat_logprobs, "repetition_detection": params.repetition_detection,
-                       "trace_decode_token_ids": params.trace_decode_token_ids}
-        for name, value in unsupported.items():
-            if value:
-                raise NotImplementedError(f"perfxlm does not support SamplingParams.{name} yet")
+        self.input_processor.validate_request(prompt_token_ids, params)
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None) -> None:
-        """Validate and queue a request; n > 1 fans out into n sequences. Raises
-        VLLMValidationError (nothing queued) for what vLLM rejects, and ValueError for a
-        request id that is already running."""
-        self.validate_request(prompt_token_ids, params)
-        if request_id in self.requests:
-            raise ValueError(f"Request id {request_id!r} is already running")
-        prompt_token_ids = [int(t) for t in prompt_token_ids]  # numpy integers become plain ints
-        params = params.clone()
-        params.update_from_generation_config(self.generation_config, self.eos_token_id)
-        if self.tokenizer is not None:
-            params.update_from_tokenizer(self.tokenizer)
-        max_tokens = params.max_tokens or self.config.max_model_len - len(prompt_token_ids)
-        children, detoks = [], []
-        for i in range(params.n):
-            child_params = params
-            if params.n > 1:
-                child_params = params.clone()
-                child_params.n = 1
-                if params.seed is not None:  # child i draws from seed + i, as in vLLM
-                    child_params.seed = params.seed + i
-            child_id = request_id if params.n == 1 else f"{i}_{request_id}"
-            req = Request(child_id, prompt_token_ids, child_params, params.eos_token_id, max_tokens,
-                          parent_id=request_id, index=i)
-            req.wants_prompt_logprobs &= i == 0  # only the first sequence scores the prompt
-            children.append(req)
-            detoks.append(IncrementalDetokenizer(self.tokenizer, prompt_token_ids, child_params)
-                          if self.tokenizer is not None and params.detokenize else None)
-        self.requests[request_id] = RequestState(request_id, prompt, prompt_token_ids, children, detoks,
-                                                 children[0].arrival_time)
-        for req in children:
+    def enqueue(self, state: RequestState) -> None:
+        """Queue a request InputProcessor.process built."""
+        if state.request_id in self.requests:
+            raise ValueError(f"Request id {state.request_id!r} is already running")
+        self.requests[state.request_id] = state
+        for req in state.children:
             self.scheduler.add_request(req)
+        if self.stat_loggers:
+            self._new_request_ns.append(len(state.children))
 
-    def abort_request(self, request_ids: list[str]) -> None:
-        for rid in request_ids:
+    def abort_request(self, request_ids: list[str] | str) -> None:
+        """End requests (all n sequences) and free their KV blocks; unknown ids are ignored."""
+        self.abort(request_ids)
+
+    def abort(self, request_ids: list[str] | str) -> list[RequestOutput]:
+        """abort_request, returning each aborted request's last output (finish_reason "abort") for
+        whoever still streams it (AsyncLLM); LLMEngine.abort_request drops them, as vLLM's does."""
+        ids = [request_ids] if isinstance(request_ids, str) else request_ids
+        outputs, stats = [], IterationStats(time.monotonic())
+        for rid in ids:
             state = self.requests.pop(rid, None)
-            for req in state.children if state else ():
-                if not req.is_finished:
-                    self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+            if state is None:
+                continue
+            aborted = [req for req in state.children if not req.is_finished]
+            for req in aborted:
+                self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+                state.finished_children.add(req.index)
+                stats.finished_requests.append(finished_stats(req, state, stats.iteration_timestamp))
+            outputs.append(self.outputs.make_output(state, aborted))
+        if self.stat_loggers and stats.finished_requests:
+            self._record(stats)
+        return outputs
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    def reset_prefix_cache(self) -> bool:
+        return self.block_manager.reset_prefix_cache()
+
+    def do_log_stats(self) -> None:
+        for logger_ in self.stat_loggers:
+            logger_.log()
+
     # ---- one step -------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one batch; return the RequestOutputs of the requests that finished in it."""
+        """Run one batch. Returns the outputs it produced: for CUMULATIVE and DELTA requests every
+        one that got a token; for FINAL_ONLY the ones that finished. A step that only prefilled
+        a chunk of a prompt produces nothing."""
         sched = self.scheduler.schedule()
         if sched.is_empty():
             if self.scheduler.has_unfinished_requests():
                 raise RuntimeError("scheduler could not schedule any waiting request (KV cache exhausted)")
             return []
+        now = time.monotonic()
+        for req in sched.requests:
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = now
         inp = self.runner.prepare(sched)
         logits = torch.from_numpy(self.runner.execute(inp))                   # (N, vocab) float32
         for req, row, first_pos, count in inp.prompt_rows:
@@ -219,12 +217,17 @@ class LLMEngine:
             rows = inp.sample_rows
             out = self.sampler(logits if len(rows) == len(logits) else logits[rows], inp.sampling)
         got_token = self.scheduler.update(sched, inp.sampling, out.token_ids if out is not None else [])
-        finished: list[RequestOutput] = []
         now = time.monotonic()
+        stats = IterationStats(now, num_iteration_tokens=sum(sched.num_tokens),
+                               num_preempted_reqs=len(sched.preempted)) if self.stat_loggers else None
+        updated: dict[str, list[Request]] = {}  # request id -> its sequences with a new token, in order
         for i in got_token:
             req = inp.sampling[i]
+            if stats is not None:
+                stats.add_token(req, now)
             if req.first_token_time is None:
                 req.first_token_time = now
+            req.last_token_time = now
             if req.logprobs is not None:
                 self.outputs.add_sample_logprobs(req, out.logprobs[i])
             state = self.requests[req.parent_id]
@@ -233,7 +236,39 @@ class LLMEngine:
                 self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED, stop_str)
             if req.is_finished:
                 state.finished_children.add(req.index)
-                if len(state.finished_children) == len(state.children):
-                    finished.append(self.outputs.make_output(state))
-                    del self.requests[state.request_id]
-        return finished
+                if stats is not None:
+                    stats.finished_requests.append(finished_stats(req, state, now))
+            updated.setdefault(state.request_id, []).append(req)
+        outputs = []
+        for rid, reqs in updated.items():
+            state = self.requests[rid]
+            output = self.outputs.step_output(state, reqs)
+            if output is not None:
+                outputs.append(output)
+            if state.finished:
+                del self.requests[rid]
+                if stats is not None:
+                    stats.max_num_generation_tokens_iter.append(max(r.num_output_tokens for r in state.children))
+        if stats is not None:
+            self._record(stats)
+        return outputs
+
+    # ---- statistics -------------------------------------------------------------------
+
+    def scheduler_stats(self) -> SchedulerStats:
+        bm = self.block_manager
+        lookups, queries, hits = (now - seen for now, seen in zip((bm.lookups, bm.queries, bm.hits),
+                                                                   self._prefix_seen))
+        self._prefix_seen = (bm.lookups, bm.queries, bm.hits)
+        return SchedulerStats(num_running_reqs=len(self.scheduler.running),
+                              num_waiting_reqs=len(self.scheduler.waiting),
+                              kv_cache_usage=1.0 - bm.num_free_blocks / bm.num_blocks,
+                              num_kv_blocks=bm.num_blocks, num_free_kv_blocks=bm.num_free_blocks,
+                              prefix_cache_requests=lookups, prefix_cache_queries=queries,
+                              prefix_cache_hits=hits)
+
+    def _record(self, stats: IterationStats) -> None:
+        stats.n_params_iter, self._new_request_ns = self._new_request_ns, []
+        sched_stats = self.scheduler_stats()
+        for logger_ in self.stat_loggers:
+            logger_.record(sched_stats, stats)

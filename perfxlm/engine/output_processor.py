@@ -1,4 +1,5 @@
-"""From sampled tokens to RequestOutputs: logprobs, detokenisation, stop strings."""
+"""From sampled tokens to RequestOutputs: logprobs, detokenisation, stop strings, and what each
+step emits under SamplingParams.output_kind (CUMULATIVE, DELTA, FINAL_ONLY), as vLLM's."""
 
 from dataclasses import dataclass, field
 from typing import Any
@@ -9,6 +10,7 @@ from perfxlm.engine.detokenizer import IncrementalDetokenizer
 from perfxlm.engine.request import Request, RequestStatus
 from perfxlm.logprobs import Logprob
 from perfxlm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from perfxlm.sampling_params import RequestOutputKind
 
 
 @dataclass
@@ -21,7 +23,21 @@ class RequestState:
     children: list[Request]
     detokenizers: list[IncrementalDetokenizer | None]
     arrival_time: float
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    max_tokens_param: int | None = None          # SamplingParams.max_tokens as the caller gave it
     finished_children: set[int] = field(default_factory=set)
+    # DELTA: what earlier outputs already carried, per child
+    sent_tokens: list[int] = field(default_factory=list)
+    sent_chars: list[int] = field(default_factory=list)
+    sent_prompt_logprobs: bool = False
+
+    def __post_init__(self) -> None:
+        self.sent_tokens = [0] * len(self.children)
+        self.sent_chars = [0] * len(self.children)
+
+    @property
+    def finished(self) -> bool:
+        return len(self.finished_children) == len(self.children)
 
 
 class OutputProcessor:
@@ -75,28 +91,52 @@ class OutputProcessor:
         stopped_by_token = req.status == RequestStatus.FINISHED_STOPPED
         return detok.update(req.output_token_ids[-1:], stopped_by_token)
 
-    def make_output(self, state: RequestState) -> RequestOutput:
-        completions = []
-        for req in state.children:
-            detok = state.detokenizers[req.index]
-            completions.append(CompletionOutput(
-                index=req.index,
-                text=detok.output_text if detok is not None else "",
-                token_ids=list(req.output_token_ids),
-                cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None,
-                logprobs=req.logprobs,
-                finish_reason=req.status.finish_reason(),
-                stop_reason=req.stop_reason,
-            ))
+    def step_output(self, state: RequestState, updated: list[Request]) -> RequestOutput | None:
+        """What a step emits for a request whose sequences `updated` got a token (or ended):
+        CUMULATIVE and DELTA list those sequences, FINAL_ONLY waits for all n to finish."""
+        if state.output_kind == RequestOutputKind.FINAL_ONLY:
+            return self.make_output(state, state.children) if state.finished else None
+        return self.make_output(state, updated)
+
+    def make_output(self, state: RequestState, children: list[Request]) -> RequestOutput:
+        delta = state.output_kind == RequestOutputKind.DELTA
         first = state.children[0]
-        metrics = RequestMetrics(arrival_time=state.arrival_time, first_token_time=first.first_token_time)
+        prompt_logprobs = first.prompt_logprobs
+        if delta:  # the prompt's logprobs travel with the first output only
+            prompt_logprobs = None if state.sent_prompt_logprobs else prompt_logprobs
+            state.sent_prompt_logprobs = True
+        metrics = RequestMetrics(arrival_time=state.arrival_time, first_scheduled_time=first.first_scheduled_time,
+                                 first_token_time=first.first_token_time,
+                                 finished_time=first.last_token_time if state.finished else None)
         return RequestOutput(
             request_id=state.request_id,
             prompt=state.prompt,
             prompt_token_ids=state.prompt_token_ids,
-            prompt_logprobs=first.prompt_logprobs,
-            outputs=completions,
-            finished=len(state.finished_children) == len(state.children),
+            prompt_logprobs=prompt_logprobs,
+            outputs=[self._completion(state, req, delta) for req in children],
+            finished=state.finished,
             metrics=metrics,
             num_cached_tokens=max(first.num_cached_tokens, 0),
+        )
+
+    def _completion(self, state: RequestState, req: Request, delta: bool) -> CompletionOutput:
+        detok = state.detokenizers[req.index]
+        text = detok.output_text if detok is not None else ""
+        hold = req.sampling_params.output_text_buffer_length
+        if hold and not req.is_finished:  # text that may yet turn out to start a stop string
+            text = text[:max(len(text) - hold, 0)]
+        token_ids, logprobs = req.output_token_ids, req.logprobs
+        if delta:
+            t0, c0 = state.sent_tokens[req.index], state.sent_chars[req.index]
+            state.sent_tokens[req.index], state.sent_chars[req.index] = len(token_ids), max(len(text), c0)
+            token_ids, text = token_ids[t0:], text[c0:]
+            logprobs = logprobs[t0:] if logprobs is not None else None
+        return CompletionOutput(
+            index=req.index,
+            text=text,
+            token_ids=list(token_ids),
+            cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None,
+            logprobs=list(logprobs) if logprobs is not None else None,
+            finish_reason=req.status.finish_reason(),
+            stop_reason=req.stop_reason,
         )

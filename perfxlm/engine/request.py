@@ -52,7 +52,10 @@ class Request:
     logprobs: SampleLogprobs | None = None
     prompt_logprobs: PromptLogprobs | None = None
     cumulative_logprob: float = 0.0
+    first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    last_token_time: float | None = None
+    num_preemptions: int = 0
     wants_prompt_logprobs: bool = False
     plain_draw: bool = field(default=False, init=False)  # each token a draw from softmax(logits) as they are
 

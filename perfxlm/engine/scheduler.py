@@ -76,8 +76,9 @@ class Scheduler:
             if not self.block_manager.allocate_slots(req, n, computed):
                 break
             self.waiting.popleft()
-            if req.num_cached_tokens < 0:
+            if req.num_cached_tokens < 0:  # first admission, not a preempted request resuming
                 req.num_cached_tokens = len(computed) * self.block_manager.block_size
+                self.block_manager.record_lookup(req, computed)
             req.num_computed_tokens = len(computed) * self.block_manager.block_size
             req.status = RequestStatus.RUNNING
             self.running.append(req)
@@ -138,4 +139,5 @@ class Scheduler:
         self.waiting.appendleft(req)
         out.preempted.append(req)
         self.num_preemptions += 1
+        req.num_preemptions += 1
         logger.debug("preempted request %s (%d tokens)", req.request_id, req.num_tokens)

@@ -11,11 +11,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from perfxlm.config import EngineConfig, check_engine_args, derive_max_model_len, resolve_dtype
+from perfxlm.engine.arg_utils import EngineArgs, UsageContext
 from perfxlm.engine.llm_engine import LLMEngine
 from perfxlm.exceptions import VLLMValidationError
-from perfxlm.inputs import PromptType
-from perfxlm.models.loader import resolve_model
+from perfxlm.inputs import PromptType, check_text, tokenize_prompt
 from perfxlm.outputs import RequestOutput
 from perfxlm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -77,41 +76,18 @@ class LLM:
         if runner not in ("auto", "generate") or convert not in ("auto", "none"):
             raise NotImplementedError(f"perfxlm runs generative models only (runner={runner!r}, "
                                       f"convert={convert!r}); pooling models come later")
-        if quantization not in (None, "gguf"):
-            raise NotImplementedError(f"perfxlm: quantization={quantization!r} is not supported; only "
-                                      "'gguf' (Q8_0/Q4_0/Q4_1 blocks run natively)")
         if cpu_offload_gb or logits_processors:
             raise NotImplementedError("perfxlm does not support cpu_offload_gb or custom logits_processors")
         if tokenizer_mode not in ("auto", "hf", "slow"):
             raise NotImplementedError(f"perfxlm: tokenizer_mode={tokenizer_mode!r} is not supported")
-        engine_kw = {k: v for k, v in kwargs.items() if k in _ENGINE_KWARGS}
-        # before the model is read: a bad argument fails at once, not after seconds of loading
-        check_engine_args(dtype=dtype, seed=seed, kv_cache_memory_bytes=kv_cache_memory_bytes,
-                          skip_tokenizer_init=skip_tokenizer_init, trust_remote_code=trust_remote_code,
-                          select_hw_plugin=True, **engine_kw)
-
-        source = resolve_model(model, revision)
-        if hf_overrides is not None:
-            source.hf_config = (hf_overrides(source.hf_config) if callable(hf_overrides)
-                                else {**source.hf_config, **hf_overrides})
-        if quantization == "gguf" and not source.is_gguf:
-            raise ValueError(f"quantization='gguf' needs a .gguf model file; {model!r} is not one")
-        # vLLM runs a GGUF quantised; so do we unless an explicit dtype asks for dense weights
-        keep_blocks = quantization == "gguf" or (quantization is None and dtype == "auto" and source.is_quantized())
-        config = EngineConfig(
-            model=model,
-            dtype=resolve_dtype(dtype, source.hf_config),
-            max_model_len=derive_max_model_len(source.hf_config, engine_kw.pop("max_model_len", None)),
-            seed=0 if seed is None else seed,
-            tokenizer=tokenizer,
-            kv_cache_memory_bytes=kv_cache_memory_bytes,
-            skip_tokenizer_init=skip_tokenizer_init,
-            trust_remote_code=trust_remote_code,
-            chat_template=_load_template(chat_template),
-            quantization="gguf" if keep_blocks else None,
-            **{k: v for k, v in engine_kw.items() if v is not None},
-        )
-        self.llm_engine = LLMEngine(config, source)
+        engine_args = EngineArgs(
+            model=model, tokenizer=tokenizer, revision=revision, dtype=dtype, seed=seed,
+            quantization=quantization, kv_cache_memory_bytes=kv_cache_memory_bytes,
+            skip_tokenizer_init=skip_tokenizer_init, trust_remote_code=trust_remote_code, hf_overrides=hf_overrides,
+            **{k: v for k, v in kwargs.items() if k in _ENGINE_KWARGS})
+        # every argument is checked before the model is read: a bad one fails at once, not after loading
+        self.llm_engine = LLMEngine.from_engine_args(engine_args, UsageContext.LLM_CLASS)
+        self.llm_engine.config.chat_template = _load_template(chat_template)
         self.request_counter = itertools.count()
         self.default_sampling_params: SamplingParams | None = None
         # one call at a time drives the engine: a call collects every output the engine yields
@@ -126,11 +102,7 @@ class LLM:
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams from the model's generation_config.json, else vLLM's defaults."""
         if self.default_sampling_params is None:
-            gen = self.llm_engine.generation_config
-            keys = ("repetition_penalty", "temperature", "top_k", "top_p", "min_p")
-            diff = {k: gen[k] for k in keys if gen.get(k) is not None}
-            if gen.get("max_new_tokens") is not None:
-                diff["max_tokens"] = gen["max_new_tokens"]
+            diff = self.llm_engine.model_config.get_diff_sampling_param()
             if diff:
                 logger.info("Default sampling parameters have been overridden by the model's "
                             "generation config: %s", diff)
@@ -172,7 +144,7 @@ class LLM:
                     conv, tokenize=False, chat_template=template,
                     add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
                     tools=tools, **(chat_template_kwargs or {}))
-                _check_text(text, "rendered chat prompt")
+                check_text(text, "rendered chat prompt")
                 # the template writes the special tokens (BOS, ...) itself
                 inputs.append((tok.encode(text, add_special_tokens=False), text))
             return self._run(inputs, sampling_params, use_tqdm, lora_request, None)
@@ -213,24 +185,9 @@ class LLM:
 
     def _tokenize(self, prompt: Any, tokenization_kwargs: dict[str, Any] | None) -> tuple[list[int], str | None]:
         """One prompt -> (token ids, prompt text or None)."""
-        if isinstance(prompt, str):
-            prompt = {"prompt": prompt}
-        if isinstance(prompt, list):
-            return list(prompt), None
-        if not isinstance(prompt, dict):
-            raise VLLMValidationError(f"Invalid prompt {prompt!r}: expected a str, a TextPrompt, a "
-                                      "TokensPrompt or a list of token ids")
-        if "prompt_token_ids" in prompt:
-            return list(prompt["prompt_token_ids"]), prompt.get("prompt")
-        if "prompt" not in prompt:
-            raise VLLMValidationError(f"Invalid prompt {prompt!r}: a dict needs 'prompt' or 'prompt_token_ids'")
-        text = prompt["prompt"]
-        if not isinstance(text, str):
-            raise VLLMValidationError(f"Invalid prompt {text!r}: the text of a prompt must be a str, got "
-                                      f"{type(text).__name__}", parameter="prompt", value=text)
-        _check_text(text, "prompt")
-        tok = self._require_tokenizer("A text prompt")
-        return tok.encode(text, **(tokenization_kwargs or {})), text
+        if isinstance(prompt, (str, dict)) and not (isinstance(prompt, dict) and "prompt_token_ids" in prompt):
+            self._require_tokenizer("A text prompt")
+        return tokenize_prompt(prompt, self.llm_engine.tokenizer, tokenization_kwargs)
 
     def _run(self, inputs: list[tuple[list[int], str | None]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None,
@@ -254,7 +211,7 @@ class LLM:
             for (prompt_ids, text), p in zip(inputs, params):
                 p.output_kind = RequestOutputKind.FINAL_ONLY  # vLLM sets this on the caller's object
                 request_id = str(next(self.request_counter))
-                engine.add_request(request_id, prompt_ids, p, prompt=text)  # queues all of it or nothing
+                engine.add_request(request_id, prompt_ids, p, prompt_text=text)  # queues all of it or nothing
                 ids.append(request_id)
             outputs = self._run_engine(len(inputs), use_tqdm)
         except BaseException:
@@ -336,17 +293,6 @@ def _flatten_content(message: dict[str, Any]) -> dict[str, Any]:
     elif content is None:
         message = {**message, "content": ""}
     return message
-
-
-def _check_text(text: str, what: str) -> None:
-    """Text the tokenizer can take: a lone surrogate (e.g. from a bad decode) is not UTF-8."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        shown = repr(text) if len(text) <= 200 else repr(text[:200]) + "..."
-        raise VLLMValidationError(
-            f"Invalid {what} {shown}: it is not valid Unicode text ({e.reason}: {text[e.start:e.end]!r} at "
-            f"position {e.start}); pass a str that encodes to UTF-8", parameter="prompt", value=text) from None
 
 
 def _load_template(template: str | None) -> str | None:

@@ -2,6 +2,11 @@
 the step's tokens and latencies, and one record per finished request. Times are seconds."""
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the engine's types, for hints only: metrics does not import the engine
+    from perfxlm.engine.output_processor import RequestState
+    from perfxlm.engine.request import Request
 
 
 @dataclass
@@ -13,6 +18,7 @@ class SchedulerStats:
     kv_cache_usage: float = 0.0        # fraction of KV blocks held by requests, 0..1
     num_kv_blocks: int = 0
     num_free_kv_blocks: int = 0
+    prefix_cache_requests: int = 0     # new requests that looked up the prefix cache this step
     prefix_cache_queries: int = 0      # prompt tokens looked up in the prefix cache this step
     prefix_cache_hits: int = 0         # of those, tokens found
 
@@ -51,3 +57,28 @@ class IterationStats:
     finished_requests: list[FinishedRequestStats] = field(default_factory=list)
     n_params_iter: list[int] = field(default_factory=list)        # n of each request started this step
     max_num_generation_tokens_iter: list[int] = field(default_factory=list)  # per finished request: max over its n
+
+    def add_token(self, req: "Request", now: float) -> None:
+        """Count req's token sampled at `now` (before the engine stamps the request's times)."""
+        self.num_generation_tokens += 1
+        if req.first_token_time is None:  # the prompt is done: its first token
+            self.time_to_first_tokens_iter.append(now - req.arrival_time)
+            self.num_prompt_tokens += req.num_prompt_tokens
+            self.num_prompt_tokens_cached += max(req.num_cached_tokens, 0)
+        else:
+            self.inter_token_latencies_iter.append(now - req.last_token_time)
+
+
+def finished_stats(req: "Request", state: "RequestState", now: float) -> FinishedRequestStats:
+    """The record of a sequence that ended at `now` (an aborted one may lack later timestamps)."""
+    scheduled = req.first_scheduled_time if req.first_scheduled_time is not None else now
+    first = req.first_token_time if req.first_token_time is not None else now
+    last = req.last_token_time if req.last_token_time is not None else now
+    n = req.num_output_tokens
+    return FinishedRequestStats(
+        finish_reason=req.status.finish_reason() or "abort", e2e_latency=now - req.arrival_time,
+        num_prompt_tokens=req.num_prompt_tokens, num_generation_tokens=n, max_tokens_param=state.max_tokens_param,
+        n_param=len(state.children), queued_time=scheduled - req.arrival_time, prefill_time=first - scheduled,
+        decode_time=last - first, inference_time=last - scheduled,
+        mean_time_per_output_token=(last - first) / (n - 1) if n > 1 else 0.0,
+        num_preemptions=req.num_preemptions, num_cached_tokens=max(req.num_cached_tokens, 0))

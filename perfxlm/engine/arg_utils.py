@@ -1,0 +1,173 @@
+"""Engine arguments as vLLM names them: `EngineArgs` (LLM, LLMEngine) and `AsyncEngineArgs`
+(AsyncLLM, `perfxlm serve`), their command-line flags, and their resolution against the model."""
+
+import argparse
+import dataclasses
+import enum
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from perfxlm.config import EngineConfig, check_engine_args, derive_max_model_len, resolve_dtype
+from perfxlm.models.loader import ModelSource, resolve_model
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the embedded default
+
+
+class UsageContext(enum.Enum):
+    """Who builds the engine; vLLM picks batch-size defaults from it."""
+
+    UNKNOWN_CONTEXT = "UNKNOWN_CONTEXT"
+    LLM_CLASS = "LLM_CLASS"
+    API_SERVER = "API_SERVER"
+    OPENAI_API_SERVER = "OPENAI_API_SERVER"
+    OPENAI_BATCH_RUNNER = "OPENAI_BATCH_RUNNER"
+    ENGINE_CONTEXT = "ENGINE_CONTEXT"
+
+
+# vLLM's CPU defaults (engine/arg_utils.py): a server keeps batches smaller than offline runs
+_BATCH_DEFAULTS = {UsageContext.LLM_CLASS: (256, 4096), UsageContext.OPENAI_API_SERVER: (128, 2048)}
+_ENGINE_CONTEXT_DEFAULTS = (128, 2048)
+
+
+@dataclass
+class EngineArgs:
+    """vLLM's engine arguments that perfxlm honours; `None` means the model's or vLLM's default."""
+
+    model: str = DEFAULT_MODEL
+    served_model_name: str | list[str] | None = None
+    tokenizer: str | None = None
+    revision: str | None = None
+    dtype: Any = "auto"
+    seed: int | None = 0
+    max_model_len: int | None = None
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    block_size: int | None = None
+    enable_prefix_caching: bool | None = None
+    enable_chunked_prefill: bool | None = None
+    max_logprobs: int = 20
+    generation_config: str = "auto"
+    quantization: str | None = None
+    hw_plugin: str | None = None            # perfxlm's own: the plugin that runs the graph
+    kv_cache_memory_bytes: int | None = None
+    skip_tokenizer_init: bool = False
+    trust_remote_code: bool = False
+    disable_log_stats: bool = False
+    hf_overrides: dict[str, Any] | Callable[[dict], dict] | None = None
+
+    @property
+    def served_model_names(self) -> list[str]:
+        names = self.served_model_name
+        if not names:
+            return [self.model]
+        return [names] if isinstance(names, str) else list(names)
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        """The engine flags (not the model, which `perfxlm serve` takes as its positional)."""
+        bool_flag = argparse.BooleanOptionalAction
+        g = parser.add_argument_group("engine")
+        g.add_argument("--served-model-name", nargs="+", default=None,
+                       help="names the server answers to; the first is echoed in responses (default: the model)")
+        g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+        g.add_argument("--revision", default=None)
+        g.add_argument("--dtype", default="auto", choices=["auto", "half", "float16", "bfloat16", "float", "float32"])
+        g.add_argument("--seed", type=int, default=0)
+        g.add_argument("--max-model-len", type=parse_model_len, default=None,
+                       help="context length; accepts 1k (1000), 1K (1024); default: the model's")
+        g.add_argument("--max-num-seqs", type=int, default=None)
+        g.add_argument("--max-num-batched-tokens", type=int, default=None)
+        g.add_argument("--block-size", type=int, default=None)
+        g.add_argument("--enable-prefix-caching", action=bool_flag, default=None)
+        g.add_argument("--enable-chunked-prefill", action=bool_flag, default=None)
+        g.add_argument("--max-logprobs", type=int, default=20, help="cap on logprobs per token; -1: no cap")
+        g.add_argument("--generation-config", default="auto",
+                       help="'auto': the model's generation_config.json gives the default sampling values; "
+                            "'vllm': vLLM's neutral defaults")
+        g.add_argument("--quantization", "-q", default=None, help="'gguf' keeps GGUF blocks (the default for "
+                                                                 "a quantised GGUF with dtype auto)")
+        g.add_argument("--hw-plugin", default=None, help="cpu, torch, rvv, ... (default: the best available)")
+        g.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+        g.add_argument("--skip-tokenizer-init", action=bool_flag, default=False)
+        g.add_argument("--trust-remote-code", action=bool_flag, default=False)
+        g.add_argument("--disable-log-stats", action=bool_flag, default=False)
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+    def check(self) -> None:
+        """Every check that needs no model: a bad argument fails before anything is read."""
+        check_engine_args(dtype=self.dtype, seed=self.seed, max_model_len=self.max_model_len,
+                          max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+                          block_size=self.block_size, kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+                          enable_prefix_caching=self.enable_prefix_caching,
+                          enable_chunked_prefill=self.enable_chunked_prefill, max_logprobs=self.max_logprobs,
+                          skip_tokenizer_init=self.skip_tokenizer_init, trust_remote_code=self.trust_remote_code,
+                          generation_config=self.generation_config, hw_plugin=self.hw_plugin, select_hw_plugin=True)
+        if self.quantization not in (None, "gguf"):
+            raise NotImplementedError(f"perfxlm: quantization={self.quantization!r} is not supported; only "
+                                      "'gguf' (GGUF blocks run natively)")
+
+    def create_engine_config(self, usage_context: UsageContext | None = None) -> tuple[EngineConfig, ModelSource]:
+        """Resolve the arguments against the model's config (no weights are read)."""
+        self.check()
+        source = resolve_model(self.model, self.revision)
+        if self.hf_overrides is not None:
+            source.hf_config = (self.hf_overrides(source.hf_config) if callable(self.hf_overrides)
+                                else {**source.hf_config, **self.hf_overrides})
+        if self.quantization == "gguf" and not source.is_gguf:
+            raise ValueError(f"quantization='gguf' needs a .gguf model file; {self.model!r} is not one")
+        # vLLM runs a GGUF quantised; so do we unless an explicit dtype asks for dense weights
+        keep_blocks = self.quantization == "gguf" or (
+            self.quantization is None and self.dtype == "auto" and source.is_quantized())
+        max_seqs, max_tokens = _BATCH_DEFAULTS.get(usage_context, _ENGINE_CONTEXT_DEFAULTS)
+        optional = {"block_size": self.block_size, "enable_prefix_caching": self.enable_prefix_caching,
+                    "enable_chunked_prefill": self.enable_chunked_prefill, "hw_plugin": self.hw_plugin}
+        config = EngineConfig(
+            model=self.model,
+            dtype=resolve_dtype(self.dtype, source.hf_config),
+            max_model_len=derive_max_model_len(source.hf_config, self.max_model_len),
+            seed=0 if self.seed is None else self.seed,
+            tokenizer=self.tokenizer,
+            max_num_seqs=self.max_num_seqs or max_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens or max_tokens,
+            kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+            max_logprobs=self.max_logprobs,
+            skip_tokenizer_init=self.skip_tokenizer_init,
+            trust_remote_code=self.trust_remote_code,
+            generation_config=self.generation_config,
+            quantization="gguf" if keep_blocks else None,
+            **{k: v for k, v in optional.items() if v is not None},
+        )
+        return config, source
+
+
+@dataclass
+class AsyncEngineArgs(EngineArgs):
+    """EngineArgs for AsyncLLM and `perfxlm serve`."""
+
+    enable_log_requests: bool = False
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        super().add_cli_args(parser)
+        parser.add_argument("--enable-log-requests", action=argparse.BooleanOptionalAction, default=False,
+                            help="log each request's id and sampling parameters (its prompt at DEBUG)")
+        return parser
+
+
+def parse_model_len(value: str) -> int:
+    """vLLM's --max-model-len: an int, or 1k (1000) / 1K (1024) / 25.6k; -1 and 'auto' are not
+    supported here (they size the context from free memory)."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kKmMgG]?)", value.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid max model length {value!r}: use an integer or a size like "
+                                         "1k (1000) or 1K (1024)")
+    number, suffix = m.groups()
+    scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[suffix]
+    return int(float(number) * scale)
