@@ -1,4 +1,4 @@
-"""`perfxlm` command line: export, plugins, bench."""
+"""`perfxlm` command line: serve, export, plugins, bench."""
 
 import argparse
 import importlib.util
@@ -18,6 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("--verify", action="store_true",
                      help="run the graph's standard-ONNX lowering in onnxruntime and compare with PyTorch")
     sub.add_parser("plugins", help="list hardware plugins and whether each is available")
+    serve = sub.add_parser("serve", help="serve a model with vLLM's OpenAI-compatible API and a chat page at /")
+    from perfxlm.entrypoints.openai.cli_args import make_arg_parser
+    make_arg_parser(serve)
     bench = sub.add_parser("bench", help="benchmarks, each beside a reference measured in the same run")
     bsub = bench.add_subparsers(dest="bench", required=True)
     gemv = bsub.add_parser("gemv", help="GEMV (--rows 1) / GEMM on SmolLM2 shapes and 4096x4096: ours, OpenBLAS, "
@@ -54,9 +57,16 @@ def main(argv: list[str] | None = None) -> int:
     lat.add_argument("--batch-size", type=int, default=1)
     lat.add_argument("--num-iters", type=int, default=5)
     lat.add_argument("--num-iters-warmup", type=int, default=1)
+    from perfxlm.bench import serve as bench_serve
+    bench_serve.add_cli_args(bsub.add_parser("serve", help="load a running OpenAI-compatible server (ours or "
+                                                           "vLLM's) as `vllm bench serve` does"))
     args = parser.parse_args(argv)
     if args.command == "export":
         return _export(args)
+    if args.command == "serve":
+        from perfxlm.entrypoints.openai.api_server import run_server
+        run_server(args)
+        return 0
     if args.command == "bench":
         if args.bench == "gemv":
             return _bench_gemv(args)
@@ -66,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             return _bench_attention(args)
         if args.bench == "sampler":
             return _bench_sampler(args)
+        if args.bench == "serve":
+            return bench_serve.main(args)
         import perfxlm  # noqa: F401 - configures logging
         from perfxlm.bench import serving
         getattr(serving, args.bench)(args)
