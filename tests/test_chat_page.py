@@ -214,3 +214,26 @@ def test_stop_aborts_the_request_on_the_server(driver, server, tmp_path):
     shot = screenshot_path(tmp_path)
     assert driver.save_screenshot(str(shot))
     log.info("chat page screenshot: %s", shot)
+
+
+def test_api_key_is_asked_for_and_sent(driver, tmp_path):
+    with RemoteServer(["--dtype", "float32", "--max-model-len", "512"], api_key="chat-page-key",
+                      log_path=tmp_path / "server.log") as keyed:
+        driver.get(keyed.url_for(""))
+        driver.execute_script("localStorage.clear()")
+        driver.refresh()
+        key = driver.find_element(By.ID, "api-key")
+        WebDriverWait(driver, 30).until(lambda d: key.is_displayed())  # v1/models said 401: the field opens
+        assert driver.find_element(By.ID, "model").get_attribute("value") == ""
+        assert "API key" in driver.find_element(By.ID, "stats").text
+        key.send_keys("chat-page-key", Keys.TAB)
+        WebDriverWait(driver, 30).until(
+            lambda d: d.find_element(By.ID, "model").get_attribute("value") == DEFAULT_MODEL)
+        fill(driver, "temperature", "0")
+        fill(driver, "max-tokens", "8")
+        reply = say(driver, "Hi")
+        resp = requests.post(keyed.url_for("v1/chat/completions"), timeout=60,
+                             headers={"Authorization": "Bearer chat-page-key"},
+                             json={"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Hi"}],
+                                   "temperature": 0, "max_tokens": 8})
+        assert reply == resp.json()["choices"][0]["message"]["content"]
