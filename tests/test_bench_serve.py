@@ -189,7 +189,7 @@ def made_up_outputs() -> list[RequestFuncOutput]:
             RequestFuncOutput(success=False, start_time=100.0, error="500 Internal Server Error")]
 
 
-def test_metrics_from_made_up_timings(smol_tokenizer):
+def test_metrics_from_made_up_timings(smol_tokenizer, tmp_path):
     outs = made_up_outputs()
     m = calculate_metrics(outs, duration=2.5, tokenizer=smol_tokenizer, goodput={"ttft": 250, "e2el": 1000})
     assert (m.completed, m.failed, m.total_input, m.total_output) == (3, 1, 60, 15)
@@ -230,6 +230,9 @@ def test_metrics_from_made_up_timings(smol_tokenizer):
     text = "\n".join(lines)
     assert "Request rate" not in text and "Maximum request" not in text and "goodput" not in text
     assert "TPOT" not in text and result["request_goodput"] is None and "p99_ttft_ms" in result
+    from perfxlm.bench.serve_plot import plot
+    plot(m, outs, str(tmp_path / "p.png"), "made up")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def cli(*argv: str) -> argparse.Namespace:

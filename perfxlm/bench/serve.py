@@ -108,7 +108,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     request_func, percentiles, selected, goodput, ratios = _check_args(args)
     base_url = (args.base_url or f"http://{args.host}:{args.port}").rstrip("/")
     api_url = base_url + args.endpoint
-    headers = _pairs(args.header, "header")
+    headers, metadata = _pairs(args.header, "header"), _pairs(args.metadata, "metadata")
     if args.model is None:
         print("Model not specified, fetching first model from server...")
         model_name, model_id = await first_model(base_url, headers)
@@ -122,9 +122,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     requests = await align_prompts_to_server(base_url, model_id, requests, headers)
     sampling = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None}
     if "temperature" not in sampling:
-        print("WARNING: vllm bench serve no longer sets temperature==0 (greedy) in requests by default. The default "
-              "will be determined on the server side and can be model/API specific. For the old behavior, include "
-              "--temperature=0.")
+        print("WARNING: bench serve does not set temperature==0 (greedy) in requests by default, as vllm bench serve. "
+              "The default will be determined on the server side and can be model/API specific. For greedy "
+              "requests, include --temperature=0.")
     inputs = [RequestFuncInput(prompt=r.prompt, api_url=api_url, prompt_len=r.prompt_len,
                                output_len=r.expected_output_len, model=model_id, model_name=model_name,
                                logprobs=args.logprobs, extra_headers=headers,
@@ -132,9 +132,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                request_id=r.request_id) for r in requests]
     gc.collect()
     gc.freeze()  # the prompts and inputs stay alive all run: keep them out of the collector's passes
-    outputs, duration = await benchmark(request_func, inputs, args.request_rate, args.burstiness,
-                                        args.max_concurrency, args.num_warmups, args.ready_check_timeout_sec,
-                                        args.disable_tqdm, np.random.default_rng(args.seed))
+    try:
+        outputs, duration = await benchmark(request_func, inputs, args.request_rate, args.burstiness,
+                                            args.max_concurrency, args.num_warmups, args.ready_check_timeout_sec,
+                                            args.disable_tqdm, np.random.default_rng(args.seed))
+    finally:
+        gc.unfreeze()
     metrics = calculate_metrics(outputs, duration, tokenizer, goodput)
     failed = [o for o in outputs if not o.success]
     if failed:
@@ -147,7 +150,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     now = datetime.now().strftime("%Y%m%d-%H%M%S")
     result = {"date": now, "endpoint_type": args.backend, "backend": args.backend, "label": args.label,
               "model_id": model_id, "tokenizer_id": tokenizer_id, "num_prompts": args.num_prompts,
-              **_pairs(args.metadata, "metadata"),
+              **metadata,
               "request_rate": args.request_rate if args.request_rate < float("inf") else "inf",
               "burstiness": args.burstiness, "max_concurrency": args.max_concurrency, **figures}
     if args.plot:

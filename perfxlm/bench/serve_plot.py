@@ -15,6 +15,7 @@ def plot(metrics: BenchmarkMetrics, outputs: Sequence[RequestFuncOutput], path: 
         import matplotlib
         matplotlib.use("Agg")  # files only: no display on a server or a board
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError as e:
         raise SystemExit(f"perfxlm bench serve: --plot needs matplotlib (pip install matplotlib): {e}") from e
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
@@ -38,7 +39,7 @@ def plot(metrics: BenchmarkMetrics, outputs: Sequence[RequestFuncOutput], path: 
     ax.axhline(metrics.output_throughput, color="red", linestyle=":",
                label=f"mean {metrics.output_throughput:.1f} tok/s")
     ax.set(title="Output throughput over time", xlabel="seconds since the first request", ylabel="tokens/s")
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
     ax.grid(alpha=0.3)
     ax = axes.flat[5]
     done = [o for o in outputs if o.success]
@@ -49,6 +50,7 @@ def plot(metrics: BenchmarkMetrics, outputs: Sequence[RequestFuncOutput], path: 
         ax.step(times, np.concatenate([[0], np.cumsum([d for _, d in edges])]), where="post")
     ax.set(title=f"Requests in flight (peak {metrics.max_concurrent_requests})",
            xlabel="seconds since the first request", ylabel="requests")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     fig.suptitle(f"perfxlm bench serve: {title}; {metrics.completed} ok, {metrics.failed} failed")
     fig.tight_layout()
