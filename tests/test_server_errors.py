@@ -31,7 +31,7 @@ def model_dir(tiny_llama_dir, tmp_path_factory):
 def server(model_dir, tmp_path_factory):
     args = ["--max-model-len", "256", "--served-model-name", "tiny", "tiny-alias", "--max-logprobs", "5",
             "--enable-request-id-headers", "--allowed-origins", json.dumps([ORIGIN]),
-            "--kv-cache-memory-bytes", str(32 << 20)]
+            "--kv-cache-memory-bytes", str(32 << 20), "--root-path", "/llm"]
     srv = RemoteServer(args, model=str(model_dir), env={"VLLM_API_KEY": KEY},
                        log_path=tmp_path_factory.mktemp("server") / "server.log")
     srv.api_key = KEY  # the key comes from the environment, not --api-key
@@ -60,6 +60,15 @@ def test_api_key_guards_v1_only(server):
     for route in ("health", "version", "metrics", "ping"):
         assert requests.get(server.url_for(route), timeout=10).status_code == 200, route
     assert post(server, "tokenize", {"prompt": "Hello"}, key=None).status_code == 200
+
+
+def test_root_path_prefix(server):
+    """Behind a proxy that keeps the --root-path prefix, routes and the key check still apply."""
+    url = server.url_for("llm", "v1", "models")
+    assert requests.get(url, timeout=10).status_code == 401
+    r = requests.get(url, headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+    assert r.status_code == 200 and r.json()["data"][0]["id"] == "tiny"
+    assert requests.get(server.url_for("llm", "health"), timeout=10).status_code == 200
 
 
 def test_cors_preflight_is_not_guarded(server):

@@ -95,6 +95,8 @@ class OpenAIServing:
         if truncate is not None:
             keep = self.max_model_len if truncate == -1 else truncate
             token_ids = token_ids[-keep:] if keep else []
+        if not token_ids:
+            raise VLLMValidationError("The decoder prompt cannot be empty", parameter="prompt")
         vocab = self.model_config.vocab_size
         bad = next((t for t in token_ids if t >= vocab), None)
         if bad is not None:
@@ -207,8 +209,8 @@ def error_response(exc: BaseException | str, err_type: str = "BadRequestError",
             err_type, status, param = "NotImplementedError", HTTPStatus.NOT_IMPLEMENTED, None
         else:
             err_type, status, param = "InternalServerError", HTTPStatus.INTERNAL_SERVER_ERROR, None
-        if status >= 500:
-            logger.error("request failed: %s: %s", type(exc).__name__, exc)
+        if status == HTTPStatus.INTERNAL_SERVER_ERROR:
+            logger.error("request failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
         exc = str(exc)
     return ErrorResponse(error=ErrorInfo(message=exc, type=err_type, param=param, code=status.value))
 
@@ -250,8 +252,11 @@ async def merge_async_iterators(*iterators: AsyncGenerator[T, None]) -> AsyncIte
     consumer stops early (or is cancelled) the generators still running are cancelled, which
     aborts their engine requests."""
     if len(iterators) == 1:
-        async for item in iterators[0]:
-            yield 0, item
+        try:
+            async for item in iterators[0]:
+                yield 0, item
+        finally:
+            await iterators[0].aclose()
         return
     pending = {asyncio.ensure_future(anext(it)): i for i, it in enumerate(iterators)}
     try:
