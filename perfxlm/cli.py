@@ -18,9 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("--verify", action="store_true",
                      help="run the graph's standard-ONNX lowering in onnxruntime and compare with PyTorch")
     sub.add_parser("plugins", help="list hardware plugins and whether each is available")
-    serve = sub.add_parser("serve", help="serve a model with vLLM's OpenAI-compatible API and a chat page at /")
-    from perfxlm.entrypoints.openai.cli_args import make_arg_parser
-    make_arg_parser(serve)
+    from perfxlm.entrypoints.openai.cli_args import make_arg_parser, normalize_flags
+    make_arg_parser(sub.add_parser("serve", help="serve a model with vLLM's OpenAI-compatible API and a chat "
+                                                 "page at /"))
     bench = sub.add_parser("bench", help="benchmarks, each beside a reference measured in the same run")
     bsub = bench.add_subparsers(dest="bench", required=True)
     gemv = bsub.add_parser("gemv", help="GEMV (--rows 1) / GEMM on SmolLM2 shapes and 4096x4096: ours, OpenBLAS, "
@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     from perfxlm.bench import serve as bench_serve
     bench_serve.add_cli_args(bsub.add_parser("serve", help="load a running OpenAI-compatible server (ours or "
                                                            "vLLM's) as `vllm bench serve` does"))
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # vLLM's serve flags also take underscores (--max_model_len)
+        argv = normalize_flags(argv)
     args = parser.parse_args(argv)
     if args.command == "export":
         return _export(args)
