@@ -67,6 +67,8 @@ class ModelSource:
         else:
             state = {_rename(family, k): v.to(dtype) for k, v in _read_hf_tensors(self.path).items()
                      if "rotary_emb" not in k}
+        for name, t in state.items():  # one at a time, so each unaligned original can go as it is copied
+            state[name] = _aligned(t)
         _assign(model, state, self.path)
         return model.to(dtype).eval()  # computed buffers (RoPE tables) to the model's dtype too
 
@@ -75,6 +77,15 @@ class ModelSource:
             return self._gguf.tokenizer()
         from transformers import AutoTokenizer
         return AutoTokenizer.from_pretrained(str(self.path), **kwargs)
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """t at a 64-byte-aligned address, as torch allocates every CPU tensor: copied if it is a view
+    into a checkpoint at an offset its format allows (safetensors promises 8 bytes). The address
+    changes results: on AMD CPUs, MKL's fp32 GEMM with one row (a decode step) sums in an order
+    set by the weight's address mod 16, so the eager model would differ in the last bits from
+    the same weights in the exported graph (~1e-6 on the tiny Llama's logits)."""
+    return t if t.data_ptr() % 64 == 0 else t.clone()
 
 
 def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
