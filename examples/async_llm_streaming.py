@@ -2,7 +2,7 @@
 import differs. Two prompts stream at once in DELTA mode (each output carries only the new text);
 the second is aborted after a few tokens, the first runs to its end.
 
-    python examples/async_llm_streaming.py [--model MODEL] [--abort-after N]
+    python examples/async_llm_streaming.py [--model MODEL] [--max-tokens N] [--abort-after N]
 """
 
 import argparse
@@ -13,8 +13,9 @@ from perfxlm.engine.arg_utils import AsyncEngineArgs
 from perfxlm.sampling_params import RequestOutputKind
 
 
-async def stream(engine: AsyncLLMEngine, prompt: str, request_id: str, abort_after: int | None) -> str:
-    params = SamplingParams(max_tokens=48, temperature=0.0, output_kind=RequestOutputKind.DELTA)
+async def stream(engine: AsyncLLMEngine, prompt: str, request_id: str, max_tokens: int,
+                 abort_after: int | None) -> str:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, output_kind=RequestOutputKind.DELTA)
     text, tokens = "", 0
     async for output in engine.generate(prompt, params, request_id):
         for completion in output.outputs:
@@ -31,8 +32,8 @@ async def main(args: argparse.Namespace) -> None:
     engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(model=args.model, disable_log_stats=True))
     try:
         await asyncio.gather(
-            stream(engine, "The capital of France is", "full", None),
-            stream(engine, "Once upon a time, in a land far away,", "aborted", args.abort_after),
+            stream(engine, "The capital of France is", "full", args.max_tokens, None),
+            stream(engine, "Once upon a time, in a land far away,", "aborted", args.max_tokens, args.abort_after),
         )
     finally:
         engine.shutdown()
@@ -41,5 +42,6 @@ async def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
+    parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--abort-after", type=int, default=5)
     asyncio.run(main(parser.parse_args()))

@@ -75,11 +75,9 @@ def run_request(loggers: list, prompt: int, generated: int, waiting_after: int =
         it = IterationStats(iteration_timestamp=float(i), num_generation_tokens=1)
         if i == 0:
             it.num_prompt_tokens, it.num_prompt_tokens_cached = prompt, cached
-            it.num_iteration_tokens = prompt - cached
             it.time_to_first_tokens_iter.append(TTFT)
             it.n_params_iter.append(1)
         else:
-            it.num_iteration_tokens = 1
             it.inter_token_latencies_iter.append(ITL)
         last = i == generated - 1
         if last:

@@ -80,10 +80,14 @@ class AsyncLLM:
                          stat_loggers: list[Any] | None = None) -> "AsyncLLM":
         """Load the model (seconds) and start the engine loop. Unless `disable_log_stats`, the
         engine logs vLLM's periodic stats line (see `do_log_stats`) and records Prometheus metrics
-        in prometheus_client's default registry."""
+        in prometheus_client's default registry. The loop always starts (`start_engine_loop` is
+        accepted for vLLM's signature)."""
         served = engine_args.served_model_names[0]
         config, source = engine_args.create_engine_config(usage_context)
-        engine = LLMEngine(config, source, stat_loggers)
+        # vLLM passes logger factories, called with (config, engine index); instances work too
+        loggers = [f if hasattr(f, "record") and not isinstance(f, type) else f(config, 0)
+                   for f in stat_loggers or ()]
+        engine = LLMEngine(config, source, loggers)
         if not engine_args.disable_log_stats:  # built once the KV cache is sized
             from perfxlm.metrics.loggers import LoggingStatLogger, PrometheusStatLogger
             bm = engine.block_manager
@@ -120,7 +124,7 @@ class AsyncLLM:
 
     @property
     def is_running(self) -> bool:
-        return self._thread.is_alive() and not self._stopped
+        return self.dead_error is None and not self._stopped and self._thread.is_alive()
 
     @property
     def is_stopped(self) -> bool:
@@ -163,6 +167,11 @@ class AsyncLLM:
         collector = RequestOutputCollector(state.output_kind)
         self._collectors[internal_id] = (collector, asyncio.get_running_loop())
         self._internal_ids[request_id].add(internal_id)
+        try:  # a loop that died since the first check has swept the collectors already
+            self._check_alive()
+        except EngineDeadError:
+            self._forget(request_id, internal_id)
+            raise
         self._commands.put(("add", state))
         finished = False
         try:
@@ -212,10 +221,6 @@ class AsyncLLM:
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
-    def __del__(self) -> None:
-        if getattr(self, "_thread", None) is not None:
-            self.shutdown(timeout=0)
-
     # ---- the engine loop (its own thread) ---------------------------------------------
 
     def _engine_loop(self) -> None:
@@ -234,6 +239,14 @@ class AsyncLLM:
             self.dead_error = EngineDeadError("the engine was shut down")
         for collector, loop in list(self._collectors.values()):
             self._deliver(loop, collector, self.dead_error)
+        while True:  # commands nobody will run: fail the calls that wait on one
+            try:
+                command, arg = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if command == "reset_prefix_cache":
+                error = self.dead_error
+                arg.get_loop().call_soon_threadsafe(lambda f=arg: f.done() or f.set_exception(error))
 
     def _drain(self, block: bool) -> bool:
         """Run the queued commands; False when asked to stop."""
@@ -264,8 +277,9 @@ class AsyncLLM:
         try:
             self.engine.enqueue(state)
         except Exception as e:  # noqa: BLE001 - goes to the one request's consumer
-            collector, loop = self._collectors[state.request_id]
-            self._deliver(loop, collector, e)
+            entry = self._collectors.get(state.request_id)
+            if entry is not None:
+                self._deliver(entry[1], entry[0], e)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:

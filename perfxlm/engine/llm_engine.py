@@ -25,7 +25,7 @@ from perfxlm.metrics.stats import IterationStats, SchedulerStats, finished_stats
 from perfxlm.models.graph_cache import cached_graph
 from perfxlm.models.loader import ModelSource, load_tokenizer
 from perfxlm.outputs import RequestOutput
-from perfxlm.sampling_params import SamplingParams
+from perfxlm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +172,8 @@ class LLMEngine:
                 self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
                 state.finished_children.add(req.index)
                 stats.finished_requests.append(finished_stats(req, state, stats.iteration_timestamp))
-            outputs.append(self.outputs.make_output(state, aborted))
+            final_only = state.output_kind == RequestOutputKind.FINAL_ONLY  # its one output has all n
+            outputs.append(self.outputs.make_output(state, state.children if final_only else aborted))
         if self.stat_loggers and stats.finished_requests:
             self._record(stats)
         return outputs
@@ -218,8 +219,7 @@ class LLMEngine:
             out = self.sampler(logits if len(rows) == len(logits) else logits[rows], inp.sampling)
         got_token = self.scheduler.update(sched, inp.sampling, out.token_ids if out is not None else [])
         now = time.monotonic()
-        stats = IterationStats(now, num_iteration_tokens=sum(sched.num_tokens),
-                               num_preempted_reqs=len(sched.preempted)) if self.stat_loggers else None
+        stats = IterationStats(now, num_preempted_reqs=len(sched.preempted)) if self.stat_loggers else None
         updated: dict[str, list[Request]] = {}  # request id -> its sequences with a new token, in order
         for i in got_token:
             req = inp.sampling[i]

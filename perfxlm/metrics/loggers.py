@@ -331,6 +331,9 @@ class PrometheusStatLogger(StatLoggerBase):
                   multiprocess_mode="mostrecent").labels(**info).set(1)
 
     def record(self, scheduler_stats: SchedulerStats | None, iteration_stats: IterationStats | None) -> None:
+        # counters before gauges: a scrape that sees the gauges at rest sees the counts of that step
+        if iteration_stats is not None:
+            self._record_iteration(iteration_stats)
         if scheduler_stats is not None:
             self.running.set(scheduler_stats.num_running_reqs)
             self.waiting.set(scheduler_stats.num_waiting_reqs)
@@ -339,9 +342,8 @@ class PrometheusStatLogger(StatLoggerBase):
             self.prefix_cache_queries.inc(scheduler_stats.prefix_cache_queries)
             self.prefix_cache_hits.inc(scheduler_stats.prefix_cache_hits)
             self.prompt_tokens_cached_by_source["device"].inc(scheduler_stats.prefix_cache_hits)
-        if iteration_stats is None:
-            return
-        it = iteration_stats
+
+    def _record_iteration(self, it: IterationStats) -> None:
         computed = it.num_prompt_tokens - it.num_prompt_tokens_cached
         self.preemptions.inc(it.num_preempted_reqs)
         self.prompt_tokens.inc(it.num_prompt_tokens)
@@ -349,8 +351,10 @@ class PrometheusStatLogger(StatLoggerBase):
         self.prompt_tokens_by_source["local_cache_hit"].inc(it.num_prompt_tokens_cached)
         self.prompt_tokens_cached.inc(it.num_prompt_tokens_cached)
         self.generation_tokens.inc(it.num_generation_tokens)
-        # vLLM counts a prompt's computed tokens in the step that samples its first token
-        self.iteration_tokens.observe(computed + it.num_generation_tokens)
+        # vLLM counts a prompt's computed tokens in the step that samples its first token, and only
+        # steps that sampled (not a prompt chunk's step, nor an abort)
+        if it.num_generation_tokens:
+            self.iteration_tokens.observe(computed + it.num_generation_tokens)
         for value in it.max_num_generation_tokens_iter:
             self.max_num_generation_tokens.observe(value)
         for value in it.n_params_iter:

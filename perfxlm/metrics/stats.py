@@ -50,7 +50,6 @@ class IterationStats:
     num_prompt_tokens: int = 0         # prompts whose first token came this step, all their tokens
     num_prompt_tokens_cached: int = 0  # of those, served by the prefix cache
     num_generation_tokens: int = 0     # tokens sampled this step
-    num_iteration_tokens: int = 0      # tokens the model ran this step (prefill chunks + decodes)
     num_preempted_reqs: int = 0
     time_to_first_tokens_iter: list[float] = field(default_factory=list)
     inter_token_latencies_iter: list[float] = field(default_factory=list)

@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 import math
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass, field
@@ -149,7 +150,9 @@ class OpenAIServing:
     def completion_logprobs(self, token_ids: list[int], logprobs: list[dict[int, Logprob] | None], k: int,
                             initial_offset: int = 0, as_id: bool = False) -> CompletionLogProbs:
         """OpenAI's legacy shape: the sampled token and up to k+1 top entries per position."""
-        out = CompletionLogProbs()
+        # every field set at construction: a stream chunk is dumped with exclude_unset, and fields
+        # only appended to would count as unset and vanish from it
+        out = CompletionLogProbs(text_offset=[], token_logprobs=[], tokens=[], top_logprobs=[])
         last_len = 0
         for i, token_id in enumerate(token_ids):
             step = logprobs[i] if i < len(logprobs) else None
@@ -161,7 +164,7 @@ class OpenAIServing:
                 token = self._token_text(step[token_id], token_id, as_id)
                 out.token_logprobs.append(max(step[token_id].logprob, _LOGPROB_FLOOR))
                 out.top_logprobs.append({self._token_text(lp, tid, as_id): max(lp.logprob, _LOGPROB_FLOOR)
-                                         for j, (tid, lp) in enumerate(step.items()) if j <= k})
+                                         for j, (tid, lp) in enumerate(step.items()) if k == -1 or j <= k})
             out.tokens.append(token)
             out.text_offset.append(initial_offset if not out.text_offset else out.text_offset[-1] + last_len)
             last_len = len(token)
@@ -211,8 +214,19 @@ def error_response(exc: BaseException | str, err_type: str = "BadRequestError",
             err_type, status, param = "InternalServerError", HTTPStatus.INTERNAL_SERVER_ERROR, None
         if status == HTTPStatus.INTERNAL_SERVER_ERROR:
             logger.error("request failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
-        exc = str(exc)
+        exc = sanitize_message(str(exc))
     return ErrorResponse(error=ErrorInfo(message=exc, type=err_type, param=param, code=status.value))
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+# file-system paths under the usual roots (not URL paths such as /v1/completions)
+_PATH = re.compile(r"(?<![\w.:/])/(?:home|root|tmp|usr|opt|var|work|mnt|etc|srv|data|lib|app|proc)/[\w./+-]*")
+
+
+def sanitize_message(message: str) -> str:
+    """What vLLM's sanitize_message does before an error reaches a client: file paths become
+    `<path>` and memory addresses go, so internals (the server's layout, object ids) do not leak."""
+    return _PATH.sub("<path>", _ADDRESS.sub("", message))
 
 
 def error_json(exc: BaseException | ErrorResponse) -> JSONResponse:
