@@ -12,13 +12,12 @@ from fastapi.responses import StreamingResponse
 from perfxlm.entrypoints.openai.protocol import (ChatCompletionRequest, ChatCompletionResponse,
                                                  ChatCompletionResponseChoice, ChatCompletionResponseStreamChoice,
                                                  ChatCompletionStreamResponse, ChatMessage, DeltaMessage,
-                                                 PromptTokenUsageInfo, UsageInfo)
+                                                 UsageInfo)
 from perfxlm.entrypoints.openai.serving_common import (OpenAIServing, clamp_prompt_logprobs, stream_error_event,
                                                        usage_flags)
 from perfxlm.entrypoints.openai.serving_completion import check_unsupported
 from perfxlm.exceptions import EngineGenerateError, VLLMValidationError
 from perfxlm.outputs import RequestOutput
-from perfxlm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +48,7 @@ class OpenAIServingChat(OpenAIServing):
             max_tokens = self.max_tokens(request.max_completion_tokens, len(prompt_ids), "max_completion_tokens")
         else:
             max_tokens = self.max_tokens(request.max_tokens, len(prompt_ids), "max_tokens")
-        params = self._sampling_params(request, max_tokens)
+        params = self.sampling_params(request, max_tokens, request.top_logprobs if request.logprobs else None)
         response_id = f"chatcmpl-{raw_request.headers.get('X-Request-Id') or request.request_id}"
         self.log_request(response_id, prompt_text, params)
         generator = self.engine.generate({"prompt_token_ids": prompt_ids, "prompt": prompt_text}, params,
@@ -89,23 +88,6 @@ class OpenAIServingChat(OpenAIServing):
         conversation = [_text_message(m, i) for i, m in enumerate(messages)]
         return tok.apply_chat_template(conversation, tokenize=False, chat_template=template, tools=tools, **kwargs)
 
-    def _sampling_params(self, request: ChatCompletionRequest, max_tokens: int) -> SamplingParams:
-        prompt_logprobs = request.prompt_logprobs
-        if prompt_logprobs is None and request.echo:
-            prompt_logprobs = request.top_logprobs
-        return SamplingParams.from_optional(
-            n=request.n, presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
-            **self.sampling_defaults(request), seed=request.seed, stop=request.stop,
-            stop_token_ids=self.stop_token_ids(request),
-            logprobs=request.top_logprobs if request.logprobs else None, prompt_logprobs=prompt_logprobs,
-            ignore_eos=request.ignore_eos, max_tokens=max_tokens, min_tokens=request.min_tokens,
-            skip_special_tokens=request.skip_special_tokens,
-            spaces_between_special_tokens=request.spaces_between_special_tokens,
-            include_stop_str_in_output=request.include_stop_str_in_output,
-            output_kind=RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY,
-            logit_bias=request.logit_bias, allowed_token_ids=request.allowed_token_ids,
-            bad_words=request.bad_words)
-
     def _echo(self, request: ChatCompletionRequest, role: str) -> str:
         """With echo, the last message's content when it has the reply's role (vLLM's rule)."""
         last = request.messages[-1] if request.messages else {}
@@ -116,7 +98,7 @@ class OpenAIServingChat(OpenAIServing):
     def _response(self, request: ChatCompletionRequest, response_id: str, created: int, role: str,
                   final: RequestOutput) -> ChatCompletionResponse:
         echo = self._echo(request, role)
-        as_id = bool(request.return_tokens_as_token_ids or self.options.return_tokens_as_token_ids)
+        as_id = self.tokens_as_ids(request)
         choices = []
         for out in final.outputs:
             if out.finish_reason == "error":
@@ -130,10 +112,7 @@ class OpenAIServingChat(OpenAIServing):
                 token_ids=list(out.token_ids) if request.return_token_ids else None))
         prompt_tokens = len(final.prompt_token_ids)
         completion_tokens = sum(len(out.token_ids) for out in final.outputs)
-        usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                          total_tokens=prompt_tokens + completion_tokens)
-        if self.options.enable_prompt_tokens_details:
-            usage.prompt_tokens_details = PromptTokenUsageInfo(cached_tokens=final.num_cached_tokens or 0)
+        usage = self.usage(prompt_tokens, completion_tokens, final.num_cached_tokens)
         return ChatCompletionResponse(
             id=response_id, created=created, model=self.model_name, choices=choices,
             system_fingerprint=self.system_fingerprint, usage=usage,
@@ -155,7 +134,7 @@ class OpenAIServingChat(OpenAIServing):
         prompt_tokens = 0
         num_cached = None
         include_usage, continuous = usage_flags(request.stream_options, self.options.enable_force_include_usage)
-        as_id = bool(request.return_tokens_as_token_ids or self.options.return_tokens_as_token_ids)
+        as_id = self.tokens_as_ids(request)
 
         def usage(i: int) -> UsageInfo:
             return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=num_tokens[i],
@@ -212,11 +191,7 @@ class OpenAIServingChat(OpenAIServing):
                         chunk.usage = usage(i)
                     yield f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n"
             if include_usage:
-                total = sum(num_tokens)
-                final_usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=total,
-                                        total_tokens=prompt_tokens + total)
-                if self.options.enable_prompt_tokens_details:
-                    final_usage.prompt_tokens_details = PromptTokenUsageInfo(cached_tokens=num_cached or 0)
+                final_usage = self.usage(prompt_tokens, sum(num_tokens), num_cached)
                 final = ChatCompletionStreamResponse(id=response_id, object="chat.completion.chunk", created=created,
                                                      model=self.model_name, choices=[], usage=final_usage,
                                                      system_fingerprint=self.system_fingerprint)

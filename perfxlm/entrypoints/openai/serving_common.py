@@ -7,8 +7,8 @@ import contextlib
 import hashlib
 import json
 import logging
-import re
 import math
+import re
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -19,9 +19,10 @@ from fastapi.responses import JSONResponse
 
 from perfxlm.entrypoints.openai.protocol import (ChatCompletionLogProb, ChatCompletionLogProbs,
                                                  ChatCompletionLogProbsContent, CompletionLogProbs, ErrorInfo,
-                                                 ErrorResponse, StreamOptions)
+                                                 ErrorResponse, PromptTokenUsageInfo, StreamOptions, UsageInfo)
 from perfxlm.exceptions import EngineDeadError, EngineGenerateError, VLLMClientError, VLLMValidationError
 from perfxlm.logprobs import Logprob
+from perfxlm.sampling_params import RequestOutputKind, SamplingParams
 from perfxlm.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -129,6 +130,36 @@ class OpenAIServing:
     def stop_token_ids(self, request: Any) -> list[int]:
         defaults = self.default_sampling_params.get("stop_token_ids") or []
         return list(dict.fromkeys([*(request.stop_token_ids or []), *defaults]))
+
+    def sampling_params(self, request: Any, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        """A completion or chat request's SamplingParams: its values over the server's defaults,
+        DELTA for a stream and FINAL_ONLY for a whole answer. With echo, the prompt's logprobs
+        default to the requested logprobs, as in vLLM."""
+        prompt_logprobs = request.prompt_logprobs
+        if prompt_logprobs is None and request.echo:
+            prompt_logprobs = logprobs
+        return SamplingParams.from_optional(
+            n=request.n, presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
+            **self.sampling_defaults(request), seed=request.seed, stop=request.stop,
+            stop_token_ids=self.stop_token_ids(request), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            ignore_eos=request.ignore_eos, max_tokens=max_tokens, min_tokens=request.min_tokens,
+            skip_special_tokens=request.skip_special_tokens,
+            spaces_between_special_tokens=request.spaces_between_special_tokens,
+            include_stop_str_in_output=request.include_stop_str_in_output,
+            output_kind=RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY,
+            logit_bias=request.logit_bias, allowed_token_ids=request.allowed_token_ids,
+            bad_words=request.bad_words)
+
+    def usage(self, prompt_tokens: int, completion_tokens: int, num_cached_tokens: int | None) -> UsageInfo:
+        """`usage`, with `prompt_tokens_details` under --enable-prompt-tokens-details."""
+        usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                          total_tokens=prompt_tokens + completion_tokens)
+        if self.options.enable_prompt_tokens_details:
+            usage.prompt_tokens_details = PromptTokenUsageInfo(cached_tokens=num_cached_tokens or 0)
+        return usage
+
+    def tokens_as_ids(self, request: Any) -> bool:
+        return bool(request.return_tokens_as_token_ids or self.options.return_tokens_as_token_ids)
 
     def log_request(self, request_id: str, prompt: Any, params: Any) -> None:
         if not self.options.enable_log_requests:

@@ -10,12 +10,11 @@ from fastapi.responses import StreamingResponse
 
 from perfxlm.entrypoints.openai.protocol import (CompletionRequest, CompletionResponse, CompletionResponseChoice,
                                                  CompletionResponseStreamChoice, CompletionStreamResponse,
-                                                 PromptTokenUsageInfo, UsageInfo)
+                                                 UsageInfo)
 from perfxlm.entrypoints.openai.serving_common import (OpenAIServing, clamp_prompt_logprobs,
                                                        merge_async_iterators, stream_error_event, usage_flags)
 from perfxlm.exceptions import EngineGenerateError, VLLMValidationError
 from perfxlm.outputs import RequestOutput
-from perfxlm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +34,9 @@ class OpenAIServingCompletion(OpenAIServing):
         prompts = [self._render(p, request) for p in _prompt_list(request.prompt)]
         generators = []
         for i, (ids, text) in enumerate(prompts):
-            params = self._sampling_params(request, self.max_tokens(request.max_tokens, len(ids), "max_tokens"))
+            max_tokens = self.max_tokens(request.max_tokens, len(ids), "max_tokens")
+            echo_only = request.echo and request.max_tokens == 0  # the engine still runs one step
+            params = self.sampling_params(request, 1 if echo_only else max_tokens, request.logprobs)
             engine_id = f"{response_id}-{i}"
             self.log_request(engine_id, text if text is not None else ids, params)
             prompt = {"prompt_token_ids": ids} if text is None else {"prompt_token_ids": ids, "prompt": text}
@@ -54,23 +55,6 @@ class OpenAIServingCompletion(OpenAIServing):
             return self.tokenize(prompt, request.add_special_tokens, request.truncate_prompt_tokens), prompt
         return self.check_prompt(list(prompt), request.truncate_prompt_tokens), None
 
-    def _sampling_params(self, request: CompletionRequest, max_tokens: int) -> SamplingParams:
-        prompt_logprobs = request.prompt_logprobs
-        if prompt_logprobs is None and request.echo:
-            prompt_logprobs = request.logprobs
-        echo_only = request.echo and request.max_tokens == 0  # the engine still runs one step
-        return SamplingParams.from_optional(
-            n=request.n, presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
-            **self.sampling_defaults(request), seed=request.seed, stop=request.stop,
-            stop_token_ids=self.stop_token_ids(request), logprobs=request.logprobs, ignore_eos=request.ignore_eos,
-            max_tokens=1 if echo_only else max_tokens, min_tokens=request.min_tokens,
-            prompt_logprobs=prompt_logprobs, skip_special_tokens=request.skip_special_tokens,
-            spaces_between_special_tokens=request.spaces_between_special_tokens,
-            include_stop_str_in_output=request.include_stop_str_in_output,
-            output_kind=RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY,
-            logit_bias=request.logit_bias, allowed_token_ids=request.allowed_token_ids,
-            bad_words=request.bad_words)
-
     def _prompt_text(self, res: RequestOutput, request: CompletionRequest) -> str:
         if request.return_token_ids:  # vLLM echoes no text then: the ids say it
             return ""
@@ -82,7 +66,7 @@ class OpenAIServingCompletion(OpenAIServing):
                   finals: list[RequestOutput | None]) -> CompletionResponse:
         choices: list[CompletionResponseChoice] = []
         num_prompt_tokens = num_generated_tokens = 0
-        as_id = bool(request.return_tokens_as_token_ids or self.options.return_tokens_as_token_ids)
+        as_id = self.tokens_as_ids(request)
         for (ids, _), res in zip(prompts, finals):
             if res is None:
                 raise EngineGenerateError(f"the engine gave no output for request {response_id}")
@@ -109,10 +93,7 @@ class OpenAIServingCompletion(OpenAIServing):
                     prompt_token_ids=list(ids) if request.return_token_ids else None))
                 num_generated_tokens += len(out.token_ids)
             num_prompt_tokens += len(res.prompt_token_ids)
-        usage = UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=num_generated_tokens,
-                          total_tokens=num_prompt_tokens + num_generated_tokens)
-        if self.options.enable_prompt_tokens_details:
-            usage.prompt_tokens_details = PromptTokenUsageInfo(cached_tokens=finals[-1].num_cached_tokens or 0)
+        usage = self.usage(num_prompt_tokens, num_generated_tokens, finals[-1].num_cached_tokens)
         return CompletionResponse(id=response_id, created=created, model=self.model_name, choices=choices,
                                   system_fingerprint=self.system_fingerprint, usage=usage)
 
@@ -127,7 +108,7 @@ class OpenAIServingCompletion(OpenAIServing):
         prompt_tokens = [0] * len(generators)
         num_cached = None
         include_usage, continuous = usage_flags(request.stream_options, self.options.enable_force_include_usage)
-        as_id = bool(request.return_tokens_as_token_ids or self.options.return_tokens_as_token_ids)
+        as_id = self.tokens_as_ids(request)
         try:
             async for p, res in merge_async_iterators(*generators):
                 if num_cached is None:
@@ -174,11 +155,7 @@ class OpenAIServingCompletion(OpenAIServing):
                         chunk.system_fingerprint = self.system_fingerprint
                     yield f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n"
             if include_usage:
-                total_prompt, total_generated = sum(prompt_tokens), sum(num_tokens)
-                usage = UsageInfo(prompt_tokens=total_prompt, completion_tokens=total_generated,
-                                  total_tokens=total_prompt + total_generated)
-                if self.options.enable_prompt_tokens_details:
-                    usage.prompt_tokens_details = PromptTokenUsageInfo(cached_tokens=num_cached or 0)
+                usage = self.usage(sum(prompt_tokens), sum(num_tokens), num_cached)
                 final = CompletionStreamResponse(id=response_id, object="text_completion", created=created,
                                                  model=self.model_name, choices=[], usage=usage,
                                                  system_fingerprint=self.system_fingerprint)
