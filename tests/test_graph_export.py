@@ -86,8 +86,9 @@ def test_graph_and_eager_executors_agree(tiny_llama_dir, monkeypatch):
         assert a.outputs[0].cumulative_logprob == pytest.approx(b.outputs[0].cumulative_logprob, abs=1e-5)
 
 
-def test_graph_is_cached_per_model_and_dtype(tiny_llama_dir):
-    root = os.environ["PERFXLM_GRAPH_CACHE"]
+def test_graph_is_cached_per_model_and_dtype(tiny_llama_dir, tmp_path, monkeypatch):
+    root = str(tmp_path)  # a cache of its own: other tests may have exported these graphs already
+    monkeypatch.setenv("PERFXLM_GRAPH_CACHE", root)
     LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory_bytes=8 << 20)
     before = set(os.listdir(root))
     LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory_bytes=8 << 20)

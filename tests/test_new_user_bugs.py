@@ -153,13 +153,13 @@ def test_chat_message_without_content_renders_as_empty(tiny_llm):
 @pytest.fixture
 def no_model_reads(monkeypatch):
     """Reading the model (its config, tokenizer or weights) fails the test."""
-    import perfxlm.entrypoints.llm as llm_module
+    from perfxlm.engine import arg_utils
     from perfxlm.models import loader
 
     def read(*args, **kwargs):
         raise AssertionError("the model was read before the engine arguments were checked")
 
-    monkeypatch.setattr(llm_module, "resolve_model", read)
+    monkeypatch.setattr(arg_utils, "resolve_model", read)
     for name in ("resolve_model", "load_tokenizer"):
         if hasattr(loader, name):
             monkeypatch.setattr(loader, name, read)
