@@ -24,13 +24,19 @@ extern "C" {
 enum {
     PXL_F32 = 0, PXL_BF16 = 1, PXL_Q8_0 = 2, PXL_Q4_0 = 3, PXL_Q4_1 = 4, PXL_BF16P = 5, PXL_F32P = 6,
     PXL_Q8_0R = 7, PXL_Q4_0R = 8, PXL_Q4_1R = 9, /* Q8_0 / Q4_0 / Q4_1 repacked 16 rows a block */
-    PXL_NFMT = 10
+    PXL_Q4_K = 10, PXL_Q5_K = 11, PXL_Q6_K = 12, /* GGUF K-quants: 256-value super-blocks, as stored */
+    PXL_NFMT = 13
 };
-#define PXL_IS_QUANT(f) (((f) >= PXL_Q8_0 && (f) <= PXL_Q4_1) || (f) >= PXL_Q8_0R)
-#define PXL_QBASE(f) ((f) >= PXL_Q8_0R ? (f) - (PXL_Q8_0R - PXL_Q8_0) : (f)) /* the GGUF format of a repacked one */
+/* the 32-value block formats (Q8_0 / Q4_0 / Q4_1, as stored or repacked); K-quants are apart:
+ * their x is quantised per 256 (Q8_K) rather than per 32 */
+#define PXL_IS_QUANT(f) (((f) >= PXL_Q8_0 && (f) <= PXL_Q4_1) || ((f) >= PXL_Q8_0R && (f) <= PXL_Q4_1R))
+#define PXL_IS_KQUANT(f) ((f) >= PXL_Q4_K && (f) <= PXL_Q6_K)
+/* the GGUF format of a repacked one */
+#define PXL_QBASE(f) ((f) >= PXL_Q8_0R && (f) <= PXL_Q4_1R ? (f) - (PXL_Q8_0R - PXL_Q8_0) : (f))
 
 /* weight layouts (perfxlm_ops.h describes them) */
 #define PXL_QK 32       /* weights per quantisation block */
+#define PXL_QK_K 256    /* weights per K-quant super-block */
 #define PXL_QR_ROWS 16  /* rows per repacked block (PXL_Q*R) */
 #define PXL_PANEL 32    /* features per PXL_BF16P / PXL_F32P panel */
 

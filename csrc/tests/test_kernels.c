@@ -102,7 +102,7 @@ static void *make_weights(int fmt, size_t N, size_t K, double *deq) {
 }
 
 static const char *fmt_name[] = {"f32", "bf16", "q8_0", "q4_0", "q4_1", "bf16 packed", "f32 packed",
-                                  "q8_0 x16", "q4_0 x16", "q4_1 x16"};
+                                  "q8_0 x16", "q4_0 x16", "q4_1 x16", "q4_K", "q5_K", "q6_K"};
 _Static_assert(sizeof fmt_name / sizeof fmt_name[0] == PXL_NFMT, "a name for every format");
 
 /* Quantised weights with small T (or batch invariant) take int8 dot products on x quantised
@@ -554,13 +554,14 @@ int main(void) {
                 test_linear_silu(dt, fmt, 64, 1536, 576);
                 test_linear_silu(dt, fmt, 300, 40, 130);
             }
-        for (int fmt = PXL_BF16; fmt < PXL_NFMT; fmt++) /* decode and prefill sizes, every path */
+        for (int fmt = PXL_BF16; fmt <= PXL_Q4_1R; fmt++) /* decode and prefill sizes, every path
+                                                              (K-quants: test_kquants.c) */
             for (int bias = 0; bias < 2; bias++) {
                 test_linear_to(fmt, 3, 70, 576, bias);
                 test_linear_to(fmt, 70, 33, 576, bias);
                 test_linear_to(fmt, 64, 16400, 64, bias); /* >= 4 MiB of logits: stored non-temporally */
             }
-        for (int fmt = PXL_F32; fmt < PXL_NFMT; fmt++) {
+        for (int fmt = PXL_F32; fmt <= PXL_Q4_1R; fmt++) {
             if (fmt == PXL_BF16P || fmt == PXL_F32P) continue; /* above, where the set packs */
             test_batch_invariant(fmt == PXL_BF16, fmt, 37, 83, PXL_IS_QUANT(fmt) ? 576 : 577);
             test_batch_invariant(PXL_F32, fmt, 9, 1536, PXL_IS_QUANT(fmt) ? 576 : 100);
