@@ -53,12 +53,28 @@ def embedding(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 gather_rows = embedding  # hidden (T, D)[logits_indices (N,)] -> (N, D): the same Gather op
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int | None = None) -> torch.Tensor:
     """x (T, D) -> weight * x / sqrt(mean(x^2) + eps); normalised in float32 whatever the
-    dtype, then scaled in x's dtype (HF's LlamaRMSNorm)."""
-    xf = x.float()
+    dtype, then scaled in x's dtype (HF's LlamaRMSNorm). With group_size, each consecutive
+    group of that many features is normalised on its own and weight is (group_size,): the
+    per-head q/k norm of Qwen3 and Gemma 3 on x (T, H*hd) with group_size=hd."""
+    T, D = x.shape
+    g = int(group_size or 0)
+    if g and D % g:
+        raise ValueError(f"rms_norm: group_size {g} does not divide the row width {D}")
+    xf = x.float().view(T, -1, g or D)                                      # (T, groups, g)
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return _record("RMSNorm", [x, weight], [weight * xf.to(x.dtype)], epsilon=float(eps))
+    y = (weight * xf.to(x.dtype)).view(T, D)
+    attrs = {"group_size": g} if g and g != D else {}  # the whole row: today's graphs, no attribute
+    return _record("RMSNorm", [x, weight], [y], epsilon=float(eps), **attrs)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """x (T, D) -> (x - mean) / sqrt(var + eps) * weight + bias (bias (D,) optional), the
+    statistics and affine in float32, rounded once to x's dtype (torch's CPU LayerNorm)."""
+    y = TF.layer_norm(x.float(), (x.shape[-1],), weight.float(), None if bias is None else bias.float(), eps)
+    return _record("LayerNorm", [x, weight] + ([bias] if bias is not None else []), [y.to(x.dtype)],
+                   epsilon=float(eps))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -84,24 +100,56 @@ def rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, step: StepInputs, *,
                     num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                    sliding_window: int = 0) -> torch.Tensor:
+                    sliding_window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     """Write k, v (T, Hkv*hd) to the cache slots step.slot_mapping, then each token of q
     (T, H*hd) attends causally over its sequence's cached keys (the last `sliding_window`
-    of them when that is set) -> (T, H*hd). The caches are updated in place."""
+    of them when that is set) -> (T, H*hd). The caches are updated in place. A nonzero
+    softcap caps the scaled logits s to softcap * tanh(s / softcap) before the softmax
+    (Gemma 2)."""
     k_cache, v_cache = kv_cache
     T = q.shape[0]
     k_cache.view(-1, num_kv_heads, head_dim)[step.slot_mapping] = k.view(T, num_kv_heads, head_dim)
     v_cache.view(-1, num_kv_heads, head_dim)[step.slot_mapping] = v.view(T, num_kv_heads, head_dim)
-    y = _attend(q.view(T, num_heads, head_dim), k_cache, v_cache, step, scale, sliding_window).view(T, -1)
+    y = _attend(q.view(T, num_heads, head_dim), k_cache, v_cache, step, scale, sliding_window,
+                float(softcap or 0.0)).view(T, -1)
     inputs = [q, k, v, k_cache, v_cache, step.slot_mapping, step.block_tables, step.seq_lens, step.query_start_loc]
+    extra = {"softcap": float(softcap)} if softcap else {}  # none: today's graphs, no attribute
     return _record("PagedAttention", inputs, [y, k_cache, v_cache], num_heads=int(num_heads),
                    num_kv_heads=int(num_kv_heads), head_dim=int(head_dim), scale=float(scale),
-                   sliding_window=int(sliding_window or 0))
+                   sliding_window=int(sliding_window or 0), **extra)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, both (T, F)."""
     return _record("SiluMul", [gate, up], [TF.silu(gate) * up])
+
+
+def gelu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(gate) * up, both (T, F): Gemma's GeGLU (HF's gelu_pytorch_tanh)."""
+    return _record("GeluMul", [gate, up], [TF.gelu(gate, approximate="tanh") * up])
+
+
+def activation(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """kind(x) for x (T, F), kind one of ops.ACTIVATION_KINDS: 'relu' (OPT), 'gelu' (erf,
+    BERT), 'gelu_tanh' (GPT-2's gelu_new): the activation of a non-gated MLP."""
+    if kind == "relu":
+        y = TF.relu(x)
+    elif kind in ("gelu", "gelu_tanh"):
+        y = TF.gelu(x, approximate="tanh" if kind == "gelu_tanh" else "none")
+    else:
+        raise ValueError(f"activation: unknown kind {kind!r} (one of relu, gelu, gelu_tanh)")
+    return _record("Activation", [x], [y], kind=kind)
+
+
+def scale(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """x (T, D) * factor, the factor rounded to x's dtype first, as HF's Gemma multiplies
+    its embeddings by torch.tensor(hidden_size ** 0.5, dtype=hidden.dtype)."""
+    return _record("Scale", [x], [x * torch.tensor(factor, dtype=x.dtype)], factor=float(factor))
+
+
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(x / cap) for x (T, D), in x's dtype: Gemma 2's final logit soft-capping."""
+    return _record("Softcap", [x], [torch.tanh(x / cap) * cap], cap=float(cap))
 
 
 def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -125,7 +173,7 @@ def _dequantized(blocks: torch.Tensor, fmt: str, dtype: torch.dtype) -> torch.Te
 
 
 def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, step: StepInputs, scale: float,
-            sliding_window: int) -> torch.Tensor:
+            sliding_window: int, softcap: float = 0.0) -> torch.Tensor:
     """q (T, H, hd) over the paged caches -> (T, H, hd). Decode rows (one new token) run as
     one padded batch; each prefill chunk runs alone, so a long prompt beside many decodes
     pads nothing."""
@@ -143,10 +191,9 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, step:
         mask = key_pos < lens                                                 # (D, S)
         if sliding_window:
             mask &= key_pos >= lens - sliding_window
-        o = TF.scaled_dot_product_attention(
-            q[rows].unsqueeze(2),                                             # (D, H, 1, hd)
-            k.transpose(1, 2), v.transpose(1, 2),                             # (D, Hkv, S, hd)
-            attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)
+        o = _sdpa(q[rows].unsqueeze(2),                                       # (D, H, 1, hd)
+                  k.transpose(1, 2), v.transpose(1, 2),                       # (D, Hkv, S, hd)
+                  mask[:, None, None, :], scale, softcap)
         out[rows] = o.squeeze(2)
     for b, seq_len in enumerate(seq_lens):
         n = starts[b + 1] - starts[b]
@@ -159,10 +206,25 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, step:
         mask = key_pos <= q_pos                                                # (n, S)
         if sliding_window:
             mask &= key_pos > q_pos - sliding_window
-        o = TF.scaled_dot_product_attention(qb, k.transpose(1, 2), v.transpose(1, 2),
-                                            attn_mask=mask, scale=scale, enable_gqa=True)
+        o = _sdpa(qb, k.transpose(1, 2), v.transpose(1, 2), mask, scale, softcap)
         out[starts[b]:starts[b] + n] = o[0].transpose(0, 1)
     return out
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+          softcap: float) -> torch.Tensor:
+    """softmax(q k^T * scale, masked) v for q (B, H, n, hd), k, v (B, Hkv, S, hd), mask
+    broadcastable to (B, H, n, S) -> (B, H, n, hd). SDPA has no soft-capping, so a capped
+    call spells it out as HF's eager Gemma 2 does: cap the scaled logits, mask, softmax in float32."""
+    if not softcap:
+        return TF.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, S, hd)
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale                              # (B, H, n, S)
+    s = torch.tanh(s / softcap) * softcap
+    s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s.float(), dim=-1).to(q.dtype)
+    return torch.matmul(p, v)
 
 
 def _gather(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -180,17 +242,22 @@ def _run_paged_attention(attrs: dict, ins: list[torch.Tensor]) -> torch.Tensor:
                       seq_lens=seq_lens, query_start_loc=query_start_loc, logits_indices=none)
     return paged_attention(q, k, v, (k_cache, v_cache), step, num_heads=attrs["num_heads"],
                            num_kv_heads=attrs["num_kv_heads"], head_dim=attrs["head_dim"], scale=attrs["scale"],
-                           sliding_window=attrs.get("sliding_window", 0))
+                           sliding_window=attrs.get("sliding_window", 0), softcap=attrs.get("softcap", 0.0))
 
 
 # op type -> (attrs, inputs) -> output: how the torch plugin runs a graph node with these bodies
 KERNELS = {
     "Gather": lambda attrs, ins: embedding(*ins),
-    "RMSNorm": lambda attrs, ins: rms_norm(*ins, attrs["epsilon"]),
+    "RMSNorm": lambda attrs, ins: rms_norm(*ins, attrs["epsilon"], attrs.get("group_size", 0)),
     "Linear": lambda attrs, ins: linear(ins[0], ins[1], ins[2] if len(ins) > 2 else None,
                                         attrs.get("weight_format", "dense")),
     "RoPE": lambda attrs, ins: rope(*ins, attrs["head_dim"]),
     "PagedAttention": _run_paged_attention,
     "SiluMul": lambda attrs, ins: silu_mul(*ins),
     "Add": lambda attrs, ins: add(*ins),
+    "LayerNorm": lambda attrs, ins: layer_norm(ins[0], ins[1], ins[2] if len(ins) > 2 else None, attrs["epsilon"]),
+    "GeluMul": lambda attrs, ins: gelu_mul(*ins),
+    "Activation": lambda attrs, ins: activation(ins[0], attrs["kind"]),
+    "Scale": lambda attrs, ins: scale(ins[0], attrs["factor"]),
+    "Softcap": lambda attrs, ins: softcap(ins[0], attrs["cap"]),
 }

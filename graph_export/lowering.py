@@ -38,9 +38,37 @@ class _Lowerer:
 
     def RMSNorm(self, node: onnx.NodeProto, attrs: dict) -> None:
         x, w = node.input
-        ms = self.op("ReduceMean", [self.op("Mul", [x, x]), self.const([-1])], keepdims=1)
+        g = attrs.get("group_size", 0)
+        xg = self.op("Reshape", [x, self.const([0, -1, g])]) if g else x            # (T, groups, g)
+        ms = self.op("ReduceMean", [self.op("Mul", [xg, xg]), self.const([-1])], keepdims=1)
         den = self.op("Sqrt", [self.op("Add", [ms, self.const(attrs["epsilon"], np.float32)])])
-        self.op("Mul", [w, self.op("Div", [x, den])], [node.output[0]])
+        y = self.op("Mul", [w, self.op("Div", [xg, den])], None if g else [node.output[0]])
+        if g:
+            self.op("Reshape", [y, self.const([0, -1])], [node.output[0]])
+
+    def LayerNorm(self, node: onnx.NodeProto, attrs: dict) -> None:
+        self.op("LayerNormalization", list(node.input), [node.output[0]], axis=-1, epsilon=attrs["epsilon"])
+
+    def GeluMul(self, node: onnx.NodeProto, attrs: dict) -> None:
+        g, u = node.input
+        self.op("Mul", [self.op("Gelu", [g], approximate="tanh"), u], [node.output[0]])
+
+    def Activation(self, node: onnx.NodeProto, attrs: dict) -> None:
+        kind = attrs["kind"].decode() if isinstance(attrs["kind"], bytes) else attrs["kind"]
+        if kind == "relu":
+            self.op("Relu", list(node.input), [node.output[0]])
+        else:
+            self.op("Gelu", list(node.input), [node.output[0]], approximate="tanh" if kind == "gelu_tanh" else "none")
+
+    def Scale(self, node: onnx.NodeProto, attrs: dict) -> None:
+        self.op("Mul", [node.input[0], self.const(attrs["factor"], np.float32)], [node.output[0]])
+
+    def Softcap(self, node: onnx.NodeProto, attrs: dict) -> None:
+        self._softcap(node.input[0], attrs["cap"], node.output[0])
+
+    def _softcap(self, x: str, cap: float, out: str | None = None) -> str:
+        c = self.const(cap, np.float32)
+        return self.op("Mul", [self.op("Tanh", [self.op("Div", [x, c])]), c], [out] if out else None)
 
     def Linear(self, node: onnx.NodeProto, attrs: dict) -> None:
         self.op("Gemm", list(node.input), [node.output[0]], transB=1)
@@ -109,6 +137,8 @@ class _Lowerer:
         qh = self.op("Reshape", [q, self.const([0, H, 1, hd])])                     # (T, H, 1, hd)
         scores = self.op("Mul", [self.op("MatMul", [qh, self.op("Transpose", [Kh], perm=[0, 1, 3, 2])]),
                                  self.const(attrs["scale"], np.float32)])            # (T, H, 1, S)
+        if attrs.get("softcap"):
+            scores = self._softcap(scores, attrs["softcap"])
         probs = self.op("Softmax", [self.op("Add", [scores, bias])], axis=-1)
         o = self.op("MatMul", [probs, Vh])                                         # (T, H, 1, hd)
         self.op("Reshape", [o, self.const([0, H * hd])], [node.output[0]])

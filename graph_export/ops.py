@@ -15,6 +15,7 @@ DOMAIN_VERSION = 1
 FORMAT_VERSION = 1      # the perfxlm graph format; the loader refuses others
 ONNX_OPSET = 21
 IR_VERSION = 10          # opset 21's IR; newer onnx writes newer IRs than onnxruntime reads
+ACTIVATION_KINDS = ("relu", "gelu", "gelu_tanh")  # Activation's `kind`, in the order of the C codes (PXL_ACT_*)
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,9 @@ OPS: dict[str, OpSpec] = {op.name: op for op in [
            "// table (V, D)[ids (T,)] -> y (T, D); also picks the logits rows of hidden (T, D)",
            infer=lambda s: (s[1][0], s[0][1])),
     OpSpec("RMSNorm", DOMAIN, ("x (T, D) float", "weight (D,) float"), ("y (T, D) float",),
-           {"epsilon": "float"},
-           "// y = weight * x / sqrt(mean(x^2) + eps), the mean in float32"),
+           {"epsilon": "float", "group_size": "int = 0 (the whole row)"},
+           "// y = weight * x / sqrt(mean(x^2) + eps), the mean in float32, over each group of group_size "
+           "features (weight (group_size,): per-head q/k norm) or the whole row"),
     OpSpec("Linear", DOMAIN, ("x (T, K) float", "weight (N, K) float", "bias? (N,) float"), ("y (T, N) float",),
            {"weight_format": "str = 'dense'"},
            "// x (T, K) @ W (N, K)^T + b -> y (T, N); weight_format names a weight-only quantised layout",
@@ -51,13 +53,26 @@ OPS: dict[str, OpSpec] = {op.name: op for op in [
             "query_start_loc (B+1,) int64"),
            ("y (T, H*hd) float", "k_cache_out (aliases k_cache)", "v_cache_out (aliases v_cache)"),
            {"num_heads": "int", "num_kv_heads": "int", "head_dim": "int", "scale": "float",
-            "sliding_window": "int = 0 (none)"},
-           "// write k, v at slot_mapping, then each token attends causally to its sequence's cache",
+            "sliding_window": "int = 0 (none)", "softcap": "float = 0 (none)"},
+           "// write k, v at slot_mapping, then each token attends causally to its sequence's cache; "
+           "softcap caps the scaled logits s to softcap * tanh(s / softcap) before the softmax",
            aliases={1: 3, 2: 4}),
     OpSpec("SiluMul", DOMAIN, ("gate (T, F) float", "up (T, F) float"), ("y (T, F) float",), {},
            "// y = silu(gate) * up"),
     OpSpec("Add", "", ("a (T, D) float", "b (T, D) float"), ("y (T, D) float",), {},
            "// y = a + b (residual)"),
+    OpSpec("LayerNorm", DOMAIN, ("x (T, D) float", "weight (D,) float", "bias? (D,) float"), ("y (T, D) float",),
+           {"epsilon": "float"},
+           "// y = (x - mean(x)) / sqrt(var(x) + eps) * weight + bias, statistics in float32"),
+    OpSpec("GeluMul", DOMAIN, ("gate (T, F) float", "up (T, F) float"), ("y (T, F) float",), {},
+           "// y = gelu_tanh(gate) * up (GeGLU)"),
+    OpSpec("Activation", DOMAIN, ("x (T, F) float",), ("y (T, F) float",),
+           {"kind": "str: 'relu' | 'gelu' (erf) | 'gelu_tanh'"},
+           "// y = kind(x), a non-gated MLP's activation"),
+    OpSpec("Scale", DOMAIN, ("x (T, D) float",), ("y (T, D) float",), {"factor": "float"},
+           "// y = x * factor, the factor rounded to x's dtype first (Gemma's embedding normalizer)"),
+    OpSpec("Softcap", DOMAIN, ("x (T, D) float",), ("y (T, D) float",), {"cap": "float"},
+           "// y = cap * tanh(x / cap) (Gemma 2's final logits)"),
 ]}
 
 # graph inputs every exported LLM graph takes, in order (then each layer's cache_input_names)

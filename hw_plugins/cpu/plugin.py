@@ -94,6 +94,8 @@ class CpuPlugin(HwPlugin):
                      rows_n: set[str]) -> CompiledStep:
         """The whole node list compiled into one C call per step (hw_plugins/cpu/plan.py)."""
         from hw_plugins.cpu.plan import Plan
+        if any(n.op_type == "RMSNorm" and n.attrs.get("group_size") for n in nodes):
+            return None  # no plan record for grouped RMSNorm yet: node by node
         return Plan(self, nodes, buffer, inputs, rows_n)
 
     def native_sampler(self) -> NativeSampler:
@@ -121,8 +123,9 @@ class CpuPlugin(HwPlugin):
                             _ptr(outs[0]))
 
     def _rmsnorm(self, attrs: dict, ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
-        x, w = ins                                              # (T, D), (D,)
-        self.lib.pxl_rmsnorm(ACTIVATIONS[x.dtype.name], x.shape[0], x.shape[1], _ptr(x), _ptr(w), attrs["epsilon"],
+        x, w = ins                                              # (T, D), (D,) or (group_size,)
+        g = attrs.get("group_size") or x.shape[1]               # a group per head: (T * D/g) rows of g
+        self.lib.pxl_rmsnorm(ACTIVATIONS[x.dtype.name], x.size // g, g, _ptr(x), _ptr(w), attrs["epsilon"],
                              _ptr(outs[0]))
 
     def linear_weight(self, attrs: dict, w: np.ndarray) -> tuple[int, np.ndarray]:
@@ -179,6 +182,8 @@ class CpuPlugin(HwPlugin):
                           _ptr(sin), _ptr(outs[0]))
 
     def _paged_attention(self, attrs: dict, ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
+        if attrs.get("softcap"):
+            raise NotImplementedError("cpu plugin: PagedAttention with softcap has no native kernel yet")
         q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc = ins
         self.lib.pxl_paged_attention(
             ACTIVATIONS[q.dtype.name], q.shape[0], seq_lens.shape[0], attrs["num_heads"], attrs["num_kv_heads"],
