@@ -1,12 +1,14 @@
 """HF `architectures` name -> the perfxlm model family that runs it (vLLM's ModelRegistry)."""
 
-from perfxlm.models import llama
+from perfxlm.models import gemma, llama
 from perfxlm.models.layers import CausalLM
 
 _MODELS: dict[str, type[CausalLM]] = {
     "LlamaForCausalLM": llama.LlamaForCausalLM,
     "MistralForCausalLM": llama.LlamaForCausalLM,
     "Qwen2ForCausalLM": llama.LlamaForCausalLM,
+    "Gemma2ForCausalLM": gemma.Gemma2ForCausalLM,
+    "Gemma3ForCausalLM": gemma.Gemma3ForCausalLM,
 }
 
 
