@@ -74,6 +74,7 @@ setup(
         "fastapi",
         "uvicorn",
         "prometheus_client",
+        "prometheus-fastapi-instrumentator",
         "aiohttp",
     ],
     package_data={"perfxlm.entrypoints.openai": ["static/*.html"]},  # the chat page served at /

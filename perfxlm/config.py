@@ -34,6 +34,7 @@ class EngineConfig:
     trust_remote_code: bool = False
     chat_template: str | None = None
     generation_config: str = "auto"
+    override_generation_config: dict[str, Any] = field(default_factory=dict)  # merged over generation_config
     quantization: str | None = None  # "gguf": Linear weights stay GGUF blocks (Q8_0/Q4_0/Q4_1)
     hw_plugin: str | None = None  # perfxlm's own: which hardware plugin runs the graph
     # a prompt's logprobs are bitwise the same alone or in any batch (vLLM's VLLM_BATCH_INVARIANT)

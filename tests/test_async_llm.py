@@ -291,3 +291,28 @@ def test_async_streaming_example_runs(tiny_llama_dir):
     # the abort joins the engine's queue: a step already running may still add a token or two
     assert aborted and 3 <= int(aborted.group(1)) < 400, out.stdout
     assert re.search(r"^\[full\] \d+ tokens, finish_reason=(stop|length): ", out.stdout, re.M), out.stdout
+
+
+def test_engine_args_from_the_command_line(tiny_llama_dir):
+    """vLLM's engine flags: override_generation_config reaches the defaults, priority scheduling is refused."""
+    import argparse
+
+    from perfxlm.engine.arg_utils import EngineArgs, UsageContext
+    parser = AsyncEngineArgs.add_cli_args(argparse.ArgumentParser())
+    ns = parser.parse_args(["--max-model-len", "0.5K", "--override-generation-config", '{"temperature": 0.25}',
+                            "--no-enable-prefix-caching", "--dtype", "float32"])
+    args = AsyncEngineArgs.from_cli_args(ns)
+    args.model = str(tiny_llama_dir)
+    assert (args.max_model_len, args.enable_prefix_caching) == (512, False)
+    config, _ = args.create_engine_config(UsageContext.OPENAI_API_SERVER)
+    assert (config.max_num_seqs, config.max_num_batched_tokens) == (128, 2048)  # the server's defaults
+    assert config.override_generation_config == {"temperature": 0.25}
+    from perfxlm import LLM
+    llm = LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory_bytes=SMALL_KV,
+              override_generation_config={"temperature": 0.25, "max_new_tokens": 7})
+    params = llm.get_default_sampling_params()
+    assert (params.temperature, params.max_tokens) == (0.25, 7)
+    with pytest.raises(NotImplementedError, match="scheduling_policy='priority'"):
+        EngineArgs(model=str(tiny_llama_dir), scheduling_policy="priority").create_engine_config()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--override-generation-config", "[1]"])

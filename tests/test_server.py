@@ -321,6 +321,13 @@ def test_metrics_count_what_the_client_saw(server):
     assert grew("vllm:time_to_first_token_seconds_count") == 1
     assert sample(after, "vllm:num_requests_running", **label) == 0
     assert sample(after, "vllm:kv_cache_usage_perc", **label) == 0
+    http = {"handler": "/v1/completions", "method": "POST", "status": "2xx"}  # vLLM's HTTP metrics too
+
+    def served(samples: dict) -> float:  # absent until the route has answered once
+        return sum(v for (n, lab), v in samples.items()
+                   if n == "http_requests_total" and set(http.items()) <= set(lab))
+
+    assert served(after) - served(before) == 1
 
 
 # ---- disconnects and bad requests beside good ones -----------------------------------------------

@@ -4,6 +4,7 @@
 import argparse
 import dataclasses
 import enum
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ class EngineArgs:
     enable_chunked_prefill: bool | None = None
     max_logprobs: int = 20
     generation_config: str = "auto"
+    override_generation_config: dict[str, Any] | None = None  # merged over the generation config
+    scheduling_policy: str = "fcfs"
     quantization: str | None = None
     hw_plugin: str | None = None            # perfxlm's own: the plugin that runs the graph
     kv_cache_memory_bytes: int | None = None
@@ -86,6 +89,10 @@ class EngineArgs:
         g.add_argument("--generation-config", default="auto",
                        help="'auto': the model's generation_config.json gives the default sampling values; "
                             "'vllm': vLLM's neutral defaults")
+        g.add_argument("--override-generation-config", type=_json_dict, default=None,
+                       help='JSON merged over the generation config, e.g. \'{"temperature": 0.5}\'')
+        g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
+                       help="fcfs (first come, first served); priority is not supported yet")
         g.add_argument("--quantization", "-q", default=None, help="'gguf' keeps GGUF blocks (the default for "
                                                                  "a quantised GGUF with dtype auto)")
         g.add_argument("--hw-plugin", default=None, help="cpu, torch, rvv, ... (default: the best available)")
@@ -109,6 +116,11 @@ class EngineArgs:
                           enable_chunked_prefill=self.enable_chunked_prefill, max_logprobs=self.max_logprobs,
                           skip_tokenizer_init=self.skip_tokenizer_init, trust_remote_code=self.trust_remote_code,
                           generation_config=self.generation_config, hw_plugin=self.hw_plugin, select_hw_plugin=True)
+        if self.scheduling_policy != "fcfs":
+            raise NotImplementedError(f"perfxlm: scheduling_policy={self.scheduling_policy!r} is not supported; "
+                                      "requests are scheduled first come, first served ('fcfs')")
+        if self.override_generation_config is not None and not isinstance(self.override_generation_config, dict):
+            raise ValueError(f"override_generation_config must be a dict, got {self.override_generation_config!r}.")
         if self.quantization not in (None, "gguf"):
             raise NotImplementedError(f"perfxlm: quantization={self.quantization!r} is not supported; only "
                                       "'gguf' (GGUF blocks run natively)")
@@ -141,6 +153,7 @@ class EngineArgs:
             skip_tokenizer_init=self.skip_tokenizer_init,
             trust_remote_code=self.trust_remote_code,
             generation_config=self.generation_config,
+            override_generation_config=dict(self.override_generation_config or {}),
             quantization="gguf" if keep_blocks else None,
             **{k: v for k, v in optional.items() if v is not None},
         )
@@ -159,6 +172,16 @@ class AsyncEngineArgs(EngineArgs):
         parser.add_argument("--enable-log-requests", action=argparse.BooleanOptionalAction, default=False,
                             help="log each request's id and sampling parameters (its prompt at DEBUG)")
         return parser
+
+
+def _json_dict(value: str) -> dict[str, Any]:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {value!r} ({e})") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {value!r}")
+    return parsed
 
 
 def parse_model_len(value: str) -> int:

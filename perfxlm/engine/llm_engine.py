@@ -44,7 +44,9 @@ class LLMEngine:
         self.tokenizer = None
         if not config.skip_tokenizer_init:
             self.tokenizer = load_tokenizer(source, config.tokenizer, trust_remote_code=config.trust_remote_code)
-        self.generation_config = source.generation_config if config.generation_config != "vllm" else {}
+        # vLLM's rule: "vllm" drops the model's generation config, the override applies either way
+        self.generation_config = {**(source.generation_config if config.generation_config != "vllm" else {}),
+                                  **config.override_generation_config}
         self.eos_token_id = self._eos_token_id()
 
         # the model's shapes size the KV cache before any weight is read or graph exported

@@ -21,14 +21,15 @@ from perfxlm.sampling_params import RequestOutputKind, SamplingParams
 logger = logging.getLogger(__name__)
 
 # vLLM engine arguments perfxlm honours (beyond LLM's named parameters)
+# (hw_plugin is perfxlm's own: the plugin that runs the graph)
 _ENGINE_KWARGS = {"max_model_len", "max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching",
-                  "block_size", "max_logprobs", "generation_config", "enable_chunked_prefill",
-                  "hw_plugin"}  # hw_plugin is perfxlm's own: the plugin that runs the graph
+                  "block_size", "max_logprobs", "generation_config", "override_generation_config",
+                  "enable_chunked_prefill", "scheduling_policy", "hw_plugin"}
 # vLLM arguments that do not apply to perfxlm's single-process CPU engine; accepted, no effect
 _IGNORED_KWARGS = {"disable_log_stats", "swap_space", "load_format", "download_dir", "device",
                    "distributed_executor_backend", "max_seq_len_to_capture", "disable_async_output_proc",
                    "num_scheduler_steps", "use_v2_block_manager", "worker_cls", "max_parallel_loading_workers",
-                   "kv_cache_dtype", "calculate_kv_scales", "prefix_caching_hash_algo", "scheduling_policy",
+                   "kv_cache_dtype", "calculate_kv_scales", "prefix_caching_hash_algo",
                    "preemption_mode", "async_scheduling", "enable_prompt_embeds", "limit_mm_per_prompt",
                    "reasoning_parser", "served_model_name", "config_format", "model_impl", "seed_everything"}
 # vLLM features perfxlm does not implement: refuse rather than silently ignore

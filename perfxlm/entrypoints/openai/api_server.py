@@ -143,6 +143,12 @@ def build_app(args: argparse.Namespace, engine: Any) -> FastAPI:
     app.include_router(router)
     _add_middleware(app, args)
     _add_exception_handlers(app)
+    # vLLM's HTTP metrics (http_requests_total{handler,method,status}, sizes, durations) beside the
+    # engine's, from the same library and with the same excluded routes
+    from prometheus_client import REGISTRY
+    from prometheus_fastapi_instrumentator import Instrumentator
+    Instrumentator(excluded_handlers=["/metrics", "/health", "/load", "/ping", "/version", "/server_info"],
+                   registry=REGISTRY).add().instrument(app)
     return app
 
 
