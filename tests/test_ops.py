@@ -32,10 +32,6 @@ CASES = ["Gather", "RMSNorm", "RMSNorm/group_size", "Linear", "RoPE", "PagedAtte
          "Activation/gelu_tanh", "Scale", "Softcap"]
 
 
-# variants whose native kernels are not in yet: the plugins that run the op without the attribute skip them
-NATIVE_PENDING = {"PagedAttention/softcap"}
-
-
 def op_of(name: str) -> str:
     return name.split("/")[0]
 
@@ -148,8 +144,6 @@ def test_every_op_on_every_plugin(plugin_name, name, dtype):
     dtypes = tuple(dtype if x.dtype == np.float32 else x.dtype.name for x in inputs)
     if not plugin.supports(op, dtypes):
         pytest.skip(f"{plugin_name} does not implement {op}{dtypes} (the engine falls back to torch)")
-    if name in NATIVE_PENDING and plugin_name != "torch":
-        pytest.skip(f"{name}: no native kernel on {plugin_name} yet")
     got = run_on(plugin, op, attrs, inputs, shapes, dtype)
     # the reference in float32 on the same (rounded) inputs
     rounded = [x.astype(_np(dtype)).astype(np.float32) if x.dtype == np.float32 else x for x in inputs]
@@ -193,3 +187,60 @@ def test_quantized_linear_on_every_plugin(plugin_name, fmt, rows, dtype):
     repacked = getattr(plugin, "lib", None) is not None and plugin.lib.pxl_packed_bytes(code, 40, 96) > 0
     tol = max(NMSE[dtype], INT8_X_NMSE if rows <= 4 or repacked else 0)
     assert nmse(got, ref) < tol, (plugin_name, fmt, rows, dtype, nmse(got, ref))
+
+
+def _cpu_plugin_or_skip():
+    plugin = discover_plugins()["cpu"]()
+    if not plugin.is_available():
+        pytest.skip(f"cpu unavailable here: {plugin.unavailable_reason()}")
+    return plugin
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_new_ops_in_a_compiled_cpu_step(dtype):
+    """The newer families' ops as records of a compiled step (hw_plugins/cpu/plan.py) give the
+    bits the same ops give node by node: Scale, LayerNorm, Activation, GeluMul, an Add then a
+    grouped RMSNorm (not fused: the fused pass normalises whole rows), Softcap as the logits
+    (stored as float32, as the lm_head's are), and PagedAttention with softcap."""
+    from graph_export.ops import LOGITS
+    plugin = _cpu_plugin_or_skip()
+    rng = np.random.default_rng(2)
+    D = H * HD
+    vals = {"x": rng.standard_normal((T, D)), "w": rng.standard_normal(D), "b": rng.standard_normal(D),
+            "wg": rng.standard_normal(HD)}
+    vals = {k: v.astype(np.float32).astype(_np(dtype)) for k, v in vals.items()}
+    nodes = [Node("Scale", "n1", ["x"], ["a"], {"factor": 8.0}),
+             Node("LayerNorm", "n2", ["a", "w", "b"], ["ln"], {"epsilon": 1e-5}),
+             Node("Activation", "n3", ["ln"], ["act"], {"kind": "gelu"}),
+             Node("GeluMul", "n4", ["act", "x"], ["gm"], {}),
+             Node("Activation", "n5", ["gm"], ["r"], {"kind": "relu"}),
+             Node("Add", "n6", ["r", "x"], ["s"], {}),
+             Node("RMSNorm", "n7", ["s", "wg"], ["q"], {"epsilon": 1e-6, "group_size": HD}),
+             Node("Softcap", "n8", ["q"], [LOGITS], {"cap": 1.5})]
+    by_node = dict(vals)
+    for node in nodes:
+        by_node[node.outputs[0]] = plugin.alloc((T, D), dtype)
+        plugin.run(node, [by_node[n] for n in node.inputs], [by_node[node.outputs[0]]])
+    fixed = dict(vals)
+    for node in nodes:
+        fixed[node.outputs[0]] = plugin.alloc((T, D), dtype)
+    step = plugin.compile_step(nodes, fixed.__getitem__, {}, set())
+    feeds = {"input_ids": np.zeros(T, np.int64), "logits_indices": np.zeros(T, np.int64),
+             "block_tables": np.zeros((1, 1), np.int64)}
+    step.run(feeds)
+    assert step.logits.dtype == np.float32
+    np.testing.assert_array_equal(step.logits[:T], by_node[LOGITS].astype(np.float32))
+    np.testing.assert_array_equal(fixed["s"], by_node["s"])
+
+    attrs, inputs, _ = case("PagedAttention/softcap")
+    names = [f"in{i}" for i in range(len(inputs))]
+    cast = [x.astype(_np(dtype)) if x.dtype == np.float32 else x for x in inputs]
+    node = Node("PagedAttention", "attn", names, ["y", "kc_out", "vc_out"], attrs)
+    ins = [x.copy() for x in cast]
+    ref = plugin.alloc((T, H * HD), dtype)
+    plugin.run(node, ins, [ref, ins[3], ins[4]])
+    fixed = dict(zip(names, [x.copy() for x in cast]), y=plugin.alloc((T, H * HD), dtype))
+    step = plugin.compile_step([node], fixed.__getitem__, {}, set())
+    step.run({"input_ids": np.zeros(T, np.int64), "logits_indices": np.zeros(T, np.int64),
+              "block_tables": inputs[6]})
+    np.testing.assert_array_equal(fixed["y"], ref)

@@ -384,11 +384,18 @@ PXL_CLONES static void store_out(int dt, size_t n, const float *o, char *y) {
     else for (size_t e = 0; e < n; e++) ((uint16_t *)y)[e] = pxl_f32_to_bf16(o[e]);
 }
 
+/* s[j] = cap * tanh(s[j] / cap): Gemma 2's soft-capped attention logits (q is pre-scaled, so
+ * s is already the scaled logit, as in HF's eager attention) */
+PXL_CLONES static void capped(float *s, size_t n, float cap) {
+    float inv = 1.0f / cap;
+    for (size_t j = 0; j < n; j++) s[j] = cap * tanhf(s[j] * inv);
+}
+
 /* one KV head's part of an item: tn tokens from position pos0 (rows i * G + g), keys lo0 .. lo0 + n
  * at krows / vrows + off; q rows of token i at qrows + i * H * hd, output rows likewise. The
  * scores take rows from the npf queues pf, the weighted sums from pv, to prefetch. */
 static void tile_head(int dt, size_t tn, size_t G, size_t H, size_t hd, size_t pos0, size_t lo0, size_t n,
-                      size_t window, float scale, const char *qrows, const char *const *krows,
+                      size_t window, float scale, float softcap, const char *qrows, const char *const *krows,
                       const char *const *vrows, size_t off, char *yrows, float *qf, float *of, float *s,
                       size_t lds, float *kw, pf_queue *pf, int npf, pf_queue *pv) {
     size_t es = dt == PXL_F32 ? 4 : 2, R = tn * G;
@@ -400,7 +407,10 @@ static void tile_head(int dt, size_t tn, size_t G, size_t H, size_t hd, size_t p
     for (size_t i = 0; i < tn; i++) {
         size_t pos = pos0 + i, lo = window && pos + 1 > window ? pos + 1 - window : 0;
         size_t a = lo - lo0, e = pos + 1 - lo0;
-        for (size_t g = 0; g < G; g++) softmax(s + (i * G + g) * lds + a, e - a);
+        for (size_t g = 0; g < G; g++) {
+            if (softcap > 0) capped(s + (i * G + g) * lds + a, e - a, softcap);
+            softmax(s + (i * G + g) * lds + a, e - a);
+        }
         a_last = a, e_first = i == 0 ? e : e_first;
     }
     memset(of, 0, R * hd * sizeof(float));
@@ -472,8 +482,8 @@ static void row_set_fill(row_set *r, const row_src *c, size_t b, size_t lo0, siz
 static void attention_team(int dt, size_t T, size_t B, size_t H, size_t Hkv, size_t hd, const void *q,
                            const void *k, const void *v, void *k_cache, void *v_cache, size_t block_size,
                            const int64_t *slot_mapping, const int64_t *block_tables, size_t max_blocks,
-                           const int64_t *seq_lens, const int64_t *query_start_loc, float scale, size_t window,
-                           void *y) {
+                           const int64_t *seq_lens, const int64_t *query_start_loc, float scale, float softcap,
+                           size_t window, void *y) {
     size_t es = dt == PXL_F32 ? 4 : 2, row_bytes = Hkv * hd * es, G = H / Hkv;
     size_t t0, t1;
     pxl_split(T, 1, &t0, &t1);
@@ -537,7 +547,7 @@ static void attention_team(int dt, size_t T, size_t B, size_t H, size_t Hkv, siz
                                          H * hd * es, G * hd * es);
             }
             size_t head = (p.qs + p.tok0) * H + p.kvh * G; /* the first row's (token, head) */
-            tile_head(dt, p.tn, G, H, hd, p.pos0, p.lo0, p.n, window, scale, (const char *)q + head * hd * es,
+            tile_head(dt, p.tn, G, H, hd, p.pos0, p.lo0, p.n, window, scale, softcap, (const char *)q + head * hd * es,
                       rs[cur].k, rs[cur].v, off, (char *)y + head * hd * es, qf, of, s, lds, kw, pf, npf, &pv);
             for (int i = 0; i < npf; i++) pf_take(&pf[i], SIZE_MAX); /* (rows the loops did not reach) */
             pf_take(&pv, SIZE_MAX);
@@ -548,10 +558,11 @@ static void attention_team(int dt, size_t T, size_t B, size_t H, size_t Hkv, siz
 void pxl_paged_attention(int dt, size_t T, size_t B, size_t H, size_t Hkv, size_t hd, const void *q, const void *k,
                          const void *v, void *k_cache, void *v_cache, size_t block_size, const int64_t *slot_mapping,
                          const int64_t *block_tables, size_t max_blocks, const int64_t *seq_lens,
-                         const int64_t *query_start_loc, float scale, size_t window, void *y) {
+                         const int64_t *query_start_loc, float scale, float softcap, size_t window, void *y) {
     size_t max_len = 0;
     for (size_t b = 0; b < B; b++) max_len = (size_t)seq_lens[b] > max_len ? (size_t)seq_lens[b] : max_len;
     int nth = T * Hkv * max_len < 4096 ? 1 : pxl_num_threads();
     PXL_ON_TEAM(nth, attention_team(dt, T, B, H, Hkv, hd, q, k, v, k_cache, v_cache, block_size, slot_mapping,
-                                    block_tables, max_blocks, seq_lens, query_start_loc, scale, window, y));
+                                    block_tables, max_blocks, seq_lens, query_start_loc, scale, softcap, window,
+                                    y));
 }

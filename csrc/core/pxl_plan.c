@@ -24,7 +24,9 @@ static void run_node(const pxl_plan_node *x, size_t T, size_t N, size_t B, size_
     void *const *p = (void *const *)x->p;
     switch (x->op) {
     case PXL_OP_GATHER: pxl_gather(x->dt, rows, x->a, p[0], p[1], p[2]); break;
-    case PXL_OP_RMSNORM: pxl_rmsnorm(x->dt, rows, x->a, p[0], p[1], x->f0, p[2]); break;
+    case PXL_OP_RMSNORM: /* b > 1: b groups of a features a row (per-head q/k norm) */
+        pxl_rmsnorm(x->dt, rows * (x->b > 1 ? (size_t)x->b : 1), x->a, p[0], p[1], x->f0, p[2]);
+        break;
     case PXL_OP_LINEAR:
         pxl_linear_to(x->dt, x->rows & PXL_OUT_F32 ? PXL_F32 : x->dt, x->wfmt, rows, x->a, x->b, p[0], p[1], p[2],
                       p[3]);
@@ -32,12 +34,19 @@ static void run_node(const pxl_plan_node *x, size_t T, size_t N, size_t B, size_
     case PXL_OP_ROPE: pxl_rope(x->dt, rows, x->a, x->b, p[0], p[1], p[2], p[3], p[4]); break;
     case PXL_OP_ATTENTION:
         pxl_paged_attention(x->dt, T, B, x->a, x->b, x->c, p[0], p[1], p[2], p[3], p[4], x->d, p[5], p[6],
-                            max_blocks, p[7], p[8], x->f0, x->e, p[9]);
+                            max_blocks, p[7], p[8], x->f0, x->f1, x->e, p[9]);
         break;
     case PXL_OP_SILU_MUL: pxl_silu_mul(x->dt, rows * x->a, p[0], p[1], p[2]); break;
     case PXL_OP_ADD: pxl_add(x->dt, rows * x->a, p[0], p[1], p[2]); break;
     case PXL_OP_LINEAR_SILU: pxl_linear_silu(x->dt, x->wfmt, rows, x->a, x->b, p[0], p[1], p[2]); break;
     case PXL_OP_ADD_RMSNORM: pxl_add_rmsnorm(x->dt, rows, x->a, p[0], p[1], p[2], x->f0, p[3], p[4]); break;
+    case PXL_OP_LAYER_NORM: pxl_layer_norm(x->dt, rows, x->a, p[0], p[1], p[2], x->f0, p[3]); break;
+    case PXL_OP_GELU_MUL: pxl_gelu_mul(x->dt, rows * x->a, p[0], p[1], p[2]); break;
+    case PXL_OP_ACTIVATION: pxl_activation(x->dt, (int)x->b, rows * x->a, p[0], p[1]); break;
+    case PXL_OP_SCALE: pxl_scale(x->dt, rows * x->a, p[0], x->f0, p[1]); break;
+    case PXL_OP_SOFTCAP:
+        pxl_softcap_to(x->dt, x->rows & PXL_OUT_F32 ? PXL_F32 : x->dt, rows * x->a, p[0], x->f0, p[1]);
+        break;
     }
 }
 

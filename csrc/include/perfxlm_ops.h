@@ -92,16 +92,29 @@ void pxl_rope(int dt, size_t T, size_t H, size_t hd, const void *x, const int64_
 void pxl_silu_mul(int dt, size_t n, const void *gate, const void *up, void *y);
 /* y (n,) = a + b */
 void pxl_add(int dt, size_t n, const void *a, const void *b, void *y);
+/* y (T, D) = (x - mean(x)) / sqrt(var(x) + eps) * w + b, w and b (D,), b may be NULL; the
+ * statistics in float32 */
+void pxl_layer_norm(int dt, size_t T, size_t D, const void *x, const void *w, const void *b, float eps, void *y);
+/* y (n,) = gelu_tanh(gate) * up (GeGLU) */
+void pxl_gelu_mul(int dt, size_t n, const void *gate, const void *up, void *y);
+/* y (n,) = kind(x), kind PXL_ACT_RELU / PXL_ACT_GELU (erf) / PXL_ACT_GELU_TANH */
+void pxl_activation(int dt, int kind, size_t n, const void *x, void *y);
+/* y (n,) = x * factor, the factor rounded to dt first (HF's Gemma embedding normalizer) */
+void pxl_scale(int dt, size_t n, const void *x, float factor, void *y);
+/* y (n,) = cap * tanh(x / cap); _to stores in ydt: dt, or PXL_F32 holding dt's values */
+void pxl_softcap(int dt, size_t n, const void *x, float cap, void *y);
+void pxl_softcap_to(int dt, int ydt, size_t n, const void *x, float cap, void *y);
 /* Paged attention for a step of B sequences with T tokens in all (decode and prefill alike):
  * writes k, v (T, Hkv*hd) into the caches (blocks, block_size, Hkv, hd) at slot_mapping (T,),
  * then each query token of sequence b (rows query_start_loc[b] .. [b+1]) attends causally to
  * that sequence's seq_lens[b] cached tokens through block_tables (B, max_blocks), keeping the
- * last `window` keys when window > 0.  y (T, H*hd). */
+ * last `window` keys when window > 0; softcap > 0 caps the scaled logits s to
+ * softcap * tanh(s / softcap) before the softmax (Gemma 2).  y (T, H*hd). */
 void pxl_paged_attention(int dt, size_t T, size_t B, size_t H, size_t Hkv, size_t hd, const void *q,
                          const void *k, const void *v, void *k_cache, void *v_cache, size_t block_size,
                          const int64_t *slot_mapping, const int64_t *block_tables, size_t max_blocks,
-                         const int64_t *seq_lens, const int64_t *query_start_loc, float scale, size_t window,
-                         void *y);
+                         const int64_t *seq_lens, const int64_t *query_start_loc, float scale, float softcap,
+                         size_t window, void *y);
 /* Sampling: out[r] = the first token i of logits row r (R, V; rows ld apart, float32) where the
  * running sum of softmax(row) passes u[r] in [0, 1); never a -inf token; -1 for a row whose max
  * is not finite (NaN, +inf, all -inf) */

@@ -53,9 +53,13 @@ typedef struct {
 /* plan op codes, in the order of library.py's PLAN_OPS (pxl_plan_profile reports them so) */
 enum {
     PXL_OP_GATHER, PXL_OP_RMSNORM, PXL_OP_LINEAR, PXL_OP_ROPE, PXL_OP_ATTENTION, PXL_OP_SILU_MUL, PXL_OP_ADD,
-    PXL_OP_LINEAR_SILU, PXL_OP_ADD_RMSNORM,
+    PXL_OP_LINEAR_SILU, PXL_OP_ADD_RMSNORM, PXL_OP_LAYER_NORM, PXL_OP_GELU_MUL, PXL_OP_ACTIVATION, PXL_OP_SCALE,
+    PXL_OP_SOFTCAP,
     PXL_NOPS
 };
+
+/* Activation kinds (pxl_activation; the plan record's b), in the order of library.py's ACT_KINDS */
+enum { PXL_ACT_RELU, PXL_ACT_GELU, PXL_ACT_GELU_TANH }; /* 0, 1, 2 */
 
 /* pxl_plan_node.rows bits */
 #define PXL_ROWS_N 1  /* the op runs on the step's N rows (the logits rows), else on its T tokens */
@@ -63,7 +67,7 @@ enum {
  * at most PXL_T_PRIVATE tokens, where each thread prepares its own copy of x, no thread waits for
  * the others between them */
 #define PXL_NO_WAIT 2
-#define PXL_OUT_F32 4 /* a Linear's y is fp32 holding dt's values (the logits: no conversion pass) */
+#define PXL_OUT_F32 4 /* a Linear's (or Softcap's) y is fp32 holding dt's values (the logits: no conversion pass) */
 
 /* Up to this many tokens, Linear has every thread prepare (convert, quantise) x for itself, so
  * the team needs no barrier before the product; PXL_NO_WAIT relies on it */

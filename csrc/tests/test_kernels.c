@@ -333,6 +333,78 @@ static void test_rowwise(int dt, size_t T, size_t D) {
     free(a); free(b); free(w); free(y); free(ref); free(mag);
 }
 
+/* the ops of the newer families (#24): LayerNorm (with and without bias), GeLU-mul, the three
+ * activations, Scale (its factor rounded to dt), Softcap (also stored widened to fp32), and
+ * grouped RMSNorm, which is pxl_rmsnorm on T * D/g rows of g */
+static void test_new_rowwise(int dt, size_t T, size_t D) {
+    size_t n = T * D;
+    void *a = alloc_rand(dt, n, 4), *b = alloc_rand(dt, n, 1), *w = alloc_rand(dt, D, 1), *bias = alloc_rand(dt, D, 1);
+    void *y = malloc(n * 4);
+    float *y32 = malloc(n * 4);
+    double *ref = malloc(n * 8);
+    const char *dn = dt ? "bf16" : "f32";
+    char name[80];
+    for (int with_bias = 0; with_bias < 2; with_bias++) {
+        for (size_t i = 0; i < n; i++) ((float *)y)[i] = 0;
+        pxl_layer_norm(dt, T, D, a, w, with_bias ? bias : NULL, 1e-5f, y);
+        for (size_t t = 0; t < T; t++) {
+            double m = 0, var = 0;
+            for (size_t d = 0; d < D; d++) m += get(dt, a, t * D + d);
+            m /= D;
+            for (size_t d = 0; d < D; d++) var += (get(dt, a, t * D + d) - m) * (get(dt, a, t * D + d) - m);
+            for (size_t d = 0; d < D; d++)
+                ref[t * D + d] = (get(dt, a, t * D + d) - m) / sqrt(var / D + 1e-5) * get(dt, w, d) +
+                                 (with_bias ? get(dt, bias, d) : 0);
+        }
+        snprintf(name, sizeof name, "layer_norm %s T=%zu D=%zu bias=%d", dn, T, D, with_bias);
+        check(name, dt, n, y, ref, NULL, 1e-5);
+    }
+    pxl_gelu_mul(dt, n, a, b, y);
+    for (size_t i = 0; i < n; i++) {
+        double g = get(dt, a, i);
+        ref[i] = 0.5 * g * (1 + tanh(sqrt(2 / M_PI) * (g + 0.044715 * g * g * g))) * get(dt, b, i);
+    }
+    snprintf(name, sizeof name, "gelu_mul %s n=%zu", dn, n);
+    check(name, dt, n, y, ref, NULL, 1e-6);
+    const char *kinds[] = {"relu", "gelu", "gelu_tanh"};
+    for (int kind = PXL_ACT_RELU; kind <= PXL_ACT_GELU_TANH; kind++) {
+        pxl_activation(dt, kind, n, a, y);
+        for (size_t i = 0; i < n; i++) {
+            double x = get(dt, a, i);
+            ref[i] = kind == PXL_ACT_RELU ? (x > 0 ? x : 0)
+                     : kind == PXL_ACT_GELU ? 0.5 * x * (1 + erf(x / sqrt(2)))
+                                            : 0.5 * x * (1 + tanh(sqrt(2 / M_PI) * (x + 0.044715 * x * x * x)));
+        }
+        snprintf(name, sizeof name, "activation %s %s n=%zu", kinds[kind], dn, n);
+        check(name, dt, n, y, ref, NULL, 1e-6);
+    }
+    float factor = sqrtf(2048.0f);
+    pxl_scale(dt, n, a, factor, y);
+    for (size_t i = 0; i < n; i++) ref[i] = (double)get(dt, a, i) * rnd(dt, factor);
+    snprintf(name, sizeof name, "scale %s n=%zu", dn, n);
+    check(name, dt, n, y, ref, NULL, 1e-7);
+    pxl_softcap(dt, n, a, 3.0f, y);
+    for (size_t i = 0; i < n; i++) ref[i] = 3.0 * tanh(get(dt, a, i) / 3.0);
+    snprintf(name, sizeof name, "softcap %s n=%zu", dn, n);
+    check(name, dt, n, y, ref, NULL, 1e-6);
+    pxl_softcap_to(dt, PXL_F32, n, a, 3.0f, y32); /* the logits: dt's values, widened */
+    for (size_t i = 0; i < n; i++) ref[i] = rnd(dt, (float)(3.0 * tanh(get(dt, a, i) / 3.0)));
+    snprintf(name, sizeof name, "softcap to f32 %s n=%zu", dn, n);
+    check(name, PXL_F32, n, y32, ref, NULL, dt ? 1.0 / 256 : 1e-6);
+    if (D % 4 == 0) { /* per-head norm: 4 groups of D/4, each its own mean of squares */
+        size_t g = D / 4;
+        pxl_rmsnorm(dt, T * 4, g, a, w, 1e-6f, y);
+        for (size_t r = 0; r < T * 4; r++) {
+            double ss = 0;
+            for (size_t d = 0; d < g; d++) ss += (double)get(dt, a, r * g + d) * get(dt, a, r * g + d);
+            for (size_t d = 0; d < g; d++) ref[r * g + d] = get(dt, w, d) * get(dt, a, r * g + d) / sqrt(ss / g + 1e-6);
+        }
+        snprintf(name, sizeof name, "rmsnorm groups %s T=%zu D=%zu", dn, T, D);
+        check(name, dt, n, y, ref, NULL, 1e-5);
+    }
+    free(a); free(b); free(w); free(bias); free(y); free(y32); free(ref);
+}
+
 static void test_rope(int dt, size_t T, size_t H, size_t hd) {
     size_t P = 64, half = hd / 2, n = T * H * hd;
     void *x = alloc_rand(dt, n, 1), *y = malloc(n * 4), *c = malloc(P * hd * 4), *s = malloc(P * hd * 4);
@@ -363,7 +435,7 @@ static void test_rope(int dt, size_t T, size_t H, size_t hd) {
 
 /* B sequences with the given query lengths and cached lengths, blocks shuffled; B = 3: a
  * decode and two prefill chunks; B = 12: decodes only (then each is one item for all KV heads) */
-static void test_attention(int dt, size_t H, size_t Hkv, size_t hd, size_t window, int B) {
+static void test_attention(int dt, size_t H, size_t Hkv, size_t hd, size_t window, int B, float softcap) {
     enum { BS = 4, MAXB = 6, NBLK = 80 };
     int64_t qlen[12] = {1, 5, 9}, seq[12] = {13, 7, 9}, qsl[13] = {0}, tables[12 * MAXB], perm[NBLK];
     if (B > 3)
@@ -398,7 +470,9 @@ static void test_attention(int dt, size_t H, size_t Hkv, size_t hd, size_t windo
                     for (size_t d = 0; d < hd; d++)
                         s += (double)get(dt, q, (t * H + h) * hd + d) *
                              (own >= 0 ? get(dt, k, own * row + kvh * hd + d) : get(dt, kc, src + d));
-                    sc[j - lo] = s * scale, mx = sc[j - lo] > mx ? sc[j - lo] : mx;
+                    s *= scale;
+                    if (softcap > 0) s = softcap * tanh(s / softcap);
+                    sc[j - lo] = s, mx = sc[j - lo] > mx ? sc[j - lo] : mx;
                 }
                 for (size_t j = lo; j <= pos; j++) sc[j - lo] = exp(sc[j - lo] - mx), sum += sc[j - lo];
                 for (size_t d = 0; d < hd; d++) {
@@ -413,10 +487,12 @@ static void test_attention(int dt, size_t H, size_t Hkv, size_t hd, size_t windo
                 }
             }
         }
-    pxl_paged_attention(dt, T, B, H, Hkv, hd, q, k, v, kc, vc, BS, slots, tables, MAXB, seq, qsl, scale, window, y);
+    pxl_paged_attention(dt, T, B, H, Hkv, hd, q, k, v, kc, vc, BS, slots, tables, MAXB, seq, qsl, scale, softcap, window,
+                        y);
     for (size_t d = 0; d < H * hd; d++) ref[1 * H * hd + d] = get(dt, y, 1 * H * hd + d); /* padding row: unchecked */
     char name[80];
-    snprintf(name, sizeof name, "paged_attention %s B=%d H=%zu Hkv=%zu hd=%zu window=%zu", dt ? "bf16" : "f32", B, H, Hkv, hd, window);
+    snprintf(name, sizeof name, "paged_attention %s B=%d H=%zu Hkv=%zu hd=%zu window=%zu softcap=%g", dt ? "bf16" : "f32", B,
+             H, Hkv, hd, window, softcap);
     check(name, dt, T * H * hd, y, ref, NULL, dt ? 2e-2 : 1e-5); /* bf16: q.k rounded to bf16 inputs */
     free(q); free(k); free(v); free(kc); free(vc); free(y); free(ref);
 }
@@ -433,17 +509,17 @@ static void test_attention_invariant(int dt, size_t H, size_t Hkv, size_t hd) {
     void *kc = calloc(MAXB * BS * row, es), *vc = calloc(MAXB * BS * row, es);
     char *all = malloc(N * qrow * es), *one = malloc(N * qrow * es);
     float scale = 1.0f / sqrtf((float)hd);
-    pxl_paged_attention(dt, N, 1, H, Hkv, hd, q, k, v, kc, vc, BS, slots, tables, MAXB, &seq, qsl, scale, 0, all);
+    pxl_paged_attention(dt, N, 1, H, Hkv, hd, q, k, v, kc, vc, BS, slots, tables, MAXB, &seq, qsl, scale, 0, 0, all);
     size_t bad = N;
     for (size_t p = 0; p < N && bad == N; p++) { /* a decode at each position, its row rewritten */
         int64_t len = (int64_t)p + 1, qs1[2] = {0, 1};
         pxl_paged_attention(dt, 1, 1, H, Hkv, hd, (char *)q + p * qrow * es, (char *)k + p * row * es,
-                            (char *)v + p * row * es, kc, vc, BS, slots + p, tables, MAXB, &len, qs1, scale, 0, one);
+                            (char *)v + p * row * es, kc, vc, BS, slots + p, tables, MAXB, &len, qs1, scale, 0, 0, one);
         if (memcmp(one, all + p * qrow * es, qrow * es)) bad = p;
     }
     int64_t len = 15, qs5[2] = {0, 5}; /* tokens 10 .. 14 as one chunk: tiles that start at 10 */
     pxl_paged_attention(dt, 5, 1, H, Hkv, hd, (char *)q + 10 * qrow * es, (char *)k + 10 * row * es,
-                        (char *)v + 10 * row * es, kc, vc, BS, slots + 10, tables, MAXB, &len, qs5, scale, 0, one);
+                        (char *)v + 10 * row * es, kc, vc, BS, slots + 10, tables, MAXB, &len, qs5, scale, 0, 0, one);
     int chunk_ok = !memcmp(one, all + 10 * qrow * es, 5 * qrow * es);
     if (bad == N && chunk_ok) passed++;
     else {
@@ -569,16 +645,21 @@ int main(void) {
         for (int dt = 0; dt < 2; dt++) {
             test_rowwise(dt, 1, 1);
             test_rowwise(dt, 13, 577);
+            test_new_rowwise(dt, 1, 1);
+            test_new_rowwise(dt, 13, 577);
+            test_new_rowwise(dt, 5, 4100); /* n past 4 * CHUNK: the team splits it */
             test_add_rmsnorm(dt, 1, 576);
             test_add_rmsnorm(dt, 64, 576);
             test_add_rmsnorm(dt, 7, 33);
             test_rope(dt, 1, 1, 2);
             test_rope(dt, 7, 9, 64);
-            test_attention(dt, 6, 2, 8, 0, 3);
-            test_attention(dt, 9, 3, 64, 0, 3);
-            test_attention(dt, 4, 4, 16, 3, 3);
-            test_attention(dt, 9, 3, 64, 0, 12);
-            test_attention(dt, 6, 2, 16, 5, 12);
+            test_attention(dt, 6, 2, 8, 0, 3, 0);
+            test_attention(dt, 9, 3, 64, 0, 3, 0);
+            test_attention(dt, 4, 4, 16, 3, 3, 0);
+            test_attention(dt, 9, 3, 64, 0, 12, 0);
+            test_attention(dt, 6, 2, 16, 5, 12, 0);
+            test_attention(dt, 6, 2, 16, 0, 3, 0.5f); /* a cap below the logits' size: it bends them */
+            test_attention(dt, 9, 3, 64, 4, 12, 1.0f);
             test_attention_invariant(dt, 9, 3, 64);
             test_attention_invariant(dt, 8, 2, 32);
             test_attention_invariant(dt, 4, 4, 16);

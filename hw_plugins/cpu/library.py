@@ -29,8 +29,21 @@ ACTIVATIONS = {"float32": F32, "bfloat16": BF16}  # numpy dtype name -> the form
 # A compiled step's records (pxl_plan_run): the op codes in pxl_abi.h's order (PXL_OP_*), the
 # names op_profile reports them by; the last two are fused pairs of ops
 PLAN_OPS = ("Gather", "RMSNorm", "Linear", "RoPE", "PagedAttention", "SiluMul", "Add",
-            "Linear+SiluMul", "Add+RMSNorm")
-GATHER, RMSNORM, LINEAR, ROPE, ATTENTION, SILU_MUL, ADD, LINEAR_SILU, ADD_RMSNORM = range(len(PLAN_OPS))
+            "Linear+SiluMul", "Add+RMSNorm", "LayerNorm", "GeluMul", "Activation", "Scale", "Softcap")
+(GATHER, RMSNORM, LINEAR, ROPE, ATTENTION, SILU_MUL, ADD, LINEAR_SILU, ADD_RMSNORM, LAYER_NORM, GELU_MUL, ACTIVATION,
+ SCALE, SOFTCAP) = range(len(PLAN_OPS))
+# Activation's kinds in the order of pxl_abi.h's PXL_ACT_* (graph_export.ops.ACTIVATION_KINDS)
+ACT_KINDS = ("relu", "gelu", "gelu_tanh")
+
+
+def activation_code(attrs: dict) -> int:
+    """An Activation node's kind attribute -> its C code (PXL_ACT_*)."""
+    kind = attrs["kind"]
+    if kind not in ACT_KINDS:
+        raise ValueError(f"Activation kind {kind!r} is not one of {ACT_KINDS}")
+    return ACT_KINDS.index(kind)
+
+
 # PlanNode.rows bits
 ROWS_N = 1  # the op runs on the step's N (logits) rows, else on its T tokens
 NO_WAIT = 2  # no barrier after this Linear in a decode step: the next shares only its input
@@ -112,8 +125,13 @@ _SIGNATURES = {
     "pxl_add_rmsnorm": ([_i, _sz, _sz, _p, _p, _p, _f, _p, _p], None),
     "pxl_plan_run": ([_p, _sz, _sz, _sz, _sz, _sz], None),
     "pxl_plan_profile": ([_i, _p, _p], None),
-    "pxl_paged_attention": ([_i, _sz, _sz, _sz, _sz, _sz, _p, _p, _p, _p, _p, _sz, _p, _p, _sz, _p, _p, _f, _sz, _p],
-                            None),
+    "pxl_paged_attention": ([_i, _sz, _sz, _sz, _sz, _sz, _p, _p, _p, _p, _p, _sz, _p, _p, _sz, _p, _p, _f, _f, _sz,
+                             _p], None),
+    "pxl_layer_norm": ([_i, _sz, _sz, _p, _p, _p, _f, _p], None),
+    "pxl_gelu_mul": ([_i, _sz, _p, _p, _p], None),
+    "pxl_activation": ([_i, _i, _sz, _p, _p], None),
+    "pxl_scale": ([_i, _sz, _p, _f, _p], None),
+    "pxl_softcap": ([_i, _sz, _p, _f, _p], None),
     "pxl_sample_rows": ([_sz, _sz, _p, _sz, _p, _p], None),
     "pxl_roofline_peak": ([_i, _sz], ctypes.c_double),
     "pxl_roofline_read": ([_p, _sz], ctypes.c_uint64),

@@ -13,8 +13,9 @@ import numpy as np
 
 from graph_export.ops import LOGITS
 from hw_plugins.cpu.buffers import _ptr, host_zeros
-from hw_plugins.cpu.library import (ACTIVATIONS, ADD, ADD_RMSNORM, ATTENTION, GATHER, LINEAR, LINEAR_SILU, NO_WAIT,
-                                    OUT_F32, RMSNORM, ROPE, ROWS_N, SILU_MUL, PlanNode)
+from hw_plugins.cpu.library import (ACTIVATION, ACTIVATIONS, ADD, ADD_RMSNORM, ATTENTION, GATHER, GELU_MUL, LAYER_NORM,
+                                    LINEAR, LINEAR_SILU, NO_WAIT, OUT_F32, RMSNORM, ROPE, ROWS_N, SCALE, SILU_MUL,
+                                    SOFTCAP, PlanNode, activation_code)
 
 
 def _independent(a: "PlanNode", b: "PlanNode") -> bool:
@@ -61,7 +62,8 @@ class Plan:
         fused = {id(n) for gate, up, _ in gated.values() for n in (gate, up)}
         # a residual Add and the RMSNorm of its sum right after it: one pass (pxl_add_rmsnorm)
         normed = {id(a): b for a, b in zip(nodes, nodes[1:])
-                  if a.op_type == "Add" and b.op_type == "RMSNorm" and b.inputs[0] == a.outputs[0]}
+                  if a.op_type == "Add" and b.op_type == "RMSNorm" and b.inputs[0] == a.outputs[0]
+                  and not b.attrs.get("group_size")}
         fused |= {id(b) for b in normed.values()}
         nodes = [n for n in nodes if id(n) not in fused]  # each fused pair's first (SiluMul: last) record runs it
         self.records = (PlanNode * len(nodes))()
@@ -76,8 +78,10 @@ class Plan:
             at = node.attrs
             if node.op_type == "Gather":
                 r.op, r.a, ptrs = GATHER, arrays[0].shape[1], [arrays[0], arrays[1], out]
-            elif node.op_type == "RMSNorm":
-                r.op, r.a, r.f0, ptrs = RMSNORM, arrays[0].shape[1], at["epsilon"], [arrays[0], arrays[1], out]
+            elif node.op_type == "RMSNorm":  # b groups of a features a row (0: the whole row)
+                g = at.get("group_size") or arrays[0].shape[1]
+                r.op, r.a, r.b, r.f0 = RMSNORM, g, arrays[0].shape[1] // g, at["epsilon"]
+                ptrs = [arrays[0], arrays[1], out]
             elif node.op_type == "Linear":
                 r.op, r.a, r.b = LINEAR, arrays[1].shape[0], arrays[0].shape[1]
                 r.wfmt, weight = plugin.linear_weight(at, arrays[1])
@@ -91,6 +95,7 @@ class Plan:
             elif node.op_type == "PagedAttention":
                 r.op, r.a, r.b, r.c = ATTENTION, at["num_heads"], at["num_kv_heads"], at["head_dim"]
                 r.d, r.e, r.f0 = arrays[3].shape[1], at.get("sliding_window") or 0, at["scale"]
+                r.f1 = at.get("softcap") or 0.0
                 ptrs = [*arrays[:9], out]
             elif id(node) in gated:  # y = silu(x @ Wg^T) * (x @ Wu^T), in one pass
                 gate, _, (r.wfmt, weight) = gated[id(node)]
@@ -104,6 +109,21 @@ class Plan:
                 ptrs = [*arrays[:2], buffer(norm.inputs[1]), out, buffer(norm.outputs[0])]
             elif node.op_type in ("SiluMul", "Add"):
                 r.op, r.a, ptrs = SILU_MUL if node.op_type == "SiluMul" else ADD, arrays[0].shape[1], [*arrays[:2], out]
+            elif node.op_type == "LayerNorm":
+                r.op, r.a, r.f0 = LAYER_NORM, arrays[0].shape[1], at["epsilon"]
+                ptrs = [arrays[0], arrays[1], arrays[2] if len(arrays) > 2 else None, out]
+            elif node.op_type == "GeluMul":
+                r.op, r.a, ptrs = GELU_MUL, arrays[0].shape[1], [*arrays[:2], out]
+            elif node.op_type == "Activation":
+                r.op, r.a, r.b, ptrs = ACTIVATION, arrays[0].shape[1], activation_code(at), [arrays[0], out]
+            elif node.op_type == "Scale":
+                r.op, r.a, r.f0, ptrs = SCALE, arrays[0].shape[1], at["factor"], [arrays[0], out]
+            elif node.op_type == "Softcap":
+                r.op, r.a, r.f0 = SOFTCAP, arrays[0].shape[1], at["cap"]
+                if node.outputs[0] == LOGITS and out.dtype != np.float32:  # the logits: float32, as a lm_head's
+                    out = host_zeros(out.shape, np.float32)
+                    r.rows |= OUT_F32
+                ptrs = [arrays[0], out]
             else:
                 raise ValueError(f"no plan record for {node.op_type}")
             if node.outputs[0] == LOGITS:

@@ -16,7 +16,7 @@ from graph_export import quant
 from hw_plugins.base import CompiledStep, HwPlugin, NativeSampler, Node
 from hw_plugins.cpu import library
 from hw_plugins.cpu.buffers import _ptr, host_zeros
-from hw_plugins.cpu.library import ACTIVATIONS, Q4_0, Q4_1, Q8_0
+from hw_plugins.cpu.library import ACTIVATIONS, Q4_0, Q4_1, Q8_0, activation_code
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,9 @@ class CpuPlugin(HwPlugin):
 
     def __init__(self) -> None:
         self._ops = {"Gather": self._gather, "RMSNorm": self._rmsnorm, "Linear": self._linear, "RoPE": self._rope,
-                     "PagedAttention": self._paged_attention, "SiluMul": self._silu_mul, "Add": self._add}
+                     "PagedAttention": self._paged_attention, "SiluMul": self._silu_mul, "Add": self._add,
+                     "LayerNorm": self._layer_norm, "GeluMul": self._gelu_mul, "Activation": self._activation,
+                     "Scale": self._scale, "Softcap": self._softcap}
         self.lib, self._error = None, self._unsupported_here()
         self._packed: dict[tuple, tuple[np.ndarray, ...]] = {}  # weight(s) -> (weight(s), packed copy)
         self.batch_invariant = False
@@ -94,8 +96,6 @@ class CpuPlugin(HwPlugin):
                      rows_n: set[str]) -> CompiledStep:
         """The whole node list compiled into one C call per step (hw_plugins/cpu/plan.py)."""
         from hw_plugins.cpu.plan import Plan
-        if any(n.op_type == "RMSNorm" and n.attrs.get("group_size") for n in nodes):
-            return None  # no plan record for grouped RMSNorm yet: node by node
         return Plan(self, nodes, buffer, inputs, rows_n)
 
     def native_sampler(self) -> NativeSampler:
@@ -182,20 +182,38 @@ class CpuPlugin(HwPlugin):
                           _ptr(sin), _ptr(outs[0]))
 
     def _paged_attention(self, attrs: dict, ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
-        if attrs.get("softcap"):
-            raise NotImplementedError("cpu plugin: PagedAttention with softcap has no native kernel yet")
         q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc = ins
         self.lib.pxl_paged_attention(
             ACTIVATIONS[q.dtype.name], q.shape[0], seq_lens.shape[0], attrs["num_heads"], attrs["num_kv_heads"],
             attrs["head_dim"], _ptr(q), _ptr(k), _ptr(v), _ptr(k_cache), _ptr(v_cache), k_cache.shape[1],
             _ptr(slot_mapping), _ptr(block_tables), block_tables.shape[1], _ptr(seq_lens), _ptr(query_start_loc),
-            attrs["scale"], attrs.get("sliding_window") or 0, _ptr(outs[0]))   # outs[1:] alias the caches
+            attrs["scale"], attrs.get("softcap") or 0.0, attrs.get("sliding_window") or 0,
+            _ptr(outs[0]))                                      # outs[1:] alias the caches
 
     def _silu_mul(self, attrs: dict, ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
         self.lib.pxl_silu_mul(ACTIVATIONS[ins[0].dtype.name], ins[0].size, _ptr(ins[0]), _ptr(ins[1]), _ptr(outs[0]))
 
     def _add(self, attrs: dict, ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
         self.lib.pxl_add(ACTIVATIONS[ins[0].dtype.name], ins[0].size, _ptr(ins[0]), _ptr(ins[1]), _ptr(outs[0]))
+
+
+    def _layer_norm(self, attrs: dict, ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
+        x, w = ins[0], ins[1]                                   # (T, D), (D,), bias (D,) optional
+        self.lib.pxl_layer_norm(ACTIVATIONS[x.dtype.name], x.shape[0], x.shape[1], _ptr(x), _ptr(w),
+                                _ptr(ins[2]) if len(ins) > 2 else None, attrs["epsilon"], _ptr(outs[0]))
+
+    def _gelu_mul(self, attrs: dict, ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
+        self.lib.pxl_gelu_mul(ACTIVATIONS[ins[0].dtype.name], ins[0].size, _ptr(ins[0]), _ptr(ins[1]), _ptr(outs[0]))
+
+    def _activation(self, attrs: dict, ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
+        self.lib.pxl_activation(ACTIVATIONS[ins[0].dtype.name], activation_code(attrs), ins[0].size, _ptr(ins[0]),
+                                _ptr(outs[0]))
+
+    def _scale(self, attrs: dict, ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
+        self.lib.pxl_scale(ACTIVATIONS[ins[0].dtype.name], ins[0].size, _ptr(ins[0]), attrs["factor"], _ptr(outs[0]))
+
+    def _softcap(self, attrs: dict, ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
+        self.lib.pxl_softcap(ACTIVATIONS[ins[0].dtype.name], ins[0].size, _ptr(ins[0]), attrs["cap"], _ptr(outs[0]))
 
 
 class RvvPlugin(CpuPlugin):
