@@ -109,33 +109,105 @@ class Embedding(nn.Module):
         return F.embedding(self.weight, ids)
 
 
-class RotaryTables(nn.Module):
-    """cos, sin (max_pos, head_dim) for F.rope, halves layout. Built on the CPU in float32
-    even when the model is created on the meta device (they are computed, not loaded); the
-    loader casts them to the model's dtype with the rest."""
+class FusedLinear(nn.Module):
+    """A checkpoint tensor that stacks several projections' rows (Phi-3's qkv_proj and
+    gate_up_proj): loaded as one `weight` (sum(sizes), in_features), run as one Linear per part.
 
-    def __init__(self, head_dim: int, theta: float, max_positions: int, scaling: dict[str, Any] | None) -> None:
+    The graph has no split op, so the split happens on the weight, not the activation: the
+    loader assigns `weight` after the model is built (on the meta device), and each assignment
+    derives the parts as buffers (row views of it, reordered where `row_orders` gives an order:
+    a copy). Only the parts are read by forward, so only they go into an exported graph."""
+
+    def __init__(self, in_features: int, sizes: list[int], row_orders: list[list[int] | None] | None = None) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
-        inv_freq = scaled_inv_freq(inv_freq, scaling)
+        self.sizes = list(sizes)
+        self.row_orders = list(row_orders or [None] * len(sizes))
+        self.weight = nn.Parameter(torch.empty(sum(sizes), in_features))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name == "weight":  # (re)derive the parts from the weight just assigned
+            for i, (part, order) in enumerate(zip(value.detach().split(self.sizes), self.row_orders)):
+                self.register_buffer(f"part{i}", part if order is None else part[order], persistent=False)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x (T, in) -> one (T, sizes[i]) per part."""
+        return [F.linear(x, getattr(self, f"part{i}")) for i in range(len(self.sizes))]
+
+
+class RotaryTables(nn.Module):
+    """cos, sin (max_pos, head_dim) for F.rope, halves layout, with the scaling's attention
+    factor (mscale) folded in as HF and vLLM do. Built on the CPU in float32 even when the model
+    is created on the meta device (they are computed, not loaded); the loader casts them to the
+    model's dtype with the rest.
+
+    Partial rotary (rotary_dim < head_dim): HF rotates the pairs (i, i + rotary_dim/2) of each
+    head's first rotary_dim features and passes the rest; the RoPE op rotates the pairs
+    (i, i + head_dim/2). The two agree once each head's q/k features are reordered by
+    `partial_rotary_order` (rotated first half, passed first half, rotated second half, passed
+    second half): the family applies that order to the q and k weight rows at load, and the
+    passed features get cos 1, sin 0 here. Attention scores q.k are unchanged by a
+    permutation applied to both q and k, and v is not reordered."""
+
+    def __init__(self, head_dim: int, theta: float, max_positions: int, scaling: dict[str, Any] | None,
+                 rotary_dim: int | None = None) -> None:
+        super().__init__()
+        rot = rotary_dim or head_dim
+        if rot % 2 or rot > head_dim or (head_dim - rot) % 2:
+            raise ValueError(f"rotary dimension {rot} does not fit head_dim {head_dim}")
+        inv_freq, mscale = rope_frequencies(rot, theta, scaling, max_positions)      # (rot/2,)
         t = torch.arange(max_positions, dtype=torch.float32, device="cpu")
-        freqs = torch.outer(t, inv_freq)                        # (max_pos, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)                 # (max_pos, hd)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        freqs = torch.outer(t, inv_freq)                                             # (max_pos, rot/2)
+        cos, sin = freqs.cos() * mscale, freqs.sin() * mscale
+        passed = (head_dim - rot) // 2
+        if passed:
+            ones = torch.ones(max_positions, passed, device="cpu")                   # passed features: cos 1, sin 0
+            cos, sin = torch.cat((cos, ones), dim=-1), torch.cat((sin, ones * 0), dim=-1)  # (max_pos, hd/2)
+        self.register_buffer("cos", torch.cat((cos, cos), dim=-1), persistent=False)    # (max_pos, hd)
+        self.register_buffer("sin", torch.cat((sin, sin), dim=-1), persistent=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, head_dim: int) -> torch.Tensor:
         return F.rope(x, positions, self.cos, self.sin, head_dim)
 
 
-ROPE_TYPES = ("default", "linear", "llama3")
+def partial_rotary_order(n_heads: int, head_dim: int, rotary_dim: int) -> list[int] | None:
+    """The row order of a q/k projection (n_heads * head_dim rows) under which the RoPE op's
+    halves rotation equals HF's rotation of each head's first rotary_dim features (see
+    RotaryTables); None when the whole head rotates."""
+    if rotary_dim >= head_dim:
+        return None
+    half, rest = rotary_dim // 2, (head_dim - rotary_dim) // 2
+    head = [*range(half), *range(rotary_dim, rotary_dim + rest),
+            *range(half, rotary_dim), *range(rotary_dim + rest, head_dim)]
+    return [h * head_dim + i for h in range(n_heads) for i in head]
+
+
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "su", "dynamic")
 
 
 def rope_type(scaling: dict[str, Any] | None) -> str:
     return "default" if not scaling else scaling.get("rope_type", scaling.get("type", "default"))
 
 
+def rope_scaling_from_hf(cfg: dict[str, Any], arch: str) -> dict[str, Any] | None:
+    """The config's RoPE scaling (`rope_scaling`, or transformers 5's `rope_parameters`) with
+    `rope_type` set, or None for plain RoPE; an unknown type raises ValueError naming it and
+    the supported ones (before any weight is read). A top-level
+    `original_max_position_embeddings` (Phi-3's) takes precedence, as in transformers."""
+    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+    kind = rope_type(scaling)
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"rope_scaling type {kind!r} is not supported for {arch}; supported: {list(ROPE_TYPES)}")
+    if kind == "default":
+        return None
+    scaling = {**scaling, "rope_type": kind}
+    if cfg.get("original_max_position_embeddings"):
+        scaling["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
+    return scaling
+
+
 def scaled_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any] | None) -> torch.Tensor:
+    """Llama-style scalings that only stretch the frequencies (default, linear, llama3)."""
     kind = rope_type(scaling)
     if kind == "default":
         return inv_freq
@@ -150,3 +222,66 @@ def scaled_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any] | None) -> t
         mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
         return torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
     raise ValueError(f"rope_scaling type {kind!r} is not supported; supported: {list(ROPE_TYPES)}")
+
+
+def rope_frequencies(dim: int, theta: float, scaling: dict[str, Any] | None,
+                     max_positions: int) -> tuple[torch.Tensor, float]:
+    """inv_freq (dim/2,) float32 and the attention factor cos/sin are multiplied by, for `dim`
+    rotated features. `max_positions` is the config's max_position_embeddings, which is the
+    engine's max_model_len (perfxlm derives it so, as vLLM does by default)."""
+    kind = rope_type(scaling)
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim   # (dim/2,)
+    if kind in ("default", "linear", "llama3"):
+        return scaled_inv_freq(1.0 / theta ** exponents, scaling), 1.0
+    original = scaling.get("original_max_position_embeddings") or max_positions
+    if kind == "dynamic":
+        # vLLM's DynamicNTKScalingRotaryEmbedding: one base for the whole context,
+        # max_position * factor long (HF instead re-derives it per forward from the sequence length)
+        factor = scaling["factor"]
+        base = theta * (factor * factor - (factor - 1)) ** (dim / (dim - 2))
+        return 1.0 / base ** exponents, 1.0
+    if kind == "yarn":
+        return _yarn(dim, theta, scaling, original, max_positions)
+    # longrope / su (Phi-3): per-frequency factors, the long table when the context may exceed the
+    # pretraining length. HF picks per forward by the sequence length; vLLM once, by
+    # max_model_len > original_max_position_embeddings: we follow vLLM.
+    use_long = max_positions > original
+    ext = torch.tensor(scaling["long_factor" if use_long else "short_factor"], dtype=torch.float32, device="cpu")
+    if ext.shape != exponents.shape:
+        raise ValueError(f"longrope factors have {ext.numel()} entries; the rotary dimension {dim} needs {dim // 2}")
+    factor = scaling.get("factor") or max_positions / original
+    mscale = scaling.get("attention_factor") or scaling.get("long_mscale" if use_long else "short_mscale")
+    if mscale is None:
+        mscale = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return 1.0 / (ext * theta ** exponents), float(mscale)
+
+
+def _yarn(dim: int, theta: float, scaling: dict[str, Any], original: int,
+          max_positions: int) -> tuple[torch.Tensor, float]:
+    """YaRN (Qwen, DeepSeek): interpolate the low frequencies, keep the high ones, ramp between;
+    the attention factor 0.1 ln(factor) + 1 (DeepSeek: the ratio of its mscale terms)."""
+    factor = scaling.get("factor") or max_positions / original
+
+    def get_mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    mscale = scaling.get("attention_factor")
+    if mscale is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        mscale = get_mscale(factor, m) / get_mscale(factor, m_all) if m and m_all else get_mscale(factor)
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)   # (dim/2,)
+    pos_freqs = theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, float(mscale)
