@@ -1,6 +1,6 @@
 """HF `architectures` name -> the perfxlm model family that runs it (vLLM's ModelRegistry)."""
 
-from perfxlm.models import gemma, llama
+from perfxlm.models import gemma, llama, phi3, qwen3
 from perfxlm.models.layers import CausalLM
 
 _MODELS: dict[str, type[CausalLM]] = {
@@ -9,6 +9,8 @@ _MODELS: dict[str, type[CausalLM]] = {
     "Qwen2ForCausalLM": llama.LlamaForCausalLM,
     "Gemma2ForCausalLM": gemma.Gemma2ForCausalLM,
     "Gemma3ForCausalLM": gemma.Gemma3ForCausalLM,
+    "Qwen3ForCausalLM": qwen3.Qwen3ForCausalLM,
+    "Phi3ForCausalLM": phi3.Phi3ForCausalLM,
 }
 
 
