@@ -1,6 +1,6 @@
 """HF `architectures` name -> the perfxlm model family that runs it (vLLM's ModelRegistry)."""
 
-from perfxlm.models import gemma, llama, phi3, qwen3
+from perfxlm.models import gemma, gpt2, llama, phi3, qwen3
 from perfxlm.models.layers import CausalLM
 
 _MODELS: dict[str, type[CausalLM]] = {
@@ -11,6 +11,7 @@ _MODELS: dict[str, type[CausalLM]] = {
     "Gemma3ForCausalLM": gemma.Gemma3ForCausalLM,
     "Qwen3ForCausalLM": qwen3.Qwen3ForCausalLM,
     "Phi3ForCausalLM": phi3.Phi3ForCausalLM,
+    "GPT2LMHeadModel": gpt2.GPT2LMHeadModel,
 }
 
 
