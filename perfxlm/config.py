@@ -171,7 +171,9 @@ def resolve_dtype(dtype: str | torch.dtype, hf_config: dict[str, Any]) -> torch.
 
 
 def derive_max_model_len(hf_config: dict[str, Any], requested: int | None) -> int:
-    derived = hf_config.get("max_position_embeddings") or 2048
+    # the keys vLLM reads, in its order (GPT-2 says n_positions)
+    keys = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length")
+    derived = next((hf_config[k] for k in keys if hf_config.get(k)), 2048)
     if requested is None:
         return derived
     _check_int("max_model_len", requested, 1)

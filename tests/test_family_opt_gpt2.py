@@ -224,3 +224,22 @@ def test_unsupported_configs_are_refused_by_name(tmp_path, name, change, message
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=message):
         resolve_model(str(tmp_path))
+
+
+def test_gpt2_checkpoint_with_mask_buffers_loads(smol_tokenizer, tmp_path):
+    """openai-community/gpt2's checkpoint carries each layer's causal-mask buffers (attn.bias,
+    attn.masked_bias) under names without 'transformer.': they are skipped, not refused."""
+    from safetensors.torch import load_file, save_file
+    path = build_tiny(tmp_path / "gpt2", "gpt2", smol_tokenizer)
+    want = LLM(str(path), dtype="float32", max_model_len=256).generate(
+        PROMPTS[:1], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0].outputs[0].token_ids
+    (file,) = path.glob("*.safetensors")
+    state = {k.removeprefix("transformer."): v for k, v in load_file(file).items()}
+    layers = {int(k.split(".")[1]) for k in state if k.startswith("h.")}
+    for i in layers:
+        state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 8, 8))
+        state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(state, file)
+    got = LLM(str(path), dtype="float32", max_model_len=256).generate(
+        PROMPTS[:1], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0].outputs[0].token_ids
+    assert got == want

@@ -93,8 +93,8 @@ def no_weight_reads(monkeypatch):
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"architectures": ["OPTForCausalLM"], "intermediate_size": None},
-     r"config.json: Model architectures \['OPTForCausalLM'\] are not supported by perfxlm. Supported architectures"),
+    ({"architectures": ["FalconForCausalLM"], "intermediate_size": None},
+     r"config.json: Model architectures \['FalconForCausalLM'\] are not supported by perfxlm. Supported architectures"),
     ({"num_attention_heads": None},
      r"config.json: the config has no 'num_attention_heads', which LlamaForCausalLM needs"),
     ({"rope_scaling": {"rope_type": "fancy", "factor": 2.0}}, r"rope_scaling type 'fancy' is not supported"),

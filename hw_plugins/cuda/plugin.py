@@ -80,7 +80,8 @@ class CudaPlugin(TorchPlugin):
         dt = self._dt(x)
         if dt is None:
             return _rmsnorm(attrs, ins, outs)
-        self.lib.pxl_gpu_rmsnorm(dt, x.shape[0], x.shape[1], ctypes.c_void_p(x.data_ptr()),
+        group = attrs.get("group_size") or x.shape[1]  # per-head norms: each group of columns is a row
+        self.lib.pxl_gpu_rmsnorm(dt, x.numel() // group, group, ctypes.c_void_p(x.data_ptr()),
                                  ctypes.c_void_p(w.data_ptr()), ctypes.c_float(attrs["epsilon"]),
                                  ctypes.c_void_p(outs[0].data_ptr()), self._stream())
 
@@ -95,7 +96,7 @@ class CudaPlugin(TorchPlugin):
     def _paged_attention(self, attrs: dict, ins: list, outs: list) -> None:
         q, k_cache, block_tables, seq_lens = ins[0], ins[3], ins[6], ins[7]
         dt = self._dt(q)
-        if dt is None or attrs["head_dim"] > 256:
+        if dt is None or attrs["head_dim"] > 256 or attrs.get("softcap"):  # no softcap in the GPU kernel yet
             return _paged_attention(attrs, ins, outs)
         p = [ctypes.c_void_p(t.data_ptr()) for t in ins]
         self.lib.pxl_gpu_paged_attention(

@@ -67,6 +67,8 @@ class GPT2LMHeadModel(LoadTimeLayout):
         (r"^(?:transformer\.)?(wte|wpe|ln_f|h)\.", r"\1."),  # openai-community/gpt2 is saved without 'transformer.'
         (r"^lm_head\.", "lm_head."),
     ]
+    # openai-community/gpt2's checkpoint also holds the causal-mask buffers
+    hf_ignored_names = (r"rotary_emb", r"\.attn\.(masked_)?bias$")
     gguf_weight_names = {
         "token_embd": "wte", "position_embd": "wpe", "output_norm": "ln_f", "output": "lm_head",
         "attn_norm": "h.{}.ln_1", "attn_qkv": "h.{}.attn.c_attn", "attn_output": "h.{}.attn.c_proj",

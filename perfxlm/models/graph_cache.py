@@ -31,17 +31,19 @@ def graph_key(source: ModelSource, dtype: torch.dtype, quantization: str | None 
 
 
 def _code_stamp(source: ModelSource) -> str:
-    """A digest of the code a graph comes from (the family's file, the shared layers, the
-    loaders, the op layer and the exporter): editing any of it exports the graph anew."""
+    """A digest of the code a graph comes from (the family's file, every file of perfxlm.models
+    — families import each other's pieces — the op layer and the exporter): editing any of it
+    exports the graph anew."""
     import graph_export.export
     import graph_export.functional
     import graph_export.quant
-    from perfxlm.models import gguf_file, layers, loader
+    from perfxlm.models import layers
     family = source.family
     h = hashlib.sha256(f"{family.__module__}.{family.__qualname__}".encode())
-    for module in (sys.modules.get(family.__module__), layers, loader, gguf_file, graph_export.quant,
-                   graph_export.functional, graph_export.export):
-        file = getattr(module, "__file__", None)  # None for a family defined in __main__ or a notebook
+    files = [getattr(sys.modules.get(family.__module__), "__file__", None)]  # None: a family in __main__
+    files += sorted(Path(layers.__file__).parent.glob("*.py"))
+    files += [m.__file__ for m in (graph_export.quant, graph_export.functional, graph_export.export)]
+    for file in files:
         if file is not None:
             h.update(Path(file).read_bytes())
     return h.hexdigest()

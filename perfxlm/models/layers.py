@@ -24,6 +24,8 @@ class CausalLM(nn.Module):
 
     # HF checkpoint tensor name -> parameter name: (regex, replacement), first match wins
     hf_weight_names: ClassVar[list[tuple[str, str]]] = []
+    # HF checkpoint tensors the family does not use (regexes): computed buffers saved by old checkpoints
+    hf_ignored_names: ClassVar[tuple[str, ...]] = (r"rotary_emb",)
     # GGUF tensor base name -> parameter name; '{}' is the layer of 'blk.{layer}.<base>'
     gguf_weight_names: ClassVar[dict[str, str]] = {}
     # llama.cpp's general.architecture -> the HF architecture it loads as

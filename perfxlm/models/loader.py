@@ -65,8 +65,9 @@ class ModelSource:
         if self.is_gguf:
             state = self._gguf.state_dict(family, params, dtype)
         else:
+            ignored = re.compile("|".join(family.hf_ignored_names) or "(?!)")
             state = {_rename(family, k): v.to(dtype) for k, v in _read_hf_tensors(self.path).items()
-                     if "rotary_emb" not in k}
+                     if not ignored.search(k)}
         for name, t in state.items():  # one at a time, so each unaligned original can go as it is copied
             state[name] = _aligned(t)
         _assign(model, state, self.path)

@@ -1,6 +1,6 @@
 """HF `architectures` name -> the perfxlm model family that runs it (vLLM's ModelRegistry)."""
 
-from perfxlm.models import gemma, gpt2, llama, phi3, qwen3
+from perfxlm.models import gemma, gpt2, llama, opt, phi3, qwen3
 from perfxlm.models.layers import CausalLM
 
 _MODELS: dict[str, type[CausalLM]] = {
@@ -12,6 +12,7 @@ _MODELS: dict[str, type[CausalLM]] = {
     "Qwen3ForCausalLM": qwen3.Qwen3ForCausalLM,
     "Phi3ForCausalLM": phi3.Phi3ForCausalLM,
     "GPT2LMHeadModel": gpt2.GPT2LMHeadModel,
+    "OPTForCausalLM": opt.OPTForCausalLM,
 }
 
 
