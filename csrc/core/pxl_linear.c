@@ -6,14 +6,15 @@
  * Quantised weights run int8 dot products on the blocks (x quantised per 32-block, as
  * llama.cpp does): blocks repacked 16 rows at a time at every T, GGUF-layout blocks for small
  * T, while for larger T those are dequantised a panel at a time into L1/L2 and reused by
- * every token tile. Our own GEMM rather than OpenBLAS's sgemm, which is slower on these
+ * every token tile. GGUF K-quants (Q4_K / Q5_K / Q6_K) take the GGUF-layout path with x
+ * quantised per 256 (Q8_K, pxl_kquants.h). Our own GEMM rather than OpenBLAS's sgemm, which is slower on these
  * shapes (`perfxlm bench gemv` runs both side by side).
  */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 
-#include "pxl_kernels.h"
+#include "pxl_kquants.h"
 #ifdef __x86_64__
 #include <xmmintrin.h>
 #endif
@@ -97,8 +98,16 @@ PXL_CLONES static void convert_row(int to_bf16, size_t n, const void *src, void 
     else for (size_t i = 0; i < n; i++) ((float *)dst)[i] = pxl_bf16_to_f32(((const uint16_t *)src)[i]);
 }
 
+/* token t's Q8_K x in a K-quant qbuf: T pieces of pxl_q8k_bytes(K) */
+static pxl_q8k q8k_at(const int8_t *qbuf, size_t K, size_t t) {
+    const int8_t *p = qbuf + t * pxl_q8k_bytes(K);
+    const float *d = (const float *)(p + K);
+    return (pxl_q8k){p, d, (const int16_t *)(d + K / PXL_QK_K)};
+}
+
 /* x rows [t0, t1) as the kernels read them: converted between bf16 and fp32 into xc (when
- * not NULL) and, for int8 dot products, quantised into qbuf (q (T, K) | d | c | e, each (T, nb)) */
+ * not NULL) and, for int8 dot products, quantised into qbuf (q (T, K) | d | c | e, each (T, nb);
+ * for K-quants, T pieces of Q8_K) */
 static void prepare_rows(int dt, int wfmt, size_t T, size_t t0, size_t t1, size_t K, const void *x, void *xc,
                          int8_t *qbuf) {
     size_t nb = K / PXL_QK;
@@ -107,7 +116,10 @@ static void prepare_rows(int dt, int wfmt, size_t T, size_t t0, size_t t1, size_
             convert_row(1, K, (const float *)x + t * K, (uint16_t *)xc + t * K);
         else if (xc)
             convert_row(0, K, (const uint16_t *)x + t * K, (float *)xc + t * K);
-        if (qbuf) {
+        if (qbuf && PXL_IS_KQUANT(wfmt)) {
+            pxl_q8k unused;
+            pxl_quantize_q8k(K, (const float *)(xc ? xc : x) + t * K, qbuf + t * pxl_q8k_bytes(K), &unused);
+        } else if (qbuf) {
             float *d = (float *)(qbuf + T * K), *c = d + T * nb, *e = c + T * nb;
             pxl_quantize_x(wfmt, 1, K, (const float *)(xc ? xc : x) + t * K, qbuf + t * K, d + t * nb, c + t * nb,
                            e + t * nb);
@@ -328,6 +340,14 @@ static void compute(const pxl_kernel_set *ks, int wfmt, int packed_q, size_t T, 
     } else if (wfmt <= PXL_BF16) {
         run_tiles(ks, wfmt == PXL_F32 ? ks->tile_f32 : ks->tile_bf16, wfmt == PXL_F32 ? 4 : 2, T, 0, cols, K, xk, W,
                   Y, ldy);
+    } else if (qbuf && PXL_IS_KQUANT(wfmt)) { /* Q8_K x, token by token over panels of rows in L1 */
+        size_t step = T == 1 ? cols : PANEL;
+        pxl_gemv_qk_fn qk = pxl_gemv_qk_for(ks);
+        for (size_t n = 0; n < cols; n += step)
+            for (size_t t = 0; t < T; t++) {
+                pxl_q8k xt = q8k_at(qbuf, K, t);
+                qk(wfmt, n, n + step < cols ? n + step : cols, K, W, &xt, Y + t * ldy);
+            }
     } else if (qbuf && wfmt >= PXL_Q8_0R) { /* repacked: up to PXL_QR_T tokens share each weight load */
         size_t nb = K / PXL_QK, step = T <= PXL_QR_T ? cols : 4 * PANEL;
         const float *d = (const float *)(qbuf + T * K), *c = d + T * nb, *e = c + T * nb;
@@ -371,16 +391,17 @@ static void compute(const pxl_kernel_set *ks, int wfmt, int packed_q, size_t T, 
 
 static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, int wfmt, size_t T, size_t N,
                         size_t K, const void *x, const void *W, const void *bias, void *y) {
-    const int bf16_w = wfmt == PXL_BF16 || wfmt == PXL_BF16P, quant = PXL_IS_QUANT(wfmt);
+    const int bf16_w = wfmt == PXL_BF16 || wfmt == PXL_BF16P, kq = PXL_IS_KQUANT(wfmt);
+    const int quant = PXL_IS_QUANT(wfmt) || kq, repacked = wfmt >= PXL_Q8_0R && wfmt <= PXL_Q4_1R;
     /* quantised weights: int8 dot products for decode-sized T (and every T when batch
      * invariant, so a row's result never depends on the batch), dequantised panels else.
      * Repacked blocks always: their kernel shares each weight load among PXL_QR_T tokens and
      * needs no dequantised copy, which beats dequantised fp32 / bf16 GEMM at every T. */
-    const int qdot = quant && (T <= PXL_Q_DOT_MAX_T || pxl_batch_invariant() || wfmt >= PXL_Q8_0R);
+    const int qdot = quant && (T <= PXL_Q_DOT_MAX_T || pxl_batch_invariant() || repacked);
     /* prefill on quantised weights with bf16 x: packed bf16 panels where the set has the kernel */
     const int packed_q = quant && !qdot && dt == PXL_BF16 && ks->gemm_bf16p && T >= PXL_PACKED_Q_MIN_T;
     const int convert = bf16_w ? dt == PXL_F32 : dt == PXL_BF16 && !packed_q; /* (F32P: x in fp32) */
-    const size_t xes = bf16_w ? 2 : 4, qbytes = T * K + 3 * T * (K / PXL_QK) * 4;
+    const size_t xes = bf16_w ? 2 : 4, qbytes = kq ? T * pxl_q8k_bytes(K) : T * K + 3 * T * (K / PXL_QK) * 4;
     void *xc = NULL;
     int8_t *qbuf = NULL;
     if ((convert || qdot) && T <= PXL_T_PRIVATE) { /* decode: every thread prepares x for itself */

@@ -2,7 +2,7 @@
  * and the building blocks (fp16 decode, dequantisation) they share. */
 #include <math.h>
 
-#include "pxl_kernels.h"
+#include "pxl_kquants.h"
 
 float pxl_fp16_to_fp32(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
@@ -31,13 +31,20 @@ size_t pxl_row_bytes(int fmt, size_t K) {
     case PXL_Q8_0: return K / PXL_QK * sizeof(pxl_block_q8_0);
     case PXL_Q4_0: return K / PXL_QK * sizeof(pxl_block_q4_0);
     case PXL_Q4_1: return K / PXL_QK * sizeof(pxl_block_q4_1);
+    case PXL_Q4_K: return K / PXL_QK_K * sizeof(pxl_block_q4_K);
+    case PXL_Q5_K: return K / PXL_QK_K * sizeof(pxl_block_q5_K);
+    case PXL_Q6_K: return K / PXL_QK_K * sizeof(pxl_block_q6_K);
     default: return pxl_row_bytes(PXL_QBASE(fmt), K); /* repacked: the same bytes, 16 rows interleaved */
     }
 }
 
 void pxl_dequant_rows(int fmt, const void *W, size_t n0, size_t rows, size_t K, float *out) {
-    if (fmt >= PXL_Q8_0R) {
+    if (fmt >= PXL_Q8_0R && fmt <= PXL_Q4_1R) {
         pxl_dequant_rows_qr(fmt, W, n0, rows, K, out);
+        return;
+    }
+    if (PXL_IS_KQUANT(fmt)) {
+        pxl_dequant_rows_k(fmt, (const char *)W + n0 * pxl_row_bytes(fmt, K), rows, K, out);
         return;
     }
     const char *base = (const char *)W + n0 * pxl_row_bytes(fmt, K);

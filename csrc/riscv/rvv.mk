@@ -21,16 +21,22 @@ $(RV_BUILD)/libperfxlm_kernels.so: $(RV_OBJS)
 $(RV_BUILD)/test_kernels: tests/test_kernels.c $(RV_OBJS)
 	$(RV_CC) $(RV_CFLAGS) -fno-vectorize -fno-slp-vectorize -static $^ -o $@ -lm
 
+$(RV_BUILD)/test_kquants: tests/test_kquants.c $(RV_OBJS)
+	$(RV_CC) $(RV_CFLAGS) -fno-vectorize -fno-slp-vectorize -static $^ -o $@ -lm
+
 test-rvv:
 	@if ! command -v $(RV_CC) >/dev/null || ! command -v $(QEMU) >/dev/null; then \
 	  echo "test-rvv: skipped ($(RV_CC) or $(QEMU) missing: sh .ci/toolchains.sh)"; \
 	  exit $${PXL_REQUIRE_TOOLCHAINS:-0}; fi; \
-	$(MAKE) --no-print-directory $(RV_BUILD)/test_kernels $(RV_BUILD)/libperfxlm_kernels.so || exit 1; \
+	$(MAKE) --no-print-directory $(RV_BUILD)/test_kernels $(RV_BUILD)/test_kquants $(RV_BUILD)/libperfxlm_kernels.so \
+	  || exit 1; \
 	jobs=$$(nproc 2>/dev/null || echo 1); \
 	echo "== qemu rv64 at VLEN $(RV_VLENS), $$jobs at a time (qemu-user runs the test on one core)"; \
 	printf '%s\n' $(RV_VLENS) | xargs -P $$jobs -I{} sh -c \
-	  '$(QEMU) -cpu rv64,v=true,vext_spec=v1.0,vlen={},elen=64,rvv_ta_all_1s=true,rvv_ma_all_1s=true \
-	    $(RV_BUILD)/test_kernels > $(RV_BUILD)/test-vlen{}.log 2>&1; echo $$? > $(RV_BUILD)/test-vlen{}.rc; \
+	  'cpu=rv64,v=true,vext_spec=v1.0,vlen={},elen=64,rvv_ta_all_1s=true,rvv_ma_all_1s=true; \
+	   $(QEMU) -cpu $$cpu $(RV_BUILD)/test_kernels > $(RV_BUILD)/test-vlen{}.log 2>&1; rc=$$?; \
+	   $(QEMU) -cpu $$cpu $(RV_BUILD)/test_kquants >> $(RV_BUILD)/test-vlen{}.log 2>&1; \
+	   echo $$((rc | $$?)) > $(RV_BUILD)/test-vlen{}.rc; \
 	   echo "   VLEN={} done"'; \
 	for v in $(RV_VLENS); do \
 	  echo "== qemu rv64 VLEN=$$v"; \

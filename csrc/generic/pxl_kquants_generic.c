@@ -1,0 +1,147 @@
+/* K-quants (pxl_kquants.h), portable: x to Q8_K, the scalar GEMV the ISA files must match,
+ * dequantisation for prefill panels, and the choice of kernel per kernel set. */
+#include <math.h>
+#include <string.h>
+
+#include "pxl_kquants.h"
+
+/* one 256-block per pass, amax / 127 as the scale (symmetric, as the 32-blocks are): plain
+ * selects and arithmetic, so every clone vectorises it (it runs per Linear call in decode) */
+PXL_CLONES static void quantize_q8k_blocks(size_t nb, const float *x, int8_t *q, float *d, int16_t *bsums) {
+    for (size_t b = 0; b < nb; b++) {
+        const float *xb = x + b * PXL_QK_K;
+        float m[16];
+        for (int l = 0; l < 16; l++) m[l] = 0;
+        for (int j = 0; j < PXL_QK_K; j += 16)
+            for (int l = 0; l < 16; l++) {
+                float a = fabsf(xb[j + l]);
+                m[l] = a > m[l] ? a : m[l];
+            }
+        for (int w = 8; w; w /= 2)
+            for (int l = 0; l < w; l++) m[l] = m[l] > m[l + w] ? m[l] : m[l + w];
+        float db = m[0] / 127.0f, id = db != 0 ? 1.0f / db : 0.0f;
+        int8_t *qb = q + b * PXL_QK_K;
+        for (int j = 0; j < PXL_QK_K; j++) {
+            /* round half to even by the 1.5 * 2^23 shifter, read from the mantissa (no float-to-int
+             * conversion: see quantize_blocks in pxl_linear.c) */
+            float f = xb[j] * id + 12582912.0f;
+            int32_t bits;
+            memcpy(&bits, &f, 4);
+            qb[j] = (int8_t)(bits - 0x4B400000);
+        }
+        for (int s = 0; s < PXL_QK_K / 16; s++) {
+            int32_t sum = 0;
+            for (int l = 0; l < 16; l++) sum += qb[s * 16 + l];
+            bsums[b * (PXL_QK_K / 16) + s] = (int16_t)sum; /* |sum| <= 16 * 127 */
+        }
+        d[b] = db;
+    }
+}
+
+void pxl_quantize_q8k(size_t K, const float *x, void *buf, pxl_q8k *out) {
+    int8_t *q = buf;
+    float *d = (float *)((char *)buf + K); /* K % 256 == 0: 4-byte aligned when buf is */
+    int16_t *bsums = (int16_t *)(d + K / PXL_QK_K);
+    quantize_q8k_blocks(K / PXL_QK_K, x, q, d, bsums);
+    *out = (pxl_q8k){q, d, bsums};
+}
+
+static size_t block_bytes(int fmt) {
+    return fmt == PXL_Q4_K ? sizeof(pxl_block_q4_K) : fmt == PXL_Q5_K ? sizeof(pxl_block_q5_K) : sizeof(pxl_block_q6_K);
+}
+
+/* the 256 unsigned quants of one super-block (Q4_K / Q5_K: 0..31; Q6_K: 0..63, before the -32) */
+static void unpack_k(int fmt, const uint8_t *blk, uint8_t *u) {
+    if (fmt == PXL_Q6_K) {
+        const pxl_block_q6_K *b = (const pxl_block_q6_K *)blk;
+        for (int h = 0; h < 2; h++) {
+            const uint8_t *ql = b->ql + 64 * h, *qh = b->qh + 32 * h;
+            for (int g = 0; g < 4; g++)
+                for (int l = 0; l < 32; l++) {
+                    int nib = g < 2 ? ql[l + 32 * (g & 1)] & 0xF : ql[l + 32 * (g & 1)] >> 4;
+                    u[128 * h + 32 * g + l] = (uint8_t)(nib | ((qh[l] >> (2 * g)) & 3) << 4);
+                }
+        }
+        return;
+    }
+    const uint8_t *qs = fmt == PXL_Q4_K ? ((const pxl_block_q4_K *)blk)->qs : ((const pxl_block_q5_K *)blk)->qs;
+    const uint8_t *qh = fmt == PXL_Q5_K ? ((const pxl_block_q5_K *)blk)->qh : NULL;
+    for (int j = 0; j < 4; j++)
+        for (int l = 0; l < 32; l++) {
+            int lo = qs[32 * j + l] & 0xF, hi = qs[32 * j + l] >> 4;
+            if (qh) lo |= ((qh[l] >> (2 * j)) & 1) << 4, hi |= ((qh[l] >> (2 * j + 1)) & 1) << 4;
+            u[64 * j + l] = (uint8_t)lo, u[64 * j + 32 + l] = (uint8_t)hi;
+        }
+}
+
+void pxl_gemv_qk_generic(int fmt, size_t n0, size_t n1, size_t K, const void *W, const pxl_q8k *x, float *y) {
+    size_t nb = K / PXL_QK_K, bs = block_bytes(fmt);
+    uint8_t u[PXL_QK_K];
+    for (size_t n = n0; n < n1; n++) {
+        float s = 0;
+        for (size_t i = 0; i < nb; i++) {
+            const uint8_t *blk = (const uint8_t *)W + (n * nb + i) * bs;
+            const int8_t *q = x->q + i * PXL_QK_K;
+            const int16_t *bsum = x->bsums + i * (PXL_QK_K / 16);
+            unpack_k(fmt, blk, u);
+            int32_t sumi = 0, summ = 0;
+            if (fmt == PXL_Q6_K) { /* sc (u - 32) over 16s: sc (dot(u, q) - 32 bsum) */
+                const pxl_block_q6_K *b = (const pxl_block_q6_K *)blk;
+                for (int sb = 0; sb < 16; sb++) {
+                    int32_t dot = 0;
+                    for (int l = 0; l < 16; l++) dot += u[16 * sb + l] * q[16 * sb + l];
+                    sumi += b->scales[sb] * (dot - 32 * bsum[sb]);
+                }
+                s += pxl_fp16_to_fp32(b->d) * x->d[i] * (float)sumi;
+                continue;
+            }
+            const uint8_t *scales = fmt == PXL_Q4_K ? ((const pxl_block_q4_K *)blk)->scales
+                                                    : ((const pxl_block_q5_K *)blk)->scales;
+            uint8_t sc[8], m[8];
+            pxl_k4_scales(scales, sc, m);
+            for (int sb = 0; sb < 8; sb++) {
+                int32_t dot = 0;
+                for (int l = 0; l < 32; l++) dot += u[32 * sb + l] * q[32 * sb + l];
+                sumi += sc[sb] * dot, summ += m[sb] * (bsum[2 * sb] + bsum[2 * sb + 1]);
+            }
+            const uint16_t *dd = (const uint16_t *)blk; /* d, dmin lead both layouts */
+            s += x->d[i] * (pxl_fp16_to_fp32(dd[0]) * (float)sumi - pxl_fp16_to_fp32(dd[1]) * (float)summ);
+        }
+        y[n] = s;
+    }
+}
+
+void pxl_dequant_rows_k(int fmt, const void *W, size_t rows, size_t K, float *out) {
+    size_t nb = K / PXL_QK_K, bs = block_bytes(fmt);
+    uint8_t u[PXL_QK_K];
+    for (size_t r = 0; r < rows; r++)
+        for (size_t i = 0; i < nb; i++) {
+            const uint8_t *blk = (const uint8_t *)W + (r * nb + i) * bs;
+            float *o = out + r * K + i * PXL_QK_K;
+            unpack_k(fmt, blk, u);
+            if (fmt == PXL_Q6_K) {
+                const pxl_block_q6_K *b = (const pxl_block_q6_K *)blk;
+                float d = pxl_fp16_to_fp32(b->d);
+                for (int j = 0; j < PXL_QK_K; j++) o[j] = d * b->scales[j / 16] * (float)(u[j] - 32);
+                continue;
+            }
+            const uint16_t *dd = (const uint16_t *)blk;
+            float d = pxl_fp16_to_fp32(dd[0]), dmin = pxl_fp16_to_fp32(dd[1]);
+            uint8_t sc[8], m[8];
+            pxl_k4_scales(fmt == PXL_Q4_K ? ((const pxl_block_q4_K *)blk)->scales
+                                          : ((const pxl_block_q5_K *)blk)->scales, sc, m);
+            for (int j = 0; j < PXL_QK_K; j++) o[j] = d * sc[j / 32] * u[j] - dmin * m[j / 32];
+        }
+}
+
+pxl_gemv_qk_fn pxl_gemv_qk_for(const pxl_kernel_set *ks) {
+#if defined(__x86_64__)
+    /* (as pxl_dispatch.c picks the 32-block GEMVs: VNNI comes with the avx512bf16 set) */
+    if (!strcmp(ks->isa, "avx512bf16")) return pxl_gemv_qk_avx512vnni;
+    if (!strcmp(ks->isa, "avx512") || !strcmp(ks->isa, "avx2")) return pxl_gemv_qk_avx2;
+#endif
+#ifdef PXL_HAVE_RVV
+    if (!strcmp(ks->isa, "rvv")) return pxl_gemv_qk_rvv;
+#endif
+    return pxl_gemv_qk_generic;
+}

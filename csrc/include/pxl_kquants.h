@@ -1,0 +1,71 @@
+/* GGUF K-quants (PXL_Q4_K / PXL_Q5_K / PXL_Q6_K): llama.cpp's super-block layouts (ggml-common.h),
+ * kept as stored, and the int8 products that run on them.
+ *
+ * A super-block holds 256 weights of one row:
+ *   Q4_K (144 B): { fp16 d, dmin; uint8 scales[12]; uint8 qs[128]; }
+ *     8 sub-blocks of 32, each a 6-bit scale sc and min m (packed in scales[12], see
+ *     pxl_k4_scale_min); w = d sc q - dmin m, q a nibble: 64-value chunk j takes its first 32
+ *     values from the low nibbles of qs[32j ..], the next 32 from the high ones.
+ *   Q5_K (176 B): { fp16 d, dmin; uint8 scales[12]; uint8 qh[32]; uint8 qs[128]; }
+ *     as Q4_K with a fifth bit: value l of chunk j adds 16 if bit 2j (low half) or 2j + 1 (high
+ *     half) of qh[l] is set.
+ *   Q6_K (210 B): { uint8 ql[128]; uint8 qh[64]; int8 scales[16]; fp16 d; }
+ *     16 sub-blocks of 16, w = d scales[s] (q - 32), q 6 bits: in each 128-value half, group g
+ *     (32 values) takes ql[l + 32 (g & 1)]'s low (g < 2) or high nibble and bits 2g, 2g + 1 of qh[l].
+ * x is quantised per 256 as llama.cpp's Q8_K: q int8 with x ~= d q, and bsums, the sums of q
+ * over each 16, which turn the mins (Q4_K / Q5_K) and Q6_K's -32 into one product per sub-block:
+ *   y = sum_superblocks d_w d_x (sum_s sc_s dot_s(q_w, q_x)) - dmin d_x sum_s m_s bsum_s
+ * every dot_s exact in int32. */
+#ifndef PXL_KQUANTS_H
+#define PXL_KQUANTS_H
+
+#include "pxl_kernels.h"
+
+typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[PXL_QK_K / 2]; } pxl_block_q4_K;
+typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qh[PXL_QK_K / 8]; uint8_t qs[PXL_QK_K / 2]; } pxl_block_q5_K;
+typedef struct { uint8_t ql[PXL_QK_K / 2]; uint8_t qh[PXL_QK_K / 4]; int8_t scales[PXL_QK_K / 16]; uint16_t d; } pxl_block_q6_K;
+_Static_assert(sizeof(pxl_block_q4_K) == 144 && sizeof(pxl_block_q5_K) == 176 && sizeof(pxl_block_q6_K) == 210,
+               "GGUF's K-quant block sizes");
+
+/* one token's x as Q8_K: q (K,), d (K/256,), bsums (K/16,) */
+typedef struct {
+    const int8_t *q;
+    const float *d;
+    const int16_t *bsums;
+} pxl_q8k;
+/* bytes of one token's Q8_K buffer (q | d | bsums), 4-byte aligned pieces */
+static inline size_t pxl_q8k_bytes(size_t K) { return K + K / PXL_QK_K * 4 + K / 16 * 2; }
+/* quantises fp32 x (K,), K % 256 == 0, into buf laid out as pxl_q8k_bytes says; *out points into it */
+void pxl_quantize_q8k(size_t K, const float *x, void *buf, pxl_q8k *out);
+
+/* y[n] for rows n in [n0, n1) of K-quant weights W (rows of K/256 super-blocks), fmt PXL_Q4_K..Q6_K */
+typedef void (*pxl_gemv_qk_fn)(int fmt, size_t n0, size_t n1, size_t K, const void *W, const pxl_q8k *x, float *y);
+void pxl_gemv_qk_generic(int fmt, size_t n0, size_t n1, size_t K, const void *W, const pxl_q8k *x, float *y);
+#if defined(__x86_64__)
+void pxl_gemv_qk_avx2(int fmt, size_t n0, size_t n1, size_t K, const void *W, const pxl_q8k *x, float *y);
+void pxl_gemv_qk_avx512vnni(int fmt, size_t n0, size_t n1, size_t K, const void *W, const pxl_q8k *x, float *y);
+#endif
+#ifdef PXL_HAVE_RVV
+void pxl_gemv_qk_rvv(int fmt, size_t n0, size_t n1, size_t K, const void *W, const pxl_q8k *x, float *y);
+#endif
+/* the kernel for a kernel set: vpdpbusd on sets that imply VNNI, vpmaddubsw on the other x86
+ * ones, RVV on rvv, the portable loops else */
+pxl_gemv_qk_fn pxl_gemv_qk_for(const pxl_kernel_set *ks);
+/* rows [0, rows) of K-quant W -> fp32 (rows, K) */
+void pxl_dequant_rows_k(int fmt, const void *W, size_t rows, size_t K, float *out);
+
+/* sub-block j's 6-bit scale and min from Q4_K / Q5_K's packed scales[12] (llama.cpp's get_scale_min_k4) */
+static inline void pxl_k4_scale_min(int j, const uint8_t *q, uint8_t *sc, uint8_t *m) {
+    if (j < 4) {
+        *sc = q[j] & 63, *m = q[j + 4] & 63;
+    } else {
+        *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+/* all 8 of them */
+static inline void pxl_k4_scales(const uint8_t *q, uint8_t sc[8], uint8_t m[8]) {
+    for (int j = 0; j < 8; j++) pxl_k4_scale_min(j, q, sc + j, m + j);
+}
+
+#endif
