@@ -16,11 +16,11 @@ from graph_export import quant
 from hw_plugins.base import CompiledStep, HwPlugin, NativeSampler, Node
 from hw_plugins.cpu import library
 from hw_plugins.cpu.buffers import _ptr, host_zeros
-from hw_plugins.cpu.library import ACTIVATIONS, Q4_0, Q4_1, Q8_0, activation_code
+from hw_plugins.cpu.library import ACTIVATIONS, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0, activation_code
 
 logger = logging.getLogger(__name__)
 
-_WEIGHT_FORMATS = {"dense": None, "q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1}
+_WEIGHT_FORMATS = {"dense": None, "q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1, "q4_k": Q4_K, "q5_k": Q5_K, "q6_k": Q6_K}
 
 
 class CpuPlugin(HwPlugin):
@@ -137,7 +137,7 @@ class CpuPlugin(HwPlugin):
         if fmt is None:
             fmt, K = ACTIVATIONS[w.dtype.name], w.shape[1]
         else:  # quantised rows are (N, row bytes)
-            K = w.shape[1] // quant.FORMATS[name][1] * quant.BLOCK
+            K = quant.in_features(name, w.shape[1])
         size = self.lib.pxl_packed_bytes(fmt, w.shape[0], K)
         if not size:
             return fmt, w

@@ -65,9 +65,11 @@ class CudaPlugin(TorchPlugin):
 
     def _linear(self, attrs: dict, ins: list, outs: list) -> None:
         x, w = ins[0], ins[1]
-        fmt = _FORMATS[attrs.get("weight_format", "dense")]
+        weight_format = attrs.get("weight_format", "dense")
+        fmt = _FORMATS.get(weight_format)
         dt = self._dt(x)
-        if dt is None or x.shape[0] > GEMV_MAX_ROWS:
+        # K-quants (q4_k, ...) have no GPU GEMV yet: torch's path dequantises them once
+        if dt is None or x.shape[0] > GEMV_MAX_ROWS or weight_format not in _FORMATS:
             return _linear(attrs, ins, outs)  # cuBLAS (on the dequantised weights, cached per weight)
         wfmt = fmt if fmt is not None else dt
         bias = ctypes.c_void_p(ins[2].data_ptr()) if len(ins) > 2 else None

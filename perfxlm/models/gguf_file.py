@@ -96,14 +96,15 @@ class GGUFFile:
         return out
 
     def has_native_blocks(self) -> bool:
-        """Whether any weight is in a block format our kernels run (Q8_0/Q4_0/Q4_1): a look at
-        the tensor types only, no data read."""
+        """Whether any weight is in a block format our kernels run (Q8_0/Q4_0/Q4_1 and the
+        K-quants Q4_K/Q5_K/Q6_K): a look at the tensor types only, no data read."""
         from graph_export.quant import from_gguf_type
         return any(from_gguf_type(t.tensor_type.name) for t in self.reader.tensors if t.name.endswith(".weight"))
 
     def linear_blocks(self, family: type[CausalLM], params: Any) -> dict[str, tuple[str, np.ndarray]]:
         """2-D weights whose GGUF blocks have native kernels, kept as stored:
-        parameter name -> (weight_format, uint8 (N, K/32 * block bytes)); the exporter uses them
+        parameter name -> (weight_format, uint8 (N, K/block * block bytes), blocks of 32 weights
+        or 256 for K-quants, so a Q4_K_M file's Q4_K and Q6_K tensors take the file's bytes); the exporter uses them
         where a Linear reads that parameter (a tied output projection reads the token embedding's)."""
         from graph_export.quant import from_gguf_type
         out = {}
