@@ -17,23 +17,28 @@ BLOCK = 32  # weights per block of the 32-block formats (block_size() gives any 
 
 def block_size(fmt: str) -> int:
     """Weights per block of `fmt`: 32, or 256 for a K-quant."""
-    _qtype(fmt)
+    _check(fmt)
     return FORMATS[fmt][2]
 
 
 def in_features(fmt: str, row_bytes: int) -> int:
-    """K of a weight in `fmt` stored as rows of `row_bytes` bytes."""
-    _qtype(fmt)
+    """K of a weight in `fmt` stored as rows of `row_bytes` bytes (no `gguf` needed: plugins
+    call this where only numpy is installed, e.g. on a RISC-V board)."""
+    _check(fmt)
     _, nbytes, size = FORMATS[fmt]
     if row_bytes % nbytes:
         raise ValueError(f"a {fmt} row of {row_bytes} bytes is not whole {nbytes}-byte blocks")
     return row_bytes // nbytes * size
 
 
-def _qtype(fmt: str):
-    from gguf import GGMLQuantizationType
+def _check(fmt: str) -> None:
     if fmt not in FORMATS:
         raise ValueError(f"Unknown weight_format {fmt!r}; known: dense, {', '.join(FORMATS)}")
+
+
+def _qtype(fmt: str):
+    from gguf import GGMLQuantizationType
+    _check(fmt)
     return GGMLQuantizationType[FORMATS[fmt][0]]
 
 
