@@ -165,12 +165,21 @@ class AsyncEngineArgs(EngineArgs):
     """EngineArgs for AsyncLLM and `perfxlm serve`."""
 
     enable_log_requests: bool = False
+    stream_interval: int = 1  # tokens per streamed output (the first and last are sent at once)
+
+    def check(self) -> None:
+        super().check()
+        if isinstance(self.stream_interval, bool) or not isinstance(self.stream_interval, int) \
+                or self.stream_interval < 1:
+            raise ValueError(f"stream_interval must be an integer of at least 1, got {self.stream_interval!r}.")
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         super().add_cli_args(parser)
         parser.add_argument("--enable-log-requests", action=argparse.BooleanOptionalAction, default=False,
                             help="log each request's id and sampling parameters (its prompt at DEBUG)")
+        parser.add_argument("--stream-interval", type=int, default=1,
+                            help="tokens per streamed chunk; the first and last are sent at once")
         return parser
 
 

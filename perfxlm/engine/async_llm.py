@@ -38,6 +38,7 @@ class RequestOutputCollector:
     def __init__(self, output_kind: RequestOutputKind) -> None:
         self.aggregate = output_kind == RequestOutputKind.DELTA
         self.output: RequestOutput | BaseException | None = None
+        self.steps = 0  # engine steps merged into `output`
         self.ready = asyncio.Event()
 
     def put(self, output: RequestOutput | BaseException) -> None:
@@ -45,26 +46,30 @@ class RequestOutputCollector:
             self.output.add(output, aggregate=self.aggregate)
         elif not isinstance(self.output, BaseException):
             self.output = output
+        self.steps += 1
         self.ready.set()
 
-    async def get(self) -> RequestOutput:
+    async def get(self) -> tuple[RequestOutput, int]:
+        """The output waiting (merged) and how many engine steps it holds."""
         while self.output is None:
             await self.ready.wait()
-        output, self.output = self.output, None
+        output, steps, self.output, self.steps = self.output, self.steps, None, 0
         self.ready.clear()
         if isinstance(output, BaseException):
             raise output
-        return output
+        return output, steps
 
 
 class AsyncLLM:
     """An engine for asyncio apps, with vLLM's AsyncLLM methods. Build it with
     `AsyncLLM.from_engine_args(AsyncEngineArgs(model=...))`; `generate` is an async generator."""
 
-    def __init__(self, engine: LLMEngine, served_model_name: str, log_requests: bool = False) -> None:
+    def __init__(self, engine: LLMEngine, served_model_name: str, log_requests: bool = False,
+                 stream_interval: int = 1) -> None:
         self.engine = engine
         self.served_model_name = served_model_name
         self.log_requests = log_requests
+        self.stream_interval = stream_interval  # default tokens per output (SamplingParams.stream_interval wins)
         self._model_config = replace(engine.model_config, served_model_name=served_model_name)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._collectors: dict[str, tuple[RequestOutputCollector, asyncio.AbstractEventLoop]] = {}
@@ -99,7 +104,8 @@ class AsyncLLM:
             for stat_logger in added:
                 stat_logger.log_engine_initialized()
             engine.stat_loggers += added
-        return cls(engine, served, getattr(engine_args, "enable_log_requests", False))
+        return cls(engine, served, getattr(engine_args, "enable_log_requests", False),
+                   getattr(engine_args, "stream_interval", 1))
 
     # ---- what apps read -------------------------------------------------------------
 
@@ -173,10 +179,18 @@ class AsyncLLM:
             self._forget(request_id, internal_id)
             raise
         self._commands.put(("add", state))
-        finished = False
+        # stream_interval k: one output per k engine steps (k tokens a sequence); the first and
+        # the last are sent at once, as in vLLM
+        interval = sampling_params.stream_interval or self.stream_interval
+        finished, first = False, True
         try:
             while not finished:
-                output = await collector.get()
+                output, steps = await collector.get()
+                while not first and not output.finished and steps < interval:
+                    more, n = await collector.get()
+                    output.add(more, aggregate=collector.aggregate)
+                    steps += n
+                first = False
                 output.request_id = request_id
                 finished = output.finished
                 yield output
