@@ -316,6 +316,10 @@ def test_engine_args_from_the_command_line(tiny_llama_dir):
         EngineArgs(model=str(tiny_llama_dir), scheduling_policy="priority").create_engine_config()
     with pytest.raises(SystemExit):
         parser.parse_args(["--override-generation-config", "[1]"])
+    with pytest.raises(ValueError, match="override_generation_config must be a dict, got 'temperature=0'"):
+        EngineArgs(model=str(tiny_llama_dir), override_generation_config="temperature=0").create_engine_config()
+    with pytest.raises(ValueError, match="stream_interval must be an integer of at least 1, got 0"):
+        AsyncEngineArgs(model=str(tiny_llama_dir), stream_interval=0).create_engine_config()
 
 
 def test_stream_interval_batches_tokens_per_output(async_llm, chunked_llm):

@@ -1,4 +1,4 @@
-"""Soak and abuse of `perfxlm serve` (issue #23, item 7): 1,000 requests at concurrency 32 over
+"""Soak and abuse of `perfxlm serve`: 1,000 requests at concurrency 32 over
 127.0.0.1, a seeded mix of well-formed completions and chats (streaming and not, greedy, n=2
 sampling, logprobs), client cancels, and bad requests (malformed JSON, wrong types, missing
 fields, unknown models, huge max_tokens, prompts over max_model_len, a wrong content type).

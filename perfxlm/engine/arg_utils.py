@@ -89,7 +89,7 @@ class EngineArgs:
         g.add_argument("--generation-config", default="auto",
                        help="'auto': the model's generation_config.json gives the default sampling values; "
                             "'vllm': vLLM's neutral defaults")
-        g.add_argument("--override-generation-config", type=_json_dict, default=None,
+        g.add_argument("--override-generation-config", type=json_dict_arg, default=None,
                        help='JSON merged over the generation config, e.g. \'{"temperature": 0.5}\'')
         g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
                        help="fcfs (first come, first served); priority is not supported yet")
@@ -183,7 +183,8 @@ class AsyncEngineArgs(EngineArgs):
         return parser
 
 
-def _json_dict(value: str) -> dict[str, Any]:
+def json_dict_arg(value: str) -> dict[str, Any]:
+    """argparse type: a JSON object."""
     try:
         parsed = json.loads(value)
     except json.JSONDecodeError as e:

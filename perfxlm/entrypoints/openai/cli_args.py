@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from perfxlm.engine.arg_utils import DEFAULT_MODEL, AsyncEngineArgs
+from perfxlm.engine.arg_utils import DEFAULT_MODEL, AsyncEngineArgs, json_dict_arg
 
 logger = logging.getLogger(__name__)
 
@@ -44,16 +44,6 @@ def _json_list(value: str) -> list[str]:
     return parsed
 
 
-def _json_dict(value: str) -> dict[str, Any]:
-    try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {value!r}: {e}") from None
-    if not isinstance(parsed, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {value!r}")
-    return parsed
-
-
 def make_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add `perfxlm serve`'s arguments to `parser`: the positional model (or `--model`), the
     frontend flags and the engine flags. Returns the parser."""
@@ -78,7 +68,7 @@ def make_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="how message content reaches the template ('openai' parts are not supported)")
     g.add_argument("--trust-request-chat-template", action=bool_flag, default=False,
                    help="let requests bring their own chat_template")
-    g.add_argument("--default-chat-template-kwargs", type=_json_dict, default=None,
+    g.add_argument("--default-chat-template-kwargs", type=json_dict_arg, default=None,
                    help="JSON object passed to the chat template; a request's chat_template_kwargs win")
     g.add_argument("--response-role", default="assistant", help="the role of replies when add_generation_prompt")
     g.add_argument("--enable-force-include-usage", action=bool_flag, default=False,
