@@ -54,10 +54,11 @@ class _Tracer:
 
     def record(self, op_type: str, inputs: list[Any], outputs: list[torch.Tensor], **attrs: Any) -> None:
         spec = OPS[op_type]
-        names = [self._value(t, quantizable=op_type == "Linear" and i == 1) for i, t in enumerate(inputs)]
-        if op_type == "Linear" and names[1] in self.blocks.values():
-            name = next(n for n in self.weight_names[id(inputs[1])] if n in self.quantized)
-            attrs["weight_format"] = self.quantized[name][0]
+        names = [self._value(t, quantizable=i in spec.weights) for i, t in enumerate(inputs)]
+        for i, fmt_attr in spec.weights.items():  # a weight input that reads GGUF blocks names their format
+            if i < len(names) and names[i] in self.blocks.values():
+                name = next(n for n in self.weight_names[id(inputs[i])] if n in self.quantized)
+                attrs[fmt_attr] = self.quantized[name][0]
         out_names = [self._node_name(op_type, names)]
         for o in range(1, len(outputs)):  # outputs that alias an input (the KV caches) are named after it
             out_names.append(cache_output_name(names[spec.aliases[o]]))
@@ -68,7 +69,7 @@ class _Tracer:
     def _value(self, t: torch.Tensor, quantizable: bool) -> str:
         names = self.weight_names.get(id(t), [])
         quantized = [n for n in names if n in self.quantized]
-        if quantizable and quantized:  # a Linear reads GGUF blocks; the same tensor may be read dense elsewhere
+        if quantizable and quantized:  # a weight input reads GGUF blocks; the same tensor may be read dense elsewhere
             return self._blocks(names[-1], self.quantized[quantized[0]][1])  # a tied projection's own name
         name = self.values.get(id(t))
         if name is not None:
@@ -146,8 +147,9 @@ def export_model(model: torch.nn.Module, *, source: str = "", producer_version: 
     """The ONNX graph of `model` (a perfxlm model family: forward(step, kv_caches) -> logits,
     kv_cache_shapes()), traced once.
 
-    `quantized` maps Linear weight names to (weight_format, uint8 blocks) (graph_export/quant.py):
-    those Linear nodes read the blocks as stored instead of the module's float weights."""
+    `quantized` maps weight names to (weight_format, uint8 blocks) (graph_export/quant.py): the
+    ops that take them as a weight input (Linear, MoE's experts) read the blocks as stored
+    instead of the module's float weights."""
     quantized = quantized or {}
     dtype = next(model.parameters()).dtype
     tracer = _Tracer(model, quantized)
@@ -190,7 +192,7 @@ def export_model(model: torch.nn.Module, *, source: str = "", producer_version: 
         "perfxlm.model_params": json.dumps(dataclasses.asdict(params) if dataclasses.is_dataclass(params) else {}),
         "perfxlm.dtype": str(dtype).removeprefix("torch."),
         "perfxlm.weight_formats": json.dumps(sorted({a.s.decode() for n in tracer.nodes for a in n.attribute
-                                                     if a.name == "weight_format"})),
+                                                     if a.name.endswith("_format")})),
         "perfxlm.source": source,
     })
     return m

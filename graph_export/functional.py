@@ -152,6 +152,40 @@ def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
     return _record("Softcap", [x], [torch.tanh(x / cap) * cap], cap=float(cap))
 
 
+def moe(x: torch.Tensor, router_logits: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+        w_down: torch.Tensor, *, top_k: int, norm_topk_prob: bool, shared: torch.Tensor | None = None,
+        shared_gate: torch.Tensor | None = None, gate_format: str = "dense", up_format: str = "dense",
+        down_format: str = "dense") -> torch.Tensor:
+    """A sparse mixture-of-experts SwiGLU MLP on x (T, D) -> (T, D). Each token goes to the
+    top_k of its softmax(router_logits (T, E)) experts (probabilities in float32, renormalised
+    to sum 1 when norm_topk_prob: Mixtral, Qwen3-MoE); expert e computes
+    (silu(x w_gate[e]^T) * (x w_up[e]^T)) w_down[e]^T with w_gate, w_up (E, F, D), w_down (E, D, F),
+    and the token sums its experts' outputs times their probabilities. With Qwen2-MoE's shared
+    expert, its output shared (T, D) is added, scaled by sigmoid(shared_gate (T, 1)).
+    Expert by expert over the tokens routed to it, as HF's MixtralExperts, so float32 results
+    match it; a *_format other than 'dense' means that weight holds GGUF blocks (E, N, row bytes)."""
+    T, E = router_logits.shape
+    probs = torch.softmax(router_logits.float(), dim=-1)                     # (T, E)
+    weights, experts = torch.topk(probs, top_k, dim=-1)                      # (T, k) each
+    if norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    wg, wu, wd = (w if f == "dense" else _dequantized(w, f, x.dtype)
+                  for w, f in ((w_gate, gate_format), (w_up, up_format), (w_down, down_format)))
+    y = torch.zeros_like(x)
+    for e in torch.unique(experts).tolist():                                 # ascending; experts without tokens skipped
+        tokens, slot = torch.where(experts == e)
+        xe = x[tokens]                                                       # (Te, D)
+        h = TF.linear(TF.silu(TF.linear(xe, wg[e])) * TF.linear(xe, wu[e]), wd[e])  # (Te, D)
+        y.index_add_(0, tokens, (h * weights[tokens, slot, None]).to(x.dtype))
+    inputs = [x, router_logits, w_gate, w_up, w_down]
+    if shared is not None:
+        y = y + torch.sigmoid(shared_gate) * shared
+        inputs += [shared, shared_gate]
+    formats = {k: v for k, v in (("gate_format", gate_format), ("up_format", up_format),
+                                 ("down_format", down_format)) if v != "dense"}
+    return _record("MoE", inputs, [y], top_k=int(top_k), norm_topk_prob=int(bool(norm_topk_prob)), **formats)
+
+
 def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a + b, both (T, D): the residual stream."""
     return _record("Add", [a, b], [a + b])
@@ -260,4 +294,7 @@ KERNELS = {
     "Activation": lambda attrs, ins: activation(ins[0], attrs["kind"]),
     "Scale": lambda attrs, ins: scale(ins[0], attrs["factor"]),
     "Softcap": lambda attrs, ins: softcap(ins[0], attrs["cap"]),
+    "MoE": lambda attrs, ins: moe(*ins[:5], top_k=attrs["top_k"], norm_topk_prob=bool(attrs.get("norm_topk_prob", 0)),
+                                  shared=ins[5] if len(ins) > 5 else None, shared_gate=ins[6] if len(ins) > 6 else None,
+                                  **{k: attrs[k] for k in ("gate_format", "up_format", "down_format") if k in attrs}),
 }

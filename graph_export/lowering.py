@@ -70,6 +70,27 @@ class _Lowerer:
         c = self.const(cap, np.float32)
         return self.op("Mul", [self.op("Tanh", [self.op("Div", [x, c])]), c], [out] if out else None)
 
+    def MoE(self, node: onnx.NodeProto, attrs: dict) -> None:
+        """Every expert on every token (einsums), then the top-k weights scattered into a dense
+        (T, E) matrix select and weigh them: E times the work, the same sum."""
+        x, logits, wg, wu, wd = node.input[:5]
+        probs = self.op("Softmax", [logits], axis=-1)                              # (T, E)
+        top, idx = f"_l{self.n + 1}_v", f"_l{self.n + 1}_i"
+        self.op("TopK", [probs, self.const([attrs["top_k"]])], [top, idx], axis=-1, largest=1, sorted=1)
+        if attrs.get("norm_topk_prob"):
+            top = self.op("Div", [top, self.op("ReduceSum", [top, self.const([-1])], keepdims=1)])
+        dense = self.op("ScatterElements", [self.op("Mul", [probs, self.const(0.0, np.float32)]), idx, top], axis=1)
+        gate = self.op("Einsum", [x, wg], equation="td,efd->tef")
+        h = self.op("Mul", [self.op("Mul", [gate, self.op("Sigmoid", [gate])]),
+                            self.op("Einsum", [x, wu], equation="td,efd->tef")])   # (T, E, F)
+        out = self.op("Einsum", [h, wd], equation="tef,edf->ted")                  # (T, E, D)
+        y = self.op("Einsum", [dense, out], equation="te,ted->td")
+        if len(node.input) > 5 and node.input[5]:
+            shared, shared_gate = node.input[5:7]
+            self.op("Add", [y, self.op("Mul", [self.op("Sigmoid", [shared_gate]), shared])], [node.output[0]])
+        else:
+            self.op("Identity", [y], [node.output[0]])
+
     def Linear(self, node: onnx.NodeProto, attrs: dict) -> None:
         self.op("Gemm", list(node.input), [node.output[0]], transB=1)
 

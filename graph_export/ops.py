@@ -28,6 +28,8 @@ class OpSpec:
     contract: str = ""
     infer: Callable[[list[Shape]], Shape] = lambda shapes: shapes[0]  # input shapes -> output 0 shape
     aliases: dict[int, int] = field(default_factory=dict)  # output index -> input index updated in place
+    # input index -> the attribute naming its weight format: inputs that may hold GGUF blocks
+    weights: dict[int, str] = field(default_factory=dict)
 
 
 OPS: dict[str, OpSpec] = {op.name: op for op in [
@@ -42,7 +44,7 @@ OPS: dict[str, OpSpec] = {op.name: op for op in [
     OpSpec("Linear", DOMAIN, ("x (T, K) float", "weight (N, K) float", "bias? (N,) float"), ("y (T, N) float",),
            {"weight_format": "str = 'dense'"},
            "// x (T, K) @ W (N, K)^T + b -> y (T, N); weight_format names a weight-only quantised layout",
-           infer=lambda s: (s[0][0], s[1][0])),
+           infer=lambda s: (s[0][0], s[1][0]), weights={1: "weight_format"}),
     OpSpec("RoPE", DOMAIN, ("x (T, H*hd) float", "positions (T,) int64", "cos (P, hd) float", "sin (P, hd) float"),
            ("y (T, H*hd) float",), {"head_dim": "int"},
            "// rotate each head's halves by angle(position): y = x*cos + rotate_half(x)*sin"),
@@ -73,6 +75,17 @@ OPS: dict[str, OpSpec] = {op.name: op for op in [
            "// y = x * factor, the factor rounded to x's dtype first (Gemma's embedding normalizer)"),
     OpSpec("Softcap", DOMAIN, ("x (T, D) float",), ("y (T, D) float",), {"cap": "float"},
            "// y = cap * tanh(x / cap) (Gemma 2's final logits)"),
+    OpSpec("MoE", DOMAIN,
+           ("x (T, D) float", "router_logits (T, E) float", "w_gate (E, F, D) float", "w_up (E, F, D) float",
+            "w_down (E, D, F) float", "shared? (T, D) float", "shared_gate? (T, 1) float"),
+           ("y (T, D) float",),
+           {"top_k": "int", "norm_topk_prob": "int = 0", "gate_format": "str = 'dense'", "up_format": "str = 'dense'",
+            "down_format": "str = 'dense'"},
+           "// p = softmax(router_logits) in float32; each token's top_k experts e (weights p_e, renormalised to "
+           "sum 1 when norm_topk_prob) give y = sum_e p_e * (silu(x W_gate[e]^T) * (x W_up[e]^T)) W_down[e]^T; "
+           "with shared: y += sigmoid(shared_gate) * shared (Qwen2-MoE's shared expert). Each expert's weights are "
+           "read once a step for all the tokens routed to it",
+           weights={2: "gate_format", 3: "up_format", 4: "down_format"}),
 ]}
 
 # graph inputs every exported LLM graph takes, in order (then each layer's cache_input_names)

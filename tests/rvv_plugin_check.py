@@ -47,6 +47,22 @@ def int8_x_reference(x: np.ndarray, w: np.ndarray, deq: np.ndarray, fmt: str) ->
     return ref
 
 
+def moe_reference(ins: list[np.ndarray], k: int, norm: bool) -> np.ndarray:
+    x, logits, wg, wu, wd = (a.astype(np.float64) for a in ins[:5])
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    y = np.zeros_like(x)
+    for t in range(len(x)):
+        top = np.argsort(-p[t])[:k]
+        w = p[t, top] / (p[t, top].sum() if norm else 1)
+        for e, we in zip(top, w):
+            g, u = wg[e] @ x[t], wu[e] @ x[t]
+            y[t] += we * (wd[e] @ (g / (1 + np.exp(-g)) * u))
+    if len(ins) > 5:
+        y += ins[5] / (1 + np.exp(-ins[6].astype(np.float64)))
+    return y
+
+
 def quantize(w: np.ndarray, fmt: str, scales: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """GGUF blocks by hand (numpy only) -> (uint8 rows, exact dequantised weights), or with
     scales=True (blocks, m + 8 d per block) for Q4_1."""
@@ -129,6 +145,13 @@ def main() -> int:
             ref[t, h] = e / e.sum() @ vals[: p + 1, h // 2]
     ins = [q, k, v, kc, vc, slots, tables, seq, np.array([0, 2], np.int64)]
     check("PagedAttention", run(plugin, "PagedAttention", attrs, ins, (2, H * hd)), ref.reshape(2, -1))
+    for T, shared in [(1, False), (5, True)]:  # MoE: 5 experts, top 2, expert 4 without tokens
+        x, logits, D, F, E = f(T, 32), f(T, 5) * 2, 32, 48, 5
+        logits[:, 4] = -30
+        wg, wu, wd = f(E, F, D) / 6, f(E, F, D) / 6, f(E, D, F) / 7
+        ins = [x, logits, wg, wu, wd] + ([f(T, D), f(T, 1)] if shared else [])
+        check(f"MoE T={T} shared={shared}", run(plugin, "MoE", {"top_k": 2, "norm_topk_prob": int(not shared)}, ins,
+                                                (T, D)), moe_reference(ins, 2, not shared))
     print(f"{passed} passed, {failed} failed")
     return failed != 0
 

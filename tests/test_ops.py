@@ -29,7 +29,7 @@ def nmse(a: np.ndarray, ref: np.ndarray) -> float:
 # every op once, and again for each attribute that changes what its kernels do: "Op/variant"
 CASES = ["Gather", "RMSNorm", "RMSNorm/group_size", "Linear", "RoPE", "PagedAttention", "PagedAttention/softcap",
          "SiluMul", "Add", "LayerNorm", "LayerNorm/no_bias", "GeluMul", "Activation/relu", "Activation/gelu",
-         "Activation/gelu_tanh", "Scale", "Softcap"]
+         "Activation/gelu_tanh", "Scale", "Softcap", "MoE", "MoE/shared"]
 
 
 def op_of(name: str) -> str:
@@ -79,7 +79,21 @@ def case(name: str) -> tuple[dict, list[np.ndarray], list[tuple]]:
         return {"factor": 2048 ** 0.5}, [f(T, 32)], [(T, 32)]
     if op == "Softcap":
         return {"cap": 30.0}, [f(T, 64) * 30], [(T, 64)]
+    if op == "MoE":
+        return moe_case(rng, T, 24, 40, 6, top_k=2, shared=variant == "shared")
     raise AssertionError(f"no test case for op {name}: add one with the op")
+
+
+def moe_case(rng, tokens: int, D: int, F: int, E: int, top_k: int, shared: bool):
+    """MoE inputs where expert E-1 gets no token (its router logit far below the rest); with
+    shared, Qwen2-MoE's shared expert and gate and no renormalisation, else Mixtral's."""
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)
+    logits = f(tokens, E) * 2
+    logits[:, E - 1] = -30.0
+    inputs = [f(tokens, D), logits, f(E, F, D) / D ** 0.5, f(E, F, D) / D ** 0.5, f(E, D, F) / F ** 0.5]
+    if shared:
+        inputs += [f(tokens, D), f(tokens, 1)]
+    return {"top_k": top_k, "norm_topk_prob": int(not shared)}, inputs, [(tokens, D)]
 
 
 def run_on(plugin, op: str, attrs: dict, inputs: list[np.ndarray], out_shapes, dtype: str) -> list[np.ndarray]:
@@ -244,3 +258,53 @@ def test_new_ops_in_a_compiled_cpu_step(dtype):
     step.run({"input_ids": np.zeros(T, np.int64), "logits_indices": np.zeros(T, np.int64),
               "block_tables": inputs[6]})
     np.testing.assert_array_equal(fixed["y"], ref)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("formats,tokens", [(("q4_k", "q4_k", "q6_k"), 1), (("q4_k", "q4_k", "q6_k"), 9),
+                                            (("q8_0", "q8_0", "q4_0"), 3), (("q5_k", "q4_1", "dense"), 70)])
+def test_quantized_moe_on_cpu(formats, tokens, dtype):
+    """MoE with GGUF-block experts (a Q4_K_M file's Q4_K gate/up and Q6_K down, among others), one
+    expert without tokens, vs the reference on the dequantised weights. The experts' Linears
+    quantise x to int8 (per 32 or, for K-quants, 256 values) as Linear does, so the error is
+    INT8_X_NMSE's; dense experts keep the dtype's tolerance."""
+    from graph_export.quant import dequantize, quantize
+    from tests.test_kquants import quantize_q45_k, quantize_q6_k  # (gguf's Python side cannot quantise K-quants)
+    quantizers = {"q4_k": lambda w: quantize_q45_k(w, 4), "q5_k": lambda w: quantize_q45_k(w, 5), "q6_k": quantize_q6_k}
+    plugin = _cpu_plugin_or_skip()
+    attrs, inputs, shapes = moe_case(np.random.default_rng(3), tokens, 256, 256, 5, top_k=2, shared=False)
+    quantized = list(inputs)
+    for i, (fmt, part) in enumerate(zip(formats, ("gate", "up", "down")), start=2):
+        if fmt != "dense":
+            quantized[i] = quantizers.get(fmt, lambda w: quantize(w, fmt))(inputs[i].reshape(-1, 256)).reshape(5, 256, -1)
+            inputs[i] = dequantize(quantized[i].reshape(5 * 256, -1), fmt).reshape(5, 256, 256)
+            attrs[f"{part}_format"] = fmt
+    got = run_on(plugin, "MoE", attrs, quantized, shapes, dtype)[0]
+    rounded = [x.astype(_np(dtype)).astype(np.float32) if i < 2 or formats[i - 2] == "dense" else x
+               for i, x in enumerate(inputs)]
+    ref = run_on(TorchPlugin(), "MoE", {k: v for k, v in attrs.items() if not k.endswith("_format")}, rounded, shapes,
+                 "float32")[0]
+    assert nmse(got, ref) < max(NMSE[dtype], INT8_X_NMSE), (formats, tokens, dtype, nmse(got, ref))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_moe_in_a_compiled_cpu_step_and_in_chunks(dtype):
+    """A MoE record of a compiled step gives the bits of the node run alone, with a shared expert
+    and with more (token, expert) rows than the kernel takes at once (it then runs in chunks),
+    which match the reference."""
+    plugin = _cpu_plugin_or_skip()
+    tokens = 1100  # x top_k 2 = 2200 rows: two chunks of the kernel's 2048
+    attrs, inputs, shapes = moe_case(np.random.default_rng(4), tokens, 16, 24, 4, top_k=2, shared=True)
+    names = [f"in{i}" for i in range(len(inputs))]
+    cast = [x.astype(_np(dtype)) for x in inputs]
+    node = Node("MoE", "moe", names, ["y"], attrs)
+    alone = plugin.alloc(shapes[0], dtype)
+    plugin.run(node, cast, [alone])
+    fixed = dict(zip(names, cast), y=plugin.alloc(shapes[0], dtype))
+    step = plugin.compile_step([node], fixed.__getitem__, {}, set())
+    step.run({"input_ids": np.zeros(tokens, np.int64), "logits_indices": np.zeros(1, np.int64),
+              "block_tables": np.zeros((1, 1), np.int64)})
+    np.testing.assert_array_equal(fixed["y"], alone)
+    rounded = [x.astype(np.float32) for x in cast]
+    ref = run_on(TorchPlugin(), "MoE", attrs, rounded, shapes, "float32")[0]
+    assert nmse(alone.astype(np.float32), ref) < NMSE[dtype]

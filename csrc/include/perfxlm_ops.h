@@ -104,6 +104,17 @@ void pxl_scale(int dt, size_t n, const void *x, float factor, void *y);
 /* y (n,) = cap * tanh(x / cap); _to stores in ydt: dt, or PXL_F32 holding dt's values */
 void pxl_softcap(int dt, size_t n, const void *x, float cap, void *y);
 void pxl_softcap_to(int dt, int ydt, size_t n, const void *x, float cap, void *y);
+/* Sparse mixture of experts (SwiGLU experts): p = softmax(logits (T, E)) in float32; token t's
+ * top_k experts e (ties: the lower index) with weights p_e, renormalised to sum 1 when
+ * norm_topk_prob, give y[t] = sum_e p_e * (silu(x Wg[e]^T) * (x Wu[e]^T)) Wd[e]^T, summed in
+ * ascending e, rounded to dt after each product and sum (torch's index_add_ in dt); with shared
+ * (T, D) and shared_gate (T, 1) not NULL, y += sigmoid(shared_gate) * shared. Wg, Wu: E experts'
+ * (F, D) weights back to back, Wd: (D, F) ones, each in its format (any pxl_linear format; a
+ * packed one holds each expert packed on its own). Each expert's weights are read once a call for
+ * all its tokens. 1 <= top_k <= min(E, 64). */
+void pxl_moe(int dt, int fmt_gate, int fmt_up, int fmt_down, size_t T, size_t D, size_t F, size_t E, size_t top_k,
+             int norm_topk_prob, const void *x, const void *logits, const void *Wg, const void *Wu, const void *Wd,
+             const void *shared, const void *shared_gate, void *y);
 /* Paged attention for a step of B sequences with T tokens in all (decode and prefill alike):
  * writes k, v (T, Hkv*hd) into the caches (blocks, block_size, Hkv, hd) at slot_mapping (T,),
  * then each query token of sequence b (rows query_start_loc[b] .. [b+1]) attends causally to

@@ -43,7 +43,7 @@ enum {
 /* A compiled step (pxl_plan_run): one record per node, every pointer fixed at compile time */
 #define PXL_PLAN_MAX_PTRS 10
 typedef struct {
-    int32_t op, dt, wfmt; /* PXL_OP_*, activation format, weight format (Linears) */
+    int32_t op, dt, wfmt; /* PXL_OP_*, activation format, weight format (Linears; MoE: gate | up << 8 | down << 16) */
     int32_t rows;         /* PXL_ROWS_N | PXL_NO_WAIT | PXL_OUT_F32 */
     int64_t a, b, c, d, e; /* sizes, per op (pxl_plan.c's run_node) */
     float f0, f1;
@@ -54,7 +54,7 @@ typedef struct {
 enum {
     PXL_OP_GATHER, PXL_OP_RMSNORM, PXL_OP_LINEAR, PXL_OP_ROPE, PXL_OP_ATTENTION, PXL_OP_SILU_MUL, PXL_OP_ADD,
     PXL_OP_LINEAR_SILU, PXL_OP_ADD_RMSNORM, PXL_OP_LAYER_NORM, PXL_OP_GELU_MUL, PXL_OP_ACTIVATION, PXL_OP_SCALE,
-    PXL_OP_SOFTCAP,
+    PXL_OP_SOFTCAP, PXL_OP_MOE,
     PXL_NOPS
 };
 

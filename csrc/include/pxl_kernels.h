@@ -178,8 +178,9 @@ static inline float pxl_exp(float x) {
 static inline float pxl_silu_mul1(float g, float u) { return g / (1.0f + pxl_exp(-g)) * u; }
 
 /* a per-thread buffer that only grows (reused across calls: no allocation per step);
- * slots are independent buffers: 0-2 inputs/outputs of an op, 3 a worker's own panel */
-#define PXL_SCRATCH_SLOTS 4
+ * slots are independent buffers: 0-2 inputs/outputs of an op, 3 a worker's own panel,
+ * 4 the MoE op's rows (which calls Linear, so it cannot share 0-3) */
+#define PXL_SCRATCH_SLOTS 5
 void *pxl_scratch(int slot, size_t bytes);
 /* the calling thread onto the first bound CPU for a step, and back (pxl_threads.c); pin
  * returns 1 if it pinned (then unpin restores *saved) */

@@ -579,6 +579,80 @@ static void test_sample(size_t R, size_t V) {
     free(x), free(u), free(out);
 }
 
+/* MoE: T tokens, E experts (the last gets no token: its logit is far below), top_k, weights in
+ * fmt (dense F32 / BF16 in dt, packed panels or Q8_0 blocks, each expert on its own); vs a
+ * double reference on the exact (dequantised) weights, errors relative to the output's scale */
+static void test_moe(int dt, int fmt, size_t T, size_t D, size_t F, size_t E, size_t k, int shared) {
+    int base = fmt == PXL_BF16P ? PXL_BF16 : fmt == PXL_F32P ? PXL_F32 : fmt;
+    if (fmt != base && !pxl_packed_bytes(base, F, D)) return; /* the set does not pack it */
+    size_t ebg = fmt != base ? pxl_packed_bytes(base, F, D) : F * pxl_row_bytes(base, D);
+    size_t ebd = fmt != base ? pxl_packed_bytes(base, D, F) : D * pxl_row_bytes(base, F);
+    double *dg = malloc(E * F * D * 8), *du = malloc(E * F * D * 8), *dd = malloc(E * D * F * 8);
+    char *wg = malloc(E * ebg + 64), *wu = malloc(E * ebg + 64), *wd = malloc(E * ebd + 64);
+    for (size_t e = 0; e < E; e++) {
+        void *g = make_weights(base, F, D, dg + e * F * D), *u = make_weights(base, F, D, du + e * F * D);
+        void *d = make_weights(base, D, F, dd + e * D * F);
+        if (fmt != base) {
+            pxl_pack_weights(base, F, D, g, wg + e * ebg), pxl_pack_weights(base, F, D, u, wu + e * ebg);
+            pxl_pack_weights(base, D, F, d, wd + e * ebd);
+        } else {
+            memcpy(wg + e * ebg, g, ebg), memcpy(wu + e * ebg, u, ebg), memcpy(wd + e * ebd, d, ebd);
+        }
+        free(g), free(u), free(d);
+    }
+    void *x = alloc_rand(dt, T * D, 1), *logits = alloc_rand(dt, T * E, 2), *sh = alloc_rand(dt, T * D, 1);
+    void *sg = alloc_rand(dt, T, 2), *y = malloc(T * D * 4);
+    for (size_t t = 0; t < T; t++) {
+        if (dt) ((uint16_t *)logits)[t * E + E - 1] = to_bf16(-30);
+        else ((float *)logits)[t * E + E - 1] = -30;
+    }
+    pxl_moe(dt, fmt, fmt, fmt, T, D, F, E, k, !shared, x, logits, wg, wu, wd, shared ? sh : NULL, shared ? sg : NULL,
+            y);
+    double *ref = malloc(T * D * 8), *h = malloc(F * 8), scale = 0;
+    for (size_t t = 0; t < T; t++) {
+        double p[64], total = 0, sel = 0;
+        int used[64] = {0};
+        for (size_t e = 0; e < E; e++) total += p[e] = exp(get(dt, logits, t * E + e));
+        for (size_t d = 0; d < D; d++) ref[t * D + d] = 0;
+        size_t ids[64];
+        for (size_t j = 0; j < k; j++) { /* top k by probability */
+            size_t best = E;
+            for (size_t e = 0; e < E; e++) if (!used[e] && (best == E || p[e] > p[best])) best = e;
+            used[best] = 1, ids[j] = best, sel += p[best] / total;
+        }
+        for (size_t j = 0; j < k; j++) {
+            size_t e = ids[j];
+            double w = p[e] / total / (shared ? 1 : sel);
+            for (size_t f = 0; f < F; f++) {
+                double g = 0, u = 0;
+                for (size_t d = 0; d < D; d++) {
+                    g += get(dt, x, t * D + d) * dg[(e * F + f) * D + d];
+                    u += get(dt, x, t * D + d) * du[(e * F + f) * D + d];
+                }
+                h[f] = g / (1 + exp(-g)) * u;
+            }
+            for (size_t d = 0; d < D; d++) {
+                double o = 0;
+                for (size_t f = 0; f < F; f++) o += h[f] * dd[(e * D + d) * F + f];
+                ref[t * D + d] += w * o;
+            }
+        }
+        if (shared)
+            for (size_t d = 0; d < D; d++)
+                ref[t * D + d] += get(dt, sh, t * D + d) / (1 + exp(-get(dt, sg, t)));
+        for (size_t d = 0; d < D; d++) scale = fmax(scale, fabs(ref[t * D + d]));
+    }
+    double *mag = malloc(T * D * 8);
+    for (size_t i = 0; i < T * D; i++) mag[i] = scale;
+    char name[96];
+    snprintf(name, sizeof name, "moe %s fmt=%d T=%zu D=%zu F=%zu E=%zu k=%zu shared=%d", dt ? "bf16" : "f32", fmt, T, D,
+             F, E, k, shared);
+    /* bf16: x, the gate / up / down products and the sums each rounded; int8 x for quantised weights */
+    check(name, dt, T * D, y, ref, mag, dt || PXL_IS_QUANT(base) ? 3e-2 : 1e-5);
+    free(dg), free(du), free(dd), free(wg), free(wu), free(wd), free(x), free(logits), free(sh), free(sg), free(y);
+    free(ref), free(h), free(mag);
+}
+
 int main(void) {
     const char *sets[] = {"generic", "avx2", "avx512", "avx512bf16", "rvv"};
     for (size_t s = 0; s < sizeof sets / sizeof sets[0]; s++) {
@@ -664,6 +738,13 @@ int main(void) {
             test_attention_invariant(dt, 8, 2, 32);
             test_attention_invariant(dt, 4, 4, 16);
             test_attention_invariant(dt, 6, 3, 24);
+        }
+        for (int dt = 0; dt < 2; dt++) {
+            test_moe(dt, dt ? PXL_BF16 : PXL_F32, 1, 64, 96, 5, 2, 0);
+            test_moe(dt, dt ? PXL_BF16 : PXL_F32, 9, 64, 40, 6, 3, 1);
+            test_moe(dt, dt ? PXL_BF16P : PXL_F32P, 7, 64, 70, 4, 2, 0);
+            test_moe(dt, PXL_Q8_0, 3, 64, 96, 5, 2, 1);
+            test_moe(dt, dt ? PXL_BF16 : PXL_F32, 1100, 16, 24, 4, 2, 0); /* 2200 rows: two chunks */
         }
         test_sample(1, 1);
         test_sample(7, 300);

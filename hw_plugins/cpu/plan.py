@@ -14,8 +14,8 @@ import numpy as np
 from graph_export.ops import LOGITS
 from hw_plugins.cpu.buffers import _ptr, host_zeros
 from hw_plugins.cpu.library import (ACTIVATION, ACTIVATIONS, ADD, ADD_RMSNORM, ATTENTION, GATHER, GELU_MUL, LAYER_NORM,
-                                    LINEAR, LINEAR_SILU, NO_WAIT, OUT_F32, RMSNORM, ROPE, ROWS_N, SCALE, SILU_MUL,
-                                    SOFTCAP, PlanNode, activation_code)
+                                    LINEAR, LINEAR_SILU, MOE, NO_WAIT, OUT_F32, RMSNORM, ROPE, ROWS_N, SCALE,
+                                    SILU_MUL, SOFTCAP, PlanNode, activation_code)
 
 
 def _independent(a: "PlanNode", b: "PlanNode") -> bool:
@@ -124,6 +124,12 @@ class Plan:
                     out = host_zeros(out.shape, np.float32)
                     r.rows |= OUT_F32
                 ptrs = [arrays[0], out]
+            elif node.op_type == "MoE":  # a = D, b = F, c = E, d = top_k, e = norm_topk_prob
+                r.op, r.wfmt, (wg, wu, wd) = MOE, *plugin.moe_weights(at, arrays[2:5])
+                r.a, r.b, r.c = arrays[0].shape[1], arrays[2].shape[1], arrays[2].shape[0]
+                r.d, r.e = at["top_k"], at.get("norm_topk_prob", 0)
+                shared = arrays[5:7] if len(arrays) > 6 else [None, None]
+                ptrs = [arrays[0], arrays[1], wg, wu, wd, *shared, out]
             else:
                 raise ValueError(f"no plan record for {node.op_type}")
             if node.outputs[0] == LOGITS:

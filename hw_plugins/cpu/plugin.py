@@ -33,7 +33,7 @@ class CpuPlugin(HwPlugin):
         self._ops = {"Gather": self._gather, "RMSNorm": self._rmsnorm, "Linear": self._linear, "RoPE": self._rope,
                      "PagedAttention": self._paged_attention, "SiluMul": self._silu_mul, "Add": self._add,
                      "LayerNorm": self._layer_norm, "GeluMul": self._gelu_mul, "Activation": self._activation,
-                     "Scale": self._scale, "Softcap": self._softcap}
+                     "Scale": self._scale, "Softcap": self._softcap, "MoE": self._moe}
         self.lib, self._error = None, self._unsupported_here()
         self._packed: dict[tuple, tuple[np.ndarray, ...]] = {}  # weight(s) -> (weight(s), packed copy)
         self.batch_invariant = False
@@ -69,6 +69,9 @@ class CpuPlugin(HwPlugin):
             return dtypes[1] in (dtypes[0], "uint8") and all(d == dtypes[0] for d in dtypes[2:])
         if op_type == "Gather":
             return dtypes[1] == "int64"
+        if op_type == "MoE":  # the three expert weights dense in the activation dtype, or quantised blocks
+            return dtypes[1] == dtypes[0] and all(d in (dtypes[0], "uint8") for d in dtypes[2:5]) \
+                and all(d == dtypes[0] for d in dtypes[5:])
         return all(d in (dtypes[0], "int64") for d in dtypes)
 
     def alloc(self, shape: tuple[int, ...], dtype: str) -> np.ndarray:
@@ -128,25 +131,35 @@ class CpuPlugin(HwPlugin):
         self.lib.pxl_rmsnorm(ACTIVATIONS[x.dtype.name], x.size // g, g, _ptr(x), _ptr(w), attrs["epsilon"],
                              _ptr(outs[0]))
 
-    def linear_weight(self, attrs: dict, w: np.ndarray) -> tuple[int, np.ndarray]:
+    def linear_weight(self, attrs: dict, w: np.ndarray, format_attr: str = "weight_format") -> tuple[int, np.ndarray]:
         """(weight format code, the array the kernels read): weights go to the kernel set's
         own layout once, where it has one: dense weights to the AVX512-BF16 / AVX-512F
-        micro-kernels' panels, GGUF blocks to 16-row interleaved blocks (AVX-512 int8 GEMV)."""
-        name = attrs.get("weight_format", "dense")
+        micro-kernels' panels, GGUF blocks to 16-row interleaved blocks (AVX-512 int8 GEMV).
+        A 3-D weight (E, N, K) holds E experts (MoE), each packed on its own, back to back."""
+        name = attrs.get(format_attr, "dense")
         fmt = _WEIGHT_FORMATS[name]
+        N = w.shape[-2]
         if fmt is None:
-            fmt, K = ACTIVATIONS[w.dtype.name], w.shape[1]
-        else:  # quantised rows are (N, row bytes)
-            K = quant.in_features(name, w.shape[1])
-        size = self.lib.pxl_packed_bytes(fmt, w.shape[0], K)
+            fmt, K = ACTIVATIONS[w.dtype.name], w.shape[-1]
+        else:  # quantised rows are ([E,] N, row bytes)
+            K = quant.in_features(name, w.shape[-1])
+        size = self.lib.pxl_packed_bytes(fmt, N, K)
         if not size:
             return fmt, w
         key = (_ptr(w), w.shape)
         if key not in self._packed:  # keyed by the weight buffer, which lives as long as the graph
-            packed = host_zeros((size,), np.uint8)
-            self.lib.pxl_pack_weights(fmt, w.shape[0], K, _ptr(w), _ptr(packed))
+            experts = w.reshape(-1, *w.shape[-2:])
+            packed = host_zeros((len(experts) * size,), np.uint8)
+            for e, we in enumerate(experts):
+                self.lib.pxl_pack_weights(fmt, N, K, _ptr(we), _ptr(packed) + e * size)
             self._packed[key] = (w, packed)
         return library.PACKED[fmt], self._packed[key][-1]
+
+    def moe_weights(self, attrs: dict, ws: list[np.ndarray]) -> tuple[int, list[np.ndarray]]:
+        """A MoE node's gate, up and down expert weights as the kernels read them, and their
+        formats as pxl_plan_node.wfmt holds them (gate | up << 8 | down << 16)."""
+        out = [self.linear_weight(attrs, w, f"{part}_format") for w, part in zip(ws, ("gate", "up", "down"))]
+        return out[0][0] | out[1][0] << 8 | out[2][0] << 16, [w for _, w in out]
 
     def gated_weight(self, gate_attrs: dict, wg: np.ndarray, up_attrs: dict, wu: np.ndarray) \
             -> tuple[int, np.ndarray] | None:
@@ -174,6 +187,15 @@ class CpuPlugin(HwPlugin):
         self.lib.pxl_set_batch_invariant(int(self.batch_invariant))
         self.lib.pxl_linear(ACTIVATIONS[x.dtype.name], fmt, x.shape[0], ins[1].shape[0], x.shape[1], _ptr(x), _ptr(w),
                             bias, _ptr(outs[0]))
+
+    def _moe(self, attrs: dict, ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
+        x, logits = ins[:2]                                     # (T, D), (T, E); experts (E, F, D) x 2, (E, D, F)
+        fmts, (wg, wu, wd) = self.moe_weights(attrs, ins[2:5])
+        E, F, D = ins[2].shape[0], ins[2].shape[1], x.shape[1]   # (w_gate's rows: F whatever its format)
+        shared, gate = (_ptr(ins[5]), _ptr(ins[6])) if len(ins) > 6 else (None, None)
+        self.lib.pxl_moe(ACTIVATIONS[x.dtype.name], fmts & 0xff, fmts >> 8 & 0xff, fmts >> 16, x.shape[0], D, F, E,
+                         attrs["top_k"], attrs.get("norm_topk_prob", 0), _ptr(x), _ptr(logits), _ptr(wg), _ptr(wu),
+                         _ptr(wd), shared, gate, _ptr(outs[0]))
 
     def _rope(self, attrs: dict, ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
         x, pos, cos, sin = ins                                  # (T, H*hd), (T,), (P, hd) x 2
