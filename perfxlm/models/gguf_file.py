@@ -102,17 +102,18 @@ class GGUFFile:
         return any(from_gguf_type(t.tensor_type.name) for t in self.reader.tensors if t.name.endswith(".weight"))
 
     def linear_blocks(self, family: type[CausalLM], params: Any) -> dict[str, tuple[str, np.ndarray]]:
-        """2-D weights whose GGUF blocks have native kernels, kept as stored:
-        parameter name -> (weight_format, uint8 (N, K/block * block bytes), blocks of 32 weights
-        or 256 for K-quants, so a Q4_K_M file's Q4_K and Q6_K tensors take the file's bytes); the exporter uses them
-        where a Linear reads that parameter (a tied output projection reads the token embedding's)."""
+        """2-D weights, and 3-D stacked MoE experts, whose GGUF blocks have native kernels, kept as
+        stored: parameter name -> (weight_format, uint8 ([E,] N, K/block * block bytes), blocks of 32
+        weights or 256 for K-quants, so a Q4_K_M file's Q4_K and Q6_K tensors take the file's bytes);
+        the exporter uses them where an op's weight input (a Linear's weight, MoE's experts) reads that
+        parameter (a tied output projection reads the token embedding's)."""
         from graph_export.quant import from_gguf_type
         out = {}
         for name, t in self._tensors(family, ("weight",)):
             fmt = from_gguf_type(t.tensor_type.name)
-            if fmt is None or len(t.shape) != 2:
+            if fmt is None or len(t.shape) not in (2, 3):
                 continue
-            blocks = family.gguf_tensor(name, np.asarray(t.data), params, self.arch)  # (N, row bytes), mmapped
+            blocks = family.gguf_tensor(name, np.asarray(t.data), params, self.arch)  # ([E,] N, row bytes), mmapped
             out[name] = (fmt, np.ascontiguousarray(blocks))
         return out
 

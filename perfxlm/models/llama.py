@@ -101,6 +101,16 @@ class LlamaForCausalLM(CausalLM):
         )
 
     @classmethod
+    def config_from_gguf(cls, gguf: Any, architecture: str) -> dict[str, Any]:
+        """The default keys; llama.cpp converts Mixtral as `llama` with experts, so such a file
+        is handed to the Mixtral family (its feed_forward_length is an expert's hidden size)."""
+        cfg = super().config_from_gguf(gguf, architecture)
+        if gguf.get("expert_count", 0):
+            cfg.update(architectures=["MixtralForCausalLM"], model_type="mixtral",
+                       num_local_experts=gguf.get("expert_count"), num_experts_per_tok=gguf.get("expert_used_count"))
+        return cfg
+
+    @classmethod
     def gguf_tensor(cls, name: str, rows: np.ndarray, params: ModelParams, gguf_arch: str) -> np.ndarray:
         """llama.cpp's converter permutes a `llama` GGUF's Q/K rows for ggml's interleaved RoPE;
         this model rotates halves, so undo it (a row is whole blocks: quantised rows move as bytes)."""

@@ -68,6 +68,7 @@ class ModelSource:
             ignored = re.compile("|".join(family.hf_ignored_names) or "(?!)")
             state = {_rename(family, k): v.to(dtype) for k, v in _read_hf_tensors(self.path).items()
                      if not ignored.search(k)}
+            state = _stack_experts(state, self.path)
         for name, t in state.items():  # one at a time, so each unaligned original can go as it is copied
             state[name] = _aligned(t)
         _assign(model, state, self.path)
@@ -87,6 +88,41 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     set by the weight's address mod 16, so the eager model would differ in the last bits from
     the same weights in the exported graph (~1e-6 on the tiny Llama's logits)."""
     return t if t.data_ptr() % 64 == 0 else t.clone()
+
+
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+
+
+def _stack_experts(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """HF checkpoints store a MoE layer's experts one tensor each ('...experts.<i>.w1.weight');
+    the model holds each projection of all experts as one (E, ...) parameter, so the tensors
+    whose (renamed) name has '.experts.<i>.' are stacked by i under the name without the index
+    ('...experts.w1.weight'). Every index from 0 up must be there exactly once."""
+    groups: dict[str, dict[int, str]] = {}
+    for name in state:
+        m = _EXPERT.search(name)
+        if m is None:
+            continue
+        stacked = name[:m.start()] + ".experts." + name[m.end():]
+        index = int(m.group(1))
+        seen = groups.setdefault(stacked, {})
+        if index in seen:
+            raise ValueError(f"{path}: expert {index} of {stacked} is in the checkpoint twice "
+                             f"({seen[index]} and {name})")
+        seen[index] = name
+    for stacked, by_index in groups.items():
+        gaps = sorted(set(range(max(by_index) + 1)) - set(by_index))
+        if gaps:
+            raise ValueError(f"{path}: the checkpoint lacks expert(s) {gaps[:8]} of {stacked}: it has "
+                             f"{len(by_index)} experts numbered up to {max(by_index)}")
+        if stacked in state:
+            raise ValueError(f"{path}: {stacked} is in the checkpoint both stacked and expert by expert")
+        parts = [state.pop(by_index[i]) for i in range(len(by_index))]  # popped: each original goes once stacked
+        if len({p.shape for p in parts}) > 1:
+            shapes = sorted({tuple(p.shape) for p in parts})
+            raise ValueError(f"{path}: the experts of {stacked} differ in shape: {shapes}")
+        state[stacked] = torch.stack(parts)
+    return state
 
 
 def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:

@@ -1,6 +1,6 @@
 """HF `architectures` name -> the perfxlm model family that runs it (vLLM's ModelRegistry)."""
 
-from perfxlm.models import gemma, gpt2, llama, opt, phi3, qwen3
+from perfxlm.models import gemma, gpt2, llama, mixtral, opt, phi3, qwen3, qwen_moe
 from perfxlm.models.layers import CausalLM
 
 _MODELS: dict[str, type[CausalLM]] = {
@@ -13,6 +13,9 @@ _MODELS: dict[str, type[CausalLM]] = {
     "Phi3ForCausalLM": phi3.Phi3ForCausalLM,
     "GPT2LMHeadModel": gpt2.GPT2LMHeadModel,
     "OPTForCausalLM": opt.OPTForCausalLM,
+    "MixtralForCausalLM": mixtral.MixtralForCausalLM,
+    "Qwen2MoeForCausalLM": qwen_moe.Qwen2MoeForCausalLM,
+    "Qwen3MoeForCausalLM": qwen_moe.Qwen3MoeForCausalLM,
 }
 
 
