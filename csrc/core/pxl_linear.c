@@ -340,6 +340,16 @@ static void compute(const pxl_kernel_set *ks, int wfmt, int packed_q, size_t T, 
     } else if (wfmt <= PXL_BF16) {
         run_tiles(ks, wfmt == PXL_F32 ? ks->tile_f32 : ks->tile_bf16, wfmt == PXL_F32 ? 4 : 2, T, 0, cols, K, xk, W,
                   Y, ldy);
+    } else if (qbuf && PXL_IS_KQUANT(wfmt) && pxl_gemm_qk_for(ks, wfmt)) { /* up to PXL_QK_T tokens a weight load */
+        size_t step = T <= PXL_QK_T ? cols : 4 * PANEL;
+        pxl_gemm_qk_fn qk = pxl_gemm_qk_for(ks, wfmt);
+        pxl_q8k xs[PXL_QK_T];
+        for (size_t n = 0; n < cols; n += step)
+            for (size_t t0 = 0; t0 < T; t0 += PXL_QK_T) {
+                size_t tn = T - t0 < PXL_QK_T ? T - t0 : PXL_QK_T;
+                for (size_t t = 0; t < tn; t++) xs[t] = q8k_at(qbuf, K, t0 + t);
+                qk(wfmt, tn, n, n + step < cols ? n + step : cols, K, W, xs, Y + t0 * ldy, ldy);
+            }
     } else if (qbuf && PXL_IS_KQUANT(wfmt)) { /* Q8_K x, token by token over panels of rows in L1 */
         size_t step = T == 1 ? cols : PANEL;
         pxl_gemv_qk_fn qk = pxl_gemv_qk_for(ks);
@@ -396,8 +406,10 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
     /* quantised weights: int8 dot products for decode-sized T (and every T when batch
      * invariant, so a row's result never depends on the batch), dequantised panels else.
      * Repacked blocks always: their kernel shares each weight load among PXL_QR_T tokens and
-     * needs no dequantised copy, which beats dequantised fp32 / bf16 GEMM at every T. */
-    const int qdot = quant && (T <= PXL_Q_DOT_MAX_T || pxl_batch_invariant() || repacked);
+     * needs no dequantised copy, which beats dequantised fp32 / bf16 GEMM at every T. K-quants:
+     * pxl_qk_dot (a multi-token kernel beats dequantising up to a few hundred tokens). */
+    const int qdot = kq ? pxl_qk_dot(ks, dt, wfmt, T)
+                        : quant && (T <= PXL_Q_DOT_MAX_T || pxl_batch_invariant() || repacked);
     /* prefill on quantised weights with bf16 x: packed bf16 panels where the set has the kernel */
     const int packed_q = quant && !qdot && dt == PXL_BF16 && ks->gemm_bf16p && T >= PXL_PACKED_Q_MIN_T;
     const int convert = bf16_w ? dt == PXL_F32 : dt == PXL_BF16 && !packed_q; /* (F32P: x in fp32) */

@@ -51,7 +51,7 @@ static size_t block_bytes(int fmt) {
 }
 
 /* the 256 unsigned quants of one super-block (Q4_K / Q5_K: 0..31; Q6_K: 0..63, before the -32) */
-static void unpack_k(int fmt, const uint8_t *blk, uint8_t *u) {
+PXL_INLINE void unpack_k(int fmt, const uint8_t *blk, uint8_t *u) {
     if (fmt == PXL_Q6_K) {
         const pxl_block_q6_K *b = (const pxl_block_q6_K *)blk;
         for (int h = 0; h < 2; h++) {
@@ -111,27 +111,54 @@ void pxl_gemv_qk_generic(int fmt, size_t n0, size_t n1, size_t K, const void *W,
     }
 }
 
-void pxl_dequant_rows_k(int fmt, const void *W, size_t rows, size_t K, float *out) {
-    size_t nb = K / PXL_QK_K, bs = block_bytes(fmt);
+/* one super-block -> 256 floats, fmt a constant: a scale (and min) per sub-block, then plain
+ * loops over its quants that every clone vectorises (prefill dequantises whole matrices) */
+PXL_INLINE void dequant_block_k(const int fmt, const uint8_t *blk, float *o) {
     uint8_t u[PXL_QK_K];
-    for (size_t r = 0; r < rows; r++)
-        for (size_t i = 0; i < nb; i++) {
-            const uint8_t *blk = (const uint8_t *)W + (r * nb + i) * bs;
-            float *o = out + r * K + i * PXL_QK_K;
-            unpack_k(fmt, blk, u);
-            if (fmt == PXL_Q6_K) {
-                const pxl_block_q6_K *b = (const pxl_block_q6_K *)blk;
-                float d = pxl_fp16_to_fp32(b->d);
-                for (int j = 0; j < PXL_QK_K; j++) o[j] = d * b->scales[j / 16] * (float)(u[j] - 32);
-                continue;
-            }
-            const uint16_t *dd = (const uint16_t *)blk;
-            float d = pxl_fp16_to_fp32(dd[0]), dmin = pxl_fp16_to_fp32(dd[1]);
-            uint8_t sc[8], m[8];
-            pxl_k4_scales(fmt == PXL_Q4_K ? ((const pxl_block_q4_K *)blk)->scales
-                                          : ((const pxl_block_q5_K *)blk)->scales, sc, m);
-            for (int j = 0; j < PXL_QK_K; j++) o[j] = d * sc[j / 32] * u[j] - dmin * m[j / 32];
+    unpack_k(fmt, blk, u);
+    if (fmt == PXL_Q6_K) {
+        const pxl_block_q6_K *b = (const pxl_block_q6_K *)blk;
+        float d = pxl_fp16_to_fp32(b->d);
+        for (int s = 0; s < 16; s++) {
+            float a = d * b->scales[s];
+            for (int l = 0; l < 16; l++) o[16 * s + l] = a * (float)(u[16 * s + l] - 32);
         }
+        return;
+    }
+    const uint16_t *dd = (const uint16_t *)blk;
+    float d = pxl_fp16_to_fp32(dd[0]), dmin = pxl_fp16_to_fp32(dd[1]);
+    uint8_t sc[8], m[8];
+    pxl_k4_scales(fmt == PXL_Q4_K ? ((const pxl_block_q4_K *)blk)->scales : ((const pxl_block_q5_K *)blk)->scales, sc,
+                  m);
+    for (int s = 0; s < 8; s++) {
+        float a = d * sc[s], c = dmin * m[s];
+        for (int l = 0; l < 32; l++) o[32 * s + l] = a * u[32 * s + l] - c;
+    }
+}
+
+PXL_CLONES static void dequant_rows_k(int fmt, const uint8_t *W, size_t n, float *out) { /* n super-blocks */
+    const size_t bs = block_bytes(fmt);
+    if (fmt == PXL_Q4_K) for (size_t i = 0; i < n; i++) dequant_block_k(PXL_Q4_K, W + i * bs, out + i * PXL_QK_K);
+    else if (fmt == PXL_Q5_K) for (size_t i = 0; i < n; i++) dequant_block_k(PXL_Q5_K, W + i * bs, out + i * PXL_QK_K);
+    else for (size_t i = 0; i < n; i++) dequant_block_k(PXL_Q6_K, W + i * bs, out + i * PXL_QK_K);
+}
+
+void pxl_dequant_rows_k(int fmt, const void *W, size_t rows, size_t K, float *out) {
+    dequant_rows_k(fmt, W, rows * (K / PXL_QK_K), out); /* rows are whole super-blocks, back to back */
+}
+
+pxl_gemm_qk_fn pxl_gemm_qk_for(const pxl_kernel_set *ks, int fmt) {
+#if defined(__x86_64__)
+    if ((fmt == PXL_Q4_K || fmt == PXL_Q6_K) && (!strcmp(ks->isa, "avx512bf16") || !strcmp(ks->isa, "avx512")))
+        return pxl_gemm_qk_avx512;
+#endif
+    (void)ks, (void)fmt;
+    return NULL;
+}
+
+int pxl_qk_dot(const pxl_kernel_set *ks, int dt, int fmt, size_t T) {
+    if (T <= PXL_Q_DOT_MAX_T || pxl_batch_invariant()) return 1;
+    return pxl_gemm_qk_for(ks, fmt) && (T < PXL_QK_DOT_MAX_T || dt != PXL_BF16 || !ks->gemm_bf16p);
 }
 
 pxl_gemv_qk_fn pxl_gemv_qk_for(const pxl_kernel_set *ks) {

@@ -48,6 +48,23 @@ void pxl_gemv_qk_avx512vnni(int fmt, size_t n0, size_t n1, size_t K, const void 
 #ifdef PXL_HAVE_RVV
 void pxl_gemv_qk_rvv(int fmt, size_t n0, size_t n1, size_t K, const void *W, const pxl_q8k *x, float *y);
 #endif
+/* up to PXL_QK_T tokens x[t] at once, each weight unpacked once for all of them:
+ * y[t * ldy + n] for rows n in [n0, n1); fmt PXL_Q4_K or PXL_Q6_K (a Q4_K_M file's types).
+ * Each token's result is the one it gets alone. */
+#define PXL_QK_T 4
+typedef void (*pxl_gemm_qk_fn)(int fmt, size_t T, size_t n0, size_t n1, size_t K, const void *W, const pxl_q8k *x,
+                               float *y, size_t ldy);
+#if defined(__x86_64__)
+void pxl_gemm_qk_avx512(int fmt, size_t T, size_t n0, size_t n1, size_t K, const void *W, const pxl_q8k *x, float *y,
+                        size_t ldy);
+#endif
+/* the multi-token kernel of a kernel set for fmt, or NULL (then token by token on pxl_gemv_qk_for's) */
+pxl_gemm_qk_fn pxl_gemm_qk_for(const pxl_kernel_set *ks, int fmt);
+/* Linear on K-quant weights takes the int8 products on Q8_K x for T tokens (else dequantised
+ * panels): decode-sized T, batch-invariant mode, and with a multi-token kernel every T below
+ * PXL_QK_DOT_MAX_T, or every T where bf16 x has no packed panels to go to */
+#define PXL_QK_DOT_MAX_T 256
+int pxl_qk_dot(const pxl_kernel_set *ks, int dt, int fmt, size_t T);
 /* the kernel for a kernel set: vpdpbusd on sets that imply VNNI, vpmaddubsw on the other x86
  * ones, RVV on rvv, the portable loops else */
 pxl_gemv_qk_fn pxl_gemv_qk_for(const pxl_kernel_set *ks);

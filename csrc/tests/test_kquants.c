@@ -135,7 +135,7 @@ static void test_linear(int dt, int fmt, size_t T, size_t N, size_t K, int with_
     /* the int8 path meets x as Q8_K (checked on its own above): the reference then uses the same
      * quantised x, so only the kernels' sums are under test; prefill meets x itself, bf16 x on the
      * packed bf16 micro-kernel meets the weights rounded to bf16 */
-    int qdot = T <= PXL_Q_DOT_MAX_T || pxl_batch_invariant();
+    int qdot = pxl_qk_dot(pxl_kernels(), dt, fmt, T);
     int packed = !qdot && dt && T >= PXL_PACKED_Q_MIN_T && pxl_packed_bytes(PXL_BF16, 1, 2);
     void *qbuf = malloc(pxl_q8k_bytes(K));
     for (size_t t = 0; t < T; t++) {
@@ -204,10 +204,11 @@ int main(void) {
         srand(4321);
         test_quantize_q8k(256);
         test_quantize_q8k(1024);
-        /* decode sizes (one and several tokens, rows tails, threads), prefill (fp32 tiles over
-         * dequantised panels; bf16 panels from 64 tokens), both dtypes */
+        /* decode sizes (one and several tokens, rows tails, threads), prefill (the multi-token
+         * kernel's token tails, or fp32 tiles over dequantised panels; bf16 panels from 64 tokens,
+         * or from PXL_QK_DOT_MAX_T with the multi-token kernel), both dtypes */
         size_t shapes[][3] = {{1, 1, 256}, {1, 7, 512}, {2, 33, 256}, {3, 16, 768}, {4, 40, 512},
-                              {1, 1536, 512}, {17, 70, 512}, {70, 33, 256}};
+                              {1, 1536, 512}, {17, 70, 512}, {70, 33, 256}, {6, 129, 256}, {300, 21, 256}};
         for (int fmt = PXL_Q4_K; fmt <= PXL_Q6_K; fmt++) {
             for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++)
                 for (int dt = 0; dt < 2; dt++) test_linear(dt, fmt, shapes[i][0], shapes[i][1], shapes[i][2], i % 2);
