@@ -76,6 +76,9 @@ setup(
         "prometheus_client",
         "prometheus-fastapi-instrumentator",
         "aiohttp",
+        # structured outputs, vLLM's default backend; it has wheels for these machines only (elsewhere a
+        # request with structured_outputs is refused, naming the missing package)
+        "xgrammar; platform_machine == 'x86_64' or platform_machine == 'aarch64'",
     ],
     package_data={"perfxlm.entrypoints.openai": ["static/*.html"]},  # the chat page served at /
     cmdclass={"build_py": BuildWithKernels},
