@@ -147,6 +147,35 @@ void pxl_dequant_rows_k(int fmt, const void *W, size_t rows, size_t K, float *ou
     dequant_rows_k(fmt, W, rows * (K / PXL_QK_K), out); /* rows are whole super-blocks, back to back */
 }
 
+void pxl_repack_q4k(size_t N, size_t K, const void *W, void *out) {
+    const size_t nb = K / PXL_QK_K;
+    pxl_block_q4_Kx16 *o = out;
+    memset(out, 0, (N + PXL_QR_ROWS - 1) / PXL_QR_ROWS * nb * sizeof *o); /* zero rows pad N */
+    uint8_t u[PXL_QK_K];
+    for (size_t n = 0; n < N; n++)
+        for (size_t i = 0; i < nb; i++) {
+            const pxl_block_q4_K *b = (const pxl_block_q4_K *)W + n * nb + i;
+            pxl_block_q4_Kx16 *x = o + n / PXL_QR_ROWS * nb + i;
+            size_t r = n % PXL_QR_ROWS;
+            uint8_t sc[8], m[8];
+            pxl_k4_scales(b->scales, sc, m);
+            x->d[r] = b->d, x->dmin[r] = b->dmin;
+            for (int j = 0; j < 8; j++) x->sc[16 * j + r] = sc[j], x->m[32 * (j / 2) + 2 * r + j % 2] = m[j];
+            unpack_k(PXL_Q4_K, (const uint8_t *)b, u);
+            for (int p = 0; p < PXL_QK_K / 8; p++)
+                for (int s = 0; s < 4; s++)
+                    x->qs[64 * p + 4 * r + s] = (uint8_t)(u[8 * p + s] | u[8 * p + 4 + s] << 4);
+        }
+}
+
+pxl_gemm_q4kr_fn pxl_gemm_q4kr_for(const pxl_kernel_set *ks) {
+#if defined(__x86_64__)
+    if (!strcmp(ks->isa, "avx512bf16")) return pxl_gemm_q4kr_avx512vnni; /* (VNNI comes with that set) */
+#endif
+    (void)ks;
+    return NULL;
+}
+
 pxl_gemm_qk_fn pxl_gemm_qk_for(const pxl_kernel_set *ks, int fmt) {
 #if defined(__x86_64__)
     if ((fmt == PXL_Q4_K || fmt == PXL_Q6_K) && (!strcmp(ks->isa, "avx512bf16") || !strcmp(ks->isa, "avx512")))
@@ -157,7 +186,7 @@ pxl_gemm_qk_fn pxl_gemm_qk_for(const pxl_kernel_set *ks, int fmt) {
 }
 
 int pxl_qk_dot(const pxl_kernel_set *ks, int dt, int fmt, size_t T) {
-    if (T <= PXL_Q_DOT_MAX_T || pxl_batch_invariant()) return 1;
+    if (T <= PXL_Q_DOT_MAX_T || pxl_batch_invariant() || fmt == PXL_Q4_KR) return 1; /* (no dequantised copy) */
     return pxl_gemm_qk_for(ks, fmt) && (T < PXL_QK_DOT_MAX_T || dt != PXL_BF16 || !ks->gemm_bf16p);
 }
 

@@ -27,6 +27,23 @@ typedef struct { uint8_t ql[PXL_QK_K / 2]; uint8_t qh[PXL_QK_K / 4]; int8_t scal
 _Static_assert(sizeof(pxl_block_q4_K) == 144 && sizeof(pxl_block_q5_K) == 176 && sizeof(pxl_block_q6_K) == 210,
                "GGUF's K-quant block sizes");
 
+/* Q4_K repacked 16 rows at a time (PXL_Q4_KR): super-block i of rows 16b .. 16b + 15 is block
+ * [b][i] (zero rows pad N). Per row r: d, dmin as stored; sub-block j's 6-bit scale at sc[16j + r];
+ * the mins of sub-blocks 2k and 2k + 1 at m[32k + 2r] and m[32k + 2r + 1]; quant vector p (values
+ * 8p .. 8p + 7) holds in byte 4r + s value 8p + s in its low nibble and 8p + 4 + s in its high one
+ * (the layout of the repacked 32-blocks, pxl_q_gemv_r16_avx512.c), so one int8 dot-product
+ * instruction serves 16 rows with 4 of x broadcast. 148 bytes a row and super-block (Q4_K: 144). */
+typedef struct {
+    uint16_t d[16], dmin[16];
+    uint8_t sc[8 * 16];
+    uint8_t m[8 * 16];
+    uint8_t qs[PXL_QK_K / 8 * 64];
+} pxl_block_q4_Kx16;
+_Static_assert(sizeof(pxl_block_q4_Kx16) == 16 * 148, "16 rows of 148 bytes");
+#define PXL_QK_K_MAX_BLOCKS 256 /* K up to 65536: the repacked kernel's per-token scratch */
+/* N rows of Q4_K (N, K) -> PXL_Q4_KR blocks */
+void pxl_repack_q4k(size_t N, size_t K, const void *W, void *out);
+
 /* one token's x as Q8_K: q (K,), d (K/256,), bsums (K/16,) */
 typedef struct {
     const int8_t *q;
@@ -58,6 +75,15 @@ typedef void (*pxl_gemm_qk_fn)(int fmt, size_t T, size_t n0, size_t n1, size_t K
 void pxl_gemm_qk_avx512(int fmt, size_t T, size_t n0, size_t n1, size_t K, const void *W, const pxl_q8k *x, float *y,
                         size_t ldy);
 #endif
+/* T <= PXL_QK_T tokens on PXL_Q4_KR blocks (from the first row block): y[t * ldy + n], n < rows */
+typedef void (*pxl_gemm_q4kr_fn)(size_t T, size_t rows, size_t K, const void *W, const pxl_q8k *x, float *y,
+                                 size_t ldy);
+#if defined(__x86_64__)
+void pxl_gemm_q4kr_avx512vnni(size_t T, size_t rows, size_t K, const void *W, const pxl_q8k *x, float *y,
+                              size_t ldy);
+#endif
+/* the kernel set's PXL_Q4_KR kernel, or NULL (then Q4_K is not repacked) */
+pxl_gemm_q4kr_fn pxl_gemm_q4kr_for(const pxl_kernel_set *ks);
 /* the multi-token kernel of a kernel set for fmt, or NULL (then token by token on pxl_gemv_qk_for's) */
 pxl_gemm_qk_fn pxl_gemm_qk_for(const pxl_kernel_set *ks, int fmt);
 /* Linear on K-quant weights takes the int8 products on Q8_K x for T tokens (else dequantised

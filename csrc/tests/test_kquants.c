@@ -135,7 +135,15 @@ static void test_linear(int dt, int fmt, size_t T, size_t N, size_t K, int with_
     /* the int8 path meets x as Q8_K (checked on its own above): the reference then uses the same
      * quantised x, so only the kernels' sums are under test; prefill meets x itself, bf16 x on the
      * packed bf16 micro-kernel meets the weights rounded to bf16 */
-    int qdot = pxl_qk_dot(pxl_kernels(), dt, fmt, T);
+    /* the kernel set's repacked copy where it has one (PXL_Q4_KR: the int8 path at every T) */
+    size_t packed_bytes = pxl_packed_bytes(fmt, N, K);
+    int run_fmt = packed_bytes ? PXL_Q4_KR : fmt;
+    void *Wrun = W;
+    if (packed_bytes) {
+        Wrun = malloc(packed_bytes);
+        pxl_pack_weights(fmt, N, K, W, Wrun);
+    }
+    int qdot = pxl_qk_dot(pxl_kernels(), dt, run_fmt, T);
     int packed = !qdot && dt && T >= PXL_PACKED_Q_MIN_T && pxl_packed_bytes(PXL_BF16, 1, 2);
     void *qbuf = malloc(pxl_q8k_bytes(K));
     for (size_t t = 0; t < T; t++) {
@@ -151,10 +159,11 @@ static void test_linear(int dt, int fmt, size_t T, size_t N, size_t K, int with_
             for (size_t k = 0; k < K; k++) s += deq[n * K + k] * xr[t * K + k], m += fabs(deq[n * K + k] * xr[t * K + k]);
             ref[t * N + n] = s, mag[t * N + n] = m;
         }
-    pxl_linear(dt, fmt, T, N, K, x, W, with_bias ? b : NULL, y);
+    pxl_linear(dt, run_fmt, T, N, K, x, Wrun, with_bias ? b : NULL, y);
+    if (Wrun != W) free(Wrun);
     char name[112];
-    snprintf(name, sizeof name, "linear %s w=%s T=%zu N=%zu K=%zu%s%s", dt ? "bf16" : "f32", fmt_name(fmt), T, N, K,
-             with_bias ? " +bias" : "", qdot ? " (Q8_K x)" : "");
+    snprintf(name, sizeof name, "linear %s w=%s%s T=%zu N=%zu K=%zu%s%s", dt ? "bf16" : "f32", fmt_name(fmt),
+             packed_bytes ? " repacked" : "", T, N, K, with_bias ? " +bias" : "", qdot ? " (Q8_K x)" : "");
     /* the mins (and Q6_K's -32) are summed apart from the scaled quants: a few times mag's
      * rounding, so the bound is wider than the 32-block formats' */
     double rel = 8e-6 * sqrt((double)K) + 1e-6, out_rel = dt ? 1.0 / 256 : 0;
@@ -181,13 +190,21 @@ static void test_batch_invariant(int dt, int fmt, size_t T, size_t N, size_t K) 
         if (dt) ((uint16_t *)x)[i] = to_bf16(frand());
         else ((float *)x)[i] = frand();
     }
+    size_t packed_bytes = pxl_packed_bytes(fmt, N, K); /* the repacked copy too, where the set has one */
+    void *Wp = packed_bytes ? malloc(packed_bytes) : NULL;
+    if (Wp) pxl_pack_weights(fmt, N, K, W, Wp);
     pxl_set_batch_invariant(1);
-    pxl_linear(dt, fmt, T, N, K, x, W, NULL, y);
     int ok = 1;
-    for (size_t t = 0; t < T; t++) {
-        pxl_linear(dt, fmt, 1, N, K, x + t * K * es, W, NULL, y1);
-        ok &= !memcmp(y + t * N * es, y1, N * es);
+    for (int rep = 0; rep < 1 + (Wp != NULL); rep++) {
+        int f = rep ? PXL_Q4_KR : fmt;
+        const void *w = rep ? Wp : W;
+        pxl_linear(dt, f, T, N, K, x, w, NULL, y);
+        for (size_t t = 0; t < T; t++) {
+            pxl_linear(dt, f, 1, N, K, x + t * K * es, w, NULL, y1);
+            ok &= !memcmp(y + t * N * es, y1, N * es);
+        }
     }
+    free(Wp);
     pxl_set_batch_invariant(0);
     if (ok) passed++;
     else printf("FAIL [%s] batch invariant linear %s w=%s T=%zu N=%zu K=%zu\n", isa, dt ? "bf16" : "f32",
