@@ -129,9 +129,10 @@ static void prepare_rows(int dt, int wfmt, size_t T, size_t t0, size_t t1, size_
 
 size_t pxl_packed_bytes(int wfmt, size_t N, size_t K) {
     const pxl_kernel_set *ks = pxl_kernels();
-    if (wfmt == PXL_Q4_K)
-        return pxl_gemm_q4kr_for(ks) && K % PXL_QK_K == 0 && K / PXL_QK_K <= PXL_QK_K_MAX_BLOCKS
-                   ? (N + PXL_QR_ROWS - 1) / PXL_QR_ROWS * PXL_QR_ROWS * pxl_row_bytes(PXL_Q4_KR, K)
+    if (wfmt == PXL_Q4_K || wfmt == PXL_Q6_K)
+        return pxl_gemm_kr_for(ks) && K % PXL_QK_K == 0 && K / PXL_QK_K <= PXL_QK_K_MAX_BLOCKS
+                   ? (N + PXL_QR_ROWS - 1) / PXL_QR_ROWS * PXL_QR_ROWS *
+                         pxl_row_bytes(wfmt == PXL_Q4_K ? PXL_Q4_KR : PXL_Q6_KR, K)
                    : 0;
     if (wfmt >= PXL_Q8_0 && wfmt <= PXL_Q4_1)
         return ks->gemv_qr[wfmt] && K % PXL_QK == 0
@@ -162,8 +163,8 @@ static void pack_panel_f32(size_t rows, size_t K, const float *src, float *out) 
 }
 
 void pxl_pack_weights(int wfmt, size_t N, size_t K, const void *W, void *out) {
-    if (wfmt == PXL_Q4_K) {
-        pxl_repack_q4k(N, K, W, out);
+    if (wfmt == PXL_Q4_K || wfmt == PXL_Q6_K) {
+        pxl_repack_qk(wfmt, N, K, W, out);
         return;
     }
     if (wfmt >= PXL_Q8_0 && wfmt <= PXL_Q4_1) {
@@ -348,15 +349,15 @@ static void compute(const pxl_kernel_set *ks, int wfmt, int packed_q, size_t T, 
     } else if (wfmt <= PXL_BF16) {
         run_tiles(ks, wfmt == PXL_F32 ? ks->tile_f32 : ks->tile_bf16, wfmt == PXL_F32 ? 4 : 2, T, 0, cols, K, xk, W,
                   Y, ldy);
-    } else if (wfmt == PXL_Q4_KR) { /* repacked: up to PXL_QK_T tokens share each weight load */
+    } else if (wfmt == PXL_Q4_KR || wfmt == PXL_Q6_KR) { /* repacked: up to PXL_QK_T tokens a weight load */
         size_t step = T <= PXL_QK_T ? cols : 4 * PANEL;
-        pxl_gemm_q4kr_fn qk = pxl_gemm_q4kr_for(ks);
+        pxl_gemm_kr_fn qk = pxl_gemm_kr_for(ks);
         pxl_q8k xs[PXL_QK_T];
         for (size_t n = 0; n < cols; n += step)
             for (size_t t0 = 0; t0 < T; t0 += PXL_QK_T) {
                 size_t tn = T - t0 < PXL_QK_T ? T - t0 : PXL_QK_T, rows = cols - n < step ? cols - n : step;
                 for (size_t t = 0; t < tn; t++) xs[t] = q8k_at(qbuf, K, t0 + t);
-                qk(tn, rows, K, W + n * pxl_row_bytes(wfmt, K), xs, Y + t0 * ldy + n, ldy);
+                qk(wfmt, tn, rows, K, W + n * pxl_row_bytes(wfmt, K), xs, Y + t0 * ldy + n, ldy);
             }
     } else if (qbuf && PXL_IS_KQUANT(wfmt) && pxl_gemm_qk_for(ks, wfmt)) { /* up to PXL_QK_T tokens a weight load */
         size_t step = T <= PXL_QK_T ? cols : 4 * PANEL;

@@ -147,30 +147,47 @@ void pxl_dequant_rows_k(int fmt, const void *W, size_t rows, size_t K, float *ou
     dequant_rows_k(fmt, W, rows * (K / PXL_QK_K), out); /* rows are whole super-blocks, back to back */
 }
 
-void pxl_repack_q4k(size_t N, size_t K, const void *W, void *out) {
-    const size_t nb = K / PXL_QK_K;
-    pxl_block_q4_Kx16 *o = out;
-    memset(out, 0, (N + PXL_QR_ROWS - 1) / PXL_QR_ROWS * nb * sizeof *o); /* zero rows pad N */
+void pxl_repack_qk(int fmt, size_t N, size_t K, const void *W, void *out) {
+    const size_t nb = K / PXL_QK_K, q6 = fmt == PXL_Q6_K;
+    const size_t bs = q6 ? sizeof(pxl_block_q6_Kx16) : sizeof(pxl_block_q4_Kx16);
+    memset(out, 0, (N + PXL_QR_ROWS - 1) / PXL_QR_ROWS * nb * bs); /* zero rows pad N */
     uint8_t u[PXL_QK_K];
     for (size_t n = 0; n < N; n++)
         for (size_t i = 0; i < nb; i++) {
-            const pxl_block_q4_K *b = (const pxl_block_q4_K *)W + n * nb + i;
-            pxl_block_q4_Kx16 *x = o + n / PXL_QR_ROWS * nb + i;
+            const uint8_t *blk = (const uint8_t *)W + (n * nb + i) * block_bytes(fmt);
+            char *xb = (char *)out + (n / PXL_QR_ROWS * nb + i) * bs;
             size_t r = n % PXL_QR_ROWS;
-            uint8_t sc[8], m[8];
-            pxl_k4_scales(b->scales, sc, m);
-            x->d[r] = b->d, x->dmin[r] = b->dmin;
-            for (int j = 0; j < 8; j++) x->sc[16 * j + r] = sc[j], x->m[32 * (j / 2) + 2 * r + j % 2] = m[j];
-            unpack_k(PXL_Q4_K, (const uint8_t *)b, u);
-            for (int p = 0; p < PXL_QK_K / 8; p++)
+            unpack_k(fmt, blk, u);
+            uint8_t *qs;
+            if (q6) {
+                const pxl_block_q6_K *b = (const pxl_block_q6_K *)blk;
+                pxl_block_q6_Kx16 *x = (pxl_block_q6_Kx16 *)xb;
+                x->d[r] = b->d;
+                for (int s = 0; s < 16; s++) x->sc[16 * s + r] = b->scales[s];
+                for (int s = 0; s < 16; s++)
+                    for (int t = 0; t < 4; t++)
+                        x->qh[64 * s + 4 * r + t] = (uint8_t)(u[16 * s + t] >> 4 | (u[16 * s + 4 + t] >> 4) << 2 |
+                                                              (u[16 * s + 8 + t] >> 4) << 4 |
+                                                              (u[16 * s + 12 + t] >> 4) << 6);
+                qs = x->ql;
+            } else {
+                const pxl_block_q4_K *b = (const pxl_block_q4_K *)blk;
+                pxl_block_q4_Kx16 *x = (pxl_block_q4_Kx16 *)xb;
+                uint8_t sc[8], m[8];
+                pxl_k4_scales(b->scales, sc, m);
+                x->d[r] = b->d, x->dmin[r] = b->dmin;
+                for (int j = 0; j < 8; j++) x->sc[16 * j + r] = sc[j], x->m[32 * (j / 2) + 2 * r + j % 2] = m[j];
+                qs = x->qs;
+            }
+            for (int p = 0; p < PXL_QK_K / 8; p++) /* the low 4 bits (Q4_K: all of them) */
                 for (int s = 0; s < 4; s++)
-                    x->qs[64 * p + 4 * r + s] = (uint8_t)(u[8 * p + s] | u[8 * p + 4 + s] << 4);
+                    qs[64 * p + 4 * r + s] = (uint8_t)((u[8 * p + s] & 15) | (u[8 * p + 4 + s] & 15) << 4);
         }
 }
 
-pxl_gemm_q4kr_fn pxl_gemm_q4kr_for(const pxl_kernel_set *ks) {
+pxl_gemm_kr_fn pxl_gemm_kr_for(const pxl_kernel_set *ks) {
 #if defined(__x86_64__)
-    if (!strcmp(ks->isa, "avx512bf16")) return pxl_gemm_q4kr_avx512vnni; /* (VNNI comes with that set) */
+    if (!strcmp(ks->isa, "avx512bf16")) return pxl_gemm_kr_avx512vnni; /* (VNNI comes with that set) */
 #endif
     (void)ks;
     return NULL;
@@ -186,7 +203,7 @@ pxl_gemm_qk_fn pxl_gemm_qk_for(const pxl_kernel_set *ks, int fmt) {
 }
 
 int pxl_qk_dot(const pxl_kernel_set *ks, int dt, int fmt, size_t T) {
-    if (T <= PXL_Q_DOT_MAX_T || pxl_batch_invariant() || fmt == PXL_Q4_KR) return 1; /* (no dequantised copy) */
+    if (T <= PXL_Q_DOT_MAX_T || pxl_batch_invariant() || fmt == PXL_Q4_KR || fmt == PXL_Q6_KR) return 1; /* (no dequantised copy) */
     return pxl_gemm_qk_for(ks, fmt) && (T < PXL_QK_DOT_MAX_T || dt != PXL_BF16 || !ks->gemm_bf16p);
 }
 

@@ -25,13 +25,13 @@ enum {
     PXL_F32 = 0, PXL_BF16 = 1, PXL_Q8_0 = 2, PXL_Q4_0 = 3, PXL_Q4_1 = 4, PXL_BF16P = 5, PXL_F32P = 6,
     PXL_Q8_0R = 7, PXL_Q4_0R = 8, PXL_Q4_1R = 9, /* Q8_0 / Q4_0 / Q4_1 repacked 16 rows a block */
     PXL_Q4_K = 10, PXL_Q5_K = 11, PXL_Q6_K = 12, /* GGUF K-quants: 256-value super-blocks, as stored */
-    PXL_Q4_KR = 13, /* Q4_K repacked 16 rows a block (pxl_kquants.h) */
-    PXL_NFMT = 14
+    PXL_Q4_KR = 13, PXL_Q6_KR = 14, /* Q4_K / Q6_K repacked 16 rows a block (pxl_kquants.h) */
+    PXL_NFMT = 15
 };
 /* the 32-value block formats (Q8_0 / Q4_0 / Q4_1, as stored or repacked); K-quants are apart:
  * their x is quantised per 256 (Q8_K) rather than per 32 */
 #define PXL_IS_QUANT(f) (((f) >= PXL_Q8_0 && (f) <= PXL_Q4_1) || ((f) >= PXL_Q8_0R && (f) <= PXL_Q4_1R))
-#define PXL_IS_KQUANT(f) ((f) >= PXL_Q4_K && (f) <= PXL_Q4_KR)
+#define PXL_IS_KQUANT(f) ((f) >= PXL_Q4_K && (f) <= PXL_Q6_KR)
 /* the GGUF format of a repacked one */
 #define PXL_QBASE(f) ((f) >= PXL_Q8_0R && (f) <= PXL_Q4_1R ? (f) - (PXL_Q8_0R - PXL_Q8_0) : (f))
 

@@ -40,9 +40,20 @@ typedef struct {
     uint8_t qs[PXL_QK_K / 8 * 64];
 } pxl_block_q4_Kx16;
 _Static_assert(sizeof(pxl_block_q4_Kx16) == 16 * 148, "16 rows of 148 bytes");
+/* Q6_K repacked likewise (PXL_Q6_KR): d as stored; sub-block s's scale of row r at sc[16s + r];
+ * the low 4 bits of values 8p .. 8p + 7 in ql vector p as Q4_KR's nibbles; qh vector s holds,
+ * in byte 4r + t, the high 2 bits of values 16s + t, 16s + 4 + t, 16s + 8 + t, 16s + 12 + t in
+ * bits 0-1, 2-3, 4-5, 6-7. The same 210 bytes a row and super-block as Q6_K. */
+typedef struct {
+    uint16_t d[16];
+    int8_t sc[16 * 16];
+    uint8_t ql[PXL_QK_K / 8 * 64];
+    uint8_t qh[PXL_QK_K / 16 * 64];
+} pxl_block_q6_Kx16;
+_Static_assert(sizeof(pxl_block_q6_Kx16) == 16 * 210, "16 rows of 210 bytes");
 #define PXL_QK_K_MAX_BLOCKS 256 /* K up to 65536: the repacked kernel's per-token scratch */
-/* N rows of Q4_K (N, K) -> PXL_Q4_KR blocks */
-void pxl_repack_q4k(size_t N, size_t K, const void *W, void *out);
+/* N rows of Q4_K / Q6_K (N, K) -> PXL_Q4_KR / PXL_Q6_KR blocks */
+void pxl_repack_qk(int fmt, size_t N, size_t K, const void *W, void *out);
 
 /* one token's x as Q8_K: q (K,), d (K/256,), bsums (K/16,) */
 typedef struct {
@@ -75,15 +86,16 @@ typedef void (*pxl_gemm_qk_fn)(int fmt, size_t T, size_t n0, size_t n1, size_t K
 void pxl_gemm_qk_avx512(int fmt, size_t T, size_t n0, size_t n1, size_t K, const void *W, const pxl_q8k *x, float *y,
                         size_t ldy);
 #endif
-/* T <= PXL_QK_T tokens on PXL_Q4_KR blocks (from the first row block): y[t * ldy + n], n < rows */
-typedef void (*pxl_gemm_q4kr_fn)(size_t T, size_t rows, size_t K, const void *W, const pxl_q8k *x, float *y,
-                                 size_t ldy);
+/* T <= PXL_QK_T tokens on PXL_Q4_KR / PXL_Q6_KR blocks (from the first row block):
+ * y[t * ldy + n], n < rows */
+typedef void (*pxl_gemm_kr_fn)(int fmt, size_t T, size_t rows, size_t K, const void *W, const pxl_q8k *x, float *y,
+                               size_t ldy);
 #if defined(__x86_64__)
-void pxl_gemm_q4kr_avx512vnni(size_t T, size_t rows, size_t K, const void *W, const pxl_q8k *x, float *y,
-                              size_t ldy);
+void pxl_gemm_kr_avx512vnni(int fmt, size_t T, size_t rows, size_t K, const void *W, const pxl_q8k *x, float *y,
+                            size_t ldy);
 #endif
-/* the kernel set's PXL_Q4_KR kernel, or NULL (then Q4_K is not repacked) */
-pxl_gemm_q4kr_fn pxl_gemm_q4kr_for(const pxl_kernel_set *ks);
+/* the kernel set's kernel for the repacked K-quants, or NULL (then they are not repacked) */
+pxl_gemm_kr_fn pxl_gemm_kr_for(const pxl_kernel_set *ks);
 /* the multi-token kernel of a kernel set for fmt, or NULL (then token by token on pxl_gemv_qk_for's) */
 pxl_gemm_qk_fn pxl_gemm_qk_for(const pxl_kernel_set *ks, int fmt);
 /* Linear on K-quant weights takes the int8 products on Q8_K x for T tokens (else dequantised

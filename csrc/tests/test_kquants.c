@@ -137,7 +137,7 @@ static void test_linear(int dt, int fmt, size_t T, size_t N, size_t K, int with_
      * packed bf16 micro-kernel meets the weights rounded to bf16 */
     /* the kernel set's repacked copy where it has one (PXL_Q4_KR: the int8 path at every T) */
     size_t packed_bytes = pxl_packed_bytes(fmt, N, K);
-    int run_fmt = packed_bytes ? PXL_Q4_KR : fmt;
+    int run_fmt = !packed_bytes ? fmt : fmt == PXL_Q4_K ? PXL_Q4_KR : PXL_Q6_KR;
     void *Wrun = W;
     if (packed_bytes) {
         Wrun = malloc(packed_bytes);
@@ -196,7 +196,7 @@ static void test_batch_invariant(int dt, int fmt, size_t T, size_t N, size_t K) 
     pxl_set_batch_invariant(1);
     int ok = 1;
     for (int rep = 0; rep < 1 + (Wp != NULL); rep++) {
-        int f = rep ? PXL_Q4_KR : fmt;
+        int f = !rep ? fmt : fmt == PXL_Q4_K ? PXL_Q4_KR : PXL_Q6_KR;
         const void *w = rep ? Wp : W;
         pxl_linear(dt, f, T, N, K, x, w, NULL, y);
         for (size_t t = 0; t < T; t++) {

@@ -1,0 +1,137 @@
+/* Q4_K and Q6_K repacked 16 rows at a time (PXL_Q4_KR, PXL_Q6_KR, pxl_kquants.h) on AVX-512 VNNI: one vpdpbusd
+ * multiplies 4 weights of all 16 rows with 4 of x broadcast, so a row's unpacking (6-bit
+ * scales, mins, nibbles) is done once at load instead of every step, and the weights stream
+ * from one sequential block per 16 rows. Up to PXL_QK_T tokens share every weight vector.
+ *
+ * Per sub-block of 32 values: 4 vectors of nibbles give 8 vpdpbusd into one int32 lane per
+ * row, multiplied by the rows' scales; the mins meet x's sub-block sums in 4 vpdpwssd per
+ * super-block. The integers are the scalar kernel's, only the float sums' order differs. */
+#include <immintrin.h>
+
+#include "pxl_kquants.h"
+
+#define QPF 2048 /* bytes ahead in the block stream */
+
+/* one Q4_K 16-row block, T tokens: y[t * ldy + r] for r < rows */
+PXL_INLINE void block16(const int T, size_t nb, const pxl_block_q4_Kx16 *W, const pxl_q8k *x,
+                        const int16_t *const *bsp, float *y, size_t ldy, size_t rows) {
+    const __m512i m4 = _mm512_set1_epi8(0x0f);
+    __m512 acc[PXL_QK_T];
+    for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
+    for (size_t i = 0; i < nb; i++) {
+        const pxl_block_q4_Kx16 *b = W + i;
+        for (int l = 0; l < 37; l++) _mm_prefetch((const char *)b + QPF + 64 * l, _MM_HINT_T0);
+        __m512i sumi[PXL_QK_T], summ[PXL_QK_T];
+        for (int t = 0; t < T; t++) sumi[t] = summ[t] = _mm512_setzero_si512();
+        for (int j = 0; j < 8; j++) {
+            __m512i dot[PXL_QK_T];
+            for (int t = 0; t < T; t++) dot[t] = _mm512_setzero_si512();
+            for (int p = 0; p < 4; p++) {
+                __m512i v = _mm512_loadu_si512((const void *)(b->qs + 64 * (4 * j + p)));
+                __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+                for (int t = 0; t < T; t++) {
+                    const int8_t *q = x[t].q + i * PXL_QK_K + 32 * j + 8 * p;
+                    int32_t q0, q1;
+                    memcpy(&q0, q, 4), memcpy(&q1, q + 4, 4);
+                    dot[t] = _mm512_dpbusd_epi32(dot[t], lo, _mm512_set1_epi32(q0));
+                    dot[t] = _mm512_dpbusd_epi32(dot[t], hi, _mm512_set1_epi32(q1));
+                }
+            }
+            const __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b->sc + 16 * j)));
+            for (int t = 0; t < T; t++) sumi[t] = _mm512_add_epi32(sumi[t], _mm512_mullo_epi32(dot[t], sc));
+        }
+        for (int k = 0; k < 4; k++) { /* mins of sub-blocks 2k, 2k + 1 (int16 pairs) . x's sums over them */
+            const __m512i mn = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(b->m + 32 * k)));
+            for (int t = 0; t < T; t++) {
+                int32_t pair;
+                memcpy(&pair, bsp[t] + i * 8 + 2 * k, 4);
+                summ[t] = _mm512_dpwssd_epi32(summ[t], mn, _mm512_set1_epi32(pair));
+            }
+        }
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)b->d));
+        const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)b->dmin));
+        for (int t = 0; t < T; t++) {
+            const __m512 dx = _mm512_set1_ps(x[t].d[i]);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi[t]), _mm512_mul_ps(d, dx), acc[t]);
+            acc[t] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(summ[t]), _mm512_mul_ps(dmin, dx), acc[t]);
+        }
+    }
+    const __mmask16 valid = (__mmask16)((1u << rows) - 1);
+    for (int t = 0; t < T; t++) _mm512_mask_storeu_ps(y + t * ldy, valid, acc[t]);
+}
+
+/* one Q6_K 16-row block: per 16-value sub-block, 2 nibble vectors with their 2 high bits from
+ * the shared high-bit vector, 4 vpdpbusd, x's -32 * sum taken off, then times the rows' scales */
+PXL_INLINE void block16_q6(const int T, size_t nb, const pxl_block_q6_Kx16 *W, const pxl_q8k *x, float *y,
+                           size_t ldy, size_t rows) {
+    const __m512i m4 = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30);
+    __m512 acc[PXL_QK_T];
+    for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
+    for (size_t i = 0; i < nb; i++) {
+        const pxl_block_q6_Kx16 *b = W + i;
+        for (int l = 0; l < 53; l++) _mm_prefetch((const char *)b + QPF + 64 * l, _MM_HINT_T0);
+        __m512i sumi[PXL_QK_T];
+        for (int t = 0; t < T; t++) sumi[t] = _mm512_setzero_si512();
+        for (int s = 0; s < 16; s++) {
+            const __m512i h = _mm512_loadu_si512((const void *)(b->qh + 64 * s));
+            __m512i w[4];
+            for (int pp = 0; pp < 2; pp++) {
+                __m512i v = _mm512_loadu_si512((const void *)(b->ql + 64 * (2 * s + pp)));
+                __m512i hlo = pp ? h : _mm512_slli_epi16(h, 4), hhi = pp ? _mm512_srli_epi16(h, 2) : _mm512_slli_epi16(h, 2);
+                w[2 * pp] = _mm512_or_si512(_mm512_and_si512(v, m4), _mm512_and_si512(hlo, m30));
+                w[2 * pp + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), m4), _mm512_and_si512(hhi, m30));
+            }
+            const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b->sc + 16 * s)));
+            for (int t = 0; t < T; t++) {
+                const int8_t *q = x[t].q + i * PXL_QK_K + 16 * s;
+                int32_t q4[4];
+                memcpy(q4, q, 16);
+                __m512i dot = _mm512_set1_epi32(-32 * x[t].bsums[i * 16 + s]);
+                for (int k = 0; k < 4; k++) dot = _mm512_dpbusd_epi32(dot, w[k], _mm512_set1_epi32(q4[k]));
+                sumi[t] = _mm512_add_epi32(sumi[t], _mm512_mullo_epi32(dot, sc));
+            }
+        }
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)b->d));
+        for (int t = 0; t < T; t++)
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi[t]), _mm512_mul_ps(d, _mm512_set1_ps(x[t].d[i])), acc[t]);
+    }
+    const __mmask16 valid = (__mmask16)((1u << rows) - 1);
+    for (int t = 0; t < T; t++) _mm512_mask_storeu_ps(y + t * ldy, valid, acc[t]);
+}
+
+#define FOR_T(call)                                                                                                   \
+    switch (T) {                                                                                                      \
+    case 1: call(1); break;                                                                                           \
+    case 2: call(2); break;                                                                                           \
+    case 3: call(3); break;                                                                                           \
+    default: call(4); break;                                                                                          \
+    }
+
+void pxl_gemm_kr_avx512vnni(int fmt, size_t T, size_t rows, size_t K, const void *W, const pxl_q8k *x, float *y,
+                            size_t ldy) {
+    const size_t nb = K / PXL_QK_K;
+    if (fmt == PXL_Q6_KR) {
+        for (size_t n = 0; n < rows; n += PXL_QR_ROWS) {
+            size_t r = rows - n < PXL_QR_ROWS ? rows - n : PXL_QR_ROWS;
+            const pxl_block_q6_Kx16 *Wn = (const pxl_block_q6_Kx16 *)W + n / PXL_QR_ROWS * nb;
+#define Q6(TT) block16_q6(TT, nb, Wn, x, y + n, ldy, r)
+            FOR_T(Q6)
+#undef Q6
+        }
+        return;
+    }
+    /* each token's sums of x over the 8 sub-blocks of every super-block (pairs of bsums) */
+    int16_t pairs[PXL_QK_T][PXL_QK_K_MAX_BLOCKS * 8];
+    const int16_t *bsp[PXL_QK_T];
+    for (size_t t = 0; t < T; t++) {
+        for (size_t s = 0; s < nb * 8; s++) pairs[t][s] = (int16_t)(x[t].bsums[2 * s] + x[t].bsums[2 * s + 1]);
+        bsp[t] = pairs[t];
+    }
+    for (size_t n = 0; n < rows; n += PXL_QR_ROWS) {
+        size_t r = rows - n < PXL_QR_ROWS ? rows - n : PXL_QR_ROWS;
+        const pxl_block_q4_Kx16 *Wn = (const pxl_block_q4_Kx16 *)W + n / PXL_QR_ROWS * nb;
+#define Q4(TT) block16(TT, nb, Wn, x, bsp, y + n, ldy, r)
+        FOR_T(Q4)
+#undef Q4
+    }
+}
