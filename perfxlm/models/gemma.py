@@ -203,9 +203,8 @@ class Gemma3ForCausalLM(Gemma2ForCausalLM):
 class GemmaRMSNorm(nn.Module):
     """x / rms(x) * (1 + w): the graph's RMSNorm, its weight holding 1 + w.
 
-    HF checkpoints store w; the loader assigns each checkpoint tensor to its parameter, and
-    this module adds `offset` (1, or 0 for a GGUF whose converter added it already) as the
-    tensor arrives, once. In float32 the product is then bit-identical to HF's
+    HF checkpoints store w; once the loader has filled it, after_load adds `offset` (1, or 0
+    for a GGUF whose converter added it already), in the run dtype. In float32 the product is then bit-identical to HF's
     `normed * (1.0 + w.float())`. With group_size, each head of a (T, H*hd) row is normalised
     on its own with a (hd,) weight (Gemma 3's q/k norm).
     """
@@ -214,14 +213,12 @@ class GemmaRMSNorm(nn.Module):
         super().__init__()
         self.eps, self.group_size = eps, group_size
         self.weight = nn.Parameter(torch.ones(dim))
-        self.offset = offset  # set last: from here on an assigned weight is a checkpoint tensor
+        self.offset = offset
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        # the loader fills parameters by setattr (perfxlm/models/loader.py _assign): fold the 1 in here
-        if name == "weight" and isinstance(value, nn.Parameter) and self.__dict__.get("offset"):
-            folded = (value.detach().float() + self.offset).to(value.dtype)
-            value = nn.Parameter(folded, requires_grad=value.requires_grad)
-        super().__setattr__(name, value)
+    def after_load(self) -> None:
+        if self.offset:
+            w = self.weight
+            self.weight = nn.Parameter((w.detach().float() + self.offset).to(w.dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, self.weight, self.eps, group_size=self.group_size)

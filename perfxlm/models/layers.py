@@ -73,6 +73,16 @@ class CausalLM(nn.Module):
     def forward(self, step: StepInputs, kv_caches: list[KVCache]) -> torch.Tensor:
         raise NotImplementedError
 
+    def after_load(self) -> None:
+        """Called once by the loader when every parameter holds its checkpoint tensor (in the
+        run dtype), before the model is used: rewrite here what the checkpoint stores in
+        another layout than forward computes with. Default: each submodule's own
+        `after_load()`, where it has one (FusedLinear, Gemma's norms)."""
+        for module in self.modules():
+            hook = getattr(module, "after_load", None)
+            if module is not self and hook is not None:
+                hook()
+
     @classmethod
     def gguf_tensor(cls, name: str, rows: np.ndarray, params: Any, gguf_arch: str) -> np.ndarray:
         """A GGUF tensor (float rows, or whole-block byte rows) as the parameter `name` wants its
@@ -115,22 +125,21 @@ class FusedLinear(nn.Module):
     """A checkpoint tensor that stacks several projections' rows (Phi-3's qkv_proj and
     gate_up_proj): loaded as one `weight` (sum(sizes), in_features), run as one Linear per part.
 
-    The graph has no split op, so the split happens on the weight, not the activation: the
-    loader assigns `weight` after the model is built (on the meta device), and each assignment
-    derives the parts as buffers (row views of it, reordered where `row_orders` gives an order:
-    a copy). Only the parts are read by forward, so only they go into an exported graph."""
+    The graph has no split op, so the split happens on the weight, not the activation: once the
+    loader has filled `weight` (after_load), the parts are derived as buffers (row views of it,
+    reordered where `row_orders` gives an order: a copy). Only the parts are read by forward,
+    so only they go into an exported graph."""
 
     def __init__(self, in_features: int, sizes: list[int], row_orders: list[list[int] | None] | None = None) -> None:
         super().__init__()
         self.sizes = list(sizes)
         self.row_orders = list(row_orders or [None] * len(sizes))
         self.weight = nn.Parameter(torch.empty(sum(sizes), in_features))
+        self.after_load()  # (parts of the empty weight, so a model built without weights has their shapes)
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(name, value)
-        if name == "weight":  # (re)derive the parts from the weight just assigned
-            for i, (part, order) in enumerate(zip(value.detach().split(self.sizes), self.row_orders)):
-                self.register_buffer(f"part{i}", part if order is None else part[order], persistent=False)
+    def after_load(self) -> None:
+        for i, (part, order) in enumerate(zip(self.weight.detach().split(self.sizes), self.row_orders)):
+            self.register_buffer(f"part{i}", part if order is None else part[order], persistent=False)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x (T, in) -> one (T, sizes[i]) per part."""

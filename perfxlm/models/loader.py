@@ -72,6 +72,8 @@ class ModelSource:
         for name, t in state.items():  # one at a time, so each unaligned original can go as it is copied
             state[name] = _aligned(t)
         _assign(model, state, self.path)
+        with torch.no_grad():
+            model.after_load()
         return model.to(dtype).eval()  # computed buffers (RoPE tables) to the model's dtype too
 
     def load_tokenizer(self, **kwargs: Any) -> Any:

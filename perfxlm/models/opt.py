@@ -13,7 +13,7 @@ op. llama.cpp has no OPT architecture, so there is no GGUF loading.
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -72,20 +72,14 @@ class LayerNorm(nn.Module):
 class LoadTimeLayout(CausalLM):
     """A family whose checkpoint layout is not the one its forward computes with: the model
     is built (on the meta device) with the checkpoint's shapes, so the loader fills and checks
-    it as stored, and `to_runtime_layout` rewrites those parameters once, when the loader
-    moves the loaded model to its dtype (`.to()`, which every load ends with; the loader has
-    no per-family hook for checkpoint tensors). Meta models are left as they are."""
+    it as stored, and `to_runtime_layout` rewrites those parameters once, after the load."""
 
     def to_runtime_layout(self) -> None:
         raise NotImplementedError
 
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], *args: Any, **kwargs: Any) -> "LoadTimeLayout":
-        out = super()._apply(fn, *args, **kwargs)
-        if not getattr(self, "_runtime_layout", False) and not any(p.is_meta for p in self.parameters()):
-            with torch.no_grad():
-                self.to_runtime_layout()
-            self._runtime_layout = True
-        return out
+    def after_load(self) -> None:
+        super().after_load()
+        self.to_runtime_layout()
 
 
 class OPTForCausalLM(LoadTimeLayout):
