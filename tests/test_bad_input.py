@@ -51,8 +51,6 @@ def test_lora_priority_and_unsupported_features(tiny_llm):
         tiny_llm.generate("x", SamplingParams(thinking_token_budget=5), use_tqdm=False)
     with pytest.raises(ValueError, match="only supported for pooling models"):
         tiny_llm.embed("x")
-    with pytest.raises(NotImplementedError, match="beam_search"):
-        tiny_llm.beam_search(["x"], None)
     assert_no_leaks(tiny_llm)
 
 

@@ -19,6 +19,7 @@ from perfxlm.engine.output_processor import OutputProcessor, RequestState
 from perfxlm.engine.request import Request, RequestStatus
 from perfxlm.engine.sampler import Sampler
 from perfxlm.engine.scheduler import Scheduler
+from perfxlm.engine.sleep_mode import SleepMode, discard_kv_cache, recommit_kv_cache
 from perfxlm.exceptions import VLLMValidationError
 from perfxlm.inputs import PromptType
 from perfxlm.metrics.stats import IterationStats, SchedulerStats, finished_stats
@@ -53,16 +54,7 @@ class LLMEngine:
         spec = model_spec(source.meta_model(), config.dtype)
         self.vocab_size = spec.vocab_size
         num_blocks = self._num_blocks(spec)
-        if os.environ.get("PERFXLM_EXECUTOR", "graph") == "eager":
-            if config.batch_invariant:
-                raise ValueError("PERFXLM_BATCH_INVARIANT=1 needs the graph executor (PERFXLM_EXECUTOR=eager "
-                                 "runs torch, whose GEMMs depend on the batch)")
-            executor: Executor = EagerExecutor(source.load_weights(config.dtype), spec, num_blocks, config.block_size)
-        else:
-            executor = self._graph_executor(cached_graph(source, config.dtype, config.quantization), num_blocks)
-            if executor.spec != spec:
-                raise RuntimeError(f"the exported graph's vocabulary and KV caches {executor.spec} differ from the "
-                                   f"model's {spec}")
+        executor = self._build_executor(spec, num_blocks)
         self.runner = ModelRunner(executor, config.block_size)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
@@ -74,6 +66,8 @@ class LLMEngine:
         self.requests: dict[str, RequestState] = {}
         self._prefix_seen = (0, 0, 0)  # the block manager's prefix-cache counters at the last stats
         self._new_request_ns: list[int] = []  # n of each request queued since the last stats
+        self._spec = spec
+        self.sleep_mode = SleepMode()
         logger.info("engine ready in %.1f s: %s, %s", time.perf_counter() - start, source.path,
                     str(config.dtype).removeprefix("torch."))
 
@@ -88,6 +82,20 @@ class LLMEngine:
         return ModelConfig(model=self.config.model, max_model_len=self.config.max_model_len,
                            dtype=self.config.dtype, hf_config=self.source.hf_config, vocab_size=self.vocab_size,
                            max_logprobs=self.config.max_logprobs, generation_config=self.generation_config)
+
+    def _build_executor(self, spec: GraphSpec, num_blocks: int) -> Executor:
+        """The executor: the exported graph on the hardware plugins, or torch (PERFXLM_EXECUTOR=eager)."""
+        config, source = self.config, self.source
+        if os.environ.get("PERFXLM_EXECUTOR", "graph") == "eager":
+            if config.batch_invariant:
+                raise ValueError("PERFXLM_BATCH_INVARIANT=1 needs the graph executor (PERFXLM_EXECUTOR=eager "
+                                 "runs torch, whose GEMMs depend on the batch)")
+            return EagerExecutor(source.load_weights(config.dtype), spec, num_blocks, config.block_size)
+        executor = self._graph_executor(cached_graph(source, config.dtype, config.quantization), num_blocks)
+        if executor.spec != spec:
+            raise RuntimeError(f"the exported graph's vocabulary and KV caches {executor.spec} differ from the "
+                               f"model's {spec}")
+        return executor
 
     def _num_blocks(self, spec: GraphSpec) -> int:
         config = self.config
@@ -148,6 +156,7 @@ class LLMEngine:
 
     def enqueue(self, state: RequestState) -> None:
         """Queue a request InputProcessor.process built."""
+        self.sleep_mode.check_awake()
         if state.request_id in self.requests:
             raise ValueError(f"Request id {state.request_id!r} is already running")
         self.requests[state.request_id] = state
@@ -192,6 +201,61 @@ class LLMEngine:
     def reset_prefix_cache(self) -> bool:
         return self.block_manager.reset_prefix_cache()
 
+    def get_supported_tasks(self) -> tuple[str, ...]:
+        return ("generate",)  # generative models only: pooling runners are refused at LLM()
+
+    def get_metrics(self) -> list[Any]:
+        """vLLM's metrics snapshot (perfxlm.metrics.reader), read from prometheus_client's registry."""
+        from perfxlm.metrics.loggers import PrometheusStatLogger  # prometheus_client: only when asked
+        from perfxlm.metrics.reader import get_metrics_snapshot
+        assert any(isinstance(s, PrometheusStatLogger) for s in self.stat_loggers), "Stat logging disabled"
+        return get_metrics_snapshot()
+
+    # ---- sleep mode (engine/sleep_mode.py) --------------------------------------------
+
+    def sleep(self, level: int = 1, mode: str = "abort") -> None:
+        """Stop scheduling (level 0), also discard the KV cache (level 1), also release the weights
+        (level 2). `mode` says what becomes of unfinished requests: "abort" ends them; "wait" and
+        "keep" keep them queued, which only level 0 allows (levels 1 and 2 forget their KV cache).
+        Adding a request fails until `wake_up`."""
+        self.sleep_mode.check_sleep_args(level, mode, self.has_unfinished_requests())
+        if mode == "abort":
+            self.abort_request(list(self.requests))
+        self.sleep_mode.paused = True
+        if level >= 1:
+            self.block_manager.reset_prefix_cache()  # the blocks' contents are about to be gone
+            discard_kv_cache(self.runner.executor)
+            self.sleep_mode.sleeping_tags.add("kv_cache")
+        if level >= 2:
+            self.runner.executor = None  # the graph runner's weights, caches and activation buffers
+            self.sleep_mode.sleeping_tags.add("weights")
+        self.sleep_mode.level = max(self.sleep_mode.level, level)
+        self._record_sleep_state()
+        logger.info("engine asleep at level %d", level)
+
+    def wake_up(self, tags: list[str] | None = None) -> bool:
+        """Bring back what `sleep` released ("weights", "kv_cache"; None: all) and, once all of it
+        is back, resume scheduling ("scheduling" resumes a level 0 sleep). Returns whether the
+        engine is fully awake."""
+        wanted = self.sleep_mode.take_tags(tags)
+        if "weights" in wanted:  # a fresh executor: weights reloaded, KV cache zero-filled
+            self.runner.executor = self._build_executor(self._spec, self.block_manager.num_blocks)
+        elif "kv_cache" in wanted:
+            recommit_kv_cache(self.runner.executor)
+        fully_awake = self.sleep_mode.resume_if_awake()
+        if fully_awake:
+            self._record_sleep_state()
+        return fully_awake
+
+    def is_sleeping(self) -> bool:
+        return self.sleep_mode.is_sleeping()
+
+    def _record_sleep_state(self) -> None:
+        for stat_logger in self.stat_loggers:
+            record = getattr(stat_logger, "record_sleep_state", None)  # vLLM's PrometheusStatLogger has it
+            if record is not None:
+                record(int(self.sleep_mode.is_sleeping()), self.sleep_mode.level)
+
     def do_log_stats(self) -> None:
         for logger_ in self.stat_loggers:
             logger_.log()
@@ -202,6 +266,8 @@ class LLMEngine:
         """Run one batch. Returns the outputs it produced: for CUMULATIVE and DELTA requests every
         one that got a token; for FINAL_ONLY the ones that finished. A step that only prefilled
         a chunk of a prompt produces nothing."""
+        if self.sleep_mode.paused:  # requests kept by sleep(level=0) wait for wake_up, as in vLLM
+            return []
         sched = self.scheduler.schedule()
         if sched.is_empty():
             if self.scheduler.has_unfinished_requests():

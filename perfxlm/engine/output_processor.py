@@ -61,7 +61,7 @@ class OutputProcessor:
         k = row.shape[0] if k == -1 else k
         ids, lps, ranks = [token_id], [chosen], [rank]
         if k > 0:
-            top = torch.topk(row, k)
+            top = torch.topk(row, min(k, row.shape[0]))  # (a request may ask for more than the vocabulary)
             ids += top.indices.tolist()
             lps += top.values.tolist()
             ranks += range(1, k + 1)

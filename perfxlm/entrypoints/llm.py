@@ -11,12 +11,16 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from perfxlm.beam_search import BeamSearchOutput, BeamSearchParams
+from perfxlm.beam_search import beam_search as run_beam_search
 from perfxlm.engine.arg_utils import EngineArgs, UsageContext
 from perfxlm.engine.llm_engine import LLMEngine
 from perfxlm.exceptions import VLLMValidationError
 from perfxlm.inputs import PromptType, check_text, tokenize_prompt
+from perfxlm.metrics.reader import Metric
 from perfxlm.outputs import RequestOutput
 from perfxlm.sampling_params import RequestOutputKind, SamplingParams
+from perfxlm.vllm_shim.coerce import coerce_sampling_params
 
 logger = logging.getLogger(__name__)
 
@@ -26,16 +30,16 @@ _ENGINE_KWARGS = {"max_model_len", "max_num_seqs", "max_num_batched_tokens", "en
                   "block_size", "max_logprobs", "generation_config", "override_generation_config",
                   "enable_chunked_prefill", "scheduling_policy", "hw_plugin"}
 # vLLM arguments that do not apply to perfxlm's single-process CPU engine; accepted, no effect
-_IGNORED_KWARGS = {"disable_log_stats", "swap_space", "load_format", "download_dir", "device",
+_IGNORED_KWARGS = {"swap_space", "load_format", "download_dir", "device",
                    "distributed_executor_backend", "max_seq_len_to_capture", "disable_async_output_proc",
                    "num_scheduler_steps", "use_v2_block_manager", "worker_cls", "max_parallel_loading_workers",
                    "kv_cache_dtype", "calculate_kv_scales", "prefix_caching_hash_algo",
                    "preemption_mode", "async_scheduling", "enable_prompt_embeds", "limit_mm_per_prompt",
-                   "reasoning_parser", "served_model_name", "config_format", "model_impl", "seed_everything"}
+                   "reasoning_parser", "served_model_name", "config_format", "model_impl", "seed_everything",
+                   "enable_sleep_mode"}  # sleep mode needs no setup here: LLM.sleep always works
 # vLLM features perfxlm does not implement: refuse rather than silently ignore
 _REFUSED_KWARGS = {"enable_lora": False, "speculative_config": None, "pipeline_parallel_size": 1,
-                   "data_parallel_size": 1, "enable_expert_parallel": False, "kv_transfer_config": None,
-                   "enable_sleep_mode": False}
+                   "data_parallel_size": 1, "enable_expert_parallel": False, "kv_transfer_config": None}
 
 
 class LLM:
@@ -66,6 +70,8 @@ class LLM:
                  kv_cache_memory_bytes: int | None = None, logits_processors: list | None = None,
                  allowed_local_media_path: str = "", allowed_media_domains: list | None = None,
                  **kwargs: Any) -> None:
+        # vLLM's LLM turns stats off unless asked; with them on, get_metrics() reads Prometheus
+        log_stats = not kwargs.pop("disable_log_stats", True)
         for name, value in kwargs.items():
             if name in _REFUSED_KWARGS and value != _REFUSED_KWARGS[name]:
                 raise NotImplementedError(f"perfxlm does not support {name}={value!r}")
@@ -89,6 +95,11 @@ class LLM:
         # every argument is checked before the model is read: a bad one fails at once, not after loading
         self.llm_engine = LLMEngine.from_engine_args(engine_args, UsageContext.LLM_CLASS)
         self.llm_engine.config.chat_template = _load_template(chat_template)
+        if log_stats:
+            _attach_stat_loggers(self.llm_engine)
+        self.model_config = self.llm_engine.model_config
+        self.supported_tasks = self.llm_engine.get_supported_tasks()
+        self.runner_type = "generate"
         self.request_counter = itertools.count()
         self.default_sampling_params: SamplingParams | None = None
         # one call at a time drives the engine: a call collects every output the engine yields
@@ -154,8 +165,38 @@ class LLM:
         with self._exclusive("reset_prefix_cache"):
             return self.llm_engine.block_manager.reset_prefix_cache()
 
-    def beam_search(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError("perfxlm does not support beam_search yet")
+    def beam_search(self, prompts: Sequence[PromptType], params: BeamSearchParams, lora_request: Any = None,
+                    use_tqdm: bool = False, concurrency_limit: int | None = None) -> list[BeamSearchOutput]:
+        """vLLM's beam search (perfxlm/beam_search.py): one BeamSearchOutput per prompt, its
+        sequences best first, each holding prompt + generated tokens and their decoded text."""
+        with self._exclusive("beam_search"):
+            tok = self._require_tokenizer("beam_search")
+            if lora_request is not None:
+                raise VLLMValidationError(f"Got lora_request {lora_request} but LoRA is not enabled!")
+            inputs = [self._tokenize(p, None) for p in _as_prompt_list(prompts)]
+
+            def run_step(token_lists: list[list[int]], step_params: SamplingParams) -> list[RequestOutput]:
+                return self._run([(ids, None) for ids in token_lists], step_params, False, None, None)
+
+            return run_beam_search(inputs, params, tok, run_step, lora_request=lora_request, use_tqdm=use_tqdm,
+                                   concurrency_limit=concurrency_limit)
+
+    def get_metrics(self) -> list[Metric]:
+        """vLLM's metrics snapshot (Counter, Gauge, Histogram, Vector from perfxlm.metrics.reader).
+        As in vLLM, stats are off unless the LLM was built with `disable_log_stats=False`."""
+        return self.llm_engine.get_metrics()
+
+    def sleep(self, level: int = 1, mode: str = "abort") -> None:
+        """Level 0: pause; 1: also discard the KV cache; 2: also release the weights. Adding a
+        request fails until `wake_up()` (vLLM would queue it and never run it)."""
+        with self._exclusive("sleep"):
+            self.llm_engine.sleep(level=level, mode=mode)
+
+    def wake_up(self, tags: list[str] | None = None) -> bool:
+        """Reload what `sleep` released (tags "weights", "kv_cache", "scheduling"; None: all);
+        returns whether the engine is fully awake."""
+        with self._exclusive("wake_up"):
+            return self.llm_engine.wake_up(tags)
 
     def encode(self, *args: Any, **kwargs: Any) -> Any:
         raise ValueError("LLM.encode() is only supported for pooling models. This model is generative.")
@@ -195,10 +236,10 @@ class LLM:
              use_tqdm: bool | Callable[..., tqdm], lora_request: Any, priority: list[int] | None) -> list[RequestOutput]:
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
-        if isinstance(sampling_params, SamplingParams):
-            params = [sampling_params] * len(inputs)
+        if not isinstance(sampling_params, Sequence):  # ours, or a real vLLM's (converted field by field)
+            params = [coerce_sampling_params(sampling_params)] * len(inputs)
         else:
-            params = list(sampling_params)
+            params = [coerce_sampling_params(p) for p in sampling_params]
             if len(params) != len(inputs):
                 raise VLLMValidationError(f"The lengths of prompts ({len(inputs)}) and params "
                                           f"({len(params)}) must be the same.")
@@ -246,6 +287,20 @@ class LLM:
         if pbar is not None:
             pbar.close()
         return outputs
+
+
+def _attach_stat_loggers(engine: LLMEngine) -> None:
+    """vLLM's default stat loggers (the stats log line, Prometheus), as AsyncLLM builds them."""
+    from perfxlm.metrics.loggers import LoggingStatLogger, PrometheusStatLogger
+    config, bm = engine.config, engine.block_manager
+    cache_config = {"block_size": str(config.block_size), "num_gpu_blocks": str(bm.num_blocks),
+                    "enable_prefix_caching": str(config.enable_prefix_caching),
+                    "kv_cache_size_tokens": str(bm.num_blocks * config.block_size)}
+    added = [LoggingStatLogger(kv_cache_device="CPU", num_kv_blocks=bm.num_blocks),
+             PrometheusStatLogger(engine.model_config.served_model_name, config.max_model_len, cache_config)]
+    for stat_logger in added:
+        stat_logger.log_engine_initialized()
+    engine.stat_loggers += added
 
 
 def _as_prompt_list(prompts: Any) -> list[Any]:
