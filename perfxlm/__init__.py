@@ -12,6 +12,7 @@ _MODULE_ATTRS = {
     "AsyncLLM": "perfxlm.engine.async_llm",
     "AsyncLLMEngine": "perfxlm.engine.async_llm",
     "EngineArgs": "perfxlm.engine.arg_utils",
+    "ModelRegistry": "perfxlm.models.registry",
     "AsyncEngineArgs": "perfxlm.engine.arg_utils",
     "EngineConfig": "perfxlm.config",
     "SamplingParams": "perfxlm.sampling_params",

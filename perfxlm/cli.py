@@ -1,4 +1,4 @@
-"""`perfxlm` command line: serve, export, plugins, bench."""
+"""`perfxlm` command line: serve, export, plugins, bench, run."""
 
 import argparse
 import importlib.util
@@ -9,8 +9,14 @@ logger = logging.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:  # everything after the script is the script's own: no parsing here
+        from perfxlm.vllm_shim.runner import run
+        return run(argv[1:])
     parser = argparse.ArgumentParser(prog="perfxlm", description="perfxlm: vLLM-compatible inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", add_help=False, help="run a script written for vLLM, unedited: `import vllm` is served "
+                                               "by perfxlm (perfxlm run script.py [args] | -m module [args])")
     exp = sub.add_parser("export", help="export a model to a perfxlm ONNX graph")
     exp.add_argument("model", help="anything LLM() accepts: HF directory, .gguf file, cached or embedded name")
     exp.add_argument("-o", "--output", required=True, help="the .onnx file to write (weights go to FILE.data)")
@@ -60,7 +66,6 @@ def main(argv: list[str] | None = None) -> int:
     from perfxlm.bench import serve as bench_serve
     bench_serve.add_cli_args(bsub.add_parser("serve", help="load a running OpenAI-compatible server (ours or "
                                                            "vLLM's) as `vllm bench serve` does"))
-    argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:  # vLLM's serve flags also take underscores (--max_model_len)
         argv = normalize_flags(argv)
     args = parser.parse_args(argv)
