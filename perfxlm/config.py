@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from perfxlm.engine.structured_output import StructuredOutputsConfig
+
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
@@ -37,6 +39,7 @@ class EngineConfig:
     override_generation_config: dict[str, Any] = field(default_factory=dict)  # merged over generation_config
     quantization: str | None = None  # "gguf": Linear weights stay GGUF blocks (Q8_0/Q4_0/Q4_1)
     hw_plugin: str | None = None  # perfxlm's own: which hardware plugin runs the graph
+    structured_outputs_config: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
     # a prompt's logprobs are bitwise the same alone or in any batch (vLLM's VLLM_BATCH_INVARIANT)
     batch_invariant: bool = field(default_factory=lambda: batch_invariant_from_env())
 

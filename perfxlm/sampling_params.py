@@ -32,10 +32,12 @@ class RequestOutputKind(Enum):
 
 @dataclass
 class StructuredOutputsParams:
-    """Constrained-decoding request, accepted for import compatibility.
+    """A structured outputs constraint: exactly one of json (schema), regex, choice,
+    grammar (EBNF or Lark), json_object or structural_tag.
 
-    perfxlm validates it as vLLM does, but the engine does not run structured
-    decoding yet and rejects requests that carry one.
+    The engine compiles it with xgrammar (perfxlm/engine/structured_output.py). As in
+    vLLM's xgrammar backend, the per-request whitespace and additional-properties options
+    are accepted and have no effect (`StructuredOutputsConfig.disable_any_whitespace` does).
     """
 
     json: str | dict | None = None
@@ -342,3 +344,6 @@ def _is_int_like(key: Any) -> bool:
         return True
     except (TypeError, ValueError):
         return False
+
+
+from perfxlm.beam_search import BeamSearchParams  # noqa: E402,F401  (vLLM defines it here)

@@ -9,7 +9,6 @@ import pytest
 
 from perfxlm import LLM, SamplingParams, TokensPrompt
 from perfxlm.exceptions import VLLMValidationError
-from perfxlm.sampling_params import StructuredOutputsParams
 from tests.conftest import assert_no_leaks
 
 OK = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
@@ -44,9 +43,6 @@ def test_lora_priority_and_unsupported_features(tiny_llm):
         tiny_llm.generate("x", OK, lora_request=object(), use_tqdm=False)
     with pytest.raises(ValueError, match="Priority scheduling is not enabled"):
         tiny_llm.generate("x", OK, priority=[1], use_tqdm=False)
-    with pytest.raises(NotImplementedError, match="structured_outputs"):
-        tiny_llm.generate("x", SamplingParams(structured_outputs=StructuredOutputsParams(regex="a")),
-                          use_tqdm=False)
     with pytest.raises(VLLMValidationError, match="thinking_token_budget is set but reasoning_config"):
         tiny_llm.generate("x", SamplingParams(thinking_token_budget=5), use_tqdm=False)
     with pytest.raises(ValueError, match="only supported for pooling models"):

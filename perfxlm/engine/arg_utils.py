@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from perfxlm.config import EngineConfig, check_engine_args, derive_max_model_len, resolve_dtype
+from perfxlm.engine.structured_output import StructuredOutputsConfig
 from perfxlm.models.loader import ModelSource, resolve_model
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the embedded default
@@ -59,6 +60,7 @@ class EngineArgs:
     trust_remote_code: bool = False
     disable_log_stats: bool = False
     hf_overrides: dict[str, Any] | Callable[[dict], dict] | None = None
+    structured_outputs_config: StructuredOutputsConfig | dict[str, Any] | None = None  # None: vLLM's defaults
 
     @property
     def served_model_names(self) -> list[str]:
@@ -100,6 +102,9 @@ class EngineArgs:
         g.add_argument("--skip-tokenizer-init", action=bool_flag, default=False)
         g.add_argument("--trust-remote-code", action=bool_flag, default=False)
         g.add_argument("--disable-log-stats", action=bool_flag, default=False)
+        g.add_argument("--structured-outputs-config", type=json_dict_arg, default=None,
+                       help='JSON, e.g. \'{"backend": "xgrammar", "disable_any_whitespace": true}\' '
+                            "(backends: auto, xgrammar)")
         return parser
 
     @classmethod
@@ -124,6 +129,7 @@ class EngineArgs:
         if self.quantization not in (None, "gguf"):
             raise NotImplementedError(f"perfxlm: quantization={self.quantization!r} is not supported; only "
                                       "'gguf' (GGUF blocks run natively)")
+        StructuredOutputsConfig.coerce(self.structured_outputs_config)  # a backend we lack fails here
 
     def create_engine_config(self, usage_context: UsageContext | None = None) -> tuple[EngineConfig, ModelSource]:
         """Resolve the arguments against the model's config (no weights are read)."""
@@ -155,6 +161,7 @@ class EngineArgs:
             generation_config=self.generation_config,
             override_generation_config=dict(self.override_generation_config or {}),
             quantization="gguf" if keep_blocks else None,
+            structured_outputs_config=StructuredOutputsConfig.coerce(self.structured_outputs_config),
             **{k: v for k, v in optional.items() if v is not None},
         )
         return config, source

@@ -10,6 +10,7 @@ from perfxlm.config import SEED_RANGE, EngineConfig
 from perfxlm.engine.detokenizer import IncrementalDetokenizer
 from perfxlm.engine.output_processor import RequestState
 from perfxlm.engine.request import Request
+from perfxlm.engine.structured_output import StructuredOutputManager, StructuredOutputsConfig
 from perfxlm.exceptions import VLLMValidationError
 from perfxlm.inputs import tokenize_prompt
 from perfxlm.sampling_params import SamplingParams
@@ -23,6 +24,9 @@ class InputProcessor:
         self.tokenizer = tokenizer
         self.generation_config = generation_config
         self.eos_token_id = eos_token_id
+        # an EngineConfig built by hand (not by EngineArgs) has vLLM's default structured outputs config
+        so_config = StructuredOutputsConfig.coerce(getattr(config, "structured_outputs_config", None))
+        self.structured_outputs = StructuredOutputManager(so_config, tokenizer, vocab_size)
 
     def process(self, request_id: str, prompt: Any, params: SamplingParams, *, prompt_text: str | None = None,
                 tokenization_kwargs: dict[str, Any] | None = None, arrival_time: float | None = None
@@ -41,6 +45,9 @@ class InputProcessor:
         if self.tokenizer is not None:
             params.update_from_tokenizer(self.tokenizer)
         max_tokens = params.max_tokens or self.config.max_model_len - len(prompt_token_ids)
+        compiled = None  # one grammar for the request, one matcher per sequence
+        if params.structured_outputs is not None:
+            compiled = self.structured_outputs.compile(params.structured_outputs)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         children, detoks = [], []
         for i in range(params.n):
@@ -54,6 +61,8 @@ class InputProcessor:
             req = Request(child_id, prompt_token_ids, child_params, params.eos_token_id, max_tokens,
                           parent_id=request_id, index=i, arrival_time=arrival)
             req.wants_prompt_logprobs &= i == 0  # only the first sequence scores the prompt
+            if compiled is not None:
+                req.grammar = self.structured_outputs.new_grammar(compiled, params.all_stop_token_ids)
             children.append(req)
             detoks.append(IncrementalDetokenizer(self.tokenizer, prompt_token_ids, child_params)
                           if self.tokenizer is not None and params.detokenize else None)
@@ -110,7 +119,8 @@ class InputProcessor:
                 "--reasoning-config to use thinking_token_budget.", parameter="thinking_token_budget")
         if (params.stop or params.bad_words) and self.tokenizer is None:
             raise VLLMValidationError("stop strings and bad_words need a tokenizer (skip_tokenizer_init=True)")
-        unsupported = {"structured_outputs": params.structured_outputs, "logprob_token_ids": params.logprob_token_ids,
+        self.structured_outputs.validate(params)
+        unsupported = {"logprob_token_ids": params.logprob_token_ids,
                        "prompt_logprob_token_ids": params.prompt_logprob_token_ids,
                        "flat_logprobs": params.flat_logprobs, "repetition_detection": params.repetition_detection,
                        "trace_decode_token_ids": params.trace_decode_token_ids}

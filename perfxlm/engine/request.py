@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from perfxlm.engine.structured_output import RequestGrammar
 from perfxlm.logprobs import PromptLogprobs, SampleLogprobs
 from perfxlm.sampling_params import SamplingParams, SamplingType
 
@@ -18,13 +19,14 @@ class RequestStatus(enum.IntEnum):
     FINISHED_STOPPED = 3
     FINISHED_LENGTH_CAPPED = 4
     FINISHED_ABORTED = 5
+    FINISHED_ERROR = 6     # the grammar rejected a sampled token (vLLM: finish_reason "error")
 
     def is_finished(self) -> bool:
         return self >= RequestStatus.FINISHED_STOPPED
 
     def finish_reason(self) -> str | None:
         return {RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHED_LENGTH_CAPPED: "length",
-                RequestStatus.FINISHED_ABORTED: "abort"}.get(self)
+                RequestStatus.FINISHED_ABORTED: "abort", RequestStatus.FINISHED_ERROR: "error"}.get(self)
 
 
 @dataclass(eq=False)
@@ -57,6 +59,7 @@ class Request:
     last_token_time: float | None = None
     num_preemptions: int = 0
     wants_prompt_logprobs: bool = False
+    grammar: RequestGrammar | None = None  # structured outputs: fed every sampled token, masks the logits
     plain_draw: bool = field(default=False, init=False)  # each token a draw from softmax(logits) as they are
 
     def __post_init__(self) -> None:

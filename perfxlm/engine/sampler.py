@@ -1,9 +1,11 @@
 """Next-token sampling with vLLM's processing order and semantics.
 
-Order: allowed_token_ids, bad_words, min_tokens, logit_bias, penalties
+Order: the structured outputs grammar's token mask (only on rows with a live
+grammar), allowed_token_ids, bad_words, min_tokens, logit_bias, penalties
 (repetition, frequency, presence), then greedy argmax, or temperature, min_p,
-top-k/top-p and a draw. Logprobs are the log-softmax of the raw logits, taken
-before any of that (vLLM's default `raw_logprobs`).
+top-k/top-p and a draw. Logprobs are the log-softmax of the logits as the model
+gave them, after the grammar mask only, as vLLM applies it before its sampler
+(vLLM's default `raw_logprobs`).
 """
 
 from dataclasses import dataclass
@@ -12,6 +14,7 @@ import torch
 
 from hw_plugins.base import NativeSampler
 from perfxlm.engine.request import Request
+from perfxlm.engine.structured_output import GrammarBitmask
 from perfxlm.sampling_params import SamplingType
 
 
@@ -21,17 +24,17 @@ class SamplerOutput:
     logprobs: torch.Tensor | None = None   # (B, V) raw log-softmax, when some row asked for logprobs
 
 
-
-
 class Sampler:
     def __init__(self, seed: int, native: NativeSampler | None = None) -> None:
         self.generator = torch.Generator().manual_seed(seed)  # for unseeded random requests
         # the logits' plugin's inverse CDF straight from logits (HwPlugin.native_sampler, the cpu
         # plugins'): one pass over each row instead of softmax + block sums in torch
         self.native = native
+        self.grammar_bitmask = GrammarBitmask()
 
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
         """logits (B, V) float32, one row per request -> one token per request."""
+        self.grammar_bitmask.apply(logits, reqs)  # in place, rows of live grammars only
         if all(r.plain_draw for r in reqs):  # the usual random batch: one uniform a row, drawn as below
             u = torch.rand(len(reqs), 1, generator=self.generator)
             return SamplerOutput(self._inverse_cdf(logits, u).tolist())

@@ -88,8 +88,9 @@ class Scheduler:
         return out
 
     def update(self, out: SchedulerOutput, sampling: list[Request], tokens: list[int]) -> list[int]:
-        """Record the step's computed tokens and sampling[i]'s new token tokens[i]; end the
-        sequences that EOS, a stop token or the length limit ends. Returns the indices i of the
+        """Record the step's computed tokens and sampling[i]'s new token tokens[i] (a structured
+        output's grammar accepts it); end the sequences that EOS, a stop token or the length limit
+        ends. Returns the indices i of the
         requests that got their token (not those aborted during the step)."""
         for req, n in zip(out.requests, out.num_tokens):
             if not req.is_finished:
@@ -102,6 +103,10 @@ class Scheduler:
             req.append_output_token(token)
             got_token.append(i)
             stop = self._check_stop(req)
+            if req.grammar is not None and not req.grammar.accept(token):
+                # the mask allowed it, so only an all-masked row gets here (vLLM ends the request too)
+                logger.error("grammar rejected token %d for request %s; ending it", token, req.request_id)
+                stop = RequestStatus.FINISHED_ERROR, None
             if stop is not None:
                 self.finish(req, *stop)
         return got_token

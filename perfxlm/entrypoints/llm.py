@@ -91,6 +91,7 @@ class LLM:
             model=model, tokenizer=tokenizer, revision=revision, dtype=dtype, seed=seed,
             quantization=quantization, kv_cache_memory_bytes=kv_cache_memory_bytes,
             skip_tokenizer_init=skip_tokenizer_init, trust_remote_code=trust_remote_code, hf_overrides=hf_overrides,
+            structured_outputs_config=structured_outputs_config,
             **{k: v for k, v in kwargs.items() if k in _ENGINE_KWARGS})
         # every argument is checked before the model is read: a bad one fails at once, not after loading
         self.llm_engine = LLMEngine.from_engine_args(engine_args, UsageContext.LLM_CLASS)
