@@ -10,9 +10,7 @@ completed and live beams are ranked by `cum_logprob / len(tokens) ** length_pena
 counts the prompt and leaves out a final EOS) and the best `beam_width` are decoded.
 
 vLLM 0.32 keeps these classes in `vllm.entrypoints.generate.beam_search.utils` (older releases:
-`vllm.beam_search`) and `BeamSearchParams` in `vllm.sampling_params`. This module imports no
-other perfxlm module at import time, so `perfxlm.sampling_params` can re-export
-`BeamSearchParams` from here.
+`vllm.beam_search`) and `BeamSearchParams` in `vllm.sampling_params`, as perfxlm does.
 """
 
 import itertools
@@ -23,41 +21,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from perfxlm.exceptions import VLLMValidationError
 from perfxlm.logprobs import Logprob
+from perfxlm.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class BeamSearchParams:
-    """Beam search parameters for text generation (vLLM's fields and defaults).
-
-    `include_stop_str_in_output` is accepted as in vLLM, whose offline beam search does not
-    read it either; `watermarking` is accepted and has no effect (no watermark is configured).
-    """
-
-    beam_width: int
-    max_tokens: int
-    ignore_eos: bool = False
-    temperature: float = 0.0
-    length_penalty: float = 1.0
-    include_stop_str_in_output: bool = False
-    structured_outputs: Any = None
-    skip_special_tokens: bool = True
-    watermarking: bool | None = None
-
-    def __post_init__(self) -> None:
-        # vLLM checks beam_width only, with the messages it uses for n
-        if not isinstance(self.beam_width, int):
-            raise VLLMValidationError(f"beam_width must be an int, but is of type {type(self.beam_width)}")
-        if self.beam_width < 1:
-            raise VLLMValidationError(f"beam_width must be at least 1, got {self.beam_width}.")
-        from perfxlm.sampling_params import _max_n  # deferred: sampling_params re-exports this class
-        if self.beam_width > _max_n():
-            raise VLLMValidationError(
-                f"beam_width must be at most {_max_n()}, got {self.beam_width}. To increase this limit, "
-                "set the VLLM_MAX_N_SEQUENCES environment variable.")
 
 
 @dataclass
@@ -129,8 +96,6 @@ def beam_search(prompts: Sequence[tuple[list[int], str | None]], params: BeamSea
                 concurrency_limit: int | None = None) -> list[BeamSearchOutput]:
     """Beam search over tokenized prompts ((token ids, text or None) each); `run_step` runs the
     engine. Prompts are searched `concurrency_limit` at a time (all at once when None)."""
-    from perfxlm.sampling_params import SamplingParams  # deferred: see the module docstring
-
     if params.structured_outputs is not None:
         raise NotImplementedError("perfxlm does not support beam search with structured_outputs yet")
     eos_token_id = tokenizer.eos_token_id

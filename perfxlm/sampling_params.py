@@ -346,4 +346,31 @@ def _is_int_like(key: Any) -> bool:
         return False
 
 
-from perfxlm.beam_search import BeamSearchParams  # noqa: E402,F401  (vLLM defines it here)
+@dataclass
+class BeamSearchParams:
+    """Beam search parameters for text generation (vLLM's fields and defaults).
+
+    `include_stop_str_in_output` is accepted as in vLLM, whose offline beam search does not
+    read it either; `watermarking` is accepted and has no effect (no watermark is configured).
+    """
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+    structured_outputs: Any = None
+    skip_special_tokens: bool = True
+    watermarking: bool | None = None
+
+    def __post_init__(self) -> None:
+        # vLLM checks beam_width only, with the messages it uses for n
+        if not isinstance(self.beam_width, int):
+            raise VLLMValidationError(f"beam_width must be an int, but is of type {type(self.beam_width)}")
+        if self.beam_width < 1:
+            raise VLLMValidationError(f"beam_width must be at least 1, got {self.beam_width}.")
+        if self.beam_width > _max_n():
+            raise VLLMValidationError(
+                f"beam_width must be at most {_max_n()}, got {self.beam_width}. To increase this limit, "
+                "set the VLLM_MAX_N_SEQUENCES environment variable.")
