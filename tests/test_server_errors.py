@@ -149,8 +149,8 @@ BAD_REQUESTS = [
      "chat_template"),
     ("v1/chat/completions", {"messages": MESSAGES, "max_completion_tokens": 0}, 400, "BadRequestError",
      "max_tokens"),
-    ("v1/chat/completions", {"messages": MESSAGES, "response_format": {"type": "json_object"}}, 501,
-     "NotImplementedError", None),
+    ("v1/chat/completions", {"messages": MESSAGES, "response_format": {"type": "json_schema"}}, 400,
+     "BadRequestError", "response_format"),
     ("tokenize", {"prompt": 5}, 400, "Bad Request", "body.prompt"),
     ("detokenize", {"tokens": [10 ** 9]}, 400, "BadRequestError", "tokens"),
 ]

@@ -155,7 +155,7 @@ class StructuredOutputManager:
                                       "structured_outputs to disable structured outputs")
         if so.regex and "\x00" in so.regex:
             raise VLLMValidationError("structured_outputs.regex must not contain a NUL character ('\\x00')")
-        _validate_xgrammar(so)
+        validate_xgrammar_grammar(so)
 
     def compile(self, so: StructuredOutputsParams) -> Any:
         """The xgrammar CompiledGrammar for a validated constraint, compiled once per spec."""
@@ -222,7 +222,7 @@ def structured_output_key(so: StructuredOutputsParams) -> tuple[str, str]:
     raise ValueError("No valid structured output parameter found")
 
 
-def _validate_xgrammar(so: StructuredOutputsParams) -> None:
+def validate_xgrammar_grammar(so: StructuredOutputsParams) -> None:
     """vLLM's validate_xgrammar_grammar: parse the constraint without compiling it."""
     import xgrammar as xgr
     if so.regex:

@@ -1,16 +1,19 @@
 """Request and response bodies of the OpenAI-compatible server, with vLLM 0.32's field names,
 defaults and key order (the key order is what a client sees in the JSON)."""
 
+import dataclasses
+import json
 import logging
 import os
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from perfxlm.exceptions import VLLMValidationError
 from perfxlm.logprobs import Logprob
+from perfxlm.sampling_params import StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +36,8 @@ class OpenAIBaseModel(BaseModel):
     @classmethod
     def _log_extra_fields(cls, data: Any, handler: Any) -> Any:
         result = handler(data)
-        if isinstance(data, dict) and (extra := data.keys() - cls.model_fields.keys()):
+        known = {f.alias or name for name, f in cls.model_fields.items()} | cls.model_fields.keys()
+        if isinstance(data, dict) and (extra := data.keys() - known):
             logger.debug("The following fields were present in the request but ignored: %s", extra)
         return result
 
@@ -100,6 +104,104 @@ class StreamOptions(OpenAIBaseModel):
     include_usage: bool | None = True
     continuous_usage_stats: bool | None = False
 
+
+# ---- structured outputs (response_format, structured_outputs) -------------------------------
+
+class JsonSchemaResponseFormat(OpenAIBaseModel):
+    name: str
+    description: str | None = None
+    # OpenAI's key is "schema", which would shadow BaseModel.schema: hence the alias
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class LegacyStructuralTag(OpenAIBaseModel):
+    begin: str
+    structural_tag_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    end: str
+
+
+class LegacyStructuralTagResponseFormat(OpenAIBaseModel):
+    type: Literal["structural_tag"]
+    structures: list[LegacyStructuralTag]
+    triggers: list[str]
+
+
+class StructuralTagResponseFormat(OpenAIBaseModel):
+    type: Literal["structural_tag"]
+    format: Any
+
+
+class ResponseFormat(OpenAIBaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaResponseFormat | None = None
+
+
+AnyStructuralTagResponseFormat = LegacyStructuralTagResponseFormat | StructuralTagResponseFormat
+AnyResponseFormat = ResponseFormat | StructuralTagResponseFormat | LegacyStructuralTagResponseFormat
+
+
+def structured_outputs_from_response_format(structured_outputs: StructuredOutputsParams | None,
+                                            response_format: AnyResponseFormat | None
+                                            ) -> StructuredOutputsParams | None:
+    """The request's constraint, as vLLM builds it: `response_format` (unless "text") overrides
+    the matching field of `structured_outputs`; two kinds left set is vLLM's error."""
+    if response_format is None or response_format.type == "text":
+        return structured_outputs
+    if response_format.type == "json_object":
+        overrides: dict[str, Any] = {"json_object": True}
+    elif response_format.type == "json_schema":
+        overrides = {"json": response_format.json_schema.json_schema}  # the validator made sure it is set
+    else:
+        overrides = {"structural_tag": json.dumps(response_format.model_dump(by_alias=True))}
+    if structured_outputs is None:
+        return StructuredOutputsParams(**overrides)
+    return dataclasses.replace(structured_outputs, **overrides)
+
+
+def _check_structural_tag(payload: Any, parameter: str) -> None:
+    """vLLM parses a structural tag when the request is read, so that a malformed one is a 400
+    naming the field rather than a failed generation."""
+    from perfxlm.engine.structured_output import validate_xgrammar_grammar, check_json_nesting
+    message = f"Invalid {parameter} structural_tag specification."
+    if isinstance(payload, str) and not payload:
+        raise VLLMValidationError(message, parameter=parameter)
+    if isinstance(payload, str):
+        check_json_nesting(payload, structural_tag=True)  # its own message, not "malformed"
+    try:
+        validate_xgrammar_grammar(StructuredOutputsParams(structural_tag=payload))
+    except (TypeError, ValueError) as e:
+        raise VLLMValidationError(message, parameter=parameter) from e
+
+
+def check_structured_outputs(data: dict[str, Any], count_parameter: str | None) -> None:
+    """vLLM's request-time checks of `response_format` and `structured_outputs` (the raw body):
+    a json_schema format needs its `json_schema`, a structural tag must parse, and at most one
+    of json / regex / choice. The schema itself is checked when the request is added."""
+    response_format = data.get("response_format")
+    if isinstance(response_format, dict):
+        if response_format.get("type") == "json_schema" and response_format.get("json_schema") is None:
+            raise VLLMValidationError("When response_format type is 'json_schema', the 'json_schema' field must "
+                                      "be provided.", parameter="response_format")
+        if response_format.get("type") == "structural_tag":
+            try:
+                tag = TypeAdapter(AnyStructuralTagResponseFormat).validate_python(response_format)
+                payload = json.dumps(tag.model_dump(by_alias=True))
+            except (ValidationError, TypeError, ValueError) as e:
+                raise VLLMValidationError("Invalid response_format structural_tag specification.",
+                                          parameter="response_format") from e
+            _check_structural_tag(payload, "response_format")
+    structured_outputs = data.get("structured_outputs")
+    if not isinstance(structured_outputs, dict):
+        return  # None, or a type pydantic reports
+    if sum(structured_outputs.get(k) is not None for k in ("json", "regex", "choice")) > 1:
+        raise VLLMValidationError("You can only use one kind of constraints for structured outputs ('json', "
+                                  "'regex' or 'choice').", parameter=count_parameter)
+    if structured_outputs.get("structural_tag") is not None:
+        _check_structural_tag(structured_outputs["structural_tag"], "structured_outputs")
+
+
+# ---- sampling fields both routes share ------------------------------------------------------
 
 class SamplingFields(OpenAIBaseModel):
     """vLLM's sampling extensions, shared by completions and chat (in vLLM's order)."""
@@ -177,8 +279,8 @@ class CompletionRequest(SamplingFields):
     top_p: float | None = None
     user: str | None = None
     add_special_tokens: bool = True
-    response_format: dict[str, Any] | None = None
-    structured_outputs: dict[str, Any] | None = None
+    response_format: AnyResponseFormat | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -187,6 +289,7 @@ class CompletionRequest(SamplingFields):
             return data
         if data.get("max_tokens") is None:  # null means the default, 16
             data = {**data, "max_tokens": 16}
+        check_structured_outputs(data, "structured_outputs")
         prompt = data.get("prompt")
         if prompt is None or prompt == "" or prompt == []:
             raise VLLMValidationError("Either prompt or prompt_embeds must be provided and non-empty.",
@@ -266,7 +369,7 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = None
     n: int | None = 1
     presence_penalty: float | None = 0.0
-    response_format: dict[str, Any] | None = None
+    response_format: AnyResponseFormat | None = None
     seed: Int64 | None = None
     stop: StopParam = Field(default_factory=list)
     stream: bool | None = False
@@ -284,13 +387,19 @@ class ChatCompletionRequest(SamplingFields):
     documents: list[dict[str, str]] | None = None
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    structured_outputs: dict[str, Any] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _check_chat(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
+        check_structured_outputs(data, None)
+        so = data.get("structured_outputs")
+        if (isinstance(so, dict) and any(so.get(k) is not None for k in ("json", "regex", "choice"))
+                and data.get("tool_choice", "none") not in ("none", "auto", "required")):
+            raise VLLMValidationError("You can only either use constraints for structured outputs or tools, not "
+                                      "both.")
         top_logprobs = data.get("top_logprobs")
         if isinstance(top_logprobs, int) and (top_logprobs == -1 or top_logprobs > 0) and not data.get("logprobs"):
             raise VLLMValidationError("when using `top_logprobs`, `logprobs` must be set to true.",

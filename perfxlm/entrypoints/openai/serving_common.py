@@ -19,7 +19,8 @@ from fastapi.responses import JSONResponse
 
 from perfxlm.entrypoints.openai.protocol import (ChatCompletionLogProb, ChatCompletionLogProbs,
                                                  ChatCompletionLogProbsContent, CompletionLogProbs, ErrorInfo,
-                                                 ErrorResponse, PromptTokenUsageInfo, StreamOptions, UsageInfo)
+                                                 ErrorResponse, PromptTokenUsageInfo, StreamOptions, UsageInfo,
+                                                 structured_outputs_from_response_format)
 from perfxlm.exceptions import EngineDeadError, EngineGenerateError, VLLMClientError, VLLMValidationError
 from perfxlm.logprobs import Logprob
 from perfxlm.sampling_params import RequestOutputKind, SamplingParams
@@ -67,6 +68,9 @@ class OpenAIServing:
         self.system_fingerprint = f"perfxlm-{__version__}-{hashlib.sha256(config_id.encode()).hexdigest()[:8]}"
         # vLLM refuses text longer than this many characters before tokenizing it
         self.max_chars_per_token = _max_chars_per_token(self.tokenizer)
+        # the engine's own checker (AsyncLLM -> LLMEngine -> InputProcessor), so the server and the
+        # engine cannot disagree on what compiles
+        self.structured_outputs = engine.engine.input_processor.structured_outputs
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -133,12 +137,14 @@ class OpenAIServing:
 
     def sampling_params(self, request: Any, max_tokens: int, logprobs: int | None) -> SamplingParams:
         """A completion or chat request's SamplingParams: its values over the server's defaults,
-        DELTA for a stream and FINAL_ONLY for a whole answer. With echo, the prompt's logprobs
-        default to the requested logprobs, as in vLLM."""
+        DELTA for a stream and FINAL_ONLY for a whole answer, and the structured outputs
+        constraint from `response_format` / `structured_outputs` (checked here: a bad schema or
+        regex raises VLLMValidationError). With echo, the prompt's logprobs default to the
+        requested logprobs, as in vLLM."""
         prompt_logprobs = request.prompt_logprobs
         if prompt_logprobs is None and request.echo:
             prompt_logprobs = logprobs
-        return SamplingParams.from_optional(
+        params = SamplingParams.from_optional(
             n=request.n, presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
             **self.sampling_defaults(request), seed=request.seed, stop=request.stop,
             stop_token_ids=self.stop_token_ids(request), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
@@ -148,7 +154,13 @@ class OpenAIServing:
             include_stop_str_in_output=request.include_stop_str_in_output,
             output_kind=RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY,
             logit_bias=request.logit_bias, allowed_token_ids=request.allowed_token_ids,
-            bad_words=request.bad_words)
+            bad_words=request.bad_words,
+            structured_outputs=structured_outputs_from_response_format(request.structured_outputs,
+                                                                       request.response_format))
+        # a constraint that cannot compile is a 400 before anything is queued, a stream's too (the
+        # engine would report it only after the stream's 200 went out)
+        self.structured_outputs.validate(params)
+        return params
 
     def usage(self, prompt_tokens: int, completion_tokens: int, num_cached_tokens: int | None) -> UsageInfo:
         """`usage`, with `prompt_tokens_details` under --enable-prompt-tokens-details."""

@@ -184,7 +184,3 @@ def check_unsupported(request: Any) -> None:
                                   "template.", parameter="suffix")
     if request.use_beam_search:
         raise NotImplementedError("perfxlm does not support beam search yet")
-    response_format = request.response_format or {}
-    if request.structured_outputs or response_format.get("type", "text") != "text":
-        raise NotImplementedError("perfxlm does not support structured outputs (response_format, "
-                                  "structured_outputs) yet")
