@@ -54,6 +54,20 @@ def main(argv: list[str] | None = None) -> int:
     roof.add_argument("--model", default=None, help="a GGUF file (default: the embedded SmolLM2)")
     roof.add_argument("--threads", type=int, default=None, help="default: all cores")
     roof.add_argument("--output-json", default=None, help="also write the figures as JSON")
+    qual = bsub.add_parser("quality", help="perplexity, KL divergence, same top-1 and Δp against a reference's full "
+                                           "distributions, as llama-perplexity --kl-divergence reports them")
+    qual.add_argument("model", help="anything LLM() accepts (e.g. the embedded HuggingFaceTB/SmolLM2-135M-Instruct)")
+    qual.add_argument("--reference", default=None, help="the reference model (default: MODEL)")
+    qual.add_argument("--dtype", default="auto", help="MODEL's dtype (auto: a quantised GGUF runs its blocks)")
+    qual.add_argument("--reference-dtype", default="float32", help="the reference's dtype (default: float32)")
+    qual.add_argument("--text", default=None, help="a text file (default: /usr/share/common-licenses/GPL-3)")
+    qual.add_argument("--ctx", type=int, default=512, help="tokens per chunk; the second half of each is scored")
+    qual.add_argument("--chunks", type=int, default=4, help="chunks scored (default: 4)")
+    qual.add_argument("--llama-cpp", default=None, metavar="DIR",
+                      help="a directory with llama-perplexity and llama-quantize: also run llama.cpp on the same "
+                           "GGUF files and text")
+    qual.add_argument("--threads", type=int, default=None, help="llama.cpp's threads (default: all cores)")
+    qual.add_argument("--output-json", default=None, help="also write the rows as JSON")
     from perfxlm.bench.serving import add_common_args
     thr = bsub.add_parser("throughput", help="offline throughput (vLLM bench throughput's flags and summary)")
     add_common_args(thr)
@@ -84,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             return _bench_attention(args)
         if args.bench == "sampler":
             return _bench_sampler(args)
+        if args.bench == "quality":
+            return _bench_quality(args)
         if args.bench == "serve":
             return bench_serve.main(args)
         import perfxlm  # noqa: F401 - configures logging
@@ -157,6 +173,26 @@ def _bench_sampler(args: argparse.Namespace) -> int:
     print(f"sampling by inverse CDF, unseeded rows; ours: {lib.pxl_isa().decode()} kernels, "
           f"{lib.pxl_num_threads()} threads; torch {torch.__version__}, {torch.get_num_threads()} threads")
     return _report(sampler.report(rows), rows, args.output_json)
+
+
+def _bench_quality(args: argparse.Namespace) -> int:
+    import os
+
+    import perfxlm  # noqa: F401 - configures logging
+    from perfxlm.bench import quality
+
+    text = args.text or quality.DEFAULT_TEXT
+    if not os.path.isfile(text):
+        raise SystemExit(f"perfxlm bench quality: --text {text!r} is not a file")
+    try:
+        rows = quality.run(args.model, args.reference or args.model, args.dtype, args.reference_dtype, text,
+                           args.ctx, args.chunks, args.llama_cpp, args.threads)
+    except ValueError as e:
+        raise SystemExit(f"perfxlm bench quality: {e}")
+    print(f"{args.model} ({args.dtype}) against {args.reference or args.model} ({args.reference_dtype}); "
+          f"{text}: {args.chunks} chunks of {args.ctx} tokens, the last {args.ctx - 1 - args.ctx // 2} of each "
+          f"scored ({rows[0].tokens} tokens)")
+    return _report(quality.report(rows), quality.as_json(rows), args.output_json)
 
 
 def _report(text: str, data: object, json_path: str | None) -> int:

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from hw_plugins.base import REFERENCE, select_plugin
@@ -18,7 +19,7 @@ from perfxlm.engine.model_runner import EagerExecutor, Executor, GraphExecutor, 
 from perfxlm.engine.output_processor import OutputProcessor, RequestState
 from perfxlm.engine.request import Request, RequestStatus
 from perfxlm.engine.sampler import Sampler
-from perfxlm.engine.scheduler import Scheduler
+from perfxlm.engine.scheduler import Scheduler, SchedulerOutput
 from perfxlm.engine.sleep_mode import SleepMode, discard_kv_cache, recommit_kv_cache
 from perfxlm.exceptions import VLLMValidationError
 from perfxlm.inputs import PromptType
@@ -320,6 +321,40 @@ class LLMEngine:
         if stats is not None:
             self._record(stats)
         return outputs
+
+    # ---- full-vocabulary scoring (perfxlm bench quality) ------------------------------
+
+    def score_prompt(self, token_ids: list[int], start: int = 1) -> np.ndarray:
+        """Full-vocabulary log-probabilities of token_ids[start:], each given the tokens before it:
+        (len(token_ids) - start, vocab) float32, row i the distribution token_ids[start + i] was
+        drawn from. Outside the request queue (prompt logprobs give only the top k): the prompt
+        is prefilled in steps of at most max_num_batched_tokens on KV blocks of its own, freed
+        afterwards, and only the rows asked for go through the lm_head."""
+        self.sleep_mode.check_awake()
+        if not 1 <= start < len(token_ids):
+            raise ValueError(f"start must be in [1, {len(token_ids) - 1}], got {start}")
+        params = SamplingParams(max_tokens=1)
+        self.validate_request(token_ids, params)
+        req = Request("score_prompt", list(token_ids), params, None, 1)
+        if not self.block_manager.allocate_slots(req, len(token_ids)):
+            raise ValueError(f"scoring {len(token_ids)} tokens needs {self.block_manager.blocks_needed(len(token_ids))}"
+                             f" KV blocks; {self.block_manager.num_free_blocks} are free")
+        out = np.empty((len(token_ids) - start, self.vocab_size), np.float32)
+        try:
+            budget = self.config.max_num_batched_tokens
+            for pos in range(0, len(token_ids), budget):
+                n = min(budget, len(token_ids) - pos)
+                inp = self.runner.prepare(SchedulerOutput([req], [n]))
+                # the logits at position p score token p + 1: rows start - 1 .. len - 2 only
+                lo, hi = max(pos, start - 1), min(pos + n, len(token_ids) - 1)
+                inp.feeds["logits_indices"] = np.arange(lo - pos, max(hi - pos, lo - pos), dtype=np.int64)
+                logits = self.runner.execute(inp)
+                if hi > lo:
+                    out[lo - start + 1:hi - start + 1] = torch.log_softmax(torch.from_numpy(logits), -1).numpy()
+                req.num_computed_tokens += n
+        finally:
+            self.block_manager.free_blocks(req)
+        return out
 
     # ---- statistics -------------------------------------------------------------------
 
