@@ -65,23 +65,7 @@ class Qwen3ForCausalLM(CausalLM):
             raise ValueError(f"use_sliding_window=True is not supported for {ARCH}")
         if cfg.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {cfg['hidden_act']!r} is not supported for {ARCH}; supported: ['silu']")
-        raw = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
-        n_heads = cfg["num_attention_heads"]
-        return ModelParams(
-            vocab_size=cfg["vocab_size"],
-            dim=cfg["hidden_size"],
-            n_layers=cfg["num_hidden_layers"],
-            n_heads=n_heads,
-            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
-            intermediate_size=cfg["intermediate_size"],
-            norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=float(cfg.get("rope_theta") or raw.get("rope_theta") or 10000.0),
-            rope_scaling=rope_scaling_from_hf(cfg, ARCH),
-            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            qkv_bias=cfg.get("attention_bias", False),
-        )
+        return qwen_params(cfg, ARCH, qkv_bias=cfg.get("attention_bias", False))
 
     def kv_cache_shapes(self) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
         p = self.params
@@ -94,6 +78,29 @@ class Qwen3ForCausalLM(CausalLM):
             x = layer(x, step, cache, self.rotary)
         x = F.gather_rows(x, step.logits_indices)                # (N, dim)
         return self.output(self.norm(x))                         # (N, vocab)
+
+
+def qwen_params(cfg: dict[str, Any], arch: str, qkv_bias: bool) -> ModelParams:
+    """The attention's parameters from a Qwen-style config (Qwen3, and the Qwen MoE families):
+    an explicit head_dim, RoPE base and scaling in `rope_scaling` or transformers 5's
+    `rope_parameters`; an unknown rope type raises ValueError naming `arch`."""
+    raw = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    n_heads = cfg["num_attention_heads"]
+    return ModelParams(
+        vocab_size=cfg["vocab_size"],
+        dim=cfg["hidden_size"],
+        n_layers=cfg["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+        intermediate_size=cfg["intermediate_size"],
+        norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope_theta=float(cfg.get("rope_theta") or raw.get("rope_theta") or 10000.0),
+        rope_scaling=rope_scaling_from_hf(cfg, arch),
+        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+        tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+        qkv_bias=qkv_bias,
+    )
 
 
 class Qwen3Block(nn.Module):

@@ -13,11 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from perfxlm.models.layers import rope_scaling_from_hf
-from perfxlm.models.llama import LlamaAttention, ModelParams
+from perfxlm.models.llama import LlamaAttention
 from perfxlm.models.moe import (GGUF_MOE_NAMES, QWEN_MOE_MLP_NAMES, MoeForCausalLM, MoeParams, expert_count,
                                 gguf_moe_config, moe_params)
-from perfxlm.models.qwen3 import Qwen3Attention
+from perfxlm.models.qwen3 import Qwen3Attention, qwen_params
 
 QWEN2_MOE, QWEN3_MOE = "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"
 
@@ -53,24 +52,7 @@ def _qwen_moe_params(cfg: dict[str, Any], arch: str, qkv_bias: bool, shared: int
     if cfg.get("use_sliding_window"):
         # transformers then windows only some layers (layer_types / max_window_layers); no release sets it
         raise ValueError(f"use_sliding_window=True is not supported for {arch}")
-    raw = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
-    n_heads = cfg["num_attention_heads"]
-    base = ModelParams(
-        vocab_size=cfg["vocab_size"],
-        dim=cfg["hidden_size"],
-        n_layers=cfg["num_hidden_layers"],
-        n_heads=n_heads,
-        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
-        intermediate_size=cfg["intermediate_size"],
-        norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        rope_theta=float(cfg.get("rope_theta") or raw.get("rope_theta") or 10000.0),
-        rope_scaling=rope_scaling_from_hf(cfg, arch),
-        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-        tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-        qkv_bias=qkv_bias,
-    )
-    return moe_params(base, cfg, arch, n_experts=expert_count(cfg), top_k=cfg["num_experts_per_tok"],
+    return moe_params(qwen_params(cfg, arch, qkv_bias), cfg, arch, n_experts=expert_count(cfg), top_k=cfg["num_experts_per_tok"],
                       moe_intermediate_size=cfg["moe_intermediate_size"],
                       norm_topk_prob=cfg.get("norm_topk_prob", False), shared_intermediate_size=shared,
                       decoder_sparse_step=cfg.get("decoder_sparse_step", 1),
