@@ -137,6 +137,16 @@ def tiny_llm(tiny_llama_dir):
     assert_no_leaks(llm)
 
 
+def copy_gguf_tokenizer(writer, source: Path) -> None:
+    """Every tokenizer.* field of the GGUF at source (the SmolLM2 vocabulary the tiny test models
+    use) into a gguf.GGUFWriter, as llama.cpp's converter writes them."""
+    import gguf
+    for key, f in gguf.GGUFReader(str(source)).fields.items():
+        if key.startswith("tokenizer."):
+            types = [gguf.GGUFValueType(t) for t in f.types]
+            writer.add_key_value(key, f.contents(), types[0], sub_type=types[-1] if len(types) > 1 else None)
+
+
 def assert_no_leaks(llm) -> None:
     """Every KV block is free again and no request is left in the engine."""
     engine = llm.llm_engine

@@ -14,7 +14,7 @@ import torch
 
 from perfxlm import LLM, SamplingParams
 from perfxlm.models.loader import resolve_model
-from tests.conftest import SMALL_KV, assert_no_leaks
+from tests.conftest import SMALL_KV, assert_no_leaks, copy_gguf_tokenizer
 
 PROMPTS = ["Hello, my name is", "The capital of France is", "1 2 3 4 5 6 7 8 9 10 11 12",
            ("A much longer prompt that keeps going so that it spans more than one KV block of sixteen tokens, "
@@ -195,11 +195,7 @@ def write_gguf(hf_dir: Path, tokenizer_gguf: Path, out: Path) -> Path:
         w.add_rope_freq_base(full["rope_theta"])
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(full["factor"])
-    reader = gguf.GGUFReader(str(tokenizer_gguf))
-    for key, f in reader.fields.items():
-        if key.startswith("tokenizer."):
-            types = [gguf.GGUFValueType(t) for t in f.types]
-            w.add_key_value(key, f.contents(), types[0], sub_type=types[-1] if len(types) > 1 else None)
+    copy_gguf_tokenizer(w, tokenizer_gguf)
     for name, t in sorted(load_file(hf_dir / "model.safetensors").items()):
         if name == "lm_head.weight":  # tied: llama.cpp skips it
             continue

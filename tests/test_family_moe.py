@@ -15,8 +15,8 @@ import torch
 
 from perfxlm import LLM, SamplingParams
 from perfxlm.models.loader import resolve_model
-from tests.conftest import SMALL_KV, assert_no_leaks
-from tests.test_family_qwen3_phi3 import (ENGINE_VARIANTS, MAX_TOKENS, PROMPTS, _copy_tokenizer, greedy,
+from tests.conftest import SMALL_KV, assert_no_leaks, copy_gguf_tokenizer
+from tests.test_family_qwen3_phi3 import (ENGINE_VARIANTS, MAX_TOKENS, PROMPTS, greedy,
                                           kv_block_bytes)
 from tests.test_family_qwen3_phi3 import no_weight_reads  # noqa: F401 - a fixture the refusal tests use
 
@@ -232,7 +232,7 @@ def write_gguf(hf_dir: Path, tokenizer_gguf: Path, out: Path, experts_q8_0: bool
     if cfg.get("head_dim"):
         w.add_key_length(cfg["head_dim"])
         w.add_value_length(cfg["head_dim"])
-    _copy_tokenizer(w, tokenizer_gguf)
+    copy_gguf_tokenizer(w, tokenizer_gguf)
     names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
              "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
              "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",

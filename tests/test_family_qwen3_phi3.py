@@ -14,7 +14,7 @@ import torch
 from perfxlm import LLM, SamplingParams
 from perfxlm.models.layers import RotaryTables, rope_frequencies
 from perfxlm.models.loader import ModelSource
-from tests.conftest import SMALL_KV, assert_no_leaks
+from tests.conftest import SMALL_KV, assert_no_leaks, copy_gguf_tokenizer
 
 # every prompt is longer than the Phi-3 configs' 8-token pretraining context, so transformers
 # (which picks LongRoPE's table per forward by the sequence length) uses the long table throughout
@@ -161,7 +161,7 @@ def write_gguf(hf_dir: Path, tokenizer_gguf: Path, out: Path) -> Path:
                                         (math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0))
         w.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
         w.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
-    _copy_tokenizer(w, tokenizer_gguf)
+    copy_gguf_tokenizer(w, tokenizer_gguf)
     names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
              "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
              "self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output",
@@ -182,20 +182,6 @@ def write_gguf(hf_dir: Path, tokenizer_gguf: Path, out: Path) -> Path:
     w.write_tensors_to_file()
     w.close()
     return out
-
-
-def _copy_tokenizer(w, source: Path) -> None:
-    """The SmolLM2 GGUF's byte-level BPE vocabulary, as the tiny models use its tokenizer."""
-    import gguf
-    fields = gguf.GGUFReader(str(source)).fields
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(fields["tokenizer.ggml.pre"].contents())
-    w.add_token_list(fields["tokenizer.ggml.tokens"].contents())
-    w.add_token_merges(fields["tokenizer.ggml.merges"].contents())
-    w.add_token_types(fields["tokenizer.ggml.token_type"].contents())
-    w.add_bos_token_id(fields["tokenizer.ggml.bos_token_id"].contents())
-    w.add_eos_token_id(fields["tokenizer.ggml.eos_token_id"].contents())
-    w.add_add_bos_token(fields["tokenizer.ggml.add_bos_token"].contents())
 
 
 # ---- RoPE scalings against transformers' own tables ------------------------------------

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from perfxlm import LLM, SamplingParams
-from tests.conftest import SMALL_KV, assert_no_leaks, build_tiny_model
+from tests.conftest import SMALL_KV, assert_no_leaks, build_tiny_model, copy_gguf_tokenizer
 
 QK_K = 256
 
@@ -101,11 +101,7 @@ def write_gguf(hf_dir, out, tokenizer_gguf) -> dict[str, str]:
     w.add_head_count_kv(cfg["num_key_value_heads"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_rope_freq_base(10000.0)
-    reader = gguf.GGUFReader(str(tokenizer_gguf))
-    for key, f in reader.fields.items():
-        if key.startswith("tokenizer."):
-            types = [gguf.GGUFValueType(t) for t in f.types]
-            w.add_key_value(key, f.contents(), types[0], sub_type=types[-1] if len(types) > 1 else None)
+    copy_gguf_tokenizer(w, tokenizer_gguf)
     kinds = {}
     for name, t in sorted(load_file(hf_dir / "model.safetensors").items()):
         gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
