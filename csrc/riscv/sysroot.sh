@@ -1,13 +1,21 @@
 #!/bin/sh
-# A riscv64 Python + numpy sysroot from Debian trixie's packages, for running the `rvv`
-# plugin under qemu-user (../shared/notes/rvv_toolchain.md §5). Packages are downloaded
-# with a private apt configuration and unpacked with dpkg-deb: nothing is installed.
-# Usage: riscv/sysroot.sh DIR   (idempotent: an existing DIR/usr/bin/python3 is kept)
+# A riscv64 Python sysroot from Debian trixie's packages: what a RISC-V board's Debian gives
+# perfxlm's torch-free runtime (numpy, onnx, regex, jinja2, safetensors, the server's packages),
+# for running the `rvv` plugin, the engine and the server under qemu-user
+# (../shared/notes/rvv_toolchain.md §5). apt resolves the dependencies with a private
+# configuration and an empty package database, downloads them, and dpkg-deb unpacks them:
+# nothing is installed on the host, no maintainer script runs.
+# Usage: riscv/sysroot.sh DIR   (idempotent: kept while DIR/.packages lists the same packages)
 set -eu
 S=$(realpath -m "${1:-build/rv64-sysroot}")
-[ -x "$S/usr/bin/python3.13" ] && { echo "sysroot: $S (cached)"; exit 0; }
+PACKAGES="python3.13-minimal python3-numpy libopenblas0-pthread python3-onnx python3-regex python3-jinja2
+  python3-safetensors python3-fastapi python3-uvicorn python3-sentencepiece python3-tqdm python3-prometheus-client
+  python3-msgspec python3-pydantic"
+[ -x "$S/usr/bin/python3.13" ] && [ "$(cat "$S/.packages" 2>/dev/null)" = "$PACKAGES" ] && {
+  echo "sysroot: $S (cached)"; exit 0; }
+rm -rf "$S"
 W=$(mktemp -d)
-mkdir -p "$W/lists/partial" "$W/cache/archives/partial" "$W/debs" "$S"
+mkdir -p "$W/lists/partial" "$W/cache/archives/partial" "$S"
 cat > "$W/sources" <<SRC
 Types: deb
 URIs: http://deb.debian.org/debian
@@ -29,15 +37,14 @@ CONF
 mkdir -p "$W/parts" && cp "$W/sources" "$W/parts/trixie-riscv64.sources"
 export APT_CONFIG="$W/apt.conf"
 apt-get -o APT::Sandbox::User=root update -qq
-cd "$W/debs"
-apt-get -o APT::Sandbox::User=root download -qq libc6 python3.13-minimal libpython3.13-minimal libpython3.13-stdlib libexpat1 zlib1g \
-  libssl3t64 libffi8 libbz2-1.0 liblzma5 libgcc-s1 libstdc++6 libgfortran5 libopenblas0-pthread python3-numpy \
-  libzstd1 libsqlite3-0 libncursesw6 libtinfo6 libreadline8t64 libuuid1 libmpdec4
-for d in *.deb; do dpkg-deb -x "$d" "$S"; done
+# shellcheck disable=SC2086  # PACKAGES is a word list
+apt-get -o APT::Sandbox::User=root install -qq --download-only --no-install-recommends -y $PACKAGES
+for d in "$W"/cache/archives/*.deb; do dpkg-deb -x "$d" "$S"; done
 [ -e "$S/lib" ] || ln -s usr/lib "$S/lib"
 L="$S/usr/lib/riscv64-linux-gnu"
 for f in libblas.so.3 liblapack.so.3 libopenblas.so.0; do
   [ -e "$L/$f" ] || ln -s "openblas-pthread/$f" "$L/$f"
 done
 rm -rf "$W"
-echo "sysroot: $S"
+echo "$PACKAGES" > "$S/.packages"
+echo "sysroot: $S ($(ls "$S/usr/lib/python3/dist-packages" | grep -vc dist-info) Python packages)"
