@@ -1,9 +1,10 @@
 #!/bin/sh
-# Debian packages for the optional kernel targets: clang-16 + riscv64 cross libc + qemu-user
-# (make test-rvv), hipcc (make check-hip). nvcc (check-cuda) comes with the machine.
+# Debian packages for the optional kernel targets: clang-16 + riscv64 cross libc + qemu-user-static
+# (make test-rvv), qemu-user (the dynamic qemu that loads the instruction-counting plugin of
+# make count-rvv), hipcc (make check-hip). nvcc (check-cuda) comes with the machine.
 # chromium + chromium-driver: the headless browser of tests/test_chat_page.py (selenium drives it).
 # Without root or apt it says what is missing and goes on: those targets and tests then skip.
-PKGS="clang-16 gcc-riscv64-linux-gnu libc6-dev-riscv64-cross qemu-user-static hipcc chromium chromium-driver"
+PKGS="clang-16 gcc-riscv64-linux-gnu libc6-dev-riscv64-cross qemu-user-static qemu-user hipcc chromium chromium-driver"
 missing=""
 for p in $PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 [ -z "$missing" ] && exit 0

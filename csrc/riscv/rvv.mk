@@ -48,3 +48,5 @@ test-rvv:
 rv64-sysroot:
 	@if command -v apt-get >/dev/null; then sh riscv/sysroot.sh build/rv64-sysroot; \
 	else echo "rv64-sysroot: skipped (no apt-get)"; exit $${PXL_REQUIRE_TOOLCHAINS:-0}; fi
+
+include riscv/count.mk
