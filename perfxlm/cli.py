@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     smp.add_argument("--output-json", default=None, help="also write the rows as JSON")
     roof = bsub.add_parser("roofline", help="memory bandwidth and peak fp32/bf16/int8 rates, and each workload's "
                                              "ceiling on a model")
-    roof.add_argument("--model", default=None, help="a GGUF file (default: the embedded SmolLM2)")
+    roof.add_argument("--model", default=None, help="a GGUF file or an HF directory (default: the embedded SmolLM2)")
     roof.add_argument("--threads", type=int, default=None, help="default: all cores")
     roof.add_argument("--output-json", default=None, help="also write the figures as JSON")
     qual = bsub.add_parser("quality", help="perplexity, KL divergence, same top-1 and Δp against a reference's full "
@@ -68,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
                            "GGUF files and text")
     qual.add_argument("--threads", type=int, default=None, help="llama.cpp's threads (default: all cores)")
     qual.add_argument("--output-json", default=None, help="also write the rows as JSON")
+    from perfxlm.bench import compare as bench_compare
+    bench_compare.add_cli_args(bsub.add_parser("compare", help="perfxlm beside vLLM and llama.cpp (where installed) "
+                                                               "on W1/W2/W3, engines alternating: one table of tok/s, "
+                                                               "the ratio to the best peer and %% of roofline"))
     from perfxlm.bench.serving import add_common_args
     thr = bsub.add_parser("throughput", help="offline throughput (vLLM bench throughput's flags and summary)")
     add_common_args(thr)
@@ -100,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             return _bench_sampler(args)
         if args.bench == "quality":
             return _bench_quality(args)
+        if args.bench == "compare":
+            return bench_compare.main(args)
         if args.bench == "serve":
             return bench_serve.main(args)
         import perfxlm  # noqa: F401 - configures logging
@@ -215,8 +221,9 @@ def _bench_roofline(args: argparse.Namespace) -> int:
     if args.model is None:
         from perfxlm.models.default_model import embedded_gguf_path
         args.model = str(embedded_gguf_path())
-    if not str(args.model).endswith(".gguf") or not os.path.isfile(args.model):
-        raise SystemExit(f"perfxlm bench roofline: --model must be a GGUF file, got {args.model!r}")
+    is_hf_dir = os.path.isfile(os.path.join(args.model, "config.json"))
+    if not is_hf_dir and (not str(args.model).endswith(".gguf") or not os.path.isfile(args.model)):
+        raise SystemExit(f"perfxlm bench roofline: --model must be a GGUF file or an HF directory, got {args.model!r}")
     threads = args.threads or len(os.sched_getaffinity(0))
     roofs = roofline.measure(threads)
     rows = roofline.ceilings(roofs, roofline.model_cost(args.model))

@@ -3,12 +3,30 @@ write the figures they print, and refuse bad arguments by name. (Speed itself is
 asserted: numbers are read off the bench output.)"""
 
 import json
+import os
+import re
 import sys
+from pathlib import Path
 
 import pytest
 
 from perfxlm import cli
 from perfxlm.bench import gemv
+
+# llama.cpp's tools as ../shared/peers/build_llamacpp.sh builds them
+LLAMA_CPP = Path(os.environ.get("PERFXLM_LLAMA_CPP") or Path.home() / "peers" / "llamacpp" / "bin")
+_NUMBER = r"([\d.]+(?:e[-+]\d+)?)"
+_ROOFLINE_LINE = re.compile(rf"^Roofline \((\w+)\): {_NUMBER} (GB/s|GFLOP/s|GOP/s), {_NUMBER} % of the (.+) \(", re.M)
+
+
+def has_cpu_kernels() -> bool:
+    from hw_plugins.base import available_plugins
+    return bool(dict((n, ok) for n, ok, _ in available_plugins()).get("cpu"))
+
+
+def roofline_lines(text: str) -> dict[str, tuple[float, str, float, str]]:
+    """phase -> (achieved, unit, percent, roof name) from the "Roofline (phase): ..." lines."""
+    return {m[1]: (float(m[2]), m[3], float(m[4]), m[5]) for m in _ROOFLINE_LINE.finditer(text)}
 
 
 def test_latency_prints_and_writes_its_figures(tiny_llama_dir, tmp_path, capsys):
@@ -22,16 +40,39 @@ def test_latency_prints_and_writes_its_figures(tiny_llama_dir, tmp_path, capsys)
     # 2 iterations x 4 inter-token gaps; TPOT is their mean, decode rate its inverse
     assert res["ttft_mean_ms"] > 0 and res["decode_tokens_per_second"] == pytest.approx(1e3 / res["tpot_mean_ms"])
     assert res["itl_p50_ms"] <= res["itl_p99_ms"]
+    if not has_cpu_kernels():
+        assert "Roofline: not measured" in text
+        return
+    # beside tok/s: decode's achieved read bandwidth, prefill's fp32 GFLOP/s, each as a share of its roof
+    # (a tiny model's weights sit in the caches, so the share may pass 100 %: only its sign is known)
+    lines = roofline_lines(text)
+    assert set(lines) == {"decode", "prefill"}
+    assert lines["decode"][1] == "GB/s" and lines["decode"][3] == "read bandwidth"
+    assert lines["prefill"][1] == "GFLOP/s" and lines["prefill"][3] == "fp32 peak"
+    assert all(achieved > 0 and percent > 0 for achieved, _, percent, _ in lines.values())
+    assert res["roofline"]["decode"]["percent"] == pytest.approx(
+        100 * res["roofline"]["decode"]["achieved"] / res["roofs"]["read_GBs"])
+
+
+def test_latency_no_roofline_skips_the_roofs(tiny_llama_dir, capsys):
+    assert cli.main(["bench", "latency", "--model", str(tiny_llama_dir), "--dtype", "float32", "--input-len", "4",
+                     "--output-len", "2", "--num-iters", "1", "--no-roofline"]) == 0
+    assert "Roofline" not in capsys.readouterr().out
 
 
 def test_throughput_counts_every_token(tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "thr.json"
     assert cli.main(["bench", "throughput", "--model", str(tiny_llama_dir), "--dtype", "float32", "--num-prompts", "6",
                      "--input-len", "10", "--output-len", "7", "--output-json", str(out)]) == 0
-    assert "Throughput:" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "Throughput:" in text
     res = json.loads(out.read_text())
     assert res["num_requests"] == 6 and res["total_num_tokens"] == 6 * (10 + 7)  # ignore_eos: exact lengths
     assert res["output_tokens_per_second"] == pytest.approx(6 * 7 / res["elapsed_time"])
+    if has_cpu_kernels():  # the whole batch's FLOPs against the fp32 peak
+        (achieved, unit, percent, roof), = roofline_lines(text).values()
+        assert unit == "GFLOP/s" and roof == "fp32 peak" and achieved > 0 and percent > 0
+        assert res["roofline"]["batch"]["achieved"] == pytest.approx(achieved, rel=0.05)  # as printed
 
 
 def test_throughput_profiles_the_ops_of_the_timed_run(tiny_llama_dir, tmp_path, capsys):
@@ -127,8 +168,129 @@ def test_roofline_measures_the_roofs_and_derives_each_ceiling(monkeypatch, gguf_
 
 
 def test_roofline_refuses_a_model_that_is_not_a_gguf(tmp_path):
-    with pytest.raises(SystemExit, match="--model must be a GGUF file, got 'nope.safetensors'"):
+    with pytest.raises(SystemExit, match="--model must be a GGUF file or an HF directory, got 'nope.safetensors'"):
         cli.main(["bench", "roofline", "--model", "nope.safetensors"])
+
+
+def test_model_cost_of_an_hf_directory_counts_transformers_weights(tiny_llama_dir):
+    """Read off the safetensors headers: every Linear of the blocks and the lm_head, as
+    transformers' own model has them."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from perfxlm.bench import roofline
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    cfg = AutoConfig.from_pretrained(tiny_llama_dir)
+    linears = [m for name, m in model.named_modules() if ".layers." in name and type(m).__name__ == "Linear"]
+    cost = roofline.model_cost(tiny_llama_dir)
+    assert cost.linear_params == sum(m.weight.numel() for m in linears)
+    assert cost.lm_head_params == model.lm_head.weight.numel()
+    assert cost.quant_bytes == 4 * (cost.linear_params + cost.lm_head_params)  # stored as float32
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    assert (cost.layers, cost.q_width, cost.kv_width) == (
+        cfg.num_hidden_layers, cfg.num_attention_heads * head_dim, cfg.num_key_value_heads * head_dim)
+
+
+@pytest.fixture
+def no_peers(monkeypatch):
+    """No peer engine configured through the environment: only the flags name them."""
+    monkeypatch.delenv("PERFXLM_LLAMA_CPP", raising=False)
+    monkeypatch.delenv("PERFXLM_VLLM_PYTHON", raising=False)
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """The cells of the compare table's rows (after its header and rule)."""
+    lines = [ln for ln in text.splitlines() if ln.startswith("|")]
+    return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:]]
+
+
+def test_compare_alone_prints_the_table_with_dashes_for_absent_peers(no_peers, tmp_path, capsys):
+    out = tmp_path / "cmp.json"
+    assert cli.main(["bench", "compare", "--rounds", "1", "--workloads", "W2", "--w2", "4,3",
+                     "--output-json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("| model | workload | perfxlm tok/s | vLLM tok/s | llama.cpp tok/s | perfxlm ÷ best peer |")
+    (row,) = table_rows(text)
+    # the embedded default, run as stored; no peer: dashes, and no ratio
+    assert row[:2] == ["SmolLM2-135M-Instruct.Q4_1.gguf (Q4_1)", "W2 decode 4 -> 3, tok/s"]
+    assert float(row[2]) > 0 and row[3:6] == ["—", "—", "—"]
+    res = json.loads(out.read_text())
+    (r,) = res["rows"]
+    assert r["tok_s"]["perfxlm"] == pytest.approx(float(row[2]), abs=0.051) and len(r["samples"]["perfxlm"]) == 1
+    assert r["ratio_to_best_peer"] is None and r["tok_s"]["vLLM"] is None and r["tok_s"]["llama.cpp"] is None
+    # the command it ran, for a reader to repeat, runs the same decode
+    (cmd,) = res["commands"]["perfxlm"]
+    assert " bench latency " in cmd and "--input-len 4 --output-len 3" in cmd and cmd in text
+    if has_cpu_kernels():  # decode: weights and KV bytes per token against the read bandwidth
+        assert row[6].endswith("% of read bandwidth") and float(row[6].split()[0]) > 0
+        assert r["roofline"]["perfxlm"]["unit"] == "GB/s" and r["roofline"]["perfxlm"]["achieved"] > 0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--workloads", "W1,W4"], r"unknown --workloads \['W4'\] \(choose from W1, W2, W3\)"),
+    (["--w1", "64,128"], "--w1 must be 3 comma-separated integers >= 1, got '64,128'"),
+    (["--w3", "0"], "--w3 must be 1 comma-separated integers >= 1, got '0'"),
+    (["--w2", "32,1"], r"--w2 32,1: OUT must be >= 2 \(decode is timed after the first token\)"),
+    (["--rounds", "0"], "--rounds must be >= 1, got 0"),
+    (["--gguf", "model.bin"], "--gguf 'model.bin' is not a .gguf file"),
+    (["--vllm-python", sys.executable], "no vllm is importable there"),
+    (["--vllm-python", "/nonexistent/python"], "--vllm-python /nonexistent/python: cannot run it"),
+])
+def test_compare_names_bad_flags_before_running_anything(no_peers, args, message):
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["bench", "compare", *args])
+
+
+def test_compare_help_lists_its_flags(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "compare", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert all(flag in text for flag in ("--gguf", "--llama-cpp", "--vllm-python", "--workloads", "--no-roofline"))
+
+
+def test_compare_refuses_a_llama_cpp_dir_without_its_tools(no_peers, tmp_path):
+    (tmp_path / "llama-cli").touch()
+    with pytest.raises(SystemExit, match=rf"--llama-cpp {tmp_path}: no llama-bench or llama-batched-bench there"):
+        cli.main(["bench", "compare", "--llama-cpp", str(tmp_path)])
+    # each workload asks only for the tool it runs
+    with pytest.raises(SystemExit, match=r"no llama-batched-bench there"):
+        cli.main(["bench", "compare", "--llama-cpp", str(tmp_path), "--workloads", "W1"])
+
+
+def test_vllm_side_script_speaks_vllms_api(tiny_llama_dir):
+    """The script compare hands to vLLM's python, run here by `perfxlm run` (which serves
+    `import vllm` with vLLM's API): every workload prints its figure."""
+    import subprocess
+    from perfxlm.bench import engines
+    proc = subprocess.run([sys.executable, "-m", "perfxlm.cli", "run", str(engines.VLLM_SCRIPT), "--model",
+                           str(tiny_llama_dir), "--dtype", "float32", "--w1", "2,5,3", "--w2", "4,3", "--w3", "8"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(engines.VLLM_RESULT))
+    figures = json.loads(line.removeprefix(engines.VLLM_RESULT))
+    assert set(figures) == {"W1", "W2", "W3"} and all(v > 0 for v in figures.values())
+
+
+def test_compare_runs_llama_cpp_beside_perfxlm_on_the_same_gguf(no_peers, gguf_path, tmp_path, capsys):
+    tools = ("llama-bench", "llama-batched-bench")
+    if not all(os.access(LLAMA_CPP / t, os.X_OK) for t in tools):
+        pytest.skip(f"llama.cpp's {' and '.join(tools)} are not built in {LLAMA_CPP} "
+                    "(../shared/peers/build_llamacpp.sh, or point $PERFXLM_LLAMA_CPP at them)")
+    out = tmp_path / "cmp.json"
+    assert cli.main(["bench", "compare", "--gguf", str(gguf_path), "--llama-cpp", str(LLAMA_CPP), "--rounds", "1",
+                     "--workloads", "W1,W3", "--w1", "2,8,4", "--w3", "16", "--no-roofline",
+                     "--output-json", str(out)]) == 0
+    text = capsys.readouterr().out
+    rows = table_rows(text)
+    assert [r[1] for r in rows] == ["W1 2 x 8 -> 4, out tok/s", "W3 prefill 16, tok/s"]
+    for r in rows:  # both engines measured, vLLM cannot run a GGUF file
+        assert float(r[2]) > 0 and float(r[4]) > 0 and r[3] == "—"
+    for r in json.loads(out.read_text())["rows"]:
+        ours, theirs = r["tok_s"]["perfxlm"], r["tok_s"]["llama.cpp"]
+        assert r["ratio_to_best_peer"] == pytest.approx(ours / theirs)
+    # llama.cpp at its best: every core, flash attention off and on (the better kept) for llama-bench
+    threads = len(os.sched_getaffinity(0))
+    assert f"llama-bench -m {gguf_path} -p 16 -n 0 -t {threads} -fa 0,1" in text
+    assert f"llama-batched-bench -m {gguf_path} -npl 2 -npp 8 -ntg 4 -c 24 -t {threads} -fa on" in text
 
 
 def test_side_by_side_script_prints_both_engines_and_the_ratio():

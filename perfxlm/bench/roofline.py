@@ -4,15 +4,31 @@ Measures, with the kernel library's own threads: memory read bandwidth (a 256 Mi
 as a decode GEMV reads its weights) and peak arithmetic (fp32 FMA, bf16 pair-dot, int8
 quad-dot chains in registers). Then, from the model's tensor sizes, each workload's
 ceiling: decode is bandwidth-bound (bytes per token: weights plus the KV cache read),
-prefill and batched decode are compute-bound (FLOPs per token).
+prefill and batched decode are compute-bound (FLOPs per token). decode_usage and
+compute_usage place a measured rate under its roof (`perfxlm bench throughput / latency /
+compare`).
 """
 
+import functools
+import json
+import logging
+import math
+import struct
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+logger = logging.getLogger(__name__)
+
 MiB = 1 << 20
+# weights as the engine runs them -> the arithmetic their matmuls use; "gguf" is GGUF blocks
+# (Q4_0/Q4_1/Q8_0/K-quants: int8 dot products). Zen 4 has no fp16 arithmetic (no AVX512-FP16):
+# an fp16 model computes in fp32 at best.
+ARITHMETIC = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp32", "gguf": "int8"}
+_ELEM_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I8": 1, "U8": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 @dataclass
@@ -31,6 +47,41 @@ class ModelCost:
     layers: int
     kv_width: int        # Hkv * head_dim
     q_width: int         # H * head_dim
+    is_gguf: bool = True  # else an HF directory: quant_bytes are its safetensors as stored
+
+    def weight_bytes(self, weights: str) -> float:
+        """Bytes of Linear weights (blocks and lm_head) one decode step reads: as stored for
+        GGUF blocks ("gguf"), else at the dtype the engine runs them in."""
+        if weights == "gguf":
+            return self.quant_bytes
+        return _ELEM_BYTES[weights] * (self.linear_params + self.lm_head_params)
+
+    def kv_bytes_per_token(self, weights: str) -> int:
+        """K and V of one cached token in every layer; the KV cache is fp32 only for fp32 models."""
+        return 2 * self.layers * self.kv_width * (4 if weights == "float32" else 2)
+
+
+@dataclass
+class Usage:
+    """A measured rate placed under its roof."""
+
+    achieved: float      # GB/s read (memory-bound), GFLOP/s or GOP/s (compute-bound)
+    roof: float          # the roof, same unit (NaN where this CPU lacks the instructions)
+    unit: str            # "GB/s", "GFLOP/s" or "GOP/s"
+    roof_name: str       # "read bandwidth", "bf16 peak", ...
+
+    @property
+    def percent(self) -> float:
+        return 100 * self.achieved / self.roof
+
+    def describe(self) -> str:
+        share = f"{figure(self.percent)} %" if math.isfinite(self.percent) else "n/a"
+        return f"{figure(self.achieved)} {self.unit}, {share} of the {self.roof_name} ({self.roof:.1f} {self.unit})"
+
+
+def figure(x: float) -> str:
+    """One decimal, but two significant digits below 1 (a tiny model's rates stay readable)."""
+    return f"{x:.1f}" if abs(x) >= 1 else f"{x:.2g}"
 
 
 def measure(threads: int | None = None, seconds: float = 0.5) -> Roofs:
@@ -65,9 +116,24 @@ def measure(threads: int | None = None, seconds: float = 0.5) -> Roofs:
     return Roofs(read, *peaks)
 
 
-def model_cost(gguf_path: str) -> ModelCost:
+@functools.cache
+def measured(threads: int | None = None) -> Roofs | None:
+    """The roofs, measured once per process (about a second); None where the native cpu
+    kernels that measure them are not built."""
+    from hw_plugins.base import available_plugins
+    if not dict((n, ok) for n, ok, _ in available_plugins()).get("cpu"):
+        logger.info("roofline not measured: the native cpu kernels are not built here")
+        return None
+    return measure(threads, seconds=0.2)
+
+
+def model_cost(path: str | Path) -> ModelCost:
+    """The costs of a GGUF file's or an HF directory's model (dense models: every Linear is
+    read per token)."""
+    if Path(path).is_dir():
+        return _hf_model_cost(Path(path))
     import gguf
-    reader = gguf.GGUFReader(gguf_path)
+    reader = gguf.GGUFReader(path)
     tensors = {t.name: t for t in reader.tensors}
     blocks = [t for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2]
     head = tensors.get("output.weight", tensors["token_embd.weight"])  # tied: the embedding is the lm_head
@@ -85,30 +151,84 @@ def model_cost(gguf_path: str) -> ModelCost:
     return ModelCost(linear, lm_head, quant, layers, hidden // heads * kv_heads, hidden)
 
 
+def _hf_model_cost(path: Path) -> ModelCost:
+    """From config.json and the safetensors headers (shapes and dtypes only: no weight is read)."""
+    cfg = json.loads((path / "config.json").read_text())
+    cfg = {**cfg.get("text_config", {}), **cfg}
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{path} has no *.safetensors files: the roofline reads tensor shapes from their headers")
+    shapes: dict[str, tuple[list[int], str]] = {}
+    for f in files:
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        shapes.update({k: (v["shape"], v["dtype"]) for k, v in header.items() if k != "__metadata__"})
+    blocks = [(s, d) for k, (s, d) in shapes.items() if ".layers." in k and len(s) == 2]
+    head_name = next((k for k in shapes if k.endswith("lm_head.weight")), None) or \
+        next(k for k in shapes if k.endswith("embed_tokens.weight"))  # tied: the embedding is the lm_head
+    head_shape, head_dtype = shapes[head_name]
+    linear, lm_head = sum(math.prod(s) for s, _ in blocks), math.prod(head_shape)
+    stored = sum(math.prod(s) * _SAFETENSORS_BYTES.get(d, 2) for s, d in blocks)
+    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or hidden // heads
+    return ModelCost(linear, lm_head, stored + lm_head * _SAFETENSORS_BYTES.get(head_dtype, 2),
+                     cfg["num_hidden_layers"], head_dim * cfg.get("num_key_value_heads", heads), head_dim * heads,
+                     is_gguf=False)
+
+
+def _attn_flops(m: ModelCost, keys: float) -> float:
+    """q.k and p.v of one query token against `keys` cached keys, every query head, every layer."""
+    return 4 * m.layers * m.q_width * keys
+
+
+def prefill_flops(m: ModelCost, prompt_len: int) -> float:
+    """FLOPs per prompt token of one prompt's prefill: its tokens attend to 1..prompt_len keys,
+    and only the last one goes through the lm_head."""
+    return 2 * m.linear_params + _attn_flops(m, (prompt_len + 1) / 2) + 2 * m.lm_head_params / prompt_len
+
+
+def batch_flops(m: ModelCost, input_len: int, output_len: int) -> float:
+    """FLOPs per output token of a request input_len -> output_len: the blocks run every token
+    but the last generated (n of them, attending to 1..n keys), the lm_head once per output token."""
+    n = input_len + output_len - 1
+    return (2 * m.linear_params * n + _attn_flops(m, n * (n + 1) / 2)) / output_len + 2 * m.lm_head_params
+
+
+def decode_usage(roofs: Roofs, m: ModelCost, weights: str, tok_s: float, input_len: int, output_len: int,
+                 batch: int = 1, kv_bytes_per_token: int | None = None) -> Usage:
+    """Decode of `batch` sequences input_len -> output_len at tok_s (all sequences together):
+    each step reads the weights once and every sequence's KV cache (average context)."""
+    kv = m.kv_bytes_per_token(weights) if kv_bytes_per_token is None else kv_bytes_per_token
+    step_bytes = m.weight_bytes(weights) + batch * kv * (input_len + output_len / 2)
+    return Usage(step_bytes * tok_s / batch / 1e9, roofs.read_GBs, "GB/s", "read bandwidth")
+
+
+def compute_usage(roofs: Roofs, weights: str, flops_per_token: float, tok_s: float) -> Usage:
+    """A compute-bound rate against the peak of the arithmetic `weights` use (see ARITHMETIC)."""
+    kind = ARITHMETIC[weights]
+    peak = {"fp32": roofs.fp32_GFLOPs, "bf16": roofs.bf16_GFLOPs, "int8": roofs.int8_GOPs}[kind]
+    return Usage(flops_per_token * tok_s / 1e9, peak, "GOP/s" if kind == "int8" else "GFLOP/s", f"{kind} peak")
+
+
 def ceilings(roofs: Roofs, m: ModelCost) -> list[dict]:
     """tok/s each workload could reach if it ran exactly at its roof."""
     def kv_bytes(ctx: float, elem: int) -> float:  # K and V of every layer, read once per decode token
         return 2 * m.layers * m.kv_width * elem * ctx
 
-    def attn_flops(ctx: float) -> float:  # q.k and p.v for every query head
-        return 4 * m.layers * m.q_width * ctx
-
     w2_ctx = 32 + 256 / 2  # W2: 32-token prompt, 256 generated: average context
-    rows = [
-        {"workload": "W2 decode, Q4_1/Q8_0 GGUF blocks", "bound": "memory",
-         "bytes_per_token": m.quant_bytes + kv_bytes(w2_ctx, 2)},
-        {"workload": "W2 decode, bf16 weights", "bound": "memory",
-         "bytes_per_token": 2 * (m.linear_params + m.lm_head_params) + kv_bytes(w2_ctx, 2)},
-    ]
+    rows = [{"workload": "W2 decode, Q4_1/Q8_0 GGUF blocks", "bound": "memory",
+             "bytes_per_token": m.quant_bytes + kv_bytes(w2_ctx, 2)}] if m.is_gguf else []
+    rows.append({"workload": "W2 decode, bf16 weights", "bound": "memory",
+                 "bytes_per_token": 2 * (m.linear_params + m.lm_head_params) + kv_bytes(w2_ctx, 2)})
     for r in rows:
         r["ceiling_tok_s"] = roofs.read_GBs * 1e9 / r["bytes_per_token"]
     # W3: 512 prompt tokens, the lm_head only for the last one; average context 256
-    w3 = 2 * m.linear_params + attn_flops(256)
+    w3 = 2 * m.linear_params + _attn_flops(m, 256)
     rows.append({"workload": "W3 prefill 512, bf16", "bound": "bf16 compute", "flops_per_token": w3,
                  "ceiling_tok_s": roofs.bf16_GFLOPs * 1e9 / w3})
     # W1: 64 x (128 in -> 128 out): per output token one prompt token and one generated token,
     # each through the blocks, plus the lm_head for the generated one; average context 128
-    w1 = 2 * (2 * m.linear_params + attn_flops(128)) + 2 * m.lm_head_params
+    w1 = 2 * (2 * m.linear_params + _attn_flops(m, 128)) + 2 * m.lm_head_params
     rows.append({"workload": "W1 64x128->128, bf16 (output tok/s)", "bound": "bf16 compute",
                  "flops_per_token": w1, "ceiling_tok_s": roofs.bf16_GFLOPs * 1e9 / w1})
     rows.append({"workload": "W1 64x128->128, fp32 (output tok/s)", "bound": "fp32 compute",

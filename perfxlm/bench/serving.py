@@ -6,11 +6,16 @@ throughput: --num-prompts random-token prompts of --input-len tokens, each gener
 latency: --batch-size prompts stepped through the engine --num-iters times (after warm-up);
   TTFT is the time to the first token (prefill), ITL the time of each later step; TPOT is
   the mean ITL, and decode tokens/s = batch size / TPOT.
+Both then place their rates under the machine's roofs (measured once, about a second):
+achieved GB/s of decode against the read bandwidth, GFLOP/s (GOP/s for GGUF blocks) of
+prefill and batches against the peak of the arithmetic the weights use.
 """
 
 import argparse
+import dataclasses
 import json
 import logging
+import math
 import statistics
 import time
 from typing import Any
@@ -38,6 +43,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile-ops", action="store_true",
                    help="also print the time per op kind in the cpu plugin's compiled steps, in all and split into "
                         "prefill and decode steps (timed run only)")
+    p.add_argument("--no-roofline", action="store_true",
+                   help="skip measuring the machine's roofs and the achieved GB/s / GFLOP/s beside tok/s")
 
 
 def make_llm(args: argparse.Namespace) -> Any:
@@ -163,6 +170,7 @@ def _describe(args: argparse.Namespace, llm: Any, res: dict) -> dict:
             res["outside_ops_seconds"] = res["elapsed_time"] - sum(r["seconds"] for r in prof.values())
             print(f"outside the ops: {res['outside_ops_seconds']:.3f} s of {res['elapsed_time']:.3f} s "
                   "(scheduler, inputs, sampler, detokenizer: the engine's Python)")
+    _roofline(args, llm, res)
     cfg = llm.llm_engine.config
     runner = llm.llm_engine.runner.executor
     plugins = sorted({n.plugin.name for n in runner.runner.nodes}) if hasattr(runner, "runner") else ["eager"]
@@ -175,6 +183,40 @@ def _describe(args: argparse.Namespace, llm: Any, res: dict) -> dict:
     if args.plot:
         _plot(res, args.plot)
     return res
+
+
+def _roofline(args: argparse.Namespace, llm: Any, res: dict) -> None:
+    """Print, and add to res, the achieved GB/s (decode) or GFLOP/s (prefill, batch) and
+    their share of the machine's roofs."""
+    if args.no_roofline:
+        return
+    from perfxlm.bench import roofline
+    roofs = roofline.measured()
+    if roofs is None:
+        print("Roofline: not measured (the native cpu kernels are not built here)")
+        return
+    engine = llm.llm_engine
+    weights = "gguf" if engine.config.quantization == "gguf" else str(engine.config.dtype).removeprefix("torch.")
+    try:
+        cost = roofline.model_cost(engine.source.path)
+    except (ValueError, KeyError) as e:  # a model the cost reader does not know: the figures stand alone
+        print(f"Roofline: no model cost for {engine.source.path}: {e}")
+        return
+    usages = {}
+    if "output_tokens_per_second" in res:  # throughput: prefill and decode of the whole batch
+        usages["batch"] = roofline.compute_usage(roofs, weights, roofline.batch_flops(
+            cost, args.input_len, args.output_len), res["output_tokens_per_second"])
+    else:
+        if math.isfinite(res["decode_tokens_per_second"]):  # --output-len 1 has no decode step
+            usages["decode"] = roofline.decode_usage(
+                roofs, cost, weights, res["decode_tokens_per_second"], args.input_len, args.output_len,
+                args.batch_size, engine.runner.executor.spec.kv_bytes_per_block(1))
+        usages["prefill"] = roofline.compute_usage(roofs, weights, roofline.prefill_flops(cost, args.input_len),
+                                                   res["prefill_tokens_per_second"])
+    for phase, u in usages.items():
+        print(f"Roofline ({phase}): {u.describe()}")
+    res["roofs"] = dataclasses.asdict(roofs)
+    res["roofline"] = {phase: {**dataclasses.asdict(u), "percent": u.percent} for phase, u in usages.items()}
 
 
 def _plot(res: dict, path: str) -> None:
