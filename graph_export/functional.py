@@ -28,6 +28,7 @@ class StepInputs:
     seq_lens: torch.Tensor         # (B,): tokens in the cache after this step
     query_start_loc: torch.Tensor  # (B+1,): sequence b's new tokens are rows [qsl[b], qsl[b+1])
     logits_indices: torch.Tensor   # (N,): the rows of T whose logits are computed
+    token_type_ids: torch.Tensor | None = None  # (T,): BERT's segment ids (ops.OPTIONAL_GRAPH_INPUTS)
 
 
 class _Tracer(Protocol):
@@ -100,20 +101,25 @@ def rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, step: StepInputs, *,
                     num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                    sliding_window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+                    sliding_window: int = 0, softcap: float = 0.0, causal: bool = True) -> torch.Tensor:
     """Write k, v (T, Hkv*hd) to the cache slots step.slot_mapping, then each token of q
     (T, H*hd) attends causally over its sequence's cached keys (the last `sliding_window`
     of them when that is set) -> (T, H*hd). The caches are updated in place. A nonzero
     softcap caps the scaled logits s to softcap * tanh(s / softcap) before the softmax
-    (Gemma 2)."""
+    (Gemma 2). causal=False: every token attends to all of its sequence's seq_len cached
+    keys (an encoder such as BERT, whose whole prompt is one step; no window)."""
+    if not causal and sliding_window:
+        raise ValueError("paged_attention: a sliding window needs causal attention")
     k_cache, v_cache = kv_cache
     T = q.shape[0]
     k_cache.view(-1, num_kv_heads, head_dim)[step.slot_mapping] = k.view(T, num_kv_heads, head_dim)
     v_cache.view(-1, num_kv_heads, head_dim)[step.slot_mapping] = v.view(T, num_kv_heads, head_dim)
     y = _attend(q.view(T, num_heads, head_dim), k_cache, v_cache, step, scale, sliding_window,
-                float(softcap or 0.0)).view(T, -1)
+                float(softcap or 0.0), bool(causal)).view(T, -1)
     inputs = [q, k, v, k_cache, v_cache, step.slot_mapping, step.block_tables, step.seq_lens, step.query_start_loc]
     extra = {"softcap": float(softcap)} if softcap else {}  # none: today's graphs, no attribute
+    if not causal:  # likewise: a decoder's graph has no causal attribute
+        extra["causal"] = 0
     return _record("PagedAttention", inputs, [y, k_cache, v_cache], num_heads=int(num_heads),
                    num_kv_heads=int(num_kv_heads), head_dim=int(head_dim), scale=float(scale),
                    sliding_window=int(sliding_window or 0), **extra)
@@ -207,10 +213,10 @@ def _dequantized(blocks: torch.Tensor, fmt: str, dtype: torch.dtype) -> torch.Te
 
 
 def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, step: StepInputs, scale: float,
-            sliding_window: int, softcap: float = 0.0) -> torch.Tensor:
+            sliding_window: int, softcap: float = 0.0, causal: bool = True) -> torch.Tensor:
     """q (T, H, hd) over the paged caches -> (T, H, hd). Decode rows (one new token) run as
     one padded batch; each prefill chunk runs alone, so a long prompt beside many decodes
-    pads nothing."""
+    pads nothing. (A one-token row sees its whole sequence either way: causal or not.)"""
     out = torch.empty_like(q)
     starts = step.query_start_loc.tolist()
     seq_lens = step.seq_lens.tolist()
@@ -237,7 +243,7 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, step:
         qb = q[starts[b]:starts[b] + n].transpose(0, 1).unsqueeze(0)           # (1, H, n, hd)
         q_pos = torch.arange(seq_len - n, seq_len).unsqueeze(1)                # (n, 1)
         key_pos = torch.arange(seq_len)
-        mask = key_pos <= q_pos                                                # (n, S)
+        mask = key_pos <= q_pos if causal else torch.ones(n, seq_len, dtype=torch.bool)  # (n, S)
         if sliding_window:
             mask &= key_pos > q_pos - sliding_window
         o = _sdpa(qb, k.transpose(1, 2), v.transpose(1, 2), mask, scale, softcap)
@@ -276,7 +282,8 @@ def _run_paged_attention(attrs: dict, ins: list[torch.Tensor]) -> torch.Tensor:
                       seq_lens=seq_lens, query_start_loc=query_start_loc, logits_indices=none)
     return paged_attention(q, k, v, (k_cache, v_cache), step, num_heads=attrs["num_heads"],
                            num_kv_heads=attrs["num_kv_heads"], head_dim=attrs["head_dim"], scale=attrs["scale"],
-                           sliding_window=attrs.get("sliding_window", 0), softcap=attrs.get("softcap", 0.0))
+                           sliding_window=attrs.get("sliding_window", 0), softcap=attrs.get("softcap", 0.0),
+                           causal=bool(attrs.get("causal", 1)))
 
 
 # op type -> (attrs, inputs) -> output: how the torch plugin runs a graph node with these bodies

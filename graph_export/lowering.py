@@ -136,13 +136,17 @@ class _Lowerer:
             self.op("Unsqueeze", [t_idx, i1]), self.op("Unsqueeze", [ends, i0])])], to=TensorProto.INT64), i1],
             keepdims=0)                                                             # (T,) sequence of token
         tok_slots = self.op("Gather", [all_slots, seq_of])                          # (T, S)
-        # position of each token, and which keys it may see
-        pos = self.op("Add", [self.op("Sub", [self.op("Gather", [seq_lens, seq_of]),
-                                              self.op("Gather", [ends, seq_of])]), t_idx])  # (T,)
+        # position of each token, and which keys it may see: those up to its own (causal), or all
+        # of its sequence's (an encoder's)
+        seq_len = self.op("Gather", [seq_lens, seq_of])                             # (T,)
+        pos = self.op("Add", [self.op("Sub", [seq_len, self.op("Gather", [ends, seq_of])]), t_idx])  # (T,)
         S = self.op("Squeeze", [self.op("Gather", [self.op("Shape", [all_slots]), i1]), i0])
         j = self.op("Unsqueeze", [self.op("Range", [self.const(0), S, self.const(1)]), i0])  # (1, S)
         pos2 = self.op("Unsqueeze", [pos, i1])                                      # (T, 1)
-        valid = self.op("LessOrEqual", [j, pos2])
+        if attrs.get("causal", 1):
+            valid = self.op("LessOrEqual", [j, pos2])
+        else:
+            valid = self.op("Less", [j, self.op("Unsqueeze", [seq_len, i1])])
         if attrs.get("sliding_window"):
             lo = self.op("Sub", [pos2, self.const(attrs["sliding_window"])])
             valid = self.op("And", [valid, self.op("Greater", [j, lo])])

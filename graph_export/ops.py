@@ -55,9 +55,11 @@ OPS: dict[str, OpSpec] = {op.name: op for op in [
             "query_start_loc (B+1,) int64"),
            ("y (T, H*hd) float", "k_cache_out (aliases k_cache)", "v_cache_out (aliases v_cache)"),
            {"num_heads": "int", "num_kv_heads": "int", "head_dim": "int", "scale": "float",
-            "sliding_window": "int = 0 (none)", "softcap": "float = 0 (none)"},
-           "// write k, v at slot_mapping, then each token attends causally to its sequence's cache; "
-           "softcap caps the scaled logits s to softcap * tanh(s / softcap) before the softmax",
+            "sliding_window": "int = 0 (none)", "softcap": "float = 0 (none)",
+            "causal": "int = 1 (0: bidirectional, an encoder's)"},
+           "// write k, v at slot_mapping, then each token attends causally to its sequence's cache (causal 0: "
+           "to all seq_lens[b] cached tokens of it: an encoder, whose prompt runs in one step); softcap caps the "
+           "scaled logits s to softcap * tanh(s / softcap) before the softmax",
            aliases={1: 3, 2: 4}),
     OpSpec("SiluMul", DOMAIN, ("gate (T, F) float", "up (T, F) float"), ("y (T, F) float",), {},
            "// y = silu(gate) * up"),
@@ -74,7 +76,7 @@ OPS: dict[str, OpSpec] = {op.name: op for op in [
     OpSpec("Scale", DOMAIN, ("x (T, D) float",), ("y (T, D) float",), {"factor": "float"},
            "// y = x * factor, the factor rounded to x's dtype first (Gemma's embedding normalizer)"),
     OpSpec("Softcap", DOMAIN, ("x (T, D) float",), ("y (T, D) float",), {"cap": "float"},
-           "// y = cap * tanh(x / cap) (Gemma 2's final logits)"),
+           "// y = cap * tanh(x / cap) (Gemma 2's final logits; cap 1: tanh, BERT's pooler)"),
     OpSpec("MoE", DOMAIN,
            ("x (T, D) float", "router_logits (T, E) float", "w_gate (E, F, D) float", "w_up (E, F, D) float",
             "w_down (E, D, F) float", "shared? (T, D) float", "shared_gate? (T, 1) float"),
@@ -98,7 +100,11 @@ GRAPH_INPUTS = {
     "query_start_loc": "(B+1,) int64",
     "logits_indices": "(N,) int64",
 }
-LOGITS = "logits"  # the graph's output: (N, V) logits of the logits_indices rows
+# graph inputs a graph takes only when its model reads them (StepInputs' optional fields)
+OPTIONAL_GRAPH_INPUTS = {
+    "token_type_ids": "(T,) int64",  # BERT's segment of each token (0: first text, 1: the pair's second)
+}
+LOGITS = "logits"  # the graph's output: (N, V) logits of the logits_indices rows; a pooling model's (N, W) rows
 
 
 def cache_input_names(layer: int) -> tuple[str, str]:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from perfxlm.engine.structured_output import StructuredOutputsConfig
+from perfxlm.models.pooling import SEQ_POOLING_TYPES, TOK_POOLING_TYPES
 
 logger = logging.getLogger(__name__)
 
@@ -16,6 +17,61 @@ _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.b
            "float16": torch.float16, "half": torch.float16}
 DEFAULT_KV_CACHE_GIB = 4  # vLLM-cpu's VLLM_CPU_KVCACHE_SPACE default
 SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed takes
+
+
+@dataclass
+class PoolerConfig:
+    """How a pooling model pools (vLLM's PoolerConfig): `LLM(pooler_config=PoolerConfig(...))`
+    or a dict. Unset fields come from the model's sentence-transformers config, then the
+    family's defaults (CLS for BERT, LAST for decoders)."""
+
+    task: str | None = None                 # the task LLM.encode serves by default ("embed", "classify", ...)
+    pooling_type: str | None = None         # sets seq_pooling_type (CLS / LAST / MEAN) or tok_pooling_type
+    seq_pooling_type: str | None = None
+    tok_pooling_type: str | None = None     # "ALL": one output per token (token_embed / token_classify)
+    use_activation: bool | None = None      # normalise embeddings / softmax-sigmoid classes; None: the pooler's
+    dimensions: int | None = None           # default Matryoshka dimensions of embeddings
+    enable_chunked_processing: bool = False
+    max_embed_len: int | None = None
+    logit_mean: float | None = None         # classify: activation((logit - mean) / sigma), Platt scaling
+    logit_sigma: float | None = None
+    step_tag_id: int | None = None
+    returned_token_ids: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.logit_sigma is not None and self.logit_sigma == 0:
+            raise ValueError("logit_sigma cannot be 0 (division by zero)")
+        if self.task in ("score", "encode"):  # vLLM's removed tasks
+            raise ValueError("`score` task was removed; use `classify` instead." if self.task == "score" else
+                             "`encode` task was removed; use `token_embed` or `token_classify` instead.")
+        if self.pooling_type is not None:
+            if self.seq_pooling_type is not None:
+                raise ValueError("Cannot set both `pooling_type` and `seq_pooling_type`")
+            if self.tok_pooling_type is not None:
+                raise ValueError("Cannot set both `pooling_type` and `tok_pooling_type`")
+            if self.pooling_type in SEQ_POOLING_TYPES:
+                self.seq_pooling_type = self.pooling_type
+            elif self.pooling_type in TOK_POOLING_TYPES:
+                self.tok_pooling_type = self.pooling_type
+            else:
+                raise NotImplementedError(self.pooling_type)
+        unsupported = {"enable_chunked_processing": self.enable_chunked_processing,
+                       "max_embed_len": self.max_embed_len is not None, "step_tag_id": self.step_tag_id is not None,
+                       "returned_token_ids": self.returned_token_ids is not None,
+                       "tok_pooling_type='STEP'": self.tok_pooling_type == "STEP"}
+        for name, value in unsupported.items():
+            if value:
+                raise NotImplementedError(f"perfxlm does not support PoolerConfig {name} yet")
+
+    @classmethod
+    def coerce(cls, value: "PoolerConfig | dict[str, Any] | None") -> "PoolerConfig | None":
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            if "normalize" in value:
+                raise ValueError("Parameter `normalize` was removed; use `use_activation` instead.")
+            return cls(**value)
+        raise TypeError(f"pooler_config must be a PoolerConfig or a dict, got {type(value).__name__}")
 
 
 @dataclass
@@ -40,6 +96,9 @@ class EngineConfig:
     quantization: str | None = None  # "gguf": Linear weights stay GGUF blocks (Q8_0/Q4_0/Q4_1)
     hw_plugin: str | None = None  # perfxlm's own: which hardware plugin runs the graph
     structured_outputs_config: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
+    runner_type: str = "generate"  # vLLM's resolved --runner: "generate" or "pooling"
+    convert_type: str = "none"     # vLLM's resolved --convert: "none", "embed" or "classify"
+    pooler_config: PoolerConfig | None = None  # resolved, for a pooling runner
     # a prompt's logprobs are bitwise the same alone or in any batch (vLLM's VLLM_BATCH_INVARIANT)
     batch_invariant: bool = field(default_factory=lambda: batch_invariant_from_env())
 
@@ -82,9 +141,21 @@ class ModelConfig:
     max_logprobs: int
     generation_config: dict[str, Any] = field(default_factory=dict)
     served_model_name: str | None = None
+    runner_type: str = "generate"
+    convert_type: str = "none"
+    pooler_config: PoolerConfig | None = None
+    embedding_size: int | None = None       # a pooling model's output width (hidden size)
 
     def __post_init__(self) -> None:
         self.served_model_name = self.served_model_name or self.model
+
+    @property
+    def is_matryoshka(self) -> bool:
+        return bool(self.hf_config.get("matryoshka_dimensions")) or bool(self.hf_config.get("is_matryoshka"))
+
+    @property
+    def matryoshka_dimensions(self) -> list[int] | None:
+        return self.hf_config.get("matryoshka_dimensions")
 
     def get_diff_sampling_param(self) -> dict[str, Any]:
         """Default sampling values from the model's generation_config.json, as SamplingParams
@@ -173,10 +244,15 @@ def resolve_dtype(dtype: str | torch.dtype, hf_config: dict[str, Any]) -> torch.
     return _DTYPES[dtype]
 
 
-def derive_max_model_len(hf_config: dict[str, Any], requested: int | None) -> int:
-    # the keys vLLM reads, in its order (GPT-2 says n_positions)
+def config_max_model_len(hf_config: dict[str, Any]) -> int:
+    """The context length the config states (the keys vLLM reads, in its order: GPT-2 says n_positions)."""
     keys = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length")
-    derived = next((hf_config[k] for k in keys if hf_config.get(k)), 2048)
+    return next((hf_config[k] for k in keys if hf_config.get(k)), 2048)
+
+
+def derive_max_model_len(hf_config: dict[str, Any], requested: int | None, derived: int | None = None) -> int:
+    """max_model_len: the requested one, at most the model's (`derived`, else the config's)."""
+    derived = config_max_model_len(hf_config) if derived is None else derived
     if requested is None:
         return derived
     _check_int("max_model_len", requested, 1)

@@ -68,7 +68,7 @@ def test_max_logprobs_engine_argument(tiny_llama_dir):
     ({"dtype": "float64"}, ValueError, "Unknown dtype 'float64'"),
     ({"max_model_len": 4096}, ValueError, "User-specified max_model_len (4096) is greater than the derived"),
     ({"kv_cache_memory_bytes": 1 << 12}, ValueError, "KV cache is needed, which is larger than the available"),
-    ({"runner": "pooling"}, NotImplementedError, "generative models only"),
+    ({"runner": "pooling", "convert": "none"}, ValueError, "This model does not support `--runner pooling`"),
 ])
 def test_bad_engine_arguments(tiny_llama_dir, kwargs, error, message):
     kwargs.setdefault("kv_cache_memory_bytes", 8 << 20)

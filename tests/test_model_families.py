@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from graph_export.export import export_model, op_histogram
+from graph_export.ops import OPTIONAL_GRAPH_INPUTS
 from perfxlm import LLM, SamplingParams
 from perfxlm.models.loader import ModelSource, resolve_model
 from perfxlm.models import registry
@@ -167,7 +168,7 @@ def test_recorded_graph_and_eager_forward_give_the_same_logits(tiny_llama_dir, t
         got, want = runner.run(feeds), eager(feeds)
         assert got.shape == (len(feeds["logits_indices"]), model.vocab_size)
         np.testing.assert_array_equal(got, want)
-    assert StepInputs.__dataclass_fields__.keys() == set(feeds)
+    assert StepInputs.__dataclass_fields__.keys() == set(feeds) | set(OPTIONAL_GRAPH_INPUTS)
 
 
 def test_weights_that_do_not_fit_the_config_name_the_file(tmp_path, tiny_llama_dir):

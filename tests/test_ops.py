@@ -28,8 +28,8 @@ def nmse(a: np.ndarray, ref: np.ndarray) -> float:
 
 # every op once, and again for each attribute that changes what its kernels do: "Op/variant"
 CASES = ["Gather", "RMSNorm", "RMSNorm/group_size", "Linear", "RoPE", "PagedAttention", "PagedAttention/softcap",
-         "SiluMul", "Add", "LayerNorm", "LayerNorm/no_bias", "GeluMul", "Activation/relu", "Activation/gelu",
-         "Activation/gelu_tanh", "Scale", "Softcap", "MoE", "MoE/shared"]
+         "PagedAttention/bidirectional", "SiluMul", "Add", "LayerNorm", "LayerNorm/no_bias", "GeluMul",
+         "Activation/relu", "Activation/gelu", "Activation/gelu_tanh", "Scale", "Softcap", "MoE", "MoE/shared"]
 
 
 def op_of(name: str) -> str:
@@ -54,6 +54,15 @@ def case(name: str) -> tuple[dict, list[np.ndarray], list[tuple]]:
         tables = RotaryTables(HD, 10000.0, 64, None)
         return {"head_dim": HD}, [f(T, H * HD), rng.integers(0, 64, T), tables.cos.numpy(), tables.sin.numpy()], \
             [(T, H * HD)]
+    if op == "PagedAttention" and variant == "bidirectional":
+        # an encoder's step (causal 0): two whole prompts of 4 and 3 tokens, every token seeing all of its own
+        tables = np.array([[3, 6], [1, 0]], np.int64)
+        seq_lens = np.array([4, 3], np.int64)
+        slots = [tables[b, p // BS] * BS + p % BS for b in range(2) for p in range(seq_lens[b])]
+        attrs = {"num_heads": H, "num_kv_heads": HKV, "head_dim": HD, "scale": HD ** -0.5, "sliding_window": 0,
+                 "causal": 0}
+        return attrs, [f(T, H * HD), f(T, HKV * HD), f(T, HKV * HD), f(BLOCKS, BS, HKV, HD), f(BLOCKS, BS, HKV, HD),
+                       np.array(slots, np.int64), tables, seq_lens, np.array([0, 4, 7], np.int64)], [(T, H * HD)]
     if op == "PagedAttention":
         # sequence 0: 5 cached tokens + a 6-token prefill chunk; sequence 1: 9 cached + 1 decode token
         tables = np.array([[3, 0, 5, 0], [1, 6, 2, 7]], np.int64)
@@ -246,18 +255,35 @@ def test_new_ops_in_a_compiled_cpu_step(dtype):
     np.testing.assert_array_equal(step.logits[:T], by_node[LOGITS].astype(np.float32))
     np.testing.assert_array_equal(fixed["s"], by_node["s"])
 
-    attrs, inputs, _ = case("PagedAttention/softcap")
-    names = [f"in{i}" for i in range(len(inputs))]
-    cast = [x.astype(_np(dtype)) if x.dtype == np.float32 else x for x in inputs]
-    node = Node("PagedAttention", "attn", names, ["y", "kc_out", "vc_out"], attrs)
-    ins = [x.copy() for x in cast]
-    ref = plugin.alloc((T, H * HD), dtype)
-    plugin.run(node, ins, [ref, ins[3], ins[4]])
-    fixed = dict(zip(names, [x.copy() for x in cast]), y=plugin.alloc((T, H * HD), dtype))
-    step = plugin.compile_step([node], fixed.__getitem__, {}, set())
-    step.run({"input_ids": np.zeros(T, np.int64), "logits_indices": np.zeros(T, np.int64),
-              "block_tables": inputs[6]})
-    np.testing.assert_array_equal(fixed["y"], ref)
+    for variant in ("softcap", "bidirectional"):  # (the plan record carries causal 0 as a flag)
+        attrs, inputs, _ = case(f"PagedAttention/{variant}")
+        names = [f"in{i}" for i in range(len(inputs))]
+        cast = [x.astype(_np(dtype)) if x.dtype == np.float32 else x for x in inputs]
+        node = Node("PagedAttention", "attn", names, ["y", "kc_out", "vc_out"], attrs)
+        ins = [x.copy() for x in cast]
+        ref = plugin.alloc((T, H * HD), dtype)
+        plugin.run(node, ins, [ref, ins[3], ins[4]])
+        fixed = dict(zip(names, [x.copy() for x in cast]), y=plugin.alloc((T, H * HD), dtype))
+        step = plugin.compile_step([node], fixed.__getitem__, {}, set())
+        step.run({"input_ids": np.zeros(T, np.int64), "logits_indices": np.zeros(T, np.int64),
+                  "block_tables": inputs[6]})
+        np.testing.assert_array_equal(fixed["y"], ref, err_msg=variant)
+
+
+def test_bidirectional_attention_is_dense_attention_per_sequence():
+    """PagedAttention with causal 0 (an encoder's) on the reference equals plain softmax(q k^T) v
+    over each whole sequence, computed here in numpy from the step's own k and v (no cache)."""
+    attrs, inputs, shapes = case("PagedAttention/bidirectional")
+    got = run_on(TorchPlugin(), "PagedAttention", attrs, inputs, shapes, "float32")[0]
+    q, k, v = (x.reshape(T, -1, HD) for x in inputs[:3])
+    qsl, group = inputs[8], H // HKV
+    for b in range(len(qsl) - 1):
+        rows = slice(qsl[b], qsl[b + 1])
+        for h in range(H):
+            s = q[rows, h] @ k[rows, h // group].T * attrs["scale"]                    # (n, n)
+            p = np.exp(s - s.max(-1, keepdims=True))
+            want = (p / p.sum(-1, keepdims=True)) @ v[rows, h // group]
+            np.testing.assert_allclose(got[rows].reshape(-1, H, HD)[:, h], want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -14,6 +14,9 @@
  * Every (row, key) score, softmax and weighted sum runs the same instructions whatever else
  * shares the tile or the step, so a token's result does not depend on the batch, on how
  * its prompt was chunked, or on whether it ran as a decode (batch invariance).
+ *
+ * Not causal (an encoder's bidirectional attention): every token of a sequence sees all its
+ * seq_lens[b] keys, so a tile's rows share one key range and take the tile's shared path.
  */
 #include <float.h>
 #include <stdint.h>
@@ -393,20 +396,21 @@ PXL_CLONES static void capped(float *s, size_t n, float cap) {
 
 /* one KV head's part of an item: tn tokens from position pos0 (rows i * G + g), keys lo0 .. lo0 + n
  * at krows / vrows + off; q rows of token i at qrows + i * H * hd, output rows likewise. The
- * scores take rows from the npf queues pf, the weighted sums from pv, to prefetch. */
+ * scores take rows from the npf queues pf, the weighted sums from pv, to prefetch. Causal: token
+ * i sees keys up to its own position; not causal: all n. */
 static void tile_head(int dt, size_t tn, size_t G, size_t H, size_t hd, size_t pos0, size_t lo0, size_t n,
-                      size_t window, float scale, float softcap, const char *qrows, const char *const *krows,
-                      const char *const *vrows, size_t off, char *yrows, float *qf, float *of, float *s,
-                      size_t lds, float *kw, pf_queue *pf, int npf, pf_queue *pv) {
+                      size_t window, int causal, float scale, float softcap, const char *qrows,
+                      const char *const *krows, const char *const *vrows, size_t off, char *yrows, float *qf,
+                      float *of, float *s, size_t lds, float *kw, pf_queue *pf, int npf, pf_queue *pv) {
     size_t es = dt == PXL_F32 ? 4 : 2, R = tn * G;
     for (size_t i = 0; i < tn; i++) /* row r = i * G + g; q pre-scaled */
         load_q(dt, G * hd, scale, qrows + i * H * hd * es, qf + i * G * hd);
     scores_tile(dt, R, hd, qf, krows, off, n, s, lds, kw, pf, npf);
-    /* token i sees keys [a_i, e_i) of the tile's n: causal, and a window's start */
+    /* token i sees keys [a_i, e_i) of the tile's n: causal (or all n), and a window's start */
     size_t a_last = 0, e_first = n;
     for (size_t i = 0; i < tn; i++) {
         size_t pos = pos0 + i, lo = window && pos + 1 > window ? pos + 1 - window : 0;
-        size_t a = lo - lo0, e = pos + 1 - lo0;
+        size_t a = lo - lo0, e = causal ? pos + 1 - lo0 : n;
         for (size_t g = 0; g < G; g++) {
             if (softcap > 0) capped(s + (i * G + g) * lds + a, e - a, softcap);
             softmax(s + (i * G + g) * lds + a, e - a);
@@ -421,7 +425,7 @@ static void tile_head(int dt, size_t tn, size_t G, size_t H, size_t hd, size_t p
     }
     if (a_last < e_first) { /* ... then the keys every token sees, all rows together, then the rest */
         weighted_sum(dt, R, hd, s, lds, vrows, off, a_last, e_first, of, pv);
-        for (size_t i = 1; i < tn; i++)
+        for (size_t i = 1; i < tn && causal; i++)
             weighted_sum(dt, G, hd, s + i * G * lds, lds, vrows, off, e_first, pos0 + i + 1 - lo0, of + i * G * hd, pv);
     }
     for (size_t i = 0; i < tn; i++) store_out(dt, G * hd, of + i * G * hd, yrows + i * H * hd * es);
@@ -433,7 +437,7 @@ typedef struct {
     size_t b, qs, kvh, tok0, tn, pos0, lo0, n;
 } item_pos;
 static item_pos locate(size_t it, size_t *b, size_t *first, const int64_t *query_start_loc,
-                       const int64_t *seq_lens, size_t G, size_t Hkv, size_t window) {
+                       const int64_t *seq_lens, size_t G, size_t Hkv, size_t window, int causal) {
     size_t qs, qlen;
     seq_items si;
     for (;; *first += si.items, (*b)++) {
@@ -446,6 +450,7 @@ static item_pos locate(size_t it, size_t *b, size_t *first, const int64_t *query
     p.tok0 = tile * si.tq, p.tn = qlen - p.tok0 < si.tq ? qlen - p.tok0 : si.tq;
     p.pos0 = seq_lens[*b] - qlen + p.tok0; /* the tile's first position; its tokens follow */
     p.lo0 = window && p.pos0 + 1 > window ? p.pos0 + 1 - window : 0, p.n = p.pos0 + p.tn - p.lo0;
+    if (!causal) p.n = seq_lens[*b] - p.lo0; /* every key of the sequence, the later tokens' too */
     return p;
 }
 
@@ -483,7 +488,7 @@ static void attention_team(int dt, size_t T, size_t B, size_t H, size_t Hkv, siz
                            const void *k, const void *v, void *k_cache, void *v_cache, size_t block_size,
                            const int64_t *slot_mapping, const int64_t *block_tables, size_t max_blocks,
                            const int64_t *seq_lens, const int64_t *query_start_loc, float scale, float softcap,
-                           size_t window, void *y) {
+                           size_t window, int causal, void *y) {
     size_t es = dt == PXL_F32 ? 4 : 2, row_bytes = Hkv * hd * es, G = H / Hkv;
     size_t t0, t1;
     pxl_split(T, 1, &t0, &t1);
@@ -514,7 +519,7 @@ static void attention_team(int dt, size_t T, size_t B, size_t H, size_t Hkv, siz
         size_t end = (c + 1) * chunk < items ? (c + 1) * chunk : items, unfetched = SIZE_MAX;
         for (size_t it = c * chunk; it < end; it++) {
             if (it < first) b = 0, first = 0; /* (a thread's items only ever increase; kept safe anyway) */
-            item_pos p = locate(it, &b, &first, query_start_loc, seq_lens, G, Hkv, window);
+            item_pos p = locate(it, &b, &first, query_start_loc, seq_lens, G, Hkv, window, causal);
             if (!row_set_has(&rs[cur], p.b, p.lo0) && row_set_has(&rs[cur ^ 1], p.b, p.lo0)) cur ^= 1;
             row_set_fill(&rs[cur], &src, p.b, p.lo0, p.n);
             size_t off = p.kvh * hd * es;
@@ -533,7 +538,7 @@ static void attention_team(int dt, size_t T, size_t B, size_t H, size_t Hkv, siz
             }
             if (it + 1 < end) {
                 size_t nb = b, nf = first;
-                item_pos x = locate(it + 1, &nb, &nf, query_start_loc, seq_lens, G, Hkv, window);
+                item_pos x = locate(it + 1, &nb, &nf, query_start_loc, seq_lens, G, Hkv, window, causal);
                 int nx = row_set_has(&rs[cur], x.b, x.lo0) ? cur : cur ^ 1;
                 row_set_fill(&rs[nx], &src, x.b, x.lo0, x.n);
                 /* a later tile of this one's head reads the rows this one has just read, and more */
@@ -547,22 +552,33 @@ static void attention_team(int dt, size_t T, size_t B, size_t H, size_t Hkv, siz
                                          H * hd * es, G * hd * es);
             }
             size_t head = (p.qs + p.tok0) * H + p.kvh * G; /* the first row's (token, head) */
-            tile_head(dt, p.tn, G, H, hd, p.pos0, p.lo0, p.n, window, scale, softcap, (const char *)q + head * hd * es,
-                      rs[cur].k, rs[cur].v, off, (char *)y + head * hd * es, qf, of, s, lds, kw, pf, npf, &pv);
+            tile_head(dt, p.tn, G, H, hd, p.pos0, p.lo0, p.n, window, causal, scale, softcap,
+                      (const char *)q + head * hd * es, rs[cur].k, rs[cur].v, off, (char *)y + head * hd * es, qf, of,
+                      s, lds, kw, pf, npf, &pv);
             for (int i = 0; i < npf; i++) pf_take(&pf[i], SIZE_MAX); /* (rows the loops did not reach) */
             pf_take(&pv, SIZE_MAX);
         }
     }
 }
 
+void pxl_paged_attention_mask(int dt, size_t T, size_t B, size_t H, size_t Hkv, size_t hd, const void *q,
+                              const void *k, const void *v, void *k_cache, void *v_cache, size_t block_size,
+                              const int64_t *slot_mapping, const int64_t *block_tables, size_t max_blocks,
+                              const int64_t *seq_lens, const int64_t *query_start_loc, float scale, float softcap,
+                              size_t window, int causal, void *y) {
+    size_t max_len = 0;
+    for (size_t b = 0; b < B; b++) max_len = (size_t)seq_lens[b] > max_len ? (size_t)seq_lens[b] : max_len;
+    int nth = T * Hkv * max_len < 4096 ? 1 : pxl_num_threads();
+    window = causal ? window : 0; /* (no window on a bidirectional mask) */
+    PXL_ON_TEAM(nth, attention_team(dt, T, B, H, Hkv, hd, q, k, v, k_cache, v_cache, block_size, slot_mapping,
+                                    block_tables, max_blocks, seq_lens, query_start_loc, scale, softcap, window,
+                                    causal, y));
+}
+
 void pxl_paged_attention(int dt, size_t T, size_t B, size_t H, size_t Hkv, size_t hd, const void *q, const void *k,
                          const void *v, void *k_cache, void *v_cache, size_t block_size, const int64_t *slot_mapping,
                          const int64_t *block_tables, size_t max_blocks, const int64_t *seq_lens,
                          const int64_t *query_start_loc, float scale, float softcap, size_t window, void *y) {
-    size_t max_len = 0;
-    for (size_t b = 0; b < B; b++) max_len = (size_t)seq_lens[b] > max_len ? (size_t)seq_lens[b] : max_len;
-    int nth = T * Hkv * max_len < 4096 ? 1 : pxl_num_threads();
-    PXL_ON_TEAM(nth, attention_team(dt, T, B, H, Hkv, hd, q, k, v, k_cache, v_cache, block_size, slot_mapping,
-                                    block_tables, max_blocks, seq_lens, query_start_loc, scale, softcap, window,
-                                    y));
+    pxl_paged_attention_mask(dt, T, B, H, Hkv, hd, q, k, v, k_cache, v_cache, block_size, slot_mapping, block_tables,
+                             max_blocks, seq_lens, query_start_loc, scale, softcap, window, 1, y);
 }

@@ -126,6 +126,13 @@ void pxl_paged_attention(int dt, size_t T, size_t B, size_t H, size_t Hkv, size_
                          const int64_t *slot_mapping, const int64_t *block_tables, size_t max_blocks,
                          const int64_t *seq_lens, const int64_t *query_start_loc, float scale, float softcap,
                          size_t window, void *y);
+/* The same with the mask chosen: causal 1 as above; causal 0 (an encoder's bidirectional attention)
+ * has each query token of sequence b attend to all seq_lens[b] cached tokens (no window) */
+void pxl_paged_attention_mask(int dt, size_t T, size_t B, size_t H, size_t Hkv, size_t hd, const void *q,
+                              const void *k, const void *v, void *k_cache, void *v_cache, size_t block_size,
+                              const int64_t *slot_mapping, const int64_t *block_tables, size_t max_blocks,
+                              const int64_t *seq_lens, const int64_t *query_start_loc, float scale, float softcap,
+                              size_t window, int causal, void *y);
 /* Sampling: out[r] = the first token i of logits row r (R, V; rows ld apart, float32) where the
  * running sum of softmax(row) passes u[r] in [0, 1); never a -inf token; -1 for a row whose max
  * is not finite (NaN, +inf, all -inf) */

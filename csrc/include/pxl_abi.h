@@ -45,7 +45,7 @@ enum {
 #define PXL_PLAN_MAX_PTRS 10
 typedef struct {
     int32_t op, dt, wfmt; /* PXL_OP_*, activation format, weight format (Linears; MoE: gate | up << 8 | down << 16) */
-    int32_t rows;         /* PXL_ROWS_N | PXL_NO_WAIT | PXL_OUT_F32 */
+    int32_t rows;         /* PXL_ROWS_N | PXL_NO_WAIT | PXL_OUT_F32 | PXL_NONCAUSAL */
     int64_t a, b, c, d, e; /* sizes, per op (pxl_plan.c's run_node) */
     float f0, f1;
     const void *p[PXL_PLAN_MAX_PTRS]; /* inputs, weights, caches, outputs, per op */
@@ -69,6 +69,7 @@ enum { PXL_ACT_RELU, PXL_ACT_GELU, PXL_ACT_GELU_TANH }; /* 0, 1, 2 */
  * the others between them */
 #define PXL_NO_WAIT 2
 #define PXL_OUT_F32 4 /* a Linear's (or Softcap's) y is fp32 holding dt's values (the logits: no conversion pass) */
+#define PXL_NONCAUSAL 8 /* an attention's tokens see all their sequence's keys (an encoder's; PagedAttention causal 0) */
 
 /* Up to this many tokens, Linear has every thread prepare (convert, quantise) x for itself, so
  * the team needs no barrier before the product; PXL_NO_WAIT relies on it */

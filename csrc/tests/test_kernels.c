@@ -434,8 +434,9 @@ static void test_rope(int dt, size_t T, size_t H, size_t hd) {
 }
 
 /* B sequences with the given query lengths and cached lengths, blocks shuffled; B = 3: a
- * decode and two prefill chunks; B = 12: decodes only (then each is one item for all KV heads) */
-static void test_attention(int dt, size_t H, size_t Hkv, size_t hd, size_t window, int B, float softcap) {
+ * decode and two prefill chunks; B = 12: decodes only (then each is one item for all KV heads).
+ * causal 0 (an encoder's mask): every token sees all its sequence's keys, later ones included */
+static void test_attention(int dt, size_t H, size_t Hkv, size_t hd, size_t window, int B, float softcap, int causal) {
     enum { BS = 4, MAXB = 6, NBLK = 80 };
     int64_t qlen[12] = {1, 5, 9}, seq[12] = {13, 7, 9}, qsl[13] = {0}, tables[12 * MAXB], perm[NBLK];
     if (B > 3)
@@ -459,10 +460,11 @@ static void test_attention(int dt, size_t H, size_t Hkv, size_t hd, size_t windo
     for (int b = 0; b < B; b++)
         for (int i = 0; i < qlen[b]; i++) {
             size_t t = qsl[b] + i, pos = seq[b] - qlen[b] + i, lo = window && pos + 1 > window ? pos + 1 - window : 0;
+            size_t hi = causal ? pos + 1 : (size_t)seq[b]; /* keys [lo, hi) */
             for (size_t h = 0; h < H; h++) {
                 size_t kvh = h / (H / Hkv);
                 double sc[64], mx = -1e300, sum = 0;
-                for (size_t j = lo; j <= pos; j++) {
+                for (size_t j = lo; j < hi; j++) {
                     size_t slot = tables[b * MAXB + j / BS] * BS + j % BS, src = slot * row + kvh * hd;
                     int64_t own = -1; /* written this step? then the value comes from k, not the old cache */
                     for (size_t u = 0; u < T; u++) if (slots[u] == (int64_t)slot) own = u;
@@ -474,10 +476,10 @@ static void test_attention(int dt, size_t H, size_t Hkv, size_t hd, size_t windo
                     if (softcap > 0) s = softcap * tanh(s / softcap);
                     sc[j - lo] = s, mx = sc[j - lo] > mx ? sc[j - lo] : mx;
                 }
-                for (size_t j = lo; j <= pos; j++) sc[j - lo] = exp(sc[j - lo] - mx), sum += sc[j - lo];
+                for (size_t j = lo; j < hi; j++) sc[j - lo] = exp(sc[j - lo] - mx), sum += sc[j - lo];
                 for (size_t d = 0; d < hd; d++) {
                     double o = 0;
-                    for (size_t j = lo; j <= pos; j++) {
+                    for (size_t j = lo; j < hi; j++) {
                         size_t slot = tables[b * MAXB + j / BS] * BS + j % BS;
                         int64_t own = -1;
                         for (size_t u = 0; u < T; u++) if (slots[u] == (int64_t)slot) own = u;
@@ -487,12 +489,12 @@ static void test_attention(int dt, size_t H, size_t Hkv, size_t hd, size_t windo
                 }
             }
         }
-    pxl_paged_attention(dt, T, B, H, Hkv, hd, q, k, v, kc, vc, BS, slots, tables, MAXB, seq, qsl, scale, softcap, window,
-                        y);
+    pxl_paged_attention_mask(dt, T, B, H, Hkv, hd, q, k, v, kc, vc, BS, slots, tables, MAXB, seq, qsl, scale, softcap,
+                             window, causal, y);
     for (size_t d = 0; d < H * hd; d++) ref[1 * H * hd + d] = get(dt, y, 1 * H * hd + d); /* padding row: unchecked */
-    char name[80];
-    snprintf(name, sizeof name, "paged_attention %s B=%d H=%zu Hkv=%zu hd=%zu window=%zu softcap=%g", dt ? "bf16" : "f32", B,
-             H, Hkv, hd, window, softcap);
+    char name[96];
+    snprintf(name, sizeof name, "paged_attention %s B=%d H=%zu Hkv=%zu hd=%zu window=%zu softcap=%g causal=%d",
+             dt ? "bf16" : "f32", B, H, Hkv, hd, window, softcap, causal);
     check(name, dt, T * H * hd, y, ref, NULL, dt ? 2e-2 : 1e-5); /* bf16: q.k rounded to bf16 inputs */
     free(q); free(k); free(v); free(kc); free(vc); free(y); free(ref);
 }
@@ -727,13 +729,16 @@ int main(void) {
             test_add_rmsnorm(dt, 7, 33);
             test_rope(dt, 1, 1, 2);
             test_rope(dt, 7, 9, 64);
-            test_attention(dt, 6, 2, 8, 0, 3, 0);
-            test_attention(dt, 9, 3, 64, 0, 3, 0);
-            test_attention(dt, 4, 4, 16, 3, 3, 0);
-            test_attention(dt, 9, 3, 64, 0, 12, 0);
-            test_attention(dt, 6, 2, 16, 5, 12, 0);
-            test_attention(dt, 6, 2, 16, 0, 3, 0.5f); /* a cap below the logits' size: it bends them */
-            test_attention(dt, 9, 3, 64, 4, 12, 1.0f);
+            test_attention(dt, 6, 2, 8, 0, 3, 0, 1);
+            test_attention(dt, 9, 3, 64, 0, 3, 0, 1);
+            test_attention(dt, 4, 4, 16, 3, 3, 0, 1);
+            test_attention(dt, 9, 3, 64, 0, 12, 0, 1);
+            test_attention(dt, 6, 2, 16, 5, 12, 0, 1);
+            test_attention(dt, 6, 2, 16, 0, 3, 0.5f, 1); /* a cap below the logits' size: it bends them */
+            test_attention(dt, 9, 3, 64, 4, 12, 1.0f, 1);
+            test_attention(dt, 6, 2, 8, 0, 3, 0, 0); /* bidirectional (BERT): hd 8 (scalar), 64 (two tiles) */
+            test_attention(dt, 12, 12, 64, 0, 3, 0, 0);
+            test_attention(dt, 9, 3, 16, 0, 12, 0, 0);
             test_attention_invariant(dt, 9, 3, 64);
             test_attention_invariant(dt, 8, 2, 32);
             test_attention_invariant(dt, 4, 4, 16);

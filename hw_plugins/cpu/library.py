@@ -49,6 +49,7 @@ def activation_code(attrs: dict) -> int:
 ROWS_N = 1  # the op runs on the step's N (logits) rows, else on its T tokens
 NO_WAIT = 2  # no barrier after this Linear in a decode step: the next shares only its input
 OUT_F32 = 4  # a Linear stores its (bf16) values widened to float32
+NONCAUSAL = 8  # an attention's tokens see all their sequence's keys (PagedAttention causal 0)
 PLAN_MAX_PTRS = 10
 
 
@@ -128,6 +129,8 @@ _SIGNATURES = {
     "pxl_plan_profile": ([_i, _p, _p], None),
     "pxl_paged_attention": ([_i, _sz, _sz, _sz, _sz, _sz, _p, _p, _p, _p, _p, _sz, _p, _p, _sz, _p, _p, _f, _f, _sz,
                              _p], None),
+    "pxl_paged_attention_mask": ([_i, _sz, _sz, _sz, _sz, _sz, _p, _p, _p, _p, _p, _sz, _p, _p, _sz, _p, _p, _f, _f,
+                                  _sz, _i, _p], None),
     "pxl_layer_norm": ([_i, _sz, _sz, _p, _p, _p, _f, _p], None),
     "pxl_gelu_mul": ([_i, _sz, _p, _p, _p], None),
     "pxl_activation": ([_i, _i, _sz, _p, _p], None),

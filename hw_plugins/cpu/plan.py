@@ -14,8 +14,8 @@ import numpy as np
 from graph_export.ops import LOGITS
 from hw_plugins.cpu.buffers import _ptr, host_zeros
 from hw_plugins.cpu.library import (ACTIVATION, ACTIVATIONS, ADD, ADD_RMSNORM, ATTENTION, GATHER, GELU_MUL, LAYER_NORM,
-                                    LINEAR, LINEAR_SILU, MOE, NO_WAIT, OUT_F32, RMSNORM, ROPE, ROWS_N, SCALE,
-                                    SILU_MUL, SOFTCAP, PlanNode, activation_code)
+                                    LINEAR, LINEAR_SILU, MOE, NO_WAIT, NONCAUSAL, OUT_F32, RMSNORM, ROPE, ROWS_N,
+                                    SCALE, SILU_MUL, SOFTCAP, PlanNode, activation_code)
 
 
 def _independent(a: "PlanNode", b: "PlanNode") -> bool:
@@ -96,6 +96,7 @@ class Plan:
                 r.op, r.a, r.b, r.c = ATTENTION, at["num_heads"], at["num_kv_heads"], at["head_dim"]
                 r.d, r.e, r.f0 = arrays[3].shape[1], at.get("sliding_window") or 0, at["scale"]
                 r.f1 = at.get("softcap") or 0.0
+                r.rows |= 0 if at.get("causal", 1) else NONCAUSAL
                 ptrs = [*arrays[:9], out]
             elif id(node) in gated:  # y = silu(x @ Wg^T) * (x @ Wu^T), in one pass
                 gate, _, (r.wfmt, weight) = gated[id(node)]

@@ -205,11 +205,11 @@ class CpuPlugin(HwPlugin):
 
     def _paged_attention(self, attrs: dict, ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
         q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc = ins
-        self.lib.pxl_paged_attention(
+        self.lib.pxl_paged_attention_mask(
             ACTIVATIONS[q.dtype.name], q.shape[0], seq_lens.shape[0], attrs["num_heads"], attrs["num_kv_heads"],
             attrs["head_dim"], _ptr(q), _ptr(k), _ptr(v), _ptr(k_cache), _ptr(v_cache), k_cache.shape[1],
             _ptr(slot_mapping), _ptr(block_tables), block_tables.shape[1], _ptr(seq_lens), _ptr(query_start_loc),
-            attrs["scale"], attrs.get("softcap") or 0.0, attrs.get("sliding_window") or 0,
+            attrs["scale"], attrs.get("softcap") or 0.0, attrs.get("sliding_window") or 0, attrs.get("causal", 1),
             _ptr(outs[0]))                                      # outs[1:] alias the caches
 
     def _silu_mul(self, attrs: dict, ins: list[np.ndarray], outs: list[np.ndarray]) -> None:

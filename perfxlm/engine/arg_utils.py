@@ -2,17 +2,23 @@
 (AsyncLLM, `perfxlm serve`), their command-line flags, and their resolution against the model."""
 
 import argparse
+import copy
 import dataclasses
 import enum
 import json
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from perfxlm.config import EngineConfig, check_engine_args, derive_max_model_len, resolve_dtype
+from perfxlm.config import (EngineConfig, PoolerConfig, check_engine_args, config_max_model_len, derive_max_model_len,
+                            resolve_dtype)
 from perfxlm.engine.structured_output import StructuredOutputsConfig
 from perfxlm.models.loader import ModelSource, resolve_model
+from perfxlm.models.pooling import CONVERTS, RUNNERS, derived_max_model_len, resolve_pooler_config, resolve_runner
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the embedded default
 
@@ -38,6 +44,8 @@ class EngineArgs:
     """vLLM's engine arguments that perfxlm honours; `None` means the model's or vLLM's default."""
 
     model: str = DEFAULT_MODEL
+    runner: str = "auto"                    # "generate" / "pooling"; auto: from the architecture
+    convert: str = "auto"                   # "embed" / "classify" adapt a decoder into a pooling model
     served_model_name: str | list[str] | None = None
     tokenizer: str | None = None
     revision: str | None = None
@@ -61,6 +69,7 @@ class EngineArgs:
     disable_log_stats: bool = False
     hf_overrides: dict[str, Any] | Callable[[dict], dict] | None = None
     structured_outputs_config: StructuredOutputsConfig | dict[str, Any] | None = None  # None: vLLM's defaults
+    pooler_config: PoolerConfig | dict[str, Any] | None = None  # a pooling model's; None: the model's own
 
     @property
     def served_model_names(self) -> list[str]:
@@ -74,6 +83,12 @@ class EngineArgs:
         """The engine flags (not the model, which `perfxlm serve` takes as its positional)."""
         bool_flag = argparse.BooleanOptionalAction
         g = parser.add_argument_group("engine")
+        g.add_argument("--runner", default="auto", choices=list(RUNNERS),
+                       help="'pooling' serves an embedding or classification model; auto: from the architecture")
+        g.add_argument("--convert", default="auto", choices=list(CONVERTS),
+                       help="'embed' or 'classify' adapt a decoder into a pooling model")
+        g.add_argument("--pooler-config", type=json_dict_arg, default=None,
+                       help='JSON, e.g. \'{"pooling_type": "MEAN", "use_activation": false}\'')
         g.add_argument("--served-model-name", nargs="+", default=None,
                        help="names the server answers to; the first is echoed in responses (default: the model)")
         g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
@@ -130,6 +145,11 @@ class EngineArgs:
             raise NotImplementedError(f"perfxlm: quantization={self.quantization!r} is not supported; only "
                                       "'gguf' (GGUF blocks run natively)")
         StructuredOutputsConfig.coerce(self.structured_outputs_config)  # a backend we lack fails here
+        if self.runner not in RUNNERS:
+            raise ValueError(f"Invalid runner {self.runner!r}; choose one of {list(RUNNERS)}")
+        if self.convert not in CONVERTS:
+            raise ValueError(f"Invalid convert {self.convert!r}; choose one of {list(CONVERTS)}")
+        PoolerConfig.coerce(self.pooler_config)
 
     def create_engine_config(self, usage_context: UsageContext | None = None) -> tuple[EngineConfig, ModelSource]:
         """Resolve the arguments against the model's config (no weights are read)."""
@@ -138,18 +158,30 @@ class EngineArgs:
         if self.hf_overrides is not None:
             source.hf_config = (self.hf_overrides(source.hf_config) if callable(self.hf_overrides)
                                 else {**source.hf_config, **self.hf_overrides})
+        runner_type, convert_type = resolve_runner(source, self.runner, self.convert)
+        pooler_config = None
+        if runner_type == "pooling":
+            source.convert = convert_type  # the family adapted before anything reads it
+            user = PoolerConfig.coerce(self.pooler_config)
+            pooler_config = resolve_pooler_config(source, copy.copy(user) if user else PoolerConfig())
+        elif self.pooler_config is not None:
+            raise ValueError("pooler_config is only for pooling models (runner='pooling')")
         if self.quantization == "gguf" and not source.is_gguf:
             raise ValueError(f"quantization='gguf' needs a .gguf model file; {self.model!r} is not one")
         # vLLM runs a GGUF quantised; so do we unless an explicit dtype asks for dense weights
         keep_blocks = self.quantization == "gguf" or (
             self.quantization is None and self.dtype == "auto" and source.is_quantized())
         max_seqs, max_tokens = _BATCH_DEFAULTS.get(usage_context, _ENGINE_CONTEXT_DEFAULTS)
-        optional = {"block_size": self.block_size, "enable_prefix_caching": self.enable_prefix_caching,
-                    "enable_chunked_prefill": self.enable_chunked_prefill, "hw_plugin": self.hw_plugin}
+        optional = {"block_size": self.block_size, "hw_plugin": self.hw_plugin,
+                    **self._chunking_and_prefix_caching(source, pooler_config)}
+        max_model_len = derive_max_model_len(source.hf_config, self.max_model_len, derived_max_model_len(
+            source, runner_type, config_max_model_len(source.hf_config)))
+        if optional["enable_chunked_prefill"] is False:  # vLLM's default then fits a whole prompt
+            max_tokens = max(max_tokens, max_model_len)
         config = EngineConfig(
             model=self.model,
             dtype=resolve_dtype(self.dtype, source.hf_config),
-            max_model_len=derive_max_model_len(source.hf_config, self.max_model_len),
+            max_model_len=max_model_len,
             seed=0 if self.seed is None else self.seed,
             tokenizer=self.tokenizer,
             max_num_seqs=self.max_num_seqs or max_seqs,
@@ -162,9 +194,28 @@ class EngineArgs:
             override_generation_config=dict(self.override_generation_config or {}),
             quantization="gguf" if keep_blocks else None,
             structured_outputs_config=StructuredOutputsConfig.coerce(self.structured_outputs_config),
+            runner_type=runner_type,
+            convert_type=convert_type,
+            pooler_config=pooler_config,
             **{k: v for k, v in optional.items() if v is not None},
         )
         return config, source
+
+    def _chunking_and_prefix_caching(self, source: ModelSource, pooler: PoolerConfig | None) -> dict[str, Any]:
+        """enable_chunked_prefill and enable_prefix_caching (None: the default, on). vLLM turns both
+        off for a pooling model that needs every token of a prompt in one step: a bidirectional
+        encoder, or CLS / MEAN pooling over a decoder. perfxlm keeps them off even when asked, since
+        chunks or cached blocks would give wrong embeddings there, and says so."""
+        wanted = {"enable_chunked_prefill": self.enable_chunked_prefill,
+                  "enable_prefix_caching": self.enable_prefix_caching}
+        if pooler is None or (source.family.is_causal and pooler.seq_pooling_type == "LAST"
+                              and pooler.tok_pooling_type != "STEP"):
+            return wanted
+        for name, value in wanted.items():
+            if value:
+                logger.warning("%s=True is not supported for this pooling model (%s pooling%s): disabled", name,
+                               pooler.seq_pooling_type, "" if source.family.is_causal else ", bidirectional attention")
+        return dict.fromkeys(wanted, False)
 
 
 @dataclass

@@ -25,7 +25,8 @@ from perfxlm.engine.llm_engine import LLMEngine
 from perfxlm.engine.output_processor import RequestState
 from perfxlm.exceptions import EngineDeadError
 from perfxlm.inputs import PromptType
-from perfxlm.outputs import RequestOutput
+from perfxlm.outputs import PoolingRequestOutput, RequestOutput
+from perfxlm.pooling_params import PoolingParams
 from perfxlm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ class AsyncLLM:
         return len(self._collectors)
 
     async def get_supported_tasks(self) -> tuple[str, ...]:
-        return ("generate",)
+        return self.engine.get_supported_tasks()
 
     # ---- requests -------------------------------------------------------------------
 
@@ -199,6 +200,41 @@ class AsyncLLM:
                 self._commands.put(("abort", [internal_id]))
                 if self.log_requests:
                     logger.info("Aborted request %s.", request_id)
+            raise
+        finally:
+            self._forget(request_id, internal_id)
+
+    async def encode(self, prompt: PromptType, pooling_params: PoolingParams, request_id: str, *,
+                     lora_request: Any = None, tokenization_kwargs: dict[str, Any] | None = None,
+                     trace_headers: Any = None, priority: int = 0,
+                     **kwargs: Any) -> AsyncGenerator[PoolingRequestOutput, None]:
+        """Pool one prompt (a pooling model): yields its one PoolingRequestOutput. A request vLLM
+        rejects raises VLLMValidationError first; closing the generator aborts the request."""
+        self._check_alive()
+        if lora_request is not None:
+            from perfxlm.exceptions import VLLMValidationError
+            raise VLLMValidationError(f"Got lora_request {lora_request} but LoRA is not enabled!")
+        if priority:
+            raise ValueError(f"Got priority {priority} but Priority scheduling is not enabled.")
+        internal_id = f"{request_id}-{secrets.token_hex(4)}"
+        engine = self.engine
+        tasks = engine.pooler.supported_tasks if engine.pooler is not None else ()
+        state = engine.input_processor.process_pooling(internal_id, prompt, pooling_params, self._model_config, tasks,
+                                                       tokenization_kwargs=tokenization_kwargs)
+        collector = RequestOutputCollector(RequestOutputKind.FINAL_ONLY)
+        self._collectors[internal_id] = (collector, asyncio.get_running_loop())
+        self._internal_ids[request_id].add(internal_id)
+        finished = False
+        try:
+            self._check_alive()
+            self._commands.put(("add", state))
+            output, _ = await collector.get()
+            output.request_id = request_id
+            finished = True
+            yield output
+        except (asyncio.CancelledError, GeneratorExit):
+            if not finished:
+                self._commands.put(("abort", [internal_id]))
             raise
         finally:
             self._forget(request_id, internal_id)

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from graph_export.ops import FORMAT_VERSION, GRAPH_INPUTS, LOGITS, OPS, is_cache_input
+from graph_export.ops import FORMAT_VERSION, GRAPH_INPUTS, LOGITS, OPS, OPTIONAL_GRAPH_INPUTS, is_cache_input
 from hw_plugins.base import CompiledStep, HwPlugin, Node
 
 logger = logging.getLogger(__name__)
@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 _ONNX_FLOATS = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.BFLOAT16: "bfloat16",
                 onnx.TensorProto.FLOAT16: "float16"}
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+_STEP_INPUTS = {**GRAPH_INPUTS, **OPTIONAL_GRAPH_INPUTS}  # every int64 input a step may feed
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,9 @@ class CacheSpec:
 class GraphSpec:
     """What the engine must know of a model to serve it, read off the graph's inputs and outputs."""
 
-    vocab_size: int
+    vocab_size: int                 # the output's width: logits (V), or a pooling model's hidden size / classes
     caches: tuple[CacheSpec, ...]
+    optional_inputs: tuple[str, ...] = ()  # the ops.OPTIONAL_GRAPH_INPUTS the graph takes (token_type_ids)
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         return sum(c.bytes_per_block(block_size) for c in self.caches)
@@ -63,7 +65,8 @@ class GraphSpec:
                 caches.append(CacheSpec(v.name, tuple(d.dim_value for d in dims[2:]),
                                         _ONNX_FLOATS[v.type.tensor_type.elem_type]))
         logits = next(v for v in m.graph.output if v.name == LOGITS)
-        return cls(logits.type.tensor_type.shape.dim[1].dim_value, tuple(caches))
+        optional = tuple(v.name for v in m.graph.input if v.name in OPTIONAL_GRAPH_INPUTS)
+        return cls(logits.type.tensor_type.shape.dim[1].dim_value, tuple(caches), optional)
 
 
 @dataclass
@@ -100,9 +103,9 @@ class GraphRunner:
         weights = {t.name: _to_numpy(t, Path(path).parent) for t in m.graph.initializer}
         self.nodes = [Node(n.op_type, n.name, list(n.input), list(n.output),
                            {a.name: _attr(a) for a in n.attribute}) for n in m.graph.node]
-        shapes = {n: (("N",) if n == "logits_indices" else ("T",)) for n in GRAPH_INPUTS}
+        shapes = {n: (("N",) if n == "logits_indices" else ("T",)) for n in _STEP_INPUTS}
         shapes["block_tables"], shapes["seq_lens"], shapes["query_start_loc"] = ("B", "M"), ("B",), ("B1",)
-        dtypes = {n: "int64" for n in GRAPH_INPUTS}
+        dtypes = {n: "int64" for n in _STEP_INPUTS}
         for cache in self.spec.caches:
             shapes[cache.name], dtypes[cache.name] = cache.shape(num_blocks, block_size), cache.dtype
         shapes.update({k: w.shape for k, w in weights.items()})
@@ -117,7 +120,7 @@ class GraphRunner:
                 key = (name, node.plugin.name)
                 if name in weights and key not in self.values:
                     self.values[key] = node.plugin.upload(weights[name])
-                elif name in GRAPH_INPUTS and node.plugin not in self.input_plugins[name]:
+                elif name in _STEP_INPUTS and node.plugin not in self.input_plugins[name]:
                     self.input_plugins[name].append(node.plugin)
                 elif is_cache_input(name) and key not in self.values:
                     # zero-filled: masked attention rows still read padded slots, which must be finite
@@ -198,11 +201,13 @@ class GraphRunner:
         return self.nodes[-1].plugin.native_sampler()
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """One step: feeds are the GRAPH_INPUTS arrays -> logits (N, V) float32, valid until the
+        """One step: feeds are the graph's input arrays -> logits (N, V) float32, valid until the
         next step (the compiled path's are written as float32 into one buffer it reuses)."""
         if self.compiled is not None:
             self.compiled.run(feeds)
-            return self.compiled.logits[:len(feeds["logits_indices"])]
+            logits = self.compiled.logits[:len(feeds["logits_indices"])]
+            # a lm_head writes float32; a pooling model's last op (a Gather of hidden rows) the dtype's own
+            return logits if logits.dtype == np.float32 else logits.astype(np.float32)
         rows = {"T": len(feeds["input_ids"]), "N": len(feeds["logits_indices"])}
         env: dict[tuple[str, str], Any] = {}  # this step's values: (name, plugin name) -> buffer
         for name, plugins in self.input_plugins.items():

@@ -13,7 +13,8 @@ from perfxlm.engine.request import Request
 from perfxlm.engine.structured_output import StructuredOutputManager, StructuredOutputsConfig
 from perfxlm.exceptions import VLLMValidationError
 from perfxlm.inputs import tokenize_prompt
-from perfxlm.sampling_params import SamplingParams
+from perfxlm.pooling_params import PoolingParams
+from perfxlm.sampling_params import RequestOutputKind, SamplingParams
 
 
 class InputProcessor:
@@ -69,21 +70,56 @@ class InputProcessor:
         return RequestState(request_id, prompt_text if prompt_text is not None else text, prompt_token_ids,
                             children, detoks, arrival, params.output_kind, params.max_tokens)
 
-    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise VLLMValidationError for what vLLM rejects when a request is added."""
-        cfg, vocab = self.config, self.vocab_size
+    def process_pooling(self, request_id: str, prompt: Any, params: PoolingParams, model_config: Any,
+                        supported_tasks: tuple[str, ...], *, tokenization_kwargs: dict[str, Any] | None = None,
+                        arrival_time: float | None = None) -> RequestState:
+        """A pooling request: tokenized, its PoolingParams verified against the model (a copy; the
+        caller's stays as given), one Request that only prefills. vLLM's errors, nothing queued."""
+        if not isinstance(request_id, str):
+            raise TypeError(f"request_id must be a string, got {type(request_id)}")
+        if not supported_tasks:
+            raise VLLMValidationError("This model does not support pooling")
+        params = params.clone()
+        if params.task is None:  # vLLM's defaults for a request that names no task
+            params.task = next((t for t in ("token_embed", "token_classify", "plugin") if t in supported_tasks), None)
+        if params.task not in supported_tasks:
+            raise VLLMValidationError(f"Unsupported task: {params.task!r} Supported tasks: {list(supported_tasks)}")
+        params.verify(model_config)
+        prompt_token_ids, text = tokenize_prompt(prompt, self.tokenizer, tokenization_kwargs)
+        self._validate_prompt(prompt_token_ids)
+        prompt_token_ids = [int(t) for t in prompt_token_ids]
+        token_types = prompt.get("token_type_ids") if isinstance(prompt, dict) else None
+        if token_types is not None and len(token_types) != len(prompt_token_ids):
+            raise VLLMValidationError(f"token_type_ids has {len(token_types)} entries for {len(prompt_token_ids)} "
+                                      "prompt tokens", parameter="token_type_ids")
+        # neutral sampling params: what the scheduler reads of a request (its prefix-cache use)
+        neutral = SamplingParams(max_tokens=1, skip_reading_prefix_cache=bool(params.skip_reading_prefix_cache))
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        req = Request(request_id, prompt_token_ids, neutral, None, 1, parent_id=request_id, arrival_time=arrival,
+                      pooling_params=params, token_type_ids=None if token_types is None else list(token_types))
+        return RequestState(request_id, text, prompt_token_ids, [req], [None], arrival, RequestOutputKind.FINAL_ONLY)
+
+    def _validate_prompt(self, prompt_token_ids: list[int]) -> None:
+        """A prompt that is not empty, within the vocabulary and at most max_model_len long (a
+        generation request also needs room for one output token: validate_request)."""
         if not prompt_token_ids:
             raise VLLMValidationError("The decoder prompt cannot be empty", parameter="prompt")
+        vocab = self.vocab_size
         bad = [t for t in prompt_token_ids if not isinstance(t, numbers.Integral) or not 0 <= t < vocab]
         if bad:
             raise VLLMValidationError(f"Token id {bad[0]} is out of vocabulary", parameter="prompt_token_ids",
                                       value=bad[0])
-        n = len(prompt_token_ids)
-        if n > cfg.max_model_len:
+        n, max_len = len(prompt_token_ids), self.config.max_model_len
+        if n > max_len:
             raise VLLMValidationError(
-                f"The decoder prompt (length {n}) is longer than the maximum model length of "
-                f"{cfg.max_model_len}. Make sure that `max_model_len` is no smaller than the number "
-                "of text tokens.", parameter="prompt", value=n)
+                f"The decoder prompt (length {n}) is longer than the maximum model length of {max_len}. Make sure "
+                "that `max_model_len` is no smaller than the number of text tokens.", parameter="prompt", value=n)
+
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise VLLMValidationError for what vLLM rejects when a request is added."""
+        cfg, vocab = self.config, self.vocab_size
+        self._validate_prompt(prompt_token_ids)
+        n = len(prompt_token_ids)
         if n == cfg.max_model_len:
             raise VLLMValidationError(
                 f"The decoder prompt (length {n}) plus the number of requested output tokens (at least 1) "

@@ -17,6 +17,7 @@ from perfxlm.engine.graph_runner import GraphRunner, GraphSpec
 from perfxlm.engine.input_processor import InputProcessor
 from perfxlm.engine.model_runner import EagerExecutor, Executor, GraphExecutor, ModelRunner, model_spec
 from perfxlm.engine.output_processor import OutputProcessor, RequestState
+from perfxlm.engine.pooler import Pooler
 from perfxlm.engine.request import Request, RequestStatus
 from perfxlm.engine.sampler import Sampler
 from perfxlm.engine.scheduler import Scheduler, SchedulerOutput
@@ -26,7 +27,8 @@ from perfxlm.inputs import PromptType
 from perfxlm.metrics.stats import IterationStats, SchedulerStats, finished_stats
 from perfxlm.models.graph_cache import cached_graph
 from perfxlm.models.loader import ModelSource, load_tokenizer
-from perfxlm.outputs import RequestOutput
+from perfxlm.outputs import PoolingRequestOutput, RequestOutput
+from perfxlm.pooling_params import PoolingParams
 from perfxlm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -52,11 +54,16 @@ class LLMEngine:
         self.eos_token_id = self._eos_token_id()
 
         # the model's shapes size the KV cache before any weight is read or graph exported
-        spec = model_spec(source.meta_model(), config.dtype)
-        self.vocab_size = spec.vocab_size
+        meta = source.meta_model()
+        spec = model_spec(meta, config.dtype)
+        self.pooler = None  # a pooling model's: its graph's rows are hidden states or classes, not logits
+        if config.runner_type == "pooling":
+            self.pooler = Pooler(meta.pooling_task, config.pooler_config, source.hf_config)
+        # the token vocabulary (a pooling model's output is not one)
+        self.vocab_size = spec.vocab_size if self.pooler is None else source.hf_config["vocab_size"]
         num_blocks = self._num_blocks(spec)
         executor = self._build_executor(spec, num_blocks)
-        self.runner = ModelRunner(executor, config.block_size)
+        self.runner = ModelRunner(executor, config.block_size, self.pooler)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_model_len, config.enable_chunked_prefill)
@@ -82,7 +89,9 @@ class LLMEngine:
     def model_config(self) -> ModelConfig:
         return ModelConfig(model=self.config.model, max_model_len=self.config.max_model_len,
                            dtype=self.config.dtype, hf_config=self.source.hf_config, vocab_size=self.vocab_size,
-                           max_logprobs=self.config.max_logprobs, generation_config=self.generation_config)
+                           max_logprobs=self.config.max_logprobs, generation_config=self.generation_config,
+                           runner_type=self.config.runner_type, convert_type=self.config.convert_type,
+                           pooler_config=self.config.pooler_config, embedding_size=self._spec.vocab_size)
 
     def _build_executor(self, spec: GraphSpec, num_blocks: int) -> Executor:
         """The executor: the exported graph on the hardware plugins, or torch (PERFXLM_EXECUTOR=eager)."""
@@ -135,17 +144,27 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | PoolingParams,
                     arrival_time: float | None = None, lora_request: Any = None,
                     tokenization_kwargs: dict[str, Any] | None = None, trace_headers: Any = None,
                     priority: int = 0, prompt_text: str | None = None) -> str:
-        """Validate and queue a request (a str, TextPrompt, TokensPrompt or token ids); n > 1 fans
-        out into n sequences. Raises VLLMValidationError (nothing queued) for what vLLM rejects,
+        """Validate and queue a request (a str, TextPrompt, TokensPrompt or token ids): to generate
+        (SamplingParams; n > 1 fans out into n sequences) or to pool (PoolingParams, whose task the
+        model must support). Raises VLLMValidationError (nothing queued) for what vLLM rejects,
         and ValueError for a request id that is already running. Returns the request id."""
         if lora_request is not None:
             raise VLLMValidationError(f"Got lora_request {lora_request} but LoRA is not enabled!")
         if priority:
             raise ValueError(f"Got priority {priority} but Priority scheduling is not enabled.")
+        if isinstance(params, PoolingParams):
+            pooling_tasks = self.pooler.supported_tasks if self.pooler is not None else ()
+            state = self.input_processor.process_pooling(request_id, prompt, params, self.model_config, pooling_tasks,
+                                                         tokenization_kwargs=tokenization_kwargs,
+                                                         arrival_time=arrival_time)
+            self.enqueue(state)
+            return request_id
+        if self.pooler is not None:
+            raise VLLMValidationError("This model does not support generation")
         state = self.input_processor.process(request_id, prompt, params, prompt_text=prompt_text,
                                              tokenization_kwargs=tokenization_kwargs, arrival_time=arrival_time)
         self.enqueue(state)
@@ -203,7 +222,7 @@ class LLMEngine:
         return self.block_manager.reset_prefix_cache()
 
     def get_supported_tasks(self) -> tuple[str, ...]:
-        return ("generate",)  # generative models only: pooling runners are refused at LLM()
+        return self.pooler.supported_tasks if self.pooler is not None else ("generate",)
 
     def get_metrics(self) -> list[Any]:
         """vLLM's metrics snapshot (perfxlm.metrics.reader), read from prometheus_client's registry."""
@@ -263,10 +282,11 @@ class LLMEngine:
 
     # ---- one step -------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[RequestOutput | PoolingRequestOutput]:
         """Run one batch. Returns the outputs it produced: for CUMULATIVE and DELTA requests every
-        one that got a token; for FINAL_ONLY the ones that finished. A step that only prefilled
-        a chunk of a prompt produces nothing."""
+        one that got a token; for FINAL_ONLY the ones that finished; a PoolingRequestOutput for each
+        pooling request whose prompt is done. A step that only prefilled a chunk of a prompt
+        produces nothing."""
         if self.sleep_mode.paused:  # requests kept by sleep(level=0) wait for wake_up, as in vLLM
             return []
         sched = self.scheduler.schedule()
@@ -282,6 +302,8 @@ class LLMEngine:
         logits = torch.from_numpy(self.runner.execute(inp))                   # (N, vocab) float32
         for req, row, first_pos, count in inp.prompt_rows:
             self.outputs.add_prompt_logprobs(req, logits[row:row + count], first_pos)
+        for req, row, pooled in inp.pooling:
+            self.pooler.collect(req, pooled, logits[row:row + len(pooled)].numpy())
         out = None
         if inp.sampling:  # rows ascend: as many as logits rows means every row, in order (no gather copy)
             rows = inp.sample_rows
@@ -318,8 +340,27 @@ class LLMEngine:
                 del self.requests[rid]
                 if stats is not None:
                     stats.max_num_generation_tokens_iter.append(max(r.num_output_tokens for r in state.children))
+        if inp.pooling:
+            outputs += self._finish_pooled(inp, stats, now)
         if stats is not None:
             self._record(stats)
+        return outputs
+
+    def _finish_pooled(self, inp: Any, stats: IterationStats | None, now: float) -> list[PoolingRequestOutput]:
+        """The pooling requests whose whole prompt is now computed: pooled, ended (their KV blocks
+        freed, as any finished request's) and output."""
+        outputs = []
+        for req, _, _ in inp.pooling:
+            if req.is_finished or req.num_computed_tokens < req.num_prompt_tokens:  # aborted, or more chunks to go
+                continue
+            data = self.pooler.pool(req)
+            req.first_token_time = req.last_token_time = now
+            self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+            state = self.requests.pop(req.parent_id)
+            state.finished_children.add(req.index)
+            if stats is not None:
+                stats.finished_requests.append(finished_stats(req, state, now))
+            outputs.append(self.outputs.pooling_output(state, data))
         return outputs
 
     # ---- full-vocabulary scoring (perfxlm bench quality) ------------------------------

@@ -2,10 +2,11 @@
 
 `ModelRunner.prepare` turns a SchedulerOutput straight into the graph's numpy inputs
 (ids, positions, slot mapping, block tables, sequence lengths, logits rows) and says,
-aligned by index, which requests sample from which logits row and which rows score
-prompt tokens. An executor then computes those logits: by default the exported graph on
-hardware plugins (`GraphExecutor`), or the torch module itself (`EagerExecutor`,
-PERFXLM_EXECUTOR=eager), the reference it was exported from.
+aligned by index, which requests sample from which logits row, which rows score
+prompt tokens, and which rows a pooling request pools (engine/pooler.py). An executor then
+computes those logits: by default the exported graph on hardware plugins (`GraphExecutor`),
+or the torch module itself (`EagerExecutor`, PERFXLM_EXECUTOR=eager), the reference it was
+exported from.
 """
 
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import torch
 from graph_export.functional import StepInputs
 from graph_export.ops import cache_input_names
 from perfxlm.engine.graph_runner import CacheSpec, GraphRunner, GraphSpec
+from perfxlm.engine.pooler import Pooler
 from perfxlm.engine.request import Request
 from perfxlm.engine.scheduler import SchedulerOutput
 from perfxlm.models.layers import CausalLM
@@ -29,6 +31,8 @@ class ModelInput:
     sample_rows: list[int] = field(default_factory=list)    # sampling[i]'s logits row
     # (request, its first logits row, the first prompt position scored, count); row r scores token r+1
     prompt_rows: list[tuple[Request, int, int, int]] = field(default_factory=list)
+    # pooling requests: (request, its first logits row, the prompt positions of its rows, in order)
+    pooling: list[tuple[Request, int, range]] = field(default_factory=list)
 
 
 class Executor(Protocol):
@@ -39,9 +43,11 @@ class Executor(Protocol):
 
 
 class ModelRunner:
-    def __init__(self, executor: Executor, block_size: int) -> None:
+    def __init__(self, executor: Executor, block_size: int, pooler: Pooler | None = None) -> None:
         self.executor = executor
         self.block_size = block_size
+        self.pooler = pooler  # a pooling model's (None: a generative one)
+        self.token_types = "token_type_ids" in executor.spec.optional_inputs  # the graph reads them (BERT)
 
     def prepare(self, sched: SchedulerOutput) -> ModelInput:
         ids, positions, slots, logits_idx = [], [], [], []
@@ -57,6 +63,11 @@ class ModelRunner:
                 ids += req.all_token_ids[start:start + n]
                 positions += range(start, start + n)
                 slots += [req.block_ids[p // bs] * bs + p % bs for p in range(start, start + n)]
+            if req.pooling_params is not None:  # prefill only: the rows its pooling needs, never a sample
+                pooled = self.pooler.positions(req, start, n)
+                inp.pooling.append((req, len(logits_idx), pooled))
+                logits_idx += [row0 + p - start for p in pooled]
+                continue
             n_prompt = min(start + n, req.num_prompt_tokens - 1) - start  # rows that score a prompt token
             if req.wants_prompt_logprobs and n_prompt > 0:
                 inp.prompt_rows.append((req, len(logits_idx), start + 1, n_prompt))
@@ -78,6 +89,11 @@ class ModelRunner:
             "seq_lens": np.array([r.num_computed_tokens for r in sched.requests], np.int64) + query_lens,
             "query_start_loc": query_start_loc, "logits_indices": np.array(logits_idx, np.int64),
         }
+        if self.token_types:  # 0 (a plain prompt's) where a request has none
+            inp.feeds["token_type_ids"] = np.concatenate([
+                np.array(r.token_type_ids[r.num_computed_tokens:r.num_computed_tokens + n], np.int64)
+                if r.token_type_ids is not None else np.zeros(n, np.int64)
+                for r, n in zip(sched.requests, sched.num_tokens)])
         return inp
 
     def execute(self, inp: ModelInput) -> np.ndarray:
@@ -123,4 +139,4 @@ def model_spec(model: CausalLM, dtype: torch.dtype) -> GraphSpec:
     for i, shapes in enumerate(model.kv_cache_shapes()):
         for name, shape in zip(cache_input_names(i), shapes):
             caches.append(CacheSpec(name, tuple(shape), str(dtype).removeprefix("torch.")))
-    return GraphSpec(model.vocab_size, tuple(caches))
+    return GraphSpec(model.vocab_size, tuple(caches), tuple(model.optional_inputs))

@@ -9,7 +9,7 @@ import torch
 from perfxlm.engine.detokenizer import IncrementalDetokenizer
 from perfxlm.engine.request import Request, RequestStatus
 from perfxlm.logprobs import Logprob
-from perfxlm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from perfxlm.outputs import CompletionOutput, PoolingOutput, PoolingRequestOutput, RequestMetrics, RequestOutput
 from perfxlm.sampling_params import RequestOutputKind
 
 
@@ -118,6 +118,13 @@ class OutputProcessor:
             metrics=metrics,
             num_cached_tokens=max(first.num_cached_tokens, 0),
         )
+
+    def pooling_output(self, state: RequestState, data: torch.Tensor) -> PoolingRequestOutput:
+        """A finished pooling request's output: its pooled data (engine/pooler.py)."""
+        req = state.children[0]
+        return PoolingRequestOutput(request_id=state.request_id, outputs=PoolingOutput(data=data),
+                                    prompt_token_ids=state.prompt_token_ids,
+                                    num_cached_tokens=max(req.num_cached_tokens, 0), finished=True)
 
     def _completion(self, state: RequestState, req: Request, delta: bool) -> CompletionOutput:
         detok = state.detokenizers[req.index]

@@ -3,11 +3,12 @@
 import enum
 import time
 from dataclasses import dataclass, field
-
+import numpy as np
 import torch
 
 from perfxlm.engine.structured_output import RequestGrammar
 from perfxlm.logprobs import PromptLogprobs, SampleLogprobs
+from perfxlm.pooling_params import PoolingParams
 from perfxlm.sampling_params import SamplingParams, SamplingType
 
 
@@ -31,7 +32,9 @@ class RequestStatus(enum.IntEnum):
 
 @dataclass(eq=False)
 class Request:
-    """One sequence being generated (a prompt with n > 1 becomes n of these)."""
+    """One sequence being generated (a prompt with n > 1 becomes n of these), or one prompt
+    being pooled: then `pooling_params` is set, and `sampling_params` is a neutral one that
+    only its prompt's scheduling reads (vLLM's engine requests likewise carry one or the other)."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -60,6 +63,9 @@ class Request:
     num_preemptions: int = 0
     wants_prompt_logprobs: bool = False
     grammar: RequestGrammar | None = None  # structured outputs: fed every sampled token, masks the logits
+    pooling_params: PoolingParams | None = None  # a pooling request's, verified (its task set)
+    token_type_ids: list[int] | None = None  # a cross-encoder pair's segment ids, one per prompt token
+    pooled_rows: dict[int, np.ndarray] = field(default_factory=dict)  # prompt position -> its (W,) output row
     plain_draw: bool = field(default=False, init=False)  # each token a draw from softmax(logits) as they are
 
     def __post_init__(self) -> None:

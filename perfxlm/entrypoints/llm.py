@@ -15,6 +15,7 @@ from perfxlm.beam_search import BeamSearchOutput, BeamSearchParams
 from perfxlm.beam_search import beam_search as run_beam_search
 from perfxlm.engine.arg_utils import EngineArgs, UsageContext
 from perfxlm.engine.llm_engine import LLMEngine
+from perfxlm.entrypoints.pooling import PoolingMixin
 from perfxlm.exceptions import VLLMValidationError
 from perfxlm.inputs import PromptType, check_text, tokenize_prompt
 from perfxlm.metrics.reader import Metric
@@ -42,11 +43,14 @@ _REFUSED_KWARGS = {"enable_lora": False, "speculative_config": None, "pipeline_p
                    "data_parallel_size": 1, "enable_expert_parallel": False, "kv_transfer_config": None}
 
 
-class LLM:
+class LLM(PoolingMixin):
     """An LLM for offline generation, with vLLM's constructor and methods.
 
     `model` is a local HF directory, a local .gguf file, an HF repo id present in
     the local HF cache, or the embedded default `HuggingFaceTB/SmolLM2-135M-Instruct`.
+    A pooling model (`runner="pooling"`, or an embedding / classifier checkpoint such as a
+    sentence-transformers directory) serves `embed`, `classify`, `score` and `encode`
+    (entrypoints/pooling.py) instead of `generate`.
     Engine arguments (`max_model_len`, `max_num_seqs`, ...) are keyword arguments as
     in vLLM; see docs/compatibility.md for which are honoured, accepted or refused.
     Every engine argument is checked before anything of the model is read.
@@ -80,9 +84,6 @@ class LLM:
         if tensor_parallel_size != 1:
             raise NotImplementedError(f"perfxlm runs on one device: tensor_parallel_size={tensor_parallel_size} "
                                       "is not supported")
-        if runner not in ("auto", "generate") or convert not in ("auto", "none"):
-            raise NotImplementedError(f"perfxlm runs generative models only (runner={runner!r}, "
-                                      f"convert={convert!r}); pooling models come later")
         if cpu_offload_gb or logits_processors:
             raise NotImplementedError("perfxlm does not support cpu_offload_gb or custom logits_processors")
         if tokenizer_mode not in ("auto", "hf", "slow"):
@@ -91,7 +92,8 @@ class LLM:
             model=model, tokenizer=tokenizer, revision=revision, dtype=dtype, seed=seed,
             quantization=quantization, kv_cache_memory_bytes=kv_cache_memory_bytes,
             skip_tokenizer_init=skip_tokenizer_init, trust_remote_code=trust_remote_code, hf_overrides=hf_overrides,
-            structured_outputs_config=structured_outputs_config,
+            structured_outputs_config=structured_outputs_config, runner=runner, convert=convert,
+            pooler_config=pooler_config,
             **{k: v for k, v in kwargs.items() if k in _ENGINE_KWARGS})
         # every argument is checked before the model is read: a bad one fails at once, not after loading
         self.llm_engine = LLMEngine.from_engine_args(engine_args, UsageContext.LLM_CLASS)
@@ -100,7 +102,7 @@ class LLM:
             _attach_stat_loggers(self.llm_engine)
         self.model_config = self.llm_engine.model_config
         self.supported_tasks = self.llm_engine.get_supported_tasks()
-        self.runner_type = "generate"
+        self.runner_type = self.llm_engine.config.runner_type
         self.request_counter = itertools.count()
         self.default_sampling_params: SamplingParams | None = None
         # one call at a time drives the engine: a call collects every output the engine yields
@@ -129,6 +131,7 @@ class LLM:
                  mm_processor_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
         """Generate completions for the prompts; outputs come back in prompt order.
         Concurrent calls on one LLM run one after the other (see the class docstring)."""
+        self._require_generative("generate")
         with self._exclusive("generate"):
             prompt_list = _as_prompt_list(prompts)
             inputs = [self._tokenize(p, tokenization_kwargs) for p in prompt_list]
@@ -144,6 +147,7 @@ class LLM:
              mm_processor_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
         """Render conversations with the chat template, then generate (one output per conversation).
         Concurrent calls on one LLM run one after the other (see the class docstring)."""
+        self._require_generative("chat")
         with self._exclusive("chat"):
             tok = self._require_tokenizer("chat")
             conversations = _as_conversations(messages)
@@ -170,6 +174,7 @@ class LLM:
                     use_tqdm: bool = False, concurrency_limit: int | None = None) -> list[BeamSearchOutput]:
         """vLLM's beam search (perfxlm/beam_search.py): one BeamSearchOutput per prompt, its
         sequences best first, each holding prompt + generated tokens and their decoded text."""
+        self._require_generative("beam_search")
         with self._exclusive("beam_search"):
             tok = self._require_tokenizer("beam_search")
             if lora_request is not None:
@@ -199,12 +204,15 @@ class LLM:
         with self._exclusive("wake_up"):
             return self.llm_engine.wake_up(tags)
 
-    def encode(self, *args: Any, **kwargs: Any) -> Any:
-        raise ValueError("LLM.encode() is only supported for pooling models. This model is generative.")
-
-    embed = classify = score = reward = encode
-
     # ---- internals --------------------------------------------------------------------
+
+    def _prompt_list(self, prompts: Any) -> list[Any]:  # (for PoolingMixin)
+        return _as_prompt_list(prompts)
+
+    def _require_generative(self, what: str) -> None:
+        if self.runner_type != "generate":
+            raise ValueError(f"LLM.{what}() is only supported for generative models. Try passing `--runner "
+                             "generate` to use the model as a generative model.")
 
     @contextlib.contextmanager
     def _exclusive(self, what: str) -> Iterator[None]:

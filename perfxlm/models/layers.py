@@ -30,7 +30,14 @@ class CausalLM(nn.Module):
     gguf_weight_names: ClassVar[dict[str, str]] = {}
     # llama.cpp's general.architecture -> the HF architecture it loads as
     gguf_architectures: ClassVar[dict[str, str]] = {}
-    vocab_size: int  # logits per row; set by the family's __init__
+    # ops.OPTIONAL_GRAPH_INPUTS the forward reads (BERT's token_type_ids); the runner feeds them
+    optional_inputs: ClassVar[tuple[str, ...]] = ()
+    # A pooling model (vLLM's runner "pooling") returns, for the logits_indices rows, hidden states
+    # (pooling_task "embed") or classifier logits ("classify") instead of vocabulary logits.
+    pooling_task: ClassVar[str | None] = None
+    default_seq_pooling_type: ClassVar[str] = "LAST"   # vLLM's default for the family: CLS, LAST or MEAN
+    is_causal: ClassVar[bool] = True   # False: a bidirectional encoder, whose prompt must run in one step
+    vocab_size: int  # logits per row (a pooling model's: hidden size or classes); set by the family's __init__
 
     @classmethod
     def config_from_gguf(cls, gguf: Any, architecture: str) -> dict[str, Any]:

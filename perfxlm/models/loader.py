@@ -28,6 +28,7 @@ class ModelSource:
     hf_config: dict[str, Any]
     generation_config: dict[str, Any] = field(default_factory=dict)
     _gguf: GGUFFile | None = field(default=None, repr=False)
+    convert: str = "none"              # vLLM's --convert, resolved: "embed" / "classify" adapt a decoder
 
     @property
     def config_file(self) -> Path:
@@ -35,7 +36,7 @@ class ModelSource:
 
     @property
     def family(self) -> type[CausalLM]:
-        return model_class(self.hf_config.get("architectures") or ["LlamaForCausalLM"])
+        return model_class(self.hf_config.get("architectures") or ["LlamaForCausalLM"], self.convert)
 
     def params(self) -> Any:
         """The family's parameters; a config that lacks what the family needs names the file and key."""

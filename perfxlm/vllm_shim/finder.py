@@ -27,6 +27,7 @@ VLLM_VERSION_TUPLE = (0, 32, 0)
 MODULES: dict[str, str] = {
     "vllm.sampling_params": "perfxlm.sampling_params",
     "vllm.outputs": "perfxlm.outputs",
+    "vllm.pooling_params": "perfxlm.pooling_params",
     "vllm.inputs": "perfxlm.inputs",
     "vllm.inputs.data": "perfxlm.inputs",
     "vllm.logprobs": "perfxlm.logprobs",
@@ -55,7 +56,6 @@ PACKAGES = frozenset({"vllm.v1", "vllm.v1.engine", "vllm.usage", "vllm.utils", "
 # vLLM modules perfxlm does not have, and what is missing with them
 ABSENT: dict[str, str] = {
     "vllm.lora": "LoRA support (vllm.lora.request.LoRARequest)",
-    "vllm.pooling_params": "pooling models (PoolingParams)",
 }
 
 

@@ -34,6 +34,7 @@ from perfxlm.entrypoints.openai.protocol import (ChatCompletionRequest, Completi
 from perfxlm.entrypoints.openai.serving_chat import OpenAIServingChat
 from perfxlm.entrypoints.openai.serving_common import ServerOptions, error_json, run_until_disconnect
 from perfxlm.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from perfxlm.entrypoints.openai.serving_pooling import OpenAIServingPooling, add_pooling_routes
 from perfxlm.exceptions import EngineDeadError, VLLMError, VLLMValidationError
 from perfxlm.version import __version__
 
@@ -98,14 +99,21 @@ def build_app(args: argparse.Namespace, engine: Any) -> FastAPI:
                            permission=[ModelPermission()]) for name in names]
         return JSONResponse(ModelList(data=cards).model_dump())
 
-    @router.post("/v1/completions", dependencies=json_body, response_model=None)
     async def create_completion(request: CompletionRequest, raw_request: Request) -> Response | None:
         return await run_until_disconnect(raw_request, _answer(completion.create_completion(request, raw_request)))
 
-    @router.post("/v1/chat/completions", dependencies=json_body, response_model=None)
     async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Response | None:
         return await run_until_disconnect(raw_request,
                                           _answer(chat.create_chat_completion(request, raw_request)))
+
+    # vLLM serves each kind of route only to a model with its task: the others answer 404
+    if "generate" in engine.engine.get_supported_tasks():
+        router.add_api_route("/v1/completions", create_completion, methods=["POST"], dependencies=json_body,
+                             response_model=None)
+        router.add_api_route("/v1/chat/completions", create_chat_completion, methods=["POST"],
+                             dependencies=json_body, response_model=None)
+    else:
+        add_pooling_routes(router, OpenAIServingPooling(engine, options), json_body, _answer)
 
     @router.post("/tokenize", dependencies=json_body)
     async def tokenize(request: TokenizeRequest) -> Response:
