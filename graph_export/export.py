@@ -136,7 +136,8 @@ def trace_inputs(model: torch.nn.Module, dtype: torch.dtype) -> tuple[functional
         return torch.tensor(values, dtype=torch.int64)
     step = functional.StepInputs(input_ids=ints(0, 1), positions=ints(0, 1), slot_mapping=ints(0, 1),
                                  block_tables=ints(0).view(1, 1), seq_lens=ints(2), query_start_loc=ints(0, 2),
-                                 logits_indices=ints(1), token_type_ids=ints(0, 0))
+                                 logits_indices=ints(1), token_type_ids=ints(0, 0),
+                                 lora_ids=ints(0, 0))
     caches = [(torch.zeros(1, TRACE_BLOCK_SIZE, *k, dtype=dtype), torch.zeros(1, TRACE_BLOCK_SIZE, *v, dtype=dtype))
               for k, v in model.kv_cache_shapes()]
     return step, caches

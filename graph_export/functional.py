@@ -29,6 +29,7 @@ class StepInputs:
     query_start_loc: torch.Tensor  # (B+1,): sequence b's new tokens are rows [qsl[b], qsl[b+1])
     logits_indices: torch.Tensor   # (N,): the rows of T whose logits are computed
     token_type_ids: torch.Tensor | None = None  # (T,): BERT's segment ids (ops.OPTIONAL_GRAPH_INPUTS)
+    lora_ids: torch.Tensor | None = None        # (T,): each token's LoRA slot, -1 for none
 
 
 class _Tracer(Protocol):
@@ -192,6 +193,21 @@ def moe(x: torch.Tensor, router_logits: torch.Tensor, w_gate: torch.Tensor, w_up
     return _record("MoE", inputs, [y], top_k=int(top_k), norm_topk_prob=int(bool(norm_topk_prob)), **formats)
 
 
+def lora(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
+         lora_ids: torch.Tensor) -> torch.Tensor:
+    """y (T, N), a Linear's output on x (T, K), plus each row's adapter: scale[l] * (x a[l]^T) b[l]^T
+    for l = lora_ids[t] (a (L, R, K), b (L, N, R), scale (L,), float32); rows with l < 0 keep y.
+    The product is computed in float32 and added to y once, rounded to y's dtype."""
+    out = y.clone()
+    rows = (lora_ids >= 0).nonzero().flatten()
+    if rows.numel():
+        l = lora_ids[rows]
+        xa = torch.bmm(a[l], x[rows].float().unsqueeze(-1)).squeeze(-1) * scale[l].unsqueeze(-1)  # (n, R)
+        delta = torch.bmm(b[l], xa.unsqueeze(-1)).squeeze(-1)                                       # (n, N)
+        out[rows] = (y[rows].float() + delta).to(y.dtype)
+    return _record("LoRA", [x, y, a, b, scale, lora_ids], [out])
+
+
 def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a + b, both (T, D): the residual stream."""
     return _record("Add", [a, b], [a + b])
@@ -304,4 +320,5 @@ KERNELS = {
     "MoE": lambda attrs, ins: moe(*ins[:5], top_k=attrs["top_k"], norm_topk_prob=bool(attrs.get("norm_topk_prob", 0)),
                                   shared=ins[5] if len(ins) > 5 else None, shared_gate=ins[6] if len(ins) > 6 else None,
                                   **{k: attrs[k] for k in ("gate_format", "up_format", "down_format") if k in attrs}),
+    "LoRA": lambda attrs, ins: lora(*ins),
 }

@@ -91,6 +91,19 @@ class _Lowerer:
         else:
             self.op("Identity", [y], [node.output[0]])
 
+    def LoRA(self, node: onnx.NodeProto, attrs: dict) -> None:
+        """Each token gathers its slot's a, b and scale (slot 0 for none, then masked out)."""
+        x, y, a, b, scale, ids = node.input
+        slot = self.op("Max", [ids, self.const(0)])                                 # (T,)
+        on = self.op("Cast", [self.op("GreaterOrEqual", [ids, self.const(0)])], to=TensorProto.FLOAT)
+        xa = self.op("Einsum", [self.op("Cast", [x], to=TensorProto.FLOAT), self.op("Gather", [a, slot])],
+                     equation="tk,trk->tr")                                        # (T, R)
+        xa = self.op("Mul", [xa, self.op("Unsqueeze", [self.op("Mul", [self.op("Gather", [scale, slot]), on]),
+                                                        self.const([1])])])
+        delta = self.op("Einsum", [xa, self.op("Gather", [b, slot])], equation="tr,tnr->tn")  # (T, N)
+        total = self.op("Add", [self.op("Cast", [y], to=TensorProto.FLOAT), delta])
+        self.op("CastLike", [total, y], [node.output[0]])
+
     def Linear(self, node: onnx.NodeProto, attrs: dict) -> None:
         self.op("Gemm", list(node.input), [node.output[0]], transB=1)
 

@@ -88,6 +88,14 @@ OPS: dict[str, OpSpec] = {op.name: op for op in [
            "with shared: y += sigmoid(shared_gate) * shared (Qwen2-MoE's shared expert). Each expert's weights are "
            "read once a step for all the tokens routed to it",
            weights={2: "gate_format", 3: "up_format", 4: "down_format"}),
+    OpSpec("LoRA", DOMAIN,
+           ("x (T, K) float", "y (T, N) float", "a (L, R, K) float32", "b (L, N, R) float32", "scale (L,) float32",
+            "lora_ids (T,) int64"),
+           ("out (T, N) float",), {},
+           "// out[t] = y[t] + scale[l] * (x[t] a[l]^T) b[l]^T with l = lora_ids[t], y[t] where l < 0: each row's "
+           "adapter on a Linear's output y, the product in float32 and rounded once; slots L of rank R, zero "
+           "where an adapter is smaller or absent",
+           infer=lambda s: s[1]),
 ]}
 
 # graph inputs every exported LLM graph takes, in order (then each layer's cache_input_names)
@@ -103,6 +111,7 @@ GRAPH_INPUTS = {
 # graph inputs a graph takes only when its model reads them (StepInputs' optional fields)
 OPTIONAL_GRAPH_INPUTS = {
     "token_type_ids": "(T,) int64",  # BERT's segment of each token (0: first text, 1: the pair's second)
+    "lora_ids": "(T,) int64",        # each token's LoRA slot (-1: none): graphs exported with LoRA slots
 }
 LOGITS = "logits"  # the graph's output: (N, V) logits of the logits_indices rows; a pooling model's (N, W) rows
 

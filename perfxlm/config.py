@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from perfxlm.engine.structured_output import StructuredOutputsConfig
+from perfxlm.lora.peft import MAX_LORA_RANKS
 from perfxlm.models.pooling import SEQ_POOLING_TYPES, TOK_POOLING_TYPES
 
 logger = logging.getLogger(__name__)
@@ -74,6 +75,23 @@ class PoolerConfig:
         raise TypeError(f"pooler_config must be a PoolerConfig or a dict, got {type(value).__name__}")
 
 
+@dataclass(frozen=True)
+class LoRAConfig:
+    """vLLM's LoRA engine arguments (LLM(enable_lora=True, max_loras=..., max_lora_rank=...))."""
+
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_lora_rank not in MAX_LORA_RANKS:
+            raise ValueError(f"max_lora_rank ({self.max_lora_rank}) must be one of {list(MAX_LORA_RANKS)}")
+        if not 1 <= self.max_loras <= 256:  # (256: the LoRA kernel's slots)
+            raise ValueError(f"max_loras ({self.max_loras}) must be >= 1 and at most 256")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+
+
 @dataclass
 class EngineConfig:
     model: str
@@ -99,6 +117,7 @@ class EngineConfig:
     runner_type: str = "generate"  # vLLM's resolved --runner: "generate" or "pooling"
     convert_type: str = "none"     # vLLM's resolved --convert: "none", "embed" or "classify"
     pooler_config: PoolerConfig | None = None  # resolved, for a pooling runner
+    lora_config: LoRAConfig | None = None      # enable_lora
     # a prompt's logprobs are bitwise the same alone or in any batch (vLLM's VLLM_BATCH_INVARIANT)
     batch_invariant: bool = field(default_factory=lambda: batch_invariant_from_env())
 

@@ -152,6 +152,15 @@ def main() -> int:
         ins = [x, logits, wg, wu, wd] + ([f(T, D), f(T, 1)] if shared else [])
         check(f"MoE T={T} shared={shared}", run(plugin, "MoE", {"top_k": 2, "norm_topk_prob": int(not shared)}, ins,
                                                 (T, D)), moe_reference(ins, 2, not shared))
+    # LoRA: 3 slots of rank 4 on a (T, 40) Linear output; slot -1 rows keep y
+    T, K, N, L, R = 6, 24, 40, 3, 4
+    x, y, a, b = f(T, K), f(T, N), f(L, R, K), f(L, N, R)
+    scale, ids = np.array([0.5, 2.0, 1.5], np.float32), np.array([2, -1, 0, 2, -1, 0], np.int64)
+    ref = y.astype(np.float64).copy()
+    for t, l in enumerate(ids):
+        if l >= 0:
+            ref[t] += scale[l] * (a[l].astype(np.float64) @ x[t]) @ b[l].T.astype(np.float64)
+    check("LoRA", run(plugin, "LoRA", {}, [x, y, a, b, scale, ids], (T, N)), ref)
     print(f"{passed} passed, {failed} failed")
     return failed != 0
 

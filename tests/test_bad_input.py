@@ -62,7 +62,7 @@ def test_max_logprobs_engine_argument(tiny_llama_dir):
 @pytest.mark.parametrize("kwargs, error, message", [
     ({"not_a_vllm_arg": 1}, TypeError, "unexpected keyword argument 'not_a_vllm_arg'"),
     ({"tensor_parallel_size": 2}, NotImplementedError, "tensor_parallel_size=2"),
-    ({"enable_lora": True}, NotImplementedError, "enable_lora=True"),
+    ({"enable_lora": True, "max_lora_rank": 12}, ValueError, "max_lora_rank (12) must be one of"),
     ({"quantization": "awq"}, NotImplementedError, "quantization='awq'"),
     ({"quantization": "gguf"}, ValueError, "quantization='gguf' needs a .gguf model file"),
     ({"dtype": "float64"}, ValueError, "Unknown dtype 'float64'"),

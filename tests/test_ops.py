@@ -29,7 +29,8 @@ def nmse(a: np.ndarray, ref: np.ndarray) -> float:
 # every op once, and again for each attribute that changes what its kernels do: "Op/variant"
 CASES = ["Gather", "RMSNorm", "RMSNorm/group_size", "Linear", "RoPE", "PagedAttention", "PagedAttention/softcap",
          "PagedAttention/bidirectional", "SiluMul", "Add", "LayerNorm", "LayerNorm/no_bias", "GeluMul",
-         "Activation/relu", "Activation/gelu", "Activation/gelu_tanh", "Scale", "Softcap", "MoE", "MoE/shared"]
+         "Activation/relu", "Activation/gelu", "Activation/gelu_tanh", "Scale", "Softcap", "MoE", "MoE/shared",
+         "LoRA"]
 
 
 def op_of(name: str) -> str:
@@ -90,7 +91,17 @@ def case(name: str) -> tuple[dict, list[np.ndarray], list[tuple]]:
         return {"cap": 30.0}, [f(T, 64) * 30], [(T, 64)]
     if op == "MoE":
         return moe_case(rng, T, 24, 40, 6, top_k=2, shared=variant == "shared")
+    if op == "LoRA":  # 3 slots of rank 4; tokens on slots 2, none, 0, 2, ... (slot 1 unused)
+        ids = np.array([2, -1, 0, 2, -1, 0, 2, 2, 0, -1, 2][:T] + [-1] * max(0, T - 11), np.int64)
+        return {}, [f(T, 24), f(T, 40), f(3, 4, 24), f(3, 40, 4), np.array([0.5, 2.0, 1.5], np.float32), ids], \
+            [(T, 40)]
     raise AssertionError(f"no test case for op {name}: add one with the op")
+
+
+def keeps_float32(op: str, i: int) -> bool:
+    """Input i of op is float32 whatever the activation dtype (LoRA's adapter slots)."""
+    specs = OPS[op].inputs
+    return i < len(specs) and specs[i].endswith(" float32")
 
 
 def moe_case(rng, tokens: int, D: int, F: int, E: int, top_k: int, shared: bool):
@@ -106,7 +117,8 @@ def moe_case(rng, tokens: int, D: int, F: int, E: int, top_k: int, shared: bool)
 
 
 def run_on(plugin, op: str, attrs: dict, inputs: list[np.ndarray], out_shapes, dtype: str) -> list[np.ndarray]:
-    cast = [x.astype(_np(dtype)) if x.dtype == np.float32 else x for x in inputs]
+    cast = [x.astype(_np(dtype)) if x.dtype == np.float32 and not keeps_float32(op, i) else x
+            for i, x in enumerate(inputs)]
     bufs = [plugin.upload(x) for x in cast]
     outs = [plugin.alloc(s, dtype) for s in out_shapes]
     aliases = OPS[op].aliases
@@ -164,7 +176,8 @@ PLUGINS = [pytest.param(name, marks=() if ok else pytest.mark.skip(reason=f"{nam
 def test_every_op_on_every_plugin(plugin_name, name, dtype):
     plugin = discover_plugins()[plugin_name]()
     op, (attrs, inputs, shapes) = op_of(name), case(name)
-    dtypes = tuple(dtype if x.dtype == np.float32 else x.dtype.name for x in inputs)
+    dtypes = tuple(dtype if x.dtype == np.float32 and not keeps_float32(op, i) else x.dtype.name
+                   for i, x in enumerate(inputs))
     if not plugin.supports(op, dtypes):
         pytest.skip(f"{plugin_name} does not implement {op}{dtypes} (the engine falls back to torch)")
     got = run_on(plugin, op, attrs, inputs, shapes, dtype)
@@ -334,3 +347,29 @@ def test_moe_in_a_compiled_cpu_step_and_in_chunks(dtype):
     rounded = [x.astype(np.float32) for x in cast]
     ref = run_on(TorchPlugin(), "MoE", attrs, rounded, shapes, "float32")[0]
     assert nmse(alone.astype(np.float32), ref) < NMSE[dtype]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lora_in_a_compiled_cpu_step(dtype):
+    """A LoRA record of a compiled step gives the node's bits, its slot ids staged as a graph
+    input, and picks up adapter slots written in place afterwards (as the engine loads adapters)."""
+    plugin = _cpu_plugin_or_skip()
+    attrs, inputs, shapes = case("LoRA")
+    names = ["x", "y", "a", "b", "scale", "lora_ids"]
+    cast = [v.astype(_np(dtype)) if i < 2 else v for i, v in enumerate(inputs)]
+    node = Node("LoRA", "lora", names, ["out"], attrs)
+    fixed = dict(zip(names[:5], [v.copy() for v in cast[:5]]), out=plugin.alloc(shapes[0], dtype))
+    staging = {"lora_ids": np.zeros(T + 1, np.int64)}
+    step = plugin.compile_step([node], lambda n: staging[n] if n in staging else fixed[n], staging, set())
+    feeds = {"lora_ids": cast[5], "input_ids": np.zeros(T, np.int64), "logits_indices": np.zeros(T, np.int64),
+             "block_tables": np.zeros((1, 1), np.int64)}
+    for scale in (None, np.array([1.0, 1.0, -3.0], np.float32)):
+        if scale is not None:
+            np.copyto(fixed["scale"], scale)
+            cast[4] = scale
+        ref = plugin.alloc(shapes[0], dtype)
+        plugin.run(node, cast, [ref])
+        step.run(feeds)
+        np.testing.assert_array_equal(fixed["out"], ref)
+    untouched = cast[5] < 0
+    np.testing.assert_array_equal(fixed["out"][untouched], cast[1][untouched])

@@ -191,7 +191,6 @@ def test_beam_search_maps_to_perfxlm(shim):
 
 
 @pytest.mark.parametrize("name, says", [
-    ("vllm.lora.request", "No module named 'vllm.lora': perfxlm serves `vllm` here and has no LoRA support"),
     ("vllm.platforms", "No module named 'vllm.platforms': perfxlm serves `vllm` here and has no counterpart"),
 ])
 def test_what_perfxlm_lacks_is_a_module_not_found(shim, name, says):

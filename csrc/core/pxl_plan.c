@@ -48,6 +48,9 @@ static void run_node(const pxl_plan_node *x, size_t T, size_t N, size_t B, size_
         pxl_moe(x->dt, x->wfmt & 0xff, (x->wfmt >> 8) & 0xff, (x->wfmt >> 16) & 0xff, rows, x->a, x->b, x->c, x->d,
                 (int)x->e, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]);
         break;
+    case PXL_OP_LORA: /* a = N, b = K, c = R, d = L */
+        pxl_lora(x->dt, rows, x->a, x->b, x->c, x->d, p[0], p[1], p[2], p[3], p[4], p[5], p[6]);
+        break;
     case PXL_OP_SOFTCAP:
         pxl_softcap_to(x->dt, x->rows & PXL_OUT_F32 ? PXL_F32 : x->dt, rows * x->a, p[0], x->f0, p[1]);
         break;

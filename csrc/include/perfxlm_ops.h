@@ -115,6 +115,12 @@ void pxl_softcap_to(int dt, int ydt, size_t n, const void *x, float cap, void *y
 void pxl_moe(int dt, int fmt_gate, int fmt_up, int fmt_down, size_t T, size_t D, size_t F, size_t E, size_t top_k,
              int norm_topk_prob, const void *x, const void *logits, const void *Wg, const void *Wu, const void *Wd,
              const void *shared, const void *shared_gate, void *y);
+/* LoRA on a Linear's output y_in (T, N) of x (T, K): y[t] = y_in[t] + scale[l] * (x[t] A[l]^T) B[l]^T
+ * with l = ids[t] (-1 or >= L: y_in[t] as is); A (L, R, K), B (L, N, R), scale (L,) float32, the
+ * product in float32 added once, rounded to dt. Tokens are grouped by slot, so each adapter's
+ * weights are read once a call. y may be y_in. L <= 256. */
+void pxl_lora(int dt, size_t T, size_t N, size_t K, size_t R, size_t L, const void *x, const void *y_in,
+              const float *A, const float *B, const float *scale, const int64_t *ids, void *y);
 /* Paged attention for a step of B sequences with T tokens in all (decode and prefill alike):
  * writes k, v (T, Hkv*hd) into the caches (blocks, block_size, Hkv, hd) at slot_mapping (T,),
  * then each query token of sequence b (rows query_start_loc[b] .. [b+1]) attends causally to

@@ -30,9 +30,10 @@ ACTIVATIONS = {"float32": F32, "bfloat16": BF16}  # numpy dtype name -> the form
 # A compiled step's records (pxl_plan_run): the op codes in pxl_abi.h's order (PXL_OP_*), the
 # names op_profile reports them by; the last two are fused pairs of ops
 PLAN_OPS = ("Gather", "RMSNorm", "Linear", "RoPE", "PagedAttention", "SiluMul", "Add",
-            "Linear+SiluMul", "Add+RMSNorm", "LayerNorm", "GeluMul", "Activation", "Scale", "Softcap", "MoE")
+            "Linear+SiluMul", "Add+RMSNorm", "LayerNorm", "GeluMul", "Activation", "Scale", "Softcap", "MoE",
+            "LoRA")
 (GATHER, RMSNORM, LINEAR, ROPE, ATTENTION, SILU_MUL, ADD, LINEAR_SILU, ADD_RMSNORM, LAYER_NORM, GELU_MUL, ACTIVATION,
- SCALE, SOFTCAP, MOE) = range(len(PLAN_OPS))
+ SCALE, SOFTCAP, MOE, LORA) = range(len(PLAN_OPS))
 # Activation's kinds in the order of pxl_abi.h's PXL_ACT_* (graph_export.ops.ACTIVATION_KINDS)
 ACT_KINDS = ("relu", "gelu", "gelu_tanh")
 
@@ -137,6 +138,7 @@ _SIGNATURES = {
     "pxl_scale": ([_i, _sz, _p, _f, _p], None),
     "pxl_softcap": ([_i, _sz, _p, _f, _p], None),
     "pxl_moe": ([_i, _i, _i, _i, _sz, _sz, _sz, _sz, _sz, _i, _p, _p, _p, _p, _p, _p, _p, _p], None),
+    "pxl_lora": ([_i, _sz, _sz, _sz, _sz, _sz, _p, _p, _p, _p, _p, _p, _p], None),
     "pxl_sample_rows": ([_sz, _sz, _p, _sz, _p, _p], None),
     "pxl_roofline_peak": ([_i, _sz], ctypes.c_double),
     "pxl_roofline_read": ([_p, _sz], ctypes.c_uint64),

@@ -14,7 +14,7 @@ import numpy as np
 from graph_export.ops import LOGITS
 from hw_plugins.cpu.buffers import _ptr, host_zeros
 from hw_plugins.cpu.library import (ACTIVATION, ACTIVATIONS, ADD, ADD_RMSNORM, ATTENTION, GATHER, GELU_MUL, LAYER_NORM,
-                                    LINEAR, LINEAR_SILU, MOE, NO_WAIT, NONCAUSAL, OUT_F32, RMSNORM, ROPE, ROWS_N,
+                                    LINEAR, LINEAR_SILU, LORA, MOE, NO_WAIT, NONCAUSAL, OUT_F32, RMSNORM, ROPE, ROWS_N,
                                     SCALE, SILU_MUL, SOFTCAP, PlanNode, activation_code)
 
 
@@ -131,6 +131,10 @@ class Plan:
                 r.d, r.e = at["top_k"], at.get("norm_topk_prob", 0)
                 shared = arrays[5:7] if len(arrays) > 6 else [None, None]
                 ptrs = [arrays[0], arrays[1], wg, wu, wd, *shared, out]
+            elif node.op_type == "LoRA":  # a = N, b = K, c = R, d = L
+                r.op, r.a, r.b = LORA, arrays[1].shape[1], arrays[0].shape[1]
+                r.c, r.d = arrays[2].shape[1], arrays[2].shape[0]
+                ptrs = [*arrays[:6], out]
             else:
                 raise ValueError(f"no plan record for {node.op_type}")
             if node.outputs[0] == LOGITS:

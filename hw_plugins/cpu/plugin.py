@@ -33,7 +33,8 @@ class CpuPlugin(HwPlugin):
         self._ops = {"Gather": self._gather, "RMSNorm": self._rmsnorm, "Linear": self._linear, "RoPE": self._rope,
                      "PagedAttention": self._paged_attention, "SiluMul": self._silu_mul, "Add": self._add,
                      "LayerNorm": self._layer_norm, "GeluMul": self._gelu_mul, "Activation": self._activation,
-                     "Scale": self._scale, "Softcap": self._softcap, "MoE": self._moe}
+                     "Scale": self._scale, "Softcap": self._softcap, "MoE": self._moe,
+                     "LoRA": self._lora}
         self.lib, self._error = None, self._unsupported_here()
         self._packed: dict[tuple, tuple[np.ndarray, ...]] = {}  # weight(s) -> (weight(s), packed copy)
         self.batch_invariant = False
@@ -72,6 +73,8 @@ class CpuPlugin(HwPlugin):
         if op_type == "MoE":  # the three expert weights dense in the activation dtype, or quantised blocks
             return dtypes[1] == dtypes[0] and all(d in (dtypes[0], "uint8") for d in dtypes[2:5]) \
                 and all(d == dtypes[0] for d in dtypes[5:])
+        if op_type == "LoRA":  # x and y in the activation dtype, the adapter slots float32, slot ids int64
+            return dtypes[1] == dtypes[0] and dtypes[2:] == ("float32", "float32", "float32", "int64")
         return all(d in (dtypes[0], "int64") for d in dtypes)
 
     def alloc(self, shape: tuple[int, ...], dtype: str) -> np.ndarray:
@@ -196,6 +199,12 @@ class CpuPlugin(HwPlugin):
         self.lib.pxl_moe(ACTIVATIONS[x.dtype.name], fmts & 0xff, fmts >> 8 & 0xff, fmts >> 16, x.shape[0], D, F, E,
                          attrs["top_k"], attrs.get("norm_topk_prob", 0), _ptr(x), _ptr(logits), _ptr(wg), _ptr(wu),
                          _ptr(wd), shared, gate, _ptr(outs[0]))
+
+    def _lora(self, attrs: dict, ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
+        x, y, a, b, scale, ids = ins                            # (T, K), (T, N), (L, R, K), (L, N, R), (L,), (T,)
+        L, R, K = a.shape
+        self.lib.pxl_lora(ACTIVATIONS[x.dtype.name], x.shape[0], y.shape[1], K, R, L, _ptr(x), _ptr(y), _ptr(a),
+                          _ptr(b), _ptr(scale), _ptr(ids), _ptr(outs[0]))
 
     def _rope(self, attrs: dict, ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
         x, pos, cos, sin = ins                                  # (T, H*hd), (T,), (P, hd) x 2

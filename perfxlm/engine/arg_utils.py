@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from perfxlm.config import (EngineConfig, PoolerConfig, check_engine_args, config_max_model_len, derive_max_model_len,
-                            resolve_dtype)
+from perfxlm.config import (EngineConfig, LoRAConfig, PoolerConfig, check_engine_args, config_max_model_len,
+                            derive_max_model_len, resolve_dtype)
 from perfxlm.engine.structured_output import StructuredOutputsConfig
 from perfxlm.models.loader import ModelSource, resolve_model
 from perfxlm.models.pooling import CONVERTS, RUNNERS, derived_max_model_len, resolve_pooler_config, resolve_runner
@@ -70,6 +70,10 @@ class EngineArgs:
     hf_overrides: dict[str, Any] | Callable[[dict], dict] | None = None
     structured_outputs_config: StructuredOutputsConfig | dict[str, Any] | None = None  # None: vLLM's defaults
     pooler_config: PoolerConfig | dict[str, Any] | None = None  # a pooling model's; None: the model's own
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
 
     @property
     def served_model_names(self) -> list[str]:
@@ -89,6 +93,10 @@ class EngineArgs:
                        help="'embed' or 'classify' adapt a decoder into a pooling model")
         g.add_argument("--pooler-config", type=json_dict_arg, default=None,
                        help='JSON, e.g. \'{"pooling_type": "MEAN", "use_activation": false}\'')
+        g.add_argument("--enable-lora", action="store_true", help="serve requests with PEFT LoRA adapters")
+        g.add_argument("--max-loras", type=int, default=1, help="adapters in one batch (LoRA slots)")
+        g.add_argument("--max-lora-rank", type=int, default=16, help="the largest adapter rank")
+        g.add_argument("--max-cpu-loras", type=int, default=None, help="adapters kept in memory (default: max_loras)")
         g.add_argument("--served-model-name", nargs="+", default=None,
                        help="names the server answers to; the first is echoed in responses (default: the model)")
         g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
@@ -136,6 +144,7 @@ class EngineArgs:
                           enable_chunked_prefill=self.enable_chunked_prefill, max_logprobs=self.max_logprobs,
                           skip_tokenizer_init=self.skip_tokenizer_init, trust_remote_code=self.trust_remote_code,
                           generation_config=self.generation_config, hw_plugin=self.hw_plugin, select_hw_plugin=True)
+        self.lora_config()
         if self.scheduling_policy != "fcfs":
             raise NotImplementedError(f"perfxlm: scheduling_policy={self.scheduling_policy!r} is not supported; "
                                       "requests are scheduled first come, first served ('fcfs')")
@@ -151,6 +160,9 @@ class EngineArgs:
             raise ValueError(f"Invalid convert {self.convert!r}; choose one of {list(CONVERTS)}")
         PoolerConfig.coerce(self.pooler_config)
 
+    def lora_config(self) -> LoRAConfig | None:
+        return LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras) if self.enable_lora else None
+
     def create_engine_config(self, usage_context: UsageContext | None = None) -> tuple[EngineConfig, ModelSource]:
         """Resolve the arguments against the model's config (no weights are read)."""
         self.check()
@@ -164,6 +176,8 @@ class EngineArgs:
             source.convert = convert_type  # the family adapted before anything reads it
             user = PoolerConfig.coerce(self.pooler_config)
             pooler_config = resolve_pooler_config(source, copy.copy(user) if user else PoolerConfig())
+            if self.enable_lora:
+                raise NotImplementedError("perfxlm does not support LoRA adapters on pooling models yet")
         elif self.pooler_config is not None:
             raise ValueError("pooler_config is only for pooling models (runner='pooling')")
         if self.quantization == "gguf" and not source.is_gguf:
@@ -197,6 +211,7 @@ class EngineArgs:
             runner_type=runner_type,
             convert_type=convert_type,
             pooler_config=pooler_config,
+            lora_config=self.lora_config(),
             **{k: v for k, v in optional.items() if v is not None},
         )
         return config, source

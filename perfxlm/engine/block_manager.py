@@ -112,5 +112,7 @@ class BlockManager:
         """Extend req.block_hashes over the full blocks among its first num_tokens tokens."""
         bs = self.block_size
         for i in range(len(req.block_hashes), num_tokens // bs):
-            parent = req.block_hashes[-1] if req.block_hashes else None
+            # an adapter's K/V differ from the base model's: its name seeds the chain (vLLM's extra keys)
+            parent = req.block_hashes[-1] if req.block_hashes else (
+                req.lora_request.lora_name if req.lora_request is not None else None)
             req.block_hashes.append(hash((parent, tuple(req.all_token_ids[i * bs:(i + 1) * bs]))))

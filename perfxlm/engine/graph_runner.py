@@ -196,6 +196,20 @@ class GraphRunner:
         rows_n = {name for name, s in shapes.items() if s and s[0] == "N"}
         return plugin.compile_step(self.nodes, buffer, inputs, rows_n)
 
+    def write_weights(self, weights: dict[str, np.ndarray]) -> None:
+        """Overwrite weights by name (a LoRA slot's stacks), where every plugin that holds them
+        reads them: host arrays in place, so a compiled step's pointers stay valid; another
+        plugin's buffer is uploaded anew, and then no compiled step is kept."""
+        for (name, plugin_name), buf in list(self.values.items()):
+            if name not in weights:
+                continue
+            if isinstance(buf, np.ndarray) and buf.flags.writeable:
+                np.copyto(buf, weights[name].reshape(buf.shape), casting="same_kind")
+            else:
+                plugin = next(n.plugin for n in self.nodes if n.plugin.name == plugin_name)
+                self.values[(name, plugin_name)] = plugin.upload(np.ascontiguousarray(weights[name]))
+                self.compiled = None
+
     def native_sampler(self) -> Any:
         """The sampler of the plugin that produces the logits, if it has one (HwPlugin.native_sampler)."""
         return self.nodes[-1].plugin.native_sampler()

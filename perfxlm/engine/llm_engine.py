@@ -15,6 +15,7 @@ from perfxlm.engine.arg_utils import EngineArgs, UsageContext
 from perfxlm.engine.block_manager import BlockManager
 from perfxlm.engine.graph_runner import GraphRunner, GraphSpec
 from perfxlm.engine.input_processor import InputProcessor
+from perfxlm.engine.lora_manager import LoRAManager
 from perfxlm.engine.model_runner import EagerExecutor, Executor, GraphExecutor, ModelRunner, model_spec
 from perfxlm.engine.output_processor import OutputProcessor, RequestState
 from perfxlm.engine.pooler import Pooler
@@ -55,7 +56,7 @@ class LLMEngine:
 
         # the model's shapes size the KV cache before any weight is read or graph exported
         meta = source.meta_model()
-        spec = model_spec(meta, config.dtype)
+        spec = model_spec(meta, config.dtype, lora=config.lora_config is not None)
         self.pooler = None  # a pooling model's: its graph's rows are hidden states or classes, not logits
         if config.runner_type == "pooling":
             self.pooler = Pooler(meta.pooling_task, config.pooler_config, source.hf_config)
@@ -63,10 +64,14 @@ class LLMEngine:
         self.vocab_size = spec.vocab_size if self.pooler is None else source.hf_config["vocab_size"]
         num_blocks = self._num_blocks(spec)
         executor = self._build_executor(spec, num_blocks)
-        self.runner = ModelRunner(executor, config.block_size, self.pooler)
+        self.lora = None  # the LoRA slots' owner, with enable_lora
+        if config.lora_config is not None:
+            self.lora = LoRAManager.for_model(config.lora_config, meta, executor.write_weights)
+        self.runner = ModelRunner(executor, config.block_size, self.pooler, self.lora)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.max_model_len, config.enable_chunked_prefill)
+                                   config.max_model_len, config.enable_chunked_prefill,
+                                   config.lora_config.max_loras if config.lora_config else 0)
         self.sampler = Sampler(config.seed, executor.native_sampler)
         self.outputs = OutputProcessor(self.tokenizer)
         self.input_processor = InputProcessor(config, self.vocab_size, self.tokenizer, self.generation_config,
@@ -96,12 +101,17 @@ class LLMEngine:
     def _build_executor(self, spec: GraphSpec, num_blocks: int) -> Executor:
         """The executor: the exported graph on the hardware plugins, or torch (PERFXLM_EXECUTOR=eager)."""
         config, source = self.config, self.source
+        lora = (config.lora_config.max_loras, config.lora_config.max_lora_rank) if config.lora_config else None
         if os.environ.get("PERFXLM_EXECUTOR", "graph") == "eager":
             if config.batch_invariant:
                 raise ValueError("PERFXLM_BATCH_INVARIANT=1 needs the graph executor (PERFXLM_EXECUTOR=eager "
                                  "runs torch, whose GEMMs depend on the batch)")
-            return EagerExecutor(source.load_weights(config.dtype), spec, num_blocks, config.block_size)
-        executor = self._graph_executor(cached_graph(source, config.dtype, config.quantization), num_blocks)
+            model = source.load_weights(config.dtype)
+            if lora:
+                from perfxlm.models.lora import enable_lora
+                enable_lora(model, *lora)
+            return EagerExecutor(model, spec, num_blocks, config.block_size)
+        executor = self._graph_executor(cached_graph(source, config.dtype, config.quantization, lora), num_blocks)
         if executor.spec != spec:
             raise RuntimeError(f"the exported graph's vocabulary and KV caches {executor.spec} differ from the "
                                f"model's {spec}")
@@ -153,7 +163,9 @@ class LLMEngine:
         model must support). Raises VLLMValidationError (nothing queued) for what vLLM rejects,
         and ValueError for a request id that is already running. Returns the request id."""
         if lora_request is not None:
-            raise VLLMValidationError(f"Got lora_request {lora_request} but LoRA is not enabled!")
+            if self.lora is None:
+                raise VLLMValidationError(f"Got lora_request {lora_request} but LoRA is not enabled!")
+            self.lora.load(lora_request)  # a bad adapter fails here, before anything is queued
         if priority:
             raise ValueError(f"Got priority {priority} but Priority scheduling is not enabled.")
         if isinstance(params, PoolingParams):
@@ -167,6 +179,8 @@ class LLMEngine:
             raise VLLMValidationError("This model does not support generation")
         state = self.input_processor.process(request_id, prompt, params, prompt_text=prompt_text,
                                              tokenization_kwargs=tokenization_kwargs, arrival_time=arrival_time)
+        for req in state.children:
+            req.lora_request = lora_request
         self.enqueue(state)
         return request_id
 

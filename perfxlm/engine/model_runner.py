@@ -19,6 +19,7 @@ from graph_export.functional import StepInputs
 from graph_export.ops import cache_input_names
 from perfxlm.engine.graph_runner import CacheSpec, GraphRunner, GraphSpec
 from perfxlm.engine.pooler import Pooler
+from perfxlm.engine.lora_manager import LoRAManager
 from perfxlm.engine.request import Request
 from perfxlm.engine.scheduler import SchedulerOutput
 from perfxlm.models.layers import CausalLM
@@ -43,10 +44,12 @@ class Executor(Protocol):
 
 
 class ModelRunner:
-    def __init__(self, executor: Executor, block_size: int, pooler: Pooler | None = None) -> None:
+    def __init__(self, executor: Executor, block_size: int, pooler: Pooler | None = None,
+                 lora: LoRAManager | None = None) -> None:
         self.executor = executor
         self.block_size = block_size
         self.pooler = pooler  # a pooling model's (None: a generative one)
+        self.lora = lora      # the LoRA slots' owner when the graph has them
         self.token_types = "token_type_ids" in executor.spec.optional_inputs  # the graph reads them (BERT)
 
     def prepare(self, sched: SchedulerOutput) -> ModelInput:
@@ -94,6 +97,11 @@ class ModelRunner:
                 np.array(r.token_type_ids[r.num_computed_tokens:r.num_computed_tokens + n], np.int64)
                 if r.token_type_ids is not None else np.zeros(n, np.int64)
                 for r, n in zip(sched.requests, sched.num_tokens)])
+        if self.lora is not None:  # each token's adapter slot (-1: the base model), adapters written first
+            in_step = {r.lora_request.lora_name for r in sched.requests if r.lora_request is not None}
+            inp.feeds["lora_ids"] = np.concatenate([
+                np.full(n, -1 if r.lora_request is None else self.lora.slot(r.lora_request, in_step), np.int64)
+                for r, n in zip(sched.requests, sched.num_tokens)])
         return inp
 
     def execute(self, inp: ModelInput) -> np.ndarray:
@@ -103,6 +111,9 @@ class ModelRunner:
 
 class GraphExecutor:
     """Feeds the batch to the exported graph (engine/graph_runner.py)."""
+
+    def write_weights(self, weights: dict[str, np.ndarray]) -> None:
+        self.runner.write_weights(weights)
 
     def __init__(self, runner: GraphRunner) -> None:
         self.runner = runner
@@ -127,16 +138,24 @@ class EagerExecutor:
                   .view(getattr(torch, c.dtype)).view(c.shape(num_blocks, block_size)) for c in spec.caches]
         self.kv_caches = list(zip(caches[0::2], caches[1::2]))
 
+    def write_weights(self, weights: dict[str, np.ndarray]) -> None:
+        """Overwrite model buffers (a LoRA slot's stacks) by name."""
+        buffers = dict(self.model.named_buffers())
+        with torch.no_grad():
+            for name, array in weights.items():
+                buffers[name].copy_(torch.from_numpy(array))
+
     @torch.inference_mode()
     def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         step = StepInputs(**{k: torch.from_numpy(v) for k, v in feeds.items()})
         return self.model(step, self.kv_caches).float().numpy()
 
 
-def model_spec(model: CausalLM, dtype: torch.dtype) -> GraphSpec:
-    """The GraphSpec the model's exported graph has (the model may be on the meta device)."""
+def model_spec(model: CausalLM, dtype: torch.dtype, lora: bool = False) -> GraphSpec:
+    """The GraphSpec the model's exported graph has (the model may be on the meta device), with
+    LoRA slots (lora_ids) or not."""
     caches = []
     for i, shapes in enumerate(model.kv_cache_shapes()):
         for name, shape in zip(cache_input_names(i), shapes):
             caches.append(CacheSpec(name, tuple(shape), str(dtype).removeprefix("torch.")))
-    return GraphSpec(model.vocab_size, tuple(caches), tuple(model.optional_inputs))
+    return GraphSpec(model.vocab_size, tuple(caches), tuple(model.optional_inputs) + (("lora_ids",) if lora else ()))

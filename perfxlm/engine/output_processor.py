@@ -117,6 +117,7 @@ class OutputProcessor:
             finished=state.finished,
             metrics=metrics,
             num_cached_tokens=max(first.num_cached_tokens, 0),
+            lora_request=first.lora_request,
         )
 
     def pooling_output(self, state: RequestState, data: torch.Tensor) -> PoolingRequestOutput:

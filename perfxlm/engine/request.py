@@ -8,6 +8,7 @@ import torch
 
 from perfxlm.engine.structured_output import RequestGrammar
 from perfxlm.logprobs import PromptLogprobs, SampleLogprobs
+from perfxlm.lora.request import LoRARequest
 from perfxlm.pooling_params import PoolingParams
 from perfxlm.sampling_params import SamplingParams, SamplingType
 
@@ -66,6 +67,7 @@ class Request:
     pooling_params: PoolingParams | None = None  # a pooling request's, verified (its task set)
     token_type_ids: list[int] | None = None  # a cross-encoder pair's segment ids, one per prompt token
     pooled_rows: dict[int, np.ndarray] = field(default_factory=dict)  # prompt position -> its (W,) output row
+    lora_request: LoRARequest | None = None  # the adapter its rows run with
     plain_draw: bool = field(default=False, init=False)  # each token a draw from softmax(logits) as they are
 
     def __post_init__(self) -> None:

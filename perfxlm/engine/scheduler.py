@@ -31,12 +31,13 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, enable_chunked_prefill: bool = True) -> None:
+                 max_model_len: int, enable_chunked_prefill: bool = True, max_loras: int = 0) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.enable_chunked_prefill = enable_chunked_prefill
+        self.max_loras = max_loras  # LoRA slots: at most this many adapters among the running requests
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -65,9 +66,16 @@ class Scheduler:
                 out.num_tokens.append(n)
                 budget -= n
                 i += 1
-        # waiting requests, unless this step already had to preempt
+        # waiting requests, unless this step already had to preempt; one whose adapter would be one
+        # too many for the LoRA slots waits, and later ones may go first (as in vLLM)
+        adapters = {r.lora_request.lora_name for r in self.running if r.lora_request is not None}
+        skipped: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             req = self.waiting[0]
+            lora = req.lora_request
+            if lora is not None and lora.lora_name not in adapters and len(adapters) >= self.max_loras:
+                skipped.append(self.waiting.popleft())
+                continue
             computed = self.block_manager.get_computed_blocks(req)
             n = req.num_tokens - len(computed) * self.block_manager.block_size
             if n > budget and not self.enable_chunked_prefill:
@@ -76,6 +84,8 @@ class Scheduler:
             if not self.block_manager.allocate_slots(req, n, computed):
                 break
             self.waiting.popleft()
+            if lora is not None:
+                adapters.add(lora.lora_name)
             if req.num_cached_tokens < 0:  # first admission, not a preempted request resuming
                 req.num_cached_tokens = len(computed) * self.block_manager.block_size
                 self.block_manager.record_lookup(req, computed)
@@ -85,6 +95,7 @@ class Scheduler:
             out.requests.append(req)
             out.num_tokens.append(n)
             budget -= n
+        self.waiting.extendleft(reversed(skipped))  # back in their order, at the front
         return out
 
     def update(self, out: SchedulerOutput, sampling: list[Request], tokens: list[int]) -> list[int]:

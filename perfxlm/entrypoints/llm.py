@@ -29,7 +29,8 @@ logger = logging.getLogger(__name__)
 # (hw_plugin is perfxlm's own: the plugin that runs the graph)
 _ENGINE_KWARGS = {"max_model_len", "max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching",
                   "block_size", "max_logprobs", "generation_config", "override_generation_config",
-                  "enable_chunked_prefill", "scheduling_policy", "hw_plugin"}
+                  "enable_chunked_prefill", "scheduling_policy", "hw_plugin", "enable_lora", "max_loras",
+                  "max_lora_rank", "max_cpu_loras"}
 # vLLM arguments that do not apply to perfxlm's single-process CPU engine; accepted, no effect
 _IGNORED_KWARGS = {"swap_space", "load_format", "download_dir", "device",
                    "distributed_executor_backend", "max_seq_len_to_capture", "disable_async_output_proc",
@@ -39,7 +40,7 @@ _IGNORED_KWARGS = {"swap_space", "load_format", "download_dir", "device",
                    "reasoning_parser", "served_model_name", "config_format", "model_impl", "seed_everything",
                    "enable_sleep_mode"}  # sleep mode needs no setup here: LLM.sleep always works
 # vLLM features perfxlm does not implement: refuse rather than silently ignore
-_REFUSED_KWARGS = {"enable_lora": False, "speculative_config": None, "pipeline_parallel_size": 1,
+_REFUSED_KWARGS = {"speculative_config": None, "pipeline_parallel_size": 1,
                    "data_parallel_size": 1, "enable_expert_parallel": False, "kv_transfer_config": None}
 
 
@@ -177,12 +178,10 @@ class LLM(PoolingMixin):
         self._require_generative("beam_search")
         with self._exclusive("beam_search"):
             tok = self._require_tokenizer("beam_search")
-            if lora_request is not None:
-                raise VLLMValidationError(f"Got lora_request {lora_request} but LoRA is not enabled!")
             inputs = [self._tokenize(p, None) for p in _as_prompt_list(prompts)]
 
             def run_step(token_lists: list[list[int]], step_params: SamplingParams) -> list[RequestOutput]:
-                return self._run([(ids, None) for ids in token_lists], step_params, False, None, None)
+                return self._run([(ids, None) for ids in token_lists], step_params, False, lora_request, None)
 
             return run_beam_search(inputs, params, tok, run_step, lora_request=lora_request, use_tqdm=use_tqdm,
                                    concurrency_limit=concurrency_limit)
@@ -252,17 +251,19 @@ class LLM(PoolingMixin):
             if len(params) != len(inputs):
                 raise VLLMValidationError(f"The lengths of prompts ({len(inputs)}) and params "
                                           f"({len(params)}) must be the same.")
-        if lora_request is not None:
-            raise VLLMValidationError(f"Got lora_request {lora_request} but LoRA is not enabled!")
+        loras = list(lora_request) if isinstance(lora_request, Sequence) else [lora_request] * len(inputs)
+        if len(loras) != len(inputs):
+            raise ValueError("Lora request list should be the same length as the prompts")
         if priority is not None and any(priority):
             raise ValueError(f"Got priority {priority} but Priority scheduling is not enabled.")
         engine = self.llm_engine
         ids = []
         try:
-            for (prompt_ids, text), p in zip(inputs, params):
+            for (prompt_ids, text), p, lora in zip(inputs, params, loras):
                 p.output_kind = RequestOutputKind.FINAL_ONLY  # vLLM sets this on the caller's object
                 request_id = str(next(self.request_counter))
-                engine.add_request(request_id, prompt_ids, p, prompt_text=text)  # queues all of it or nothing
+                # queues all of it or nothing
+                engine.add_request(request_id, prompt_ids, p, lora_request=lora, prompt_text=text)
                 ids.append(request_id)
             outputs = self._run_engine(len(inputs), use_tqdm)
         except BaseException:

@@ -98,15 +98,18 @@ class CausalLM(nn.Module):
 
 
 class Linear(nn.Module):
-    """y = x @ weight^T (+ bias): weight (out_features, in_features)."""
+    """y = x @ weight^T (+ bias): weight (out_features, in_features). An engine with LoRA on gives
+    it a `lora` child (perfxlm.models.lora.LoRASlots) that adds each row's adapter to y."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.lora: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)
+        return y if self.lora is None else self.lora(x, y)
 
 
 class RMSNorm(nn.Module):

@@ -67,7 +67,7 @@ class ModelSource:
             state = self._gguf.state_dict(family, params, dtype)
         else:
             ignored = re.compile("|".join(family.hf_ignored_names) or "(?!)")
-            state = {_rename(family, k): v.to(dtype) for k, v in _read_hf_tensors(self.path).items()
+            state = {hf_parameter_name(family, k): v.to(dtype) for k, v in _read_hf_tensors(self.path).items()
                      if not ignored.search(k)}
             state = _stack_experts(state, self.path)
         for name, t in state.items():  # one at a time, so each unaligned original can go as it is copied
@@ -257,7 +257,8 @@ def _read_hf_tensors(path: Path) -> dict[str, torch.Tensor]:
     raise ValueError(f"No *.safetensors or pytorch_model*.bin weights in {path}")
 
 
-def _rename(family: type[CausalLM], name: str) -> str:
+def hf_parameter_name(family: type[CausalLM], name: str) -> str:
+    """An HF checkpoint tensor's name as the family's parameter name (hf_weight_names)."""
     for pattern, repl in family.hf_weight_names:
         new, n = re.subn(pattern, repl, name)
         if n:

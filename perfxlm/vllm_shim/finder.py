@@ -28,6 +28,8 @@ MODULES: dict[str, str] = {
     "vllm.sampling_params": "perfxlm.sampling_params",
     "vllm.outputs": "perfxlm.outputs",
     "vllm.pooling_params": "perfxlm.pooling_params",
+    "vllm.lora": "perfxlm.lora",
+    "vllm.lora.request": "perfxlm.lora.request",
     "vllm.inputs": "perfxlm.inputs",
     "vllm.inputs.data": "perfxlm.inputs",
     "vllm.logprobs": "perfxlm.logprobs",
@@ -55,7 +57,6 @@ PACKAGES = frozenset({"vllm.v1", "vllm.v1.engine", "vllm.usage", "vllm.utils", "
                       "vllm.entrypoints", "vllm.entrypoints.generate", "vllm.entrypoints.generate.beam_search"})
 # vLLM modules perfxlm does not have, and what is missing with them
 ABSENT: dict[str, str] = {
-    "vllm.lora": "LoRA support (vllm.lora.request.LoRARequest)",
 }
 
 
