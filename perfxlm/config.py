@@ -148,6 +148,20 @@ class EngineConfig:
         return DEFAULT_KV_CACHE_GIB << 30
 
 
+class HFConfig(dict):
+    """The model's config.json: a dict that also reads as attributes (`hf_config.architectures`,
+    as apps read vLLM's transformers PretrainedConfig), without needing transformers."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self)
+
+
 @dataclass
 class ModelConfig:
     """What an app reads of the model being served (vLLM's `engine.model_config`)."""
@@ -167,6 +181,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self.served_model_name = self.served_model_name or self.model
+        self.hf_config = HFConfig(self.hf_config)
 
     @property
     def is_matryoshka(self) -> bool:

@@ -61,6 +61,10 @@ def test_model_config_and_tasks(tiny_llm, tiny_llama_dir):
     cfg = tiny_llm.llm_engine.model_config
     assert cfg.max_model_len == 512 and cfg.dtype == torch.float32
     assert cfg.hf_config["model_type"] == "llama" and cfg.model == str(tiny_llama_dir)
+    # read as vLLM's PretrainedConfig is: attributes, to_dict()
+    assert cfg.hf_config.architectures == ["LlamaForCausalLM"] and cfg.hf_config.to_dict()["num_hidden_layers"] == 2
+    with pytest.raises(AttributeError, match="no attribute 'not_a_key'"):
+        cfg.hf_config.not_a_key
     assert tiny_llm.model_config.max_model_len == 512
     assert tiny_llm.supported_tasks == tiny_llm.llm_engine.get_supported_tasks() == ("generate",)
     assert tiny_llm.runner_type == "generate"

@@ -5,7 +5,6 @@ never merges: the LoRA op adds each row's low-rank product on the plugin."""
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
