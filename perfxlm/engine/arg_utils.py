@@ -194,7 +194,9 @@ class EngineArgs:
             max_tokens = max(max_tokens, max_model_len)
         config = EngineConfig(
             model=self.model,
-            dtype=resolve_dtype(self.dtype, source.hf_config),
+            # blocks with dtype auto: float32 activations, as llama.cpp keeps them; bf16 ones (the
+            # residual stream and every Linear output rounded) cost the 4-bit default its answers
+            dtype=resolve_dtype("float32" if keep_blocks and self.dtype == "auto" else self.dtype, source.hf_config),
             max_model_len=max_model_len,
             seed=0 if self.seed is None else self.seed,
             tokenizer=self.tokenizer,
