@@ -12,9 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from perfxlm.config import (EngineConfig, PoolerConfig, check_engine_args, config_max_model_len, derive_max_model_len,
-                            resolve_dtype)
+from perfxlm import dtypes
+from perfxlm.config import (EngineConfig, PoolerConfig, check_dtype, check_engine_args, config_max_model_len,
+                            derive_max_model_len, resolve_dtype)
 from perfxlm.engine.structured_output import StructuredOutputsConfig
+from perfxlm.models.deployable import DeployableSource
 from perfxlm.models.loader import ModelSource, resolve_model
 from perfxlm.models.pooling import CONVERTS, RUNNERS, derived_max_model_len, resolve_pooler_config, resolve_runner
 
@@ -180,7 +182,7 @@ class EngineArgs:
             max_tokens = max(max_tokens, max_model_len)
         config = EngineConfig(
             model=self.model,
-            dtype=resolve_dtype(self.dtype, source.hf_config),
+            dtype=_resolve_dtype(source, self.dtype),
             max_model_len=max_model_len,
             seed=0 if self.seed is None else self.seed,
             tokenizer=self.tokenizer,
@@ -262,3 +264,16 @@ def parse_model_len(value: str) -> int:
     number, suffix = m.groups()
     scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[suffix]
     return int(float(number) * scale)
+
+
+def _resolve_dtype(source: ModelSource | DeployableSource, requested: Any) -> Any:
+    """vLLM's rule (config.resolve_dtype); a deployable directory runs in the dtype it was exported in."""
+    if not isinstance(source, DeployableSource):
+        return resolve_dtype(requested, source.hf_config)
+    check_dtype(requested)
+    name = str(requested).removeprefix("torch.")
+    exported = source.dtype_name
+    if name != "auto" and {"float": "float32", "half": "float16"}.get(name, name) != exported:
+        raise ValueError(f"{source.path} was exported in {exported}; it cannot run in dtype {name!r}. Use "
+                         f"dtype='auto', or export it again with `perfxlm export --dtype {name}`.")
+    return getattr(dtypes, exported)

@@ -25,7 +25,7 @@ from perfxlm.entrypoints.openai.protocol_pooling import (ClassificationData, Cla
 from perfxlm.entrypoints.openai.serving_common import OpenAIServing, run_until_disconnect
 from perfxlm.entrypoints.pooling import SCORE_TYPES, pair_prompt, score_inputs
 from perfxlm.exceptions import VLLMValidationError
-from perfxlm.models.bert import num_labels
+from perfxlm.models.labels import num_labels
 from perfxlm.outputs import PoolingRequestOutput
 from perfxlm.pooling_params import PoolingParams
 
