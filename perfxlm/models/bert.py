@@ -19,9 +19,9 @@ from torch import nn
 
 from graph_export import functional as F
 from graph_export.functional import KVCache, StepInputs
+from perfxlm.models.labels import num_labels
 from perfxlm.models.layers import CausalLM, Embedding, Linear
 from perfxlm.models.opt import LayerNorm, activation_kind
-from perfxlm.models.labels import num_labels
 
 
 @dataclass
