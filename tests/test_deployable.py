@@ -56,11 +56,8 @@ print(json.dumps({
 
 
 @pytest.fixture(scope="module")
-def deploy_dir(gguf_path, tmp_path_factory) -> Path:
-    from perfxlm.cli import main
-    out = tmp_path_factory.mktemp("deploy") / "smollm2-f32"
-    assert main(["export", str(gguf_path), "-o", str(out), "--dtype", "float32"]) == 0
-    return out
+def deploy_dir(smol_deploy_dir) -> Path:
+    return smol_deploy_dir
 
 
 @pytest.fixture(scope="module")
