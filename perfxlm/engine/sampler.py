@@ -84,6 +84,9 @@ class Sampler:
             probs = softmax(logits if len(seeded) == len(reqs) else logits[seeded])
             for k, i in enumerate(seeded):
                 q = reqs[i].generator.standard_exponential(vocab, dtype=np.float32)
+                # a float32 draw is exactly 0 about once in 2^24 (a few times a step over a
+                # large vocabulary's batch): 0 / 0 would make a masked token the NaN argmax
+                np.maximum(q, np.finfo(np.float32).tiny, out=q)
                 tokens[i] = (probs[k] / q).argmax()
         # The unseeded rows share one generator and need no per-token noise: inverse CDF, one
         # uniform per row instead of a uniform and a log per token.
