@@ -17,4 +17,5 @@ out = llm.generate(json.loads(sys.argv[2]), SamplingParams(temperature=0, max_to
                                                            ignore_eos=True), use_tqdm=False)
 print(json.dumps({"tokens": [o.outputs[0].token_ids for o in out], "load_s": round(loaded - start, 1),
                   "generate_s": round(time.monotonic() - loaded, 1),
-                  "imported": sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "tokenizers"))}))
+                  "imported": sorted(m for m in sys.modules
+                                     if m.split(".")[0] in ("torch", "transformers", "tokenizers"))}))

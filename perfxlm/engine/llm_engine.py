@@ -39,7 +39,8 @@ class LLMEngine:
     `stat_loggers` (perfxlm.metrics.loggers) get each step's statistics; without them the
     engine builds none."""
 
-    def __init__(self, config: EngineConfig, source: ModelSource | DeployableSource, stat_loggers: list[Any] | None = None) -> None:
+    def __init__(self, config: EngineConfig, source: ModelSource | DeployableSource,
+                 stat_loggers: list[Any] | None = None) -> None:
         self.config = config
         self.source = source
         self.stat_loggers = list(stat_loggers or [])
