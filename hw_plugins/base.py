@@ -13,7 +13,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Protocol
 
 import numpy as np
@@ -23,6 +23,11 @@ logger = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "perfxlm.hw_plugins"
 REFERENCE = "torch"
 API_VERSION = 1  # bumped when this interface changes incompatibly; a plugin states the one it implements
+# this project's own plugins (setup.py's entry points), found also where perfxlm runs from a source tree
+# that was never pip-installed (a board's Python with PYTHONPATH set): no entry point metadata there
+BUILTIN_PLUGINS = {"torch": "hw_plugins.torch_ref:TorchPlugin", "cpu": "hw_plugins.cpu:CpuPlugin",
+                   "rvv": "hw_plugins.cpu:RvvPlugin", "cuda": "hw_plugins.cuda:CudaPlugin",
+                   "dcu": "hw_plugins.cuda:DcuPlugin"}
 
 
 @dataclass
@@ -117,9 +122,15 @@ def discover_plugins() -> dict[str, type[HwPlugin]]:
     """name -> plugin class for every installed `perfxlm.hw_plugins` entry point that loads and
     implements this API_VERSION."""
     found: dict[str, type[HwPlugin]] = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+    eps = list(entry_points(group=ENTRY_POINT_GROUP))
+    names = {ep.name for ep in eps}
+    eps += [EntryPoint(name, value, ENTRY_POINT_GROUP) for name, value in BUILTIN_PLUGINS.items() if name not in names]
+    for ep in eps:
         try:
             cls = ep.load()
+        except ImportError as e:  # e.g. the torch plugin where PyTorch is not installed
+            logger.debug("hw plugin %r (%s) cannot be imported here: %s", ep.name, ep.value, e)
+            continue
         except Exception as e:  # a broken third-party plugin must not break perfxlm
             logger.warning("hw plugin %r (%s) failed to load: %s", ep.name, ep.value, e)
             continue

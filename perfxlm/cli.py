@@ -17,10 +17,16 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", add_help=False, help="run a script written for vLLM, unedited: `import vllm` is served "
                                                "by perfxlm (perfxlm run script.py [args] | -m module [args])")
-    exp = sub.add_parser("export", help="export a model to a perfxlm ONNX graph")
+    exp = sub.add_parser("export", help="export a model to a perfxlm ONNX graph, or to a deployable directory "
+                                        "that LLM(model=DIR) and `perfxlm serve DIR` run without PyTorch")
     exp.add_argument("model", help="anything LLM() accepts: HF directory, .gguf file, cached or embedded name")
-    exp.add_argument("-o", "--output", required=True, help="the .onnx file to write (weights go to FILE.data)")
+    exp.add_argument("-o", "--output", required=True,
+                     help="FILE.onnx: the graph alone (weights go to FILE.onnx.data); any other path: a deployable "
+                          "directory (graph, weights, tokenizer, chat template, configs, perfxlm.json)")
     exp.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
+    exp.add_argument("--quantization", choices=["gguf"], default=None,
+                     help="gguf: keep a GGUF's Q8_0/Q4_0/Q4_1 weights as quantised blocks (default with --dtype "
+                          "auto on a quantised GGUF)")
     exp.add_argument("--verify", action="store_true",
                      help="run the graph's standard-ONNX lowering in onnxruntime and compare with PyTorch")
     sub.add_parser("plugins", help="list hardware plugins and whether each is available")
@@ -235,17 +241,31 @@ def _export(args: argparse.Namespace) -> int:
     import perfxlm  # noqa: F401 - configures logging
     from graph_export.export import export_model, op_histogram, save_model
     from perfxlm.config import resolve_dtype
+    from pathlib import Path
+
+    from perfxlm.models.deployable import GRAPH, DeployableSource, write_deployable
     from perfxlm.models.loader import load_tokenizer, resolve_model
     from perfxlm.version import __version__
 
     if args.verify and importlib.util.find_spec("onnxruntime") is None:  # before the export, not after it
         raise SystemExit("perfxlm export --verify needs onnxruntime: pip install 'perfxlm[verify]'")
     source = resolve_model(args.model)
+    if isinstance(source, DeployableSource):
+        raise SystemExit(f"{args.model} is already a deployable directory; export from the original checkpoint")
     dtype = resolve_dtype(args.dtype, source.hf_config)
+    quantization = args.quantization or ("gguf" if args.dtype == "auto" and source.is_quantized() else None)
+    if quantization == "gguf" and not source.is_gguf:
+        raise SystemExit(f"--quantization gguf needs a .gguf model file; {args.model!r} is not one")
     model = source.load_weights(dtype)
-    graph = export_model(model, source=args.model, producer_version=__version__)
-    save_model(graph, args.output)
-    print(f"wrote {args.output} ({str(dtype).removeprefix('torch.')}); op types:")
+    graph = export_model(model, source=args.model, producer_version=__version__,
+                         quantized=source.linear_blocks() if quantization else None)
+    output = Path(args.output)
+    graph_file = output if output.suffix == ".onnx" else output / GRAPH
+    save_model(graph, graph_file)
+    if graph_file != output:
+        write_deployable(source, output, dtype, quantization, graph_file)
+    print(f"wrote {args.output} ({str(dtype).removeprefix('torch.')}{', gguf blocks' if quantization else ''}); "
+          "op types:")
     for op, count in op_histogram(graph).items():
         print(f"  {op:16s} {count}")
     if not args.verify:

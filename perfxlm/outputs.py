@@ -2,11 +2,12 @@
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
-
-import torch
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from perfxlm.logprobs import PromptLogprobs, SampleLogprobs
+
+if TYPE_CHECKING:  # pooling outputs are tensors; generation needs no torch
+    import torch
 
 
 @dataclass
@@ -125,7 +126,7 @@ class PoolingOutput:
     """The pooled data of one request: an embedding (D,), class probabilities (C,), a score
     (a 0-d or (1,) tensor), or one row per token (T, D) for the token tasks."""
 
-    data: torch.Tensor
+    data: "torch.Tensor"
 
     def __repr__(self) -> str:
         return f"PoolingOutput(data={self.data})"

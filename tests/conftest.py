@@ -74,6 +74,15 @@ def smol_llm(gguf_path):
 
 
 @pytest.fixture(scope="session")
+def smol_deploy_dir(gguf_path, tmp_path_factory) -> Path:
+    """The embedded SmolLM2 as a float32 deployable directory (`perfxlm export GGUF -o DIR`)."""
+    from perfxlm.cli import main
+    out = tmp_path_factory.mktemp("deploy") / "smollm2-f32"
+    assert main(["export", str(gguf_path), "-o", str(out), "--dtype", "float32"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def smol_tokenizer(gguf_path):
     from perfxlm.models.gguf_file import GGUFFile
     return GGUFFile(gguf_path).tokenizer()

@@ -2,6 +2,7 @@
 chromium-driver, selenium from PyPI): a streamed greedy reply equals /v1/chat/completions, the
 history is sent on the next turn, errors are shown, and Stop aborts the request on the server."""
 
+import json
 import logging
 import os
 import shutil
@@ -237,3 +238,37 @@ def test_api_key_is_asked_for_and_sent(driver, tmp_path):
                              json={"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Hi"}],
                                    "temperature": 0, "max_tokens": 8})
         assert reply == resp.json()["choices"][0]["message"]["content"]
+
+
+def test_chat_page_talks_to_a_server_under_qemu_riscv64(driver, smol_deploy_dir, tmp_path):
+    """The board demo: `perfxlm serve DIR --hw-plugin rvv` in the riscv64 sysroot's Python
+    (no torch, transformers or tokenizers there) under qemu-user; the page streams a greedy
+    reply that equals the API's streamed one. Short replies: under qemu (on 2 shared cores) the
+    chat prompt's prefill takes about 30 s and each token a few seconds."""
+    from tests.test_rvv_qemu import QEMU, SYSROOT, build_rv64_lib
+    if QEMU is None or not (SYSROOT / "usr/bin/python3.13").exists() or shutil.which("clang-16") is None:
+        pytest.skip("needs qemu-user-static, clang-16 and the riscv64 sysroot (make -C csrc rv64-sysroot)")
+    cpu = "rv64,v=true,vext_spec=v1.0,vlen=256,elen=64,rvv_ta_all_1s=true,rvv_ma_all_1s=true"
+    command = [QEMU, "-L", str(SYSROOT), "-cpu", cpu, str(SYSROOT / "usr/bin/python3.13"), "-m",
+               "perfxlm.entrypoints.openai.api_server"]
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parent.parent), "PERFXLM_KERNELS_LIB": str(build_rv64_lib())}
+    name = "smollm2-rv64"
+    args = ["--hw-plugin", "rvv", "--max-model-len", "256", "--served-model-name", name,
+            "--kv-cache-memory-bytes", str(16 << 20)]
+    with RemoteServer(args, model=str(smol_deploy_dir), command=command, env=env, timeout=400,
+                      log_path=tmp_path / "server.log") as srv:
+        open_page(driver, srv)
+        assert driver.find_element(By.ID, "model").get_attribute("value") == name
+        fill(driver, "temperature", "0")
+        fill(driver, "max-tokens", "4")
+        reply = say(driver, "Hi", timeout=240)
+        body = {"model": name, "messages": [{"role": "user", "content": "Hi"}], "temperature": 0, "max_tokens": 4,
+                "stream": True}
+        with requests.post(srv.url_for("v1/chat/completions"), json=body, stream=True, timeout=240) as resp:
+            assert resp.status_code == 200
+            chunks = [line for line in resp.iter_lines() if line.startswith(b"data: {")]
+        streamed = "".join(json.loads(c[6:])["choices"][0]["delta"].get("content") or "" for c in chunks
+                           if json.loads(c[6:])["choices"])
+        assert len(chunks) > 2 and reply and reply == streamed
+    log_text = (tmp_path / "server.log").read_text()
+    assert "nodes on rvv," in log_text, log_text[-3000:]

@@ -148,7 +148,7 @@ def test_recorded_graph_and_eager_forward_give_the_same_logits(tiny_llama_dir, t
     from graph_export.functional import StepInputs
     from hw_plugins.torch_ref import TorchPlugin
     from perfxlm.engine.graph_runner import GraphRunner
-    from perfxlm.engine.model_runner import EagerExecutor, model_spec
+    from perfxlm.engine.eager_executor import EagerExecutor, model_spec
     model = resolve_model(str(tiny_llama_dir)).load_weights(torch.float32)
     # The checkpoint's tensors sit 8 bytes off 64 in its file; MKL's one-row fp32 GEMM (the decode
     # step) rounds by the weight's address on AMD CPUs, so the same bits need aligned weights.

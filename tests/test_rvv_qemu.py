@@ -1,7 +1,10 @@
 """The `rvv` plugin without torch: a riscv64 Python (Debian trixie packages, `make -C csrc
 rv64-sysroot`) under qemu-user runs every op through the plugin interface on the RVV
-kernels and compares with numpy (tests/rvv_plugin_check.py), at two VLENs."""
+kernels and compares with numpy (tests/rvv_plugin_check.py), at two VLENs; then LLM.generate
+on the embedded SmolLM2's float32 deployable directory (tests/rvv_generate_check.py) gives the
+x86 cpu plugin's greedy tokens, at VLEN 128 and 256."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -21,20 +24,57 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def rv64_lib() -> Path:
+def build_rv64_lib() -> Path:
+    """The rvv build of the native library (make keeps it up to date)."""
     subprocess.run(["make", "-C", str(ROOT / "csrc"), "build/rv64/libperfxlm_kernels.so"], check=True,
                    capture_output=True)
     return ROOT / "csrc" / "build" / "rv64" / "libperfxlm_kernels.so"
 
 
-@pytest.mark.parametrize("vlen", [128, 512])
-def test_rvv_plugin_ops_match_numpy_under_qemu(rv64_lib, vlen):
+@pytest.fixture(scope="module")
+def rv64_lib() -> Path:
+    return build_rv64_lib()
+
+
+def run_rv64_python(rv64_lib: Path, vlen: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """A riscv64 Python of the sysroot under qemu-user with RVV at `vlen`, the rvv library and
+    this source tree (not pip-installed there) on its path."""
     cpu = f"rv64,v=true,vext_spec=v1.0,vlen={vlen},elen=64,rvv_ta_all_1s=true,rvv_ma_all_1s=true"
     env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), "PERFXLM_KERNELS_LIB": str(rv64_lib)}
-    proc = subprocess.run([QEMU, "-L", str(SYSROOT), "-cpu", cpu, str(SYSROOT / "usr/bin/python3.13"),
-                           str(ROOT / "tests" / "rvv_plugin_check.py")], env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([QEMU, "-L", str(SYSROOT), "-cpu", cpu, str(SYSROOT / "usr/bin/python3.13"), *args],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("vlen", [128, 512])
+def test_rvv_plugin_ops_match_numpy_under_qemu(rv64_lib, vlen):
+    proc = run_rv64_python(rv64_lib, vlen, str(ROOT / "tests" / "rvv_plugin_check.py"))
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     assert "kernel set: rvv" in out and out.strip().endswith("18 passed, 0 failed"), out
+
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):"]
+MAX_TOKENS = 8  # qemu runs the 135M model at a few tokens a second: short generations
+
+
+@pytest.fixture(scope="module")
+def x86_greedy(smol_deploy_dir) -> list[list[int]]:
+    """The x86 cpu plugin's greedy tokens on the same directory, with the same engine settings."""
+    from perfxlm import LLM, SamplingParams
+    llm = LLM(model=str(smol_deploy_dir), hw_plugin="cpu", kv_cache_memory_bytes=16 << 20, max_model_len=256,
+              max_num_batched_tokens=64)
+    out = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True), use_tqdm=False)
+    return [o.outputs[0].token_ids for o in out]
+
+
+@pytest.mark.parametrize("vlen", [128, 256])
+def test_generate_on_a_deployable_dir_under_qemu_matches_x86(rv64_lib, smol_deploy_dir, x86_greedy, vlen):
+    """fp32 weights on both sides: the RVV and AVX-512 kernels sum in different orders, so
+    logits differ in the last bits, but the greedy tokens of these prompts are the same."""
+    proc = run_rv64_python(rv64_lib, vlen, str(ROOT / "tests" / "rvv_generate_check.py"), str(smol_deploy_dir),
+                           json.dumps(PROMPTS), str(MAX_TOKENS))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert ": rvv, " in proc.stderr and "nodes on rvv," in proc.stderr, proc.stderr[-4000:]  # RVV kernels, every node
+    assert result["imported"] == []  # the sysroot has no torch, transformers or tokenizers at all
+    assert result["tokens"] == x86_greedy, result

@@ -1,7 +1,9 @@
-"""Sampler processing on hand-made logits: penalties, biases, masks, top-k/top-p/min-p, draws."""
+"""Sampler processing on hand-made logits (numpy, as the engine hands them): penalties, biases,
+masks, top-k/top-p/min-p, draws; torch only as a reference."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,7 +20,7 @@ def req(prompt=(1,), output=(), **params) -> Request:
 
 
 def test_penalties_follow_vllm_formulas():
-    logits = torch.tensor([[2.0, -2.0, 1.0, 3.0, 0.5]])
+    logits = np.array([[2.0, -2.0, 1.0, 3.0, 0.5]], np.float32)
     r = req(prompt=[0], output=[1, 3, 3], repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25)
     _apply_penalties(logits, [r])
     # token 0: prompt only -> repetition only (2/2); 1: output once -> -2*2 - 0.5 - 0.25
@@ -27,60 +29,60 @@ def test_penalties_follow_vllm_formulas():
 
 
 def test_constraints_allowed_bias_bad_words_min_tokens():
-    logits = torch.zeros(1, 6)
+    logits = np.zeros((1, 6), np.float32)
     _apply_constraints(logits, [req(allowed_token_ids=[2, 4])])
-    assert torch.isinf(logits[0, [0, 1, 3, 5]]).all() and (logits[0, [2, 4]] == 0).all()
-    logits = torch.zeros(1, 6)
+    assert np.isinf(logits[0, [0, 1, 3, 5]]).all() and (logits[0, [2, 4]] == 0).all()
+    logits = np.zeros((1, 6), np.float32)
     _apply_constraints(logits, [req(logit_bias={1: 5.0, 2: -3.0})])
     assert logits[0].tolist() == [0, 5, -3, 0, 0, 0]
     # bad word [4, 5]: 5 is banned only right after 4; single-token bad word [3] always
     r = req(output=[4])
     r.sampling_params._bad_words_token_ids = [[4, 5], [3]]
-    logits = torch.zeros(1, 6)
+    logits = np.zeros((1, 6), np.float32)
     _apply_constraints(logits, [r])
     assert math.isinf(logits[0, 5]) and math.isinf(logits[0, 3]) and logits[0, 4] == 0
     r = req(output=[2])
     r.sampling_params._bad_words_token_ids = [[4, 5]]
-    logits = torch.zeros(1, 6)
+    logits = np.zeros((1, 6), np.float32)
     _apply_constraints(logits, [r])
-    assert not torch.isinf(logits).any()
+    assert not np.isinf(logits).any()
     # min_tokens masks every stop id (EOS included) until reached
     r = req(min_tokens=2, stop_token_ids=[3])
     r.sampling_params.update_from_generation_config({}, eos_token_id=0)
-    logits = torch.zeros(1, 6)
+    logits = np.zeros((1, 6), np.float32)
     _apply_constraints(logits, [r])
     assert math.isinf(logits[0, 0]) and math.isinf(logits[0, 3]) and logits[0, 1] == 0
 
 
 def test_top_k_top_p_masks():
-    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0], [1.0, 4.0, 3.0, 2.0]])
-    out = apply_top_k_top_p(logits.clone(), torch.tensor([2, 4]), torch.tensor([1.0, 0.5]))
-    assert torch.isinf(out[0, [0, 3]]).all() and not torch.isinf(out[0, [1, 2]]).any()
+    logits = np.array([[1.0, 4.0, 3.0, 2.0], [1.0, 4.0, 3.0, 2.0]], np.float32)
+    out = apply_top_k_top_p(logits.copy(), np.array([2, 4]), np.array([1.0, 0.5], np.float32))
+    assert np.isinf(out[0, [0, 3]]).all() and not np.isinf(out[0, [1, 2]]).any()
     # row 1: softmax(4,3,2,1) = .64,.24,.09,.03: top_p=0.5 keeps only the top token
-    assert not torch.isinf(out[1, 1]) and torch.isinf(out[1, [0, 2, 3]]).all()
+    assert not np.isinf(out[1, 1]) and np.isinf(out[1, [0, 2, 3]]).all()
 
 
 def test_greedy_and_random_rows_in_one_batch():
-    logits = torch.tensor([[0.0, 5.0, 1.0], [0.0, 0.0, 0.0]])
+    logits = np.array([[0.0, 5.0, 1.0], [0.0, 0.0, 0.0]], np.float32)
     s = Sampler(seed=0)
     greedy, rand = req(temperature=0), req(temperature=1.0, top_k=1)
-    out = s(logits.clone(), [greedy, rand])
+    out = s(logits.copy(), [greedy, rand])
     assert out.token_ids[0] == 1 and out.token_ids[1] in (0, 1, 2)
 
 
 def test_sampling_follows_the_distribution_and_filters():
-    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
-    logits = probs.log().repeat(4000, 1)
+    probs = np.array([0.5, 0.3, 0.15, 0.05], np.float32)
+    logits = np.tile(np.log(probs), (4000, 1))
     s = Sampler(seed=0)
-    counts = torch.bincount(torch.tensor(s(logits.clone(), [req(temperature=1.0)] * 4000).token_ids), minlength=4)
-    assert torch.allclose(counts / 4000, probs, atol=0.03)
-    top2 = s(logits.clone(), [req(temperature=1.0, top_k=2)] * 2000).token_ids
+    counts = np.bincount(s(logits.copy(), [req(temperature=1.0)] * 4000).token_ids, minlength=4)
+    assert np.allclose(counts / 4000, probs, atol=0.03)
+    top2 = s(logits.copy(), [req(temperature=1.0, top_k=2)] * 2000).token_ids
     assert set(top2) == {0, 1}
-    nucleus = s(logits.clone(), [req(temperature=1.0, top_p=0.7)] * 2000).token_ids
+    nucleus = s(logits.copy(), [req(temperature=1.0, top_p=0.7)] * 2000).token_ids
     assert set(nucleus) == {0, 1}
-    minp = s(logits.clone(), [req(temperature=1.0, min_p=0.5)] * 2000).token_ids
+    minp = s(logits.copy(), [req(temperature=1.0, min_p=0.5)] * 2000).token_ids
     assert set(minp) == {0, 1}  # 0.3 >= 0.5 * 0.5, 0.15 is not
-    cold = s(logits.clone(), [req(temperature=0.05)] * 500).token_ids
+    cold = s(logits.copy(), [req(temperature=0.05)] * 500).token_ids
     assert set(cold) == {0}
 
 
@@ -90,37 +92,38 @@ def test_plain_random_batches_take_the_short_path_and_draw_the_same_tokens():
     assert not any(r.plain_draw for r in (req(temperature=0), req(temperature=0.7), req(top_k=5), req(top_p=0.9),
                                           req(min_p=0.1), req(seed=1), req(logprobs=1), req(logit_bias={1: 1.0}),
                                           req(presence_penalty=0.5), req(allowed_token_ids=[1, 2])))
-    logits = torch.randn(6, 300)
-    short = Sampler(seed=3)(logits.clone(), plain).token_ids
+    logits = np.random.default_rng(0).standard_normal((6, 300), dtype=np.float32)
+    short = Sampler(seed=3)(logits.copy(), plain).token_ids
     for r in plain:  # the same requests through the general path: the same uniforms, the same tokens
         r.plain_draw = False
-    assert Sampler(seed=3)(logits.clone(), plain).token_ids == short
+    assert Sampler(seed=3)(logits.copy(), plain).token_ids == short
 
 
 def test_logprobs_are_raw_and_seeded_draws_repeat():
-    logits = torch.tensor([[0.0, 1.0, 2.0]])
+    logits = np.array([[0.0, 1.0, 2.0]], np.float32)
     s = Sampler(seed=0)
-    out = s(logits.clone(), [req(temperature=0.5, logprobs=2, logit_bias={0: 50.0})])
-    assert torch.allclose(out.logprobs, torch.log_softmax(logits, -1))  # before bias and temperature
-    a = [s(torch.zeros(1, 50), [req(temperature=1.0, seed=5)]).token_ids[0] for _ in range(2)]
+    out = s(logits.copy(), [req(temperature=0.5, logprobs=2, logit_bias={0: 50.0})])
+    want = torch.log_softmax(torch.from_numpy(logits), -1).numpy()  # before bias and temperature
+    assert np.allclose(out.logprobs, want, atol=1e-6)
+    a = [s(np.zeros((1, 50), np.float32), [req(temperature=1.0, seed=5)]).token_ids[0] for _ in range(2)]
     assert a[0] == a[1]
 
 
 def test_inverse_cdf_maps_uniform_quantiles_to_each_token_in_proportion():
     from perfxlm.engine.sampler import inverse_cdf
     V, n = 1000, 20000  # V not a multiple of the block; zero-probability runs across block edges
-    p = torch.rand(V) + 0.01
+    p = np.random.default_rng(0).random(V, dtype=np.float32) + np.float32(0.01)
     p[250:270] = 0
     p[990:] = 0
     p[0] = 0
     p = p / p.sum()
-    u = ((torch.arange(n) + 0.5) / n).unsqueeze(1)  # evenly spread quantiles instead of random draws
-    tokens = inverse_cdf(p.repeat(n, 1), u, block=64)
-    counts = torch.bincount(tokens, minlength=V).double() / n
+    u = ((np.arange(n) + 0.5) / n).astype(np.float32)  # evenly spread quantiles instead of random draws
+    tokens = inverse_cdf(np.tile(p, (n, 1)), u, block=64)
+    counts = np.bincount(tokens, minlength=V) / n
     assert counts[p == 0].sum() == 0
-    assert (counts - p.double()).abs().max() < 2.0 / n + 1e-6  # each token gets its share of quantiles
-    edge = inverse_cdf(p.unsqueeze(0), torch.tensor([[1.0]]), block=64)  # u rounded up to the total
-    assert p[edge] > 0
+    assert np.abs(counts - p.astype(np.float64)).max() < 2.0 / n + 1e-6  # each token gets its share of quantiles
+    edge = inverse_cdf(p[None], np.array([1.0], np.float32), block=64)  # u rounded up to the total
+    assert p[edge[0]] > 0
 
 
 def test_greedy_argmax_takes_the_first_of_equal_maxima_and_nan_like_torch():
@@ -128,7 +131,7 @@ def test_greedy_argmax_takes_the_first_of_equal_maxima_and_nan_like_torch():
     logits[1, 7] = logits[1, 9] = 50.0            # a tie: the first index wins
     logits[2, 3] = logits[2, 8] = float("nan")    # NaN counts as the largest, the first one
     logits[3, -1] = 60.0
-    out = Sampler(seed=0)(logits.clone(), [req(temperature=0) for _ in range(4)])
+    out = Sampler(seed=0)(logits.numpy().copy(), [req(temperature=0) for _ in range(4)])
     assert out.token_ids == logits.argmax(dim=-1).tolist() and out.token_ids[1:] == [7, 3, 999]
 
 
@@ -156,7 +159,7 @@ def test_native_inverse_cdf_from_logits_maps_quantiles_in_proportion():
     assert (counts - p).abs().max() < 2.0 / n + 1e-6
     # the same tokens as torch's softmax + inverse_cdf wherever u is not at a CDF step's edge
     from perfxlm.engine.sampler import inverse_cdf
-    want = inverse_cdf(logits.softmax(-1).repeat(n, 1), u.unsqueeze(1))
+    want = torch.from_numpy(inverse_cdf(logits.softmax(-1).repeat(n, 1).numpy(), u.numpy()))
     cdf = p.cumsum(0)
     near_edge = (cdf.unsqueeze(0) - u.double().unsqueeze(1)).abs().min(dim=1).values < 1e-5
     assert ((tokens == want) | near_edge).all()
@@ -172,14 +175,14 @@ def test_native_inverse_cdf_from_logits_maps_quantiles_in_proportion():
 
 def test_sampler_with_the_native_kernel_follows_the_distribution_and_filters():
     s = Sampler(seed=0, native=_native_sampler())
-    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
-    logits = probs.log().repeat(4000, 1)
-    counts = torch.bincount(torch.tensor(s(logits.clone(), [req(temperature=1.0)] * 4000).token_ids), minlength=4)
-    assert torch.allclose(counts / 4000, probs, atol=0.03)
-    assert set(s(logits.clone(), [req(temperature=1.0, top_k=2)] * 2000).token_ids) == {0, 1}
-    assert set(s(logits.clone(), [req(temperature=1.0, min_p=0.5)] * 2000).token_ids) == {0, 1}
-    # a NaN row is left to torch (whatever its softmax makes of it); the other rows still sample
-    rows = torch.tensor([[0.0, float("nan"), 0.0], [float("-inf"), 0.0, float("-inf")]])
+    probs = np.array([0.5, 0.3, 0.15, 0.05], np.float32)
+    logits = np.tile(np.log(probs), (4000, 1))
+    counts = np.bincount(s(logits.copy(), [req(temperature=1.0)] * 4000).token_ids, minlength=4)
+    assert np.allclose(counts / 4000, probs, atol=0.03)
+    assert set(s(logits.copy(), [req(temperature=1.0, top_k=2)] * 2000).token_ids) == {0, 1}
+    assert set(s(logits.copy(), [req(temperature=1.0, min_p=0.5)] * 2000).token_ids) == {0, 1}
+    # a NaN row is left to softmax + inverse_cdf (whatever they make of it); the other rows still sample
+    rows = np.array([[0.0, np.nan, 0.0], [-np.inf, 0.0, -np.inf]], np.float32)
     out = s(rows, [req(temperature=1.0), req(temperature=1.0)]).token_ids
     assert out[1] == 1 and 0 <= out[0] < 3
 
@@ -192,4 +195,4 @@ def test_engine_samples_natively_on_the_cpu_plugin_only():
     out = llm.generate(["Hello"], SamplingParams(temperature=1.0, max_tokens=5, ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 5
     llm = LLM("HuggingFaceTB/SmolLM2-135M-Instruct", hw_plugin="torch", max_model_len=256)
-    assert llm.llm_engine.sampler.native is None  # the torch reference plugin samples with torch
+    assert llm.llm_engine.sampler.native is None  # the torch reference plugin has no native sampler

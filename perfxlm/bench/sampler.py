@@ -1,8 +1,8 @@
 """Random sampling from logits: the cpu plugin's C kernel vs torch, side by side in one run.
 
 Both draw every row by inverse CDF from the same logits and the same uniforms: ours straight
-from the logits (`CpuPlugin.sample_rows`, csrc/core/pxl_sample.c), torch through the engine's
-fallback (softmax, then `inverse_cdf`). The logits are random at a decode step's spread (a
+from the logits (`CpuPlugin.sample_rows`, csrc/core/pxl_sample.c), the reference through torch's
+softmax and the engine's numpy fallback (`inverse_cdf`). The logits are random at a decode step's spread (a
 few units), and times are the best of `reps` calls, each timed twice: with the logits in the
 caches, and with them evicted first, as a decode step leaves them (the lm_head stores them
 around the caches). The tokens should agree except where a uniform sits at a CDF step's edge,
@@ -45,12 +45,12 @@ def run(batches: list[int], vocab: int = 49152, reps: int = 20) -> list[dict]:
         logits = torch.randn(rows, vocab, generator=gen) * 3
         u = torch.rand(rows, 1, generator=gen)
         ln, un = logits.numpy(), u.numpy().reshape(-1)
-        ours = torch.from_numpy(plugin.sample_rows(ln, un))
-        ref = inverse_cdf(logits.softmax(dim=-1), u)
+        ours = plugin.sample_rows(ln, un)
+        ref = inverse_cdf(logits.softmax(dim=-1).numpy(), un)
         for cold in (False, True):
             before = evict if cold else None
             t_ours = best_of(lambda: plugin.sample_rows(ln, un), reps, before)
-            t_ref = best_of(lambda: inverse_cdf(logits.softmax(dim=-1), u), reps, before)
+            t_ref = best_of(lambda: inverse_cdf(logits.softmax(dim=-1).numpy(), un), reps, before)
             results.append(Result(rows, vocab, "DRAM" if cold else "cached", 1e6 * t_ours, 1e6 * t_ref,
                                   int((ours == ref).sum())))
     return [asdict(r) for r in results]

@@ -12,9 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from perfxlm.config import (EngineConfig, LoRAConfig, PoolerConfig, check_engine_args, config_max_model_len,
-                            derive_max_model_len, resolve_dtype)
+from perfxlm import dtypes
+from perfxlm.config import (EngineConfig, LoRAConfig, PoolerConfig, check_dtype, check_engine_args,
+                            config_max_model_len, derive_max_model_len, resolve_dtype)
 from perfxlm.engine.structured_output import StructuredOutputsConfig
+from perfxlm.models.deployable import DeployableSource
 from perfxlm.models.loader import ModelSource, resolve_model
 from perfxlm.models.pooling import CONVERTS, RUNNERS, derived_max_model_len, resolve_pooler_config, resolve_runner
 
@@ -194,9 +196,7 @@ class EngineArgs:
             max_tokens = max(max_tokens, max_model_len)
         config = EngineConfig(
             model=self.model,
-            # blocks with dtype auto: float32 activations, as llama.cpp keeps them; bf16 ones (the
-            # residual stream and every Linear output rounded) cost the 4-bit default its answers
-            dtype=resolve_dtype("float32" if keep_blocks and self.dtype == "auto" else self.dtype, source.hf_config),
+            dtype=_resolve_dtype(source, self.dtype, keep_blocks),
             max_model_len=max_model_len,
             seed=0 if self.seed is None else self.seed,
             tokenizer=self.tokenizer,
@@ -279,3 +279,19 @@ def parse_model_len(value: str) -> int:
     number, suffix = m.groups()
     scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[suffix]
     return int(float(number) * scale)
+
+
+def _resolve_dtype(source: ModelSource | DeployableSource, requested: Any, keep_blocks: bool) -> Any:
+    """vLLM's rule (config.resolve_dtype), but GGUF blocks with dtype auto run float32 activations,
+    as llama.cpp keeps them: bf16 ones (the residual stream and every Linear output rounded) cost
+    the 4-bit default its answers. A deployable directory runs in the dtype it was exported in."""
+    if not isinstance(source, DeployableSource):
+        auto_blocks = keep_blocks and isinstance(requested, str) and requested == "auto"
+        return resolve_dtype("float32" if auto_blocks else requested, source.hf_config)
+    check_dtype(requested)
+    name = str(requested).removeprefix("torch.")
+    exported = source.dtype_name
+    if name != "auto" and {"float": "float32", "half": "float16"}.get(name, name) != exported:
+        raise ValueError(f"{source.path} was exported in {exported}; it cannot run in dtype {name!r}. Use "
+                         f"dtype='auto', or export it again with `perfxlm export --dtype {name}`.")
+    return getattr(dtypes, exported)

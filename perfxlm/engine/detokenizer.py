@@ -1,10 +1,8 @@
 """Incremental detokenisation and stop strings, as vLLM's output processor does them."""
 
 import logging
+import sys
 from typing import Any
-
-from tokenizers import Tokenizer
-from tokenizers.decoders import DecodeStream
 
 from perfxlm.sampling_params import SamplingParams
 
@@ -16,6 +14,17 @@ _PROMPT_CONTEXT = 5
 # what tokenizers' DecodeStream raises when a token makes the text so far non-monotonic
 # (vLLM issue 17448); vLLM then restarts the stream at that token, and so do we
 _INVALID_PREFIX = "Invalid prefix encountered"
+
+
+def _rust_backend(tokenizer: Any) -> Any:
+    """The tokenizers library's Tokenizer behind a fast HF tokenizer, else None. `tokenizers` is
+    optional (perfxlm.tokenizer reads tokenizer.json without it): a tokenizer can only be
+    backed by it once something has imported it."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or "tokenizers" not in sys.modules:
+        return None
+    from tokenizers import Tokenizer
+    return backend if isinstance(backend, Tokenizer) else None
 
 
 class IncrementalDetokenizer:
@@ -32,8 +41,7 @@ class IncrementalDetokenizer:
         self.params = params
         self.output_text = ""
         self.num_output_tokens = 0
-        backend = getattr(tokenizer, "_tokenizer", None)
-        self.backend = backend if isinstance(backend, Tokenizer) else None
+        self.backend = _rust_backend(tokenizer)
         if self.backend is not None:
             self._start_stream(prompt_token_ids)
         else:
@@ -71,6 +79,7 @@ class IncrementalDetokenizer:
     # ---- fast tokenizers: DecodeStream --------------------------------------------
 
     def _start_stream(self, prompt_token_ids: list[int]) -> None:
+        from tokenizers.decoders import DecodeStream
         params = self.params
         self.stream = DecodeStream(skip_special_tokens=params.skip_special_tokens)
         suffix = prompt_token_ids

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,11 +96,13 @@ def load_graph(path: str | Path) -> tuple[onnx.ModelProto, dict[str, str]]:
 
 
 class GraphRunner:
-    def __init__(self, path: str | Path, plugin: HwPlugin, reference: HwPlugin, max_tokens: int,
-                 num_blocks: int, block_size: int) -> None:
+    def __init__(self, path: str | Path, plugin: HwPlugin, reference: HwPlugin | Callable[[], HwPlugin],
+                 max_tokens: int, num_blocks: int, block_size: int) -> None:
+        """`reference` runs the ops `plugin` lacks; a callable makes it only when one does (the
+        torch reference plugin needs torch, which a board may not have)."""
         m, _ = load_graph(path)
         self.spec = GraphSpec.of_graph(m)
-        self.plugin, self.reference = plugin, reference
+        self.plugin, self._reference = plugin, reference
         weights = {t.name: _to_numpy(t, Path(path).parent) for t in m.graph.initializer}
         self.nodes = [Node(n.op_type, n.name, list(n.input), list(n.output),
                            {a.name: _attr(a) for a in n.attribute}) for n in m.graph.node]
@@ -129,6 +132,12 @@ class GraphRunner:
         self.compiled = self._compile_step(shapes, max_tokens)
         logger.info("graph %s: %d nodes on %s, %d activation buffers", Path(path).name, len(self.nodes),
                     ", ".join(sorted({n.plugin.name for n in self.nodes})), len(self.slots))
+
+    @property
+    def reference(self) -> HwPlugin:
+        if not isinstance(self._reference, HwPlugin):
+            self._reference = self._reference()
+        return self._reference
 
     def _assign_plugins(self, dtypes: dict[str, str], shapes: dict[str, tuple]) -> None:
         """Each node to the chosen plugin, or to the reference where the plugin lacks the op."""

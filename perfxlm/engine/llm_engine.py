@@ -7,26 +7,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from hw_plugins.base import REFERENCE, select_plugin
 from perfxlm.config import EngineConfig, ModelConfig
 from perfxlm.engine.arg_utils import EngineArgs, UsageContext
 from perfxlm.engine.block_manager import BlockManager
-from perfxlm.engine.graph_runner import GraphRunner, GraphSpec
+from perfxlm.engine.graph_runner import GraphRunner, GraphSpec, load_graph
 from perfxlm.engine.input_processor import InputProcessor
 from perfxlm.engine.lora_manager import LoRAManager
-from perfxlm.engine.model_runner import EagerExecutor, Executor, GraphExecutor, ModelRunner, model_spec
+from perfxlm.engine.model_runner import Executor, GraphExecutor, ModelRunner
 from perfxlm.engine.output_processor import OutputProcessor, RequestState
 from perfxlm.engine.pooler import Pooler
 from perfxlm.engine.request import Request, RequestStatus
-from perfxlm.engine.sampler import Sampler
+from perfxlm.engine.sampler import Sampler, log_softmax
 from perfxlm.engine.scheduler import Scheduler, SchedulerOutput
 from perfxlm.engine.sleep_mode import SleepMode, discard_kv_cache, recommit_kv_cache
 from perfxlm.exceptions import VLLMValidationError
 from perfxlm.inputs import PromptType
 from perfxlm.metrics.stats import IterationStats, SchedulerStats, finished_stats
-from perfxlm.models.graph_cache import cached_graph
+from perfxlm.models.deployable import DeployableSource
 from perfxlm.models.loader import ModelSource, load_tokenizer
 from perfxlm.outputs import PoolingRequestOutput, RequestOutput
 from perfxlm.pooling_params import PoolingParams
@@ -41,7 +40,8 @@ class LLMEngine:
     `stat_loggers` (perfxlm.metrics.loggers) get each step's statistics; without them the
     engine builds none."""
 
-    def __init__(self, config: EngineConfig, source: ModelSource, stat_loggers: list[Any] | None = None) -> None:
+    def __init__(self, config: EngineConfig, source: ModelSource | DeployableSource,
+                 stat_loggers: list[Any] | None = None) -> None:
         self.config = config
         self.source = source
         self.stat_loggers = list(stat_loggers or [])
@@ -55,18 +55,17 @@ class LLMEngine:
         self.eos_token_id = self._eos_token_id()
 
         # the model's shapes size the KV cache before any weight is read or graph exported
-        meta = source.meta_model()
-        spec = model_spec(meta, config.dtype, lora=config.lora_config is not None)
+        spec = _graph_spec(source, config.dtype, lora=config.lora_config is not None)
         self.pooler = None  # a pooling model's: its graph's rows are hidden states or classes, not logits
         if config.runner_type == "pooling":
-            self.pooler = Pooler(meta.pooling_task, config.pooler_config, source.hf_config)
+            self.pooler = Pooler(source.pooling_task, config.pooler_config, source.hf_config)
         # the token vocabulary (a pooling model's output is not one)
         self.vocab_size = spec.vocab_size if self.pooler is None else source.hf_config["vocab_size"]
         num_blocks = self._num_blocks(spec)
         executor = self._build_executor(spec, num_blocks)
         self.lora = None  # the LoRA slots' owner, with enable_lora
         if config.lora_config is not None:
-            self.lora = LoRAManager.for_model(config.lora_config, meta, executor.write_weights)
+            self.lora = LoRAManager.for_model(config.lora_config, source.meta_model(), executor.write_weights)
         self.runner = ModelRunner(executor, config.block_size, self.pooler, self.lora)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
@@ -106,12 +105,13 @@ class LLMEngine:
             if config.batch_invariant:
                 raise ValueError("PERFXLM_BATCH_INVARIANT=1 needs the graph executor (PERFXLM_EXECUTOR=eager "
                                  "runs torch, whose GEMMs depend on the batch)")
-            model = source.load_weights(config.dtype)
+            model = source.load_weights(config.dtype)  # a deployable directory refuses: its weights are in its graph
             if lora:
                 from perfxlm.models.lora import enable_lora
                 enable_lora(model, *lora)
+            from perfxlm.engine.eager_executor import EagerExecutor  # torch: only for this executor
             return EagerExecutor(model, spec, num_blocks, config.block_size)
-        executor = self._graph_executor(cached_graph(source, config.dtype, config.quantization, lora), num_blocks)
+        executor = self._graph_executor(_graph(source, config.dtype, config.quantization, lora), num_blocks)
         if executor.spec != spec:
             raise RuntimeError(f"the exported graph's vocabulary and KV caches {executor.spec} differ from the "
                                f"model's {spec}")
@@ -138,7 +138,7 @@ class LLMEngine:
 
     def _graph_executor(self, graph: Path, num_blocks: int) -> Executor:
         cfg = self.config
-        runner = GraphRunner(graph, select_plugin(cfg.hw_plugin), select_plugin(REFERENCE),
+        runner = GraphRunner(graph, select_plugin(cfg.hw_plugin), lambda: select_plugin(REFERENCE),
                              cfg.max_num_batched_tokens, num_blocks, cfg.block_size)
         for plugin in {node.plugin for node in runner.nodes}:
             if not plugin.set_batch_invariant(cfg.batch_invariant):
@@ -313,11 +313,11 @@ class LLMEngine:
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
         inp = self.runner.prepare(sched)
-        logits = torch.from_numpy(self.runner.execute(inp))                   # (N, vocab) float32
+        logits = self.runner.execute(inp)                                     # (N, vocab) float32
         for req, row, first_pos, count in inp.prompt_rows:
             self.outputs.add_prompt_logprobs(req, logits[row:row + count], first_pos)
         for req, row, pooled in inp.pooling:
-            self.pooler.collect(req, pooled, logits[row:row + len(pooled)].numpy())
+            self.pooler.collect(req, pooled, logits[row:row + len(pooled)])
         out = None
         if inp.sampling:  # rows ascend: as many as logits rows means every row, in order (no gather copy)
             rows = inp.sample_rows
@@ -405,7 +405,7 @@ class LLMEngine:
                 inp.feeds["logits_indices"] = np.arange(lo - pos, max(hi - pos, lo - pos), dtype=np.int64)
                 logits = self.runner.execute(inp)
                 if hi > lo:
-                    out[lo - start + 1:hi - start + 1] = torch.log_softmax(torch.from_numpy(logits), -1).numpy()
+                    out[lo - start + 1:hi - start + 1] = log_softmax(logits)
                 req.num_computed_tokens += n
         finally:
             self.block_manager.free_blocks(req)
@@ -430,3 +430,25 @@ class LLMEngine:
         sched_stats = self.scheduler_stats()
         for logger_ in self.stat_loggers:
             logger_.record(sched_stats, stats)
+
+
+def _graph_spec(source: ModelSource | DeployableSource, dtype: Any, lora: bool) -> GraphSpec:
+    """The model's graph's spec, which sizes the KV cache before any weight is read: a deployable
+    directory's from its graph, a checkpoint's from the model's shapes (torch, meta device), with
+    LoRA slots or not."""
+    if isinstance(source, DeployableSource):
+        if lora:
+            raise NotImplementedError(f"{source.path} is a deployable directory: LoRA needs a graph exported with "
+                                      "LoRA slots from the model's checkpoint (run LLM on the checkpoint)")
+        return GraphSpec.of_graph(load_graph(source.graph_path)[0])
+    from perfxlm.engine.eager_executor import model_spec
+    return model_spec(source.meta_model(), dtype, lora=lora)
+
+
+def _graph(source: ModelSource | DeployableSource, dtype: Any, quantization: str | None,
+           lora: tuple[int, int] | None) -> Path:
+    """The graph to run: a deployable directory's own, else the graph cache's (exported on first use)."""
+    if isinstance(source, DeployableSource):
+        return source.graph_path
+    from perfxlm.models.graph_cache import cached_graph  # exports through torch
+    return cached_graph(source, dtype, quantization, lora)

@@ -4,10 +4,11 @@ step emits under SamplingParams.output_kind (CUMULATIVE, DELTA, FINAL_ONLY), as 
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+import numpy as np
 
 from perfxlm.engine.detokenizer import IncrementalDetokenizer
 from perfxlm.engine.request import Request, RequestStatus
+from perfxlm.engine.sampler import log_softmax
 from perfxlm.logprobs import Logprob
 from perfxlm.outputs import CompletionOutput, PoolingOutput, PoolingRequestOutput, RequestMetrics, RequestOutput
 from perfxlm.sampling_params import RequestOutputKind
@@ -54,31 +55,32 @@ class OutputProcessor:
             piece = self._piece_cache[token_id] = self.tokenizer.decode([token_id])
         return piece
 
-    def logprob_dict(self, row: torch.Tensor, token_id: int, k: int) -> dict[int, Logprob]:
+    def logprob_dict(self, row: np.ndarray, token_id: int, k: int) -> dict[int, Logprob]:
         """row (V,) log-softmax -> {chosen token (with its rank), top k (ranks 1..k)}."""
         chosen = row[token_id].item()
-        rank = int((row >= chosen).sum().item())  # ties count as ahead, as in vLLM
-        k = row.shape[0] if k == -1 else k
+        rank = int((row >= chosen).sum())  # ties count as ahead, as in vLLM
+        k = row.shape[0] if k == -1 else min(k, row.shape[0])  # (a request may ask for more than the vocabulary)
         ids, lps, ranks = [token_id], [chosen], [rank]
         if k > 0:
-            top = torch.topk(row, min(k, row.shape[0]))  # (a request may ask for more than the vocabulary)
-            ids += top.indices.tolist()
-            lps += top.values.tolist()
+            top = np.argpartition(-row, k - 1)[:k] if k < row.shape[0] else np.arange(k)
+            top = top[np.argsort(-row[top], kind="stable")]  # the k largest, largest first
+            ids += top.tolist()
+            lps += row[top].tolist()
             ranks += range(1, k + 1)
         return {i: Logprob(lp, r, self.decode_token(i)) for i, lp, r in zip(ids, lps, ranks)}
 
-    def add_sample_logprobs(self, req: Request, row: torch.Tensor) -> None:
+    def add_sample_logprobs(self, req: Request, row: np.ndarray) -> None:
         token_id = req.output_token_ids[-1]
         entry = self.logprob_dict(row, token_id, req.sampling_params.logprobs)
         req.logprobs.append(entry)
         req.cumulative_logprob += entry[token_id].logprob
 
-    def add_prompt_logprobs(self, req: Request, logits: torch.Tensor, first_pos: int) -> None:
+    def add_prompt_logprobs(self, req: Request, logits: np.ndarray, first_pos: int) -> None:
         """logits (count, V): row j scores prompt token first_pos + j."""
         if req.prompt_logprobs is None:
             req.prompt_logprobs = [None]
         skip = len(req.prompt_logprobs) - first_pos  # already recorded before a preemption
-        rows = torch.log_softmax(logits[max(skip, 0):], dim=-1)
+        rows = log_softmax(logits[max(skip, 0):])
         for j, row in enumerate(rows):
             token_id = req.prompt_token_ids[first_pos + max(skip, 0) + j]
             req.prompt_logprobs.append(self.logprob_dict(row, token_id, req.sampling_params.prompt_logprobs))
@@ -120,7 +122,7 @@ class OutputProcessor:
             lora_request=first.lora_request,
         )
 
-    def pooling_output(self, state: RequestState, data: torch.Tensor) -> PoolingRequestOutput:
+    def pooling_output(self, state: RequestState, data: Any) -> PoolingRequestOutput:
         """A finished pooling request's output: its pooled data (engine/pooler.py)."""
         req = state.children[0]
         return PoolingRequestOutput(request_id=state.request_id, outputs=PoolingOutput(data=data),

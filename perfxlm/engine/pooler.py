@@ -10,8 +10,9 @@ calibration (logit_mean / logit_sigma) and the activation (softmax, or sigmoid f
 label); `use_activation=False` skips the normalisation or activation, as in vLLM.
 """
 
+from typing import Any
+
 import numpy as np
-import torch
 
 from perfxlm.config import PoolerConfig
 from perfxlm.engine.request import Request
@@ -44,9 +45,10 @@ class Pooler:
         for p, row in zip(positions, rows):
             req.pooled_rows[p] = row.copy()  # the graph's output buffer is reused next step
 
-    def pool(self, req: Request) -> torch.Tensor:
-        """The request's PoolingOutput data: (D,) or (C,) for embed / classify, (T, D) for
-        token_embed."""
+    def pool(self, req: Request) -> Any:
+        """The request's PoolingOutput data, a torch.Tensor: (D,) or (C,) for embed / classify,
+        (T, D) for token_embed."""
+        import torch  # vLLM's PoolingOutput.data is a tensor: pooling models need torch
         params = req.pooling_params
         rows = np.stack([req.pooled_rows[p] for p in sorted(req.pooled_rows)]).astype(np.float32)  # (R, W)
         if not params.task.startswith("token_"):
@@ -70,6 +72,7 @@ class Pooler:
 def _classify_activation(hf_config: dict):
     """vLLM's classifier activation (get_act_fn): by the config's problem_type, else a
     sentence-transformers cross-encoder's activation_fn, else softmax (sigmoid for one label)."""
+    import torch
     problem = hf_config.get("problem_type")
     if problem == "regression":
         return lambda x: x

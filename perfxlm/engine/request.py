@@ -3,8 +3,8 @@
 import enum
 import time
 from dataclasses import dataclass, field
+
 import numpy as np
-import torch
 
 from perfxlm.engine.structured_output import RequestGrammar
 from perfxlm.logprobs import PromptLogprobs, SampleLogprobs
@@ -54,7 +54,7 @@ class Request:
     block_hashes: list[int] = field(default_factory=list)   # chained hashes of full blocks
     num_cached_blocks: int = 0           # leading block_ids already offered to the prefix cache
     stop_reason: int | str | None = None
-    generator: torch.Generator | None = None                 # per-request RNG when seeded
+    generator: np.random.Generator | None = None             # per-request RNG when seeded
     logprobs: SampleLogprobs | None = None
     prompt_logprobs: PromptLogprobs | None = None
     cumulative_logprob: float = 0.0
@@ -77,7 +77,7 @@ class Request:
         if self.sampling_params.logprobs is not None:
             self.logprobs = []
         if self.sampling_params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.sampling_params.seed)
+            self.generator = np.random.default_rng(self.sampling_params.seed % (1 << 64))
 
     @property
     def num_tokens(self) -> int:

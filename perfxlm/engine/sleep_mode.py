@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from graph_export.ops import is_cache_input
 
@@ -96,7 +95,7 @@ def discard_kv_cache(executor: Any) -> None:
         if mapping is not None:
             mapping.madvise(mmap.MADV_DONTNEED)  # private anonymous: the pages read back as zeros
             released += len(mapping)
-        elif isinstance(buf, torch.Tensor):
+        elif hasattr(buf, "zero_"):  # an EagerExecutor's torch tensor
             buf.zero_()
         else:
             buf[...] = 0

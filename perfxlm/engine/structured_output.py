@@ -16,7 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-import torch
+import numpy as np
 
 from perfxlm.exceptions import VLLMValidationError
 from perfxlm.sampling_params import SamplingParams, StructuredOutputsParams
@@ -95,7 +95,7 @@ class RequestGrammar:
         self.terminated = self.matcher.is_terminated()
         return True
 
-    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+    def fill_bitmask(self, bitmask: Any, row: int) -> None:  # a torch.Tensor (xgrammar's)
         self.matcher.fill_next_token_bitmask(bitmask, row)
 
 
@@ -104,10 +104,11 @@ class GrammarBitmask:
     touched. The bitmask buffer (rows, ceil(vocab / 32)) int32 grows to the largest batch seen."""
 
     def __init__(self) -> None:
-        self._buf: torch.Tensor | None = None
+        self._buf: Any = None  # a torch.Tensor (xgrammar's)
 
-    def apply(self, logits: torch.Tensor, reqs: list[Any]) -> None:
-        """logits (B, V) float32; reqs[i] (with a `grammar`: RequestGrammar | None) samples row i."""
+    def apply(self, logits: np.ndarray, reqs: list[Any]) -> None:
+        """logits (B, V) float32 (C-contiguous); reqs[i] (with a `grammar`: RequestGrammar | None)
+        samples row i."""
         rows = [i for i, r in enumerate(reqs) if r.grammar is not None and not r.grammar.terminated]
         if not rows:
             return
@@ -117,7 +118,8 @@ class GrammarBitmask:
             self._buf = xgr.allocate_token_bitmask(max(B, 8), V)
         for i in rows:
             reqs[i].grammar.fill_bitmask(self._buf, i)
-        xgr.apply_token_bitmask_inplace(logits, self._buf[:B], vocab_size=V,
+        import torch  # xgrammar needs it; validate() refused grammars where it is missing
+        xgr.apply_token_bitmask_inplace(torch.from_numpy(logits), self._buf[:B], vocab_size=V,
                                         indices=None if len(rows) == B else rows)
 
 
@@ -155,6 +157,7 @@ class StructuredOutputManager:
                                       "structured_outputs to disable structured outputs")
         if so.regex and "\x00" in so.regex:
             raise VLLMValidationError("structured_outputs.regex must not contain a NUL character ('\\x00')")
+        require_xgrammar()
         validate_xgrammar_grammar(so)
 
     def compile(self, so: StructuredOutputsParams) -> Any:
@@ -220,6 +223,17 @@ def structured_output_key(so: StructuredOutputsParams) -> tuple[str, str]:
     if so.structural_tag is not None:
         return "structural_tag", so.structural_tag
     raise ValueError("No valid structured output parameter found")
+
+
+def require_xgrammar() -> None:
+    """Refuse structured outputs where xgrammar (which needs torch) cannot be imported, as on a
+    deployable directory served without PyTorch, naming what is missing."""
+    try:
+        import xgrammar  # noqa: F401
+    except ImportError as e:
+        raise VLLMValidationError(f"Structured outputs need the xgrammar package (and PyTorch), which cannot "
+                                  f"be imported here: {e}. Install them (pip install xgrammar) or send the "
+                                  "request without structured_outputs.") from None
 
 
 def validate_xgrammar_grammar(so: StructuredOutputsParams) -> None:

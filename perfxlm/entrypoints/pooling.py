@@ -13,11 +13,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from perfxlm.exceptions import VLLMValidationError
-from perfxlm.models.bert import num_labels
+from perfxlm.models.labels import num_labels
 from perfxlm.outputs import (ClassificationRequestOutput, EmbeddingRequestOutput, PoolingOutput,
                              PoolingRequestOutput, ScoringRequestOutput)
 from perfxlm.pooling_params import PoolingParams
@@ -241,6 +240,7 @@ def _cosine_scores(first: list[PoolingRequestOutput], second: list[PoolingReques
     pad = [tok.pad_token_id] if tok.pad_token_id is not None else []
     scores = []
     for a, b in zip(first, second):
+        import torch  # pooling outputs are tensors: pooling models need torch
         cosine = torch.nn.functional.cosine_similarity(a.outputs.data.float(), b.outputs.data.float(), dim=0)
         pair = PoolingRequestOutput(request_id=f"{a.request_id}_{b.request_id}", outputs=PoolingOutput(cosine),
                                     prompt_token_ids=a.prompt_token_ids + pad + b.prompt_token_ids,

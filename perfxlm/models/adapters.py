@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from perfxlm.models.bert import num_labels
+from perfxlm.models.labels import num_labels
 from perfxlm.models.layers import CausalLM, Linear
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from graph_export import functional as F
 from graph_export.functional import KVCache, StepInputs
+from perfxlm.models.labels import num_labels
 from perfxlm.models.layers import CausalLM, Embedding, Linear
 from perfxlm.models.opt import LayerNorm, activation_kind
 
@@ -39,11 +40,6 @@ class BertParams:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
-
-
-def num_labels(cfg: dict[str, Any]) -> int:
-    """transformers' rule: the config's id2label entries, else num_labels, else 2."""
-    return len(cfg["id2label"]) if cfg.get("id2label") else cfg.get("num_labels", 2)
 
 
 class BertModel(CausalLM):

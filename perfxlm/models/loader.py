@@ -1,4 +1,9 @@
-"""Find a model (local path, HF cache, embedded default) and load its weights and tokenizer."""
+"""Find a model (local path, HF cache, embedded default) and load its weights and tokenizer.
+
+Imports no torch until weights are read: a deployable directory (models/deployable.py) is
+found here too, on machines without PyTorch."""
+
+from __future__ import annotations
 
 import json
 import logging
@@ -6,14 +11,17 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from perfxlm.models import default_model
-from perfxlm.models.gguf_file import GGUFFile
-from perfxlm.models.layers import CausalLM
-from perfxlm.models.registry import model_class
+from perfxlm.models.deployable import DeployableSource, is_deployable
+from perfxlm.tokenizer import load_tokenizer_files
+
+if TYPE_CHECKING:
+    import torch
+
+    from perfxlm.models.gguf_file import GGUFFile
+    from perfxlm.models.layers import CausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +44,7 @@ class ModelSource:
 
     @property
     def family(self) -> type[CausalLM]:
+        from perfxlm.models.registry import model_class
         return model_class(self.hf_config.get("architectures") or ["LlamaForCausalLM"], self.convert)
 
     def params(self) -> Any:
@@ -55,13 +64,24 @@ class ModelSource:
     def is_quantized(self) -> bool:
         return self.is_gguf and self._gguf.has_native_blocks()
 
+    def registered_family(self) -> type[CausalLM] | None:
+        """The family registered for the config's architectures, None if none is."""
+        from perfxlm.models.registry import registered_family
+        return registered_family(self.hf_config.get("architectures") or ["LlamaForCausalLM"])
+
+    @property
+    def pooling_task(self) -> str | None:
+        return self.family.pooling_task
+
     def meta_model(self) -> CausalLM:
         """The model with its shapes but no weights (on the meta device): reads nothing."""
+        import torch
         with torch.device("meta"):
             return self.family(self.params())
 
     def load_weights(self, dtype: torch.dtype) -> CausalLM:
         """The model in `dtype`, its weights read from the checkpoint."""
+        import torch
         family, params, model = self.family, self.params(), self.meta_model()
         if self.is_gguf:
             state = self._gguf.state_dict(family, params, dtype)
@@ -80,8 +100,7 @@ class ModelSource:
     def load_tokenizer(self, **kwargs: Any) -> Any:
         if self.is_gguf:
             return self._gguf.tokenizer()
-        from transformers import AutoTokenizer
-        return AutoTokenizer.from_pretrained(str(self.path), **kwargs)
+        return load_tokenizer_files(self.path, **kwargs)
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -124,6 +143,7 @@ def _stack_experts(state: dict[str, torch.Tensor], path: Path) -> dict[str, torc
         if len({p.shape for p in parts}) > 1:
             shapes = sorted({tuple(p.shape) for p in parts})
             raise ValueError(f"{path}: the experts of {stacked} differ in shape: {shapes}")
+        import torch
         state[stacked] = torch.stack(parts)
     return state
 
@@ -145,6 +165,7 @@ def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) 
         if state[found].shape != want:
             raise ValueError(f"{path}: {found} has shape {tuple(state[found].shape)} but "
                              f"{type(model).__name__} expects {tuple(want)} from the config")
+        import torch
         param = torch.nn.Parameter(state[found], requires_grad=False)
         for n in names:
             owner, _, attr = n.rpartition(".")
@@ -162,10 +183,10 @@ def load_tokenizer(source: ModelSource, tokenizer: str | None = None, **kwargs: 
         return source.load_tokenizer(**kwargs)
     path = Path(tokenizer).expanduser()
     if path.is_file() and path.suffix == ".gguf":
+        from perfxlm.models.gguf_file import GGUFFile
         return GGUFFile(path).tokenizer()
     if path.is_dir():
-        from transformers import AutoTokenizer
-        return AutoTokenizer.from_pretrained(str(path), **kwargs)
+        return load_tokenizer_files(path, **kwargs)
     return resolve_model(tokenizer).load_tokenizer(**kwargs)
 
 
@@ -175,6 +196,8 @@ def resolve_model(model: str, revision: str | None = None) -> ModelSource:
     if path.is_file() and path.suffix == ".gguf":
         return _gguf_source(model, path)
     if path.is_dir():
+        if is_deployable(path):  # `perfxlm export -o DIR`: the graph is there, no checkpoint is read
+            return DeployableSource.open(model, path)
         if (path / "config.json").is_file():
             return _hf_source(model, path)
         ggufs = sorted(path.glob("*.gguf"))
@@ -198,6 +221,7 @@ def resolve_model(model: str, revision: str | None = None) -> ModelSource:
 
 
 def _gguf_source(name: str, path: Path) -> ModelSource:
+    from perfxlm.models.gguf_file import GGUFFile
     gguf = GGUFFile(path)
     cfg = gguf.hf_config()
     gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id") if cfg.get(k) is not None}
@@ -240,6 +264,7 @@ def _hf_cache_dir(repo_id: str, revision: str | None) -> Path | None:
 
 
 def _read_hf_tensors(path: Path) -> dict[str, torch.Tensor]:
+    import torch
     files = sorted(path.glob("*.safetensors"))
     if files:
         from safetensors import SafetensorError

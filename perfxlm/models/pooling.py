@@ -8,11 +8,11 @@ family's defaults; and the maximum length a sentence-transformers model was trai
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from perfxlm.models.layers import CausalLM
-from perfxlm.models.loader import ModelSource
-from perfxlm.models.registry import registered_family
+if TYPE_CHECKING:  # no torch at import: a deployable directory resolves its runner from its metadata
+    from perfxlm.models.layers import CausalLM
+    from perfxlm.models.loader import ModelSource
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ _SUFFIX_DEFAULTS = [("ForCausalLM", ("generate", "none")), ("ForConditionalGener
                     ("Model", ("pooling", "embed"))]
 
 
-def resolve_runner(source: ModelSource, runner: str, convert: str) -> tuple[str, str]:
+def resolve_runner(source: "ModelSource", runner: str, convert: str) -> tuple[str, str]:
     """(runner_type, convert_type) for LLM(runner=..., convert=...), with vLLM's errors for a
     model that cannot run as asked."""
     if runner not in RUNNERS:
@@ -48,7 +48,7 @@ def resolve_runner(source: ModelSource, runner: str, convert: str) -> tuple[str,
     if runner == "draft":
         raise NotImplementedError("perfxlm does not support runner='draft' (speculative decoding)")
     archs = source.hf_config.get("architectures") or ["LlamaForCausalLM"]
-    family = registered_family(archs)
+    family = source.registered_family()
     is_pooling = family is not None and family.pooling_task is not None
     runner_type = runner
     if runner == "auto":
@@ -73,7 +73,7 @@ def resolve_runner(source: ModelSource, runner: str, convert: str) -> tuple[str,
     return runner_type, convert_type
 
 
-def _default_runner(source: ModelSource, archs: list[str], family: type[CausalLM] | None) -> str:
+def _default_runner(source: "ModelSource", archs: list[str], family: "type[CausalLM] | None") -> str:
     if st_pooling_config(source) is not None:  # sentence-transformers models may use *ForCausalLM archs
         return "pooling"
     if family is not None:
@@ -85,7 +85,7 @@ def _default_runner(source: ModelSource, archs: list[str], family: type[CausalLM
     return "generate"
 
 
-def _default_convert(archs: list[str], family: type[CausalLM] | None, runner_type: str) -> str:
+def _default_convert(archs: list[str], family: "type[CausalLM] | None", runner_type: str) -> str:
     if family is not None and (family.pooling_task is None) == (runner_type == "generate"):
         return "none"
     for arch in archs:
@@ -95,7 +95,7 @@ def _default_convert(archs: list[str], family: type[CausalLM] | None, runner_typ
     return "embed" if runner_type == "pooling" else "none"
 
 
-def resolve_pooler_config(source: ModelSource, config: Any) -> Any:
+def resolve_pooler_config(source: "ModelSource", config: Any) -> Any:
     """`config` (a perfxlm.config.PoolerConfig: the user's copy) with its unset fields filled
     from the sentence-transformers config, then the family's default pooling (vLLM: CLS for
     BERT, LAST for the decoders)."""
@@ -109,7 +109,7 @@ def resolve_pooler_config(source: ModelSource, config: Any) -> Any:
     return config
 
 
-def st_pooling_config(source: ModelSource) -> dict[str, Any] | None:
+def st_pooling_config(source: "ModelSource") -> dict[str, Any] | None:
     """vLLM's get_pooling_config: from a sentence-transformers directory's modules.json, the
     Pooling module's mode ({"seq_pooling_type": "MEAN", ...}) and use_activation = whether a
     Normalize module follows. None for a directory without modules.json (or a GGUF)."""
@@ -141,7 +141,7 @@ def _pooling_name(name: str) -> str:
     return "LAST" if "lasttoken" in name else name.upper()
 
 
-def derived_max_model_len(source: ModelSource, runner_type: str, derived: int) -> int:
+def derived_max_model_len(source: "ModelSource", runner_type: str, derived: int) -> int:
     """vLLM's derived max_model_len beyond the config's `derived`: for a pooling model with
     absolute position embeddings, at most the tokenizer's model_max_length; and a
     sentence-transformers max_seq_length replaces it (the length the model was trained for)."""
@@ -156,7 +156,7 @@ def derived_max_model_len(source: ModelSource, runner_type: str, derived: int) -
     return derived
 
 
-def _json(source: ModelSource, name: str) -> Any:
+def _json(source: "ModelSource", name: str) -> Any:
     if source.is_gguf:
         return None
     path = Path(source.path) / name

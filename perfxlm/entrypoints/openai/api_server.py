@@ -154,7 +154,13 @@ def build_app(args: argparse.Namespace, engine: Any) -> FastAPI:
     # vLLM's HTTP metrics (http_requests_total{handler,method,status}, sizes, durations) beside the
     # engine's, from the same library and with the same excluded routes
     from prometheus_client import REGISTRY
-    from prometheus_fastapi_instrumentator import Instrumentator
+    try:
+        from prometheus_fastapi_instrumentator import Instrumentator
+    except ImportError as e:  # not packaged for every board (Debian has none): the engine's metrics remain
+        logger.warning("HTTP request metrics (http_requests_total, ...) on /metrics need the "
+                       "prometheus-fastapi-instrumentator package, which cannot be imported here (%s); "
+                       "serving without them", e)
+        return app
     Instrumentator(excluded_handlers=["/metrics", "/health", "/load", "/ping", "/version", "/server_info"],
                    registry=REGISTRY).add().instrument(app)
     return app

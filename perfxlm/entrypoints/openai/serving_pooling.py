@@ -12,7 +12,6 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import torch
 from fastapi import APIRouter, Request
 
 from perfxlm.entrypoints.openai.protocol import UsageInfo
@@ -25,7 +24,7 @@ from perfxlm.entrypoints.openai.protocol_pooling import (ClassificationData, Cla
 from perfxlm.entrypoints.openai.serving_common import OpenAIServing, run_until_disconnect
 from perfxlm.entrypoints.pooling import SCORE_TYPES, pair_prompt, score_inputs
 from perfxlm.exceptions import VLLMValidationError
-from perfxlm.models.bert import num_labels
+from perfxlm.models.labels import num_labels
 from perfxlm.outputs import PoolingRequestOutput
 from perfxlm.pooling_params import PoolingParams
 
@@ -125,6 +124,7 @@ class OpenAIServingPooling(OpenAIServing):
         firsts, seconds = embeds[:len(texts_1)], embeds[len(texts_1):]
         if len(firsts) == 1:
             firsts = firsts * len(seconds)
+        import torch  # pooling outputs are tensors: pooling models need torch
         return [PoolingRequestOutput(f"{request_id}-{i}", _Scalar(torch.nn.functional.cosine_similarity(
             a.outputs.data.float(), b.outputs.data.float(), dim=0)), a.prompt_token_ids + b.prompt_token_ids,
             a.num_cached_tokens + b.num_cached_tokens, True) for i, (a, b) in enumerate(zip(firsts, seconds))]
@@ -153,7 +153,7 @@ class OpenAIServingPooling(OpenAIServing):
 class _Scalar:
     """A pair's score as a PoolingOutput-like holder (`data`)."""
 
-    def __init__(self, data: torch.Tensor) -> None:
+    def __init__(self, data: Any) -> None:  # a torch.Tensor
         self.data = data
 
 
@@ -166,7 +166,7 @@ def _inputs(value: Any) -> list[str | list[int]]:
     return list(value)
 
 
-def _encoded(data: torch.Tensor, encoding_format: str) -> list[float] | list[list[float]] | str:
+def _encoded(data: Any, encoding_format: str) -> list[float] | list[list[float]] | str:
     """float: a JSON list; base64: the float32 values' bytes (little-endian), as OpenAI sends them."""
     if encoding_format == "base64":
         return base64.b64encode(data.float().numpy().astype("<f4").tobytes()).decode("utf-8")
