@@ -78,8 +78,9 @@ def test_plugin_counts_hand_counted_regions_exactly(tools, tmp_path):
 
 
 def test_driver_regions_measure_the_linears(tools, tmp_path):
-    """The lm_head (49152 rows) is 49152 / 576 times a 576-row GEMV of the same K, and the RVV
-    GEMV, strip-mined by vsetvl, needs fewer instructions at VLEN 256 than at 128."""
+    """The lm_head (49152 rows) costs what the 576- and 192-row GEMVs of the same K predict (a
+    fixed cost per call, plus a cost per row), and the RVV GEMV, strip-mined by vsetvl, needs
+    fewer instructions at VLEN 256 than at 128."""
     plugin, driver = tools
     counts = {}
     for vlen in (128, 256):
@@ -90,5 +91,8 @@ def test_driver_regions_measure_the_linears(tools, tmp_path):
         assert ops == ["q_o", "k_v", "gate_up", "down", "lm_head", "attention"]
         counts[vlen] = dict(zip(ops, regions))
         assert all(n > 0 and 0 < v < n for n, v in regions), regions
-        assert counts[vlen]["lm_head"][0] / counts[vlen]["q_o"][0] == pytest.approx(49152 / 576, rel=0.01)
+        # same K: a fixed cost per call plus a cost per row, from the 576- and 192-row GEMVs
+        per_row = (counts[vlen]["q_o"][0] - counts[vlen]["k_v"][0]) / (576 - 192)
+        fixed = counts[vlen]["q_o"][0] - 576 * per_row
+        assert counts[vlen]["lm_head"][0] == pytest.approx(fixed + 49152 * per_row, rel=0.01)
     assert counts[256]["q_o"][0] < 0.75 * counts[128]["q_o"][0], counts
