@@ -73,8 +73,8 @@ def torch_free(deploy_dir) -> dict:
 
 def test_the_directory_holds_what_the_engine_reads(deploy_dir, gguf_path):
     names = {p.name for p in deploy_dir.iterdir()}
-    assert {"model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer_config.json", "config.json",
-            "generation_config.json", "perfxlm.json"} <= names
+    assert {"model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+            "chat_template.jinja", "config.json", "generation_config.json", "perfxlm.json"} <= names
     meta = json.loads((deploy_dir / "perfxlm.json").read_text())
     assert meta["dtype"] == "float32" and meta["quantization"] is None and meta["format_version"] == 1
     assert meta["family"] == "LlamaForCausalLM" and meta["pooling_task"] is None

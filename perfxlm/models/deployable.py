@@ -115,6 +115,9 @@ def write_deployable(source: Any, out: Path, dtype: Any, quantization: str | Non
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, str) and not (out / "chat_template.jinja").is_file():
         (out / "chat_template.jinja").write_text(template, encoding="utf-8")  # older transformers keep it inline
+    special = getattr(tokenizer, "special_tokens_map", None)
+    if special and not (out / "special_tokens_map.json").is_file():  # transformers 5 keeps them in the config only
+        (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2, default=str))
     (out / "config.json").write_text(json.dumps(source.hf_config, indent=2, default=str))
     (out / "generation_config.json").write_text(json.dumps(source.generation_config, indent=2))
     family = source.registered_family() if source.convert == "none" else source.family
