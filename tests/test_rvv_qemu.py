@@ -36,20 +36,38 @@ def rv64_lib() -> Path:
     return build_rv64_lib()
 
 
-def run_rv64_python(rv64_lib: Path, vlen: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def start_rv64_python(rv64_lib: Path, vlen: int, *args: str) -> subprocess.Popen:
     """A riscv64 Python of the sysroot under qemu-user with RVV at `vlen`, the rvv library and
-    this source tree (not pip-installed there) on its path."""
+    this source tree (not pip-installed there) on its path. qemu-user emulates on one core, so
+    the tests start both VLENs' runs at once and then wait for each."""
     cpu = f"rv64,v=true,vext_spec=v1.0,vlen={vlen},elen=64,rvv_ta_all_1s=true,rvv_ma_all_1s=true"
     env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), "PERFXLM_KERNELS_LIB": str(rv64_lib)}
-    return subprocess.run([QEMU, "-L", str(SYSROOT), "-cpu", cpu, str(SYSROOT / "usr/bin/python3.13"), *args],
-                          env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.Popen([QEMU, "-L", str(SYSROOT), "-cpu", cpu, str(SYSROOT / "usr/bin/python3.13"), *args],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: int = 300) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return proc.returncode, out, err
+
+
+@pytest.fixture(scope="module")
+def ops_runs(rv64_lib) -> dict[int, subprocess.Popen]:
+    runs = {v: start_rv64_python(rv64_lib, v, str(ROOT / "tests" / "rvv_plugin_check.py")) for v in (128, 512)}
+    yield runs
+    for proc in runs.values():
+        proc.kill()
 
 
 @pytest.mark.parametrize("vlen", [128, 512])
-def test_rvv_plugin_ops_match_numpy_under_qemu(rv64_lib, vlen):
-    proc = run_rv64_python(rv64_lib, vlen, str(ROOT / "tests" / "rvv_plugin_check.py"))
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out
+def test_rvv_plugin_ops_match_numpy_under_qemu(ops_runs, vlen):
+    rc, out, err = finish(ops_runs[vlen])
+    out += err
+    assert rc == 0, out
     assert "kernel set: rvv" in out and out.strip().endswith("18 passed, 0 failed"), out
 
 
@@ -67,14 +85,22 @@ def x86_greedy(smol_deploy_dir) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in out]
 
 
+@pytest.fixture(scope="module")
+def generate_runs(rv64_lib, smol_deploy_dir) -> dict[int, subprocess.Popen]:
+    runs = {v: start_rv64_python(rv64_lib, v, str(ROOT / "tests" / "rvv_generate_check.py"), str(smol_deploy_dir),
+                                 json.dumps(PROMPTS), str(MAX_TOKENS)) for v in (128, 256)}
+    yield runs
+    for proc in runs.values():
+        proc.kill()
+
+
 @pytest.mark.parametrize("vlen", [128, 256])
-def test_generate_on_a_deployable_dir_under_qemu_matches_x86(rv64_lib, smol_deploy_dir, x86_greedy, vlen):
+def test_generate_on_a_deployable_dir_under_qemu_matches_x86(generate_runs, x86_greedy, vlen):
     """fp32 weights on both sides: the RVV and AVX-512 kernels sum in different orders, so
     logits differ in the last bits, but the greedy tokens of these prompts are the same."""
-    proc = run_rv64_python(rv64_lib, vlen, str(ROOT / "tests" / "rvv_generate_check.py"), str(smol_deploy_dir),
-                           json.dumps(PROMPTS), str(MAX_TOKENS))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert ": rvv, " in proc.stderr and "nodes on rvv," in proc.stderr, proc.stderr[-4000:]  # RVV kernels, every node
+    rc, out, err = finish(generate_runs[vlen])
+    assert rc == 0, err[-4000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert ": rvv, " in err and "nodes on rvv," in err, err[-4000:]  # RVV kernels, every node
     assert result["imported"] == []  # the sysroot has no torch, transformers or tokenizers at all
     assert result["tokens"] == x86_greedy, result

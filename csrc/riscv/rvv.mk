@@ -8,7 +8,8 @@ RV_BUILD  := build/rv64
 RV_SRCS   := $(wildcard generic/*.c core/*.c riscv/*.c)
 RV_OBJS   := $(RV_SRCS:%.c=$(RV_BUILD)/%.o)
 QEMU      ?= qemu-riscv64-static
-RV_VLENS  ?= 128 256 512 1024
+# the smallest and largest VLEN by default (CI time); RV_VLENS="128 256 512 1024" runs them all
+RV_VLENS  ?= 128 1024
 
 $(RV_BUILD)/%.o: %.c $(HDRS)
 	@mkdir -p $(dir $@)
