@@ -55,13 +55,13 @@ class DeployableSource:
 
     @classmethod
     def open(cls, name: str, path: Path) -> "DeployableSource":
-        meta = _read_json(path / METADATA)
+        meta = read_json(path / METADATA)
         version = meta.get("format_version")
         if version != DEPLOYABLE_VERSION:
             raise ValueError(f"{path / METADATA}: deployable directory format version {version}; this perfxlm "
                              f"reads version {DEPLOYABLE_VERSION}. Export it again with `perfxlm export MODEL -o DIR`.")
         gen = path / "generation_config.json"
-        return cls(name, path, _read_json(path / "config.json"), _read_json(gen) if gen.is_file() else {}, meta,
+        return cls(name, path, read_json(path / "config.json"), read_json(gen) if gen.is_file() else {}, meta,
                    convert=meta.get("convert_type", "none"))
 
     @property
@@ -131,7 +131,8 @@ def write_deployable(source: Any, out: Path, dtype: Any, quantization: str | Non
     logger.info("deployable directory %s: %s", out, ", ".join(sorted(p.name for p in out.iterdir())))
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file (config.json, ...), or a ValueError naming the file."""
     try:
         value = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

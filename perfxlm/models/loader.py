@@ -5,7 +5,6 @@ found here too, on machines without PyTorch."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -14,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from perfxlm.models import default_model
-from perfxlm.models.deployable import DeployableSource, is_deployable
+from perfxlm.models.deployable import DeployableSource, is_deployable, read_json
 from perfxlm.tokenizer import load_tokenizer_files
 
 if TYPE_CHECKING:
@@ -229,9 +228,9 @@ def _gguf_source(name: str, path: Path) -> ModelSource:
 
 
 def _hf_source(name: str, path: Path) -> ModelSource:
-    cfg = _read_json(path / "config.json")
+    cfg = read_json(path / "config.json")
     gen_path = path / "generation_config.json"
-    gen = _read_json(gen_path) if gen_path.is_file() else {}
+    gen = read_json(gen_path) if gen_path.is_file() else {}
     return _checked(ModelSource(name, path, False, cfg, gen))
 
 
@@ -242,14 +241,6 @@ def _checked(source: ModelSource) -> ModelSource:
     return source
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not a readable JSON file: {e}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path} should hold a JSON object, got {type(value).__name__}")
-    return value
 
 
 def _hf_cache_dir(repo_id: str, revision: str | None) -> Path | None:
