@@ -143,3 +143,31 @@ def test_lora_config_validation(tiny_llama_dir):
         LLM(str(tiny_llama_dir), enable_lora=True, max_lora_rank=7)
     with pytest.raises(ValueError, match="max_loras"):
         LLM(str(tiny_llama_dir), enable_lora=True, max_loras=0)
+
+
+def test_async_llm_streams_with_an_adapter(tiny_llama_dir, adapters):
+    """AsyncLLM (the server's engine) runs a request with its adapter, as LLM.generate does, and
+    refuses a bad adapter before streaming anything."""
+    import asyncio
+
+    from perfxlm import AsyncEngineArgs, AsyncLLM
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
+        model=str(tiny_llama_dir), dtype="float32", kv_cache_memory_bytes=SMALL_KV, enable_lora=True,
+        max_lora_rank=8, disable_log_stats=True))
+    tok = engine.engine.tokenizer
+    lora = LoRARequest("a", 1, str(adapters["a"]))
+
+    async def run(request_id: str, lora_request: LoRARequest) -> list[int]:
+        last = None
+        async for out in engine.generate({"prompt_token_ids": tok.encode(PROMPTS[1])}, greedy(), request_id,
+                                         lora_request=lora_request):
+            last = out
+        return list(last.outputs[0].token_ids)
+
+    try:
+        got = asyncio.run(run("r1", lora))
+        assert got == reference(tiny_llama_dir, adapters["a"], [tok.encode(PROMPTS[1])])[0]
+        with pytest.raises(ValueError, match="adapter_config.json"):
+            asyncio.run(run("r2", LoRARequest("bad", 5, str(tiny_llama_dir))))
+    finally:
+        engine.shutdown()

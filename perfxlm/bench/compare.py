@@ -1,4 +1,4 @@
-"""`perfxlm bench compare`: perfxlm beside vLLM and llama.cpp on issue #28's workloads, one table.
+"""`perfxlm bench compare`: perfxlm beside vLLM and llama.cpp on the W1 / W2 / W3 workloads, one table.
 
 Rounds: in each, every model, every engine that runs its format, in fresh processes (the
 engine that goes first moves on by one each round, so none always starts on a cold or a warm

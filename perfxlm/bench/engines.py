@@ -34,7 +34,7 @@ _PERFXLM_FIGURE = {"W1": "output_tokens_per_second", "W2": "decode_tokens_per_se
 
 @dataclass(frozen=True)
 class Workloads:
-    """Issue #28's workloads, sized."""
+    """The workloads' sizes: W1 batch (prompts, in, out), W2 decode (in, out), W3 prefill (in)."""
 
     w1: tuple[int, int, int] = (64, 128, 128)  # prompts, input tokens, output tokens: output tok/s of one call
     w2: tuple[int, int] = (32, 256)            # one stream, input -> output: decode tok/s after the first token

@@ -159,15 +159,12 @@ class AsyncLLM:
         before anything is yielded. Closing the generator, or cancelling the task iterating it,
         aborts the request and frees its KV blocks."""
         self._check_alive()
-        if lora_request is not None:
-            from perfxlm.exceptions import VLLMValidationError
-            raise VLLMValidationError(f"Got lora_request {lora_request} but LoRA is not enabled!")
-        if priority:
-            raise ValueError(f"Got priority {priority} but Priority scheduling is not enabled.")
+        self.engine.check_options(lora_request, priority)
         # duplicate ids are the caller's business; inside the engine each request is unique
         internal_id = f"{request_id}-{secrets.token_hex(4)}"
         state = self.engine.input_processor.process(internal_id, prompt, sampling_params, prompt_text=prompt_text,
                                                     tokenization_kwargs=tokenization_kwargs)
+        state.set_lora(lora_request)
         if self.log_requests:
             logger.info("Added request %s, params: %s", request_id, sampling_params)
             logger.debug("Request %s prompt: %r", request_id, state.prompt or state.prompt_token_ids)
@@ -211,11 +208,7 @@ class AsyncLLM:
         """Pool one prompt (a pooling model): yields its one PoolingRequestOutput. A request vLLM
         rejects raises VLLMValidationError first; closing the generator aborts the request."""
         self._check_alive()
-        if lora_request is not None:
-            from perfxlm.exceptions import VLLMValidationError
-            raise VLLMValidationError(f"Got lora_request {lora_request} but LoRA is not enabled!")
-        if priority:
-            raise ValueError(f"Got priority {priority} but Priority scheduling is not enabled.")
+        self.engine.check_options(lora_request, priority)
         internal_id = f"{request_id}-{secrets.token_hex(4)}"
         engine = self.engine
         tasks = engine.pooler.supported_tasks if engine.pooler is not None else ()

@@ -162,12 +162,7 @@ class LLMEngine:
         (SamplingParams; n > 1 fans out into n sequences) or to pool (PoolingParams, whose task the
         model must support). Raises VLLMValidationError (nothing queued) for what vLLM rejects,
         and ValueError for a request id that is already running. Returns the request id."""
-        if lora_request is not None:
-            if self.lora is None:
-                raise VLLMValidationError(f"Got lora_request {lora_request} but LoRA is not enabled!")
-            self.lora.load(lora_request)  # a bad adapter fails here, before anything is queued
-        if priority:
-            raise ValueError(f"Got priority {priority} but Priority scheduling is not enabled.")
+        self.check_options(lora_request, priority)
         if isinstance(params, PoolingParams):
             pooling_tasks = self.pooler.supported_tasks if self.pooler is not None else ()
             state = self.input_processor.process_pooling(request_id, prompt, params, self.model_config, pooling_tasks,
@@ -179,10 +174,19 @@ class LLMEngine:
             raise VLLMValidationError("This model does not support generation")
         state = self.input_processor.process(request_id, prompt, params, prompt_text=prompt_text,
                                              tokenization_kwargs=tokenization_kwargs, arrival_time=arrival_time)
-        for req in state.children:
-            req.lora_request = lora_request
+        state.set_lora(lora_request)
         self.enqueue(state)
         return request_id
+
+    def check_options(self, lora_request: Any, priority: int) -> None:
+        """What vLLM refuses before reading the prompt: a LoRA request when LoRA is off (with it
+        on, the adapter is read here, so a bad one fails before anything is queued), a priority."""
+        if lora_request is not None:
+            if self.lora is None:
+                raise VLLMValidationError(f"Got lora_request {lora_request} but LoRA is not enabled!")
+            self.lora.load(lora_request)
+        if priority:
+            raise ValueError(f"Got priority {priority} but Priority scheduling is not enabled.")
 
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise VLLMValidationError for what vLLM rejects when a request is added."""

@@ -8,6 +8,7 @@ its adapter has a slot or one can be freed, so at most `max_loras` adapters run 
 """
 
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -40,6 +41,7 @@ class LoRAManager:
         self.slots: list[str | None] = [None] * L            # adapter name in each slot
         self.slot_use: OrderedDict[str, int] = OrderedDict()  # adapter name -> slot, least recent first
         self.cpu: OrderedDict[str, LoRAAdapter] = OrderedDict()
+        self._lock = threading.Lock()
 
     @classmethod
     def for_model(cls, config: LoRAConfig, model: Any, write_weights: WriteWeights) -> "LoRAManager":
@@ -56,7 +58,12 @@ class LoRAManager:
         return cls(config, shapes, module_of, write_weights)
 
     def load(self, lora: LoRARequest) -> LoRAAdapter:
-        """The adapter, read once (errors raise here, before a request is queued)."""
+        """The adapter, read once (errors raise here, before a request is queued). AsyncLLM calls
+        it from the caller's thread while the engine thread writes slots: one at a time."""
+        with self._lock:
+            return self._load(lora)
+
+    def _load(self, lora: LoRARequest) -> LoRAAdapter:
         adapter = self.cpu.get(lora.lora_name)
         if adapter is None:
             adapter = load_adapter(lora.lora_path, self.config.max_lora_rank, self.module_of)

@@ -40,6 +40,11 @@ class RequestState:
     def finished(self) -> bool:
         return len(self.finished_children) == len(self.children)
 
+    def set_lora(self, lora_request: Any) -> None:
+        """Every sequence of the request runs with this adapter (None: the base model)."""
+        for req in self.children:
+            req.lora_request = lora_request
+
 
 class OutputProcessor:
     def __init__(self, tokenizer: Any) -> None:
