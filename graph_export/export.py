@@ -36,8 +36,11 @@ TRACE_BLOCK_SIZE = 16
 class _Tracer:
     """Records the functional ops a forward calls (graph_export.functional._tracer)."""
 
-    def __init__(self, model: torch.nn.Module, quantized: dict[str, tuple[str, np.ndarray]]) -> None:
+    def __init__(self, model: torch.nn.Module, quantized: dict[str, tuple[str, np.ndarray]],
+                 weight_dtype: torch.dtype | None = None) -> None:
         self.quantized = quantized
+        self.weight_dtype = weight_dtype                # dense weight inputs stored in this dtype (None: as held)
+        self.narrowed: dict[int, str] = {}             # id(tensor) -> its weight_dtype initializer
         self.weight_names: dict[int, list[str]] = {}   # id(tensor) -> its names in the module (tied: several)
         for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
             self.weight_names.setdefault(id(t), []).append(name)
@@ -71,6 +74,11 @@ class _Tracer:
         quantized = [n for n in names if n in self.quantized]
         if quantizable and quantized:  # a weight input reads GGUF blocks; the same tensor may be read dense elsewhere
             return self._blocks(names[-1], self.quantized[quantized[0]][1])  # a tied projection's own name
+        if quantizable and names and self.weight_dtype not in (None, t.dtype):  # (a tied Gather reads it as held)
+            if id(t) not in self.narrowed:
+                self.narrowed[id(t)] = name = self._unique(names[-1])
+                self.initializers[name] = to_tensor_proto(t.to(self.weight_dtype), name)
+            return self.narrowed[id(t)]
         name = self.values.get(id(t))
         if name is not None:
             return name
@@ -144,16 +152,18 @@ def trace_inputs(model: torch.nn.Module, dtype: torch.dtype) -> tuple[functional
 
 
 def export_model(model: torch.nn.Module, *, source: str = "", producer_version: str = "",
-                 quantized: dict[str, tuple[str, np.ndarray]] | None = None) -> onnx.ModelProto:
+                 quantized: dict[str, tuple[str, np.ndarray]] | None = None,
+                 weight_dtype: torch.dtype | None = None) -> onnx.ModelProto:
     """The ONNX graph of `model` (a perfxlm model family: forward(step, kv_caches) -> logits,
     kv_cache_shapes()), traced once.
 
     `quantized` maps weight names to (weight_format, uint8 blocks) (graph_export/quant.py): the
     ops that take them as a weight input (Linear, MoE's experts) read the blocks as stored
-    instead of the module's float weights."""
+    instead of the module's float weights. `weight_dtype` (bfloat16 under a float32 model) stores
+    the other dense weights those ops read in that dtype: the activations stay in the model's."""
     quantized = quantized or {}
     dtype = next(model.parameters()).dtype
-    tracer = _Tracer(model, quantized)
+    tracer = _Tracer(model, quantized, weight_dtype)
     step, caches = trace_inputs(model, dtype)
     for name in [*GRAPH_INPUTS, *OPTIONAL_GRAPH_INPUTS]:
         tracer.name_input(getattr(step, name), name)
@@ -195,6 +205,7 @@ def export_model(model: torch.nn.Module, *, source: str = "", producer_version: 
         "perfxlm.format_version": str(FORMAT_VERSION),
         "perfxlm.model_params": json.dumps(dataclasses.asdict(params) if dataclasses.is_dataclass(params) else {}),
         "perfxlm.dtype": str(dtype).removeprefix("torch."),
+        "perfxlm.weight_dtype": str(weight_dtype or dtype).removeprefix("torch."),
         "perfxlm.weight_formats": json.dumps(sorted({a.s.decode() for n in tracer.nodes for a in n.attribute
                                                      if a.name.endswith("_format")})),
         "perfxlm.source": source,

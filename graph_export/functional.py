@@ -82,8 +82,9 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            weight_format: str = "dense") -> torch.Tensor:
     """x (T, K) @ weight (N, K)^T + bias (N,) -> (T, N). With a weight_format other than
-    'dense', weight holds GGUF blocks (uint8 (N, K/32 * block bytes)), dequantised here once."""
-    w = weight if weight_format == "dense" else _dequantized(weight, weight_format, x.dtype)
+    'dense', weight holds GGUF blocks (uint8 (N, K/32 * block bytes)), dequantised here once.
+    A dense weight may be bfloat16 under float32 x: its values widen exactly, the product is fp32."""
+    w = _weight(weight, weight_format, x.dtype)
     y = TF.linear(x, w, bias)
     return _record("Linear", [x, weight] + ([bias] if bias is not None else []), [y])
 
@@ -176,7 +177,7 @@ def moe(x: torch.Tensor, router_logits: torch.Tensor, w_gate: torch.Tensor, w_up
     weights, experts = torch.topk(probs, top_k, dim=-1)                      # (T, k) each
     if norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    wg, wu, wd = (w if f == "dense" else _dequantized(w, f, x.dtype)
+    wg, wu, wd = (_weight(w, f, x.dtype)
                   for w, f in ((w_gate, gate_format), (w_up, up_format), (w_down, down_format)))
     y = torch.zeros_like(x)
     for e in torch.unique(experts).tolist():                                 # ascending; experts without tokens skipped
@@ -216,6 +217,13 @@ def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # ---- internals ------------------------------------------------------------------------
 
 _DEQUANTIZED: dict[tuple[int, str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _weight(w: torch.Tensor, fmt: str, dtype: torch.dtype) -> torch.Tensor:
+    """A Linear / expert weight in the activations' dtype: GGUF blocks dequantised, bf16 widened."""
+    if fmt != "dense":
+        return _dequantized(w, fmt, dtype)
+    return w if w.dtype == dtype else w.to(dtype)
 
 
 def _dequantized(blocks: torch.Tensor, fmt: str, dtype: torch.dtype) -> torch.Tensor:

@@ -62,6 +62,9 @@ class HwPlugin(ABC):
     name: str = ""
     priority: int = 0
     api_version: int | None = None  # each plugin class states the API_VERSION it implements
+    # a bfloat16 model runs bf16 weights under float32 activations here (perfxlm.config.split_dtype):
+    # True where bf16 products accumulate in fp32 anyway, so fp32 activations cost no arithmetic
+    bf16_weights_f32_activations: bool = False
 
     @abstractmethod
     def is_available(self) -> bool:

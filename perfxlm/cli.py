@@ -240,7 +240,7 @@ def _bench_roofline(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     import perfxlm  # noqa: F401 - configures logging
     from graph_export.export import export_model, op_histogram, save_model
-    from perfxlm.config import resolve_dtype
+    from perfxlm.config import resolve_dtype, split_dtype
     from pathlib import Path
 
     from perfxlm.models.deployable import GRAPH, DeployableSource, write_deployable
@@ -252,19 +252,21 @@ def _export(args: argparse.Namespace) -> int:
     source = resolve_model(args.model)
     if isinstance(source, DeployableSource):
         raise SystemExit(f"{args.model} is already a deployable directory; export from the original checkpoint")
-    dtype = resolve_dtype(args.dtype, source.hf_config)
     quantization = args.quantization or ("gguf" if args.dtype == "auto" and source.is_quantized() else None)
     if quantization == "gguf" and not source.is_gguf:
         raise SystemExit(f"--quantization gguf needs a .gguf model file; {args.model!r} is not one")
-    model = source.load_weights(dtype)
+    dtype, weight_dtype = split_dtype(resolve_dtype(args.dtype, source.hf_config), None)
+    model = source.load_weights(dtype, weight_dtype)
     graph = export_model(model, source=args.model, producer_version=__version__,
-                         quantized=source.linear_blocks() if quantization else None)
+                         quantized=source.linear_blocks() if quantization else None, weight_dtype=weight_dtype)
     output = Path(args.output)
     graph_file = output if output.suffix == ".onnx" else output / GRAPH
     save_model(graph, graph_file)
     if graph_file != output:
-        write_deployable(source, output, dtype, quantization, graph_file)
-    print(f"wrote {args.output} ({str(dtype).removeprefix('torch.')}{', gguf blocks' if quantization else ''}); "
+        write_deployable(source, output, dtype, quantization, graph_file, weight_dtype)
+    weights = f", {str(weight_dtype).removeprefix('torch.')} weights" if weight_dtype else ""
+    print(f"wrote {args.output} ({str(dtype).removeprefix('torch.')}{weights}"
+          f"{', gguf blocks' if quantization else ''}); "
           "op types:")
     for op, count in op_histogram(graph).items():
         print(f"  {op:16s} {count}")

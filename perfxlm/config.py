@@ -95,9 +95,10 @@ class LoRAConfig:
 @dataclass
 class EngineConfig:
     model: str
-    dtype: Any                        # a torch dtype (perfxlm.dtypes' stand-in without torch)
+    dtype: Any                        # the activations' torch dtype (perfxlm.dtypes' stand-in without torch)
     max_model_len: int
     seed: int = 0
+    weight_dtype: Any = None          # the dense weights' dtype where it is not `dtype` (split_dtype)
     tokenizer: str | None = None
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 4096
@@ -120,6 +121,11 @@ class EngineConfig:
     lora_config: LoRAConfig | None = None      # enable_lora
     # a prompt's logprobs are bitwise the same alone or in any batch (vLLM's VLLM_BATCH_INVARIANT)
     batch_invariant: bool = field(default_factory=lambda: batch_invariant_from_env())
+
+    @property
+    def model_dtype(self) -> Any:
+        """The dtype the model was asked to run in (vLLM's model_config.dtype): its weights'."""
+        return self.weight_dtype or self.dtype
 
     def __post_init__(self) -> None:
         # the plugin's name is checked where it is selected (LLM() does it before loading anything)
@@ -276,6 +282,19 @@ def resolve_dtype(dtype: Any, hf_config: dict[str, Any]) -> Any:
         resolved = _DTYPES.get(str(config_dtype).removeprefix("torch."), dtypes.float32)
         return dtypes.bfloat16 if resolved == dtypes.float32 else resolved
     return _DTYPES[dtype]
+
+
+def split_dtype(dtype: Any, hw_plugin: str | None) -> tuple[Any, Any]:
+    """(activations' dtype, weights' dtype or None when the same) for a model run in `dtype`.
+    bfloat16 runs bfloat16 weights under float32 activations on a plugin whose bf16 arithmetic
+    widens to fp32 anyway (HwPlugin.bf16_weights_f32_activations: the CPU plugins): rounding the
+    residual stream and every Linear's output to bf16 would cost accuracy and save no time."""
+    if dtype != dtypes.bfloat16:
+        return dtype, None
+    from hw_plugins.base import select_plugin
+    if not select_plugin(hw_plugin).bf16_weights_f32_activations:
+        return dtype, None
+    return dtypes.float32, dtypes.bfloat16
 
 
 def config_max_model_len(hf_config: dict[str, Any]) -> int:

@@ -85,7 +85,7 @@ def test_default_dtype_bfloat16_embeddings(minilm_dir, reference):
     """dtype "auto" runs the float32 checkpoint in bfloat16 (the last op's rows come out as
     bfloat16, widened for pooling): embeddings close to sentence-transformers' float32 ones."""
     llm = LLM(str(minilm_dir), kv_cache_memory_bytes=SMALL_KV)
-    assert llm.llm_engine.config.dtype == torch.bfloat16
+    assert llm.llm_engine.model_config.dtype == torch.bfloat16
     ours = np.array([o.outputs.embedding for o in llm.embed(CORPUS[:3] + [LONG], use_tqdm=False)])
     ref = reference.encode(CORPUS[:3] + [LONG], convert_to_numpy=True)
     assert min(cosine(a, b) for a, b in zip(ours, ref)) >= 0.999

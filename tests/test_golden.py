@@ -59,7 +59,9 @@ def test_bfloat16_stays_close_to_float32(smol_llm, gguf_path):
     within 0.5 nats of bf16's best token over the first 16 steps (typical drift is < 0.1)."""
     ref = golden("golden_greedy_vllm_float32.json")
     bf16 = LLM(str(gguf_path), dtype="bfloat16", kv_cache_memory_bytes=SMALL_KV, max_model_len=1024)
-    assert bf16.llm_engine.config.dtype == torch.bfloat16
+    # bf16 weights under fp32 activations on the CPU plugins (perfxlm.config.split_dtype)
+    assert bf16.llm_engine.model_config.dtype == torch.bfloat16
+    assert (bf16.llm_engine.config.dtype, bf16.llm_engine.config.weight_dtype) == (torch.float32, torch.bfloat16)
     for r in ref["results"]:
         ids = r["prompt_token_ids"] + r["token_ids"][:16]
         out = bf16.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, prompt_logprobs=1),

@@ -26,6 +26,7 @@ _WEIGHT_FORMATS = {"dense": None, "q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1, "q4_
 class CpuPlugin(HwPlugin):
     name = "cpu"
     priority = 10  # wins the default choice over the torch reference wherever the library loads
+    bf16_weights_f32_activations = True  # the bf16 micro-kernels take fp32 x
     api_version = 1
     isa: str | None = None  # a kernel set this plugin insists on (None: the best the CPU has)
 
@@ -66,12 +67,14 @@ class CpuPlugin(HwPlugin):
     def supports(self, op_type: str, dtypes: tuple[str, ...]) -> bool:
         if op_type not in self._ops or not dtypes or dtypes[0] not in ACTIVATIONS:
             return False
-        if op_type == "Linear":  # dense weights in the activation dtype, or quantised blocks (uint8)
-            return dtypes[1] in (dtypes[0], "uint8") and all(d == dtypes[0] for d in dtypes[2:])
+        # weights dense in the activation dtype, bf16 under fp32 activations, or quantised blocks (uint8)
+        weights = (dtypes[0], "uint8", *(("bfloat16",) if dtypes[0] == "float32" else ()))
+        if op_type == "Linear":
+            return dtypes[1] in weights and all(d == dtypes[0] for d in dtypes[2:])
         if op_type == "Gather":
             return dtypes[1] == "int64"
-        if op_type == "MoE":  # the three expert weights dense in the activation dtype, or quantised blocks
-            return dtypes[1] == dtypes[0] and all(d in (dtypes[0], "uint8") for d in dtypes[2:5]) \
+        if op_type == "MoE":  # x, router logits, the three expert weights, the shared expert's output and gate
+            return dtypes[1] == dtypes[0] and all(d in weights for d in dtypes[2:5]) \
                 and all(d == dtypes[0] for d in dtypes[5:])
         if op_type == "LoRA":  # x and y in the activation dtype, the adapter slots float32, slot ids int64
             return dtypes[1] == dtypes[0] and dtypes[2:] == ("float32", "float32", "float32", "int64")

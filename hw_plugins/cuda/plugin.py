@@ -29,6 +29,7 @@ GEMV_MAX_ROWS = 8  # up to this many tokens a warp-per-feature GEMV beats a cuBL
 class CudaPlugin(TorchPlugin):
     name = "cuda"
     priority = 20
+    bf16_weights_f32_activations = False  # tensor cores want bf16 activations
     hip = False
     lib_path = _CSRC / "cuda" / "libperfxlm_cuda.so"
 

@@ -23,6 +23,7 @@ _TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 class TorchPlugin(HwPlugin):
     name = "torch"
     priority = 0  # the fallback: any native plugin should win the default choice
+    bf16_weights_f32_activations = True  # the CPU plugins' reference
     api_version = 1
 
     def __init__(self, device: str | None = None) -> None:

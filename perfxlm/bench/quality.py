@@ -138,7 +138,7 @@ def llama_cpp_file(llm: Any, bin_dir: Path, workdir: Path, threads: int) -> Path
         raise ValueError(f"--llama-cpp needs GGUF models; {engine.config.model!r} is not a .gguf file")
     if engine.config.quantization == "gguf":
         return engine.source.path
-    dtype = str(engine.config.dtype).removeprefix("torch.")
+    dtype = str(engine.config.model_dtype).removeprefix("torch.")
     out = workdir / f"{engine.source.path.stem}.{_GGUF_TYPES[dtype]}.gguf"
     if not out.exists():
         _run([bin_dir / "llama-quantize", "--allow-requantize", engine.source.path, out, _GGUF_TYPES[dtype],

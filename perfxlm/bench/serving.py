@@ -174,7 +174,7 @@ def _describe(args: argparse.Namespace, llm: Any, res: dict) -> dict:
     cfg = llm.llm_engine.config
     runner = llm.llm_engine.runner.executor
     plugins = sorted({n.plugin.name for n in runner.runner.nodes}) if hasattr(runner, "runner") else ["eager"]
-    res.update({"model": args.model, "dtype": str(cfg.dtype).removeprefix("torch."), "quantization": cfg.quantization,
+    res.update({"model": args.model, "dtype": str(cfg.model_dtype).removeprefix("torch."), "quantization": cfg.quantization,
                 "hw_plugins": plugins, "input_len": args.input_len, "output_len": args.output_len})
     logger.info("bench config: %s", {k: res[k] for k in ("dtype", "quantization", "hw_plugins")})
     if args.output_json:
@@ -196,7 +196,7 @@ def _roofline(args: argparse.Namespace, llm: Any, res: dict) -> None:
         print("Roofline: not measured (the native cpu kernels are not built here)")
         return
     engine = llm.llm_engine
-    weights = "gguf" if engine.config.quantization == "gguf" else str(engine.config.dtype).removeprefix("torch.")
+    weights = "gguf" if engine.config.quantization == "gguf" else str(engine.config.model_dtype).removeprefix("torch.")
     try:
         cost = roofline.model_cost(engine.source.path)
     except (ValueError, KeyError) as e:  # a model the cost reader does not know: the figures stand alone

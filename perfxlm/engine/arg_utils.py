@@ -14,7 +14,7 @@ from typing import Any
 
 from perfxlm import dtypes
 from perfxlm.config import (EngineConfig, LoRAConfig, PoolerConfig, check_dtype, check_engine_args,
-                            config_max_model_len, derive_max_model_len, resolve_dtype)
+                            config_max_model_len, derive_max_model_len, resolve_dtype, split_dtype)
 from perfxlm.engine.structured_output import StructuredOutputsConfig
 from perfxlm.models.deployable import DeployableSource
 from perfxlm.models.loader import ModelSource, resolve_model
@@ -194,9 +194,11 @@ class EngineArgs:
             source, runner_type, config_max_model_len(source.hf_config)))
         if optional["enable_chunked_prefill"] is False:  # vLLM's default then fits a whole prompt
             max_tokens = max(max_tokens, max_model_len)
+        dtype, weight_dtype = _resolve_dtype(source, self.dtype, keep_blocks, self.hw_plugin)
         config = EngineConfig(
             model=self.model,
-            dtype=_resolve_dtype(source, self.dtype, keep_blocks),
+            dtype=dtype,
+            weight_dtype=weight_dtype,
             max_model_len=max_model_len,
             seed=0 if self.seed is None else self.seed,
             tokenizer=self.tokenizer,
@@ -281,17 +283,22 @@ def parse_model_len(value: str) -> int:
     return int(float(number) * scale)
 
 
-def _resolve_dtype(source: ModelSource | DeployableSource, requested: Any, keep_blocks: bool) -> Any:
-    """vLLM's rule (config.resolve_dtype), but GGUF blocks with dtype auto run float32 activations,
-    as llama.cpp keeps them: bf16 ones (the residual stream and every Linear output rounded) cost
-    the 4-bit default its answers. A deployable directory runs in the dtype it was exported in."""
+def _resolve_dtype(source: ModelSource | DeployableSource, requested: Any, keep_blocks: bool,
+                   hw_plugin: str | None) -> tuple[Any, Any]:
+    """(activations' dtype, dense weights' dtype or None): vLLM's rule (config.resolve_dtype), but
+    GGUF blocks with dtype auto run float32 activations, as llama.cpp keeps them: bf16 ones (the
+    residual stream and every Linear output rounded) cost the 4-bit default its answers; and
+    bfloat16 runs bf16 weights under fp32 activations where the plugin says so (split_dtype).
+    A deployable directory runs in the dtypes it was exported in."""
     if not isinstance(source, DeployableSource):
         auto_blocks = keep_blocks and isinstance(requested, str) and requested == "auto"
-        return resolve_dtype("float32" if auto_blocks else requested, source.hf_config)
+        dtype = resolve_dtype("float32" if auto_blocks else requested, source.hf_config)
+        return (dtype, None) if keep_blocks else split_dtype(dtype, hw_plugin)
     check_dtype(requested)
     name = str(requested).removeprefix("torch.")
-    exported = source.dtype_name
+    exported = source.weight_dtype_name
     if name != "auto" and {"float": "float32", "half": "float16"}.get(name, name) != exported:
         raise ValueError(f"{source.path} was exported in {exported}; it cannot run in dtype {name!r}. Use "
                          f"dtype='auto', or export it again with `perfxlm export --dtype {name}`.")
-    return getattr(dtypes, exported)
+    act = getattr(dtypes, source.dtype_name)
+    return act, (getattr(dtypes, exported) if exported != source.dtype_name else None)

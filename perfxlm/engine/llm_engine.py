@@ -80,8 +80,9 @@ class LLMEngine:
         self._new_request_ns: list[int] = []  # n of each request queued since the last stats
         self._spec = spec
         self.sleep_mode = SleepMode()
-        logger.info("engine ready in %.1f s: %s, %s", time.perf_counter() - start, source.path,
-                    str(config.dtype).removeprefix("torch."))
+        logger.info("engine ready in %.1f s: %s, %s%s", time.perf_counter() - start, source.path,
+                    str(config.dtype).removeprefix("torch."),
+                    f" ({str(config.weight_dtype).removeprefix('torch.')} weights)" if config.weight_dtype else "")
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs, usage_context: UsageContext = UsageContext.ENGINE_CONTEXT,
@@ -92,7 +93,7 @@ class LLMEngine:
     @property
     def model_config(self) -> ModelConfig:
         return ModelConfig(model=self.config.model, max_model_len=self.config.max_model_len,
-                           dtype=self.config.dtype, hf_config=self.source.hf_config, vocab_size=self.vocab_size,
+                           dtype=self.config.model_dtype, hf_config=self.source.hf_config, vocab_size=self.vocab_size,
                            max_logprobs=self.config.max_logprobs, generation_config=self.generation_config,
                            runner_type=self.config.runner_type, convert_type=self.config.convert_type,
                            pooler_config=self.config.pooler_config, embedding_size=self._spec.vocab_size)
@@ -105,13 +106,14 @@ class LLMEngine:
             if config.batch_invariant:
                 raise ValueError("PERFXLM_BATCH_INVARIANT=1 needs the graph executor (PERFXLM_EXECUTOR=eager "
                                  "runs torch, whose GEMMs depend on the batch)")
-            model = source.load_weights(config.dtype)  # a deployable directory refuses: its weights are in its graph
+            model = source.load_weights(config.dtype, config.weight_dtype)  # a deployable directory refuses: its weights are in its graph
             if lora:
                 from perfxlm.models.lora import enable_lora
                 enable_lora(model, *lora)
             from perfxlm.engine.eager_executor import EagerExecutor  # torch: only for this executor
             return EagerExecutor(model, spec, num_blocks, config.block_size)
-        executor = self._graph_executor(_graph(source, config.dtype, config.quantization, lora), num_blocks)
+        graph = _graph(source, config.dtype, config.quantization, lora, config.weight_dtype)
+        executor = self._graph_executor(graph, num_blocks)
         if executor.spec != spec:
             raise RuntimeError(f"the exported graph's vocabulary and KV caches {executor.spec} differ from the "
                                f"model's {spec}")
@@ -450,9 +452,9 @@ def _graph_spec(source: ModelSource | DeployableSource, dtype: Any, lora: bool) 
 
 
 def _graph(source: ModelSource | DeployableSource, dtype: Any, quantization: str | None,
-           lora: tuple[int, int] | None) -> Path:
+           lora: tuple[int, int] | None, weight_dtype: Any) -> Path:
     """The graph to run: a deployable directory's own, else the graph cache's (exported on first use)."""
     if isinstance(source, DeployableSource):
         return source.graph_path
     from perfxlm.models.graph_cache import cached_graph  # exports through torch
-    return cached_graph(source, dtype, quantization, lora)
+    return cached_graph(source, dtype, quantization, lora, weight_dtype)

@@ -85,14 +85,20 @@ class DeployableSource:
 
     @property
     def dtype_name(self) -> str:
-        """The dtype the graph was exported in ('float32', ...): the only one it runs in."""
+        """The activations' dtype the graph was exported in ('float32', ...): the only one it runs in."""
         return self.metadata["dtype"]
+
+    @property
+    def weight_dtype_name(self) -> str:
+        """The dtype asked for at export ('bfloat16' runs bf16 weights under float32 activations
+        where the exporting plugin does so: perfxlm.config.split_dtype)."""
+        return self.metadata.get("weight_dtype") or self.metadata["dtype"]
 
     @property
     def pooling_task(self) -> str | None:
         return self.family.pooling_task
 
-    def load_weights(self, dtype: Any) -> Any:
+    def load_weights(self, dtype: Any, weight_dtype: Any = None) -> Any:
         raise ValueError(f"{self.path} is a deployable directory: its weights are in the exported graph, which "
                          "only the graph executor runs. Unset PERFXLM_EXECUTOR=eager, or point `model` at the "
                          "original checkpoint.")
@@ -102,7 +108,8 @@ class DeployableSource:
         return load_tokenizer_files(self.path, **kwargs)
 
 
-def write_deployable(source: Any, out: Path, dtype: Any, quantization: str | None, graph_file: Path) -> None:
+def write_deployable(source: Any, out: Path, dtype: Any, quantization: str | None, graph_file: Path,
+                     weight_dtype: Any = None) -> None:
     """Fill `out` from a ModelSource: the exported graph `graph_file` (and its .data side file),
     the tokenizer saved as transformers saves it, the configs and perfxlm.json."""
     from perfxlm.version import __version__
@@ -122,7 +129,8 @@ def write_deployable(source: Any, out: Path, dtype: Any, quantization: str | Non
     (out / "generation_config.json").write_text(json.dumps(source.generation_config, indent=2))
     family = source.registered_family() if source.convert == "none" else source.family
     meta = {"format_version": DEPLOYABLE_VERSION, "perfxlm_version": __version__, "source": source.name,
-            "dtype": str(dtype).removeprefix("torch."), "quantization": quantization,
+            "dtype": str(dtype).removeprefix("torch."),
+            "weight_dtype": str(weight_dtype or dtype).removeprefix("torch."), "quantization": quantization,
             "family": family.__name__ if family is not None else None,
             "convert_type": source.convert, "pooling_task": getattr(family, "pooling_task", None),
             "default_seq_pooling_type": getattr(family, "default_seq_pooling_type", "LAST"),

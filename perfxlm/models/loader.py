@@ -78,8 +78,10 @@ class ModelSource:
         with torch.device("meta"):
             return self.family(self.params())
 
-    def load_weights(self, dtype: torch.dtype) -> CausalLM:
-        """The model in `dtype`, its weights read from the checkpoint."""
+    def load_weights(self, dtype: torch.dtype, weight_dtype: torch.dtype | None = None) -> CausalLM:
+        """The model in `dtype`, its weights read from the checkpoint. With `weight_dtype`
+        (bfloat16 under float32), every weight matrix holds values rounded to that dtype, as
+        the graph exported with weight_dtype stores them: the model computes what it runs."""
         import torch
         family, params, model = self.family, self.params(), self.meta_model()
         if self.is_gguf:
@@ -94,7 +96,12 @@ class ModelSource:
         _assign(model, state, self.path)
         with torch.no_grad():
             model.after_load()
-        return model.to(dtype).eval()  # computed buffers (RoPE tables) to the model's dtype too
+            model = model.to(dtype)
+            if weight_dtype is not None and weight_dtype != dtype:
+                for p in model.parameters():
+                    if p.dim() >= 2 and p.is_floating_point():
+                        p.copy_(p.to(weight_dtype))
+        return model.eval()  # computed buffers (RoPE tables) to the model's dtype too
 
     def load_tokenizer(self, **kwargs: Any) -> Any:
         if self.is_gguf:
