@@ -55,14 +55,14 @@ static void run_tiles(const pxl_kernel_set *ks, pxl_tile_fn tile, size_t es, siz
 PXL_CLONES static void quantize_blocks(int fmt, size_t nb, const float *x, int8_t *q, float *d, float *c, float *e) {
     for (size_t b = 0; b < nb; b++) {
         const float *xb = x + b * PXL_QK;
-        float m[16], s[16];
+        float m[16];
         for (int l = 0; l < 16; l++) {
             float a = fabsf(xb[l]), z = fabsf(xb[l + 16]);
-            m[l] = a > z ? a : z, s[l] = xb[l] + xb[l + 16];
+            m[l] = a > z ? a : z;
         }
-        for (int w = 8; w; w /= 2) /* max and sum folded in halves */
-            for (int l = 0; l < w; l++) m[l] = m[l] > m[l + w] ? m[l] : m[l + w], s[l] += s[l + w];
-        float amax = m[0], sum = s[0], db = amax / 127.0f, id = db != 0 ? 1.0f / db : 0.0f;
+        for (int w = 8; w; w /= 2) /* max folded in halves */
+            for (int l = 0; l < w; l++) m[l] = m[l] > m[l + w] ? m[l] : m[l + w];
+        float amax = m[0], db = amax / 127.0f, id = db != 0 ? 1.0f / db : 0.0f;
         int32_t qsum = 0;
         for (int j = 0; j < PXL_QK; j++) {
             /* round half to even by the 1.5 * 2^23 shifter (|x id| <= 127): the integer is then the
@@ -77,9 +77,11 @@ PXL_CLONES static void quantize_blocks(int fmt, size_t nb, const float *x, int8_
         }
         int base = PXL_QBASE(fmt);
         d[b] = db;
-        c[b] = base == PXL_Q4_1 ? sum : 0.0f;
-        e[b] = base == PXL_Q4_1   ? 8.0f * (sum - db * (float)qsum)
-               : base == PXL_Q4_0 ? -8.0f * db * (float)qsum
+        /* Q4_1's m_w term takes the rounded x's sum, as llama.cpp's Q8_1 s: the rounding error
+         * then meets sum_j w_j (x_j - q_j d), the weights themselves, which centre on zero
+         * better than the block's range midpoint m_w + 8 d_w that the exact sum would leave */
+        c[b] = base == PXL_Q4_1 ? db * (float)qsum : 0.0f;
+        e[b] = base == PXL_Q4_0 ? -8.0f * db * (float)qsum
                : fmt == PXL_Q8_0R ? -128.0f * (float)qsum /* exact: |.| < 2^24 */
                                   : 0.0f;
     }

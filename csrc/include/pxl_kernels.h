@@ -19,9 +19,9 @@ typedef void (*pxl_tile_fn)(int rm, int rn, size_t K, const void *X, size_t ldx,
  * 32-block b, q (K,) int8 with x ~= d[b] * q, and the Q4 offset terms: a block computes
  *   y_b = d_w d[b] int_dot(nibbles, q) + m_w c[b] + d_w e[b]
  * Q4_0 (w = d_w (n - 8)):  c = 0, e = -8 d sum(q);
- * Q4_1 (w = d_w n + m_w):  c = sum(x) exact, e = 8 (sum(x) - d sum(q)), which equals
- *   d_w sum((n - 8) q d) + (m_w + 8 d_w) sum(x): the rounding of x only meets the centred
- *   nibbles (n - 8), 3.6x less error variance than meeting n in [0, 15].
+ * Q4_1 (w = d_w n + m_w):  c = d sum(q), e = 0: the block's sum(w q d), as llama.cpp's Q8_1
+ *   s term gives it (the rounding of x meets w, which is near zero on average; the exact
+ *   sum(x) would leave it meeting w - m_w - 8 d_w, the block's range centre, which is not).
  * Q8_0 repacked (PXL_Q8_0R, w + 128 stored unsigned): c = 0, e = -128 sum(q), so the
  *   block's dot is the exact integer int_dot(w + 128, q) + e.
  * Dot products run in uint8/int8 x int8 -> exact int32 (VNNI, maddubs). */
