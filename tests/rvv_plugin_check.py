@@ -30,21 +30,17 @@ def run(plugin, op: str, attrs: dict, ins: list, out_shape: tuple) -> np.ndarray
     return plugin.download(out)
 
 
-def int8_x_reference(x: np.ndarray, w: np.ndarray, deq: np.ndarray, fmt: str) -> np.ndarray:
+def int8_x_reference(x: np.ndarray, deq: np.ndarray) -> np.ndarray:
     """What the int8 dot-product path (T <= 4) computes exactly, up to summation order: x
-    quantised per 32-block (d = amax / 127, q rounded half away from zero); Q4_1 sends the
-    exact block sums through m + 8 d (csrc/include/pxl_kernels.h, pxl_qx)."""
+    quantised per 32-block (d = amax / 127, q rounded half away from zero) times the dequantised
+    weights, Q4_1's offset included (csrc/include/pxl_kernels.h, pxl_qx)."""
     T, K = x.shape
     xb = x.reshape(T, K // 32, 32)
     d = (np.abs(xb).max(-1) / np.float32(127)).astype(np.float32)
     inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, 1), 0).astype(np.float32)
     v = xb * inv[..., None]
     xq = (np.sign(v) * np.floor(np.abs(v) + 0.5)) * d[..., None]
-    ref = xq.reshape(T, K).astype(np.float64) @ deq.T.astype(np.float64)
-    if fmt == "q4_1":
-        _, dw = quantize(w, fmt, scales=True)  # (N, nb): m + 8 d of each weight block
-        ref += (xb.sum(-1) - xq.sum(-1)).astype(np.float64) @ dw.T.astype(np.float64)
-    return ref
+    return xq.reshape(T, K).astype(np.float64) @ deq.T.astype(np.float64)
 
 
 def moe_reference(ins: list[np.ndarray], k: int, norm: bool) -> np.ndarray:
@@ -63,9 +59,8 @@ def moe_reference(ins: list[np.ndarray], k: int, norm: bool) -> np.ndarray:
     return y
 
 
-def quantize(w: np.ndarray, fmt: str, scales: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """GGUF blocks by hand (numpy only) -> (uint8 rows, exact dequantised weights), or with
-    scales=True (blocks, m + 8 d per block) for Q4_1."""
+def quantize(w: np.ndarray, fmt: str) -> tuple[np.ndarray, np.ndarray]:
+    """GGUF blocks by hand (numpy only) -> (uint8 rows, exact dequantised weights)."""
     N, K = w.shape
     b = w.reshape(N, K // 32, 32)
     if fmt == "q8_0":
@@ -87,8 +82,6 @@ def quantize(w: np.ndarray, fmt: str, scales: bool = False) -> tuple[np.ndarray,
         head = [d.view(np.uint8).reshape(N, -1, 2)] + ([] if fmt == "q4_0" else [m16.view(np.uint8).reshape(N, -1, 2)])
         blocks = np.concatenate(head + [packed], -1)
         deq = d.astype(np.float32)[..., None] * q + m[..., None]
-        if scales:
-            return blocks, m + 8 * d.astype(np.float32)
     return np.ascontiguousarray(blocks.reshape(N, -1)), deq.reshape(N, K)
 
 
@@ -105,7 +98,7 @@ def main() -> int:
         if K % 32 == 0:
             for fmt in ("q8_0", "q4_0", "q4_1"):
                 blocks, deq = quantize(w, fmt)
-                ref = int8_x_reference(x, w, deq, fmt) if T <= 4 else x @ deq.T
+                ref = int8_x_reference(x, deq) if T <= 4 else x @ deq.T
                 check(f"Linear {fmt} T={T} N={N} K={K}",
                       run(plugin, "Linear", {"weight_format": fmt}, [x, blocks], (T, N)), ref, 1e-4)
     x, wn = f(6, 64), f(64)
