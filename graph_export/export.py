@@ -205,7 +205,6 @@ def export_model(model: torch.nn.Module, *, source: str = "", producer_version: 
         "perfxlm.format_version": str(FORMAT_VERSION),
         "perfxlm.model_params": json.dumps(dataclasses.asdict(params) if dataclasses.is_dataclass(params) else {}),
         "perfxlm.dtype": str(dtype).removeprefix("torch."),
-        "perfxlm.weight_dtype": str(weight_dtype or dtype).removeprefix("torch."),
         "perfxlm.weight_formats": json.dumps(sorted({a.s.decode() for n in tracer.nodes for a in n.attribute
                                                      if a.name.endswith("_format")})),
         "perfxlm.source": source,

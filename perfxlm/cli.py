@@ -240,8 +240,9 @@ def _bench_roofline(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     import perfxlm  # noqa: F401 - configures logging
     from graph_export.export import export_model, op_histogram, save_model
-    from perfxlm.config import resolve_dtype, split_dtype
     from pathlib import Path
+
+    from perfxlm.engine.arg_utils import resolve_dtypes
 
     from perfxlm.models.deployable import GRAPH, DeployableSource, write_deployable
     from perfxlm.models.loader import load_tokenizer, resolve_model
@@ -255,7 +256,7 @@ def _export(args: argparse.Namespace) -> int:
     quantization = args.quantization or ("gguf" if args.dtype == "auto" and source.is_quantized() else None)
     if quantization == "gguf" and not source.is_gguf:
         raise SystemExit(f"--quantization gguf needs a .gguf model file; {args.model!r} is not one")
-    dtype, weight_dtype = split_dtype(resolve_dtype(args.dtype, source.hf_config), None)
+    dtype, weight_dtype = resolve_dtypes(source, args.dtype, quantization == "gguf", None)
     model = source.load_weights(dtype, weight_dtype)
     graph = export_model(model, source=args.model, producer_version=__version__,
                          quantized=source.linear_blocks() if quantization else None, weight_dtype=weight_dtype)

@@ -118,3 +118,24 @@ def test_llm_loads_the_directory_in_process_and_refuses_eager_and_other_dtypes(d
     monkeypatch.setenv("PERFXLM_EXECUTOR", "eager")
     with pytest.raises(ValueError, match="deployable directory.*PERFXLM_EXECUTOR=eager"):
         LLM(model=str(deploy_dir), kv_cache_memory_bytes=SMALL_KV, max_model_len=256)
+
+
+def test_bfloat16_export_keeps_bf16_weights_under_fp32_activations(gguf_path, tmp_path):
+    """`perfxlm export --dtype bfloat16` records the split the engine runs (bf16 weights, fp32
+    activations on the CPU plugins), loads as bfloat16, gives the checkpoint path's greedy tokens,
+    and refuses another dtype naming the one it was exported in."""
+    import torch
+
+    from perfxlm.cli import main
+    out = tmp_path / "smollm2-bf16"
+    assert main(["export", str(gguf_path), "-o", str(out), "--dtype", "bfloat16"]) == 0
+    meta = json.loads((out / "perfxlm.json").read_text())
+    assert (meta["dtype"], meta["weight_dtype"]) == ("float32", "bfloat16")
+    llm = LLM(model=str(out), dtype="bfloat16", kv_cache_memory_bytes=SMALL_KV, max_model_len=256)
+    assert llm.llm_engine.model_config.dtype == torch.bfloat16
+    assert (llm.llm_engine.config.dtype, llm.llm_engine.config.weight_dtype) == (torch.float32, torch.bfloat16)
+    ref = LLM(model=str(gguf_path), dtype="bfloat16", kv_cache_memory_bytes=SMALL_KV, max_model_len=256)
+    ids = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, SamplingParams(**GREEDY), use_tqdm=False)]
+    assert ids == [o.outputs[0].token_ids for o in ref.generate(PROMPTS, SamplingParams(**GREEDY), use_tqdm=False)]
+    with pytest.raises(ValueError, match="exported in bfloat16; it cannot run in dtype 'float32'"):
+        LLM(model=str(out), dtype="float32", kv_cache_memory_bytes=SMALL_KV, max_model_len=256)

@@ -174,8 +174,8 @@ def _describe(args: argparse.Namespace, llm: Any, res: dict) -> dict:
     cfg = llm.llm_engine.config
     runner = llm.llm_engine.runner.executor
     plugins = sorted({n.plugin.name for n in runner.runner.nodes}) if hasattr(runner, "runner") else ["eager"]
-    res.update({"model": args.model, "dtype": str(cfg.model_dtype).removeprefix("torch."), "quantization": cfg.quantization,
-                "hw_plugins": plugins, "input_len": args.input_len, "output_len": args.output_len})
+    res.update({"model": args.model, "dtype": str(cfg.model_dtype).removeprefix("torch."),
+                "quantization": cfg.quantization, "hw_plugins": plugins, "input_len": args.input_len, "output_len": args.output_len})
     logger.info("bench config: %s", {k: res[k] for k in ("dtype", "quantization", "hw_plugins")})
     if args.output_json:
         with open(args.output_json, "w") as f:

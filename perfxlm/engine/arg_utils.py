@@ -194,7 +194,7 @@ class EngineArgs:
             source, runner_type, config_max_model_len(source.hf_config)))
         if optional["enable_chunked_prefill"] is False:  # vLLM's default then fits a whole prompt
             max_tokens = max(max_tokens, max_model_len)
-        dtype, weight_dtype = _resolve_dtype(source, self.dtype, keep_blocks, self.hw_plugin)
+        dtype, weight_dtype = resolve_dtypes(source, self.dtype, keep_blocks, self.hw_plugin)
         config = EngineConfig(
             model=self.model,
             dtype=dtype,
@@ -283,13 +283,12 @@ def parse_model_len(value: str) -> int:
     return int(float(number) * scale)
 
 
-def _resolve_dtype(source: ModelSource | DeployableSource, requested: Any, keep_blocks: bool,
+def resolve_dtypes(source: ModelSource | DeployableSource, requested: Any, keep_blocks: bool,
                    hw_plugin: str | None) -> tuple[Any, Any]:
-    """(activations' dtype, dense weights' dtype or None): vLLM's rule (config.resolve_dtype), but
-    GGUF blocks with dtype auto run float32 activations, as llama.cpp keeps them: bf16 ones (the
-    residual stream and every Linear output rounded) cost the 4-bit default its answers; and
-    bfloat16 runs bf16 weights under fp32 activations where the plugin says so (split_dtype).
-    A deployable directory runs in the dtypes it was exported in."""
+    """(activations' dtype, dense weights' dtype or None), for the engine and `perfxlm export`:
+    vLLM's rule (config.resolve_dtype), but GGUF blocks with dtype auto run float32 activations,
+    as llama.cpp keeps them, and bfloat16 runs bf16 weights under fp32 activations where the
+    plugin says so (split_dtype). A deployable directory runs in the dtypes it was exported in."""
     if not isinstance(source, DeployableSource):
         auto_blocks = keep_blocks and isinstance(requested, str) and requested == "auto"
         dtype = resolve_dtype("float32" if auto_blocks else requested, source.hf_config)

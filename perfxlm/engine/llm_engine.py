@@ -106,7 +106,8 @@ class LLMEngine:
             if config.batch_invariant:
                 raise ValueError("PERFXLM_BATCH_INVARIANT=1 needs the graph executor (PERFXLM_EXECUTOR=eager "
                                  "runs torch, whose GEMMs depend on the batch)")
-            model = source.load_weights(config.dtype, config.weight_dtype)  # a deployable directory refuses: its weights are in its graph
+            # a deployable directory refuses: its weights are in its graph
+            model = source.load_weights(config.dtype, config.weight_dtype)
             if lora:
                 from perfxlm.models.lora import enable_lora
                 enable_lora(model, *lora)
