@@ -326,8 +326,9 @@ def test_stream_interval_batches_tokens_per_output(async_llm, chunked_llm):
     (want,) = chunked_llm.generate([PROMPTS[0]], greedy(FINAL_ONLY, 10), use_tqdm=False)
     outs = asyncio.run(collect(async_llm, PROMPTS[0], greedy(DELTA, 10, stream_interval=4), "interval"))
     sizes = [len(o.outputs[0].token_ids) for o in outs]
-    # the first token at once, then at least 4 a time (more if the consumer lagged), the rest at the end
-    assert sizes[0] == 1 and all(n >= 4 for n in sizes[1:-1]) and sum(sizes) == 10, sizes
-    assert len(outs) <= 4 and outs[-1].finished
+    # the first output at once (one token, or a few the engine made while the consumer lagged),
+    # then at least 4 a time, the rest at the end
+    assert 2 <= len(outs) <= 4 and sizes[0] < 10 and all(n >= 4 for n in sizes[1:-1]) and sum(sizes) == 10, sizes
+    assert outs[-1].finished
     assert [t for o in outs for t in o.outputs[0].token_ids] == want.outputs[0].token_ids
     assert_engine_clean(async_llm)
