@@ -1,5 +1,6 @@
 /* Roofline probes for `perfxlm bench roofline`: this machine's memory read bandwidth and
- * its peak arithmetic rates, measured with the same threads the kernels use.
+ * its peak arithmetic rates, measured with the same threads the kernels use, the caller
+ * pinned as in a plan run (else a floating caller can share a core with a pinned worker).
  *
  * Peaks run register-resident chains of one instruction (fp32 FMA, bf16 pair-dot, int8
  * quad-dot) on every thread: 12 independent accumulators cover the latency x throughput
@@ -59,8 +60,11 @@ double pxl_roofline_peak(int kind, size_t iters) {
                          : __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vnni");
     if (!ok) return 0;
     double total = 0;
+    pxl_cpu_mask saved;
+    int pinned = pxl_pin_caller(&saved);
 #pragma omp parallel num_threads(pxl_num_threads()) reduction(+ : total)
     total += kind == 0 ? fma_f32(iters) : kind == 1 ? dot_bf16(iters) : dot_int8(iters);
+    if (pinned) pxl_unpin_caller(&saved);
     return total;
 #else
     (void)kind, (void)iters;
@@ -72,6 +76,8 @@ double pxl_roofline_peak(int kind, size_t iters) {
  * weights; returns a checksum so nothing is optimised away */
 PXL_CLONES_READ uint64_t pxl_roofline_read(const void *p, size_t bytes) {
     uint64_t total = 0;
+    pxl_cpu_mask saved;
+    int pinned = pxl_pin_caller(&saved);
 #pragma omp parallel num_threads(pxl_num_threads()) reduction(^ : total)
     {
         size_t n0, n1, n = bytes / 64;
@@ -82,5 +88,6 @@ PXL_CLONES_READ uint64_t pxl_roofline_read(const void *p, size_t bytes) {
             for (int j = 0; j < 8; j++) acc[j] ^= q[i * 8 + j];
         for (int j = 0; j < 8; j++) total ^= acc[j];
     }
+    if (pinned) pxl_unpin_caller(&saved);
     return total;
 }

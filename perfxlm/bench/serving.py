@@ -6,7 +6,7 @@ throughput: --num-prompts random-token prompts of --input-len tokens, each gener
 latency: --batch-size prompts stepped through the engine --num-iters times (after warm-up);
   TTFT is the time to the first token (prefill), ITL the time of each later step; TPOT is
   the mean ITL, and decode tokens/s = batch size / TPOT.
-Both then place their rates under the machine's roofs (measured once, about a second):
+Both then place their rates under the machine's roofs (measured once, about three seconds):
 achieved GB/s of decode against the read bandwidth, GFLOP/s (GOP/s for GGUF blocks) of
 prefill and batches against the peak of the arithmetic the weights use.
 """
@@ -175,7 +175,8 @@ def _describe(args: argparse.Namespace, llm: Any, res: dict) -> dict:
     runner = llm.llm_engine.runner.executor
     plugins = sorted({n.plugin.name for n in runner.runner.nodes}) if hasattr(runner, "runner") else ["eager"]
     res.update({"model": args.model, "dtype": str(cfg.model_dtype).removeprefix("torch."),
-                "quantization": cfg.quantization, "hw_plugins": plugins, "input_len": args.input_len, "output_len": args.output_len})
+                "quantization": cfg.quantization, "hw_plugins": plugins,
+                "input_len": args.input_len, "output_len": args.output_len})
     logger.info("bench config: %s", {k: res[k] for k in ("dtype", "quantization", "hw_plugins")})
     if args.output_json:
         with open(args.output_json, "w") as f:
