@@ -107,24 +107,26 @@ static pxl_q8k q8k_at(const int8_t *qbuf, size_t K, size_t t) {
     return (pxl_q8k){p, d, (const int16_t *)(d + K / PXL_QK_K)};
 }
 
-/* x rows [t0, t1) as the kernels read them: converted between bf16 and fp32 into xc (when
- * not NULL) and, for int8 dot products, quantised into qbuf (q (T, K) | d | c | e, each (T, nb);
- * for K-quants, T pieces of Q8_K) */
+/* x rows [t0, t1) as the kernels read them: converted between bf16 and fp32 (or copied) into
+ * xc, ldc apart (when not NULL) and, for int8 dot products, quantised into qbuf (q (T, K) |
+ * d | c | e, each (T, nb); for K-quants, T pieces of Q8_K) */
 static void prepare_rows(int dt, int wfmt, size_t T, size_t t0, size_t t1, size_t K, const void *x, void *xc,
-                         int8_t *qbuf) {
+                         size_t ldc, int8_t *qbuf) {
     size_t nb = K / PXL_QK;
     for (size_t t = t0; t < t1; t++) {
+        const float *xf = xc ? (const float *)xc + t * ldc : (const float *)x + t * K; /* (qbuf: fp32) */
         if (xc && (wfmt == PXL_BF16 || wfmt == PXL_BF16P))
-            convert_row(1, K, (const float *)x + t * K, (uint16_t *)xc + t * K);
+            convert_row(1, K, (const float *)x + t * K, (uint16_t *)xc + t * ldc);
+        else if (xc && dt == PXL_F32)
+            memcpy((float *)xc + t * ldc, (const float *)x + t * K, K * 4);
         else if (xc)
-            convert_row(0, K, (const uint16_t *)x + t * K, (float *)xc + t * K);
+            convert_row(0, K, (const uint16_t *)x + t * K, (float *)xc + t * ldc);
         if (qbuf && PXL_IS_KQUANT(wfmt)) {
             pxl_q8k unused;
-            pxl_quantize_q8k(K, (const float *)(xc ? xc : x) + t * K, qbuf + t * pxl_q8k_bytes(K), &unused);
+            pxl_quantize_q8k(K, xf, qbuf + t * pxl_q8k_bytes(K), &unused);
         } else if (qbuf) {
             float *d = (float *)(qbuf + T * K), *c = d + T * nb, *e = c + T * nb;
-            pxl_quantize_x(wfmt, 1, K, (const float *)(xc ? xc : x) + t * K, qbuf + t * K, d + t * nb, c + t * nb,
-                           e + t * nb);
+            pxl_quantize_x(wfmt, 1, K, xf, qbuf + t * K, d + t * nb, c + t * nb, e + t * nb);
         }
     }
 }
@@ -278,7 +280,7 @@ PXL_CLONES static void store_gated(const out_spec *o, size_t r0, size_t c0, size
  * in L1: no T x cols fp32 copy of the result (6 MB for the lm_head of a 64-token decode step)
  * goes through memory. Gated, a panel makes 16 columns of out. */
 static void run_packed(const pxl_kernel_set *ks, int f32, size_t T, size_t cols, size_t K, const void *X,
-                       const void *Wp, float *Y, size_t ldy, const out_spec *out, size_t c0) {
+                       size_t ldx, const void *Wp, float *Y, size_t ldy, const out_spec *out, size_t c0) {
     size_t es = f32 ? 4 : 2;
     /* weights packed under another kernel set (pxl_set_isa since): the portable kernels */
     pxl_gemm_p_fn gemm = f32 ? (ks->gemm_f32p ? ks->gemm_f32p : pxl_gemm_f32p_generic)
@@ -316,23 +318,23 @@ static void run_packed(const pxl_kernel_set *ks, int f32, size_t T, size_t cols,
                  * output) comes from L3 or DRAM, and each chunk's first panel would wait on it
                  * (prefetcht0, the default hint: prefetcht1 / t2 do not bring these lines in) */
                 if (t1 < T) {
-                    size_t xl = ((T - t1 < PACKED_T_CHUNK ? T - t1 : PACKED_T_CHUNK) * K * es + 63) / 64;
+                    size_t xl = ((T - t1 < PACKED_T_CHUNK ? T - t1 : PACKED_T_CHUNK) * ldx * es + 63) / 64;
                     size_t G = npanels * calls, g = s * calls + c;
-                    const char *xn = (const char *)X + t1 * K * es;
+                    const char *xn = (const char *)X + t1 * ldx * es;
                     for (size_t l = xl * g / G; l < xl * (g + 1) / G; l++) __builtin_prefetch(xn + l * 64);
                 }
                 size_t l0 = next ? lines * c / calls : 0, l1 = next ? lines * (c + 1) / calls : 0;
                 const char *pf = next ? next + l0 * 64 : NULL;
-                const char *x = (const char *)X + t * K * es;
+                const char *x = (const char *)X + t * ldx * es;
                 if (wide && nvalid == PXL_PANEL) {
-                    wide(rm, K, x, K, w, (float *)out->y + t * out->ldy + c0 + n, out->ldy, nvalid, pf, l1 - l0);
+                    wide(rm, K, x, ldx, w, (float *)out->y + t * out->ldy + c0 + n, out->ldy, nvalid, pf, l1 - l0);
                 } else if (direct) {
-                    direct(rm, K, x, K, w, (uint16_t *)out->y + t * out->ldy + c0 + n, out->ldy, nvalid, pf, l1 - l0);
+                    direct(rm, K, x, ldx, w, (uint16_t *)out->y + t * out->ldy + c0 + n, out->ldy, nvalid, pf, l1 - l0);
                 } else if (!out) {
-                    gemm(rm, K, x, K, w, Y + t * ldy + n, ldy, nvalid, pf, l1 - l0);
+                    gemm(rm, K, x, ldx, w, Y + t * ldy + n, ldy, nvalid, pf, l1 - l0);
                 } else { /* through the tile, one call's rows while they are in L1 (a whole chunk's
                           * tile, stored at the panel's end, would leave L1 first) */
-                    gemm(rm, K, x, K, w, Y, PXL_PANEL, gated ? PXL_PANEL : nvalid, pf, l1 - l0);
+                    gemm(rm, K, x, ldx, w, Y, PXL_PANEL, gated ? PXL_PANEL : nvalid, pf, l1 - l0);
                     if (gated) store_gated(out, t, c0 + n, rm, nvalid, Y, Y + PXL_PANEL / 2, PXL_PANEL);
                     else store_rows(out, t, c0 + n, rm, nvalid, Y, PXL_PANEL);
                 }
@@ -345,9 +347,10 @@ static void run_packed(const pxl_kernel_set *ks, int f32, size_t T, size_t cols,
 /* columns [0, cols) of y = x @ W^T where W starts at this thread's first row: into Y, or for
  * the packed paths with `out`, through a one-panel tile Y into out */
 static void compute(const pxl_kernel_set *ks, int wfmt, int packed_q, size_t T, size_t cols, size_t K,
-                    const void *xk, const int8_t *qbuf, const char *W, float *Y, size_t ldy, const out_spec *out) {
+                    const void *xk, size_t ldx, const int8_t *qbuf, const char *W, float *Y, size_t ldy,
+                    const out_spec *out) {
     if (wfmt == PXL_BF16P || wfmt == PXL_F32P) {
-        run_packed(ks, wfmt == PXL_F32P, T, cols, K, xk, W, Y, ldy, out, 0);
+        run_packed(ks, wfmt == PXL_F32P, T, cols, K, xk, ldx, W, Y, ldy, out, 0);
     } else if (wfmt <= PXL_BF16) {
         run_tiles(ks, wfmt == PXL_F32 ? ks->tile_f32 : ks->tile_bf16, wfmt == PXL_F32 ? 4 : 2, T, 0, cols, K, xk, W,
                   Y, ldy);
@@ -408,7 +411,7 @@ static void compute(const pxl_kernel_set *ks, int wfmt, int packed_q, size_t T, 
             size_t r = cols - n < PXL_PANEL ? cols - n : PXL_PANEL;
             pxl_dequant_rows(wfmt, W, n, r, K, rows);
             pack_panel(PXL_F32, r, K, rows, panel);
-            run_packed(ks, 0, T, r, K, xk, panel, out ? Y : Y + n, ldy, out, n);
+            run_packed(ks, 0, T, r, K, xk, ldx, panel, out ? Y : Y + n, ldy, out, n);
         }
     } else { /* fp32 GEMM tiles over dequantised panels of rows */
         float *panel = pxl_scratch(3, (size_t)PANEL * K * 4);
@@ -433,23 +436,31 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
                         : quant && (T <= PXL_Q_DOT_MAX_T || pxl_batch_invariant() || repacked);
     /* prefill on quantised weights with bf16 x: packed bf16 panels where the set has the kernel */
     const int packed_q = quant && !qdot && dt == PXL_BF16 && ks->gemm_bf16p && T >= PXL_PACKED_Q_MIN_T;
-    const int convert = bf16_w ? dt == PXL_F32 : dt == PXL_BF16 && !packed_q; /* (F32P: x in fp32) */
+    /* The packed kernels read the same K step of up to PXL_PANEL_RM rows at once: rows a multiple
+     * of 4 KiB apart (K = 2048 or 8192) would all fall in one L1 set and evict each other every
+     * few steps. So the rows they read lie an odd number of cache lines apart: converted rows
+     * are written so, and fp32 rows a multiple of 8 lines apart (12 rows in at most 8 of the 64
+     * sets) are copied so. */
+    const int packed = wfmt == PXL_BF16P || wfmt == PXL_F32P;
+    const int restride = wfmt == PXL_F32P && dt == PXL_F32 && T > 1 && K * 4 % 512 == 0;
+    const int convert = (bf16_w ? dt == PXL_F32 : dt == PXL_BF16 && !packed_q) || restride;
     const size_t xes = bf16_w ? 2 : 4, qbytes = kq ? T * pxl_q8k_bytes(K) : T * K + 3 * T * (K / PXL_QK) * 4;
+    const size_t ldx = convert && packed ? ((K * xes + 63) / 64 | 1) * 64 / xes : K;
     void *xc = NULL;
     int8_t *qbuf = NULL;
     if ((convert || qdot) && T <= PXL_T_PRIVATE) { /* decode: every thread prepares x for itself */
-        xc = convert ? pxl_scratch(0, T * K * xes) : NULL;
+        xc = convert ? pxl_scratch(0, T * ldx * xes) : NULL;
         qbuf = qdot ? pxl_scratch(2, qbytes) : NULL;
-        prepare_rows(dt, wfmt, T, 0, T, K, x, xc, qbuf);
+        prepare_rows(dt, wfmt, T, 0, T, K, x, xc, ldx, qbuf);
     } else if (convert || qdot) { /* prefill: the team prepares shared rows, then waits for all */
 #pragma omp single copyprivate(xc, qbuf)
         {
-            xc = convert ? pxl_scratch(0, T * K * xes) : NULL;
+            xc = convert ? pxl_scratch(0, T * ldx * xes) : NULL;
             qbuf = qdot ? pxl_scratch(2, qbytes) : NULL;
         }
         size_t t0, t1;
         pxl_split(T, 1, &t0, &t1);
-        prepare_rows(dt, wfmt, T, t0, t1, K, x, xc, qbuf);
+        prepare_rows(dt, wfmt, T, t0, t1, K, x, xc, ldx, qbuf);
 #pragma omp barrier
     }
     const void *xk = xc ? xc : x;
@@ -463,7 +474,7 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
                                                      : wfmt == PXL_F32P ? n0 * K * 4
                                                                         : n0 * pxl_row_bytes(wfmt, K));
     if (dt == PXL_F32 && odt == PXL_F32 && !bias && !gated) {
-        compute(ks, wfmt, packed_q, T, cols, K, xk, qbuf, Wn, (float *)y + n0, N, NULL);
+        compute(ks, wfmt, packed_q, T, cols, K, xk, ldx, qbuf, Wn, (float *)y + n0, N, NULL);
         return;
     }
     /* bias or bf16 output: this thread's columns in fp32, then added and rounded once */
@@ -477,7 +488,7 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
     const int fused = wfmt == PXL_BF16P || wfmt == PXL_F32P || packed_q;
     /* fused: one call's rows (run_packed) */
     float *yp = pxl_scratch(1, (fused ? PXL_PANEL_RM * (size_t)PXL_PANEL : T * cols) * 4);
-    compute(ks, wfmt, packed_q, T, cols, K, xk, qbuf, Wn, yp, cols, fused ? &o : NULL);
+    compute(ks, wfmt, packed_q, T, cols, K, xk, ldx, qbuf, Wn, yp, cols, fused ? &o : NULL);
     if (!fused) store_rows(&o, 0, 0, T, cols, yp, cols);
 #ifdef __x86_64__
     if (stream) _mm_sfence(); /* (the streamed lines are weakly ordered: visible before the barrier) */
