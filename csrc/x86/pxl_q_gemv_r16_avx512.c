@@ -23,7 +23,7 @@ static inline __m512i dot4(__m512i acc, __m512i w, __m512i x) {
 
 #define G PXL_QR_ROWS /* rows per repacked block: one zmm of fp32 lanes, one mask bit each */
 _Static_assert(PXL_QR_ROWS == 16, "a repacked block's rows fill one zmm");
-#define QPF 8192 /* bytes ahead in the weight stream: ~ bandwidth x DRAM latency per thread, and more */
+#define QPF (16 << 10) /* bytes ahead in the weight stream, into L2 (pxl_qkr_avx512vnni.c says why) */
 
 PXL_INLINE void rows_qr(const int fmt, const int T, size_t rows, size_t K, const uint8_t *W, const pxl_qx *x,
                         float *y, size_t ldy) {
@@ -35,7 +35,7 @@ PXL_INLINE void rows_qr(const int fmt, const int T, size_t rows, size_t K, const
         __m512 acc[PXL_QR_T], accm[PXL_QR_T];
         for (int t = 0; t < T; t++) acc[t] = accm[t] = _mm512_setzero_ps();
         for (size_t i = 0; i < nb; i++, g += gbs) {
-            for (size_t l = 0; l < gbs; l += 64) _mm_prefetch((const char *)g + QPF + l, _MM_HINT_T0);
+            for (size_t l = 0; l < gbs; l += 64) _mm_prefetch((const char *)g + QPF + l, _MM_HINT_T1);
             __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)g));
             __m512 mw = fmt == PXL_Q4_1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(g + 2 * G)))
                                         : _mm512_setzero_ps();

@@ -10,7 +10,14 @@
 
 #include "pxl_kquants.h"
 
-#define QPF 2048 /* bytes ahead in the block stream */
+/* Weights are prefetched this far ahead in the block stream, into L2: the decode kernels do
+ * enough arithmetic per line that too few demand misses are in flight to keep DRAM busy, and
+ * 2 KiB ahead into L1 covered too little of its latency */
+#define QPF (16 << 10)
+
+/* 4 bytes at p in every lane, loaded by the broadcast itself: a broadcast from a general
+ * register costs a vector ALU slot, these kernels' bottleneck */
+PXL_INLINE __m512i bcast4(const void *p) { return _mm512_broadcastd_epi32(_mm_loadu_si32(p)); }
 
 /* one Q4_K 16-row block, T tokens: y[t * ldy + r] for r < rows */
 PXL_INLINE void block16(const int T, size_t nb, const pxl_block_q4_Kx16 *W, const pxl_q8k *x,
@@ -20,7 +27,7 @@ PXL_INLINE void block16(const int T, size_t nb, const pxl_block_q4_Kx16 *W, cons
     for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
     for (size_t i = 0; i < nb; i++) {
         const pxl_block_q4_Kx16 *b = W + i;
-        for (int l = 0; l < 37; l++) _mm_prefetch((const char *)b + QPF + 64 * l, _MM_HINT_T0);
+        for (int l = 0; l < 37; l++) _mm_prefetch((const char *)b + QPF + 64 * l, _MM_HINT_T1);
         __m512i sumi[PXL_QK_T], summ[PXL_QK_T];
         for (int t = 0; t < T; t++) sumi[t] = summ[t] = _mm512_setzero_si512();
         for (int j = 0; j < 8; j++) {
@@ -31,10 +38,8 @@ PXL_INLINE void block16(const int T, size_t nb, const pxl_block_q4_Kx16 *W, cons
                 __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
                 for (int t = 0; t < T; t++) {
                     const int8_t *q = x[t].q + i * PXL_QK_K + 32 * j + 8 * p;
-                    int32_t q0, q1;
-                    memcpy(&q0, q, 4), memcpy(&q1, q + 4, 4);
-                    dot[t] = _mm512_dpbusd_epi32(dot[t], lo, _mm512_set1_epi32(q0));
-                    dot[t] = _mm512_dpbusd_epi32(dot[t], hi, _mm512_set1_epi32(q1));
+                    dot[t] = _mm512_dpbusd_epi32(dot[t], lo, bcast4(q));
+                    dot[t] = _mm512_dpbusd_epi32(dot[t], hi, bcast4(q + 4));
                 }
             }
             const __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b->sc + 16 * j)));
@@ -42,11 +47,7 @@ PXL_INLINE void block16(const int T, size_t nb, const pxl_block_q4_Kx16 *W, cons
         }
         for (int k = 0; k < 4; k++) { /* mins of sub-blocks 2k, 2k + 1 (int16 pairs) . x's sums over them */
             const __m512i mn = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(b->m + 32 * k)));
-            for (int t = 0; t < T; t++) {
-                int32_t pair;
-                memcpy(&pair, bsp[t] + i * 8 + 2 * k, 4);
-                summ[t] = _mm512_dpwssd_epi32(summ[t], mn, _mm512_set1_epi32(pair));
-            }
+            for (int t = 0; t < T; t++) summ[t] = _mm512_dpwssd_epi32(summ[t], mn, bcast4(bsp[t] + i * 8 + 2 * k));
         }
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)b->d));
         const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)b->dmin));
@@ -62,14 +63,14 @@ PXL_INLINE void block16(const int T, size_t nb, const pxl_block_q4_Kx16 *W, cons
 
 /* one Q6_K 16-row block: per 16-value sub-block, 2 nibble vectors with their 2 high bits from
  * the shared high-bit vector, 4 vpdpbusd, x's -32 * sum taken off, then times the rows' scales */
-PXL_INLINE void block16_q6(const int T, size_t nb, const pxl_block_q6_Kx16 *W, const pxl_q8k *x, float *y,
-                           size_t ldy, size_t rows) {
+PXL_INLINE void block16_q6(const int T, size_t nb, const pxl_block_q6_Kx16 *W, const pxl_q8k *x,
+                           const int32_t *const *off, float *y, size_t ldy, size_t rows) {
     const __m512i m4 = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30);
     __m512 acc[PXL_QK_T];
     for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
     for (size_t i = 0; i < nb; i++) {
         const pxl_block_q6_Kx16 *b = W + i;
-        for (int l = 0; l < 53; l++) _mm_prefetch((const char *)b + QPF + 64 * l, _MM_HINT_T0);
+        for (int l = 0; l < 53; l++) _mm_prefetch((const char *)b + QPF + 64 * l, _MM_HINT_T1);
         __m512i sumi[PXL_QK_T];
         for (int t = 0; t < T; t++) sumi[t] = _mm512_setzero_si512();
         for (int s = 0; s < 16; s++) {
@@ -84,10 +85,8 @@ PXL_INLINE void block16_q6(const int T, size_t nb, const pxl_block_q6_Kx16 *W, c
             const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b->sc + 16 * s)));
             for (int t = 0; t < T; t++) {
                 const int8_t *q = x[t].q + i * PXL_QK_K + 16 * s;
-                int32_t q4[4];
-                memcpy(q4, q, 16);
-                __m512i dot = _mm512_set1_epi32(-32 * x[t].bsums[i * 16 + s]);
-                for (int k = 0; k < 4; k++) dot = _mm512_dpbusd_epi32(dot, w[k], _mm512_set1_epi32(q4[k]));
+                __m512i dot = bcast4(off[t] + i * 16 + s);
+                for (int k = 0; k < 4; k++) dot = _mm512_dpbusd_epi32(dot, w[k], bcast4(q + 4 * k));
                 sumi[t] = _mm512_add_epi32(sumi[t], _mm512_mullo_epi32(dot, sc));
             }
         }
@@ -111,10 +110,18 @@ void pxl_gemm_kr_avx512vnni(int fmt, size_t T, size_t rows, size_t K, const void
                             size_t ldy) {
     const size_t nb = K / PXL_QK_K;
     if (fmt == PXL_Q6_KR) {
+        /* each token's -32 * (sums of x over the 16-value sub-blocks): Q6_K's offset, where the
+         * kernel broadcasts it from memory */
+        int32_t offs[T][nb * 16];
+        const int32_t *off[PXL_QK_T];
+        for (size_t t = 0; t < T; t++) {
+            for (size_t s = 0; s < nb * 16; s++) offs[t][s] = -32 * x[t].bsums[s];
+            off[t] = offs[t];
+        }
         for (size_t n = 0; n < rows; n += PXL_QR_ROWS) {
             size_t r = rows - n < PXL_QR_ROWS ? rows - n : PXL_QR_ROWS;
             const pxl_block_q6_Kx16 *Wn = (const pxl_block_q6_Kx16 *)W + n / PXL_QR_ROWS * nb;
-#define Q6(TT) block16_q6(TT, nb, Wn, x, y + n, ldy, r)
+#define Q6(TT) block16_q6(TT, nb, Wn, x, off, y + n, ldy, r)
             FOR_T(Q6)
 #undef Q6
         }
