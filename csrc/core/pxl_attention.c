@@ -31,12 +31,15 @@
 #define PF_KEYS 32   /* an unfetched item's own look-ahead in keys: covers DRAM latency (with none,
                         * the first keys wait on memory) */
 
+/* Rows are fetched into L2 (locality 2: prefetcht1), not L1: an item's keys and values (tens
+ * of KB, more than L1 holds) arrive a whole item ahead, and fetched into L1 they evicted each
+ * other and the rows in use before they were read. */
 static inline void prefetch_row(const char *p, size_t bytes) {
     if (bytes == 128) { /* a bf16 row of a 64-dim head, the common case: no loop in the key loops */
-        __builtin_prefetch(p), __builtin_prefetch(p + 64);
+        __builtin_prefetch(p, 0, 2), __builtin_prefetch(p + 64, 0, 2);
         return;
     }
-    for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o);
+    for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 2);
 }
 
 /* Cache rows still to prefetch: rows[at .. n) + off, `bytes` each. The key and value loops
