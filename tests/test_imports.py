@@ -80,7 +80,7 @@ def test_the_walker_sees_imports_of_every_kind():
     graph = import_graph()
     assert "graph_export.ops" in graph["graph_export.export"]                  # from x import y
     assert "perfxlm.engine.graph_runner" in graph["perfxlm.engine.model_runner"]
-    assert "perfxlm.models.graph_cache" in graph["perfxlm.engine.llm_engine"]
+    assert "perfxlm.models.graph_cache" in graph["perfxlm.engine.executor_setup"]
     assert "hw_plugins.cpu.plan" in graph["hw_plugins.cpu.plugin"]               # inside a function
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 

@@ -1,21 +1,18 @@
 """The engine: owns tokenizer, model runner, scheduler and sampler; runs steps."""
 
 import logging
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from hw_plugins.base import REFERENCE, select_plugin
 from perfxlm.config import EngineConfig, ModelConfig
 from perfxlm.engine.arg_utils import EngineArgs, UsageContext
 from perfxlm.engine.block_manager import BlockManager
-from perfxlm.engine.graph_runner import GraphRunner, GraphSpec, load_graph
+from perfxlm.engine.executor_setup import build_executor, graph_spec, kv_cache_blocks
 from perfxlm.engine.input_processor import InputProcessor
 from perfxlm.engine.lora_manager import LoRAManager
-from perfxlm.engine.model_runner import Executor, GraphExecutor, ModelRunner
+from perfxlm.engine.model_runner import ModelRunner
 from perfxlm.engine.output_processor import OutputProcessor, RequestState
 from perfxlm.engine.pooler import Pooler
 from perfxlm.engine.request import Request, RequestStatus
@@ -55,14 +52,14 @@ class LLMEngine:
         self.eos_token_id = self._eos_token_id()
 
         # the model's shapes size the KV cache before any weight is read or graph exported
-        spec = _graph_spec(source, config.dtype, lora=config.lora_config is not None)
+        spec = graph_spec(source, config.dtype, lora=config.lora_config is not None)
         self.pooler = None  # a pooling model's: its graph's rows are hidden states or classes, not logits
         if config.runner_type == "pooling":
             self.pooler = Pooler(source.pooling_task, config.pooler_config, source.hf_config)
         # the token vocabulary (a pooling model's output is not one)
         self.vocab_size = spec.vocab_size if self.pooler is None else source.hf_config["vocab_size"]
-        num_blocks = self._num_blocks(spec)
-        executor = self._build_executor(spec, num_blocks)
+        num_blocks = kv_cache_blocks(config, spec)
+        executor = build_executor(config, source, spec, num_blocks)
         self.lora = None  # the LoRA slots' owner, with enable_lora
         if config.lora_config is not None:
             self.lora = LoRAManager.for_model(config.lora_config, source.meta_model(), executor.write_weights)
@@ -97,57 +94,6 @@ class LLMEngine:
                            max_logprobs=self.config.max_logprobs, generation_config=self.generation_config,
                            runner_type=self.config.runner_type, convert_type=self.config.convert_type,
                            pooler_config=self.config.pooler_config, embedding_size=self._spec.vocab_size)
-
-    def _build_executor(self, spec: GraphSpec, num_blocks: int) -> Executor:
-        """The executor: the exported graph on the hardware plugins, or torch (PERFXLM_EXECUTOR=eager)."""
-        config, source = self.config, self.source
-        lora = (config.lora_config.max_loras, config.lora_config.max_lora_rank) if config.lora_config else None
-        if os.environ.get("PERFXLM_EXECUTOR", "graph") == "eager":
-            if config.batch_invariant:
-                raise ValueError("PERFXLM_BATCH_INVARIANT=1 needs the graph executor (PERFXLM_EXECUTOR=eager "
-                                 "runs torch, whose GEMMs depend on the batch)")
-            # a deployable directory refuses: its weights are in its graph
-            model = source.load_weights(config.dtype, config.weight_dtype)
-            if lora:
-                from perfxlm.models.lora import enable_lora
-                enable_lora(model, *lora)
-            from perfxlm.engine.eager_executor import EagerExecutor  # torch: only for this executor
-            return EagerExecutor(model, spec, num_blocks, config.block_size)
-        graph = _graph(source, config.dtype, config.quantization, lora, config.weight_dtype)
-        executor = self._graph_executor(graph, num_blocks)
-        if executor.spec != spec:
-            raise RuntimeError(f"the exported graph's vocabulary and KV caches {executor.spec} differ from the "
-                               f"model's {spec}")
-        return executor
-
-    def _num_blocks(self, spec: GraphSpec) -> int:
-        config = self.config
-        per_block = spec.kv_bytes_per_block(config.block_size)
-        num_blocks = config.kv_cache_bytes() // per_block
-        if num_blocks * config.block_size < config.max_model_len:
-            need = -(-config.max_model_len // config.block_size) * per_block
-            raise ValueError(
-                f"To serve at least one request with the model's max seq len ({config.max_model_len}), "
-                f"{need / (1 << 30):.2f} GiB KV cache is needed, which is larger than the available KV "
-                f"cache memory ({config.kv_cache_bytes() / (1 << 30):.2f} GiB). Based on the available "
-                f"memory, the estimated maximum model length is {num_blocks * config.block_size}. Try "
-                "increasing `kv_cache_memory_bytes` (or VLLM_CPU_KVCACHE_SPACE) or decreasing "
-                "`max_model_len` when initializing the engine.")
-        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB, %s); maximum concurrency for %d tokens "
-                    "per request: %.2fx", num_blocks, config.block_size, num_blocks * per_block / (1 << 30),
-                    str(config.dtype).removeprefix("torch."), config.max_model_len,
-                    num_blocks * config.block_size / config.max_model_len)
-        return num_blocks
-
-    def _graph_executor(self, graph: Path, num_blocks: int) -> Executor:
-        cfg = self.config
-        runner = GraphRunner(graph, select_plugin(cfg.hw_plugin), lambda: select_plugin(REFERENCE),
-                             cfg.max_num_batched_tokens, num_blocks, cfg.block_size)
-        for plugin in {node.plugin for node in runner.nodes}:
-            if not plugin.set_batch_invariant(cfg.batch_invariant):
-                raise ValueError(f"PERFXLM_BATCH_INVARIANT=1: hw_plugin {plugin.name!r} runs nodes here but "
-                                 "cannot make them batch invariant (the cpu and rvv plugins can)")
-        return GraphExecutor(runner)
 
     def _eos_token_id(self) -> int | None:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -280,7 +226,7 @@ class LLMEngine:
         engine is fully awake."""
         wanted = self.sleep_mode.take_tags(tags)
         if "weights" in wanted:  # a fresh executor: weights reloaded, KV cache zero-filled
-            self.runner.executor = self._build_executor(self._spec, self.block_manager.num_blocks)
+            self.runner.executor = build_executor(self.config, self.source, self._spec, self.block_manager.num_blocks)
         elif "kv_cache" in wanted:
             recommit_kv_cache(self.runner.executor)
         fully_awake = self.sleep_mode.resume_if_awake()
@@ -437,25 +383,3 @@ class LLMEngine:
         sched_stats = self.scheduler_stats()
         for logger_ in self.stat_loggers:
             logger_.record(sched_stats, stats)
-
-
-def _graph_spec(source: ModelSource | DeployableSource, dtype: Any, lora: bool) -> GraphSpec:
-    """The model's graph's spec, which sizes the KV cache before any weight is read: a deployable
-    directory's from its graph, a checkpoint's from the model's shapes (torch, meta device), with
-    LoRA slots or not."""
-    if isinstance(source, DeployableSource):
-        if lora:
-            raise NotImplementedError(f"{source.path} is a deployable directory: LoRA needs a graph exported with "
-                                      "LoRA slots from the model's checkpoint (run LLM on the checkpoint)")
-        return GraphSpec.of_graph(load_graph(source.graph_path)[0])
-    from perfxlm.engine.eager_executor import model_spec
-    return model_spec(source.meta_model(), dtype, lora=lora)
-
-
-def _graph(source: ModelSource | DeployableSource, dtype: Any, quantization: str | None,
-           lora: tuple[int, int] | None, weight_dtype: Any) -> Path:
-    """The graph to run: a deployable directory's own, else the graph cache's (exported on first use)."""
-    if isinstance(source, DeployableSource):
-        return source.graph_path
-    from perfxlm.models.graph_cache import cached_graph  # exports through torch
-    return cached_graph(source, dtype, quantization, lora, weight_dtype)
