@@ -3,8 +3,10 @@
 rows = 1 is the decode GEMV; rows > 1 (e.g. 512, a prefill) the GEMM. Shapes are SmolLM2-135M's
 (K -> N: 576->1536 gate/up, 1536->576 down, 576->49152 lm_head) and 4096x4096. Each cell is
 the median time of one call; GB/s counts the weight bytes read (the roofline of a
-bandwidth-bound GEMV), GFLOP/s the 2*rows*N*K of a GEMM. Quantised weights are compared
-with OpenBLAS and torch on their dequantised fp32 copy: what one would run without our kernels.
+bandwidth-bound GEMV), GFLOP/s the 2*rows*N*K of a GEMM. Ours runs as the cpu engine does:
+float32 x and y whatever the weights (bf16 ones multiply x rounded to bf16). Quantised weights
+are compared with OpenBLAS and torch on their dequantised fp32 copy: what one would run without
+our kernels; bf16 with torch's bf16 mm.
 """
 
 import ctypes
@@ -15,9 +17,6 @@ import numpy as np
 
 # (K, N): every SmolLM2 Linear shape (k/v, q/o, gate/up, down, lm_head), and a 7B-class square one
 SHAPES = [(576, 192), (576, 576), (576, 1536), (1536, 576), (576, 49152), (4096, 4096)]
-# the lm_head also runs as the engine runs it in bf16: float32 logits out ("bf16>f32": bf16 values,
-# widened in the kernel's epilogue; torch: its bf16 mm, then a copy to float32)
-LM_HEAD = (576, 49152)
 # gate/up also runs as the engine runs it: one fused pass, y = silu(x Wg^T) * (x Wu^T), over panels
 # of 16 gate and 16 up rows each ("gated": N = 1536 outputs from 2 x 1536 weight rows; torch: two mms,
 # silu, mul)
@@ -68,12 +67,11 @@ def run(threads: int, formats: list[str], rows: int = 1) -> list[dict]:
             if fmt == "fp32":
                 w, x, code, nbytes = w32, x32, library.F32, w32.nbytes
                 tw, tx = torch.from_numpy(w32), torch.from_numpy(x32)
-            elif fmt == "bf16":
-                w, x = w32.astype(ml_dtypes.bfloat16), x32.astype(ml_dtypes.bfloat16)
-                y = np.empty((rows, N), ml_dtypes.bfloat16)
+            elif fmt == "bf16":  # as the cpu engine runs bf16 models: float32 x and y, bf16 weights
+                w, x = w32.astype(ml_dtypes.bfloat16), x32
                 code, nbytes = library.BF16, w.nbytes
                 tw = torch.from_numpy(w.view(np.int16)).view(torch.bfloat16)
-                tx = torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
+                tx = torch.from_numpy(x32).to(torch.bfloat16)  # torch: its bf16 mm on bf16 x, as vLLM's CPU path
             else:  # q4_1 / q4_0 / q8_0: torch and OpenBLAS get the dequantised fp32 weights
                 w = quantize(w32, fmt)
                 x, code, nbytes = x32, {"q8_0": library.Q8_0, "q4_0": library.Q4_0, "q4_1": library.Q4_1}[fmt], w.nbytes
@@ -88,8 +86,7 @@ def run(threads: int, formats: list[str], rows: int = 1) -> list[dict]:
             xa[...] = x
             x = xa
             pw, px, py = (a.__array_interface__["data"][0] for a in (w, x, y))
-            act = library.BF16 if fmt == "bf16" else library.F32
-            ours = _time(lambda: lib.pxl_linear(act, code, rows, N, K, px, pw, None, py))
+            ours = _time(lambda: lib.pxl_linear(library.F32, code, rows, N, K, px, pw, None, py))
             ty = torch.empty((rows, N), dtype=tx.dtype)
             ref = _time(lambda: torch.mm(tx, tw.t(), out=ty))
             row = {"rows": rows, "K": K, "N": N, "format": fmt, "ours_us": ours * 1e6, "torch_us": ref * 1e6,
@@ -108,21 +105,16 @@ def run(threads: int, formats: list[str], rows: int = 1) -> list[dict]:
                             K, pwb, K, ctypes.c_float(0.0), pyb, N]
                     row["openblas_us"] = _time(lambda: blas.scipy_cblas_sgemm(*args)) * 1e6
             table.append(row)
-            if fmt == "bf16" and (K, N) == LM_HEAD:
-                y32, ty32 = host_zeros((rows, N), np.float32), torch.empty((rows, N), dtype=torch.float32)
-                p32 = y32.__array_interface__["data"][0]
-                ours = _time(lambda: lib.pxl_linear_to(act, library.F32, code, rows, N, K, px, pw, None, p32))
-                ref = _time(lambda: ty32.copy_(torch.mm(tx, tw.t(), out=ty)))
-                table.append({**row, "format": "bf16>f32", "ours_us": ours * 1e6, "torch_us": ref * 1e6,
-                              "ours_GBs": nbytes / ours / 1e9, "ours_GFLOPs": 2 * rows * N * K / ours / 1e9})
             if fmt in ("fp32", "bf16") and (K, N) == GATED and code in (library.F32P, library.BF16P):
-                table.append(_gated(lib, act, code, rows, N, K, w32, x, tx, tw))
+                table.append(_gated(lib, library.F32 if fmt == "fp32" else library.BF16, code, rows, N, K, w32, x, tx,
+                                    tw))
     return table
 
 
-def _gated(lib, act: int, code: int, rows: int, N: int, K: int, w32, x, tx, tw) -> dict:
-    """The gated row: pxl_linear_silu on gate and up packed as the engine packs them (gate = the
-    shape's weights, up = them reversed) vs torch's silu(x Wg^T) * (x Wu^T)."""
+def _gated(lib, wfmt: int, code: int, rows: int, N: int, K: int, w32, x, tx, tw) -> dict:
+    """The gated row: pxl_linear_silu on gate and up (wfmt: fp32 or bf16) packed as the engine packs
+    them (gate = the shape's weights, up = them reversed), float32 x and y, vs torch's
+    silu(x Wg^T) * (x Wu^T)."""
     import ml_dtypes
     import torch
 
@@ -130,12 +122,12 @@ def _gated(lib, act: int, code: int, rows: int, N: int, K: int, w32, x, tx, tw) 
     from hw_plugins.cpu.plugin import host_zeros
 
     wu32 = np.ascontiguousarray(w32[::-1])
-    wg, wu = (w32, wu32) if act == library.F32 else (w32.astype(ml_dtypes.bfloat16), wu32.astype(ml_dtypes.bfloat16))
-    packed = host_zeros((2 * lib.pxl_packed_bytes(act, N, K),), np.uint8)  # (act: the weights' format too)
-    lib.pxl_pack_gated(act, N, K, *(a.__array_interface__["data"][0] for a in (wg, wu, packed)))
-    y = host_zeros((rows, N), x.dtype)
+    wg, wu = (w32, wu32) if wfmt == library.F32 else (w32.astype(ml_dtypes.bfloat16), wu32.astype(ml_dtypes.bfloat16))
+    packed = host_zeros((2 * lib.pxl_packed_bytes(wfmt, N, K),), np.uint8)
+    lib.pxl_pack_gated(wfmt, N, K, *(a.__array_interface__["data"][0] for a in (wg, wu, packed)))
+    y = host_zeros((rows, N), np.float32)
     px, pw, py = (a.__array_interface__["data"][0] for a in (x, packed, y))
-    ours = _time(lambda: lib.pxl_linear_silu(act, code, rows, N, K, px, pw, py))
+    ours = _time(lambda: lib.pxl_linear_silu(library.F32, code, rows, N, K, px, pw, py))
     twu = torch.flip(tw, [0]).contiguous()
     ref = _time(lambda: torch.nn.functional.silu(tx @ tw.t()) * (tx @ twu.t()))
     nbytes = wg.nbytes + wu.nbytes
