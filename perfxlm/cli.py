@@ -238,12 +238,11 @@ def _bench_roofline(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    import perfxlm  # noqa: F401 - configures logging
-    from graph_export.export import export_model, op_histogram, save_model
     from pathlib import Path
 
+    import perfxlm  # noqa: F401 - configures logging
+    from graph_export.export import export_model, op_histogram, save_model
     from perfxlm.engine.arg_utils import resolve_dtypes
-
     from perfxlm.models.deployable import GRAPH, DeployableSource, write_deployable
     from perfxlm.models.loader import load_tokenizer, resolve_model
     from perfxlm.version import __version__
