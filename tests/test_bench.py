@@ -54,6 +54,18 @@ def test_latency_prints_and_writes_its_figures(tiny_llama_dir, tmp_path, capsys)
         100 * res["roofline"]["decode"]["achieved"] / res["roofs"]["read_GBs"])
 
 
+def test_latency_with_one_output_token_has_no_decode_figures(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "lat.json"
+    assert cli.main(["bench", "latency", "--model", str(tiny_llama_dir), "--dtype", "float32", "--input-len", "8",
+                     "--output-len", "1", "--num-iters", "1", "--output-json", str(out)]) == 0
+    text = capsys.readouterr().out
+    # the one token comes with the prefill: no TPOT, no decode rate, no decode roofline (and no NaN in the JSON)
+    assert "no decode step (--output-len 1)" in text and "TPOT" not in text and "nan" not in text
+    res = json.loads(out.read_text())
+    assert res["prefill_tokens_per_second"] > 0 and "decode_tokens_per_second" not in res
+    assert "decode" not in res.get("roofline", {})
+
+
 def test_latency_no_roofline_skips_the_roofs(tiny_llama_dir, capsys):
     assert cli.main(["bench", "latency", "--model", str(tiny_llama_dir), "--dtype", "float32", "--input-len", "4",
                      "--output-len", "2", "--num-iters", "1", "--no-roofline"]) == 0

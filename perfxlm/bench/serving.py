@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import statistics
 import time
 from typing import Any
@@ -115,18 +114,22 @@ def latency(args: argparse.Namespace) -> dict:
         ttfts.append(marks[first] - start)
         itls += [b - a for a, b in zip(marks[first:], marks[first + 1:])]
         e2e.append(marks[-1] - start)
-    tpot = statistics.fmean(itls) if itls else float("nan")
     res = {"batch_size": args.batch_size, "avg_latency": statistics.fmean(e2e),
            "ttft_mean_ms": 1e3 * statistics.fmean(ttfts), "ttft_p50_ms": 1e3 * _pct(ttfts, 50),
-           "ttft_p99_ms": 1e3 * _pct(ttfts, 99), "tpot_mean_ms": 1e3 * tpot, "itl_p50_ms": 1e3 * _pct(itls, 50),
-           "itl_p99_ms": 1e3 * _pct(itls, 99), "decode_tokens_per_second": args.batch_size / tpot,
+           "ttft_p99_ms": 1e3 * _pct(ttfts, 99),
            "prefill_tokens_per_second": args.batch_size * args.input_len / statistics.fmean(ttfts)}
     print(f"Avg latency: {res['avg_latency']:.4f} seconds")
     print(f"TTFT (ms): mean {res['ttft_mean_ms']:.2f}, p50 {res['ttft_p50_ms']:.2f}, p99 {res['ttft_p99_ms']:.2f}")
-    print(f"TPOT (ms): mean {res['tpot_mean_ms']:.3f}; ITL (ms): p50 {res['itl_p50_ms']:.3f}, "
-          f"p99 {res['itl_p99_ms']:.3f}")
-    print(f"Decode: {res['decode_tokens_per_second']:.1f} tokens/s; prefill: "
-          f"{res['prefill_tokens_per_second']:.1f} tokens/s")
+    if itls:
+        tpot = statistics.fmean(itls)
+        res.update({"tpot_mean_ms": 1e3 * tpot, "itl_p50_ms": 1e3 * _pct(itls, 50),
+                    "itl_p99_ms": 1e3 * _pct(itls, 99), "decode_tokens_per_second": args.batch_size / tpot})
+        print(f"TPOT (ms): mean {res['tpot_mean_ms']:.3f}; ITL (ms): p50 {res['itl_p50_ms']:.3f}, "
+              f"p99 {res['itl_p99_ms']:.3f}")
+        print(f"Decode: {res['decode_tokens_per_second']:.1f} tokens/s; prefill: "
+              f"{res['prefill_tokens_per_second']:.1f} tokens/s")
+    else:  # --output-len 1: the first token comes with the prefill, there is no decode step
+        print(f"Decode: no decode step (--output-len 1); prefill: {res['prefill_tokens_per_second']:.1f} tokens/s")
     return _describe(args, llm, res)
 
 
@@ -208,7 +211,7 @@ def _roofline(args: argparse.Namespace, llm: Any, res: dict) -> None:
         usages["batch"] = roofline.compute_usage(roofs, weights, roofline.batch_flops(
             cost, args.input_len, args.output_len), res["output_tokens_per_second"])
     else:
-        if math.isfinite(res["decode_tokens_per_second"]):  # --output-len 1 has no decode step
+        if "decode_tokens_per_second" in res:  # --output-len 1 has no decode step
             usages["decode"] = roofline.decode_usage(
                 roofs, cost, weights, res["decode_tokens_per_second"], args.input_len, args.output_len,
                 args.batch_size, engine.runner.executor.spec.kv_bytes_per_block(1))
