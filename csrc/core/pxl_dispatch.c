@@ -6,6 +6,13 @@
 #if defined(__riscv) && defined(__linux__)
 #include <sys/auxv.h>
 #endif
+#if defined(__x86_64__)
+#include <cpuid.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+#endif
 
 #include "pxl_kernels.h"
 
@@ -16,16 +23,41 @@ const pxl_kernel_set pxl_kernels_avx512 = {
     .isa = "avx512", .rm = 4, .rn = 4, .gemv_rn = 8, .tile_f32 = pxl_tile_f32_avx512, .tile_bf16 = pxl_tile_bf16_avx512,
     .gemm_f32p = pxl_gemm_f32p_avx512};
 const pxl_kernel_set pxl_kernels_avx512bf16 = {
-    .isa = "avx512bf16", .rm = 4, .rn = 4, .gemv_rn = 8, .tile_f32 = pxl_tile_f32_avx512,
+    .isa = "avx512bf16", .vnni = 1, .rm = 4, .rn = 4, .gemv_rn = 8, .tile_f32 = pxl_tile_f32_avx512,
     .tile_bf16 = pxl_tile_bf16_avx512bf16, .gemm_bf16p = pxl_gemm_bf16p_avx512bf16,
     .gemm_bf16p_bf16 = pxl_gemm_bf16p_bf16_avx512bf16, .gemm_bf16p_silu = pxl_gemm_bf16p_silu_avx512bf16,
     .gemm_bf16p_wide_nt = pxl_gemm_bf16p_wide_avx512bf16,
     .gemm_f32p = pxl_gemm_f32p_avx512, .silu_bf16 = pxl_silu_mul_bf16_avx512bf16};
+/* the AVX512-BF16 set with the packed bf16 GEMM on AMX tiles */
+const pxl_kernel_set pxl_kernels_amx = {
+    .isa = "amx", .vnni = 1, .rm = 4, .rn = 4, .gemv_rn = 8, .tile_f32 = pxl_tile_f32_avx512,
+    .tile_bf16 = pxl_tile_bf16_avx512bf16, .gemm_bf16p = pxl_gemm_bf16p_amx,
+    .gemm_bf16p_bf16 = pxl_gemm_bf16p_bf16_amx, .gemm_bf16p_silu = pxl_gemm_bf16p_silu_amx,
+    .gemm_bf16p_wide_nt = pxl_gemm_bf16p_wide_amx,
+    .gemm_f32p = pxl_gemm_f32p_avx512, .silu_bf16 = pxl_silu_mul_bf16_avx512bf16};
+
+/* AMX-TILE and AMX-BF16 (cpuid leaf 7 edx bits 24, 22), and Linux's leave to use the tile data
+ * (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA, once per process; without it the first tile
+ * instruction faults) */
+static int amx_usable(void) {
+    static int usable = -1;
+    if (usable < 0) {
+        unsigned a, b, c, d;
+        __cpuid_count(7, 0, a, b, c, d);
+        usable = (d >> 24 & 1) && (d >> 22 & 1);
+#if defined(__linux__)
+        if (usable) usable = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+#else
+        usable = 0;
+#endif
+    }
+    return usable;
+}
 #endif
 
 static const pxl_kernel_set *const all_sets[] = {
 #if defined(__x86_64__)
-    &pxl_kernels_avx512bf16, &pxl_kernels_avx512, &pxl_kernels_avx2,
+    &pxl_kernels_amx, &pxl_kernels_avx512bf16, &pxl_kernels_avx512, &pxl_kernels_avx2,
 #endif
 #if defined(PXL_HAVE_RVV)
     &pxl_kernels_rvv,
@@ -41,8 +73,10 @@ static int cpu_has(const pxl_kernel_set *ks) {
                  __builtin_cpu_supports("avx512vl");
     if (ks == &pxl_kernels_avx2) return avx2;
     if (ks == &pxl_kernels_avx512) return avx512;
-    if (ks == &pxl_kernels_avx512bf16) /* every AVX512-BF16 CPU (Cooper Lake, Sapphire Rapids, Zen 4) has VNNI */
-        return avx512 && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni");
+    /* every AVX512-BF16 CPU (Cooper Lake, Sapphire Rapids, Zen 4) has VNNI */
+    int bf16 = avx512 && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni");
+    if (ks == &pxl_kernels_avx512bf16) return bf16;
+    if (ks == &pxl_kernels_amx) return bf16 && amx_usable();
 #endif
 #if defined(PXL_HAVE_RVV)
     if (ks == &pxl_kernels_rvv) {
@@ -65,12 +99,12 @@ static void activate(const pxl_kernel_set *ks) {
     merged = *ks;
 #if defined(__x86_64__)
     /* int8 dot products: vpdpbusd where the set implies VNNI, else vpmaddubsw (AVX2 and AVX-512F) */
-    const pxl_gemv_q_fn *q = ks == &pxl_kernels_avx512bf16 ? pxl_gemv_q_avx512vnni
+    const pxl_gemv_q_fn *q = ks->vnni ? pxl_gemv_q_avx512vnni
                              : ks == &pxl_kernels_generic   ? NULL
                                                             : pxl_gemv_q_avx2;
     for (int f = 0; q && f < PXL_NFMT; f++) merged.gemv_q[f] = q[f];
     /* 16-row repacked blocks: 512-bit vectors only (AVX2 keeps GGUF's layout) */
-    const pxl_gemv_qr_fn *qr = ks == &pxl_kernels_avx512bf16 ? pxl_gemv_qr_avx512vnni
+    const pxl_gemv_qr_fn *qr = ks->vnni ? pxl_gemv_qr_avx512vnni
                                : ks == &pxl_kernels_avx512   ? pxl_gemv_qr_avx512
                                                              : NULL;
     for (int f = 0; qr && f < PXL_NFMT; f++) merged.gemv_qr[f] = qr[f];

@@ -187,7 +187,7 @@ void pxl_repack_qk(int fmt, size_t N, size_t K, const void *W, void *out) {
 
 pxl_gemm_kr_fn pxl_gemm_kr_for(const pxl_kernel_set *ks) {
 #if defined(__x86_64__)
-    if (!strcmp(ks->isa, "avx512bf16")) return pxl_gemm_kr_avx512vnni; /* (VNNI comes with that set) */
+    if (ks->vnni) return pxl_gemm_kr_avx512vnni;
 #endif
     (void)ks;
     return NULL;
@@ -195,7 +195,7 @@ pxl_gemm_kr_fn pxl_gemm_kr_for(const pxl_kernel_set *ks) {
 
 pxl_gemm_qk_fn pxl_gemm_qk_for(const pxl_kernel_set *ks, int fmt) {
 #if defined(__x86_64__)
-    if ((fmt == PXL_Q4_K || fmt == PXL_Q6_K) && (!strcmp(ks->isa, "avx512bf16") || !strcmp(ks->isa, "avx512")))
+    if ((fmt == PXL_Q4_K || fmt == PXL_Q6_K) && (ks->vnni || !strcmp(ks->isa, "avx512")))
         return pxl_gemm_qk_avx512;
 #endif
     (void)ks, (void)fmt;
@@ -209,8 +209,7 @@ int pxl_qk_dot(const pxl_kernel_set *ks, int dt, int fmt, size_t T) {
 
 pxl_gemv_qk_fn pxl_gemv_qk_for(const pxl_kernel_set *ks) {
 #if defined(__x86_64__)
-    /* (as pxl_dispatch.c picks the 32-block GEMVs: VNNI comes with the avx512bf16 set) */
-    if (!strcmp(ks->isa, "avx512bf16")) return pxl_gemv_qk_avx512vnni;
+    if (ks->vnni) return pxl_gemv_qk_avx512vnni;
     if (!strcmp(ks->isa, "avx512") || !strcmp(ks->isa, "avx2")) return pxl_gemv_qk_avx2;
 #endif
 #ifdef PXL_HAVE_RVV

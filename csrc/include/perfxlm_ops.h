@@ -30,7 +30,7 @@ typedef struct { uint16_t d; int8_t qs[PXL_QK]; } pxl_block_q8_0;
 typedef struct { uint16_t d; uint8_t qs[PXL_QK / 2]; } pxl_block_q4_0;
 typedef struct { uint16_t d, m; uint8_t qs[PXL_QK / 2]; } pxl_block_q4_1;
 
-/* runtime: which kernel set runs ("avx512bf16", "avx512", "avx2", "rvv", "generic") */
+/* runtime: which kernel set runs ("amx", "avx512bf16", "avx512", "avx2", "rvv", "generic") */
 const char *pxl_isa(void);
 /* force a kernel set (tests and benchmarks compare them); returns 0, or -1 if this CPU lacks it */
 int pxl_set_isa(const char *isa);

@@ -54,6 +54,7 @@ typedef void (*pxl_silu_bf16_fn)(size_t n, const float *g, const float *u, uint1
 
 typedef struct {
     const char *isa;
+    int vnni;            /* the CPU has AVX512-VNNI: the int8 kernels use vpdpbusd */
     int rm, rn;          /* largest tile: rm tokens x rn features */
     int gemv_rn;         /* features per tile when T == 1 */
     pxl_tile_fn tile_f32;
@@ -82,7 +83,7 @@ typedef struct {
 
 extern const pxl_kernel_set pxl_kernels_generic;
 #if defined(__x86_64__)
-extern const pxl_kernel_set pxl_kernels_avx2, pxl_kernels_avx512, pxl_kernels_avx512bf16;
+extern const pxl_kernel_set pxl_kernels_avx2, pxl_kernels_avx512, pxl_kernels_avx512bf16, pxl_kernels_amx;
 /* the x86 files' kernels, which pxl_dispatch.c assembles into those sets */
 void pxl_tile_f32_avx2(int rm, int rn, size_t K, const void *X, size_t ldx, const void *W, size_t ldw, float *Y,
                        size_t ldy);
@@ -105,6 +106,18 @@ void pxl_gemm_bf16p_silu_avx512bf16(int rm, size_t K, const void *X, size_t ldx,
 void pxl_gemm_bf16p_wide_avx512bf16(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y,
                                     size_t ldy, int nvalid, const void *pf, size_t npf);
 void pxl_silu_mul_bf16_avx512bf16(size_t n, const float *g, const float *u, uint16_t *y);
+/* rm rows of 32 fp32 sums (acc, 32 apart) stored as the kernel `out` stores its own (0: gemm_bf16p,
+ * 1: _bf16, 2: _silu, 3: _wide): the AMX kernels' sums leave through the AVX512-BF16 stores */
+void pxl_bf16p_store_avx512bf16(int out, int rm, const float *acc, void *Y, size_t ldy, int nvalid);
+/* the packed bf16 kernels on AMX tiles (pxl_bf16_gemm_packed_amx.c): the AVX512-BF16 set's contracts */
+void pxl_gemm_bf16p_amx(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy, int nvalid,
+                        const void *pf, size_t npf);
+void pxl_gemm_bf16p_bf16_amx(int rm, size_t K, const void *X, size_t ldx, const void *Wp, uint16_t *Y, size_t ldy,
+                             int nvalid, const void *pf, size_t npf);
+void pxl_gemm_bf16p_silu_amx(int rm, size_t K, const void *X, size_t ldx, const void *Wp, uint16_t *Y, size_t ldy,
+                             int nvalid, const void *pf, size_t npf);
+void pxl_gemm_bf16p_wide_amx(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy,
+                             int nvalid, const void *pf, size_t npf);
 /* quantised GEMVs by weight format: GGUF blocks with vpmaddubsw (AVX2, AVX-512F) or vpdpbusd
  * (VNNI); repacked blocks (AVX-512F, VNNI) */
 extern const pxl_gemv_q_fn pxl_gemv_q_avx2[PXL_NFMT], pxl_gemv_q_avx512vnni[PXL_NFMT];

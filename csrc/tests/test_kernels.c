@@ -651,7 +651,7 @@ static void test_moe(int dt, int fmt, size_t T, size_t D, size_t F, size_t E, si
 }
 
 int main(void) {
-    const char *sets[] = {"generic", "avx2", "avx512", "avx512bf16", "rvv"};
+    const char *sets[] = {"generic", "avx2", "avx512", "avx512bf16", "amx", "rvv"};
     for (size_t s = 0; s < sizeof sets / sizeof sets[0]; s++) {
         if (pxl_set_isa(sets[s]) != 0) { printf("skip %s: not supported by this CPU or build\n", sets[s]); continue; }
         isa = pxl_isa();
@@ -689,6 +689,7 @@ int main(void) {
                 for (int dt = 0; dt < 2; dt++)
                     test_linear(dt, fmt, pshapes[i][0], pshapes[i][1], pshapes[i][2], i % 2);
             test_batch_invariant(fmt == PXL_BF16P, fmt, 37, 83, 578 - odd);
+            test_batch_invariant(fmt == PXL_BF16P, fmt, 37, 83, 576); /* (AMX: K a multiple of 32) */
         }
         if (pxl_packed_bytes(PXL_BF16, 1, 2))
             test_linear(PXL_BF16, PXL_Q8_0, 70, 70, 576, 1); /* dequantised panels packed (T >= 64) */

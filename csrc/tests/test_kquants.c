@@ -213,7 +213,7 @@ static void test_batch_invariant(int dt, int fmt, size_t T, size_t N, size_t K) 
 }
 
 int main(void) {
-    const char *sets[] = {"generic", "avx2", "avx512", "avx512bf16", "rvv"};
+    const char *sets[] = {"generic", "avx2", "avx512", "avx512bf16", "amx", "rvv"};
     for (size_t s = 0; s < sizeof sets / sizeof sets[0]; s++) {
         if (pxl_set_isa(sets[s]) != 0) { printf("skip %s: not supported by this CPU or build\n", sets[s]); continue; }
         isa = pxl_isa();

@@ -46,24 +46,8 @@ enum { OUT_F32, OUT_BF16, OUT_SILU, OUT_WIDE_NT };
  * to zero, and every accumulator has had at least one */
 PXL_INLINE __m512i round_bf16x32(__m512 lo, __m512 hi) { return (__m512i)_mm512_cvtne2ps_pbh(hi, lo); }
 
-PXL_INLINE void ukernel(const int RM, const int OUT, size_t K2, const uint16_t *X, size_t ldx, const uint16_t *Wp,
-                        void *Y, size_t ldy, int nvalid, const char *pf, size_t npf) {
-    __m512 acc[12][2];
-    for (int i = 0; i < RM; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-    for (size_t p = 0; p < K2; p++) {
-        /* the next panel: a call of few rows (decode) streams it from DRAM, where lines are best
-         * fetched into L2 (enough misses in flight); many rows reuse it from L1 */
-        if (p < npf && RM <= 4) _mm_prefetch(pf + p * 64, _MM_HINT_T1);
-        else if (p < npf) _mm_prefetch(pf + p * 64, _MM_HINT_T0);
-        __m512bh b0 = (__m512bh)_mm512_loadu_si512(Wp + p * 64), b1 = (__m512bh)_mm512_loadu_si512(Wp + p * 64 + 32);
-        for (int i = 0; i < RM; i++) {
-            uint32_t pair;
-            memcpy(&pair, X + i * ldx + 2 * p, 4);
-            __m512bh a = (__m512bh)_mm512_set1_epi32((int)pair);
-            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a, b0);
-            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a, b1);
-        }
-    }
+/* the accumulators (RM rows x 32 features, acc[i][0]: columns 0-15) to where OUT says */
+PXL_INLINE void store_acc(const int RM, const int OUT, __m512 acc[][2], void *Y, size_t ldy, int nvalid) {
     if (OUT == OUT_SILU) {
         __mmask16 m = nvalid >= 16 ? 0xffff : (__mmask16)((1u << nvalid) - 1);
         for (int i = 0; i < RM; i++) {
@@ -95,6 +79,38 @@ PXL_INLINE void ukernel(const int RM, const int OUT, size_t K2, const uint16_t *
         _mm512_mask_storeu_ps((float *)Y + i * ldy, m0, acc[i][0]);
         _mm512_mask_storeu_ps((float *)Y + i * ldy + 16, m1, acc[i][1]);
     }
+}
+
+PXL_INLINE void ukernel(const int RM, const int OUT, size_t K2, const uint16_t *X, size_t ldx, const uint16_t *Wp,
+                        void *Y, size_t ldy, int nvalid, const char *pf, size_t npf) {
+    __m512 acc[12][2];
+    for (int i = 0; i < RM; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (size_t p = 0; p < K2; p++) {
+        /* the next panel: a call of few rows (decode) streams it from DRAM, where lines are best
+         * fetched into L2 (enough misses in flight); many rows reuse it from L1 */
+        if (p < npf && RM <= 4) _mm_prefetch(pf + p * 64, _MM_HINT_T1);
+        else if (p < npf) _mm_prefetch(pf + p * 64, _MM_HINT_T0);
+        __m512bh b0 = (__m512bh)_mm512_loadu_si512(Wp + p * 64), b1 = (__m512bh)_mm512_loadu_si512(Wp + p * 64 + 32);
+        for (int i = 0; i < RM; i++) {
+            uint32_t pair;
+            memcpy(&pair, X + i * ldx + 2 * p, 4);
+            __m512bh a = (__m512bh)_mm512_set1_epi32((int)pair);
+            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a, b0);
+            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a, b1);
+        }
+    }
+    store_acc(RM, OUT, acc, Y, ldy, nvalid);
+}
+
+/* rm rows of 32 fp32 sums (acc, 32 apart), computed elsewhere (the AMX kernels), stored as the
+ * kernel `out` (0: pxl_gemm_p_fn, 1: bf16, 2: gated SiLU-mul, 3: widened bf16 around the caches)
+ * stores its own: the same roundings, so both sets give the same bits from the same sums */
+void pxl_bf16p_store_avx512bf16(int out, int rm, const float *acc, void *Y, size_t ldy, int nvalid) {
+    __m512 a[12][2];
+    for (int i = 0; i < rm; i++) a[i][0] = _mm512_loadu_ps(acc + 32 * i), a[i][1] = _mm512_loadu_ps(acc + 32 * i + 16);
+#define STORE_CASE(o) case o: store_acc(rm, o, a, Y, ldy, nvalid); return;
+    switch (out) { STORE_CASE(OUT_F32) STORE_CASE(OUT_BF16) STORE_CASE(OUT_SILU) STORE_CASE(OUT_WIDE_NT) }
+#undef STORE_CASE
 }
 
 /* the exported kernels: one instance of ukernel per (rows, where the sums go) */
