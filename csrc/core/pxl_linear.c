@@ -297,12 +297,13 @@ static void run_packed(const pxl_kernel_set *ks, int f32, size_t T, size_t cols,
                              ? ks->gemm_bf16p_wide_nt
                              : NULL;
     const size_t width = gated ? PXL_PANEL / 2 : PXL_PANEL; /* out columns a panel makes */
+    const size_t rmax = !f32 && ks->gemm_bf16p && ks->bf16p_rm ? (size_t)ks->bf16p_rm : PXL_PANEL_RM; /* rows a call */
     const size_t lines = K * PXL_PANEL * es / 64;           /* cache lines of a panel */
     for (size_t t0 = 0; t0 < T; t0 += PACKED_T_CHUNK) {
         size_t t1 = t0 + PACKED_T_CHUNK < T ? t0 + PACKED_T_CHUNK : T;
         /* the chunk in calls of near-equal size (64 tokens: 11, 11, 11, 11, 10, 10, not 12 x 5 + 4):
          * a call with few tokens has too few accumulators to hide the FMA latency */
-        size_t calls = (t1 - t0 + PXL_PANEL_RM - 1) / PXL_PANEL_RM, base = (t1 - t0) / calls, extra = (t1 - t0) % calls;
+        size_t calls = (t1 - t0 + rmax - 1) / rmax, base = (t1 - t0) / calls, extra = (t1 - t0) % calls;
         const size_t npanels = (cols + width - 1) / width;
         for (size_t s = 0; s < npanels; s++) { /* panels in memory order */
             size_t n = s * width;
@@ -487,7 +488,7 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
                   ks->silu_bf16};
     const int fused = wfmt == PXL_BF16P || wfmt == PXL_F32P || packed_q;
     /* fused: one call's rows (run_packed) */
-    float *yp = pxl_scratch(1, (fused ? PXL_PANEL_RM * (size_t)PXL_PANEL : T * cols) * 4);
+    float *yp = pxl_scratch(1, (fused ? PXL_AMX_RM * (size_t)PXL_PANEL : T * cols) * 4);
     compute(ks, wfmt, packed_q, T, cols, K, xk, ldx, qbuf, Wn, yp, cols, fused ? &o : NULL);
     if (!fused) store_rows(&o, 0, 0, T, cols, yp, cols);
 #ifdef __x86_64__

@@ -4,7 +4,10 @@
  *
  * Peaks run register-resident chains of one instruction (fp32 FMA, bf16 pair-dot, int8
  * quad-dot) on every thread: 12 independent accumulators cover the latency x throughput
- * of every x86 core we target. On CPUs or builds without an ISA the probe returns 0. */
+ * of every x86 core we target; on the AMX kernel set the bf16 peak is that of tdpbf16ps, what its
+ * GEMM runs on. On CPUs or builds without an ISA the probe returns 0. */
+#include <string.h>
+
 #include "pxl_kernels.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -60,10 +63,11 @@ double pxl_roofline_peak(int kind, size_t iters) {
                          : __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vnni");
     if (!ok) return 0;
     double total = 0;
+    const int amx = kind == 1 && !strcmp(pxl_kernels()->isa, "amx");
     pxl_cpu_mask saved;
     int pinned = pxl_pin_caller(&saved);
 #pragma omp parallel num_threads(pxl_num_threads()) reduction(+ : total)
-    total += kind == 0 ? fma_f32(iters) : kind == 1 ? dot_bf16(iters) : dot_int8(iters);
+    total += kind == 0 ? fma_f32(iters) : amx ? pxl_amx_peak_bf16(iters) : kind == 1 ? dot_bf16(iters) : dot_int8(iters);
     if (pinned) pxl_unpin_caller(&saved);
     return total;
 #else

@@ -72,8 +72,10 @@ typedef struct {
     pxl_gemm_p_fn gemm_bf16p_wide_nt;
     pxl_gemm_p_fn gemm_f32p;  /* NULL: the set does not pack fp32 */
     pxl_silu_bf16_fn silu_bf16; /* NULL: the portable pxl_silu_mul1 loop */
+    int bf16p_rm; /* tokens per gemm_bf16p* call (0: PXL_PANEL_RM) */
 } pxl_kernel_set;
 #define PXL_PANEL_RM 12 /* tokens per gemm_bf16p / gemm_f32p call (PXL_PANEL: pxl_abi.h) */
+#define PXL_AMX_RM 32   /* tokens per call of the AMX set's gemm_bf16p*: two 16-row tiles */
 
 /* Linear's paths by token count (pxl_linear.c; the kernel tests pick their reference by them) */
 #define PXL_Q_DOT_MAX_T 4      /* quantised weights in GGUF layout: int8 dot products up to this many tokens */
@@ -118,6 +120,7 @@ void pxl_gemm_bf16p_silu_amx(int rm, size_t K, const void *X, size_t ldx, const 
                              int nvalid, const void *pf, size_t npf);
 void pxl_gemm_bf16p_wide_amx(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy,
                              int nvalid, const void *pf, size_t npf);
+double pxl_amx_peak_bf16(size_t iters); /* the roofline's probe: ops done by this thread */
 /* quantised GEMVs by weight format: GGUF blocks with vpmaddubsw (AVX2, AVX-512F) or vpdpbusd
  * (VNNI); repacked blocks (AVX-512F, VNNI) */
 extern const pxl_gemv_q_fn pxl_gemv_q_avx2[PXL_NFMT], pxl_gemv_q_avx512vnni[PXL_NFMT];

@@ -2,8 +2,8 @@
  * same contract as pxl_gemm_bf16p_avx512bf16, on tile registers. A packed panel, [K/2][32][2]
  * bf16, is already AMX's "VNNI" layout for B: rows of K pairs, 128 bytes apart, whose first and
  * second 64 bytes are features 0-15 and 16-31. So per 32 values of K the kernel loads one A
- * tile (rm rows of x, 64 bytes each), two B tiles straight from the panel, and runs two
- * tdpbf16ps into two C tiles of rm x 16 fp32; no repacking. The sums then leave through the
+ * or two A tiles (up to 32 rows of x, 64 bytes each), two B tiles straight from the panel, and
+ * runs two or four tdpbf16ps into C tiles of up to 16 x 16 fp32; no repacking. The sums then leave through the
  * AVX512-BF16 kernel's own stores (pxl_bf16p_store_avx512bf16), so the roundings, the gated
  * SiLU-mul and the streamed logits are that kernel's, bit for bit. A row's sums depend on its
  * own x only, whatever rm is. K not a multiple of 32 runs the AVX512-BF16 kernel, and so do
@@ -13,12 +13,16 @@
 
 #include "pxl_kernels.h"
 
-/* tile registers (numbers: the intrinsics paste them into the instruction) */
+/* tile registers (numbers: the intrinsics paste them into the instruction): rows 0-15 of the
+ * call in C0 (features 0-15) and C1 (16-31) from A0, rows 16-31 in C2 and C3 from A1 */
 #define C0 0
 #define C1 1
-#define A 2
-#define B0 3
-#define B1 4
+#define C2 2
+#define C3 3
+#define A0 4
+#define A1 5
+#define B0 6
+#define B1 7
 
 typedef struct {
     uint8_t palette, start_row, reserved[14];
@@ -26,37 +30,58 @@ typedef struct {
     uint8_t rows[16];
 } tile_config;
 
-/* Configures the tiles for rm rows unless they already are. The configuration is per thread and
- * other AMX code in the process (oneDNN under torch) may have changed or released it, so it is
- * read back rather than remembered. */
-static inline void configure(int rm) {
-    tile_config want = {.palette = 1}, have;
-    want.rows[C0] = want.rows[C1] = want.rows[A] = (uint8_t)rm;
-    want.rows[B0] = want.rows[B1] = 16;
-    for (int t = C0; t <= B1; t++) want.colsb[t] = 64;
-    _tile_storeconfig(&have);
-    if (memcmp(&want, &have, sizeof want)) _tile_loadconfig(&want);
+/* GCC 12 does not treat ldtilecfg as reading its operand and drops the stores that fill it in */
+static inline void load_config(const tile_config *c) {
+    __asm__ volatile("" : : "r"(c) : "memory");
+    _tile_loadconfig(c);
 }
 
+/* Configures the tiles for rm rows unless they already are (rows past 16 in the second A and C
+ * tiles; unused tiles have no rows). The configuration is per thread and other AMX code in the
+ * process (oneDNN under torch) may have changed or released it, so it is read back rather than
+ * remembered. */
+static inline void configure(int rm) {
+    const uint8_t r0 = rm < 16 ? (uint8_t)rm : 16, r1 = (uint8_t)(rm - r0);
+    tile_config want = {.palette = 1}, have;
+    want.rows[C0] = want.rows[C1] = want.rows[A0] = r0;
+    want.rows[C2] = want.rows[C3] = want.rows[A1] = r1;
+    want.rows[B0] = want.rows[B1] = 16;
+    for (int t = C0; t <= B1; t++) want.colsb[t] = want.rows[t] ? 64 : 0;
+    _tile_storeconfig(&have);
+    if (memcmp(&want, &have, sizeof want)) load_config(&want);
+}
+
+/* acc (rm x 32, 32 apart) = X (rm <= 32 rows, K) . the panel; each B tile serves both A tiles */
 static inline void product(int rm, size_t K, const uint16_t *X, size_t ldx, const uint16_t *Wp, float *acc,
                            const char *pf, size_t npf) {
     configure(rm);
+    const int two = rm > 16;
     _tile_zero(C0);
     _tile_zero(C1);
+    if (two) {
+        _tile_zero(C2);
+        _tile_zero(C3);
+    }
     for (size_t k = 0; k < K; k += 32) {
         /* the next panel's lines, one per K pair as the AVX512-BF16 kernel spreads them */
-        for (size_t l = k / 2; l < k / 2 + 16 && l < npf; l++) {
-            if (rm <= 4) _mm_prefetch(pf + l * 64, _MM_HINT_T1);
-            else _mm_prefetch(pf + l * 64, _MM_HINT_T0);
-        }
-        _tile_loadd(A, X + k, ldx * 2);
+        for (size_t l = k / 2; l < k / 2 + 16 && l < npf; l++) _mm_prefetch(pf + l * 64, _MM_HINT_T0);
         _tile_loadd(B0, Wp + k * 32, 128);
         _tile_loadd(B1, Wp + k * 32 + 32, 128);
-        _tile_dpbf16ps(C0, A, B0);
-        _tile_dpbf16ps(C1, A, B1);
+        _tile_loadd(A0, X + k, ldx * 2);
+        _tile_dpbf16ps(C0, A0, B0);
+        _tile_dpbf16ps(C1, A0, B1);
+        if (two) {
+            _tile_loadd(A1, X + 16 * ldx + k, ldx * 2);
+            _tile_dpbf16ps(C2, A1, B0);
+            _tile_dpbf16ps(C3, A1, B1);
+        }
     }
     _tile_stored(C0, acc, 128);
     _tile_stored(C1, acc + 16, 128);
+    if (two) {
+        _tile_stored(C2, acc + 16 * 32, 128);
+        _tile_stored(C3, acc + 16 * 32 + 16, 128);
+    }
 }
 
 /* Calls of up to this many rows (decode steps) run the AVX512-BF16 kernel: streaming the weights
@@ -64,18 +89,47 @@ static inline void product(int rm, size_t K, const uint16_t *X, size_t ldx, cons
  * PXL_BATCH_INVARIANT every call takes the tiles, so a token's sums never depend on its batch. */
 #define AVX_MAX_RM 4
 
+/* The AVX512-BF16 kernels take up to PXL_PANEL_RM rows a call; the stores too. */
 #define ENTRY(name, out, YT, fallback)                                                                            \
     void name(int rm, size_t K, const void *X, size_t ldx, const void *Wp, YT *Y, size_t ldy, int nvalid,           \
               const void *pf, size_t npf) {                                                                         \
-        if (K % 32 || (rm <= AVX_MAX_RM && !pxl_batch_invariant())) {                                             \
-            fallback(rm, K, X, ldx, Wp, Y, ldy, nvalid, pf, npf);                                                  \
-            return;                                                                                                \
+        const int avx = K % 32 || (rm <= AVX_MAX_RM && !pxl_batch_invariant());                                   \
+        float acc[PXL_AMX_RM * PXL_PANEL] __attribute__((aligned(64)));                                            \
+        if (!avx) product(rm, K, X, ldx, Wp, acc, pf, npf);                                                        \
+        for (int i = 0; i < rm; i += PXL_PANEL_RM) {                                                               \
+            int r = rm - i < PXL_PANEL_RM ? rm - i : PXL_PANEL_RM;                                                 \
+            if (avx)                                                                                               \
+                fallback(r, K, (const uint16_t *)X + i * ldx, ldx, Wp, Y + i * ldy, ldy, nvalid, i ? NULL : pf,     \
+                         i ? 0 : npf);                                                                             \
+            else                                                                                                   \
+                pxl_bf16p_store_avx512bf16(out, r, acc + i * PXL_PANEL, Y + i * ldy, ldy, nvalid);                  \
         }                                                                                                          \
-        float acc[PXL_PANEL_RM * PXL_PANEL] __attribute__((aligned(64)));                                          \
-        product(rm, K, X, ldx, Wp, acc, pf, npf);                                                                  \
-        pxl_bf16p_store_avx512bf16(out, rm, acc, Y, ldy, nvalid);                                                  \
     }
 ENTRY(pxl_gemm_bf16p_amx, 0, float, pxl_gemm_bf16p_avx512bf16)
 ENTRY(pxl_gemm_bf16p_bf16_amx, 1, uint16_t, pxl_gemm_bf16p_bf16_avx512bf16)
 ENTRY(pxl_gemm_bf16p_silu_amx, 2, uint16_t, pxl_gemm_bf16p_silu_avx512bf16)
 ENTRY(pxl_gemm_bf16p_wide_amx, 3, float, pxl_gemm_bf16p_wide_avx512bf16)
+
+/* the roofline's bf16 peak on a set with these kernels: 4 independent tile accumulators, each
+ * tdpbf16ps 16 x 16 x 32 pairs, register-resident; ops (2 per multiply-add) done */
+double pxl_amx_peak_bf16(size_t iters) {
+    tile_config c = {.palette = 1};
+    for (int t = 0; t < 8; t++) c.rows[t] = 16, c.colsb[t] = 64;
+    load_config(&c);
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    _tile_zero(4);
+    _tile_zero(5);
+    _tile_zero(6);
+    _tile_zero(7);
+    for (size_t n = 0; n < iters; n++) {
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_release();
+    return (double)iters * 4 * 16 * 16 * 32 * 2;
+}
