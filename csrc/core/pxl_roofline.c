@@ -67,7 +67,10 @@ double pxl_roofline_peak(int kind, size_t iters) {
     pxl_cpu_mask saved;
     int pinned = pxl_pin_caller(&saved);
 #pragma omp parallel num_threads(pxl_num_threads()) reduction(+ : total)
-    total += kind == 0 ? fma_f32(iters) : amx ? pxl_amx_peak_bf16(iters) : kind == 1 ? dot_bf16(iters) : dot_int8(iters);
+    total += kind == 0 ? fma_f32(iters)
+             : amx     ? pxl_amx_peak_bf16(iters)
+             : kind == 1 ? dot_bf16(iters)
+                         : dot_int8(iters);
     if (pinned) pxl_unpin_caller(&saved);
     return total;
 #else
