@@ -1,10 +1,12 @@
 """SmolLM2-135M-Instruct greedy outputs against vLLM 0.32's (and transformers') golden files."""
 
+import contextlib
+
 import pytest
 import torch
 
 from perfxlm import LLM, SamplingParams
-from tests.conftest import SMALL_KV, assert_no_leaks, gguf_layout_kernel_set, golden, repacks_gguf_blocks
+from tests.conftest import SMALL_KV, assert_no_leaks, gguf_layout_kernel_set, golden, int8_prefill_kernel_set
 
 
 def _check_golden(llm: LLM, name: str) -> None:
@@ -98,29 +100,34 @@ def test_gguf_prefill_on_dequantised_panels_matches_the_dense_model(smol_llm, gg
             assert abs(a[pos][ids[pos]].logprob - b[pos][ids[pos]].logprob) < 1e-3, (ids, pos)
 
 
-@pytest.mark.parametrize("invariant", ["0", "1"])
-def test_gguf_int8_dot_products_stay_within_logprob_tolerance(smol_llm, gguf_path, monkeypatch, invariant):
+@pytest.mark.parametrize("path", ["int8", "batch-invariant", "amx-panels"])
+def test_gguf_quantised_paths_stay_within_logprob_tolerance(smol_llm, gguf_path, monkeypatch, path):
     """Decode (T <= 4), every T in batch-invariant mode, and every T on repacked blocks (AVX-512
-    kernel sets) quantise x to int8 per 32-block for the dot products, as llama.cpp does.
-    Teacher-forced through that path the golden tokens' logprobs move by 0.04 nats on average
+    kernel sets) quantise x to int8 per 32-block for the dot products, as llama.cpp does; on AMX
+    a prefill of 32 tokens or more runs the repacked blocks as bf16 panels with bf16 x instead.
+    Teacher-forced through the int8 path the golden tokens' logprobs move by 0.04 nats on average
     and 0.19 at most (measured), about bf16's drift: we allow mean 0.1 and max 0.5, and a golden
     token must stay within 0.5 nats of the quantised model's best."""
-    if invariant == "0" and not repacks_gguf_blocks():
-        pytest.skip("prefill takes dequantised panels on this kernel set (the test above)")
+    from hw_plugins.cpu import library
+    if path == "amx-panels" and library.load().pxl_isa() != b"amx":
+        pytest.skip("no AMX kernel set on this CPU")
     ref = golden("golden_greedy_vllm_float32.json")
-    monkeypatch.setenv("PERFXLM_BATCH_INVARIANT", invariant)
-    q8x = LLM(str(gguf_path), dtype="float32", quantization="gguf", kv_cache_memory_bytes=SMALL_KV,
-              max_model_len=1024)
-    diffs = []
-    for r in ref["results"]:
-        ids = r["prompt_token_ids"] + r["token_ids"]
-        a, b = _teacher_forced(q8x, ids), _teacher_forced(smol_llm, ids)
-        diffs += [abs(a[pos][ids[pos]].logprob - b[pos][ids[pos]].logprob) for pos in range(1, len(ids))]
-        for pos in range(len(r["prompt_token_ids"]), len(ids)):
-            best = max(lp.logprob for lp in a[pos].values())
-            assert best - a[pos][ids[pos]].logprob < 0.5, (r["prompt"], pos)
+    monkeypatch.setenv("PERFXLM_BATCH_INVARIANT", "1" if path == "batch-invariant" else "0")
+    with int8_prefill_kernel_set() if path == "int8" else contextlib.nullcontext():
+        quantised = LLM(str(gguf_path), dtype="float32", quantization="gguf", kv_cache_memory_bytes=SMALL_KV,
+                        max_model_len=1024)
+        diffs = []
+        for r in ref["results"]:
+            ids = r["prompt_token_ids"] + r["token_ids"]
+            a, b = _teacher_forced(quantised, ids), _teacher_forced(smol_llm, ids)
+            diffs += [abs(a[pos][ids[pos]].logprob - b[pos][ids[pos]].logprob) for pos in range(1, len(ids))]
+            for pos in range(len(r["prompt_token_ids"]), len(ids)):
+                best = max(lp.logprob for lp in a[pos].values())
+                assert best - a[pos][ids[pos]].logprob < 0.5, (r["prompt"], pos)
+    if path == "amx-panels":
+        assert max(len(r["prompt_token_ids"]) + len(r["token_ids"]) for r in ref["results"]) >= 32  # panels ran
     assert sum(diffs) / len(diffs) < 0.1 and max(diffs) < 0.5, (sum(diffs) / len(diffs), max(diffs))
-    assert max(diffs) > 1e-3  # the int8 path really ran (the fp32 one agrees to ~1e-5)
+    assert max(diffs) > 1e-3  # the quantised path really ran (the fp32 one agrees to ~1e-5)
 
 
 CHAT_PROMPTS = ["What is the capital of France?", "What is 2+2?", "Who wrote Hamlet?",

@@ -110,12 +110,12 @@ static pxl_q8k q8k_at(const int8_t *qbuf, size_t K, size_t t) {
 /* x rows [t0, t1) as the kernels read them: converted between bf16 and fp32 (or copied) into
  * xc, ldc apart (when not NULL) and, for int8 dot products, quantised into qbuf (q (T, K) |
  * d | c | e, each (T, nb); for K-quants, T pieces of Q8_K) */
-static void prepare_rows(int dt, int wfmt, size_t T, size_t t0, size_t t1, size_t K, const void *x, void *xc,
-                         size_t ldc, int8_t *qbuf) {
+static void prepare_rows(int dt, int wfmt, int xbf16, size_t T, size_t t0, size_t t1, size_t K, const void *x,
+                         void *xc, size_t ldc, int8_t *qbuf) {
     size_t nb = K / PXL_QK;
     for (size_t t = t0; t < t1; t++) {
         const float *xf = xc ? (const float *)xc + t * ldc : (const float *)x + t * K; /* (qbuf: fp32) */
-        if (xc && (wfmt == PXL_BF16 || wfmt == PXL_BF16P))
+        if (xc && xbf16)
             convert_row(1, K, (const float *)x + t * K, (uint16_t *)xc + t * ldc);
         else if (xc && dt == PXL_F32)
             memcpy((float *)xc + t * ldc, (const float *)x + t * K, K * 4);
@@ -406,12 +406,17 @@ static void compute(const pxl_kernel_set *ks, int wfmt, int packed_q, size_t T, 
                 ks->gemv_q[wfmt](n, n + step < cols ? n + step : cols, K, W, &xt, Y + t * ldy);
             }
     } else if (packed_q) { /* bf16 x: dequantised panels packed for the bf16 micro-kernel */
+        const int direct = wfmt >= PXL_Q8_0R && wfmt <= PXL_Q4_1R && ks->qr_bf16p; /* no fp32 rows between */
         float *rows = pxl_scratch(3, (size_t)PXL_PANEL * K * 4 + (size_t)PXL_PANEL * K * 2);
         uint16_t *panel = (uint16_t *)(rows + PXL_PANEL * K);
         for (size_t n = 0; n < cols; n += PXL_PANEL) {
             size_t r = cols - n < PXL_PANEL ? cols - n : PXL_PANEL;
-            pxl_dequant_rows(wfmt, W, n, r, K, rows);
-            pack_panel(PXL_F32, r, K, rows, panel);
+            if (direct) {
+                ks->qr_bf16p(wfmt, W, n, r, K, panel);
+            } else {
+                pxl_dequant_rows(wfmt, W, n, r, K, rows);
+                pack_panel(PXL_F32, r, K, rows, panel);
+            }
             run_packed(ks, 0, T, r, K, xk, ldx, panel, out ? Y : Y + n, ldy, out, n);
         }
     } else { /* fp32 GEMM tiles over dequantised panels of rows */
@@ -431,12 +436,16 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
     /* quantised weights: int8 dot products for decode-sized T (and every T when batch
      * invariant, so a row's result never depends on the batch), dequantised panels else.
      * Repacked blocks always: their kernel shares each weight load among PXL_QR_T tokens and
-     * needs no dequantised copy, which beats dequantised fp32 / bf16 GEMM at every T. K-quants:
+     * needs no dequantised copy, which beats dequantised fp32 / bf16 GEMM at every T, except
+     * on sets whose bf16 GEMM outruns their int8 dot products (qr_bf16p, AMX): there a prefill
+     * dequantises the blocks into bf16 panels and rounds x to bf16, whatever dt is. K-quants:
      * pxl_qk_dot (a multi-token kernel beats dequantising up to a few hundred tokens). */
+    const int qr_panels = repacked && ks->qr_bf16p && T >= PXL_QR_PANEL_MIN_T && !pxl_batch_invariant();
     const int qdot = kq ? pxl_qk_dot(ks, dt, wfmt, T)
-                        : quant && (T <= PXL_Q_DOT_MAX_T || pxl_batch_invariant() || repacked);
+                        : quant && (T <= PXL_Q_DOT_MAX_T || pxl_batch_invariant() || (repacked && !qr_panels));
     /* prefill on quantised weights with bf16 x: packed bf16 panels where the set has the kernel */
-    const int packed_q = quant && !qdot && dt == PXL_BF16 && ks->gemm_bf16p && T >= PXL_PACKED_Q_MIN_T;
+    const int packed_q =
+        quant && !qdot && ks->gemm_bf16p && (qr_panels || (dt == PXL_BF16 && T >= PXL_PACKED_Q_MIN_T));
     /* The packed kernels read the same K step of up to PXL_PANEL_RM rows at once: rows a multiple
      * of 4 KiB apart (K = 2048 or 8192) would all fall in one L1 set and evict each other every
      * few steps. So the rows they read lie an odd number of cache lines apart: converted rows
@@ -444,15 +453,16 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
      * sets) are copied so. */
     const int packed = wfmt == PXL_BF16P || wfmt == PXL_F32P;
     const int restride = wfmt == PXL_F32P && dt == PXL_F32 && T > 1 && K * 4 % 512 == 0;
-    const int convert = (bf16_w ? dt == PXL_F32 : dt == PXL_BF16 && !packed_q) || restride;
-    const size_t xes = bf16_w ? 2 : 4, qbytes = kq ? T * pxl_q8k_bytes(K) : T * K + 3 * T * (K / PXL_QK) * 4;
-    const size_t ldx = convert && packed ? ((K * xes + 63) / 64 | 1) * 64 / xes : K;
+    const int xbf16 = bf16_w || packed_q; /* the kernels take x in bf16 */
+    const int convert = (xbf16 ? dt == PXL_F32 : dt == PXL_BF16) || restride;
+    const size_t xes = xbf16 ? 2 : 4, qbytes = kq ? T * pxl_q8k_bytes(K) : T * K + 3 * T * (K / PXL_QK) * 4;
+    const size_t ldx = convert && (packed || packed_q) ? ((K * xes + 63) / 64 | 1) * 64 / xes : K;
     void *xc = NULL;
     int8_t *qbuf = NULL;
     if ((convert || qdot) && T <= PXL_T_PRIVATE) { /* decode: every thread prepares x for itself */
         xc = convert ? pxl_scratch(0, T * ldx * xes) : NULL;
         qbuf = qdot ? pxl_scratch(2, qbytes) : NULL;
-        prepare_rows(dt, wfmt, T, 0, T, K, x, xc, ldx, qbuf);
+        prepare_rows(dt, wfmt, xbf16, T, 0, T, K, x, xc, ldx, qbuf);
     } else if (convert || qdot) { /* prefill: the team prepares shared rows, then waits for all */
 #pragma omp single copyprivate(xc, qbuf)
         {
@@ -461,7 +471,7 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
         }
         size_t t0, t1;
         pxl_split(T, 1, &t0, &t1);
-        prepare_rows(dt, wfmt, T, t0, t1, K, x, xc, ldx, qbuf);
+        prepare_rows(dt, wfmt, xbf16, T, t0, t1, K, x, xc, ldx, qbuf);
 #pragma omp barrier
     }
     const void *xk = xc ? xc : x;

@@ -52,6 +52,11 @@ typedef void (*pxl_gemm_p_bf16_fn)(int rm, size_t K, const void *X, size_t ldx, 
  * before rounding): SiLU-mul in bf16, fused (pxl_linear_silu) and not (pxl_silu_mul) alike */
 typedef void (*pxl_silu_bf16_fn)(size_t n, const float *g, const float *u, uint16_t *y);
 
+/* rows [n0, n0 + rows) of repacked blocks (n0 a multiple of PXL_QR_ROWS, rows <= PXL_PANEL)
+ * dequantised into one bf16 panel [K/2][PXL_PANEL][2], rows past `rows` zero: the bits of
+ * pxl_dequant_rows_qr rounded to bf16 */
+typedef void (*pxl_qr_bf16p_fn)(int fmt, const void *W, size_t n0, size_t rows, size_t K, uint16_t *panel);
+
 typedef struct {
     const char *isa;
     int vnni;            /* the CPU has AVX512-VNNI: the int8 kernels use vpdpbusd */
@@ -73,6 +78,9 @@ typedef struct {
     pxl_gemm_p_fn gemm_f32p;  /* NULL: the set does not pack fp32 */
     pxl_silu_bf16_fn silu_bf16; /* NULL: the portable pxl_silu_mul1 loop */
     int bf16p_rm; /* tokens per gemm_bf16p* call (0: PXL_PANEL_RM) */
+    /* repacked blocks into a bf16 panel, for prefill on gemm_bf16p where that beats the int8
+     * dot products (PXL_QR_PANEL_MIN_T tokens); NULL: int8 dot products at every T */
+    pxl_qr_bf16p_fn qr_bf16p;
 } pxl_kernel_set;
 #define PXL_PANEL_RM 12 /* tokens per gemm_bf16p / gemm_f32p call (PXL_PANEL: pxl_abi.h) */
 #define PXL_AMX_RM 32   /* tokens per call of the AMX set's gemm_bf16p*: two 16-row tiles */
@@ -82,6 +90,9 @@ typedef struct {
 /* from this many tokens, bf16 x on quantised weights runs dequantised panels packed for the bf16
  * micro-kernel (for fewer tokens, packing the panels costs more than it saves) */
 #define PXL_PACKED_Q_MIN_T 64
+/* from this many tokens (one full AMX call), repacked blocks run as bf16 panels on sets with
+ * qr_bf16p: dequantising a panel then costs less than the int8 dot products it replaces */
+#define PXL_QR_PANEL_MIN_T 32
 
 extern const pxl_kernel_set pxl_kernels_generic;
 #if defined(__x86_64__)
@@ -111,6 +122,8 @@ void pxl_silu_mul_bf16_avx512bf16(size_t n, const float *g, const float *u, uint
 /* rm rows of 32 fp32 sums (acc, 32 apart) stored as the kernel `out` stores its own (0: gemm_bf16p,
  * 1: _bf16, 2: _silu, 3: _wide): the AMX kernels' sums leave through the AVX512-BF16 stores */
 void pxl_bf16p_store_avx512bf16(int out, int rm, const float *acc, void *Y, size_t ldy, int nvalid);
+/* repacked blocks into a bf16 panel (pxl_qr_bf16p_avx512bf16.c: pxl_qr_bf16p_fn) */
+void pxl_qr_bf16p_avx512bf16(int fmt, const void *W, size_t n0, size_t rows, size_t K, uint16_t *panel);
 /* the packed bf16 kernels on AMX tiles (pxl_bf16_gemm_packed_amx.c): the AVX512-BF16 set's contracts */
 void pxl_gemm_bf16p_amx(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy, int nvalid,
                         const void *pf, size_t npf);

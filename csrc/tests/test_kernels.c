@@ -105,11 +105,16 @@ static const char *fmt_name[] = {"f32", "bf16", "q8_0", "q4_0", "q4_1", "bf16 pa
                                   "q8_0 x16", "q4_0 x16", "q4_1 x16", "q4_K", "q5_K", "q6_K", "q4_K x16", "q6_K x16"};
 _Static_assert(sizeof fmt_name / sizeof fmt_name[0] == PXL_NFMT, "a name for every format");
 
+/* repacked blocks as bf16 panels (a prefill on sets with qr_bf16p), whatever x's dtype */
+static int qr_panels(int fmt, size_t T) {
+    return fmt >= PXL_Q8_0R && pxl_kernels()->qr_bf16p && T >= PXL_QR_PANEL_MIN_T && !pxl_batch_invariant();
+}
+
 /* Quantised weights with small T (or batch invariant) take int8 dot products on x quantised
  * per 32-block: the reference then uses the same quantised x (checked on its own in
  * test_quantize_x), so only the kernels' summation is under test. */
 static int int8_path(int fmt, size_t T) {
-    return PXL_IS_QUANT(fmt) && (T <= PXL_Q_DOT_MAX_T || pxl_batch_invariant() || fmt >= PXL_Q8_0R);
+    return PXL_IS_QUANT(fmt) && (T <= PXL_Q_DOT_MAX_T || pxl_batch_invariant() || (fmt >= PXL_Q8_0R && !qr_panels(fmt, T)));
 }
 
 /* packed formats are made from dense weights of this format */
@@ -157,12 +162,13 @@ static void test_linear(int dt, int fmt, size_t T, size_t N, size_t K, int with_
     for (size_t i = 0; i < T * K; i++) xf[i] = get(dt, x, i);
     int qdot = int8_path(fmt, T);
     /* bf16 x on quantised weights past the int8 path: dequantised panels rounded to bf16 */
-    int packed_q = PXL_IS_QUANT(fmt) && dt && !qdot && T >= PXL_PACKED_Q_MIN_T && pxl_packed_bytes(PXL_BF16, 1, 2);
+    int packed_q = PXL_IS_QUANT(fmt) && !qdot && pxl_packed_bytes(PXL_BF16, 1, 2) &&
+                   (qr_panels(fmt, T) || (dt && T >= PXL_PACKED_Q_MIN_T));
     if (qdot) pxl_quantize_x(fmt, T, K, xf, q, qd, qc, qe);
     if (packed_q)
         for (size_t i = 0; i < N * K; i++) deq[i] = rnd(1, (float)deq[i]);
     for (size_t i = 0; i < T * K; i++) /* bf16 weights multiply bf16-rounded x (vdpbf16ps) */
-        xr[i] = qdot ? (double)qd[i / PXL_QK] * q[i] : fmt == PXL_BF16 || fmt == PXL_BF16P ? rnd(1, xf[i]) : xf[i];
+        xr[i] = qdot ? (double)qd[i / PXL_QK] * q[i] : fmt == PXL_BF16 || fmt == PXL_BF16P || packed_q ? rnd(1, xf[i]) : xf[i];
     for (size_t t = 0; t < T; t++)
         for (size_t n = 0; n < N; n++) {
             double s = with_bias ? get(dt, b, n) : 0, m = fabs(s);
@@ -177,6 +183,25 @@ static void test_linear(int dt, int fmt, size_t T, size_t N, size_t K, int with_
              with_bias ? " +bias" : "", qdot ? " (int8 x)" : "");
     check(name, dt, T * N, y, ref, mag, 2e-6 * sqrt((double)K) + 1e-6);
     free(deq); free(ref); free(mag); free(xr); free(W); free(x); free(b); free(y); free(q); free(xf); free(qd); free(qc); free(qe);
+}
+
+/* the set's dequantisation of repacked blocks into a bf16 panel: bit for bit the portable
+ * dequantisation rounded to bf16, zeros past the last row (panel of rows [n0, N)) */
+static void test_qr_bf16p(int fmt, size_t N, size_t K, size_t n0) {
+    double *deq = malloc(N * K * 8);
+    void *W = packed_copy(fmt, N, K, make_weights(PXL_QBASE(fmt), N, K, deq));
+    size_t rows = N - n0 < PXL_PANEL ? N - n0 : PXL_PANEL;
+    float *f = malloc(rows * K * 4);
+    uint16_t *panel = malloc(K * PXL_PANEL * 2);
+    pxl_dequant_rows_qr(fmt, W, n0, rows, K, f);
+    pxl_kernels()->qr_bf16p(fmt, W, n0, rows, K, panel);
+    int ok = 1;
+    for (size_t k = 0; k < K; k++)
+        for (size_t j = 0; j < PXL_PANEL; j++)
+            ok &= panel[(k / 2 * PXL_PANEL + j) * 2 + k % 2] == (j < rows ? to_bf16(f[j * K + k]) : 0);
+    if (ok) passed++;
+    else printf("FAIL [%s] qr_bf16p %s N=%zu K=%zu n0=%zu\n", isa, fmt_name[fmt], N, K, n0), failed++;
+    free(deq), free(W), free(f), free(panel);
 }
 
 /* q * d is within half a step of x, the scale is amax / 127, and c is each format's offset term */
@@ -695,6 +720,12 @@ int main(void) {
             test_linear(PXL_BF16, PXL_Q8_0, 70, 70, 576, 1); /* dequantised panels packed (T >= 64) */
         test_quantize_x(32);
         test_quantize_x(576);
+        if (pxl_kernels()->qr_bf16p)
+            for (int fmt = PXL_Q8_0R; fmt <= PXL_Q4_1R; fmt++) {
+                test_qr_bf16p(fmt, 32, 64, 0);
+                test_qr_bf16p(fmt, 48, 576, 32); /* the second panel: rows 32-47 and their zero tail */
+                test_qr_bf16p(fmt, 7, 96, 0);
+            }
         for (int fmt = PXL_BF16P; fmt <= PXL_F32P; fmt++) /* one token to two token chunks, N tails */
             for (int dt = 0; dt < 2; dt++) {
                 test_linear_silu(dt, fmt, 1, 64, 576);
