@@ -51,9 +51,9 @@ static inline void configure(int rm) {
     if (memcmp(&want, &have, sizeof want)) load_config(&want);
 }
 
-/* acc (rm x 32, 32 apart) = X (rm <= 32 rows, K) . the panel; each B tile serves both A tiles */
+/* acc (rm x 32, lda apart) = X (rm <= 32 rows, K) . the panel; each B tile serves both A tiles */
 static inline void product(int rm, size_t K, const uint16_t *X, size_t ldx, const uint16_t *Wp, float *acc,
-                           const char *pf, size_t npf) {
+                           size_t lda, const char *pf, size_t npf) {
     configure(rm);
     const int two = rm > 16;
     _tile_zero(C0);
@@ -76,11 +76,11 @@ static inline void product(int rm, size_t K, const uint16_t *X, size_t ldx, cons
             _tile_dpbf16ps(C3, A1, B1);
         }
     }
-    _tile_stored(C0, acc, 128);
-    _tile_stored(C1, acc + 16, 128);
+    _tile_stored(C0, acc, lda * 4);
+    _tile_stored(C1, acc + 16, lda * 4);
     if (two) {
-        _tile_stored(C2, acc + 16 * 32, 128);
-        _tile_stored(C3, acc + 16 * 32 + 16, 128);
+        _tile_stored(C2, acc + 16 * lda, lda * 4);
+        _tile_stored(C3, acc + 16 * lda + 16, lda * 4);
     }
 }
 
@@ -94,8 +94,12 @@ static inline void product(int rm, size_t K, const uint16_t *X, size_t ldx, cons
     void name(int rm, size_t K, const void *X, size_t ldx, const void *Wp, YT *Y, size_t ldy, int nvalid,           \
               const void *pf, size_t npf) {                                                                         \
         const int avx = K % 32 || (rm <= AVX_MAX_RM && !pxl_batch_invariant());                                   \
+        if (!avx && out == 0 && nvalid == PXL_PANEL) { /* fp32 sums of whole panels: the tiles store them */        \
+            product(rm, K, X, ldx, Wp, (float *)Y, ldy, pf, npf);                                                   \
+            return;                                                                                                \
+        }                                                                                                          \
         float acc[PXL_AMX_RM * PXL_PANEL] __attribute__((aligned(64)));                                            \
-        if (!avx) product(rm, K, X, ldx, Wp, acc, pf, npf);                                                        \
+        if (!avx) product(rm, K, X, ldx, Wp, acc, PXL_PANEL, pf, npf);                                             \
         for (int i = 0; i < rm; i += PXL_PANEL_RM) {                                                               \
             int r = rm - i < PXL_PANEL_RM ? rm - i : PXL_PANEL_RM;                                                 \
             if (avx)                                                                                               \
