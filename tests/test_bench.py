@@ -178,6 +178,31 @@ def test_roofline_measures_the_roofs_and_derives_each_ceiling(monkeypatch, gguf_
         assert w3["ceiling_tok_s"] == pytest.approx(roofs["bf16_GFLOPs"] * 1e9 / w3["flops_per_token"])
 
 
+def test_gguf_prefill_is_placed_under_the_arithmetic_its_kernel_set_runs(gguf_path):
+    """Q4_1/Q8_0 blocks run int8 dot products, except on the amx set, whose prefill runs them
+    as bf16 tiles: the rate goes under that peak."""
+    from hw_plugins.base import available_plugins
+    from perfxlm.bench import roofline
+    if not dict((n, ok) for n, ok, _ in available_plugins()).get("cpu"):
+        pytest.skip("the native cpu kernels are not built here")
+    from hw_plugins.cpu import library
+    cost = roofline.model_cost(gguf_path)
+    assert cost.legacy_quants  # SmolLM2's Q4_1 blocks
+    roofs = roofline.Roofs(read_GBs=30.0, fp32_GFLOPs=400.0, bf16_GFLOPs=6000.0, int8_GOPs=1500.0)
+    u = roofline.compute_usage(roofs, "gguf", 1e9, 600.0, cost)
+    tiles = library.load().pxl_isa() == b"amx"
+    assert (u.roof, u.roof_name) == ((6000.0, "bf16 peak") if tiles else (1500.0, "int8 peak"))
+    assert u.percent == pytest.approx(10.0 if tiles else 40.0)
+    assert roofline.compute_usage(roofs, "gguf", 1e9, 600.0).roof_name == "int8 peak"  # no cost: int8
+    if tiles:  # the same CPU on its AVX512-BF16 set: int8 again
+        lib = library.load()
+        assert lib.pxl_set_isa(b"avx512bf16") == 0
+        try:
+            assert roofline.compute_usage(roofs, "gguf", 1e9, 600.0, cost).roof_name == "int8 peak"
+        finally:
+            lib.pxl_set_isa(b"amx")
+
+
 def test_roofline_refuses_a_model_that_is_not_a_gguf(tmp_path):
     with pytest.raises(SystemExit, match="--model must be a GGUF file or an HF directory, got 'nope.safetensors'"):
         cli.main(["bench", "roofline", "--model", "nope.safetensors"])

@@ -142,12 +142,13 @@ def _place(roofs: roofline.Roofs, m: Model, wl: Workloads, rows: list[Row]) -> N
     for row in rows:
         for engine in row.samples:
             tok_s = row.median(engine)
+            ours = cost if engine == "perfxlm" else None  # (the kernel set in use is ours)
             if row.workload == "W2":
                 u = roofline.decode_usage(roofs, cost, m.weights, tok_s, *wl.w2)
             elif row.workload == "W1":
-                u = roofline.compute_usage(roofs, m.weights, roofline.batch_flops(cost, i, o), tok_s)
+                u = roofline.compute_usage(roofs, m.weights, roofline.batch_flops(cost, i, o), tok_s, ours)
             else:
-                u = roofline.compute_usage(roofs, m.weights, roofline.prefill_flops(cost, wl.w3), tok_s)
+                u = roofline.compute_usage(roofs, m.weights, roofline.prefill_flops(cost, wl.w3), tok_s, ours)
             row.roofline[engine] = {**asdict(u), "percent": u.percent}
 
 

@@ -48,6 +48,7 @@ class ModelCost:
     kv_width: int        # Hkv * head_dim
     q_width: int         # H * head_dim
     is_gguf: bool = True  # else an HF directory: quant_bytes are its safetensors as stored
+    legacy_quants: bool = False  # every block Linear is Q8_0 / Q4_0 / Q4_1
 
     def weight_bytes(self, weights: str) -> float:
         """Bytes of Linear weights (blocks and lm_head) one decode step reads: as stored for
@@ -151,7 +152,9 @@ def model_cost(path: str | Path) -> ModelCost:
 
     layers, hidden, heads = field(".block_count"), field(".embedding_length"), field(".attention.head_count")
     kv_heads = field(".attention.head_count_kv")
-    return ModelCost(linear, lm_head, quant, layers, hidden // heads * kv_heads, hidden)
+    legacy = {gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1}
+    return ModelCost(linear, lm_head, quant, layers, hidden // heads * kv_heads, hidden,
+                     legacy_quants=all(t.tensor_type in legacy for t in blocks))
 
 
 def _hf_model_cost(path: Path) -> ModelCost:
@@ -206,9 +209,20 @@ def decode_usage(roofs: Roofs, m: ModelCost, weights: str, tok_s: float, input_l
     return Usage(step_bytes * tok_s / batch / 1e9, roofs.read_GBs, "GB/s", "read bandwidth")
 
 
-def compute_usage(roofs: Roofs, weights: str, flops_per_token: float, tok_s: float) -> Usage:
-    """A compute-bound rate against the peak of the arithmetic `weights` use (see ARITHMETIC)."""
-    kind = ARITHMETIC[weights]
+def arithmetic(weights: str, cost: ModelCost | None = None) -> str:
+    """The arithmetic a compute-bound phase on `weights` runs: ARITHMETIC's, except that the
+    `amx` kernel set runs steps of 32 tokens or more on Q8_0 / Q4_0 / Q4_1 blocks as bf16 tiles."""
+    if weights == "gguf" and cost is not None and cost.legacy_quants:
+        from hw_plugins.cpu import library
+        if library.load().pxl_isa() == b"amx":
+            return "bf16"
+    return ARITHMETIC[weights]
+
+
+def compute_usage(roofs: Roofs, weights: str, flops_per_token: float, tok_s: float,
+                  cost: ModelCost | None = None) -> Usage:
+    """A compute-bound rate against the peak of the arithmetic `weights` use (`arithmetic`)."""
+    kind = arithmetic(weights, cost)
     peak = {"fp32": roofs.fp32_GFLOPs, "bf16": roofs.bf16_GFLOPs, "int8": roofs.int8_GOPs}[kind]
     return Usage(flops_per_token * tok_s / 1e9, peak, "GOP/s" if kind == "int8" else "GFLOP/s", f"{kind} peak")
 

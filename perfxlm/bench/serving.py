@@ -209,14 +209,14 @@ def _roofline(args: argparse.Namespace, llm: Any, res: dict) -> None:
     usages = {}
     if "output_tokens_per_second" in res:  # throughput: prefill and decode of the whole batch
         usages["batch"] = roofline.compute_usage(roofs, weights, roofline.batch_flops(
-            cost, args.input_len, args.output_len), res["output_tokens_per_second"])
+            cost, args.input_len, args.output_len), res["output_tokens_per_second"], cost)
     else:
         if "decode_tokens_per_second" in res:  # --output-len 1 has no decode step
             usages["decode"] = roofline.decode_usage(
                 roofs, cost, weights, res["decode_tokens_per_second"], args.input_len, args.output_len,
                 args.batch_size, engine.runner.executor.spec.kv_bytes_per_block(1))
         usages["prefill"] = roofline.compute_usage(roofs, weights, roofline.prefill_flops(cost, args.input_len),
-                                                   res["prefill_tokens_per_second"])
+                                                   res["prefill_tokens_per_second"], cost)
     for phase, u in usages.items():
         print(f"Roofline ({phase}): {u.describe()}")
     res["roofs"] = dataclasses.asdict(roofs)
