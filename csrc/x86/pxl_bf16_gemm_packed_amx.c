@@ -89,25 +89,23 @@ static inline void product(int rm, size_t K, const uint16_t *X, size_t ldx, cons
  * PXL_BATCH_INVARIANT every call takes the tiles, so a token's sums never depend on its batch. */
 #define AVX_MAX_RM 4
 
-/* The AVX512-BF16 kernels take up to PXL_PANEL_RM rows a call; the stores too. */
+/* The AVX512-BF16 kernels take up to PXL_PANEL_RM rows a call. */
 #define ENTRY(name, out, YT, fallback)                                                                            \
     void name(int rm, size_t K, const void *X, size_t ldx, const void *Wp, YT *Y, size_t ldy, int nvalid,           \
               const void *pf, size_t npf) {                                                                         \
-        const int avx = K % 32 || (rm <= AVX_MAX_RM && !pxl_batch_invariant());                                   \
-        if (!avx && out == 0 && nvalid == PXL_PANEL) { /* fp32 sums of whole panels: the tiles store them */        \
+        if (K % 32 || (rm <= AVX_MAX_RM && !pxl_batch_invariant())) {                                              \
+            for (int i = 0; i < rm; i += PXL_PANEL_RM)                                                             \
+                fallback(rm - i < PXL_PANEL_RM ? rm - i : PXL_PANEL_RM, K, (const uint16_t *)X + i * ldx, ldx, Wp,  \
+                         Y + i * ldy, ldy, nvalid, i ? NULL : pf, i ? 0 : npf);                                    \
+            return;                                                                                                \
+        }                                                                                                          \
+        if (out == 0 && nvalid == PXL_PANEL) { /* fp32 sums of whole panels: the tiles store them */               \
             product(rm, K, X, ldx, Wp, (float *)Y, ldy, pf, npf);                                                   \
             return;                                                                                                \
         }                                                                                                          \
         float acc[PXL_AMX_RM * PXL_PANEL] __attribute__((aligned(64)));                                            \
-        if (!avx) product(rm, K, X, ldx, Wp, acc, PXL_PANEL, pf, npf);                                             \
-        for (int i = 0; i < rm; i += PXL_PANEL_RM) {                                                               \
-            int r = rm - i < PXL_PANEL_RM ? rm - i : PXL_PANEL_RM;                                                 \
-            if (avx)                                                                                               \
-                fallback(r, K, (const uint16_t *)X + i * ldx, ldx, Wp, Y + i * ldy, ldy, nvalid, i ? NULL : pf,     \
-                         i ? 0 : npf);                                                                             \
-            else                                                                                                   \
-                pxl_bf16p_store_avx512bf16(out, r, acc + i * PXL_PANEL, Y + i * ldy, ldy, nvalid);                  \
-        }                                                                                                          \
+        product(rm, K, X, ldx, Wp, acc, PXL_PANEL, pf, npf);                                                       \
+        pxl_bf16p_store_avx512bf16(out, rm, acc, Y, ldy, nvalid);                                                  \
     }
 ENTRY(pxl_gemm_bf16p_amx, 0, float, pxl_gemm_bf16p_avx512bf16)
 ENTRY(pxl_gemm_bf16p_bf16_amx, 1, uint16_t, pxl_gemm_bf16p_bf16_avx512bf16)

@@ -46,39 +46,32 @@ enum { OUT_F32, OUT_BF16, OUT_SILU, OUT_WIDE_NT };
  * to zero, and every accumulator has had at least one */
 PXL_INLINE __m512i round_bf16x32(__m512 lo, __m512 hi) { return (__m512i)_mm512_cvtne2ps_pbh(hi, lo); }
 
-/* the accumulators (RM rows x 32 features, acc[i][0]: columns 0-15) to where OUT says */
-PXL_INLINE void store_acc(const int RM, const int OUT, __m512 acc[][2], void *Y, size_t ldy, int nvalid) {
+/* one row of 32 accumulators (lo: columns 0-15) to y, that row's start, where OUT says */
+PXL_INLINE void store_row(const int OUT, __m512 lo, __m512 hi, void *y, int nvalid) {
     if (OUT == OUT_SILU) {
         __mmask16 m = nvalid >= 16 ? 0xffff : (__mmask16)((1u << nvalid) - 1);
-        for (int i = 0; i < RM; i++) {
-            __m256i s = (__m256i)_mm512_cvtneps_pbh(silu_mul16(acc[i][0], acc[i][1]));
-            _mm256_mask_storeu_epi16((uint16_t *)Y + i * ldy, m, s);
+        _mm256_mask_storeu_epi16((uint16_t *)y, m, (__m256i)_mm512_cvtneps_pbh(silu_mul16(lo, hi)));
+    } else if (OUT == OUT_WIDE_NT) {
+        __m512i r = round_bf16x32(lo, hi);
+        for (int h = 0; h < 2; h++) { /* bf16 h * 16 .. + 16, each into the high half of a lane */
+            __m256i half = h ? _mm512_extracti64x4_epi64(r, 1) : _mm512_castsi512_si256(r);
+            __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16);
+            _mm512_stream_ps((float *)y + 16 * h, _mm512_castsi512_ps(wide));
         }
-        return;
-    }
-    if (OUT == OUT_WIDE_NT) {
-        for (int i = 0; i < RM; i++) {
-            __m512i r = round_bf16x32(acc[i][0], acc[i][1]);
-            for (int h = 0; h < 2; h++) { /* bf16 h * 16 .. + 16, each into the high half of a lane */
-                __m256i half = h ? _mm512_extracti64x4_epi64(r, 1) : _mm512_castsi512_si256(r);
-                __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16);
-                _mm512_stream_ps((float *)Y + i * ldy + 16 * h, _mm512_castsi512_ps(wide));
-            }
-        }
-        return;
-    }
-    if (OUT == OUT_BF16) { /* no fp32 tile: each row leaves as 32 bf16, one store */
+    } else if (OUT == OUT_BF16) { /* no fp32 tile: the row leaves as 32 bf16, one store */
         __mmask32 m = nvalid >= 32 ? 0xffffffffu : (__mmask32)((1u << nvalid) - 1);
-        for (int i = 0; i < RM; i++)
-            _mm512_mask_storeu_epi16((uint16_t *)Y + i * ldy, m, round_bf16x32(acc[i][0], acc[i][1]));
-        return;
+        _mm512_mask_storeu_epi16((uint16_t *)y, m, round_bf16x32(lo, hi));
+    } else {
+        __mmask16 m0 = nvalid >= 16 ? 0xffff : (__mmask16)((1u << nvalid) - 1);
+        __mmask16 m1 = nvalid >= 32 ? 0xffff : nvalid <= 16 ? 0 : (__mmask16)((1u << (nvalid - 16)) - 1);
+        _mm512_mask_storeu_ps((float *)y, m0, lo);
+        _mm512_mask_storeu_ps((float *)y + 16, m1, hi);
     }
-    __mmask16 m0 = nvalid >= 16 ? 0xffff : (__mmask16)((1u << nvalid) - 1);
-    __mmask16 m1 = nvalid >= 32 ? 0xffff : nvalid <= 16 ? 0 : (__mmask16)((1u << (nvalid - 16)) - 1);
-    for (int i = 0; i < RM; i++) {
-        _mm512_mask_storeu_ps((float *)Y + i * ldy, m0, acc[i][0]);
-        _mm512_mask_storeu_ps((float *)Y + i * ldy + 16, m1, acc[i][1]);
-    }
+}
+
+/* row i of Y (ldy elements apart, bf16 for OUT_BF16 / OUT_SILU, else fp32) */
+PXL_INLINE void *row_of(const int OUT, void *Y, size_t ldy, int i) {
+    return (char *)Y + (size_t)i * ldy * (OUT == OUT_BF16 || OUT == OUT_SILU ? 2 : 4);
 }
 
 PXL_INLINE void ukernel(const int RM, const int OUT, size_t K2, const uint16_t *X, size_t ldx, const uint16_t *Wp,
@@ -99,16 +92,19 @@ PXL_INLINE void ukernel(const int RM, const int OUT, size_t K2, const uint16_t *
             acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a, b1);
         }
     }
-    store_acc(RM, OUT, acc, Y, ldy, nvalid);
+    for (int i = 0; i < RM; i++) store_row(OUT, acc[i][0], acc[i][1], row_of(OUT, Y, ldy, i), nvalid);
 }
 
 /* rm rows of 32 fp32 sums (acc, 32 apart), computed elsewhere (the AMX kernels), stored as the
  * kernel `out` (0: pxl_gemm_p_fn, 1: bf16, 2: gated SiLU-mul, 3: widened bf16 around the caches)
  * stores its own: the same roundings, so both sets give the same bits from the same sums */
 void pxl_bf16p_store_avx512bf16(int out, int rm, const float *acc, void *Y, size_t ldy, int nvalid) {
-    __m512 a[12][2];
-    for (int i = 0; i < rm; i++) a[i][0] = _mm512_loadu_ps(acc + 32 * i), a[i][1] = _mm512_loadu_ps(acc + 32 * i + 16);
-#define STORE_CASE(o) case o: store_acc(rm, o, a, Y, ldy, nvalid); return;
+#define STORE_CASE(o)                                                                                               \
+    case o:                                                                                                        \
+        for (int i = 0; i < rm; i++)                                                                               \
+            store_row(o, _mm512_loadu_ps(acc + 32 * i), _mm512_loadu_ps(acc + 32 * i + 16), row_of(o, Y, ldy, i),  \
+                      nvalid);                                                                                     \
+        return;
     switch (out) { STORE_CASE(OUT_F32) STORE_CASE(OUT_BF16) STORE_CASE(OUT_SILU) STORE_CASE(OUT_WIDE_NT) }
 #undef STORE_CASE
 }
