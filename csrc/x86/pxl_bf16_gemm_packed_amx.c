@@ -3,11 +3,11 @@
  * bf16, is already AMX's "VNNI" layout for B: rows of K pairs, 128 bytes apart, whose first and
  * second 64 bytes are features 0-15 and 16-31. So per 32 values of K the kernel loads one or two
  * A tiles (up to 32 rows of x, 64 bytes each) and two B tiles straight from the panel, and runs
- * two or four tdpbf16ps into C tiles of up to 16 x 16 fp32; no repacking. The sums then leave
- * through the AVX512-BF16 kernel's own stores (pxl_bf16p_store_avx512bf16), so the roundings,
- * the gated SiLU-mul and the streamed logits are that kernel's. A row's sums depend on its own
- * x only, whatever rm is. K not a multiple of 32 runs the AVX512-BF16 kernel, and so do decode
- * calls (AVX_MAX_RM). */
+ * two or four tdpbf16ps into C tiles of up to 16 x 16 fp32; no repacking. Plain fp32 sums of a
+ * whole panel leave by tile stores; others through the AVX512-BF16 kernel's own stores
+ * (pxl_bf16p_store_avx512bf16), so the roundings, the gated SiLU-mul and the streamed logits
+ * are that kernel's. A row's sums depend on its own x only, whatever rm is. K not a multiple
+ * of 32 runs the AVX512-BF16 kernel, and so do decode calls (AVX_MAX_RM). */
 #include <immintrin.h>
 #include <string.h>
 
