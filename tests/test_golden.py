@@ -124,8 +124,8 @@ def test_gguf_quantised_paths_stay_within_logprob_tolerance(smol_llm, gguf_path,
             for pos in range(len(r["prompt_token_ids"]), len(ids)):
                 best = max(lp.logprob for lp in a[pos].values())
                 assert best - a[pos][ids[pos]].logprob < 0.5, (r["prompt"], pos)
-    if path == "amx-panels":
-        assert max(len(r["prompt_token_ids"]) + len(r["token_ids"]) for r in ref["results"]) >= 32  # panels ran
+    if path == "amx-panels":  # bf16 x moves them 4x less (measured: mean 0.010 against int8 x's 0.041)
+        assert sum(diffs) / len(diffs) < 0.02, sum(diffs) / len(diffs)
     assert sum(diffs) / len(diffs) < 0.1 and max(diffs) < 0.5, (sum(diffs) / len(diffs), max(diffs))
     assert max(diffs) > 1e-3  # the quantised path really ran (the fp32 one agrees to ~1e-5)
 
