@@ -120,6 +120,12 @@ class HwPlugin(ABC):
         can; by default a plugin cannot, and is only ever asked to turn it off."""
         return not on
 
+    def set_quant_activations(self, mode: str) -> bool:
+        """The activations that quantised (GGUF block) weights multiply
+        (PERFXLM_QUANT_ACTIVATIONS): "auto", the plugin's own choice; "int8" or "bf16" at every
+        token count. Returns whether the plugin can; by default only "auto"."""
+        return mode == "auto"
+
 
 def discover_plugins() -> dict[str, type[HwPlugin]]:
     """name -> plugin class for every installed `perfxlm.hw_plugins` entry point that loads and

@@ -121,6 +121,8 @@ class EngineConfig:
     lora_config: LoRAConfig | None = None      # enable_lora
     # a prompt's logprobs are bitwise the same alone or in any batch (vLLM's VLLM_BATCH_INVARIANT)
     batch_invariant: bool = field(default_factory=lambda: batch_invariant_from_env())
+    # what quantised (GGUF block) weights multiply: "auto", "int8" or "bf16" (perfxlm's own)
+    quant_activations: str = field(default_factory=lambda: quant_activations_from_env())
 
     @property
     def model_dtype(self) -> Any:
@@ -270,6 +272,20 @@ def batch_invariant_from_env() -> bool:
                 raise ValueError(f"{var} must be 0 or 1, got {value!r}")
             return value == "1"
     return False
+
+
+QUANT_ACTIVATIONS = ("auto", "int8", "bf16")
+
+
+def quant_activations_from_env() -> str:
+    """PERFXLM_QUANT_ACTIVATIONS: the activations GGUF block weights multiply. "auto" (the
+    default) takes the kernel set's faster path; "int8" quantises x per 32 values at every
+    token count (llama.cpp's arithmetic); "bf16" rounds x to bf16 against the blocks
+    dequantised to bf16, decode included (closer to the fp32 model, at some speed)."""
+    value = os.environ.get("PERFXLM_QUANT_ACTIVATIONS", "auto")
+    if value not in QUANT_ACTIVATIONS:
+        raise ValueError(f"PERFXLM_QUANT_ACTIVATIONS must be one of {', '.join(QUANT_ACTIVATIONS)}, got {value!r}")
+    return value
 
 
 def resolve_dtype(dtype: Any, hf_config: dict[str, Any]) -> Any:

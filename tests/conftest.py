@@ -70,6 +70,16 @@ def gguf_layout_kernels():
         yield
 
 
+def bf16_quant_activations() -> bool:
+    """Whether the cpu plugin's kernel set runs GGUF blocks on bf16 x (PERFXLM_QUANT_ACTIVATIONS=bf16)."""
+    from hw_plugins.cpu import library
+    lib = library.load()
+    if lib.pxl_set_quant_x(library.QUANT_X["bf16"]) != 0:
+        return False
+    lib.pxl_set_quant_x(library.QUANT_X["auto"])
+    return True
+
+
 def repacks_gguf_blocks() -> bool:
     """Whether the cpu plugin's kernel set repacks GGUF blocks (then int8 dot products at every T)."""
     from hw_plugins.cpu import library

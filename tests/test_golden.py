@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from perfxlm import LLM, SamplingParams
-from tests.conftest import SMALL_KV, assert_no_leaks, gguf_layout_kernel_set, golden, int8_prefill_kernel_set
+from tests.conftest import (SMALL_KV, assert_no_leaks, bf16_quant_activations, gguf_layout_kernel_set, golden,
+                            int8_prefill_kernel_set, repacks_gguf_blocks)
 
 
 def _check_golden(llm: LLM, name: str) -> None:
@@ -100,19 +101,23 @@ def test_gguf_prefill_on_dequantised_panels_matches_the_dense_model(smol_llm, gg
             assert abs(a[pos][ids[pos]].logprob - b[pos][ids[pos]].logprob) < 1e-3, (ids, pos)
 
 
-@pytest.mark.parametrize("path", ["int8", "batch-invariant", "amx-panels"])
+@pytest.mark.parametrize("path", ["int8", "batch-invariant", "amx-panels", "bf16-activations"])
 def test_gguf_quantised_paths_stay_within_logprob_tolerance(smol_llm, gguf_path, monkeypatch, path):
     """Decode (T <= 4), every T in batch-invariant mode, and every T on repacked blocks (AVX-512
     kernel sets) quantise x to int8 per 32-block for the dot products, as llama.cpp does; on AMX
-    a prefill of 32 tokens or more runs the repacked blocks as bf16 panels with bf16 x instead.
+    a prefill of 32 tokens or more runs the repacked blocks as bf16 panels with bf16 x instead,
+    and PERFXLM_QUANT_ACTIVATIONS=bf16 does so at every T on AVX512-BF16 too.
     Teacher-forced through the int8 path the golden tokens' logprobs move by 0.04 nats on average
     and 0.19 at most (measured), about bf16's drift: we allow mean 0.1 and max 0.5, and a golden
     token must stay within 0.5 nats of the quantised model's best."""
     from hw_plugins.cpu import library
     if path == "amx-panels" and library.load().pxl_isa() != b"amx":
         pytest.skip("no AMX kernel set on this CPU")
+    if path == "bf16-activations" and not bf16_quant_activations():
+        pytest.skip("this CPU's kernel set has no bf16 path for GGUF blocks (needs AVX512-BF16)")
     ref = golden("golden_greedy_vllm_float32.json")
     monkeypatch.setenv("PERFXLM_BATCH_INVARIANT", "1" if path == "batch-invariant" else "0")
+    monkeypatch.setenv("PERFXLM_QUANT_ACTIVATIONS", "bf16" if path == "bf16-activations" else "auto")
     with int8_prefill_kernel_set() if path == "int8" else contextlib.nullcontext():
         quantised = LLM(str(gguf_path), dtype="float32", quantization="gguf", kv_cache_memory_bytes=SMALL_KV,
                         max_model_len=1024)
@@ -124,10 +129,58 @@ def test_gguf_quantised_paths_stay_within_logprob_tolerance(smol_llm, gguf_path,
             for pos in range(len(r["prompt_token_ids"]), len(ids)):
                 best = max(lp.logprob for lp in a[pos].values())
                 assert best - a[pos][ids[pos]].logprob < 0.5, (r["prompt"], pos)
-    if path == "amx-panels":  # bf16 x moves them 4x less (measured: mean 0.010 against int8 x's 0.041)
+    if path in ("amx-panels", "bf16-activations"):  # bf16 x moves them 4x less (mean 0.010 vs int8's 0.041)
         assert sum(diffs) / len(diffs) < 0.02, sum(diffs) / len(diffs)
     assert sum(diffs) / len(diffs) < 0.1 and max(diffs) < 0.5, (sum(diffs) / len(diffs), max(diffs))
     assert max(diffs) > 1e-3  # the quantised path really ran (the fp32 one agrees to ~1e-5)
+
+
+@pytest.mark.parametrize("mode", ["int8", "bf16"])
+def test_quant_activations_mode_sets_decode_precision(smol_llm, gguf_path, monkeypatch, mode):
+    """PERFXLM_QUANT_ACTIVATIONS reaches decode steps too: along the 4-bit model's own greedy
+    answers, each decoded token's logprob against the fp32 model's for the same sequence moves
+    by <= 0.02 nats on average with bf16 x, and by more with int8 x (x quantised per 32 values,
+    every step; measured 0.006 and 0.037 on the golden prompts)."""
+    if mode == "bf16" and not bf16_quant_activations():
+        pytest.skip("this CPU's kernel set has no bf16 path for GGUF blocks (needs AVX512-BF16)")
+    if mode == "int8" and not repacks_gguf_blocks():
+        pytest.skip("this CPU's kernel set keeps GGUF's block layout")
+    monkeypatch.setenv("PERFXLM_QUANT_ACTIVATIONS", mode)
+    llm = LLM(str(gguf_path), kv_cache_memory_bytes=SMALL_KV, max_model_len=1024)
+    assert llm.llm_engine.config.quant_activations == mode
+    prompts = [r["prompt"] for r in golden("golden_greedy_vllm_float32.json")["results"]]
+    diffs = []
+    for o in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, logprobs=0), use_tqdm=False):
+        ids = list(o.prompt_token_ids) + list(o.outputs[0].token_ids)
+        fp32 = _teacher_forced(smol_llm, ids)
+        for i, tok in enumerate(o.outputs[0].token_ids):
+            diffs.append(abs(o.outputs[0].logprobs[i][tok].logprob - fp32[len(o.prompt_token_ids) + i][tok].logprob))
+    mean = sum(diffs) / len(diffs)
+    assert (mean < 0.02) if mode == "bf16" else (0.02 < mean < 0.1), mean
+    assert_no_leaks(llm)
+
+
+def test_quant_activations_mode_is_checked(gguf_path, monkeypatch):
+    """A value outside auto/int8/bf16 is refused, naming it, before anything loads."""
+    monkeypatch.setenv("PERFXLM_QUANT_ACTIVATIONS", "fp8")
+    with pytest.raises(ValueError, match="PERFXLM_QUANT_ACTIVATIONS must be one of auto, int8, bf16, got 'fp8'"):
+        LLM(str(gguf_path), kv_cache_memory_bytes=SMALL_KV, max_model_len=1024)
+
+
+def test_bf16_quant_activations_refused_without_the_kernels(gguf_path, monkeypatch):
+    """bf16 x needs the AVX512-BF16 panel kernel: on a kernel set without it the engine refuses
+    the mode with a ValueError naming it, rather than running int8 silently."""
+    from hw_plugins.cpu import library
+    lib = library.load()
+    before = lib.pxl_isa()
+    if lib.pxl_set_isa(b"avx512") != 0:
+        pytest.skip("no AVX-512 kernel set on this CPU to stand for one without bf16")
+    monkeypatch.setenv("PERFXLM_QUANT_ACTIVATIONS", "bf16")
+    try:
+        with pytest.raises(ValueError, match="PERFXLM_QUANT_ACTIVATIONS=bf16: hw_plugin 'cpu'"):
+            LLM(str(gguf_path), kv_cache_memory_bytes=SMALL_KV, max_model_len=1024)
+    finally:
+        lib.pxl_set_isa(before)
 
 
 CHAT_PROMPTS = ["What is the capital of France?", "What is 2+2?", "Who wrote Hamlet?",

@@ -27,7 +27,8 @@ const pxl_kernel_set pxl_kernels_avx512bf16 = {
     .tile_bf16 = pxl_tile_bf16_avx512bf16, .gemm_bf16p = pxl_gemm_bf16p_avx512bf16,
     .gemm_bf16p_bf16 = pxl_gemm_bf16p_bf16_avx512bf16, .gemm_bf16p_silu = pxl_gemm_bf16p_silu_avx512bf16,
     .gemm_bf16p_wide_nt = pxl_gemm_bf16p_wide_avx512bf16,
-    .gemm_f32p = pxl_gemm_f32p_avx512, .silu_bf16 = pxl_silu_mul_bf16_avx512bf16};
+    .gemm_f32p = pxl_gemm_f32p_avx512, .silu_bf16 = pxl_silu_mul_bf16_avx512bf16,
+    .qr_bf16p = pxl_qr_bf16p_avx512bf16, .gemv_qr_bf16 = pxl_gemv_qr_bf16_avx512bf16};
 /* the AVX512-BF16 set with the packed bf16 GEMM on AMX tiles, which a prefill on repacked
  * blocks takes too (6 TFLOP/s of bf16 tiles against 1.6 TOP/s of vpdpbusd) */
 const pxl_kernel_set pxl_kernels_amx = {
@@ -36,7 +37,7 @@ const pxl_kernel_set pxl_kernels_amx = {
     .gemm_bf16p_bf16 = pxl_gemm_bf16p_bf16_amx, .gemm_bf16p_silu = pxl_gemm_bf16p_silu_amx,
     .gemm_bf16p_wide_nt = pxl_gemm_bf16p_wide_amx,
     .gemm_f32p = pxl_gemm_f32p_avx512, .silu_bf16 = pxl_silu_mul_bf16_avx512bf16, .bf16p_rm = PXL_AMX_RM,
-    .qr_bf16p = pxl_qr_bf16p_avx512bf16};
+    .qr_bf16p = pxl_qr_bf16p_avx512bf16, .qr_bf16p_prefill = 1, .gemv_qr_bf16 = pxl_gemv_qr_bf16_avx512bf16};
 
 /* AMX-TILE and AMX-BF16 (cpuid leaf 7 edx bits 24, 22), and Linux's leave to use the tile data
  * (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA, once per process; without it the first tile
@@ -142,6 +143,14 @@ const char *pxl_isa(void) { return pxl_kernels()->isa; }
 static int batch_invariant;
 void pxl_set_batch_invariant(int on) { batch_invariant = on != 0; }
 int pxl_batch_invariant(void) { return batch_invariant; }
+
+static int quant_x = PXL_QX_AUTO;
+int pxl_set_quant_x(int mode) {
+    if (mode < PXL_QX_AUTO || mode > PXL_QX_BF16 || (mode == PXL_QX_BF16 && !pxl_kernels()->qr_bf16p)) return -1;
+    quant_x = mode;
+    return 0;
+}
+int pxl_quant_x(void) { return quant_x; }
 
 void *pxl_scratch(int slot, size_t bytes) {
     static __thread void *buf[PXL_SCRATCH_SLOTS];

@@ -109,9 +109,10 @@ static pxl_q8k q8k_at(const int8_t *qbuf, size_t K, size_t t) {
 
 /* x rows [t0, t1) as the kernels read them: converted between bf16 and fp32 (or copied) into
  * xc, ldc apart (when not NULL) and, for int8 dot products, quantised into qbuf (q (T, K) |
- * d | c | e, each (T, nb); for K-quants, T pieces of Q8_K) */
+ * d | c | e, each (T, nb); for K-quants, T pieces of Q8_K); for bf16 x on repacked blocks,
+ * each 32-block's sum of the bf16 values into sx (T, nb) */
 static void prepare_rows(int dt, int wfmt, int xbf16, size_t T, size_t t0, size_t t1, size_t K, const void *x,
-                         void *xc, size_t ldc, int8_t *qbuf) {
+                         void *xc, size_t ldc, int8_t *qbuf, float *sx) {
     size_t nb = K / PXL_QK;
     for (size_t t = t0; t < t1; t++) {
         const float *xf = xc ? (const float *)xc + t * ldc : (const float *)x + t * K; /* (qbuf: fp32) */
@@ -127,6 +128,14 @@ static void prepare_rows(int dt, int wfmt, int xbf16, size_t T, size_t t0, size_
         } else if (qbuf) {
             float *d = (float *)(qbuf + T * K), *c = d + T * nb, *e = c + T * nb;
             pxl_quantize_x(wfmt, 1, K, xf, qbuf + t * K, d + t * nb, c + t * nb, e + t * nb);
+        }
+        if (sx) {
+            const uint16_t *xb = xc ? (const uint16_t *)xc + t * ldc : (const uint16_t *)x + t * K;
+            for (size_t i = 0; i < nb; i++) {
+                float s = 0;
+                for (int j = 0; j < PXL_QK; j++) s += pxl_bf16_to_f32(xb[i * PXL_QK + j]);
+                sx[t * nb + i] = s;
+            }
         }
     }
 }
@@ -348,9 +357,17 @@ static void run_packed(const pxl_kernel_set *ks, int f32, size_t T, size_t cols,
 /* columns [0, cols) of y = x @ W^T where W starts at this thread's first row: into Y, or for
  * the packed paths with `out`, through a one-panel tile Y into out */
 static void compute(const pxl_kernel_set *ks, int wfmt, int packed_q, size_t T, size_t cols, size_t K,
-                    const void *xk, size_t ldx, const int8_t *qbuf, const char *W, float *Y, size_t ldy,
-                    const out_spec *out) {
-    if (wfmt == PXL_BF16P || wfmt == PXL_F32P) {
+                    const void *xk, size_t ldx, const int8_t *qbuf, const float *sx, const char *W, float *Y,
+                    size_t ldy, const out_spec *out) {
+    if (sx) { /* bf16 x on repacked blocks, weights exact: up to PXL_QR_T tokens share each load */
+        size_t nb = K / PXL_QK, step = T <= PXL_QR_T ? cols : 4 * PANEL;
+        for (size_t n = 0; n < cols; n += step)
+            for (size_t t0 = 0; t0 < T; t0 += PXL_QR_T) {
+                size_t tn = T - t0 < PXL_QR_T ? T - t0 : PXL_QR_T, rows = cols - n < step ? cols - n : step;
+                ks->gemv_qr_bf16(wfmt, tn, rows, K, W + n * pxl_row_bytes(wfmt, K), (const uint16_t *)xk + t0 * ldx,
+                                 ldx, sx + t0 * nb, Y + t0 * ldy + n, ldy);
+            }
+    } else if (wfmt == PXL_BF16P || wfmt == PXL_F32P) {
         run_packed(ks, wfmt == PXL_F32P, T, cols, K, xk, ldx, W, Y, ldy, out, 0);
     } else if (wfmt <= PXL_BF16) {
         run_tiles(ks, wfmt == PXL_F32 ? ks->tile_f32 : ks->tile_bf16, wfmt == PXL_F32 ? 4 : 2, T, 0, cols, K, xk, W,
@@ -437,12 +454,19 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
      * invariant, so a row's result never depends on the batch), dequantised panels else.
      * Repacked blocks always: their kernel shares each weight load among PXL_QR_T tokens and
      * needs no dequantised copy, which beats dequantised fp32 / bf16 GEMM at every T, except
-     * on sets whose bf16 GEMM outruns their int8 dot products (qr_bf16p, AMX): there a prefill
-     * dequantises the blocks into bf16 panels and rounds x to bf16, whatever dt is. K-quants:
-     * pxl_qk_dot (a multi-token kernel beats dequantising up to a few hundred tokens). */
-    const int qr_panels = repacked && ks->qr_bf16p && T >= PXL_QR_PANEL_MIN_T && !pxl_batch_invariant();
+     * on sets whose bf16 GEMM outruns their int8 dot products (qr_bf16p_prefill, AMX): there a
+     * prefill dequantises the blocks into bf16 panels and rounds x to bf16, whatever dt is.
+     * PXL_QX_BF16 takes bf16 x at every T: the blocks times x directly for decode-sized T (and
+     * every T when batch invariant), those panels from PXL_QR_PANEL_MIN_T tokens; PXL_QX_INT8
+     * never. K-quants: pxl_qk_dot (a multi-token kernel beats dequantising up to a few hundred
+     * tokens). */
+    const int qx = repacked && ks->qr_bf16p ? pxl_quant_x() : PXL_QX_INT8;
+    const int qr_bf16x =
+        qx == PXL_QX_BF16 && ks->gemv_qr_bf16 && (T < PXL_QR_PANEL_MIN_T || pxl_batch_invariant());
+    const int qr_panels = !qr_bf16x && (qx == PXL_QX_BF16 || (qx == PXL_QX_AUTO && ks->qr_bf16p_prefill &&
+                                                              T >= PXL_QR_PANEL_MIN_T && !pxl_batch_invariant()));
     const int qdot = kq ? pxl_qk_dot(ks, dt, wfmt, T)
-                        : quant && (T <= PXL_Q_DOT_MAX_T || pxl_batch_invariant() || (repacked && !qr_panels));
+                        : quant && (repacked ? !qr_panels && !qr_bf16x : T <= PXL_Q_DOT_MAX_T || pxl_batch_invariant());
     /* prefill on quantised weights with bf16 x: packed bf16 panels where the set has the kernel */
     const int packed_q =
         quant && !qdot && ks->gemm_bf16p && (qr_panels || (dt == PXL_BF16 && T >= PXL_PACKED_Q_MIN_T));
@@ -453,25 +477,29 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
      * sets) are copied so. */
     const int packed = wfmt == PXL_BF16P || wfmt == PXL_F32P;
     const int restride = wfmt == PXL_F32P && dt == PXL_F32 && T > 1 && K * 4 % 512 == 0;
-    const int xbf16 = bf16_w || packed_q; /* the kernels take x in bf16 */
+    const int xbf16 = bf16_w || packed_q || qr_bf16x; /* the kernels take x in bf16 */
     const int convert = (xbf16 ? dt == PXL_F32 : dt == PXL_BF16) || restride;
     const size_t xes = xbf16 ? 2 : 4, qbytes = kq ? T * pxl_q8k_bytes(K) : T * K + 3 * T * (K / PXL_QK) * 4;
     const size_t ldx = convert && (packed || packed_q) ? ((K * xes + 63) / 64 | 1) * 64 / xes : K;
     void *xc = NULL;
     int8_t *qbuf = NULL;
-    if ((convert || qdot) && T <= PXL_T_PRIVATE) { /* decode: every thread prepares x for itself */
+    float *sx = NULL; /* (qr_bf16x: the blocks' sums of x, in qbuf's slot) */
+    const size_t sxbytes = T * (K / PXL_QK) * 4;
+    if ((convert || qdot || qr_bf16x) && T <= PXL_T_PRIVATE) { /* decode: every thread prepares x for itself */
         xc = convert ? pxl_scratch(0, T * ldx * xes) : NULL;
         qbuf = qdot ? pxl_scratch(2, qbytes) : NULL;
-        prepare_rows(dt, wfmt, xbf16, T, 0, T, K, x, xc, ldx, qbuf);
-    } else if (convert || qdot) { /* prefill: the team prepares shared rows, then waits for all */
-#pragma omp single copyprivate(xc, qbuf)
+        sx = qr_bf16x ? pxl_scratch(2, sxbytes) : NULL;
+        prepare_rows(dt, wfmt, xbf16, T, 0, T, K, x, xc, ldx, qbuf, sx);
+    } else if (convert || qdot || qr_bf16x) { /* prefill: the team prepares shared rows, then waits for all */
+#pragma omp single copyprivate(xc, qbuf, sx)
         {
             xc = convert ? pxl_scratch(0, T * ldx * xes) : NULL;
             qbuf = qdot ? pxl_scratch(2, qbytes) : NULL;
+            sx = qr_bf16x ? pxl_scratch(2, sxbytes) : NULL;
         }
         size_t t0, t1;
         pxl_split(T, 1, &t0, &t1);
-        prepare_rows(dt, wfmt, xbf16, T, t0, t1, K, x, xc, ldx, qbuf);
+        prepare_rows(dt, wfmt, xbf16, T, t0, t1, K, x, xc, ldx, qbuf, sx);
 #pragma omp barrier
     }
     const void *xk = xc ? xc : x;
@@ -485,7 +513,7 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
                                                      : wfmt == PXL_F32P ? n0 * K * 4
                                                                         : n0 * pxl_row_bytes(wfmt, K));
     if (dt == PXL_F32 && odt == PXL_F32 && !bias && !gated) {
-        compute(ks, wfmt, packed_q, T, cols, K, xk, ldx, qbuf, Wn, (float *)y + n0, N, NULL);
+        compute(ks, wfmt, packed_q, T, cols, K, xk, ldx, qbuf, sx, Wn, (float *)y + n0, N, NULL);
         return;
     }
     /* bias or bf16 output: this thread's columns in fp32, then added and rounded once */
@@ -499,7 +527,7 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
     const int fused = wfmt == PXL_BF16P || wfmt == PXL_F32P || packed_q;
     /* fused: one call's rows (run_packed) */
     float *yp = pxl_scratch(1, (fused ? PXL_AMX_RM * (size_t)PXL_PANEL : T * cols) * 4);
-    compute(ks, wfmt, packed_q, T, cols, K, xk, ldx, qbuf, Wn, yp, cols, fused ? &o : NULL);
+    compute(ks, wfmt, packed_q, T, cols, K, xk, ldx, qbuf, sx, Wn, yp, cols, fused ? &o : NULL);
     if (!fused) store_rows(&o, 0, 0, T, cols, yp, cols);
 #ifdef __x86_64__
     if (stream) _mm_sfence(); /* (the streamed lines are weakly ordered: visible before the barrier) */

@@ -56,6 +56,10 @@ typedef void (*pxl_silu_bf16_fn)(size_t n, const float *g, const float *u, uint1
  * dequantised into one bf16 panel [K/2][PXL_PANEL][2], rows past `rows` zero: the bits of
  * pxl_dequant_rows_qr rounded to bf16 */
 typedef void (*pxl_qr_bf16p_fn)(int fmt, const void *W, size_t n0, size_t rows, size_t K, uint16_t *panel);
+/* T <= PXL_QR_T tokens of bf16 x (T, ldx) on repacked blocks from W's first row, weights exact:
+ * sx (T, K/32) the blocks' sums of those bf16 values; y[t * ldy + n] for n < rows */
+typedef void (*pxl_gemv_qr_bf16_fn)(int fmt, size_t T, size_t rows, size_t K, const void *W, const uint16_t *x,
+                                    size_t ldx, const float *sx, float *y, size_t ldy);
 
 typedef struct {
     const char *isa;
@@ -78,9 +82,15 @@ typedef struct {
     pxl_gemm_p_fn gemm_f32p;  /* NULL: the set does not pack fp32 */
     pxl_silu_bf16_fn silu_bf16; /* NULL: the portable pxl_silu_mul1 loop */
     int bf16p_rm; /* tokens per gemm_bf16p* call (0: PXL_PANEL_RM) */
-    /* repacked blocks into a bf16 panel, for prefill on gemm_bf16p where that beats the int8
-     * dot products (PXL_QR_PANEL_MIN_T tokens); NULL: int8 dot products at every T */
+    /* repacked blocks into a bf16 panel for gemm_bf16p: bf16 x on quantised weights
+     * (pxl_set_quant_x); NULL: int8 dot products only */
     pxl_qr_bf16p_fn qr_bf16p;
+    /* 1: a prefill (PXL_QR_PANEL_MIN_T tokens) takes those panels by default, the set's bf16
+     * GEMM outrunning its int8 dot products (AMX) */
+    int qr_bf16p_prefill;
+    /* bf16 x on repacked blocks without a panel, for decode-sized T under PXL_QX_BF16 (and
+     * every T when batch invariant); NULL: the panels at every T */
+    pxl_gemv_qr_bf16_fn gemv_qr_bf16;
 } pxl_kernel_set;
 #define PXL_PANEL_RM 12 /* tokens per gemm_bf16p / gemm_f32p call (PXL_PANEL: pxl_abi.h) */
 #define PXL_AMX_RM 32   /* tokens per call of the AMX set's gemm_bf16p*: two 16-row tiles */
@@ -91,7 +101,7 @@ typedef struct {
  * micro-kernel (for fewer tokens, packing the panels costs more than it saves) */
 #define PXL_PACKED_Q_MIN_T 64
 /* from this many tokens (one full AMX call), repacked blocks run as bf16 panels on sets with
- * qr_bf16p: dequantising a panel then costs less than the int8 dot products it replaces */
+ * qr_bf16p_prefill: dequantising a panel then costs less than the int8 dot products it replaces */
 #define PXL_QR_PANEL_MIN_T 32
 
 extern const pxl_kernel_set pxl_kernels_generic;
@@ -124,6 +134,9 @@ void pxl_silu_mul_bf16_avx512bf16(size_t n, const float *g, const float *u, uint
 void pxl_bf16p_store_avx512bf16(int out, int rm, const float *acc, void *Y, size_t ldy, int nvalid);
 /* repacked blocks into a bf16 panel (pxl_qr_bf16p_avx512bf16.c: pxl_qr_bf16p_fn) */
 void pxl_qr_bf16p_avx512bf16(int fmt, const void *W, size_t n0, size_t rows, size_t K, uint16_t *panel);
+/* bf16 x on repacked blocks (pxl_qr_gemv_bf16_avx512bf16.c: pxl_gemv_qr_bf16_fn) */
+void pxl_gemv_qr_bf16_avx512bf16(int fmt, size_t T, size_t rows, size_t K, const void *W, const uint16_t *x,
+                                 size_t ldx, const float *sx, float *y, size_t ldy);
 /* the packed bf16 kernels on AMX tiles (pxl_bf16_gemm_packed_amx.c): the AVX512-BF16 set's contracts */
 void pxl_gemm_bf16p_amx(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy, int nvalid,
                         const void *pf, size_t npf);

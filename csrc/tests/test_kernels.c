@@ -105,16 +105,29 @@ static const char *fmt_name[] = {"f32", "bf16", "q8_0", "q4_0", "q4_1", "bf16 pa
                                   "q8_0 x16", "q4_0 x16", "q4_1 x16", "q4_K", "q5_K", "q6_K", "q4_K x16", "q6_K x16"};
 _Static_assert(sizeof fmt_name / sizeof fmt_name[0] == PXL_NFMT, "a name for every format");
 
-/* repacked blocks as bf16 panels (a prefill on sets with qr_bf16p), whatever x's dtype */
+/* repacked blocks times bf16 x with exact weights (PXL_QX_BF16: decode-sized T, or every T
+ * when batch invariant) */
+static int qr_bf16x(int fmt, size_t T) {
+    const pxl_kernel_set *ks = pxl_kernels();
+    return fmt >= PXL_Q8_0R && fmt <= PXL_Q4_1R && ks->qr_bf16p && ks->gemv_qr_bf16 &&
+           pxl_quant_x() == PXL_QX_BF16 && (T < PXL_QR_PANEL_MIN_T || pxl_batch_invariant());
+}
+
+/* repacked blocks as bf16 panels (a prefill on sets with qr_bf16p_prefill; under PXL_QX_BF16
+ * every T the above leaves), whatever x's dtype */
 static int qr_panels(int fmt, size_t T) {
-    return fmt >= PXL_Q8_0R && pxl_kernels()->qr_bf16p && T >= PXL_QR_PANEL_MIN_T && !pxl_batch_invariant();
+    const pxl_kernel_set *ks = pxl_kernels();
+    return fmt >= PXL_Q8_0R && fmt <= PXL_Q4_1R && ks->qr_bf16p && !qr_bf16x(fmt, T) &&
+           (pxl_quant_x() == PXL_QX_BF16 || (pxl_quant_x() == PXL_QX_AUTO && ks->qr_bf16p_prefill &&
+                                              T >= PXL_QR_PANEL_MIN_T && !pxl_batch_invariant()));
 }
 
 /* Quantised weights with small T (or batch invariant) take int8 dot products on x quantised
  * per 32-block: the reference then uses the same quantised x (checked on its own in
  * test_quantize_x), so only the kernels' summation is under test. */
 static int int8_path(int fmt, size_t T) {
-    return PXL_IS_QUANT(fmt) && (T <= PXL_Q_DOT_MAX_T || pxl_batch_invariant() || (fmt >= PXL_Q8_0R && !qr_panels(fmt, T)));
+    return PXL_IS_QUANT(fmt) &&
+           (fmt >= PXL_Q8_0R ? !qr_panels(fmt, T) && !qr_bf16x(fmt, T) : T <= PXL_Q_DOT_MAX_T || pxl_batch_invariant());
 }
 
 /* packed formats are made from dense weights of this format */
@@ -167,8 +180,10 @@ static void test_linear(int dt, int fmt, size_t T, size_t N, size_t K, int with_
     if (qdot) pxl_quantize_x(fmt, T, K, xf, q, qd, qc, qe);
     if (packed_q)
         for (size_t i = 0; i < N * K; i++) deq[i] = rnd(1, (float)deq[i]);
+    int bf16x = qr_bf16x(fmt, T); /* (exact weights) */
     for (size_t i = 0; i < T * K; i++) /* bf16 weights multiply bf16-rounded x (vdpbf16ps) */
-        xr[i] = qdot ? (double)qd[i / PXL_QK] * q[i] : fmt == PXL_BF16 || fmt == PXL_BF16P || packed_q ? rnd(1, xf[i]) : xf[i];
+        xr[i] = qdot ? (double)qd[i / PXL_QK] * q[i]
+                : fmt == PXL_BF16 || fmt == PXL_BF16P || packed_q || bf16x ? rnd(1, xf[i]) : xf[i];
     for (size_t t = 0; t < T; t++)
         for (size_t n = 0; n < N; n++) {
             double s = with_bias ? get(dt, b, n) : 0, m = fabs(s);
@@ -180,7 +195,7 @@ static void test_linear(int dt, int fmt, size_t T, size_t N, size_t K, int with_
     pxl_linear(dt, fmt, T, N, K, x, W, with_bias ? b : NULL, y);
     char name[112];
     snprintf(name, sizeof name, "linear %s w=%s T=%zu N=%zu K=%zu%s%s", dt ? "bf16" : "f32", fmt_name[fmt], T, N, K,
-             with_bias ? " +bias" : "", qdot ? " (int8 x)" : "");
+             with_bias ? " +bias" : "", qdot ? " (int8 x)" : bf16x ? " (bf16 x)" : packed_q ? " (bf16 panels)" : "");
     check(name, dt, T * N, y, ref, mag, 2e-6 * sqrt((double)K) + 1e-6);
     free(deq); free(ref); free(mag); free(xr); free(W); free(x); free(b); free(y); free(q); free(xf); free(qd); free(qc); free(qe);
 }
@@ -745,6 +760,27 @@ int main(void) {
             test_batch_invariant(fmt == PXL_BF16, fmt, 37, 83, PXL_IS_QUANT(fmt) ? 576 : 577);
             test_batch_invariant(PXL_F32, fmt, 9, 1536, PXL_IS_QUANT(fmt) ? 576 : 100);
         }
+        /* the activation modes: bf16 panels at every T (decode too, batch invariant too) where
+         * the set has them, int8 at every T; refused, with nothing changed, where it has not */
+        if (pxl_set_quant_x(PXL_QX_BF16) != 0) {
+            if (pxl_kernels()->qr_bf16p || pxl_quant_x() != PXL_QX_AUTO)
+                printf("FAIL [%s] pxl_set_quant_x(bf16) refused or half done\n", isa), failed++;
+        } else if (!pxl_kernels()->qr_bf16p) {
+            printf("FAIL [%s] pxl_set_quant_x(bf16) taken without a qr_bf16p kernel\n", isa), failed++;
+        }
+        for (int mode = PXL_QX_INT8; mode <= PXL_QX_BF16; mode++) {
+            if (pxl_set_quant_x(mode) != 0) continue;
+            for (int fmt = PXL_Q8_0R; fmt <= PXL_Q4_1R; fmt++) {
+                test_linear(PXL_F32, fmt, 1, 70, 576, 1);
+                test_linear(PXL_BF16, fmt, 3, 49, 576, 0);
+                test_linear(PXL_BF16, fmt, 9, 70, 1536, 1); /* token groups 4 + 4 + 1, a 6-row tail */
+                test_linear(PXL_F32, fmt, 70, 33, 576, 0);
+                test_linear_to(fmt, 3, 70, 576, 1);
+                test_batch_invariant(PXL_F32, fmt, 37, 83, 576);
+            }
+        }
+        if (pxl_set_quant_x(PXL_QX_AUTO) != 0 || pxl_set_quant_x(3) == 0 || pxl_set_quant_x(-1) == 0)
+            printf("FAIL [%s] pxl_set_quant_x: auto refused or a bad mode taken\n", isa), failed++;
         for (int dt = 0; dt < 2; dt++) {
             test_rowwise(dt, 1, 1);
             test_rowwise(dt, 13, 577);

@@ -160,5 +160,5 @@ class Plan:
                     self.records[i].p[j] = _ptr(buf)
             buf[:src.size] = src
         B, M = feeds["block_tables"].shape
-        self.lib.pxl_set_batch_invariant(int(self.plugin.batch_invariant))  # per engine; the flag is per process
+        self.plugin.set_numerics()  # per engine; the library's flags are per process
         self._run(self._records_ptr, len(self.records), len(feeds["input_ids"]), len(feeds["logits_indices"]), B, M)

@@ -16,7 +16,7 @@ from graph_export import quant
 from hw_plugins.base import CompiledStep, HwPlugin, NativeSampler, Node
 from hw_plugins.cpu import library
 from hw_plugins.cpu.buffers import _ptr, host_zeros
-from hw_plugins.cpu.library import ACTIVATIONS, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0, activation_code
+from hw_plugins.cpu.library import ACTIVATIONS, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0, QUANT_X, activation_code
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ class CpuPlugin(HwPlugin):
         self.lib, self._error = None, self._unsupported_here()
         self._packed: dict[tuple, tuple[np.ndarray, ...]] = {}  # weight(s) -> (weight(s), packed copy)
         self.batch_invariant = False
+        self.quant_x = QUANT_X["auto"]
         if self._error is None:
             try:
                 self.lib = library.load()
@@ -60,6 +61,21 @@ class CpuPlugin(HwPlugin):
         is per process, so this plugin (one per engine) sets it before each of its Linears."""
         self.batch_invariant = on
         return True
+
+    def set_quant_activations(self, mode: str) -> bool:
+        """int8 everywhere, or bf16 x against bf16 panels dequantised from Q8_0/Q4_0/Q4_1 blocks
+        at every T (kernel sets with that kernel: AVX512-BF16 and AMX). K-quants keep int8 x.
+        Per process in the library, like batch invariance: set before each Linear."""
+        if self.lib.pxl_set_quant_x(QUANT_X[mode]) != 0:
+            return False
+        self.lib.pxl_set_quant_x(QUANT_X["auto"])
+        self.quant_x = QUANT_X[mode]
+        return True
+
+    def set_numerics(self) -> None:
+        """This engine's numeric modes into the library (its flags are per process)."""
+        self.lib.pxl_set_batch_invariant(int(self.batch_invariant))
+        self.lib.pxl_set_quant_x(self.quant_x)
 
     def unavailable_reason(self) -> str | None:
         return self._error
@@ -190,7 +206,7 @@ class CpuPlugin(HwPlugin):
         x = ins[0]                                              # (T, K), weights (N, K) or (N, row bytes)
         fmt, w = self.linear_weight(attrs, ins[1])
         bias = _ptr(ins[2]) if len(ins) > 2 else None
-        self.lib.pxl_set_batch_invariant(int(self.batch_invariant))
+        self.set_numerics()
         self.lib.pxl_linear(ACTIVATIONS[x.dtype.name], fmt, x.shape[0], ins[1].shape[0], x.shape[1], _ptr(x), _ptr(w),
                             bias, _ptr(outs[0]))
 
@@ -199,6 +215,7 @@ class CpuPlugin(HwPlugin):
         fmts, (wg, wu, wd) = self.moe_weights(attrs, ins[2:5])
         E, F, D = ins[2].shape[0], ins[2].shape[1], x.shape[1]   # (w_gate's rows: F whatever its format)
         shared, gate = (_ptr(ins[5]), _ptr(ins[6])) if len(ins) > 6 else (None, None)
+        self.set_numerics()
         self.lib.pxl_moe(ACTIVATIONS[x.dtype.name], fmts & 0xff, fmts >> 8 & 0xff, fmts >> 16, x.shape[0], D, F, E,
                          attrs["top_k"], attrs.get("norm_topk_prob", 0), _ptr(x), _ptr(logits), _ptr(wg), _ptr(wu),
                          _ptr(wd), shared, gate, _ptr(outs[0]))

@@ -38,6 +38,9 @@ def build_executor(config: EngineConfig, source: ModelSource | DeployableSource,
         if config.batch_invariant:
             raise ValueError("PERFXLM_BATCH_INVARIANT=1 needs the graph executor (PERFXLM_EXECUTOR=eager "
                              "runs torch, whose GEMMs depend on the batch)")
+        if config.quant_activations != "auto" and config.quantization:
+            raise ValueError(f"PERFXLM_QUANT_ACTIVATIONS={config.quant_activations} needs the graph executor "
+                             "(PERFXLM_EXECUTOR=eager runs torch on weights dequantised to the model's dtype)")
         # a deployable directory refuses: its weights are in its graph
         model = source.load_weights(config.dtype, config.weight_dtype)
         if lora:
@@ -81,6 +84,10 @@ def _graph_executor(cfg: EngineConfig, graph: Path, num_blocks: int) -> Executor
         if not plugin.set_batch_invariant(cfg.batch_invariant):
             raise ValueError(f"PERFXLM_BATCH_INVARIANT=1: hw_plugin {plugin.name!r} runs nodes here but "
                              "cannot make them batch invariant (the cpu and rvv plugins can)")
+        if not plugin.set_quant_activations(cfg.quant_activations):
+            raise ValueError(f"PERFXLM_QUANT_ACTIVATIONS={cfg.quant_activations}: hw_plugin {plugin.name!r} runs "
+                             "nodes here and cannot run quantised weights on those activations (bf16 needs the "
+                             "cpu plugin on an AVX512-BF16 or AMX CPU)")
     return GraphExecutor(runner)
 
 
