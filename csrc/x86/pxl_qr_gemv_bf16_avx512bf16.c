@@ -44,9 +44,8 @@ PXL_INLINE void group(int fmt, const int T, size_t nb, const uint8_t *grp, size_
         for (int t = 0; t < T; t++) acc0[t] = acc1[t] = _mm512_setzero_ps();
         const uint16_t *xb = x + i * PXL_QK;
         for (int p = 0; p < (fmt == PXL_Q8_0 ? 8 : 4); p++) {
-            __m512i line = _mm512_loadu_si512(q + 64 * p);
-            for (int h = 0; h < 2; h++) {
-                __m512i w = _mm512_cvtepu8_epi16(h ? _mm512_extracti64x4_epi64(line, 1) : _mm512_castsi512_si256(line));
+            for (int h = 0; h < 2; h++) { /* (widened from memory: no extract on the shuffle port) */
+                __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(q + 64 * p + 32 * h)));
                 /* lo: the low nibbles, 128 + n; hi: the high ones, as 128 + n (Q4) or 16 (128 + n) (Q8_0) */
                 __m512i lo = _mm512_ternarylogic_epi32(w, low, b128, 0xEA); /* (w & low) | b128 */
                 __m512i hi = _mm512_or_si512(_mm512_srli_epi16(w, 4), fmt == PXL_Q8_0 ? b2048 : b128);
