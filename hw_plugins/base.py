@@ -122,8 +122,8 @@ class HwPlugin(ABC):
 
     def set_quant_activations(self, mode: str) -> bool:
         """The activations that quantised (GGUF block) weights multiply
-        (PERFXLM_QUANT_ACTIVATIONS): "auto", the plugin's own choice; "int8" or "bf16" at every
-        token count. Returns whether the plugin can; by default only "auto"."""
+        (PERFXLM_QUANT_ACTIVATIONS): "auto", the plugin's own choice; "int8", "int16" or "bf16"
+        at every token count. Returns whether the plugin can; by default only "auto"."""
         return mode == "auto"
 
 

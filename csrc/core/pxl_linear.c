@@ -49,50 +49,6 @@ static void run_tiles(const pxl_kernel_set *ks, pxl_tile_fn tile, size_t es, siz
     }
 }
 
-/* One 32-block of x: the per-lane loops are selects and plain arithmetic (no libm roundf,
- * no float reductions the compiler may not reorder), so every clone vectorises them: this
- * runs once per Linear call and thread in decode, on the critical path of every token. */
-PXL_CLONES static void quantize_blocks(int fmt, size_t nb, const float *x, int8_t *q, float *d, float *c, float *e) {
-    for (size_t b = 0; b < nb; b++) {
-        const float *xb = x + b * PXL_QK;
-        float m[16];
-        for (int l = 0; l < 16; l++) {
-            float a = fabsf(xb[l]), z = fabsf(xb[l + 16]);
-            m[l] = a > z ? a : z;
-        }
-        for (int w = 8; w; w /= 2) /* max folded in halves */
-            for (int l = 0; l < w; l++) m[l] = m[l] > m[l + w] ? m[l] : m[l + w];
-        float amax = m[0], db = amax / 127.0f, id = db != 0 ? 1.0f / db : 0.0f;
-        int32_t qsum = 0;
-        for (int j = 0; j < PXL_QK; j++) {
-            /* round half to even by the 1.5 * 2^23 shifter (|x id| <= 127): the integer is then the
-             * float's low mantissa bits, read without a float-to-int conversion (qemu 7.2's RVV
-             * translator aborts on the vfncvt.rtz clang emits for one) */
-            float f = xb[j] * id + 12582912.0f;
-            int32_t bits;
-            memcpy(&bits, &f, 4);
-            int32_t r = bits - 0x4B400000;
-            q[b * PXL_QK + j] = (int8_t)r;
-            qsum += r;
-        }
-        int base = PXL_QBASE(fmt);
-        d[b] = db;
-        /* Q4_1's m_w term takes the rounded x's sum, as llama.cpp's Q8_1 s: the rounding error
-         * then meets sum_j w_j (x_j - q_j d), the weights themselves, which centre on zero
-         * better than the block's range midpoint m_w + 8 d_w that the exact sum would leave */
-        c[b] = base == PXL_Q4_1 ? db * (float)qsum : 0.0f;
-        e[b] = base == PXL_Q4_0 ? -8.0f * db * (float)qsum
-               : fmt == PXL_Q8_0R ? -128.0f * (float)qsum /* exact: |.| < 2^24 */
-                                  : 0.0f;
-    }
-}
-
-void pxl_quantize_x(int fmt, size_t T, size_t K, const float *x, int8_t *q, float *d, float *c, float *e) {
-    size_t nb = K / PXL_QK;
-    for (size_t t = 0; t < T; t++)
-        quantize_blocks(fmt, nb, x + t * K, q + t * K, d + t * nb, c + t * nb, e + t * nb);
-}
-
 /* n values fp32 -> bf16 (to_bf16) or bf16 -> fp32: a loop of its own, so each clone
  * vectorises it (the team code around it is built for the baseline ISA) */
 PXL_CLONES static void convert_row(int to_bf16, size_t n, const void *src, void *dst) {
@@ -109,10 +65,11 @@ static pxl_q8k q8k_at(const int8_t *qbuf, size_t K, size_t t) {
 
 /* x rows [t0, t1) as the kernels read them: converted between bf16 and fp32 (or copied) into
  * xc, ldc apart (when not NULL) and, for int8 dot products, quantised into qbuf (q (T, K) |
- * d | c | e, each (T, nb); for K-quants, T pieces of Q8_K); for bf16 x on repacked blocks,
+ * d | c | e, each (T, nb); with planes = 2 (PXL_QX_INT16) 2T rows of each, row t as rows 2t
+ * and 2t + 1; for K-quants, T pieces of Q8_K); for bf16 x on repacked blocks,
  * each 32-block's sum of the bf16 values into sx (T, nb) */
 static void prepare_rows(int dt, int wfmt, int xbf16, size_t T, size_t t0, size_t t1, size_t K, const void *x,
-                         void *xc, size_t ldc, int8_t *qbuf, float *sx) {
+                         void *xc, size_t ldc, int8_t *qbuf, int planes, float *sx) {
     size_t nb = K / PXL_QK;
     for (size_t t = t0; t < t1; t++) {
         const float *xf = xc ? (const float *)xc + t * ldc : (const float *)x + t * K; /* (qbuf: fp32) */
@@ -126,8 +83,10 @@ static void prepare_rows(int dt, int wfmt, int xbf16, size_t T, size_t t0, size_
             pxl_q8k unused;
             pxl_quantize_q8k(K, xf, qbuf + t * pxl_q8k_bytes(K), &unused);
         } else if (qbuf) {
-            float *d = (float *)(qbuf + T * K), *c = d + T * nb, *e = c + T * nb;
-            pxl_quantize_x(wfmt, 1, K, xf, qbuf + t * K, d + t * nb, c + t * nb, e + t * nb);
+            size_t TP = T * planes, r = t * planes;
+            float *d = (float *)(qbuf + TP * K), *c = d + TP * nb, *e = c + TP * nb;
+            (planes == 2 ? pxl_quantize_x16 : pxl_quantize_x)(wfmt, 1, K, xf, qbuf + r * K, d + r * nb, c + r * nb,
+                                                              e + r * nb);
         }
         if (sx) {
             const uint16_t *xb = xc ? (const uint16_t *)xc + t * ldc : (const uint16_t *)x + t * K;
@@ -357,8 +316,8 @@ static void run_packed(const pxl_kernel_set *ks, int f32, size_t T, size_t cols,
 /* columns [0, cols) of y = x @ W^T where W starts at this thread's first row: into Y, or for
  * the packed paths with `out`, through a one-panel tile Y into out */
 static void compute(const pxl_kernel_set *ks, int wfmt, int packed_q, size_t T, size_t cols, size_t K,
-                    const void *xk, size_t ldx, const int8_t *qbuf, const float *sx, const char *W, float *Y,
-                    size_t ldy, const out_spec *out) {
+                    const void *xk, size_t ldx, const int8_t *qbuf, int planes, const float *sx, const char *W,
+                    float *Y, size_t ldy, const out_spec *out) {
     if (sx) { /* bf16 x on repacked blocks, weights exact: up to PXL_QR_T tokens share each load */
         size_t nb = K / PXL_QK, step = T <= PXL_QR_T ? cols : 4 * PANEL;
         for (size_t n = 0; n < cols; n += step)
@@ -400,28 +359,43 @@ static void compute(const pxl_kernel_set *ks, int wfmt, int packed_q, size_t T, 
                 pxl_q8k xt = q8k_at(qbuf, K, t);
                 qk(wfmt, n, n + step < cols ? n + step : cols, K, W, &xt, Y + t * ldy);
             }
-    } else if (qbuf && wfmt >= PXL_Q8_0R) { /* repacked: up to PXL_QR_T tokens share each weight load */
-        size_t nb = K / PXL_QK, step = T <= PXL_QR_T ? cols : 4 * PANEL;
-        const float *d = (const float *)(qbuf + T * K), *c = d + T * nb, *e = c + T * nb;
+    } else if (qbuf && wfmt >= PXL_Q8_0R) { /* repacked: up to PXL_QR_T rows of q share each weight load */
+        /* (planes = 2: a token's two planes are neighbouring rows of q, summed after the kernel) */
+        size_t nb = K / PXL_QK, TP = T * planes, tq = PXL_QR_T / planes, step = T <= tq ? cols : 4 * PANEL;
+        const float *d = (const float *)(qbuf + TP * K), *c = d + TP * nb, *e = c + TP * nb;
+        float *yp = planes == 2 ? pxl_scratch(3, PXL_QR_T * step * 4) : NULL;
         pxl_qx xs[PXL_QR_T];
         pxl_gemv_qr_fn qr = ks->gemv_qr[PXL_QBASE(wfmt)];
         for (size_t n = 0; n < cols; n += step)
-            for (size_t t0 = 0; t0 < T; t0 += PXL_QR_T) {
-                size_t tn = T - t0 < PXL_QR_T ? T - t0 : PXL_QR_T, rows = cols - n < step ? cols - n : step;
-                for (size_t t = 0; t < tn; t++)
-                    xs[t] = (pxl_qx){qbuf + (t0 + t) * K, d + (t0 + t) * nb, c + (t0 + t) * nb, e + (t0 + t) * nb};
+            for (size_t t0 = 0; t0 < T; t0 += tq) {
+                size_t tn = T - t0 < tq ? T - t0 : tq, rows = cols - n < step ? cols - n : step;
+                for (size_t r = 0, r0 = t0 * planes; r < tn * planes; r++)
+                    xs[r] = (pxl_qx){qbuf + (r0 + r) * K, d + (r0 + r) * nb, c + (r0 + r) * nb, e + (r0 + r) * nb};
                 const char *Wr = W + n * pxl_row_bytes(wfmt, K);
-                if (qr) qr(tn, rows, K, Wr, xs, Y + t0 * ldy + n, ldy);
-                else pxl_gemv_qr_generic(wfmt, tn, rows, K, Wr, xs, Y + t0 * ldy + n, ldy);
+                float *y = yp ? yp : Y + t0 * ldy + n;
+                size_t ly = yp ? rows : ldy;
+                if (qr) qr(tn * planes, rows, K, Wr, xs, y, ly);
+                else pxl_gemv_qr_generic(wfmt, tn * planes, rows, K, Wr, xs, y, ly);
+                for (size_t t = 0; yp && t < tn; t++)
+                    for (size_t j = 0; j < rows; j++)
+                        Y[(t0 + t) * ldy + n + j] = yp[2 * t * rows + j] + yp[(2 * t + 1) * rows + j];
             }
     } else if (qbuf) { /* int8 dot products, token by token over panels of rows that stay in L1 */
-        size_t nb = K / PXL_QK, step = T == 1 ? cols : PANEL;
-        const float *d = (const float *)(qbuf + T * K), *c = d + T * nb, *e = c + T * nb;
-        for (size_t n = 0; n < cols; n += step)
+        size_t nb = K / PXL_QK, TP = T * planes, step = T == 1 ? cols : PANEL;
+        const float *d = (const float *)(qbuf + TP * K), *c = d + TP * nb, *e = c + TP * nb;
+        float *yl = planes == 2 ? pxl_scratch(3, cols * 4) : NULL; /* the low plane's row */
+        for (size_t n = 0; n < cols; n += step) {
+            size_t n1 = n + step < cols ? n + step : cols;
             for (size_t t = 0; t < T; t++) {
-                pxl_qx xt = {qbuf + t * K, d + t * nb, c + t * nb, e + t * nb};
-                ks->gemv_q[wfmt](n, n + step < cols ? n + step : cols, K, W, &xt, Y + t * ldy);
+                size_t r = t * planes;
+                pxl_qx xt = {qbuf + r * K, d + r * nb, c + r * nb, e + r * nb};
+                ks->gemv_q[wfmt](n, n1, K, W, &xt, Y + t * ldy);
+                if (!yl) continue;
+                pxl_qx xl = {qbuf + (r + 1) * K, d + (r + 1) * nb, c + (r + 1) * nb, e + (r + 1) * nb};
+                ks->gemv_q[wfmt](n, n1, K, W, &xl, yl);
+                for (size_t j = n; j < n1; j++) Y[t * ldy + j] += yl[j];
             }
+        }
     } else if (packed_q) { /* bf16 x: dequantised panels packed for the bf16 micro-kernel */
         const int direct = wfmt >= PXL_Q8_0R && wfmt <= PXL_Q4_1R && ks->qr_bf16p; /* no fp32 rows between */
         float *rows = pxl_scratch(3, (size_t)PXL_PANEL * K * 4 + (size_t)PXL_PANEL * K * 2);
@@ -460,7 +434,7 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
      * every T when batch invariant), those panels from PXL_QR_PANEL_MIN_T tokens; PXL_QX_INT8
      * never. K-quants: pxl_qk_dot (a multi-token kernel beats dequantising up to a few hundred
      * tokens). */
-    const int qx = repacked && ks->qr_bf16p ? pxl_quant_x() : PXL_QX_INT8;
+    const int mode = pxl_quant_x(), qx = repacked && ks->qr_bf16p ? mode : PXL_QX_INT8;
     const int qr_bf16x =
         qx == PXL_QX_BF16 && ks->gemv_qr_bf16 && (T < PXL_QR_PANEL_MIN_T || pxl_batch_invariant());
     const int qr_panels = !qr_bf16x && (qx == PXL_QX_BF16 || (qx == PXL_QX_AUTO && ks->qr_bf16p_prefill &&
@@ -479,7 +453,10 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
     const int restride = wfmt == PXL_F32P && dt == PXL_F32 && T > 1 && K * 4 % 512 == 0;
     const int xbf16 = bf16_w || packed_q || qr_bf16x; /* the kernels take x in bf16 */
     const int convert = (xbf16 ? dt == PXL_F32 : dt == PXL_BF16) || restride;
-    const size_t xes = xbf16 ? 2 : 4, qbytes = kq ? T * pxl_q8k_bytes(K) : T * K + 3 * T * (K / PXL_QK) * 4;
+    /* PXL_QX_INT16: where int8 dot products run (not K-quants), x as two int8 planes */
+    const int planes = mode == PXL_QX_INT16 && qdot && !kq ? 2 : 1;
+    const size_t xes = xbf16 ? 2 : 4,
+                 qbytes = kq ? T * pxl_q8k_bytes(K) : planes * (T * K + 3 * T * (K / PXL_QK) * 4);
     const size_t ldx = convert && (packed || packed_q) ? ((K * xes + 63) / 64 | 1) * 64 / xes : K;
     void *xc = NULL;
     int8_t *qbuf = NULL;
@@ -489,7 +466,7 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
         xc = convert ? pxl_scratch(0, T * ldx * xes) : NULL;
         qbuf = qdot ? pxl_scratch(2, qbytes) : NULL;
         sx = qr_bf16x ? pxl_scratch(2, sxbytes) : NULL;
-        prepare_rows(dt, wfmt, xbf16, T, 0, T, K, x, xc, ldx, qbuf, sx);
+        prepare_rows(dt, wfmt, xbf16, T, 0, T, K, x, xc, ldx, qbuf, planes, sx);
     } else if (convert || qdot || qr_bf16x) { /* prefill: the team prepares shared rows, then waits for all */
 #pragma omp single copyprivate(xc, qbuf, sx)
         {
@@ -499,7 +476,7 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
         }
         size_t t0, t1;
         pxl_split(T, 1, &t0, &t1);
-        prepare_rows(dt, wfmt, xbf16, T, t0, t1, K, x, xc, ldx, qbuf, sx);
+        prepare_rows(dt, wfmt, xbf16, T, t0, t1, K, x, xc, ldx, qbuf, planes, sx);
 #pragma omp barrier
     }
     const void *xk = xc ? xc : x;
@@ -513,7 +490,7 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
                                                      : wfmt == PXL_F32P ? n0 * K * 4
                                                                         : n0 * pxl_row_bytes(wfmt, K));
     if (dt == PXL_F32 && odt == PXL_F32 && !bias && !gated) {
-        compute(ks, wfmt, packed_q, T, cols, K, xk, ldx, qbuf, sx, Wn, (float *)y + n0, N, NULL);
+        compute(ks, wfmt, packed_q, T, cols, K, xk, ldx, qbuf, planes, sx, Wn, (float *)y + n0, N, NULL);
         return;
     }
     /* bias or bf16 output: this thread's columns in fp32, then added and rounded once */
@@ -527,7 +504,7 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
     const int fused = wfmt == PXL_BF16P || wfmt == PXL_F32P || packed_q;
     /* fused: one call's rows (run_packed) */
     float *yp = pxl_scratch(1, (fused ? PXL_AMX_RM * (size_t)PXL_PANEL : T * cols) * 4);
-    compute(ks, wfmt, packed_q, T, cols, K, xk, ldx, qbuf, sx, Wn, yp, cols, fused ? &o : NULL);
+    compute(ks, wfmt, packed_q, T, cols, K, xk, ldx, qbuf, planes, sx, Wn, yp, cols, fused ? &o : NULL);
     if (!fused) store_rows(&o, 0, 0, T, cols, yp, cols);
 #ifdef __x86_64__
     if (stream) _mm_sfence(); /* (the streamed lines are weakly ordered: visible before the barrier) */

@@ -170,19 +170,23 @@ static void test_linear(int dt, int fmt, size_t T, size_t N, size_t K, int with_
     void *b = alloc_rand(dt, N, 1);
     void *y = malloc(T * N * 4 + 64);
     size_t nb = K / PXL_QK;
-    int8_t *q = malloc(T * K + 1);
-    float *xf = malloc(T * K * 4 + 4), *qd = malloc(T * nb * 4 + 4), *qc = malloc(T * nb * 4 + 4), *qe = malloc(T * nb * 4 + 4);
+    int8_t *q = malloc(2 * T * K + 1); /* (PXL_QX_INT16: two planes a row) */
+    float *xf = malloc(T * K * 4 + 4), *qd = malloc(2 * T * nb * 4 + 4), *qc = malloc(2 * T * nb * 4 + 4),
+          *qe = malloc(2 * T * nb * 4 + 4);
     for (size_t i = 0; i < T * K; i++) xf[i] = get(dt, x, i);
     int qdot = int8_path(fmt, T);
     /* bf16 x on quantised weights past the int8 path: dequantised panels rounded to bf16 */
     int packed_q = PXL_IS_QUANT(fmt) && !qdot && pxl_packed_bytes(PXL_BF16, 1, 2) &&
                    (qr_panels(fmt, T) || (dt && T >= PXL_PACKED_Q_MIN_T));
-    if (qdot) pxl_quantize_x(fmt, T, K, xf, q, qd, qc, qe);
+    int planes = qdot && pxl_quant_x() == PXL_QX_INT16 ? 2 : 1;
+    if (qdot) (planes == 2 ? pxl_quantize_x16 : pxl_quantize_x)(fmt, T, K, xf, q, qd, qc, qe);
     if (packed_q)
         for (size_t i = 0; i < N * K; i++) deq[i] = rnd(1, (float)deq[i]);
     int bf16x = qr_bf16x(fmt, T); /* (exact weights) */
     for (size_t i = 0; i < T * K; i++) /* bf16 weights multiply bf16-rounded x (vdpbf16ps) */
-        xr[i] = qdot ? (double)qd[i / PXL_QK] * q[i]
+        xr[i] = qdot && planes == 2 ? (double)qd[2 * (i / K) * nb + i % K / PXL_QK] * q[2 * (i / K) * K + i % K] +
+                                          (double)qd[(2 * (i / K) + 1) * nb + i % K / PXL_QK] * q[(2 * (i / K) + 1) * K + i % K]
+                : qdot ? (double)qd[i / PXL_QK] * q[i]
                 : fmt == PXL_BF16 || fmt == PXL_BF16P || packed_q || bf16x ? rnd(1, xf[i]) : xf[i];
     for (size_t t = 0; t < T; t++)
         for (size_t n = 0; n < N; n++) {
@@ -195,7 +199,9 @@ static void test_linear(int dt, int fmt, size_t T, size_t N, size_t K, int with_
     pxl_linear(dt, fmt, T, N, K, x, W, with_bias ? b : NULL, y);
     char name[112];
     snprintf(name, sizeof name, "linear %s w=%s T=%zu N=%zu K=%zu%s%s", dt ? "bf16" : "f32", fmt_name[fmt], T, N, K,
-             with_bias ? " +bias" : "", qdot ? " (int8 x)" : bf16x ? " (bf16 x)" : packed_q ? " (bf16 panels)" : "");
+             with_bias ? " +bias" : "", qdot ? (planes == 2 ? " (int16 x)" : " (int8 x)") : bf16x ? " (bf16 x)"
+                                        : packed_q                         ? " (bf16 panels)"
+                                                                           : "");
     check(name, dt, T * N, y, ref, mag, 2e-6 * sqrt((double)K) + 1e-6);
     free(deq); free(ref); free(mag); free(xr); free(W); free(x); free(b); free(y); free(q); free(xf); free(qd); free(qc); free(qe);
 }
@@ -220,6 +226,39 @@ static void test_qr_bf16p(int fmt, size_t N, size_t K, size_t n0) {
 }
 
 /* q * d is within half a step of x, the scale is amax / 127, and c is each format's offset term */
+/* 16-bit x: two planes whose sum gives x to half of 1/32512 of the block's largest |x| (and a
+ * little: the high plane's scale 255 s is rounded to fp32) */
+static void test_quantize_x16(size_t K) {
+    size_t nb = K / PXL_QK;
+    float *x = alloc_rand(0, K, 3), *d = malloc(2 * nb * 4), *c = malloc(2 * nb * 4), *e = malloc(2 * nb * 4);
+    int8_t *q = malloc(2 * K);
+    x[7] = 0;
+    int ok = 1;
+    for (int fmt = PXL_Q8_0; fmt < PXL_NFMT; fmt++) {
+        if (!PXL_IS_QUANT(fmt)) continue;
+        pxl_quantize_x16(fmt, 1, K, x, q, d, c, e);
+        for (size_t b = 0; b < nb; b++) {
+            double amax = 0, hsum = 0, lsum = 0;
+            for (int j = 0; j < PXL_QK; j++) amax = fmax(amax, fabs(x[b * PXL_QK + j]));
+            ok &= d[b] == (float)(255 * d[nb + b]) && fabs(d[nb + b] - amax / 32512) <= 1e-7 * amax;
+            for (int j = 0; j < PXL_QK; j++) {
+                int h = q[b * PXL_QK + j], l = q[K + b * PXL_QK + j];
+                hsum += h, lsum += l;
+                ok &= h >= -127 && h <= 127 && l >= -127 && l <= 127;
+                ok &= fabs(x[b * PXL_QK + j] - ((double)d[b] * h + (double)d[nb + b] * l)) <= 0.51 * d[nb + b] + 1e-12;
+            }
+            int base = PXL_QBASE(fmt); /* each plane's terms, as one int8 token's */
+            if (base == PXL_Q4_1) ok &= c[b] == (float)(d[b] * hsum) && c[nb + b] == (float)(d[nb + b] * lsum);
+            if (fmt == PXL_Q8_0R) ok &= e[b] == -128 * hsum && e[nb + b] == -128 * lsum;
+        }
+    }
+    char name[48];
+    snprintf(name, sizeof name, "quantize_x16 K=%zu", K);
+    if (ok) passed++;
+    else printf("FAIL [%s] %s\n", isa, name), failed++;
+    free(x); free(d); free(c); free(e); free(q);
+}
+
 static void test_quantize_x(size_t K) {
     size_t nb = K / PXL_QK;
     float *x = alloc_rand(0, K, 3), *d = malloc(nb * 4), *c = malloc(nb * 4), *e = malloc(nb * 4);
@@ -768,7 +807,7 @@ int main(void) {
         } else if (!pxl_kernels()->qr_bf16p) {
             printf("FAIL [%s] pxl_set_quant_x(bf16) taken without a qr_bf16p kernel\n", isa), failed++;
         }
-        for (int mode = PXL_QX_INT8; mode <= PXL_QX_BF16; mode++) {
+        for (int mode = PXL_QX_INT8; mode <= PXL_QX_INT16; mode++) {
             if (pxl_set_quant_x(mode) != 0) continue;
             for (int fmt = PXL_Q8_0R; fmt <= PXL_Q4_1R; fmt++) {
                 test_linear(PXL_F32, fmt, 1, 70, 576, 1);
@@ -779,7 +818,12 @@ int main(void) {
                 test_batch_invariant(PXL_F32, fmt, 37, 83, 576);
             }
         }
-        if (pxl_set_quant_x(PXL_QX_AUTO) != 0 || pxl_set_quant_x(3) == 0 || pxl_set_quant_x(-1) == 0)
+        if (pxl_set_quant_x(PXL_QX_INT16) != 0) /* every set: the int8 kernels twice */
+            printf("FAIL [%s] pxl_set_quant_x(int16) refused\n", isa), failed++;
+        for (int fmt = PXL_Q8_0; fmt <= PXL_Q4_1; fmt++) /* GGUF's layout: token by token, two planes */
+            test_linear(PXL_F32, fmt, 3, 70, 576, 1);
+        test_quantize_x16(576);
+        if (pxl_set_quant_x(PXL_QX_AUTO) != 0 || pxl_set_quant_x(4) == 0 || pxl_set_quant_x(-1) == 0)
             printf("FAIL [%s] pxl_set_quant_x: auto refused or a bad mode taken\n", isa), failed++;
         for (int dt = 0; dt < 2; dt++) {
             test_rowwise(dt, 1, 1);

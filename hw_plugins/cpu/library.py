@@ -26,7 +26,7 @@ F32, BF16, Q8_0, Q4_0, Q4_1, BF16P, F32P, Q8_0R, Q4_0R, Q4_1R, Q4_K, Q5_K, Q6_K,
 # dense weights in panels, GGUF blocks repacked 16 rows at a time (pxl_pack_weights)
 PACKED = {F32: F32P, BF16: BF16P, Q8_0: Q8_0R, Q4_0: Q4_0R, Q4_1: Q4_1R, Q4_K: Q4_KR, Q6_K: Q6_KR}
 ACTIVATIONS = {"float32": F32, "bfloat16": BF16}  # numpy dtype name -> the format code of an activation
-QUANT_X = {"auto": 0, "int8": 1, "bf16": 2}  # PERFXLM_QUANT_ACTIVATIONS -> pxl_set_quant_x's PXL_QX_*
+QUANT_X = {"auto": 0, "int8": 1, "bf16": 2, "int16": 3}  # PERFXLM_QUANT_ACTIVATIONS -> pxl_set_quant_x's PXL_QX_*
 
 # A compiled step's records (pxl_plan_run): the op codes in pxl_abi.h's order (PXL_OP_*), the
 # names op_profile reports them by; the last two are fused pairs of ops
