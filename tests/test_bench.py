@@ -178,9 +178,9 @@ def test_roofline_measures_the_roofs_and_derives_each_ceiling(monkeypatch, gguf_
         assert w3["ceiling_tok_s"] == pytest.approx(roofs["bf16_GFLOPs"] * 1e9 / w3["flops_per_token"])
 
 
-def test_gguf_prefill_is_placed_under_the_arithmetic_its_kernel_set_runs(gguf_path):
+def test_gguf_prefill_is_placed_under_the_arithmetic_its_kernel_set_runs(gguf_path, monkeypatch):
     """Q4_1/Q8_0 blocks run int8 dot products, except on the amx set, whose prefill runs them
-    as bf16 tiles: the rate goes under that peak."""
+    as bf16 tiles, and under PERFXLM_QUANT_ACTIVATIONS=bf16: the rate goes under that peak."""
     from hw_plugins.base import available_plugins
     from perfxlm.bench import roofline
     if not dict((n, ok) for n, ok, _ in available_plugins()).get("cpu"):
@@ -201,6 +201,9 @@ def test_gguf_prefill_is_placed_under_the_arithmetic_its_kernel_set_runs(gguf_pa
             assert roofline.compute_usage(roofs, "gguf", 1e9, 600.0, cost).roof_name == "int8 peak"
         finally:
             lib.pxl_set_isa(b"amx")
+    for mode, kind in (("int8", "int8"), ("int16", "int8"), ("bf16", "bf16")):  # whatever the set
+        monkeypatch.setenv("PERFXLM_QUANT_ACTIVATIONS", mode)
+        assert roofline.compute_usage(roofs, "gguf", 1e9, 600.0, cost).roof_name == f"{kind} peak", mode
 
 
 def test_roofline_refuses_a_model_that_is_not_a_gguf(tmp_path):

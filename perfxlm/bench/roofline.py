@@ -210,11 +210,17 @@ def decode_usage(roofs: Roofs, m: ModelCost, weights: str, tok_s: float, input_l
 
 
 def arithmetic(weights: str, cost: ModelCost | None = None) -> str:
-    """The arithmetic a compute-bound phase on `weights` runs: ARITHMETIC's, except that the
-    `amx` kernel set runs steps of 32 tokens or more on Q8_0 / Q4_0 / Q4_1 blocks as bf16 tiles."""
+    """The arithmetic a compute-bound phase on `weights` runs: ARITHMETIC's, except for Q8_0 /
+    Q4_0 / Q4_1 blocks under PERFXLM_QUANT_ACTIVATIONS=bf16, and under "auto" on the `amx`
+    kernel set, which runs steps of 32 tokens or more as bf16 tiles. (int16 is int8 done twice:
+    the same peak, against the model's own operations.)"""
     if weights == "gguf" and cost is not None and cost.legacy_quants:
+        from perfxlm.config import quant_activations_from_env
+        mode = quant_activations_from_env()
+        if mode == "bf16":
+            return "bf16"
         from hw_plugins.cpu import library
-        if library.load().pxl_isa() == b"amx":
+        if mode == "auto" and library.load().pxl_isa() == b"amx":
             return "bf16"
     return ARITHMETIC[weights]
 
