@@ -110,6 +110,8 @@ def test_python_constants_match_the_header():
     """What pxl_abi() cannot report (each code's value, the flag bits) against pxl_abi.h itself."""
     text = _header_text()
     formats = dict(re.findall(r"\bPXL_(\w+) = (\d+)", text))
+    modes = {name: int(formats.pop(name)) for name in list(formats) if name.startswith("QX_")}
+    assert modes == {f"QX_{mode.upper()}": code for mode, code in library.QUANT_X.items()}
     assert {f"PXL_{name}": index for index, name in enumerate(library.FORMATS)} == \
         {f"PXL_{name}": int(value) for name, value in formats.items() if name != "NFMT"}
     assert int(formats["NFMT"]) == len(library.FORMATS)

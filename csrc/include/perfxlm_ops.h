@@ -47,14 +47,9 @@ void pxl_commit(void *p, size_t bytes);
  * path; everything else already is). Off by default. */
 void pxl_set_batch_invariant(int on);
 int pxl_batch_invariant(void);
-/* the activations quantised Linear weights (Q8_0 / Q4_0 / Q4_1 blocks) multiply:
- * PXL_QX_AUTO, the kernel set's faster path (int8 dot products; a prefill on AMX rounds x to
- * bf16 against dequantised bf16 panels); PXL_QX_INT8, int8 at every T; PXL_QX_BF16, bf16 x at
- * every T, decode included; PXL_QX_INT16, x quantised to 16 bits per 32-block where int8 would
- * be (two int8 planes, twice the dot products). Returns -1 (and changes nothing) for a mode
- * the active kernel set cannot run: bf16 needs its qr_bf16p kernel. Process-wide, like the
- * above. */
-enum { PXL_QX_AUTO = 0, PXL_QX_INT8 = 1, PXL_QX_BF16 = 2, PXL_QX_INT16 = 3 };
+/* the activations quantised Linear weights (Q8_0 / Q4_0 / Q4_1 blocks) multiply (PXL_QX_*,
+ * pxl_abi.h). Returns -1 (and changes nothing) for a mode the active kernel set cannot run:
+ * bf16 needs its qr_bf16p kernel. Process-wide, like the above. */
 int pxl_set_quant_x(int mode);
 int pxl_quant_x(void);
 

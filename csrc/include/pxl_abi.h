@@ -18,7 +18,7 @@
 extern "C" {
 #endif
 
-#define PXL_ABI_VERSION 1
+#define PXL_ABI_VERSION 2
 
 /* element / weight formats (activations are PXL_F32 or PXL_BF16) */
 enum {
@@ -34,6 +34,13 @@ enum {
 #define PXL_IS_KQUANT(f) ((f) >= PXL_Q4_K && (f) <= PXL_Q6_KR)
 /* the GGUF format of a repacked one */
 #define PXL_QBASE(f) ((f) >= PXL_Q8_0R && (f) <= PXL_Q4_1R ? (f) - (PXL_Q8_0R - PXL_Q8_0) : (f))
+
+/* the activations quantised weights multiply (pxl_set_quant_x): PXL_QX_AUTO, the kernel set's
+ * faster path (int8 dot products; a prefill on AMX rounds x to bf16 against dequantised bf16
+ * panels); PXL_QX_INT8, int8 per 32-block at every T; PXL_QX_BF16, bf16 x at every T, decode
+ * included; PXL_QX_INT16, x quantised to 16 bits per 32-block where int8 would be (two int8
+ * planes, twice the dot products) */
+enum { PXL_QX_AUTO = 0, PXL_QX_INT8 = 1, PXL_QX_BF16 = 2, PXL_QX_INT16 = 3 };
 
 /* weight layouts (perfxlm_ops.h describes them) */
 #define PXL_QK 32       /* weights per quantisation block */
