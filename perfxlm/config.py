@@ -121,7 +121,7 @@ class EngineConfig:
     lora_config: LoRAConfig | None = None      # enable_lora
     # a prompt's logprobs are bitwise the same alone or in any batch (vLLM's VLLM_BATCH_INVARIANT)
     batch_invariant: bool = field(default_factory=lambda: batch_invariant_from_env())
-    # what quantised (GGUF block) weights multiply: "auto", "int8" or "bf16" (perfxlm's own)
+    # what quantised (GGUF block) weights multiply: QUANT_ACTIVATIONS (perfxlm's own)
     quant_activations: str = field(default_factory=lambda: quant_activations_from_env())
 
     @property

@@ -46,24 +46,6 @@ def gguf_layout_kernel_set():
         lib.pxl_set_isa(before)
 
 
-@contextlib.contextmanager
-def int8_prefill_kernel_set():
-    """The cpu plugin on a kernel set whose repacked GGUF blocks take int8 dot products at every
-    T: the CPU's own set, unless that runs a prefill's blocks as bf16 panels on AMX tiles (then
-    the same CPU's AVX512-BF16 set). Skips where no set repacks."""
-    from hw_plugins.cpu import library
-    lib = library.load()
-    before = lib.pxl_isa()
-    if not repacks_gguf_blocks():
-        pytest.skip("this CPU's kernel set keeps GGUF's block layout")
-    if before == b"amx" and lib.pxl_set_isa(b"avx512bf16") != 0:
-        pytest.skip("no AVX512-BF16 set beside AMX")
-    try:
-        yield
-    finally:
-        lib.pxl_set_isa(before)
-
-
 @pytest.fixture
 def gguf_layout_kernels():
     with gguf_layout_kernel_set():
@@ -72,12 +54,8 @@ def gguf_layout_kernels():
 
 def bf16_quant_activations() -> bool:
     """Whether the cpu plugin's kernel set runs GGUF blocks on bf16 x (PERFXLM_QUANT_ACTIVATIONS=bf16)."""
-    from hw_plugins.cpu import library
-    lib = library.load()
-    if lib.pxl_set_quant_x(library.QUANT_X["bf16"]) != 0:
-        return False
-    lib.pxl_set_quant_x(library.QUANT_X["auto"])
-    return True
+    from hw_plugins.cpu.plugin import CpuPlugin
+    return CpuPlugin().set_quant_activations("bf16")
 
 
 def repacks_gguf_blocks() -> bool:

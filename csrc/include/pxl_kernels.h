@@ -31,7 +31,7 @@ typedef struct {
 } pxl_qx;
 /* quantises T rows of fp32 x (T, K) for weight format fmt: q (T, K), d, c, e (T, K/32) */
 void pxl_quantize_x(int fmt, size_t T, size_t K, const float *x, int8_t *q, float *d, float *c, float *e);
-/* the same at 16 bits (PXL_QX_INT16): row t as two int8 tokens 2t (high plane, scale 256 s)
+/* the same at 16 bits (PXL_QX_INT16): row t as two int8 tokens 2t (high plane, scale 255 s)
  * and 2t + 1 (low plane, scale s) whose results add up: q (2T, K), d, c, e (2T, K/32) */
 void pxl_quantize_x16(int fmt, size_t T, size_t K, const float *x, int8_t *q, float *d, float *c, float *e);
 /* y[n] = sum_b y_b (above) for n in [n0, n1) */
