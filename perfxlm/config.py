@@ -281,8 +281,9 @@ def quant_activations_from_env() -> str:
     """PERFXLM_QUANT_ACTIVATIONS: the activations GGUF block weights multiply. "auto" (the
     default) takes the kernel set's faster path; "int8" quantises x per 32 values at every
     token count (llama.cpp's arithmetic); "int16" quantises it to 16 bits per 32 values instead
-    (two int8 planes: twice the dot products, about the int8 speed in decode); "bf16" rounds x
-    to bf16 at every token count (AVX512-BF16 and AMX CPUs)."""
+    (per 256 for K-quants; two int8 planes: twice the dot products, about the int8 speed in
+    decode); "bf16" rounds x to bf16 at every token count (Q8_0/Q4_0/Q4_1 on AVX512-BF16 and AMX
+    CPUs; K-quants keep int8 x)."""
     value = os.environ.get("PERFXLM_QUANT_ACTIVATIONS", "auto")
     if value not in QUANT_ACTIVATIONS:
         raise ValueError(f"PERFXLM_QUANT_ACTIVATIONS must be one of {', '.join(QUANT_ACTIVATIONS)}, got {value!r}")

@@ -56,7 +56,7 @@ PXL_CLONES static void convert_row(int to_bf16, size_t n, const void *src, void 
     else for (size_t i = 0; i < n; i++) ((float *)dst)[i] = pxl_bf16_to_f32(((const uint16_t *)src)[i]);
 }
 
-/* token t's Q8_K x in a K-quant qbuf: T pieces of pxl_q8k_bytes(K) */
+/* row t's Q8_K x in a K-quant qbuf: pieces of pxl_q8k_bytes(K) */
 static pxl_q8k q8k_at(const int8_t *qbuf, size_t K, size_t t) {
     const int8_t *p = qbuf + t * pxl_q8k_bytes(K);
     const float *d = (const float *)(p + K);
@@ -66,7 +66,7 @@ static pxl_q8k q8k_at(const int8_t *qbuf, size_t K, size_t t) {
 /* x rows [t0, t1) as the kernels read them: converted between bf16 and fp32 (or copied) into
  * xc, ldc apart (when not NULL) and, for int8 dot products, quantised into qbuf (q (T, K) |
  * d | c | e, each (T, nb); with planes = 2 (PXL_QX_INT16) 2T rows of each, row t as rows 2t
- * and 2t + 1; for K-quants, T pieces of Q8_K); for bf16 x on repacked blocks,
+ * and 2t + 1; for K-quants, T (or 2T, the same way) pieces of Q8_K); for bf16 x on repacked blocks,
  * each 32-block's sum of the bf16 values into sx (T, nb) */
 static void prepare_rows(int dt, int wfmt, int xbf16, size_t T, size_t t0, size_t t1, size_t K, const void *x,
                          void *xc, size_t ldc, int8_t *qbuf, int planes, float *sx) {
@@ -80,8 +80,10 @@ static void prepare_rows(int dt, int wfmt, int xbf16, size_t T, size_t t0, size_
         else if (xc)
             convert_row(0, K, (const uint16_t *)x + t * K, (float *)xc + t * ldc);
         if (qbuf && PXL_IS_KQUANT(wfmt)) {
+            size_t qb = pxl_q8k_bytes(K);
             pxl_q8k unused;
-            pxl_quantize_q8k(K, xf, qbuf + t * pxl_q8k_bytes(K), &unused);
+            if (planes == 2) pxl_quantize_q8k16(K, xf, qbuf + 2 * t * qb, qbuf + (2 * t + 1) * qb);
+            else pxl_quantize_q8k(K, xf, qbuf + t * qb, &unused);
         } else if (qbuf) {
             size_t TP = T * planes, r = t * planes;
             float *d = (float *)(qbuf + TP * K), *c = d + TP * nb, *e = c + TP * nb;
@@ -331,34 +333,42 @@ static void compute(const pxl_kernel_set *ks, int wfmt, int packed_q, size_t T, 
     } else if (wfmt <= PXL_BF16) {
         run_tiles(ks, wfmt == PXL_F32 ? ks->tile_f32 : ks->tile_bf16, wfmt == PXL_F32 ? 4 : 2, T, 0, cols, K, xk, W,
                   Y, ldy);
-    } else if (wfmt == PXL_Q4_KR || wfmt == PXL_Q6_KR) { /* repacked: up to PXL_QK_T tokens a weight load */
-        size_t step = T <= PXL_QK_T ? cols : 4 * PANEL;
-        pxl_gemm_kr_fn qk = pxl_gemm_kr_for(ks);
+    } else if (qbuf && PXL_IS_KQUANT(wfmt) && (wfmt == PXL_Q4_KR || wfmt == PXL_Q6_KR || pxl_gemm_qk_for(ks, wfmt))) {
+        /* up to PXL_QK_T rows of Q8_K x share each weight load (planes = 2: a token's two planes
+         * are neighbouring rows, their results summed from yp, (PXL_QK_T, cols)) */
+        size_t tq = PXL_QK_T / planes, step = T <= tq ? cols : 4 * PANEL;
+        const int kr = wfmt == PXL_Q4_KR || wfmt == PXL_Q6_KR;
+        pxl_gemm_kr_fn gkr = kr ? pxl_gemm_kr_for(ks) : NULL;
+        pxl_gemm_qk_fn gqk = kr ? NULL : pxl_gemm_qk_for(ks, wfmt);
+        float *yp = planes == 2 ? pxl_scratch(3, PXL_QK_T * cols * 4) : NULL;
         pxl_q8k xs[PXL_QK_T];
         for (size_t n = 0; n < cols; n += step)
-            for (size_t t0 = 0; t0 < T; t0 += PXL_QK_T) {
-                size_t tn = T - t0 < PXL_QK_T ? T - t0 : PXL_QK_T, rows = cols - n < step ? cols - n : step;
-                for (size_t t = 0; t < tn; t++) xs[t] = q8k_at(qbuf, K, t0 + t);
-                qk(wfmt, tn, rows, K, W + n * pxl_row_bytes(wfmt, K), xs, Y + t0 * ldy + n, ldy);
-            }
-    } else if (qbuf && PXL_IS_KQUANT(wfmt) && pxl_gemm_qk_for(ks, wfmt)) { /* up to PXL_QK_T tokens a weight load */
-        size_t step = T <= PXL_QK_T ? cols : 4 * PANEL;
-        pxl_gemm_qk_fn qk = pxl_gemm_qk_for(ks, wfmt);
-        pxl_q8k xs[PXL_QK_T];
-        for (size_t n = 0; n < cols; n += step)
-            for (size_t t0 = 0; t0 < T; t0 += PXL_QK_T) {
-                size_t tn = T - t0 < PXL_QK_T ? T - t0 : PXL_QK_T;
-                for (size_t t = 0; t < tn; t++) xs[t] = q8k_at(qbuf, K, t0 + t);
-                qk(wfmt, tn, n, n + step < cols ? n + step : cols, K, W, xs, Y + t0 * ldy, ldy);
+            for (size_t t0 = 0; t0 < T; t0 += tq) {
+                size_t tn = T - t0 < tq ? T - t0 : tq, n1 = n + step < cols ? n + step : cols;
+                for (size_t r = 0; r < tn * planes; r++) xs[r] = q8k_at(qbuf, K, t0 * planes + r);
+                float *y = yp ? yp : Y + t0 * ldy; /* (columns n .. n1 of it) */
+                size_t ly = yp ? cols : ldy;
+                if (kr) gkr(wfmt, tn * planes, n1 - n, K, W + n * pxl_row_bytes(wfmt, K), xs, y + n, ly);
+                else gqk(wfmt, tn * planes, n, n1, K, W, xs, y, ly);
+                for (size_t t = 0; yp && t < tn; t++)
+                    for (size_t j = n; j < n1; j++)
+                        Y[(t0 + t) * ldy + j] = yp[2 * t * cols + j] + yp[(2 * t + 1) * cols + j];
             }
     } else if (qbuf && PXL_IS_KQUANT(wfmt)) { /* Q8_K x, token by token over panels of rows in L1 */
         size_t step = T == 1 ? cols : PANEL;
         pxl_gemv_qk_fn qk = pxl_gemv_qk_for(ks);
-        for (size_t n = 0; n < cols; n += step)
+        float *yl = planes == 2 ? pxl_scratch(3, cols * 4) : NULL; /* the low plane's row */
+        for (size_t n = 0; n < cols; n += step) {
+            size_t n1 = n + step < cols ? n + step : cols;
             for (size_t t = 0; t < T; t++) {
-                pxl_q8k xt = q8k_at(qbuf, K, t);
-                qk(wfmt, n, n + step < cols ? n + step : cols, K, W, &xt, Y + t * ldy);
+                pxl_q8k xt = q8k_at(qbuf, K, t * planes);
+                qk(wfmt, n, n1, K, W, &xt, Y + t * ldy);
+                if (!yl) continue;
+                pxl_q8k xl = q8k_at(qbuf, K, t * planes + 1);
+                qk(wfmt, n, n1, K, W, &xl, yl);
+                for (size_t j = n; j < n1; j++) Y[t * ldy + j] += yl[j];
             }
+        }
     } else if (qbuf && wfmt >= PXL_Q8_0R) { /* repacked: up to PXL_QR_T rows of q share each weight load */
         /* (planes = 2: a token's two planes are neighbouring rows of q, summed after the kernel) */
         size_t nb = K / PXL_QK, TP = T * planes, tq = PXL_QR_T / planes, step = T <= tq ? cols : 4 * PANEL;
@@ -453,10 +463,10 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
     const int restride = wfmt == PXL_F32P && dt == PXL_F32 && T > 1 && K * 4 % 512 == 0;
     const int xbf16 = bf16_w || packed_q || qr_bf16x; /* the kernels take x in bf16 */
     const int convert = (xbf16 ? dt == PXL_F32 : dt == PXL_BF16) || restride;
-    /* PXL_QX_INT16: where int8 dot products run (not K-quants), x as two int8 planes */
-    const int planes = mode == PXL_QX_INT16 && qdot && !kq ? 2 : 1;
+    /* PXL_QX_INT16: where int8 dot products run (Q8_K ones too), x as two int8 planes */
+    const int planes = mode == PXL_QX_INT16 && qdot ? 2 : 1;
     const size_t xes = xbf16 ? 2 : 4,
-                 qbytes = kq ? T * pxl_q8k_bytes(K) : planes * (T * K + 3 * T * (K / PXL_QK) * 4);
+                 qbytes = planes * (kq ? T * pxl_q8k_bytes(K) : T * K + 3 * T * (K / PXL_QK) * 4);
     const size_t ldx = convert && (packed || packed_q) ? ((K * xes + 63) / 64 | 1) * 64 / xes : K;
     void *xc = NULL;
     int8_t *qbuf = NULL;

@@ -18,16 +18,6 @@ static inline void block_terms(int fmt, int32_t qsum, float db, float *c, float 
                             : 0.0f;
 }
 
-/* round half to even by the 1.5 * 2^23 shifter (|v| < 2^22): the integer is then the float's
- * low mantissa bits, read without a float-to-int conversion (qemu 7.2's RVV translator aborts
- * on the vfncvt.rtz clang emits for one) */
-static inline int32_t round_even(float v) {
-    float f = v + 12582912.0f;
-    int32_t bits;
-    memcpy(&bits, &f, 4);
-    return bits - 0x4B400000;
-}
-
 /* the largest |x| of a 32-block, folded in halves (no float reduction to reorder) */
 static inline float block_amax(const float *xb) {
     float m[16];
@@ -49,7 +39,7 @@ PXL_CLONES static void quantize_blocks(int fmt, size_t nb, const float *x, int8_
         float db = block_amax(xb) / 127.0f, id = db != 0 ? 1.0f / db : 0.0f;
         int32_t qsum = 0;
         for (int j = 0; j < PXL_QK; j++) {
-            int32_t r = round_even(xb[j] * id);
+            int32_t r = pxl_round_even(xb[j] * id);
             q[b * PXL_QK + j] = (int8_t)r;
             qsum += r;
         }
@@ -59,18 +49,18 @@ PXL_CLONES static void quantize_blocks(int fmt, size_t nb, const float *x, int8_
 }
 
 /* PXL_QX_INT16: a 32-block of x as X = round(x / s) with |X| <= 32512 (s = amax / 32512), split
- * into two int8 planes X = 255 h + l (h, l in [-127, 127], as the int8 kernels' sign tricks
- * need): plane h is a token of scale 255 s, plane l one of scale s, and their dot products add
- * up to x's at 16 bits. */
+ * into two int8 planes X = 255 h + l (pxl_split_x16; h, l in [-127, 127], as the int8 kernels'
+ * sign tricks need): plane h is a token of scale 255 s, plane l one of scale s, and their dot
+ * products add up to x's at 16 bits. */
 PXL_CLONES static void quantize_blocks16(int fmt, size_t nb, const float *x, int8_t *qh, float *dh, float *ch,
                                          float *eh, int8_t *ql, float *dl, float *cl, float *el) {
     for (size_t b = 0; b < nb; b++) {
         const float *xb = x + b * PXL_QK;
-        float s = block_amax(xb) / 32512.0f, is = s != 0 ? 1.0f / s : 0.0f;
+        float s = block_amax(xb) / PXL_X16_MAX, is = s != 0 ? 1.0f / s : 0.0f;
         int32_t hsum = 0, lsum = 0;
         for (int j = 0; j < PXL_QK; j++) {
-            /* h = round(X / 255): 255 is odd, so there are no halves to break */
-            int32_t X = round_even(xb[j] * is), h = (X + (X < 0 ? -127 : 127)) / 255, l = X - 255 * h;
+            int32_t h, l;
+            pxl_split_x16(pxl_round_even(xb[j] * is), &h, &l);
             qh[b * PXL_QK + j] = (int8_t)h, ql[b * PXL_QK + j] = (int8_t)l;
             hsum += h, lsum += l;
         }

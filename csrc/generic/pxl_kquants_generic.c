@@ -5,45 +5,75 @@
 
 #include "pxl_kquants.h"
 
+/* the largest |x| of a 256-block, folded in halves (no float reduction to reorder) */
+static inline float amax_k(const float *xb) {
+    float m[16];
+    for (int l = 0; l < 16; l++) m[l] = 0;
+    for (int j = 0; j < PXL_QK_K; j += 16)
+        for (int l = 0; l < 16; l++) {
+            float a = fabsf(xb[j + l]);
+            m[l] = a > m[l] ? a : m[l];
+        }
+    for (int w = 8; w; w /= 2)
+        for (int l = 0; l < w; l++) m[l] = m[l] > m[l + w] ? m[l] : m[l + w];
+    return m[0];
+}
+
+/* the 16-sums of a 256-block's levels: |sum| <= 16 * 127 */
+static inline void block_sums(const int8_t *qb, int16_t *bsums) {
+    for (int s = 0; s < PXL_QK_K / 16; s++) {
+        int32_t sum = 0;
+        for (int l = 0; l < 16; l++) sum += qb[s * 16 + l];
+        bsums[s] = (int16_t)sum;
+    }
+}
+
 /* one 256-block per pass, amax / 127 as the scale (symmetric, as the 32-blocks are): plain
  * selects and arithmetic, so every clone vectorises it (it runs per Linear call in decode) */
 PXL_CLONES static void quantize_q8k_blocks(size_t nb, const float *x, int8_t *q, float *d, int16_t *bsums) {
     for (size_t b = 0; b < nb; b++) {
         const float *xb = x + b * PXL_QK_K;
-        float m[16];
-        for (int l = 0; l < 16; l++) m[l] = 0;
-        for (int j = 0; j < PXL_QK_K; j += 16)
-            for (int l = 0; l < 16; l++) {
-                float a = fabsf(xb[j + l]);
-                m[l] = a > m[l] ? a : m[l];
-            }
-        for (int w = 8; w; w /= 2)
-            for (int l = 0; l < w; l++) m[l] = m[l] > m[l + w] ? m[l] : m[l + w];
-        float db = m[0] / 127.0f, id = db != 0 ? 1.0f / db : 0.0f;
+        float db = amax_k(xb) / 127.0f, id = db != 0 ? 1.0f / db : 0.0f;
         int8_t *qb = q + b * PXL_QK_K;
-        for (int j = 0; j < PXL_QK_K; j++) {
-            /* round half to even by the 1.5 * 2^23 shifter, read from the mantissa (no float-to-int
-             * conversion: see quantize_blocks in pxl_linear.c) */
-            float f = xb[j] * id + 12582912.0f;
-            int32_t bits;
-            memcpy(&bits, &f, 4);
-            qb[j] = (int8_t)(bits - 0x4B400000);
-        }
-        for (int s = 0; s < PXL_QK_K / 16; s++) {
-            int32_t sum = 0;
-            for (int l = 0; l < 16; l++) sum += qb[s * 16 + l];
-            bsums[b * (PXL_QK_K / 16) + s] = (int16_t)sum; /* |sum| <= 16 * 127 */
-        }
+        for (int j = 0; j < PXL_QK_K; j++) qb[j] = (int8_t)pxl_round_even(xb[j] * id);
+        block_sums(qb, bsums + b * (PXL_QK_K / 16));
         d[b] = db;
     }
 }
 
-void pxl_quantize_q8k(size_t K, const float *x, void *buf, pxl_q8k *out) {
-    int8_t *q = buf;
+/* PXL_QX_INT16: a 256-block as X = round(x / s), s = amax / 32512, in two Q8_K planes
+ * X = 255 h + l (pxl_split_x16) of scales 255 s and s */
+PXL_CLONES static void quantize_q8k16_blocks(size_t nb, const float *x, int8_t *qh, float *dh, int16_t *bh,
+                                             int8_t *ql, float *dl, int16_t *bl) {
+    for (size_t b = 0; b < nb; b++) {
+        const float *xb = x + b * PXL_QK_K;
+        float s = amax_k(xb) / PXL_X16_MAX, is = s != 0 ? 1.0f / s : 0.0f;
+        int8_t *hb = qh + b * PXL_QK_K, *lb = ql + b * PXL_QK_K;
+        for (int j = 0; j < PXL_QK_K; j++) {
+            int32_t h, l;
+            pxl_split_x16(pxl_round_even(xb[j] * is), &h, &l);
+            hb[j] = (int8_t)h, lb[j] = (int8_t)l;
+        }
+        block_sums(hb, bh + b * (PXL_QK_K / 16));
+        block_sums(lb, bl + b * (PXL_QK_K / 16));
+        dh[b] = 255.0f * s, dl[b] = s;
+    }
+}
+
+static pxl_q8k q8k_view(size_t K, void *buf) {
     float *d = (float *)((char *)buf + K); /* K % 256 == 0: 4-byte aligned when buf is */
-    int16_t *bsums = (int16_t *)(d + K / PXL_QK_K);
-    quantize_q8k_blocks(K / PXL_QK_K, x, q, d, bsums);
-    *out = (pxl_q8k){q, d, bsums};
+    return (pxl_q8k){buf, d, (const int16_t *)(d + K / PXL_QK_K)};
+}
+
+void pxl_quantize_q8k(size_t K, const float *x, void *buf, pxl_q8k *out) {
+    *out = q8k_view(K, buf);
+    quantize_q8k_blocks(K / PXL_QK_K, x, buf, (float *)out->d, (int16_t *)out->bsums);
+}
+
+void pxl_quantize_q8k16(size_t K, const float *x, void *hi, void *lo) {
+    pxl_q8k h = q8k_view(K, hi), l = q8k_view(K, lo);
+    quantize_q8k16_blocks(K / PXL_QK_K, x, hi, (float *)h.d, (int16_t *)h.bsums, lo, (float *)l.d,
+                          (int16_t *)l.bsums);
 }
 
 static size_t block_bytes(int fmt) {

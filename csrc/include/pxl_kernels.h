@@ -193,6 +193,25 @@ typedef int32_t i32x16 __attribute__((vector_size(64)));
 #define PXL_CLONES
 #endif
 
+/* round half to even by the 1.5 * 2^23 shifter (|v| < 2^22): the integer is then the float's
+ * low mantissa bits, read without a float-to-int conversion (qemu 7.2's RVV translator aborts
+ * on the vfncvt.rtz clang emits for one) */
+static inline int32_t pxl_round_even(float v) {
+    float f = v + 12582912.0f;
+    int32_t bits;
+    memcpy(&bits, &f, 4);
+    return bits - 0x4B400000;
+}
+
+/* PXL_QX_INT16: X (|X| <= 32512 = 255 * 127 + 127) as 255 h + l with h, l in [-127, 127], two int8
+ * planes the int8 kernels take as two tokens (scales 255 s and s); h = round(X / 255), and 255
+ * is odd, so there are no halves to break */
+#define PXL_X16_MAX 32512.0f
+static inline void pxl_split_x16(int32_t X, int32_t *h, int32_t *l) {
+    *h = (X + (X < 0 ? -127 : 127)) / 255;
+    *l = X - 255 * *h;
+}
+
 /* exp(x), x clamped to [-87, 88]: 2^(x log2 e) split into 2^n by the exponent bits and 2^f,
  * f in [-0.5, 0.5], by a degree-6 polynomial (relative error < 2e-7); plain arithmetic, so
  * loops over it vectorise (softmax, SiLU) where libm's expf would not */

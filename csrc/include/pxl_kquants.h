@@ -65,6 +65,9 @@ typedef struct {
 static inline size_t pxl_q8k_bytes(size_t K) { return K + K / PXL_QK_K * 4 + K / 16 * 2; }
 /* quantises fp32 x (K,), K % 256 == 0, into buf laid out as pxl_q8k_bytes says; *out points into it */
 void pxl_quantize_q8k(size_t K, const float *x, void *buf, pxl_q8k *out);
+/* PXL_QX_INT16: x at 16 bits as two Q8_K planes hi and lo (each laid out as above) whose dot
+ * products add up to x's */
+void pxl_quantize_q8k16(size_t K, const float *x, void *hi, void *lo);
 
 /* y[n] for rows n in [n0, n1) of K-quant weights W (rows of K/256 super-blocks), fmt PXL_Q4_K..Q6_K */
 typedef void (*pxl_gemv_qk_fn)(int fmt, size_t n0, size_t n1, size_t K, const void *W, const pxl_q8k *x, float *y);
