@@ -197,7 +197,9 @@ def run(model: str, reference: str, dtype: str = "auto", reference_dtype: str = 
     model_llm = ref_llm if (model, dtype) == (reference, reference_dtype) else LLM(model, dtype=dtype,
                                                                                    max_model_len=ctx + 1)
     chunks = text_chunks(ref_llm.get_tokenizer(), text, ctx, n_chunks)
-    rows = list(evaluate(model_llm, ref_llm, chunks, (f"reference ({reference_dtype})", f"model ({dtype})")))
+    mode = model_llm.llm_engine.config.quant_activations  # (PERFXLM_QUANT_ACTIVATIONS)
+    label = f"model ({dtype})" if mode == "auto" else f"model ({dtype}, x {mode})"
+    rows = list(evaluate(model_llm, ref_llm, chunks, (f"reference ({reference_dtype})", label)))
     if llama_cpp:
         threads = threads or len(os.sched_getaffinity(0))
         with tempfile.TemporaryDirectory(prefix="perfxlm-quality-") as tmp:
