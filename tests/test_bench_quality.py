@@ -160,7 +160,7 @@ def _llama_cpp_dir() -> str | None:
 @pytest.mark.skipif(not os.path.isfile(quality.DEFAULT_TEXT), reason=f"{quality.DEFAULT_TEXT} is not installed")
 def test_llama_cpp_rows(smol_llm, smol_tokenizer, gguf_path, tmp_path):
     bin_dir = _llama_cpp_dir()
-    ref_file = quality.llama_cpp_file(smol_llm, Path(bin_dir), tmp_path, 2)  # float32: an F32 file
+    ref_file = quality.llama_cpp_file(quality.llama_cpp_source(smol_llm), Path(bin_dir), tmp_path, 2)  # an F32 file
     assert ref_file.name.endswith(".F32.gguf")
     # 2 chunks of 128: 126 scored tokens, above the 100 under which llama-perplexity prints no summary
     ref, model = quality.llama_cpp_rows(bin_dir, gguf_path, ref_file, quality.DEFAULT_TEXT, 128, 2, 2, tmp_path)

@@ -18,6 +18,7 @@ runs on the same GGUF files (a float dtype as a float file written by llama-quan
 and the same text, and its own figures join the table.
 """
 
+import gc
 import logging
 import os
 import re
@@ -130,19 +131,25 @@ _LLAMA_FIGURES = {  # Scores field -> the line of llama-perplexity's KL divergen
     "same_top1": r"Same top p:\s*(\S+)", "dp_rms": r"RMS Δp\s*:\s*(\S+)"}
 
 
-def llama_cpp_file(llm: Any, bin_dir: Path, workdir: Path, threads: int) -> Path:
-    """The GGUF file llama.cpp runs for what a perfxlm LLM runs: the file itself when perfxlm
-    keeps its blocks, else the file rewritten in the LLM's dtype by llama-quantize."""
+def llama_cpp_source(llm: Any) -> tuple[Path, str | None]:
+    """The GGUF file llama.cpp runs for what a perfxlm LLM runs, and the type llama-quantize
+    rewrites it to first: None when perfxlm keeps the file's blocks, else the LLM's dtype."""
     engine = llm.llm_engine
     if not engine.source.is_gguf:
         raise ValueError(f"--llama-cpp needs GGUF models; {engine.config.model!r} is not a .gguf file")
     if engine.config.quantization == "gguf":
-        return engine.source.path
-    dtype = str(engine.config.model_dtype).removeprefix("torch.")
-    out = workdir / f"{engine.source.path.stem}.{_GGUF_TYPES[dtype]}.gguf"
+        return engine.source.path, None
+    return engine.source.path, _GGUF_TYPES[str(engine.config.model_dtype).removeprefix("torch.")]
+
+
+def llama_cpp_file(source: tuple[Path, str | None], bin_dir: Path, workdir: Path, threads: int) -> Path:
+    """llama_cpp_source's file, rewritten by llama-quantize into workdir where it says so."""
+    path, gguf_type = source
+    if gguf_type is None:
+        return path
+    out = workdir / f"{path.stem}.{gguf_type}.gguf"
     if not out.exists():
-        _run([bin_dir / "llama-quantize", "--allow-requantize", engine.source.path, out, _GGUF_TYPES[dtype],
-              threads])
+        _run([bin_dir / "llama-quantize", "--allow-requantize", path, out, gguf_type, threads])
     return out
 
 
@@ -201,11 +208,15 @@ def run(model: str, reference: str, dtype: str = "auto", reference_dtype: str = 
     label = f"model ({dtype})" if mode == "auto" else f"model ({dtype}, x {mode})"
     rows = list(evaluate(model_llm, ref_llm, chunks, (f"reference ({reference_dtype})", label)))
     if llama_cpp:
+        sources = [llama_cpp_source(llm) for llm in (ref_llm, model_llm)]
+        # our engines go before llama.cpp's runs: a 1B-class float32 reference in both at once
+        # outgrows a 24 GiB machine
+        del ref_llm, model_llm
+        gc.collect()
         threads = threads or len(os.sched_getaffinity(0))
         with tempfile.TemporaryDirectory(prefix="perfxlm-quality-") as tmp:
             work = Path(tmp)
-            ref_file = llama_cpp_file(ref_llm, Path(llama_cpp), work, threads)
-            model_file = llama_cpp_file(model_llm, Path(llama_cpp), work, threads)
+            ref_file, model_file = (llama_cpp_file(s, Path(llama_cpp), work, threads) for s in sources)
             rows += llama_cpp_rows(llama_cpp, model_file, ref_file, text_file, ctx, n_chunks, threads, work)
     return rows
 
