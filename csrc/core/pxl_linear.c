@@ -57,11 +57,7 @@ PXL_CLONES static void convert_row(int to_bf16, size_t n, const void *src, void 
 }
 
 /* row t's Q8_K x in a K-quant qbuf: pieces of pxl_q8k_bytes(K) */
-static pxl_q8k q8k_at(const int8_t *qbuf, size_t K, size_t t) {
-    const int8_t *p = qbuf + t * pxl_q8k_bytes(K);
-    const float *d = (const float *)(p + K);
-    return (pxl_q8k){p, d, (const int16_t *)(d + K / PXL_QK_K)};
-}
+static pxl_q8k q8k_at(const int8_t *qbuf, size_t K, size_t t) { return pxl_q8k_at(qbuf + t * pxl_q8k_bytes(K), K); }
 
 /* x rows [t0, t1) as the kernels read them: converted between bf16 and fp32 (or copied) into
  * xc, ldc apart (when not NULL) and, for int8 dot products, quantised into qbuf (q (T, K) |

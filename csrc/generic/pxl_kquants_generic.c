@@ -60,18 +60,13 @@ PXL_CLONES static void quantize_q8k16_blocks(size_t nb, const float *x, int8_t *
     }
 }
 
-static pxl_q8k q8k_view(size_t K, void *buf) {
-    float *d = (float *)((char *)buf + K); /* K % 256 == 0: 4-byte aligned when buf is */
-    return (pxl_q8k){buf, d, (const int16_t *)(d + K / PXL_QK_K)};
-}
-
 void pxl_quantize_q8k(size_t K, const float *x, void *buf, pxl_q8k *out) {
-    *out = q8k_view(K, buf);
+    *out = pxl_q8k_at(buf, K);
     quantize_q8k_blocks(K / PXL_QK_K, x, buf, (float *)out->d, (int16_t *)out->bsums);
 }
 
 void pxl_quantize_q8k16(size_t K, const float *x, void *hi, void *lo) {
-    pxl_q8k h = q8k_view(K, hi), l = q8k_view(K, lo);
+    pxl_q8k h = pxl_q8k_at(hi, K), l = pxl_q8k_at(lo, K);
     quantize_q8k16_blocks(K / PXL_QK_K, x, hi, (float *)h.d, (int16_t *)h.bsums, lo, (float *)l.d,
                           (int16_t *)l.bsums);
 }

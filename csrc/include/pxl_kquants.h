@@ -63,6 +63,11 @@ typedef struct {
 } pxl_q8k;
 /* bytes of one token's Q8_K buffer (q | d | bsums), 4-byte aligned pieces */
 static inline size_t pxl_q8k_bytes(size_t K) { return K + K / PXL_QK_K * 4 + K / 16 * 2; }
+/* the pieces of such a buffer (K % 256 == 0: d 4-byte aligned when buf is) */
+static inline pxl_q8k pxl_q8k_at(const void *buf, size_t K) {
+    const float *d = (const float *)((const int8_t *)buf + K);
+    return (pxl_q8k){buf, d, (const int16_t *)(d + K / PXL_QK_K)};
+}
 /* quantises fp32 x (K,), K % 256 == 0, into buf laid out as pxl_q8k_bytes says; *out points into it */
 void pxl_quantize_q8k(size_t K, const float *x, void *buf, pxl_q8k *out);
 /* PXL_QX_INT16: x at 16 bits as two Q8_K planes hi and lo (each laid out as above) whose dot

@@ -126,11 +126,8 @@ static void test_quantize_q8k16(size_t K) {
     x[7] = 3.5f, x[9] = -3.5f; /* the block's amax both ways: |X| = 32512, h = +-127 */
     size_t qb = pxl_q8k_bytes(K);
     char *buf = malloc(2 * qb);
-    pxl_q8k h, l;
     pxl_quantize_q8k16(K, x, buf, buf + qb);
-    pxl_quantize_q8k(K, x, buf, &h); /* (for the views only: then quantised again) */
-    pxl_quantize_q8k(K, x, buf + qb, &l);
-    pxl_quantize_q8k16(K, x, buf, buf + qb);
+    pxl_q8k h = pxl_q8k_at(buf, K), l = pxl_q8k_at(buf + qb, K);
     int ok = 1;
     for (size_t b = 0; b < K / 256; b++) {
         double amax = 0, s = l.d[b];
@@ -186,10 +183,9 @@ static void test_linear(int dt, int fmt, size_t T, size_t N, size_t K, int with_
     char *qbuf = malloc(2 * qb);
     double *x8 = malloc(T * K * 8); /* int16: x at 8 bits too, to measure the planes' gain against */
     for (size_t t = 0; t < T; t++) {
-        pxl_q8k qx, ql;
+        pxl_q8k qx, ql = pxl_q8k_at(qbuf + qb, K);
         pxl_quantize_q8k(K, xf + t * K, qbuf, &qx);
         for (size_t k = 0; k < K; k++) x8[t * K + k] = (double)qx.d[k / 256] * qx.q[k];
-        pxl_quantize_q8k(K, xf + t * K, qbuf + qb, &ql);
         if (int16) pxl_quantize_q8k16(K, xf + t * K, qbuf, qbuf + qb);
         for (size_t k = 0; k < K; k++)
             xr[t * K + k] = !qdot ? xf[t * K + k]
