@@ -12,17 +12,18 @@
 
 #ifdef PXL_VNNI
 #define NAME(f) f##_avx512vnni
-static inline __m512i dot4(__m512i acc, __m512i w, __m512i x) { return _mm512_dpbusd_epi32(acc, w, x); }
-static inline __m512i dot4_u8(__m512i acc, __m512i w, __m512i x) { return _mm512_dpbusd_epi32(acc, w, x); }
+/* acc + 4-weight dot products of 16 rows (u8 w) against x's 4 int8 (every lane) */
+static inline __m512i dot4(int fmt, __m512i acc, __m512i w, __m512i x) {
+    (void)fmt;
+    return _mm512_dpbusd_epi32(acc, w, x);
+}
 #else
 #define NAME(f) f##_avx512
-/* u8 x s8 pairs summed in int16 cannot saturate for nibbles: 2 * 15 * 127 */
-static inline __m512i dot4(__m512i acc, __m512i w, __m512i x) {
-    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(w, x), _mm512_set1_epi16(1)));
-}
-/* Q8_0's stored w + 128 (0 .. 255) would saturate them (2 * 255 * 127), so it goes as two
- * nibbles: 16 hi + lo, each pair sum at most 2 * 15 * 127 */
-static inline __m512i dot4_u8(__m512i acc, __m512i w, __m512i x) {
+/* vpmaddubsw's u8 x s8 pair sums in int16 cannot saturate for nibbles (2 * 15 * 127); Q8_0's
+ * stored w + 128 (0 .. 255) would (2 * 255 * 127), so it goes as two nibbles, 16 hi + lo */
+static inline __m512i dot4(int fmt, __m512i acc, __m512i w, __m512i x) {
+    if (fmt != PXL_Q8_0)
+        return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(w, x), _mm512_set1_epi16(1)));
     const __m512i low4 = _mm512_set1_epi8(0x0f);
     __m512i hi = _mm512_maddubs_epi16(_mm512_and_si512(_mm512_srli_epi16(w, 4), low4), x);
     __m512i lo = _mm512_maddubs_epi16(_mm512_and_si512(w, low4), x);
@@ -58,14 +59,10 @@ PXL_INLINE void rows_qr(const int fmt, const int T, size_t rows, size_t K, const
             for (int t = 0; t < T; t++) {
                 const int32_t *xq = (const int32_t *)(x[t].q + i * PXL_QK);
                 __m512i d0 = _mm512_setzero_si512(), d1 = _mm512_setzero_si512(); /* two chains */
-                for (int j = 0; j < 8; j += 2)
-                    if (fmt == PXL_Q8_0) {
-                        d0 = dot4_u8(d0, w[j], _mm512_set1_epi32(xq[j]));
-                        d1 = dot4_u8(d1, w[j + 1], _mm512_set1_epi32(xq[j + 1]));
-                    } else {
-                        d0 = dot4(d0, w[j], _mm512_set1_epi32(xq[j]));
-                        d1 = dot4(d1, w[j + 1], _mm512_set1_epi32(xq[j + 1]));
-                    }
+                for (int j = 0; j < 8; j += 2) {
+                    d0 = dot4(fmt, d0, w[j], _mm512_set1_epi32(xq[j]));
+                    d1 = dot4(fmt, d1, w[j + 1], _mm512_set1_epi32(xq[j + 1]));
+                }
                 __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1));
                 if (fmt == PXL_Q8_0) { /* (dot + e) is the exact signed integer dot */
                     __m512 s = _mm512_add_ps(dot, _mm512_set1_ps(x[t].e[i]));
