@@ -2,7 +2,6 @@
  * at 8 bits (q = round(x / d), d = amax / 127, as llama.cpp's Q8_0 / Q8_1) or, for
  * PXL_QX_INT16, at 16 bits as two int8 planes the same kernels take as two tokens. */
 #include <math.h>
-#include <string.h>
 
 #include "pxl_kernels.h"
 
