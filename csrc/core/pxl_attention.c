@@ -389,6 +389,13 @@ PXL_CLONES static void store_out(int dt, size_t n, const float *o, char *y) {
     if (dt == PXL_F32) memcpy(y, o, n * 4);
     else for (size_t e = 0; e < n; e++) ((uint16_t *)y)[e] = pxl_f32_to_bf16(o[e]);
 }
+/* n values of a token's k or v in dt -> a cache row in cdt (a bf16 cache under fp32 activations
+ * rounds them to nearest even, as the model's bf16 Linear would have) */
+PXL_CLONES static void store_row(int dt, int cdt, size_t n, const char *x, char *row) {
+    if (dt == cdt) memcpy(row, x, n * (dt == PXL_F32 ? 4 : 2));
+    else if (cdt == PXL_BF16) for (size_t e = 0; e < n; e++) ((uint16_t *)row)[e] = pxl_f32_to_bf16(((const float *)x)[e]);
+    else for (size_t e = 0; e < n; e++) ((float *)row)[e] = pxl_bf16_to_f32(((const uint16_t *)x)[e]);
+}
 
 /* s[j] = cap * tanh(s[j] / cap): Gemma 2's soft-capped attention logits (q is pre-scaled, so
  * s is already the scaled logit, as in HF's eager attention) */
@@ -401,14 +408,14 @@ PXL_CLONES static void capped(float *s, size_t n, float cap) {
  * at krows / vrows + off; q rows of token i at qrows + i * H * hd, output rows likewise. The
  * scores take rows from the npf queues pf, the weighted sums from pv, to prefetch. Causal: token
  * i sees keys up to its own position; not causal: all n. */
-static void tile_head(int dt, size_t tn, size_t G, size_t H, size_t hd, size_t pos0, size_t lo0, size_t n,
+static void tile_head(int dt, int cdt, size_t tn, size_t G, size_t H, size_t hd, size_t pos0, size_t lo0, size_t n,
                       size_t window, int causal, float scale, float softcap, const char *qrows,
                       const char *const *krows, const char *const *vrows, size_t off, char *yrows, float *qf,
                       float *of, float *s, size_t lds, float *kw, pf_queue *pf, int npf, pf_queue *pv) {
     size_t es = dt == PXL_F32 ? 4 : 2, R = tn * G;
     for (size_t i = 0; i < tn; i++) /* row r = i * G + g; q pre-scaled */
         load_q(dt, G * hd, scale, qrows + i * H * hd * es, qf + i * G * hd);
-    scores_tile(dt, R, hd, qf, krows, off, n, s, lds, kw, pf, npf);
+    scores_tile(cdt, R, hd, qf, krows, off, n, s, lds, kw, pf, npf);
     /* token i sees keys [a_i, e_i) of the tile's n: causal (or all n), and a window's start */
     size_t a_last = 0, e_first = n;
     for (size_t i = 0; i < tn; i++) {
@@ -424,12 +431,12 @@ static void tile_head(int dt, size_t tn, size_t G, size_t H, size_t hd, size_t p
     for (size_t i = 0; i < tn; i++) { /* each row's keys in increasing order: its own first ... */
         size_t pos = pos0 + i, lo = window && pos + 1 > window ? pos + 1 - window : 0;
         size_t end = a_last < e_first ? a_last : pos + 1 - lo0; /* (a window shorter than the tile: all) */
-        weighted_sum(dt, G, hd, s + i * G * lds, lds, vrows, off, lo - lo0, end, of + i * G * hd, pv);
+        weighted_sum(cdt, G, hd, s + i * G * lds, lds, vrows, off, lo - lo0, end, of + i * G * hd, pv);
     }
     if (a_last < e_first) { /* ... then the keys every token sees, all rows together, then the rest */
-        weighted_sum(dt, R, hd, s, lds, vrows, off, a_last, e_first, of, pv);
+        weighted_sum(cdt, R, hd, s, lds, vrows, off, a_last, e_first, of, pv);
         for (size_t i = 1; i < tn && causal; i++)
-            weighted_sum(dt, G, hd, s + i * G * lds, lds, vrows, off, e_first, pos0 + i + 1 - lo0, of + i * G * hd, pv);
+            weighted_sum(cdt, G, hd, s + i * G * lds, lds, vrows, off, e_first, pos0 + i + 1 - lo0, of + i * G * hd, pv);
     }
     for (size_t i = 0; i < tn; i++) store_out(dt, G * hd, of + i * G * hd, yrows + i * H * hd * es);
 }
@@ -487,18 +494,19 @@ static void row_set_fill(row_set *r, const row_src *c, size_t b, size_t lo0, siz
     r->filled = n > r->filled ? n : r->filled;
 }
 
-static void attention_team(int dt, size_t T, size_t B, size_t H, size_t Hkv, size_t hd, const void *q,
+static void attention_team(int dt, int cdt, size_t T, size_t B, size_t H, size_t Hkv, size_t hd, const void *q,
                            const void *k, const void *v, void *k_cache, void *v_cache, size_t block_size,
                            const int64_t *slot_mapping, const int64_t *block_tables, size_t max_blocks,
                            const int64_t *seq_lens, const int64_t *query_start_loc, float scale, float softcap,
                            size_t window, int causal, void *y) {
-    size_t es = dt == PXL_F32 ? 4 : 2, row_bytes = Hkv * hd * es, G = H / Hkv;
+    size_t es = dt == PXL_F32 ? 4 : 2, ces = cdt == PXL_F32 ? 4 : 2, row_bytes = Hkv * hd * ces, G = H / Hkv;
     size_t t0, t1;
     pxl_split(T, 1, &t0, &t1);
     for (size_t t = t0; t < t1; t++) { /* write this step's keys and values; slot < 0 marks padding */
         if (slot_mapping[t] < 0) continue;
-        memcpy((char *)k_cache + (size_t)slot_mapping[t] * row_bytes, (const char *)k + t * row_bytes, row_bytes);
-        memcpy((char *)v_cache + (size_t)slot_mapping[t] * row_bytes, (const char *)v + t * row_bytes, row_bytes);
+        size_t at = (size_t)slot_mapping[t] * row_bytes;
+        store_row(dt, cdt, Hkv * hd, (const char *)k + t * Hkv * hd * es, (char *)k_cache + at);
+        store_row(dt, cdt, Hkv * hd, (const char *)v + t * Hkv * hd * es, (char *)v_cache + at);
     }
     size_t max_len = 0, items = 0;
     for (size_t b = 0; b < B; b++) {
@@ -525,7 +533,7 @@ static void attention_team(int dt, size_t T, size_t B, size_t H, size_t Hkv, siz
             item_pos p = locate(it, &b, &first, query_start_loc, seq_lens, G, Hkv, window, causal);
             if (!row_set_has(&rs[cur], p.b, p.lo0) && row_set_has(&rs[cur ^ 1], p.b, p.lo0)) cur ^= 1;
             row_set_fill(&rs[cur], &src, p.b, p.lo0, p.n);
-            size_t off = p.kvh * hd * es;
+            size_t off = p.kvh * hd * ces;
             /* queues: the scores' own look-ahead over the rows the item before did not fetch
              * (all of them for a chunk's first item, whose chunk may follow another thread's;
              * a later tile's older keys, which may have left L1), then the next item's keys
@@ -535,8 +543,8 @@ static void attention_team(int dt, size_t T, size_t B, size_t H, size_t Hkv, siz
             unfetched = unfetched < p.n ? unfetched : p.n;
             if (unfetched) {
                 size_t kn = unfetched < PF_KEYS ? unfetched : PF_KEYS;
-                pf[0] = (pf_queue){rs[cur].k, off, hd * es, 0, unfetched};
-                pf[1] = (pf_queue){rs[cur].v, off, hd * es, 0, unfetched};
+                pf[0] = (pf_queue){rs[cur].k, off, hd * ces, 0, unfetched};
+                pf[1] = (pf_queue){rs[cur].v, off, hd * ces, 0, unfetched};
                 pf_take(&pf[0], kn), pf_take(&pf[1], kn), npf = 2;
             }
             if (it + 1 < end) {
@@ -547,15 +555,15 @@ static void attention_team(int dt, size_t T, size_t B, size_t H, size_t Hkv, siz
                 /* a later tile of this one's head reads the rows this one has just read, and more */
                 size_t from = x.b == p.b && x.kvh == p.kvh && x.lo0 == p.lo0 ? p.n : 0;
                 unfetched = from;
-                pf[npf++] = (pf_queue){rs[nx].k, x.kvh * hd * es, hd * es, from, x.n};
-                pv = (pf_queue){rs[nx].v, x.kvh * hd * es, hd * es, from, x.n};
+                pf[npf++] = (pf_queue){rs[nx].k, x.kvh * hd * ces, hd * ces, from, x.n};
+                pv = (pf_queue){rs[nx].v, x.kvh * hd * ces, hd * ces, from, x.n};
                 /* and a prefill tile's query rows: they come from L3 (a step's q is megabytes),
                  * and the next item would otherwise start by waiting on them */
                 if (x.tn > 1) prefetch_q(x.tn, (const char *)q + ((x.qs + x.tok0) * H + x.kvh * G) * hd * es,
                                          H * hd * es, G * hd * es);
             }
             size_t head = (p.qs + p.tok0) * H + p.kvh * G; /* the first row's (token, head) */
-            tile_head(dt, p.tn, G, H, hd, p.pos0, p.lo0, p.n, window, causal, scale, softcap,
+            tile_head(dt, cdt, p.tn, G, H, hd, p.pos0, p.lo0, p.n, window, causal, scale, softcap,
                       (const char *)q + head * hd * es, rs[cur].k, rs[cur].v, off, (char *)y + head * hd * es, qf, of,
                       s, lds, kw, pf, npf, &pv);
             for (int i = 0; i < npf; i++) pf_take(&pf[i], SIZE_MAX); /* (rows the loops did not reach) */
@@ -564,7 +572,7 @@ static void attention_team(int dt, size_t T, size_t B, size_t H, size_t Hkv, siz
     }
 }
 
-void pxl_paged_attention_mask(int dt, size_t T, size_t B, size_t H, size_t Hkv, size_t hd, const void *q,
+void pxl_paged_attention_mask(int dt, int cdt, size_t T, size_t B, size_t H, size_t Hkv, size_t hd, const void *q,
                               const void *k, const void *v, void *k_cache, void *v_cache, size_t block_size,
                               const int64_t *slot_mapping, const int64_t *block_tables, size_t max_blocks,
                               const int64_t *seq_lens, const int64_t *query_start_loc, float scale, float softcap,
@@ -573,15 +581,16 @@ void pxl_paged_attention_mask(int dt, size_t T, size_t B, size_t H, size_t Hkv, 
     for (size_t b = 0; b < B; b++) max_len = (size_t)seq_lens[b] > max_len ? (size_t)seq_lens[b] : max_len;
     int nth = T * Hkv * max_len < 4096 ? 1 : pxl_num_threads();
     window = causal ? window : 0; /* (no window on a bidirectional mask) */
-    PXL_ON_TEAM(nth, attention_team(dt, T, B, H, Hkv, hd, q, k, v, k_cache, v_cache, block_size, slot_mapping,
+    PXL_ON_TEAM(nth, attention_team(dt, cdt, T, B, H, Hkv, hd, q, k, v, k_cache, v_cache, block_size, slot_mapping,
                                     block_tables, max_blocks, seq_lens, query_start_loc, scale, softcap, window,
                                     causal, y));
 }
 
-void pxl_paged_attention(int dt, size_t T, size_t B, size_t H, size_t Hkv, size_t hd, const void *q, const void *k,
-                         const void *v, void *k_cache, void *v_cache, size_t block_size, const int64_t *slot_mapping,
-                         const int64_t *block_tables, size_t max_blocks, const int64_t *seq_lens,
-                         const int64_t *query_start_loc, float scale, float softcap, size_t window, void *y) {
-    pxl_paged_attention_mask(dt, T, B, H, Hkv, hd, q, k, v, k_cache, v_cache, block_size, slot_mapping, block_tables,
-                             max_blocks, seq_lens, query_start_loc, scale, softcap, window, 1, y);
+void pxl_paged_attention(int dt, int cdt, size_t T, size_t B, size_t H, size_t Hkv, size_t hd, const void *q,
+                         const void *k, const void *v, void *k_cache, void *v_cache, size_t block_size,
+                         const int64_t *slot_mapping, const int64_t *block_tables, size_t max_blocks,
+                         const int64_t *seq_lens, const int64_t *query_start_loc, float scale, float softcap,
+                         size_t window, void *y) {
+    pxl_paged_attention_mask(dt, cdt, T, B, H, Hkv, hd, q, k, v, k_cache, v_cache, block_size, slot_mapping,
+                             block_tables, max_blocks, seq_lens, query_start_loc, scale, softcap, window, 1, y);
 }

@@ -127,19 +127,20 @@ void pxl_moe(int dt, int fmt_gate, int fmt_up, int fmt_down, size_t T, size_t D,
 void pxl_lora(int dt, size_t T, size_t N, size_t K, size_t R, size_t L, const void *x, const void *y_in,
               const float *A, const float *B, const float *scale, const int64_t *ids, void *y);
 /* Paged attention for a step of B sequences with T tokens in all (decode and prefill alike):
- * writes k, v (T, Hkv*hd) into the caches (blocks, block_size, Hkv, hd) at slot_mapping (T,),
- * then each query token of sequence b (rows query_start_loc[b] .. [b+1]) attends causally to
+ * writes k, v (T, Hkv*hd) in dt into the caches (blocks, block_size, Hkv, hd) in cdt (PXL_F32
+ * or PXL_BF16: a bf16 model's cache under fp32 activations) at slot_mapping (T,), then each
+ * query token of sequence b (rows query_start_loc[b] .. [b+1]) attends causally to
  * that sequence's seq_lens[b] cached tokens through block_tables (B, max_blocks), keeping the
  * last `window` keys when window > 0; softcap > 0 caps the scaled logits s to
  * softcap * tanh(s / softcap) before the softmax (Gemma 2).  y (T, H*hd). */
-void pxl_paged_attention(int dt, size_t T, size_t B, size_t H, size_t Hkv, size_t hd, const void *q,
+void pxl_paged_attention(int dt, int cdt, size_t T, size_t B, size_t H, size_t Hkv, size_t hd, const void *q,
                          const void *k, const void *v, void *k_cache, void *v_cache, size_t block_size,
                          const int64_t *slot_mapping, const int64_t *block_tables, size_t max_blocks,
                          const int64_t *seq_lens, const int64_t *query_start_loc, float scale, float softcap,
                          size_t window, void *y);
 /* The same with the mask chosen: causal 1 as above; causal 0 (an encoder's bidirectional attention)
  * has each query token of sequence b attend to all seq_lens[b] cached tokens (no window) */
-void pxl_paged_attention_mask(int dt, size_t T, size_t B, size_t H, size_t Hkv, size_t hd, const void *q,
+void pxl_paged_attention_mask(int dt, int cdt, size_t T, size_t B, size_t H, size_t Hkv, size_t hd, const void *q,
                               const void *k, const void *v, void *k_cache, void *v_cache, size_t block_size,
                               const int64_t *slot_mapping, const int64_t *block_tables, size_t max_blocks,
                               const int64_t *seq_lens, const int64_t *query_start_loc, float scale, float softcap,

@@ -18,7 +18,7 @@
 extern "C" {
 #endif
 
-#define PXL_ABI_VERSION 2
+#define PXL_ABI_VERSION 3
 
 /* element / weight formats (activations are PXL_F32 or PXL_BF16) */
 enum {
@@ -51,7 +51,9 @@ enum { PXL_QX_AUTO = 0, PXL_QX_INT8 = 1, PXL_QX_BF16 = 2, PXL_QX_INT16 = 3 };
 /* A compiled step (pxl_plan_run): one record per node, every pointer fixed at compile time */
 #define PXL_PLAN_MAX_PTRS 10
 typedef struct {
-    int32_t op, dt, wfmt; /* PXL_OP_*, activation format, weight format (Linears; MoE: gate | up << 8 | down << 16) */
+    /* PXL_OP_*, activation format, weight format (Linears; MoE: gate | up << 8 | down << 16;
+     * attention: the KV caches' format) */
+    int32_t op, dt, wfmt;
     int32_t rows;         /* PXL_ROWS_N | PXL_NO_WAIT | PXL_OUT_F32 | PXL_NONCAUSAL */
     int64_t a, b, c, d, e; /* sizes, per op (pxl_plan.c's run_node) */
     float f0, f1;

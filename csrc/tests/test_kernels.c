@@ -28,6 +28,7 @@ static float from_bf16(uint16_t h) {
 }
 static float rnd(int dt, float f) { return dt ? from_bf16(to_bf16(f)) : f; }
 static float get(int dt, const void *p, size_t i) { return dt ? from_bf16(((const uint16_t *)p)[i]) : ((const float *)p)[i]; }
+static float in_fmt(int dt, float x) { return dt ? from_bf16(to_bf16(x)) : x; } /* x as dt holds it */
 static void *alloc_rand(int dt, size_t n, float scale) { /* random values, exactly representable in dt */
     void *p = malloc(n * 4 + 64);
     for (size_t i = 0; i < n; i++) {
@@ -509,8 +510,9 @@ static void test_rope(int dt, size_t T, size_t H, size_t hd) {
 
 /* B sequences with the given query lengths and cached lengths, blocks shuffled; B = 3: a
  * decode and two prefill chunks; B = 12: decodes only (then each is one item for all KV heads).
- * causal 0 (an encoder's mask): every token sees all its sequence's keys, later ones included */
-static void test_attention(int dt, size_t H, size_t Hkv, size_t hd, size_t window, int B, float softcap, int causal) {
+ * causal 0 (an encoder's mask): every token sees all its sequence's keys, later ones included.
+ * cdt: the caches' format (bf16 under fp32 q / k / v: this step's rows are rounded as stored) */
+static void test_attention(int dt, int cdt, size_t H, size_t Hkv, size_t hd, size_t window, int B, float softcap, int causal) {
     enum { BS = 4, MAXB = 6, NBLK = 80 };
     int64_t qlen[12] = {1, 5, 9}, seq[12] = {13, 7, 9}, qsl[13] = {0}, tables[12 * MAXB], perm[NBLK];
     if (B > 3)
@@ -521,7 +523,7 @@ static void test_attention(int dt, size_t H, size_t Hkv, size_t hd, size_t windo
     for (int b = 0; b < B; b++) qsl[b + 1] = qsl[b] + qlen[b];
     size_t T = qsl[B], row = Hkv * hd;
     void *q = alloc_rand(dt, T * H * hd, 1), *k = alloc_rand(dt, T * row, 1), *v = alloc_rand(dt, T * row, 1);
-    void *kc = alloc_rand(dt, NBLK * BS * row, 1), *vc = alloc_rand(dt, NBLK * BS * row, 1), *y = malloc(T * H * hd * 4);
+    void *kc = alloc_rand(cdt, NBLK * BS * row, 1), *vc = alloc_rand(cdt, NBLK * BS * row, 1), *y = malloc(T * H * hd * 4);
     int64_t slots[64];
     for (int b = 0; b < B; b++)
         for (int i = 0; i < qlen[b]; i++) {
@@ -545,7 +547,7 @@ static void test_attention(int dt, size_t H, size_t Hkv, size_t hd, size_t windo
                     double s = 0;
                     for (size_t d = 0; d < hd; d++)
                         s += (double)get(dt, q, (t * H + h) * hd + d) *
-                             (own >= 0 ? get(dt, k, own * row + kvh * hd + d) : get(dt, kc, src + d));
+                             (own >= 0 ? in_fmt(cdt, get(dt, k, own * row + kvh * hd + d)) : get(cdt, kc, src + d));
                     s *= scale;
                     if (softcap > 0) s = softcap * tanh(s / softcap);
                     sc[j - lo] = s, mx = sc[j - lo] > mx ? sc[j - lo] : mx;
@@ -557,18 +559,19 @@ static void test_attention(int dt, size_t H, size_t Hkv, size_t hd, size_t windo
                         size_t slot = tables[b * MAXB + j / BS] * BS + j % BS;
                         int64_t own = -1;
                         for (size_t u = 0; u < T; u++) if (slots[u] == (int64_t)slot) own = u;
-                        o += sc[j - lo] / sum * (own >= 0 ? get(dt, v, own * row + kvh * hd + d) : get(dt, vc, slot * row + kvh * hd + d));
+                        o += sc[j - lo] / sum * (own >= 0 ? in_fmt(cdt, get(dt, v, own * row + kvh * hd + d))
+                                                          : get(cdt, vc, slot * row + kvh * hd + d));
                     }
                     ref[(t * H + h) * hd + d] = o;
                 }
             }
         }
-    pxl_paged_attention_mask(dt, T, B, H, Hkv, hd, q, k, v, kc, vc, BS, slots, tables, MAXB, seq, qsl, scale, softcap,
+    pxl_paged_attention_mask(dt, cdt, T, B, H, Hkv, hd, q, k, v, kc, vc, BS, slots, tables, MAXB, seq, qsl, scale, softcap,
                              window, causal, y);
     for (size_t d = 0; d < H * hd; d++) ref[1 * H * hd + d] = get(dt, y, 1 * H * hd + d); /* padding row: unchecked */
     char name[96];
-    snprintf(name, sizeof name, "paged_attention %s B=%d H=%zu Hkv=%zu hd=%zu window=%zu softcap=%g causal=%d",
-             dt ? "bf16" : "f32", B, H, Hkv, hd, window, softcap, causal);
+    snprintf(name, sizeof name, "paged_attention %s cache %s B=%d H=%zu Hkv=%zu hd=%zu window=%zu softcap=%g causal=%d",
+             dt ? "bf16" : "f32", cdt ? "bf16" : "f32", B, H, Hkv, hd, window, softcap, causal);
     check(name, dt, T * H * hd, y, ref, NULL, dt ? 2e-2 : 1e-5); /* bf16: q.k rounded to bf16 inputs */
     free(q); free(k); free(v); free(kc); free(vc); free(y); free(ref);
 }
@@ -576,30 +579,31 @@ static void test_attention(int dt, size_t H, size_t Hkv, size_t hd, size_t windo
 /* batch invariance of attention: one sequence's tokens computed in one prefill (tiles of
  * several tokens), then again token by token as decodes and as a chunk starting mid-tile,
  * must give the same bits (a token's result may not depend on how its step was made up) */
-static void test_attention_invariant(int dt, size_t H, size_t Hkv, size_t hd) {
+static void test_attention_invariant(int dt, int cdt, size_t H, size_t Hkv, size_t hd) {
     enum { N = 29, BS = 4, MAXB = 8 };
-    size_t es = dt ? 2 : 4, row = Hkv * hd, qrow = H * hd;
+    size_t es = dt ? 2 : 4, ces = cdt ? 2 : 4, row = Hkv * hd, qrow = H * hd;
     int64_t tables[MAXB] = {5, 2, 7, 0, 3, 6, 1, 4}, slots[N], qsl[2] = {0, N}, seq = N;
     for (size_t p = 0; p < N; p++) slots[p] = tables[p / BS] * BS + p % BS;
     void *q = alloc_rand(dt, N * qrow, 1), *k = alloc_rand(dt, N * row, 1), *v = alloc_rand(dt, N * row, 1);
-    void *kc = calloc(MAXB * BS * row, es), *vc = calloc(MAXB * BS * row, es);
+    void *kc = calloc(MAXB * BS * row, ces), *vc = calloc(MAXB * BS * row, ces);
     char *all = malloc(N * qrow * es), *one = malloc(N * qrow * es);
     float scale = 1.0f / sqrtf((float)hd);
-    pxl_paged_attention(dt, N, 1, H, Hkv, hd, q, k, v, kc, vc, BS, slots, tables, MAXB, &seq, qsl, scale, 0, 0, all);
+    pxl_paged_attention(dt, cdt, N, 1, H, Hkv, hd, q, k, v, kc, vc, BS, slots, tables, MAXB, &seq, qsl, scale, 0, 0, all);
     size_t bad = N;
     for (size_t p = 0; p < N && bad == N; p++) { /* a decode at each position, its row rewritten */
         int64_t len = (int64_t)p + 1, qs1[2] = {0, 1};
-        pxl_paged_attention(dt, 1, 1, H, Hkv, hd, (char *)q + p * qrow * es, (char *)k + p * row * es,
+        pxl_paged_attention(dt, cdt, 1, 1, H, Hkv, hd, (char *)q + p * qrow * es, (char *)k + p * row * es,
                             (char *)v + p * row * es, kc, vc, BS, slots + p, tables, MAXB, &len, qs1, scale, 0, 0, one);
         if (memcmp(one, all + p * qrow * es, qrow * es)) bad = p;
     }
     int64_t len = 15, qs5[2] = {0, 5}; /* tokens 10 .. 14 as one chunk: tiles that start at 10 */
-    pxl_paged_attention(dt, 5, 1, H, Hkv, hd, (char *)q + 10 * qrow * es, (char *)k + 10 * row * es,
+    pxl_paged_attention(dt, cdt, 5, 1, H, Hkv, hd, (char *)q + 10 * qrow * es, (char *)k + 10 * row * es,
                         (char *)v + 10 * row * es, kc, vc, BS, slots + 10, tables, MAXB, &len, qs5, scale, 0, 0, one);
     int chunk_ok = !memcmp(one, all + 10 * qrow * es, 5 * qrow * es);
     if (bad == N && chunk_ok) passed++;
     else {
-        printf("FAIL [%s] attention invariance %s H=%zu Hkv=%zu hd=%zu: %s\n", isa, dt ? "bf16" : "f32", H, Hkv, hd,
+        printf("FAIL [%s] attention invariance %s cache %s H=%zu Hkv=%zu hd=%zu: %s\n", isa, dt ? "bf16" : "f32",
+               cdt ? "bf16" : "f32", H, Hkv, hd,
                bad < N ? "a decode differs from its prefill row" : "a chunk differs from its prefill rows");
         failed++;
     }
@@ -836,21 +840,27 @@ int main(void) {
             test_add_rmsnorm(dt, 7, 33);
             test_rope(dt, 1, 1, 2);
             test_rope(dt, 7, 9, 64);
-            test_attention(dt, 6, 2, 8, 0, 3, 0, 1);
-            test_attention(dt, 9, 3, 64, 0, 3, 0, 1);
-            test_attention(dt, 4, 4, 16, 3, 3, 0, 1);
-            test_attention(dt, 9, 3, 64, 0, 12, 0, 1);
-            test_attention(dt, 6, 2, 16, 5, 12, 0, 1);
-            test_attention(dt, 6, 2, 16, 0, 3, 0.5f, 1); /* a cap below the logits' size: it bends them */
-            test_attention(dt, 9, 3, 64, 4, 12, 1.0f, 1);
-            test_attention(dt, 6, 2, 8, 0, 3, 0, 0); /* bidirectional (BERT): hd 8 (scalar), 64 (two tiles) */
-            test_attention(dt, 12, 12, 64, 0, 3, 0, 0);
-            test_attention(dt, 9, 3, 16, 0, 12, 0, 0);
-            test_attention_invariant(dt, 9, 3, 64);
-            test_attention_invariant(dt, 8, 2, 32);
-            test_attention_invariant(dt, 4, 4, 16);
-            test_attention_invariant(dt, 6, 3, 24);
+            test_attention(dt, dt, 6, 2, 8, 0, 3, 0, 1);
+            test_attention(dt, dt, 9, 3, 64, 0, 3, 0, 1);
+            test_attention(dt, dt, 4, 4, 16, 3, 3, 0, 1);
+            test_attention(dt, dt, 9, 3, 64, 0, 12, 0, 1);
+            test_attention(dt, dt, 6, 2, 16, 5, 12, 0, 1);
+            test_attention(dt, dt, 6, 2, 16, 0, 3, 0.5f, 1); /* a cap below the logits' size: it bends them */
+            test_attention(dt, dt, 9, 3, 64, 4, 12, 1.0f, 1);
+            test_attention(dt, dt, 6, 2, 8, 0, 3, 0, 0); /* bidirectional (BERT): hd 8 (scalar), 64 (two tiles) */
+            test_attention(dt, dt, 12, 12, 64, 0, 3, 0, 0);
+            test_attention(dt, dt, 9, 3, 16, 0, 12, 0, 0);
+            test_attention_invariant(dt, dt, 9, 3, 64);
+            test_attention_invariant(dt, dt, 8, 2, 32);
+            test_attention_invariant(dt, dt, 4, 4, 16);
+            test_attention_invariant(dt, dt, 6, 3, 24);
         }
+        /* a bf16 model's cache under fp32 activations */
+        test_attention(PXL_F32, PXL_BF16, 9, 3, 64, 0, 3, 0, 1);
+        test_attention(PXL_F32, PXL_BF16, 9, 3, 64, 4, 12, 1.0f, 1);
+        test_attention(PXL_F32, PXL_BF16, 6, 2, 8, 0, 3, 0, 0);
+        test_attention_invariant(PXL_F32, PXL_BF16, 9, 3, 64);
+        test_attention_invariant(PXL_F32, PXL_BF16, 6, 3, 24);
         for (int dt = 0; dt < 2; dt++) {
             test_moe(dt, dt ? PXL_BF16 : PXL_F32, 1, 64, 96, 5, 2, 0);
             test_moe(dt, dt ? PXL_BF16 : PXL_F32, 9, 64, 40, 6, 3, 1);

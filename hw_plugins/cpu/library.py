@@ -16,7 +16,7 @@ _HERE = Path(__file__).resolve().parent
 
 # The library's binary interface as this Python side uses it: csrc/include/pxl_abi.h is the one
 # C definition of every code, flag and layout below, and check_abi() compares the two at load.
-ABI_VERSION = 2  # PXL_ABI_VERSION
+ABI_VERSION = 3  # PXL_ABI_VERSION
 
 # weight / element formats, in the order of pxl_abi.h's enum (PXL_F32 = 0 ..)
 FORMATS = ("F32", "BF16", "Q8_0", "Q4_0", "Q4_1", "BF16P", "F32P", "Q8_0R", "Q4_0R", "Q4_1R", "Q4_K", "Q5_K", "Q6_K",
@@ -131,10 +131,10 @@ _SIGNATURES = {
     "pxl_add_rmsnorm": ([_i, _sz, _sz, _p, _p, _p, _f, _p, _p], None),
     "pxl_plan_run": ([_p, _sz, _sz, _sz, _sz, _sz], None),
     "pxl_plan_profile": ([_i, _p, _p], None),
-    "pxl_paged_attention": ([_i, _sz, _sz, _sz, _sz, _sz, _p, _p, _p, _p, _p, _sz, _p, _p, _sz, _p, _p, _f, _f, _sz,
-                             _p], None),
-    "pxl_paged_attention_mask": ([_i, _sz, _sz, _sz, _sz, _sz, _p, _p, _p, _p, _p, _sz, _p, _p, _sz, _p, _p, _f, _f,
-                                  _sz, _i, _p], None),
+    "pxl_paged_attention": ([_i, _i, _sz, _sz, _sz, _sz, _sz, _p, _p, _p, _p, _p, _sz, _p, _p, _sz, _p, _p, _f, _f,
+                             _sz, _p], None),
+    "pxl_paged_attention_mask": ([_i, _i, _sz, _sz, _sz, _sz, _sz, _p, _p, _p, _p, _p, _sz, _p, _p, _sz, _p, _p, _f,
+                                  _f, _sz, _i, _p], None),
     "pxl_layer_norm": ([_i, _sz, _sz, _p, _p, _p, _f, _p], None),
     "pxl_gelu_mul": ([_i, _sz, _p, _p, _p], None),
     "pxl_activation": ([_i, _i, _sz, _p, _p], None),

@@ -92,6 +92,9 @@ class CpuPlugin(HwPlugin):
         if op_type == "MoE":  # x, router logits, the three expert weights, the shared expert's output and gate
             return dtypes[1] == dtypes[0] and all(d in weights for d in dtypes[2:5]) \
                 and all(d == dtypes[0] for d in dtypes[5:])
+        if op_type == "PagedAttention":  # q, k, v in the activation dtype; the caches in it or in bf16
+            return dtypes[1:3] == dtypes[:1] * 2 and dtypes[3] == dtypes[4] in (dtypes[0], "bfloat16") \
+                and all(d == "int64" for d in dtypes[5:])
         if op_type == "LoRA":  # x and y in the activation dtype, the adapter slots float32, slot ids int64
             return dtypes[1] == dtypes[0] and dtypes[2:] == ("float32", "float32", "float32", "int64")
         return all(d in (dtypes[0], "int64") for d in dtypes)
@@ -235,9 +238,10 @@ class CpuPlugin(HwPlugin):
     def _paged_attention(self, attrs: dict, ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
         q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc = ins
         self.lib.pxl_paged_attention_mask(
-            ACTIVATIONS[q.dtype.name], q.shape[0], seq_lens.shape[0], attrs["num_heads"], attrs["num_kv_heads"],
-            attrs["head_dim"], _ptr(q), _ptr(k), _ptr(v), _ptr(k_cache), _ptr(v_cache), k_cache.shape[1],
-            _ptr(slot_mapping), _ptr(block_tables), block_tables.shape[1], _ptr(seq_lens), _ptr(query_start_loc),
+            ACTIVATIONS[q.dtype.name], ACTIVATIONS[k_cache.dtype.name], q.shape[0], seq_lens.shape[0],
+            attrs["num_heads"], attrs["num_kv_heads"], attrs["head_dim"], _ptr(q), _ptr(k), _ptr(v), _ptr(k_cache),
+            _ptr(v_cache), k_cache.shape[1], _ptr(slot_mapping), _ptr(block_tables), block_tables.shape[1],
+            _ptr(seq_lens), _ptr(query_start_loc),
             attrs["scale"], attrs.get("softcap") or 0.0, attrs.get("sliding_window") or 0, attrs.get("causal", 1),
             _ptr(outs[0]))                                      # outs[1:] alias the caches
 

@@ -99,8 +99,9 @@ class CudaPlugin(TorchPlugin):
     def _paged_attention(self, attrs: dict, ins: list, outs: list) -> None:
         q, k_cache, block_tables, seq_lens = ins[0], ins[3], ins[6], ins[7]
         dt = self._dt(q)
-        # no softcap or bidirectional mask in the GPU kernel yet
-        if dt is None or attrs["head_dim"] > 256 or attrs.get("softcap") or not attrs.get("causal", 1):
+        # no softcap, bidirectional mask or cache in another dtype than q in the GPU kernel yet
+        if (dt is None or attrs["head_dim"] > 256 or attrs.get("softcap") or not attrs.get("causal", 1)
+                or k_cache.dtype != q.dtype):
             return _paged_attention(attrs, ins, outs)
         p = [ctypes.c_void_p(t.data_ptr()) for t in ins]
         self.lib.pxl_gpu_paged_attention(

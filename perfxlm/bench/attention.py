@@ -62,7 +62,7 @@ def run(batch: int = 64, context: int = 192, prefill_len: int = 128, layers: int
         slots = (tables[:, pos // BLOCK] * BLOCK + pos % BLOCK).reshape(-1).astype(np.int64)
 
         def attend(kc: np.ndarray, vc: np.ndarray) -> None:  # one layer: y
-            lib.pxl_paged_attention(code, T, B, heads, kv_heads, head_dim, ptr(qa), ptr(ka), ptr(va), ptr(kc),
+            lib.pxl_paged_attention(code, code, T, B, heads, kv_heads, head_dim, ptr(qa), ptr(ka), ptr(va), ptr(kc),
                                     ptr(vc), BLOCK, ptr(slots), ptr(tables), tables.shape[1], ptr(seq_lens),
                                     ptr(qsl), scale, 0.0, 0, ptr(y))  # no softcap, no sliding window
 

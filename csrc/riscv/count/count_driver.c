@@ -164,8 +164,8 @@ static void count_attention(const char *phase, size_t T, size_t ctx) {
     const float scale = 0.125f; /* 1 / sqrt(HEAD_DIM) */
     for (int counted = 0; counted < 2; counted++) { /* the first call warms up */
         if (counted) COUNT_BEGIN();
-        pxl_paged_attention(PXL_F32, T, 1, HEADS, KV_HEADS, HEAD_DIM, q, k, v, k_cache, v_cache, BLOCK, slots, table,
-                            blocks, &seq_len, qloc, scale, 0.0f, 0, y);
+        pxl_paged_attention(PXL_F32, PXL_F32, T, 1, HEADS, KV_HEADS, HEAD_DIM, q, k, v, k_cache, v_cache, BLOCK, slots,
+                            table, blocks, &seq_len, qloc, scale, 0.0f, 0, y);
         if (counted) COUNT_END();
     }
     describe(phase, "f32", "attention", T, ctx, HEAD_DIM, LAYERS);
