@@ -138,33 +138,40 @@ def to_tensor_proto(t: torch.Tensor, name: str) -> onnx.TensorProto:
     return onnx.numpy_helper.from_array(t.numpy(), name)
 
 
-def trace_inputs(model: torch.nn.Module, dtype: torch.dtype) -> tuple[functional.StepInputs, list[functional.KVCache]]:
-    """A two-token prefill of one sequence, and one cache block per layer: enough to run every op once."""
+def trace_inputs(model: torch.nn.Module, cache_dtype: torch.dtype) -> tuple[functional.StepInputs,
+                                                                             list[functional.KVCache]]:
+    """A two-token prefill of one sequence, and one cache block per layer in cache_dtype: enough to
+    run every op once."""
     def ints(*values: int) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64)
     step = functional.StepInputs(input_ids=ints(0, 1), positions=ints(0, 1), slot_mapping=ints(0, 1),
                                  block_tables=ints(0).view(1, 1), seq_lens=ints(2), query_start_loc=ints(0, 2),
                                  logits_indices=ints(1), token_type_ids=ints(0, 0),
                                  lora_ids=ints(0, 0))
-    caches = [(torch.zeros(1, TRACE_BLOCK_SIZE, *k, dtype=dtype), torch.zeros(1, TRACE_BLOCK_SIZE, *v, dtype=dtype))
+    caches = [(torch.zeros(1, TRACE_BLOCK_SIZE, *k, dtype=cache_dtype),
+               torch.zeros(1, TRACE_BLOCK_SIZE, *v, dtype=cache_dtype))
               for k, v in model.kv_cache_shapes()]
     return step, caches
 
 
 def export_model(model: torch.nn.Module, *, source: str = "", producer_version: str = "",
                  quantized: dict[str, tuple[str, np.ndarray]] | None = None,
-                 weight_dtype: torch.dtype | None = None) -> onnx.ModelProto:
+                 weight_dtype: torch.dtype | None = None, cache_dtype: torch.dtype | None = None) -> onnx.ModelProto:
     """The ONNX graph of `model` (a perfxlm model family: forward(step, kv_caches) -> logits,
     kv_cache_shapes()), traced once.
 
     `quantized` maps weight names to (weight_format, uint8 blocks) (graph_export/quant.py): the
     ops that take them as a weight input (Linear, MoE's experts) read the blocks as stored
     instead of the module's float weights. `weight_dtype` (bfloat16 under a float32 model) stores
-    the other dense weights those ops read in that dtype: the activations stay in the model's."""
+    the other dense weights those ops read in that dtype: the activations stay in the model's.
+    The KV caches are in `cache_dtype`, by default the weights' (vLLM's kv_cache_dtype "auto": the
+    model's dtype), so a bf16 model's cache is bf16 under float32 activations: half the bytes a
+    decode reads."""
     quantized = quantized or {}
     dtype = next(model.parameters()).dtype
     tracer = _Tracer(model, quantized, weight_dtype)
-    step, caches = trace_inputs(model, dtype)
+    cache_dtype = cache_dtype or weight_dtype or dtype
+    step, caches = trace_inputs(model, cache_dtype)
     for name in [*GRAPH_INPUTS, *OPTIONAL_GRAPH_INPUTS]:
         tracer.name_input(getattr(step, name), name)
     for i, (k, v) in enumerate(caches):
@@ -185,7 +192,7 @@ def export_model(model: torch.nn.Module, *, source: str = "", producer_version: 
         raise ValueError("the model's forward must return the output of its last op (the logits)")
     last.output[0] = last.name = LOGITS
 
-    et = _ONNX_DTYPES[dtype]
+    et, cache_et = _ONNX_DTYPES[dtype], _ONNX_DTYPES[cache_dtype]
     read = {name for node in tracer.nodes for name in node.input}
     optional = {n: s for n, s in OPTIONAL_GRAPH_INPUTS.items() if n in read}  # only the inputs the model reads
     inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, _dims(s))
@@ -194,8 +201,8 @@ def export_model(model: torch.nn.Module, *, source: str = "", producer_version: 
     for i, cache in enumerate(caches):
         for name, t in zip(cache_input_names(i), cache):
             shape = ["num_blocks", "block_size", *t.shape[2:]]
-            inputs.append(helper.make_tensor_value_info(name, et, shape))
-            outputs.append(helper.make_tensor_value_info(cache_output_name(name), et, shape))
+            inputs.append(helper.make_tensor_value_info(name, cache_et, shape))
+            outputs.append(helper.make_tensor_value_info(cache_output_name(name), cache_et, shape))
     graph = helper.make_graph(tracer.nodes, "perfxlm_llm_step", inputs, outputs, list(tracer.initializers.values()))
     m = helper.make_model(graph, producer_name="perfxlm", ir_version=IR_VERSION, opset_imports=[
         helper.make_opsetid("", ONNX_OPSET), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)])

@@ -114,8 +114,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         raise ValueError("paged_attention: a sliding window needs causal attention")
     k_cache, v_cache = kv_cache
     T = q.shape[0]
-    k_cache.view(-1, num_kv_heads, head_dim)[step.slot_mapping] = k.view(T, num_kv_heads, head_dim)
-    v_cache.view(-1, num_kv_heads, head_dim)[step.slot_mapping] = v.view(T, num_kv_heads, head_dim)
+    # (a cache in another dtype than k, v: a bf16 model's under float32 activations, rounds them)
+    k_cache.view(-1, num_kv_heads, head_dim)[step.slot_mapping] = k.view(T, num_kv_heads, head_dim).to(k_cache.dtype)
+    v_cache.view(-1, num_kv_heads, head_dim)[step.slot_mapping] = v.view(T, num_kv_heads, head_dim).to(v_cache.dtype)
     y = _attend(q.view(T, num_heads, head_dim), k_cache, v_cache, step, scale, sliding_window,
                 float(softcap or 0.0), bool(causal)).view(T, -1)
     inputs = [q, k, v, k_cache, v_cache, step.slot_mapping, step.block_tables, step.seq_lens, step.query_start_loc]
@@ -249,7 +250,7 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, step:
         rows = torch.tensor([starts[b] for b in decode])
         idx = torch.tensor(decode)
         max_len = max(seq_lens[b] for b in decode)
-        k, v = _gather(k_cache, v_cache, step.block_tables[idx], max_len)   # (D, S, Hkv, hd)
+        k, v = _gather(k_cache, v_cache, step.block_tables[idx], max_len, q.dtype)  # (D, S, Hkv, hd)
         key_pos = torch.arange(max_len)
         lens = step.seq_lens[idx].unsqueeze(1)                               # (D, 1)
         mask = key_pos < lens                                                 # (D, S)
@@ -263,7 +264,7 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, step:
         n = starts[b + 1] - starts[b]
         if n == 1:
             continue
-        k, v = _gather(k_cache, v_cache, step.block_tables[b:b + 1], seq_len)  # (1, S, Hkv, hd)
+        k, v = _gather(k_cache, v_cache, step.block_tables[b:b + 1], seq_len, q.dtype)  # (1, S, Hkv, hd)
         qb = q[starts[b]:starts[b] + n].transpose(0, 1).unsqueeze(0)           # (1, H, n, hd)
         q_pos = torch.arange(seq_len - n, seq_len).unsqueeze(1)                # (n, 1)
         key_pos = torch.arange(seq_len)
@@ -292,11 +293,12 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
 
 
 def _gather(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-            length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `length` cached tokens of each row of block_tables -> 2 x (B, length, Hkv, hd)."""
+            length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `length` cached tokens of each row of block_tables -> 2 x (B, length, Hkv, hd),
+    in dtype (the queries': a bf16 cache under float32 activations is widened)."""
     block_size = k_cache.shape[1]
     blocks = block_tables[:, :(length + block_size - 1) // block_size]
-    return k_cache[blocks].flatten(1, 2)[:, :length], v_cache[blocks].flatten(1, 2)[:, :length]
+    return (k_cache[blocks].flatten(1, 2)[:, :length].to(dtype), v_cache[blocks].flatten(1, 2)[:, :length].to(dtype))
 
 
 def _run_paged_attention(attrs: dict, ins: list[torch.Tensor]) -> torch.Tensor:

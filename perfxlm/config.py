@@ -99,6 +99,7 @@ class EngineConfig:
     max_model_len: int
     seed: int = 0
     weight_dtype: Any = None          # the dense weights' dtype where it is not `dtype` (split_dtype)
+    kv_cache_dtype: Any = None        # the KV caches' dtype (None: the model's, as kv_cache_dtype "auto")
     tokenizer: str | None = None
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 4096
@@ -128,6 +129,11 @@ class EngineConfig:
     def model_dtype(self) -> Any:
         """The dtype the model was asked to run in (vLLM's model_config.dtype): its weights'."""
         return self.weight_dtype or self.dtype
+
+    @property
+    def cache_dtype(self) -> Any:
+        """The KV caches' dtype: kv_cache_dtype resolved, else the model's."""
+        return self.kv_cache_dtype or self.model_dtype
 
     def __post_init__(self) -> None:
         # the plugin's name is checked where it is selected (LLM() does it before loading anything)
@@ -300,6 +306,27 @@ def resolve_dtype(dtype: Any, hf_config: dict[str, Any]) -> Any:
         resolved = _DTYPES.get(str(config_dtype).removeprefix("torch."), dtypes.float32)
         return dtypes.bfloat16 if resolved == dtypes.float32 else resolved
     return _DTYPES[dtype]
+
+
+# kv_cache_dtype values perfxlm runs: vLLM's "auto" (the model's dtype) and "bfloat16", and
+# "float32" (its own: keys and values unrounded under a bf16 model's float32 activations)
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float32")
+_FP8_CACHE_DTYPES = ("fp8", "fp8_e4m3", "fp8_e5m2", "fp8_inc", "fp8_ds_mla")
+
+
+def check_kv_cache_dtype(kv_cache_dtype: Any) -> None:
+    if kv_cache_dtype in _FP8_CACHE_DTYPES:
+        raise NotImplementedError(f"perfxlm does not support kv_cache_dtype={kv_cache_dtype!r} (fp8 KV caches) "
+                                  f"yet; choose one of {list(KV_CACHE_DTYPES)}")
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"Invalid kv_cache_dtype {kv_cache_dtype!r}; choose one of {list(KV_CACHE_DTYPES)}")
+
+
+def resolve_kv_cache_dtype(kv_cache_dtype: str, model_dtype: Any) -> Any:
+    """The caches' dtype: "auto" takes the model's (vLLM's rule; a bf16 model keeps bf16 keys and
+    values even where its activations run in float32), else the one named."""
+    check_kv_cache_dtype(kv_cache_dtype)
+    return model_dtype if kv_cache_dtype == "auto" else _DTYPES[kv_cache_dtype]
 
 
 def split_dtype(dtype: Any, hw_plugin: str | None) -> tuple[Any, Any]:

@@ -69,6 +69,8 @@ def test_max_logprobs_engine_argument(tiny_llama_dir):
     ({"max_model_len": 4096}, ValueError, "User-specified max_model_len (4096) is greater than the derived"),
     ({"kv_cache_memory_bytes": 1 << 12}, ValueError, "KV cache is needed, which is larger than the available"),
     ({"runner": "pooling", "convert": "none"}, ValueError, "This model does not support `--runner pooling`"),
+    ({"kv_cache_dtype": "fp8_e5m2"}, NotImplementedError, "kv_cache_dtype='fp8_e5m2' (fp8 KV caches)"),
+    ({"kv_cache_dtype": "float64"}, ValueError, "Invalid kv_cache_dtype 'float64'; choose one of"),
 ])
 def test_bad_engine_arguments(tiny_llama_dir, kwargs, error, message):
     kwargs.setdefault("kv_cache_memory_bytes", 8 << 20)

@@ -139,3 +139,7 @@ def test_bfloat16_export_keeps_bf16_weights_under_fp32_activations(gguf_path, tm
     assert ids == [o.outputs[0].token_ids for o in ref.generate(PROMPTS, SamplingParams(**GREEDY), use_tqdm=False)]
     with pytest.raises(ValueError, match="exported in bfloat16; it cannot run in dtype 'float32'"):
         LLM(model=str(out), dtype="float32", kv_cache_memory_bytes=SMALL_KV, max_model_len=256)
+    assert llm.llm_engine.config.cache_dtype == torch.bfloat16  # the graph's caches: the model's dtype
+    with pytest.raises(ValueError, match="exported with a bfloat16 KV cache; it cannot run with "
+                                         "kv_cache_dtype='float32'"):
+        LLM(model=str(out), kv_cache_dtype="float32", kv_cache_memory_bytes=SMALL_KV, max_model_len=256)

@@ -54,15 +54,22 @@ def test_hf_directory_float32_equals_vllm_golden(smol_hf_dir):
     _check_golden(llm, "golden_greedy_vllm_float32.json")
 
 
-def test_bfloat16_stays_close_to_float32(smol_llm, gguf_path):
+@pytest.mark.parametrize("kv_cache_dtype, cache_dtype", [("auto", torch.bfloat16), ("float32", torch.float32)])
+def test_bfloat16_stays_close_to_float32(smol_llm, gguf_path, kv_cache_dtype, cache_dtype):
     """bf16 tokens may differ from fp32 (vLLM's own bf16 output changes with thread count),
     so compare the fp32 greedy path's logprobs under bf16: each token fp32 chose must stay
-    within 0.5 nats of bf16's best token over the first 16 steps (typical drift is < 0.1)."""
+    within 0.5 nats of bf16's best token over the first 16 steps (typical drift is < 0.1).
+    The KV cache is bf16 as in vLLM (kv_cache_dtype auto: the model's dtype), twice the tokens
+    of a float32 one in the same memory; kv_cache_dtype="float32" keeps keys and values unrounded."""
     ref = golden("golden_greedy_vllm_float32.json")
-    bf16 = LLM(str(gguf_path), dtype="bfloat16", kv_cache_memory_bytes=SMALL_KV, max_model_len=1024)
+    bf16 = LLM(str(gguf_path), dtype="bfloat16", kv_cache_memory_bytes=SMALL_KV, max_model_len=1024,
+               kv_cache_dtype=kv_cache_dtype)
     # bf16 weights under fp32 activations on the CPU plugins (perfxlm.config.split_dtype)
     assert bf16.llm_engine.model_config.dtype == torch.bfloat16
     assert (bf16.llm_engine.config.dtype, bf16.llm_engine.config.weight_dtype) == (torch.float32, torch.bfloat16)
+    assert bf16.llm_engine.config.cache_dtype == cache_dtype
+    blocks = bf16.llm_engine.block_manager.num_blocks
+    assert blocks == smol_llm.llm_engine.block_manager.num_blocks * (4 // cache_dtype.itemsize)  # fp32's: 4 bytes
     for r in ref["results"]:
         ids = r["prompt_token_ids"] + r["token_ids"][:16]
         out = bf16.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, prompt_logprobs=1),

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from perfxlm import dtypes
-from perfxlm.config import (EngineConfig, LoRAConfig, PoolerConfig, check_dtype, check_engine_args,
+from perfxlm.config import (KV_CACHE_DTYPES, EngineConfig, LoRAConfig, PoolerConfig, check_dtype, check_engine_args,
+                            check_kv_cache_dtype, resolve_kv_cache_dtype,
                             config_max_model_len, derive_max_model_len, resolve_dtype, split_dtype)
 from perfxlm.engine.structured_output import StructuredOutputsConfig
 from perfxlm.models.deployable import DeployableSource
@@ -66,6 +67,7 @@ class EngineArgs:
     quantization: str | None = None
     hw_plugin: str | None = None            # perfxlm's own: the plugin that runs the graph
     kv_cache_memory_bytes: int | None = None
+    kv_cache_dtype: str = "auto"            # auto: the model's dtype; also bfloat16, float32 (perfxlm's own)
     skip_tokenizer_init: bool = False
     trust_remote_code: bool = False
     disable_log_stats: bool = False
@@ -124,6 +126,9 @@ class EngineArgs:
                                                                  "a quantised GGUF with dtype auto)")
         g.add_argument("--hw-plugin", default=None, help="cpu, torch, rvv, ... (default: the best available)")
         g.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+        g.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                       help="auto: the model's dtype (bf16 for a bf16 model, whose activations run in float32); "
+                            "float32 keeps keys and values unrounded")
         g.add_argument("--skip-tokenizer-init", action=bool_flag, default=False)
         g.add_argument("--trust-remote-code", action=bool_flag, default=False)
         g.add_argument("--disable-log-stats", action=bool_flag, default=False)
@@ -147,6 +152,7 @@ class EngineArgs:
                           skip_tokenizer_init=self.skip_tokenizer_init, trust_remote_code=self.trust_remote_code,
                           generation_config=self.generation_config, hw_plugin=self.hw_plugin, select_hw_plugin=True)
         self.lora_config()
+        check_kv_cache_dtype(self.kv_cache_dtype)
         if self.scheduling_policy != "fcfs":
             raise NotImplementedError(f"perfxlm: scheduling_policy={self.scheduling_policy!r} is not supported; "
                                       "requests are scheduled first come, first served ('fcfs')")
@@ -195,10 +201,20 @@ class EngineArgs:
         if optional["enable_chunked_prefill"] is False:  # vLLM's default then fits a whole prompt
             max_tokens = max(max_tokens, max_model_len)
         dtype, weight_dtype = resolve_dtypes(source, self.dtype, keep_blocks, self.hw_plugin)
+        kv_dtype = resolve_kv_cache_dtype(self.kv_cache_dtype, weight_dtype or dtype)
+        if isinstance(source, DeployableSource):  # its graph fixes the caches' dtype
+            from perfxlm.engine.graph_runner import GraphSpec, load_graph
+            caches = GraphSpec.of_graph(load_graph(source.graph_path)[0]).caches
+            exported = caches[0].dtype if caches else str(kv_dtype).removeprefix("torch.")
+            if self.kv_cache_dtype not in ("auto", exported):
+                raise ValueError(f"{source.path} was exported with a {exported} KV cache; it cannot run with "
+                                 f"kv_cache_dtype={self.kv_cache_dtype!r}. Use kv_cache_dtype='auto'.")
+            kv_dtype = getattr(dtypes, exported)
         config = EngineConfig(
             model=self.model,
             dtype=dtype,
             weight_dtype=weight_dtype,
+            kv_cache_dtype=kv_dtype,
             max_model_len=max_model_len,
             seed=0 if self.seed is None else self.seed,
             tokenizer=self.tokenizer,

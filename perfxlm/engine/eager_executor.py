@@ -38,11 +38,11 @@ class EagerExecutor:
         return self.model(step, self.kv_caches).float().numpy()
 
 
-def model_spec(model: CausalLM, dtype: torch.dtype, lora: bool = False) -> GraphSpec:
+def model_spec(model: CausalLM, cache_dtype: torch.dtype, lora: bool = False) -> GraphSpec:
     """The GraphSpec the model's exported graph has (the model may be on the meta device), with
-    LoRA slots (lora_ids) or not."""
+    KV caches in cache_dtype and LoRA slots (lora_ids) or not."""
     caches = []
     for i, shapes in enumerate(model.kv_cache_shapes()):
         for name, shape in zip(cache_input_names(i), shapes):
-            caches.append(CacheSpec(name, tuple(shape), str(dtype).removeprefix("torch.")))
+            caches.append(CacheSpec(name, tuple(shape), str(cache_dtype).removeprefix("torch.")))
     return GraphSpec(model.vocab_size, tuple(caches), tuple(model.optional_inputs) + (("lora_ids",) if lora else ()))

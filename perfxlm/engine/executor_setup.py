@@ -17,17 +17,17 @@ from perfxlm.models.loader import ModelSource
 logger = logging.getLogger(__name__)
 
 
-def graph_spec(source: ModelSource | DeployableSource, dtype: Any, lora: bool) -> GraphSpec:
+def graph_spec(source: ModelSource | DeployableSource, cache_dtype: Any, lora: bool) -> GraphSpec:
     """The model's graph's spec, which sizes the KV cache before any weight is read: a deployable
-    directory's from its graph, a checkpoint's from the model's shapes (torch, meta device), with
-    LoRA slots or not."""
+    directory's from its graph, a checkpoint's from the model's shapes (torch, meta device) with
+    caches in cache_dtype (the model's dtype, as the export writes them), with LoRA slots or not."""
     if isinstance(source, DeployableSource):
         if lora:
             raise NotImplementedError(f"{source.path} is a deployable directory: LoRA needs a graph exported with "
                                       "LoRA slots from the model's checkpoint (run LLM on the checkpoint)")
         return GraphSpec.of_graph(load_graph(source.graph_path)[0])
     from perfxlm.engine.eager_executor import model_spec
-    return model_spec(source.meta_model(), dtype, lora=lora)
+    return model_spec(source.meta_model(), cache_dtype, lora=lora)
 
 
 def build_executor(config: EngineConfig, source: ModelSource | DeployableSource, spec: GraphSpec,
@@ -48,7 +48,7 @@ def build_executor(config: EngineConfig, source: ModelSource | DeployableSource,
             enable_lora(model, *lora)
         from perfxlm.engine.eager_executor import EagerExecutor  # torch: only for this executor
         return EagerExecutor(model, spec, num_blocks, config.block_size)
-    graph = _graph(source, config.dtype, config.quantization, lora, config.weight_dtype)
+    graph = _graph(source, config.dtype, config.quantization, lora, config.weight_dtype, config.cache_dtype)
     executor = _graph_executor(config, graph, num_blocks)
     if executor.spec != spec:
         raise RuntimeError(f"the exported graph's vocabulary and KV caches {executor.spec} differ from the "
@@ -72,7 +72,7 @@ def kv_cache_blocks(config: EngineConfig, spec: GraphSpec) -> int:
             "`max_model_len` when initializing the engine.")
     logger.info("KV cache: %d blocks of %d tokens (%.2f GiB, %s); maximum concurrency for %d tokens "
                 "per request: %.2fx", num_blocks, config.block_size, num_blocks * per_block / (1 << 30),
-                str(config.dtype).removeprefix("torch."), config.max_model_len,
+                spec.caches[0].dtype if spec.caches else "-", config.max_model_len,
                 num_blocks * config.block_size / config.max_model_len)
     return num_blocks
 
@@ -92,9 +92,9 @@ def _graph_executor(cfg: EngineConfig, graph: Path, num_blocks: int) -> Executor
 
 
 def _graph(source: ModelSource | DeployableSource, dtype: Any, quantization: str | None,
-           lora: tuple[int, int] | None, weight_dtype: Any) -> Path:
+           lora: tuple[int, int] | None, weight_dtype: Any, cache_dtype: Any) -> Path:
     """The graph to run: a deployable directory's own, else the graph cache's (exported on first use)."""
     if isinstance(source, DeployableSource):
         return source.graph_path
     from perfxlm.models.graph_cache import cached_graph  # exports through torch
-    return cached_graph(source, dtype, quantization, lora, weight_dtype)
+    return cached_graph(source, dtype, quantization, lora, weight_dtype, cache_dtype)

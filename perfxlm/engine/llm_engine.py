@@ -52,7 +52,7 @@ class LLMEngine:
         self.eos_token_id = self._eos_token_id()
 
         # the model's shapes size the KV cache before any weight is read or graph exported
-        spec = graph_spec(source, config.dtype, lora=config.lora_config is not None)
+        spec = graph_spec(source, config.cache_dtype, lora=config.lora_config is not None)
         self.pooler = None  # a pooling model's: its graph's rows are hidden states or classes, not logits
         if config.runner_type == "pooling":
             self.pooler = Pooler(source.pooling_task, config.pooler_config, source.hf_config)

@@ -30,12 +30,12 @@ logger = logging.getLogger(__name__)
 _ENGINE_KWARGS = {"max_model_len", "max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching",
                   "block_size", "max_logprobs", "generation_config", "override_generation_config",
                   "enable_chunked_prefill", "scheduling_policy", "hw_plugin", "enable_lora", "max_loras",
-                  "max_lora_rank", "max_cpu_loras"}
+                  "max_lora_rank", "max_cpu_loras", "kv_cache_dtype"}
 # vLLM arguments that do not apply to perfxlm's single-process CPU engine; accepted, no effect
 _IGNORED_KWARGS = {"swap_space", "load_format", "download_dir", "device",
                    "distributed_executor_backend", "max_seq_len_to_capture", "disable_async_output_proc",
                    "num_scheduler_steps", "use_v2_block_manager", "worker_cls", "max_parallel_loading_workers",
-                   "kv_cache_dtype", "calculate_kv_scales", "prefix_caching_hash_algo",
+                   "calculate_kv_scales", "prefix_caching_hash_algo",
                    "preemption_mode", "async_scheduling", "enable_prompt_embeds", "limit_mm_per_prompt",
                    "reasoning_parser", "served_model_name", "config_format", "model_impl", "seed_everything",
                    "enable_sleep_mode"}  # sleep mode needs no setup here: LLM.sleep always works

@@ -22,12 +22,13 @@ logger = logging.getLogger(__name__)
 
 
 def graph_key(source: ModelSource, dtype: torch.dtype, quantization: str | None = None,
-              lora: tuple[int, int] | None = None, weight_dtype: torch.dtype | None = None) -> str:
+              lora: tuple[int, int] | None = None, weight_dtype: torch.dtype | None = None,
+              cache_dtype: torch.dtype | None = None) -> str:
     files = [source.path] if source.is_gguf else sorted(source.path.glob("*.safetensors")) + sorted(
         source.path.glob("pytorch_model*.bin"))
     stamp = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     blob = json.dumps([stamp, _code_stamp(source), source.hf_config, str(dtype), FORMAT_VERSION, quantization, lora,
-                       str(weight_dtype)],
+                       str(weight_dtype), str(cache_dtype or weight_dtype or dtype)],
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -52,14 +53,18 @@ def _code_stamp(source: ModelSource) -> str:
 
 
 def cached_graph(source: ModelSource, dtype: torch.dtype, quantization: str | None = None,
-                 lora: tuple[int, int] | None = None, weight_dtype: torch.dtype | None = None) -> Path:
+                 lora: tuple[int, int] | None = None, weight_dtype: torch.dtype | None = None,
+                 cache_dtype: torch.dtype | None = None) -> Path:
     """The graph of `source` in `dtype` (activations), exported on first use, then read from the
     cache. quantization="gguf" keeps the GGUF's Q8_0/Q4_0/Q4_1 Linear weights as blocks; lora
     (max_loras, max_lora_rank) gives its Linears that many LoRA slots of that rank; weight_dtype
-    stores the dense Linear and expert weights in that dtype (bfloat16 under float32 activations)."""
+    stores the dense Linear and expert weights in that dtype (bfloat16 under float32 activations);
+    cache_dtype is the KV caches' (default: the weights' dtype, else the activations')."""
+    cache_dtype = cache_dtype or weight_dtype or dtype
     tag = (str(dtype).removeprefix("torch.") + (f"-w{str(weight_dtype).removeprefix('torch.')}" if weight_dtype else "")
-           + ("-gguf" if quantization else "") + (f"-lora{lora[0]}r{lora[1]}" if lora else ""))
-    key = graph_key(source, dtype, quantization, lora, weight_dtype)
+           + ("-gguf" if quantization else "") + (f"-lora{lora[0]}r{lora[1]}" if lora else "")
+           + (f"-kv{str(cache_dtype).removeprefix('torch.')}" if cache_dtype != (weight_dtype or dtype) else ""))
+    key = graph_key(source, dtype, quantization, lora, weight_dtype, cache_dtype)
     name = f"{source.path.stem}-{tag}-v{FORMAT_VERSION}-{key}"
     root = Path(os.environ.get("PERFXLM_GRAPH_CACHE", cache_dir() / "graphs"))
     path = root / name / "model.onnx"
@@ -72,7 +77,7 @@ def cached_graph(source: ModelSource, dtype: torch.dtype, quantization: str | No
         enable_lora(model, *lora)
     quantized = source.linear_blocks() if quantization == "gguf" else None
     graph = export_model(model, source=source.name, producer_version=__version__, quantized=quantized,
-                         weight_dtype=weight_dtype)
+                         weight_dtype=weight_dtype, cache_dtype=cache_dtype)
     logger.info("op types: %s", op_histogram(graph))
     path.parent.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent.parent))
