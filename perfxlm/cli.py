@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     qual.add_argument("--reference", default=None, help="the reference model (default: MODEL)")
     qual.add_argument("--dtype", default="auto", help="MODEL's dtype (auto: a quantised GGUF runs its blocks)")
     qual.add_argument("--reference-dtype", default="float32", help="the reference's dtype (default: float32)")
+    qual.add_argument("--kv-cache-dtype", default="auto", help="MODEL's KV cache dtype (auto: the model's dtype)")
     qual.add_argument("--text", default=None, help="a text file (default: /usr/share/common-licenses/GPL-3)")
     qual.add_argument("--ctx", type=int, default=512, help="tokens per chunk; the second half of each is scored")
     qual.add_argument("--chunks", type=int, default=4, help="chunks scored (default: 4)")
@@ -198,7 +199,7 @@ def _bench_quality(args: argparse.Namespace) -> int:
         raise SystemExit(f"perfxlm bench quality: --text {text!r} is not a file")
     try:
         rows = quality.run(args.model, args.reference or args.model, args.dtype, args.reference_dtype, text,
-                           args.ctx, args.chunks, args.llama_cpp, args.threads)
+                           args.ctx, args.chunks, args.llama_cpp, args.threads, args.kv_cache_dtype)
     except ValueError as e:
         raise SystemExit(f"perfxlm bench quality: {e}")
     print(f"{args.model} ({args.dtype}) against {args.reference or args.model} ({args.reference_dtype}); "

@@ -87,6 +87,19 @@ def test_throughput_counts_every_token(tiny_llama_dir, tmp_path, capsys):
         assert res["roofline"]["batch"]["achieved"] == pytest.approx(achieved, rel=0.05)  # as printed
 
 
+@pytest.mark.parametrize("flags, cache", [([], "bfloat16"), (["--kv-cache-dtype", "float32"], "float32")])
+def test_throughput_names_the_kv_cache_dtype(tiny_llama_dir, tmp_path, flags, cache):
+    """A bf16 model's cache is bf16 unless --kv-cache-dtype float32 keeps it unrounded; the
+    figures say which ran."""
+    out = tmp_path / "thr.json"
+    assert cli.main(["bench", "throughput", "--model", str(tiny_llama_dir), "--dtype", "bfloat16", "--num-prompts",
+                     "2", "--input-len", "6", "--output-len", "3", "--no-roofline", "--output-json", str(out),
+                     *flags]) == 0
+    res = json.loads(out.read_text())
+    assert (res["dtype"], res["kv_cache_dtype"]) == ("bfloat16", cache)
+    assert res["total_num_tokens"] == 2 * (6 + 3)
+
+
 def test_throughput_profiles_the_ops_of_the_timed_run(tiny_llama_dir, tmp_path, capsys):
     from transformers import AutoConfig
     layers = AutoConfig.from_pretrained(tiny_llama_dir).num_hidden_layers

@@ -191,7 +191,7 @@ def _run(cmd: list[Any]) -> str:
 
 def run(model: str, reference: str, dtype: str = "auto", reference_dtype: str = "float32",
         text_file: str = DEFAULT_TEXT, ctx: int = 512, n_chunks: int = 4, llama_cpp: str | None = None,
-        threads: int | None = None) -> list[Scores]:
+        threads: int | None = None, kv_cache_dtype: str = "auto") -> list[Scores]:
     """Load both models (one LLM when they are the same), score them on the text and, with
     llama_cpp, run llama-perplexity on their GGUF files: -> the table's rows."""
     from perfxlm import LLM
@@ -201,11 +201,12 @@ def run(model: str, reference: str, dtype: str = "auto", reference_dtype: str = 
         if not os.access(Path(llama_cpp) / tool, os.X_OK):  # before minutes of loading and scoring, not after
             raise ValueError(f"--llama-cpp {llama_cpp}: no {tool} there")
     ref_llm = LLM(reference, dtype=reference_dtype, max_model_len=ctx + 1)
-    model_llm = ref_llm if (model, dtype) == (reference, reference_dtype) else LLM(model, dtype=dtype,
-                                                                                   max_model_len=ctx + 1)
+    same = (model, dtype, kv_cache_dtype) == (reference, reference_dtype, "auto")
+    model_llm = ref_llm if same else LLM(model, dtype=dtype, max_model_len=ctx + 1, kv_cache_dtype=kv_cache_dtype)
     chunks = text_chunks(ref_llm.get_tokenizer(), text, ctx, n_chunks)
     mode = model_llm.llm_engine.config.quant_activations  # (PERFXLM_QUANT_ACTIVATIONS)
-    label = f"model ({dtype})" if mode == "auto" else f"model ({dtype}, x {mode})"
+    label = f"model ({dtype}" + (f", x {mode}" if mode != "auto" else "") + (
+        f", kv {kv_cache_dtype}" if kv_cache_dtype != "auto" else "") + ")"
     rows = list(evaluate(model_llm, ref_llm, chunks, (f"reference ({reference_dtype})", label)))
     if llama_cpp:
         sources = [llama_cpp_source(llm) for llm in (ref_llm, model_llm)]

@@ -30,6 +30,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="anything LLM() accepts (default: the embedded GGUF)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     p.add_argument("--quantization", default=None, help="'gguf' keeps GGUF blocks (the default for dtype auto)")
+    p.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype), bfloat16, float32")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--max-num-seqs", type=int, default=None)
@@ -52,7 +53,7 @@ def make_llm(args: argparse.Namespace) -> Any:
                                                                    args.max_num_batched_tokens),
                             ("max_model_len", args.max_model_len), ("hw_plugin", args.hw_plugin),
                             ("quantization", args.quantization)] if v is not None}
-    return LLM(args.model, dtype=args.dtype, seed=args.seed, **kw)
+    return LLM(args.model, dtype=args.dtype, seed=args.seed, kv_cache_dtype=args.kv_cache_dtype, **kw)
 
 
 def random_prompts(llm: Any, n: int, length: int, seed: int) -> list[dict]:
@@ -179,8 +180,9 @@ def _describe(args: argparse.Namespace, llm: Any, res: dict) -> dict:
     plugins = sorted({n.plugin.name for n in runner.runner.nodes}) if hasattr(runner, "runner") else ["eager"]
     res.update({"model": args.model, "dtype": str(cfg.model_dtype).removeprefix("torch."),
                 "quantization": cfg.quantization, "hw_plugins": plugins,
+                "kv_cache_dtype": str(cfg.cache_dtype).removeprefix("torch."),
                 "input_len": args.input_len, "output_len": args.output_len})
-    logger.info("bench config: %s", {k: res[k] for k in ("dtype", "quantization", "hw_plugins")})
+    logger.info("bench config: %s", {k: res[k] for k in ("dtype", "kv_cache_dtype", "quantization", "hw_plugins")})
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(res, f, indent=1)
