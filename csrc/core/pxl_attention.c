@@ -158,12 +158,46 @@ PXL_INLINE void scores_rows(const int DT, const int RN, size_t hd, const float *
     }
 }
 
+/* The same scores through the set's tile kernel (AMX) on a bf16 cache, for every item (decode
+ * too, so a token's bits do not depend on how its step ran): q split once into bf16 hi + lo
+ * tiles, per 32 dims 16 rows of 32 values each, then 16 keys a call. qa: 34 hd bf16 of scratch
+ * (the tiles, then a zero row standing for the keys past n). */
+PXL_CLONES static void split_q(size_t R, size_t hd, const float *q, uint16_t *qa) {
+    for (size_t c = 0; c < hd / 32; c++)
+        for (size_t r = 0; r < R; r++) {
+            const float *x = q + r * hd + c * 32;
+            uint16_t *hi = qa + c * 2 * 16 * 32 + r * 32, *lo = hi + 16 * 32;
+            for (int d = 0; d < 32; d++) {
+                hi[d] = pxl_f32_to_bf16(x[d]);
+                lo[d] = pxl_f32_to_bf16(x[d] - pxl_bf16_to_f32(hi[d]));
+            }
+        }
+}
+static void scores_tiles(const pxl_kernel_set *ks, size_t R, size_t hd, const float *q, const char *const *krows,
+                         size_t off, size_t n, float *s, size_t lds, uint16_t *qa, pf_queue *pf, int npf) {
+    uint16_t *zero = qa + 32 * hd;
+    memset(zero, 0, hd * 2);
+    split_q(R, hd, q, qa);
+    ks->attn_qk_config((int)R);
+    for (size_t j0 = 0; j0 < n; j0 += 16) {
+        for (int i = 0; i < npf; i++) pf_take(&pf[i], 16);
+        const char *kr[16];
+        for (size_t jj = 0; jj < 16; jj++) kr[jj] = j0 + jj < n ? krows[j0 + jj] + off : (const char *)zero;
+        ks->attn_qk(hd, qa, kr, s + j0, lds);
+    }
+}
+
 /* s[r * lds + j] = q_r . k_j for R query rows q (R, hd) fp32 and the n keys at krows[j] + off
  * (cache rows in dt), 16 keys at a time. kw: 17 rows of hd floats of scratch (bf16 keys
  * widened once for all R rows; the 17th stands for the keys past n). pf: npf queues of rows to
  * prefetch, a row of each per key. */
 PXL_CLONES static void scores_tile(int dt, size_t R, size_t hd, const float *q, const char *const *krows,
                                    size_t off, size_t n, float *s, size_t lds, float *kw, pf_queue *pf, int npf) {
+    const pxl_kernel_set *ks = pxl_kernels();
+    if (ks->attn_qk && dt == PXL_BF16 && hd % 32 == 0 && R <= 16) {
+        scores_tiles(ks, R, hd, q, krows, off, n, s, lds, (uint16_t *)kw, pf, npf);
+        return;
+    }
     if (hd % 16) {
         for (size_t r = 0; r < R; r++)
             for (size_t j = 0; j < n; j++) s[r * lds + j] = dot_scalar(hd, q + r * hd, dt, krows[j] + off);

@@ -1,0 +1,85 @@
+/* Attention scores on AMX tiles: 16 keys of a bf16 KV cache against up to 16 query rows.
+ *
+ * The query rows come as two bf16 tiles per 32 dims, hi = bf16(q) and lo = bf16(q - hi)
+ * (pxl_attention.c splits them once per item), so q keeps about 16 bits of its mantissa and a
+ * score differs from the float32 dot product on the same bf16 keys only in the order of its
+ * sums. A key block is 16 cache rows at scattered addresses; per 32 dims each row's 64 bytes
+ * are one vector of 16 bf16 pairs, and a 16 x 16 transpose of those pairs is AMX's "VNNI"
+ * layout of B (row i: dims 2i, 2i + 1 of every key). Two tdpbf16ps per 32 dims (hi, lo) sum
+ * into one 16 x 16 fp32 tile. Each score is its row's and key's own sum, whatever else shares
+ * the tile, so decode and prefill rows get the same bits. */
+#include <immintrin.h>
+#include <string.h>
+
+#include "pxl_kernels.h"
+
+#define S 0  /* the scores: rows x 16 keys, fp32 */
+#define QH 1 /* q's hi and lo parts: rows x 32 dims, bf16 */
+#define QL 2
+#define KT 3 /* the keys' transposed block: 16 pairs of dims x 16 keys */
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+static inline void load_config(const tile_config *c) { /* (see pxl_bf16_gemm_packed_amx.c) */
+    __asm__ volatile("" : : "r"(c) : "memory");
+    _tile_loadconfig(c);
+}
+
+void pxl_attn_qk_config_amx(int rows) {
+    tile_config want = {.palette = 1}, have;
+    want.rows[S] = want.rows[QH] = want.rows[QL] = (uint8_t)rows, want.rows[KT] = 16;
+    for (int t = S; t <= KT; t++) want.colsb[t] = 64;
+    _tile_storeconfig(&have);
+    if (memcmp(&want, &have, sizeof want)) load_config(&want);
+}
+
+/* v[i] = the i-th 32-bit lane of every input v[j]: a 16 x 16 transpose of 32-bit pairs */
+static inline void transpose16(__m512i *v) {
+    __m512i t[16], x[8], y[8];
+    for (int i = 0; i < 16; i += 2) { /* per 128-bit lane: a0 b0 a1 b1 | a2 b2 a3 b3 */
+        t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) { /* v[i + k], lane L: column 4L + k of rows i .. i + 3 */
+        v[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        v[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        v[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        v[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int k = 0; k < 4; k++) { /* lanes 0-1 and 2-3 of rows 0-7 (x) and 8-15 (y) */
+        x[k] = _mm512_shuffle_i32x4(v[k], v[4 + k], 0x44);
+        x[k + 4] = _mm512_shuffle_i32x4(v[k], v[4 + k], 0xee);
+        y[k] = _mm512_shuffle_i32x4(v[8 + k], v[12 + k], 0x44);
+        y[k + 4] = _mm512_shuffle_i32x4(v[8 + k], v[12 + k], 0xee);
+    }
+    for (int k = 0; k < 4; k++) { /* column 4L + k: lane L of rows 0-3, 4-7, 8-11, 12-15 */
+        v[k] = _mm512_shuffle_i32x4(x[k], y[k], 0x88);
+        v[4 + k] = _mm512_shuffle_i32x4(x[k], y[k], 0xdd);
+        v[8 + k] = _mm512_shuffle_i32x4(x[k + 4], y[k + 4], 0x88);
+        v[12 + k] = _mm512_shuffle_i32x4(x[k + 4], y[k + 4], 0xdd);
+    }
+}
+
+/* s[r * lds + j] (r < rows, j < 16) = sum over d of q[r][d] k_j[d], q as qa's tiles (hd / 32
+ * chunks of [hi, lo], each rows x 32 bf16, 64 bytes a row), key j's row at kr[j] (hd bf16); the
+ * tiles configured for those rows by pxl_attn_qk_config_amx */
+void pxl_attn_qk_amx(size_t hd, const uint16_t *qa, const char *const *kr, float *s, size_t lds) {
+    _tile_zero(S);
+    __m512i kt[16] __attribute__((aligned(64)));
+    for (size_t c = 0; c < hd / 32; c++) {
+        __m512i v[16];
+        for (int j = 0; j < 16; j++) v[j] = _mm512_loadu_si512(kr[j] + c * 64);
+        transpose16(v);
+        for (int i = 0; i < 16; i++) kt[i] = v[i];
+        _tile_loadd(KT, kt, 64);
+        _tile_loadd(QH, qa + c * 2 * 16 * 32, 64);
+        _tile_loadd(QL, qa + (c * 2 + 1) * 16 * 32, 64);
+        _tile_dpbf16ps(S, QH, KT);
+        _tile_dpbf16ps(S, QL, KT);
+    }
+    _tile_stored(S, s, lds * sizeof(float));
+}
