@@ -158,24 +158,38 @@ PXL_INLINE void scores_rows(const int DT, const int RN, size_t hd, const float *
     }
 }
 
-/* The same scores through the set's tile kernel (AMX) on a bf16 cache, for every item (decode
- * too, so a token's bits do not depend on how its step ran): q split once into bf16 hi + lo
- * tiles, per 32 dims 16 rows of 32 values each, then 16 keys a call. qa: 34 hd bf16 of scratch
- * (the tiles, then a zero row standing for the keys past n). */
+/* x = hi + mid + lo exactly, each bf16 (the tiles multiply bf16 only): each part the top 16
+ * bits of what the ones before leave, so each takes the next 8 bits of x's 24-bit mantissa */
+static inline void split3(float x, uint16_t *hi, uint16_t *mid, uint16_t *lo) {
+    uint32_t b;
+    memcpy(&b, &x, 4);
+    *hi = (uint16_t)(b >> 16), b &= 0xffff0000u;
+    float t;
+    memcpy(&t, &b, 4);
+    x -= t;
+    memcpy(&b, &x, 4);
+    *mid = (uint16_t)(b >> 16), b &= 0xffff0000u;
+    memcpy(&t, &b, 4);
+    x -= t;
+    memcpy(&b, &x, 4);
+    *lo = (uint16_t)(b >> 16);
+}
+/* q (R, hd) -> per 32 dims, its hi, mid and lo tiles of 16 rows x 32 bf16 */
 PXL_CLONES static void split_q(size_t R, size_t hd, const float *q, uint16_t *qa) {
     for (size_t c = 0; c < hd / 32; c++)
         for (size_t r = 0; r < R; r++) {
             const float *x = q + r * hd + c * 32;
-            uint16_t *hi = qa + c * 2 * 16 * 32 + r * 32, *lo = hi + 16 * 32;
-            for (int d = 0; d < 32; d++) {
-                hi[d] = pxl_f32_to_bf16(x[d]);
-                lo[d] = pxl_f32_to_bf16(x[d] - pxl_bf16_to_f32(hi[d]));
-            }
+            uint16_t *hi = qa + c * 3 * 16 * 32 + r * 32;
+            for (int d = 0; d < 32; d++) split3(x[d], hi + d, hi + 16 * 32 + d, hi + 2 * 16 * 32 + d);
         }
 }
+/* The same scores through the set's tile kernel (AMX) on a bf16 cache, for every item (decode
+ * too, so a token's bits do not depend on how its step ran): q split once into bf16 hi, mid and
+ * lo tiles, per 32 dims 16 rows of 32 values each, then 16 keys a call. qa: 49 hd bf16 of
+ * scratch (the tiles, then a zero row standing for the keys past n). */
 static void scores_tiles(const pxl_kernel_set *ks, size_t R, size_t hd, const float *q, const char *const *krows,
                          size_t off, size_t n, float *s, size_t lds, uint16_t *qa, pf_queue *pf, int npf) {
-    uint16_t *zero = qa + 32 * hd;
+    uint16_t *zero = qa + 48 * hd;
     memset(zero, 0, hd * 2);
     split_q(R, hd, q, qa);
     ks->attn_qk_config((int)R);
@@ -549,8 +563,9 @@ static void attention_team(int dt, int cdt, size_t T, size_t B, size_t H, size_t
     }
     size_t R_max = TILE_ROWS > G ? TILE_ROWS : G, lds = (max_len + 15) / 16 * 16;
     /* per thread: two row sets' key / value row addresses (n each); q, out (R, hd); scores (R,
-     * lds); 17 widened key rows */
-    const char **rows = pxl_scratch(3, 4 * max_len * sizeof(char *) + (2 * R_max * hd + R_max * lds + 17 * hd) * 4);
+     * lds); 17 widened key rows, or the tile kernel's split q (48 hd bf16) and a zero row */
+    const char **rows =
+        pxl_scratch(3, 4 * max_len * sizeof(char *) + (2 * R_max * hd + R_max * lds + 25 * hd) * 4);
     float *qf = (float *)(rows + 4 * max_len), *of = qf + R_max * hd, *s = of + R_max * hd, *kw = s + R_max * lds;
     row_set rs[2] = {{SIZE_MAX, 0, 0, rows, rows + max_len}, {SIZE_MAX, 0, 0, rows + 2 * max_len, rows + 3 * max_len}};
     const row_src src = {block_tables, max_blocks, block_size, row_bytes, (const char *)k_cache, (const char *)v_cache};

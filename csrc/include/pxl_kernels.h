@@ -94,9 +94,9 @@ typedef struct {
     /* bf16 x on repacked blocks without a panel, for decode-sized T under PXL_QX_BF16 (and
      * every T when batch invariant); NULL: the panels at every T */
     pxl_gemv_qr_bf16_fn gemv_qr_bf16;
-    /* attention scores of up to 16 query rows (split into bf16 hi + lo tiles) against 16 keys of
-     * a bf16 cache, for every item alike (pxl_attention.c), after attn_qk_config(rows) on the
-     * calling thread; NULL: the float32 dot products */
+    /* attention scores of up to 16 query rows (split into bf16 hi, mid and lo tiles) against 16
+     * keys of a bf16 cache, for every item alike (pxl_attention.c), after attn_qk_config(rows) on
+     * the calling thread; NULL: the float32 dot products */
     void (*attn_qk_config)(int rows);
     void (*attn_qk)(size_t hd, const uint16_t *qa, const char *const *kr, float *s, size_t lds);
 } pxl_kernel_set;

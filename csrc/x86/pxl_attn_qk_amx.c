@@ -1,12 +1,12 @@
 /* Attention scores on AMX tiles: 16 keys of a bf16 KV cache against up to 16 query rows.
  *
- * The query rows come as two bf16 tiles per 32 dims, hi = bf16(q) and lo = bf16(q - hi)
- * (pxl_attention.c splits them once per item), so q keeps about 16 bits of its mantissa and a
- * score differs from the float32 dot product on the same bf16 keys only in the order of its
- * sums. A key block is 16 cache rows at scattered addresses; per 32 dims each row's 64 bytes
- * are one vector of 16 bf16 pairs, and a 16 x 16 transpose of those pairs is AMX's "VNNI"
- * layout of B (row i: dims 2i, 2i + 1 of every key). Two tdpbf16ps per 32 dims (hi, lo) sum
- * into one 16 x 16 fp32 tile. Each score is its row's and key's own sum, whatever else shares
+ * The fp32 query rows come as three bf16 tiles per 32 dims, hi, mid and lo, each the next 8
+ * bits of q's 24-bit mantissa (pxl_attention.c splits them once per item); the keys are bf16
+ * already, so every product is exact and a score differs from the float32 dot product on the
+ * same keys only in the order of its sums. A key block is 16 cache rows at scattered
+ * addresses; per 32 dims each row's 64 bytes are one vector of 16 bf16 pairs, and a 16 x 16
+ * transpose of those pairs is AMX's "VNNI" layout of B (row i: dims 2i, 2i + 1 of every key).
+ * Three tdpbf16ps per 32 dims (hi, mid, lo) sum into one 16 x 16 fp32 tile. Each score is its row's and key's own sum, whatever else shares
  * the tile, so decode and prefill rows get the same bits. */
 #include <immintrin.h>
 #include <string.h>
@@ -14,8 +14,9 @@
 #include "pxl_kernels.h"
 
 #define S 0  /* the scores: rows x 16 keys, fp32 */
-#define QH 1 /* q's hi and lo parts: rows x 32 dims, bf16 */
-#define QL 2
+#define QH 1 /* q's hi, mid and lo parts: rows x 32 dims, bf16 */
+#define QM 2
+#define QL 4
 #define KT 3 /* the keys' transposed block: 16 pairs of dims x 16 keys */
 
 typedef struct {
@@ -28,11 +29,14 @@ static inline void load_config(const tile_config *c) { /* (see pxl_bf16_gemm_pac
     __asm__ volatile("" : : "r"(c) : "memory");
     _tile_loadconfig(c);
 }
+/* GCC does not treat tileloadd as reading memory either: without this, the stores that fill a
+ * local block before its tile load are dropped as dead */
+#define WRITTEN(p) __asm__ volatile("" : : "r"(p) : "memory")
 
 void pxl_attn_qk_config_amx(int rows) {
     tile_config want = {.palette = 1}, have;
-    want.rows[S] = want.rows[QH] = want.rows[QL] = (uint8_t)rows, want.rows[KT] = 16;
-    for (int t = S; t <= KT; t++) want.colsb[t] = 64;
+    want.rows[S] = want.rows[QH] = want.rows[QM] = want.rows[QL] = (uint8_t)rows, want.rows[KT] = 16;
+    for (int t = S; t <= QL; t++) want.colsb[t] = 64;
     _tile_storeconfig(&have);
     if (memcmp(&want, &have, sizeof want)) load_config(&want);
 }
@@ -65,8 +69,8 @@ static inline void transpose16(__m512i *v) {
 }
 
 /* s[r * lds + j] (r < rows, j < 16) = sum over d of q[r][d] k_j[d], q as qa's tiles (hd / 32
- * chunks of [hi, lo], each rows x 32 bf16, 64 bytes a row), key j's row at kr[j] (hd bf16); the
- * tiles configured for those rows by pxl_attn_qk_config_amx */
+ * chunks of [hi, mid, lo], each 16 rows x 32 bf16, 64 bytes a row), key j's row at kr[j] (hd
+ * bf16); the tiles configured for those rows by pxl_attn_qk_config_amx */
 void pxl_attn_qk_amx(size_t hd, const uint16_t *qa, const char *const *kr, float *s, size_t lds) {
     _tile_zero(S);
     __m512i kt[16] __attribute__((aligned(64)));
@@ -75,11 +79,15 @@ void pxl_attn_qk_amx(size_t hd, const uint16_t *qa, const char *const *kr, float
         for (int j = 0; j < 16; j++) v[j] = _mm512_loadu_si512(kr[j] + c * 64);
         transpose16(v);
         for (int i = 0; i < 16; i++) kt[i] = v[i];
+        WRITTEN(kt);
         _tile_loadd(KT, kt, 64);
-        _tile_loadd(QH, qa + c * 2 * 16 * 32, 64);
-        _tile_loadd(QL, qa + (c * 2 + 1) * 16 * 32, 64);
+        _tile_loadd(QH, qa + c * 3 * 16 * 32, 64);
+        _tile_loadd(QM, qa + (c * 3 + 1) * 16 * 32, 64);
+        _tile_loadd(QL, qa + (c * 3 + 2) * 16 * 32, 64);
         _tile_dpbf16ps(S, QH, KT);
+        _tile_dpbf16ps(S, QM, KT);
         _tile_dpbf16ps(S, QL, KT);
     }
     _tile_stored(S, s, lds * sizeof(float));
 }
+
