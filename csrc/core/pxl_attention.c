@@ -441,8 +441,10 @@ PXL_CLONES static void store_out(int dt, size_t n, const float *o, char *y) {
  * rounds them to nearest even, as the model's bf16 Linear would have) */
 PXL_CLONES static void store_row(int dt, int cdt, size_t n, const char *x, char *row) {
     if (dt == cdt) memcpy(row, x, n * (dt == PXL_F32 ? 4 : 2));
-    else if (cdt == PXL_BF16) for (size_t e = 0; e < n; e++) ((uint16_t *)row)[e] = pxl_f32_to_bf16(((const float *)x)[e]);
-    else for (size_t e = 0; e < n; e++) ((float *)row)[e] = pxl_bf16_to_f32(((const uint16_t *)x)[e]);
+    else if (cdt == PXL_BF16)
+        for (size_t e = 0; e < n; e++) ((uint16_t *)row)[e] = pxl_f32_to_bf16(((const float *)x)[e]);
+    else
+        for (size_t e = 0; e < n; e++) ((float *)row)[e] = pxl_bf16_to_f32(((const uint16_t *)x)[e]);
 }
 
 /* s[j] = cap * tanh(s[j] / cap): Gemma 2's soft-capped attention logits (q is pre-scaled, so

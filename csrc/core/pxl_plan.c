@@ -33,8 +33,8 @@ static void run_node(const pxl_plan_node *x, size_t T, size_t N, size_t B, size_
         break;
     case PXL_OP_ROPE: pxl_rope(x->dt, rows, x->a, x->b, p[0], p[1], p[2], p[3], p[4]); break;
     case PXL_OP_ATTENTION:
-        pxl_paged_attention_mask(x->dt, x->wfmt, T, B, x->a, x->b, x->c, p[0], p[1], p[2], p[3], p[4], x->d, p[5], p[6],
-                                 max_blocks, p[7], p[8], x->f0, x->f1, x->e, !(x->rows & PXL_NONCAUSAL), p[9]);
+        pxl_paged_attention_mask(x->dt, x->wfmt, T, B, x->a, x->b, x->c, p[0], p[1], p[2], p[3], p[4], x->d, p[5],
+                                 p[6], max_blocks, p[7], p[8], x->f0, x->f1, x->e, !(x->rows & PXL_NONCAUSAL), p[9]);
         break;
     case PXL_OP_SILU_MUL: pxl_silu_mul(x->dt, rows * x->a, p[0], p[1], p[2]); break;
     case PXL_OP_ADD: pxl_add(x->dt, rows * x->a, p[0], p[1], p[2]); break;

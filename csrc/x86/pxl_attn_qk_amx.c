@@ -6,11 +6,10 @@
  * same keys only in the order of its sums. A key block is 16 cache rows at scattered
  * addresses; per 32 dims each row's 64 bytes are one vector of 16 bf16 pairs, and a 16 x 16
  * transpose of those pairs is AMX's "VNNI" layout of B (row i: dims 2i, 2i + 1 of every key).
- * Three tdpbf16ps per 32 dims (hi, mid, lo) sum into one 16 x 16 fp32 tile. Each score is its row's and key's own sum, whatever else shares
- * the tile, so decode and prefill rows get the same bits. */
-#include <immintrin.h>
-#include <string.h>
-
+ * Three tdpbf16ps per 32 dims (hi, mid, lo) sum into one 16 x 16 fp32 tile. Each score is its
+ * row's and key's own sum, whatever else shares the tile, so decode and prefill rows get the
+ * same bits. */
+#include "pxl_amx.h"
 #include "pxl_kernels.h"
 
 #define S 0  /* the scores: rows x 16 keys, fp32 */
@@ -19,26 +18,11 @@
 #define QL 4
 #define KT 3 /* the keys' transposed block: 16 pairs of dims x 16 keys */
 
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config;
-
-static inline void load_config(const tile_config *c) { /* (see pxl_bf16_gemm_packed_amx.c) */
-    __asm__ volatile("" : : "r"(c) : "memory");
-    _tile_loadconfig(c);
-}
-/* GCC does not treat tileloadd as reading memory either: without this, the stores that fill a
- * local block before its tile load are dropped as dead */
-#define WRITTEN(p) __asm__ volatile("" : : "r"(p) : "memory")
-
 void pxl_attn_qk_config_amx(int rows) {
-    tile_config want = {.palette = 1}, have;
+    pxl_tile_config want = {.palette = 1};
     want.rows[S] = want.rows[QH] = want.rows[QM] = want.rows[QL] = (uint8_t)rows, want.rows[KT] = 16;
     for (int t = S; t <= QL; t++) want.colsb[t] = 64;
-    _tile_storeconfig(&have);
-    if (memcmp(&want, &have, sizeof want)) load_config(&want);
+    pxl_tile_configure(&want);
 }
 
 /* v[i] = the i-th 32-bit lane of every input v[j]: a 16 x 16 transpose of 32-bit pairs */
@@ -79,7 +63,7 @@ void pxl_attn_qk_amx(size_t hd, const uint16_t *qa, const char *const *kr, float
         for (int j = 0; j < 16; j++) v[j] = _mm512_loadu_si512(kr[j] + c * 64);
         transpose16(v);
         for (int i = 0; i < 16; i++) kt[i] = v[i];
-        WRITTEN(kt);
+        PXL_TILE_WRITTEN(kt);
         _tile_loadd(KT, kt, 64);
         _tile_loadd(QH, qa + c * 3 * 16 * 32, 64);
         _tile_loadd(QM, qa + (c * 3 + 1) * 16 * 32, 64);

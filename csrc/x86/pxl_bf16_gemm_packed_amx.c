@@ -8,9 +8,7 @@
  * (pxl_bf16p_store_avx512bf16), so the roundings, the gated SiLU-mul and the streamed logits
  * are that kernel's. A row's sums depend on its own x only, whatever rm is. K not a multiple
  * of 32 runs the AVX512-BF16 kernel, and so do decode calls (AVX_MAX_RM). */
-#include <immintrin.h>
-#include <string.h>
-
+#include "pxl_amx.h"
 #include "pxl_kernels.h"
 
 /* tile registers (numbers: the intrinsics paste them into the instruction): rows 0-15 of the
@@ -24,31 +22,16 @@
 #define B0 6
 #define B1 7
 
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config;
-
-/* GCC 12 does not treat ldtilecfg as reading its operand and drops the stores that fill it in */
-static inline void load_config(const tile_config *c) {
-    __asm__ volatile("" : : "r"(c) : "memory");
-    _tile_loadconfig(c);
-}
-
-/* Configures the tiles for rm rows unless they already are (rows past 16 in the second A and C
- * tiles; unused tiles have no rows). The configuration is per thread and other AMX code in the
- * process (oneDNN under torch) may have changed or released it, so it is read back rather than
- * remembered. */
+/* Configures the tiles for rm rows (rows past 16 in the second A and C tiles; unused tiles have
+ * no rows) */
 static inline void configure(int rm) {
     const uint8_t r0 = rm < 16 ? (uint8_t)rm : 16, r1 = (uint8_t)(rm - r0);
-    tile_config want = {.palette = 1}, have;
+    pxl_tile_config want = {.palette = 1};
     want.rows[C0] = want.rows[C1] = want.rows[A0] = r0;
     want.rows[C2] = want.rows[C3] = want.rows[A1] = r1;
     want.rows[B0] = want.rows[B1] = 16;
     for (int t = C0; t <= B1; t++) want.colsb[t] = want.rows[t] ? 64 : 0;
-    _tile_storeconfig(&have);
-    if (memcmp(&want, &have, sizeof want)) load_config(&want);
+    pxl_tile_configure(&want);
 }
 
 /* acc (rm x 32, lda apart) = X (rm <= 32 rows, K) . the panel; each B tile serves both A tiles */
@@ -115,9 +98,9 @@ ENTRY(pxl_gemm_bf16p_wide_amx, 3, float, pxl_gemm_bf16p_wide_avx512bf16)
 /* the roofline's bf16 peak on a set with these kernels: 4 independent tile accumulators, each
  * tdpbf16ps 16 x 16 x 32 pairs, register-resident; ops (2 per multiply-add) done */
 double pxl_amx_peak_bf16(size_t iters) {
-    tile_config c = {.palette = 1};
+    pxl_tile_config c = {.palette = 1};
     for (int t = 0; t < 8; t++) c.rows[t] = 16, c.colsb[t] = 64;
-    load_config(&c);
+    pxl_tile_configure(&c);
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);

@@ -20,7 +20,8 @@ logger = logging.getLogger(__name__)
 def graph_spec(source: ModelSource | DeployableSource, cache_dtype: Any, lora: bool) -> GraphSpec:
     """The model's graph's spec, which sizes the KV cache before any weight is read: a deployable
     directory's from its graph, a checkpoint's from the model's shapes (torch, meta device) with
-    caches in cache_dtype (the model's dtype, as the export writes them), with LoRA slots or not."""
+    caches in cache_dtype (the engine's kv_cache_dtype resolved, which the export writes them in),
+    with LoRA slots or not."""
     if isinstance(source, DeployableSource):
         if lora:
             raise NotImplementedError(f"{source.path} is a deployable directory: LoRA needs a graph exported with "
