@@ -322,6 +322,23 @@ def test_engine_args_from_the_command_line(tiny_llama_dir):
         AsyncEngineArgs(model=str(tiny_llama_dir), stream_interval=0).create_engine_config()
 
 
+def test_kv_cache_dtype_from_the_command_line(tiny_llama_dir, capsys):
+    """--kv-cache-dtype (vLLM's flag) picks the caches' dtype; a bf16 model's is bf16 by default."""
+    import argparse
+
+    import torch
+
+    parser = AsyncEngineArgs.add_cli_args(argparse.ArgumentParser())
+    for flags, cache in (([], torch.bfloat16), (["--kv-cache-dtype", "float32"], torch.float32)):
+        args = AsyncEngineArgs.from_cli_args(parser.parse_args(["--dtype", "bfloat16", *flags]))
+        args.model = str(tiny_llama_dir)
+        config, _ = args.create_engine_config()
+        assert config.cache_dtype == cache
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--kv-cache-dtype", "float64"])
+    assert "invalid choice: 'float64'" in capsys.readouterr().err
+
+
 def test_stream_interval_batches_tokens_per_output(async_llm, chunked_llm):
     (want,) = chunked_llm.generate([PROMPTS[0]], greedy(FINAL_ONLY, 10), use_tqdm=False)
     outs = asyncio.run(collect(async_llm, PROMPTS[0], greedy(DELTA, 10, stream_interval=4), "interval"))
