@@ -35,7 +35,7 @@ const pxl_kernel_set pxl_kernels_amx = {
     .isa = "amx", .vnni = 1, .rm = 4, .rn = 4, .gemv_rn = 8, .tile_f32 = pxl_tile_f32_avx512,
     .tile_bf16 = pxl_tile_bf16_avx512bf16, .gemm_bf16p = pxl_gemm_bf16p_amx,
     .gemm_bf16p_bf16 = pxl_gemm_bf16p_bf16_amx, .gemm_bf16p_silu = pxl_gemm_bf16p_silu_amx,
-    .gemm_bf16p_wide_nt = pxl_gemm_bf16p_wide_amx,
+    .gemm_bf16p_wide_nt = pxl_gemm_bf16p_wide_amx, .gemm_bf16p_acc = pxl_gemm_bf16p_acc_amx,
     .gemm_f32p = pxl_gemm_f32p_avx512, .silu_bf16 = pxl_silu_mul_bf16_avx512bf16, .bf16p_rm = PXL_AMX_RM,
     .qr_bf16p = pxl_qr_bf16p_avx512bf16, .qr_bf16p_prefill = 1, .gemv_qr_bf16 = pxl_gemv_qr_bf16_avx512bf16,
     .attn_qk_config = pxl_attn_qk_config_amx, .attn_qk = pxl_attn_qk_amx};

@@ -25,6 +25,7 @@
 #define PANEL 16     /* quantised rows dequantised at a time */
 #define STREAM_MIN_BYTES (4 << 20) /* a widened output at least this big is stored non-temporally */
 #define PACKED_T_CHUNK (4 * T_CHUNK) /* tokens per pass over the packed panels */
+#define PXL_KC 2048                  /* K per block of a longer K (run_packed_kblocks): a chunk's x block is 1 MB */
 /* a thread's rows, and every PANEL of them, start on a repacked block */
 _Static_assert(PANEL % PXL_QR_ROWS == 0, "PANEL rows are whole repacked blocks");
 
@@ -245,8 +246,38 @@ PXL_CLONES static void store_gated(const out_spec *o, size_t r0, size_t c0, size
  * else they pass through Y, a scratch tile of one call's rows x PXL_PANEL columns, while it is
  * in L1: no T x cols fp32 copy of the result (6 MB for the lm_head of a 64-token decode step)
  * goes through memory. Gated, a panel makes 16 columns of out. */
+/* run_packed's bf16 fp32-out case for K over PXL_KC, on sets with an accumulating kernel: a
+ * chunk's x rows (4 MB at K = 8192) no longer stay in L2 while every panel passes, and each panel
+ * would read them again from L3. So K runs in blocks: a block of the chunk's x (1 MB) stays in
+ * L2 for all the panels, and the sums wait in Y from block to block (fp32, so exactly: the bits
+ * of one pass). Whole panels only (cols a multiple of PXL_PANEL), and prefill-sized T. */
+static void run_packed_kblocks(const pxl_kernel_set *ks, size_t T, size_t cols, size_t K, const uint16_t *X,
+                               size_t ldx, const uint16_t *Wp, float *Y, size_t ldy) {
+    const size_t rmax = (size_t)ks->bf16p_rm;
+    for (size_t t0 = 0; t0 < T; t0 += PACKED_T_CHUNK) {
+        size_t t1 = t0 + PACKED_T_CHUNK < T ? t0 + PACKED_T_CHUNK : T;
+        size_t calls = (t1 - t0 + rmax - 1) / rmax, base = (t1 - t0) / calls, extra = (t1 - t0) % calls;
+        for (size_t k0 = 0; k0 < K; k0 += PXL_KC) {
+            size_t kc = K - k0 < PXL_KC ? K - k0 : PXL_KC;
+            for (size_t n = 0; n < cols; n += PXL_PANEL) { /* a panel's K rows k0 .. : [K/2][32][2] */
+                const uint16_t *w = Wp + n * K + k0 * PXL_PANEL;
+                for (size_t c = 0, t = t0; c < calls; c++) {
+                    int rm = (int)(base + (c < extra));
+                    ks->gemm_bf16p_acc(rm, kc, X + t * ldx + k0, ldx, w, Y + t * ldy + n, ldy, k0 > 0);
+                    t += rm;
+                }
+            }
+        }
+    }
+}
+
 static void run_packed(const pxl_kernel_set *ks, int f32, size_t T, size_t cols, size_t K, const void *X,
                        size_t ldx, const void *Wp, float *Y, size_t ldy, const out_spec *out, size_t c0) {
+    if (!f32 && !out && ks->gemm_bf16p_acc && ks->bf16p_rm && K > PXL_KC && K % 32 == 0 && cols % PXL_PANEL == 0 &&
+        T >= (size_t)ks->bf16p_rm) {
+        run_packed_kblocks(ks, T, cols, K, X, ldx, Wp, Y, ldy);
+        return;
+    }
     size_t es = f32 ? 4 : 2;
     /* weights packed under another kernel set (pxl_set_isa since): the portable kernels */
     pxl_gemm_p_fn gemm = f32 ? (ks->gemm_f32p ? ks->gemm_f32p : pxl_gemm_f32p_generic)

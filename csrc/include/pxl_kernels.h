@@ -46,6 +46,11 @@ typedef void (*pxl_gemv_qr_fn)(size_t T, size_t rows, size_t K, const void *W, c
  * lines from pf, at most one per K step (a hint: the portable kernels ignore it) */
 typedef void (*pxl_gemm_p_fn)(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy,
                               int nvalid, const void *pf, size_t npf);
+/* Y (rm <= bf16p_rm rows x 32 fp32, ldy apart) = (accumulate ? Y : 0) + X (rm, K bf16) . a
+ * packed panel's K rows (K a multiple of 32): one block of a long K, the sums passing through
+ * Y from block to block exactly (the same bits as one pass) */
+typedef void (*pxl_gemm_p_acc_fn)(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy,
+                                  int accumulate);
 /* the same product rounded to bf16 (as pxl_f32_to_bf16) and stored to y (ldy) by the kernel
  * itself: no fp32 tile goes through memory between the sums and the output */
 typedef void (*pxl_gemm_p_bf16_fn)(int rm, size_t K, const void *X, size_t ldx, const void *Wp, uint16_t *y,
@@ -82,6 +87,8 @@ typedef struct {
     /* bf16 values stored widened to fp32 around the caches (the logits): Y 64-byte aligned,
      * nvalid 32; NULL: through the tile */
     pxl_gemm_p_fn gemm_bf16p_wide_nt;
+    /* gemm_bf16p in blocks of K for fp32 out (pxl_linear.c: PXL_KC); NULL: one pass over K */
+    pxl_gemm_p_acc_fn gemm_bf16p_acc;
     pxl_gemm_p_fn gemm_f32p;  /* NULL: the set does not pack fp32 */
     pxl_silu_bf16_fn silu_bf16; /* NULL: the portable pxl_silu_mul1 loop */
     int bf16p_rm; /* tokens per gemm_bf16p* call (0: PXL_PANEL_RM) */
@@ -154,6 +161,8 @@ void pxl_gemm_bf16p_silu_amx(int rm, size_t K, const void *X, size_t ldx, const 
                              int nvalid, const void *pf, size_t npf);
 void pxl_gemm_bf16p_wide_amx(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy,
                              int nvalid, const void *pf, size_t npf);
+void pxl_gemm_bf16p_acc_amx(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy,
+                            int accumulate);
 void pxl_attn_qk_config_amx(int rows);
 void pxl_attn_qk_amx(size_t hd, const uint16_t *qa, const char *const *kr, float *s, size_t lds);
 double pxl_amx_peak_bf16(size_t iters); /* the roofline's probe: ops done by this thread */

@@ -767,13 +767,17 @@ int main(void) {
                                                                the portable one): M, N and K tails */
             size_t odd = fmt == PXL_F32P; /* fp32 panels take odd K too; bf16 pairs need it even */
             size_t pshapes[][3] = {{1, 32, 64}, {1, 33, 576}, {5, 31, 2 + odd}, {12, 64, 130}, {13, 100, 576 + odd},
-                                   {37, 65, 1536}, {300, 40, 96}, {257, 70, 64}}; /* (> 256: two token chunks) */
+                                   {37, 65, 1536}, {300, 40, 96}, {257, 70, 64}, /* (> 256: two token chunks) */
+                                   {40, 64, 4192}};                               /* (K over 2048: in blocks) */
             for (size_t i = 0; i < sizeof pshapes / sizeof pshapes[0]; i++)
                 for (int dt = 0; dt < 2; dt++)
                     test_linear(dt, fmt, pshapes[i][0], pshapes[i][1], pshapes[i][2], i % 2);
             test_batch_invariant(fmt == PXL_BF16P, fmt, 37, 83, 578 - odd);
             test_batch_invariant(fmt == PXL_BF16P, fmt, 37, 83, 576); /* (AMX: K a multiple of 32) */
         }
+        /* fp32 out over a long K: a step's rows in K blocks (AMX), each token alone in one pass */
+        test_batch_invariant(PXL_F32, PXL_BF16P, 37, 83, 4192);
+        test_batch_invariant(PXL_F32, PXL_BF16P, 300, 64, 2080);
         if (pxl_packed_bytes(PXL_BF16, 1, 2))
             test_linear(PXL_BF16, PXL_Q8_0, 70, 70, 576, 1); /* dequantised panels packed (T >= 64) */
         test_quantize_x(32);

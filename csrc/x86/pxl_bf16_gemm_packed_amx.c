@@ -34,16 +34,26 @@ static inline void configure(int rm) {
     pxl_tile_configure(&want);
 }
 
-/* acc (rm x 32, lda apart) = X (rm <= 32 rows, K) . the panel; each B tile serves both A tiles */
+/* acc (rm x 32, lda apart) = (load ? acc : 0) + X (rm <= 32 rows, K) . the panel; each B tile
+ * serves both A tiles */
 static inline void product(int rm, size_t K, const uint16_t *X, size_t ldx, const uint16_t *Wp, float *acc,
-                           size_t lda, const char *pf, size_t npf) {
+                           size_t lda, int load, const char *pf, size_t npf) {
     configure(rm);
     const int two = rm > 16;
-    _tile_zero(C0);
-    _tile_zero(C1);
-    if (two) {
-        _tile_zero(C2);
-        _tile_zero(C3);
+    if (load) {
+        _tile_loadd(C0, acc, lda * 4);
+        _tile_loadd(C1, acc + 16, lda * 4);
+        if (two) {
+            _tile_loadd(C2, acc + 16 * lda, lda * 4);
+            _tile_loadd(C3, acc + 16 * lda + 16, lda * 4);
+        }
+    } else {
+        _tile_zero(C0);
+        _tile_zero(C1);
+        if (two) {
+            _tile_zero(C2);
+            _tile_zero(C3);
+        }
     }
     for (size_t k = 0; k < K; k += 32) {
         /* the next panel's lines, one per K pair as the AVX512-BF16 kernel spreads them */
@@ -83,17 +93,23 @@ static inline void product(int rm, size_t K, const uint16_t *X, size_t ldx, cons
             return;                                                                                                \
         }                                                                                                          \
         if (out == 0 && nvalid == PXL_PANEL) { /* fp32 sums of whole panels: the tiles store them */               \
-            product(rm, K, X, ldx, Wp, (float *)Y, ldy, pf, npf);                                                   \
+            product(rm, K, X, ldx, Wp, (float *)Y, ldy, 0, pf, npf);                                               \
             return;                                                                                                \
         }                                                                                                          \
         float acc[PXL_AMX_RM * PXL_PANEL] __attribute__((aligned(64)));                                            \
-        product(rm, K, X, ldx, Wp, acc, PXL_PANEL, pf, npf);                                                       \
+        product(rm, K, X, ldx, Wp, acc, PXL_PANEL, 0, pf, npf);                                                    \
         pxl_bf16p_store_avx512bf16(out, rm, acc, Y, ldy, nvalid);                                                  \
     }
 ENTRY(pxl_gemm_bf16p_amx, 0, float, pxl_gemm_bf16p_avx512bf16)
 ENTRY(pxl_gemm_bf16p_bf16_amx, 1, uint16_t, pxl_gemm_bf16p_bf16_avx512bf16)
 ENTRY(pxl_gemm_bf16p_silu_amx, 2, uint16_t, pxl_gemm_bf16p_silu_avx512bf16)
 ENTRY(pxl_gemm_bf16p_wide_amx, 3, float, pxl_gemm_bf16p_wide_avx512bf16)
+
+/* one block of a long K on the tiles, whatever rm (pxl_gemm_p_acc_fn) */
+void pxl_gemm_bf16p_acc_amx(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy,
+                            int accumulate) {
+    product(rm, K, X, ldx, Wp, Y, ldy, accumulate, NULL, 0);
+}
 
 /* the roofline's bf16 peak on a set with these kernels: 4 independent tile accumulators, each
  * tdpbf16ps 16 x 16 x 32 pairs, register-resident; ops (2 per multiply-add) done */
