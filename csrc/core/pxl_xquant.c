@@ -1,8 +1,6 @@
 /* x quantised per 32-block for the int8 dot products on GGUF blocks (pxl_qx: pxl_kernels.h):
  * at 8 bits (q = round(x / d), d = amax / 127, as llama.cpp's Q8_0 / Q8_1) or, for
  * PXL_QX_INT16, at 16 bits as two int8 planes the same kernels take as two tokens. */
-#include <math.h>
-
 #include "pxl_kernels.h"
 
 /* a block's c and e (pxl_qx) from its levels' sum and scale */
@@ -17,25 +15,13 @@ static inline void block_terms(int fmt, int32_t qsum, float db, float *c, float 
                             : 0.0f;
 }
 
-/* the largest |x| of a 32-block, folded in halves (no float reduction to reorder) */
-static inline float block_amax(const float *xb) {
-    float m[16];
-    for (int l = 0; l < 16; l++) {
-        float a = fabsf(xb[l]), z = fabsf(xb[l + 16]);
-        m[l] = a > z ? a : z;
-    }
-    for (int w = 8; w; w /= 2)
-        for (int l = 0; l < w; l++) m[l] = m[l] > m[l + w] ? m[l] : m[l + w];
-    return m[0];
-}
-
 /* One 32-block of x: the per-lane loops are selects and plain arithmetic (no libm roundf,
  * no float reductions the compiler may not reorder), so every clone vectorises them: this
  * runs once per Linear call and thread in decode, on the critical path of every token. */
 PXL_CLONES static void quantize_blocks(int fmt, size_t nb, const float *x, int8_t *q, float *d, float *c, float *e) {
     for (size_t b = 0; b < nb; b++) {
         const float *xb = x + b * PXL_QK;
-        float db = block_amax(xb) / 127.0f, id = db != 0 ? 1.0f / db : 0.0f;
+        float db = pxl_amax(xb, PXL_QK) / 127.0f, id = db != 0 ? 1.0f / db : 0.0f;
         int32_t qsum = 0;
         for (int j = 0; j < PXL_QK; j++) {
             int32_t r = pxl_round_even(xb[j] * id);
@@ -55,7 +41,7 @@ PXL_CLONES static void quantize_blocks16(int fmt, size_t nb, const float *x, int
                                          float *eh, int8_t *ql, float *dl, float *cl, float *el) {
     for (size_t b = 0; b < nb; b++) {
         const float *xb = x + b * PXL_QK;
-        float s = block_amax(xb) / PXL_X16_MAX, is = s != 0 ? 1.0f / s : 0.0f;
+        float s = pxl_amax(xb, PXL_QK) / PXL_X16_MAX, is = s != 0 ? 1.0f / s : 0.0f;
         int32_t hsum = 0, lsum = 0;
         for (int j = 0; j < PXL_QK; j++) {
             int32_t h, l;

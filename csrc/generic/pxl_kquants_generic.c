@@ -1,23 +1,8 @@
 /* K-quants (pxl_kquants.h), portable: x to Q8_K, the scalar GEMV the ISA files must match,
  * dequantisation for prefill panels, and the choice of kernel per kernel set. */
-#include <math.h>
 #include <string.h>
 
 #include "pxl_kquants.h"
-
-/* the largest |x| of a 256-block, folded in halves (no float reduction to reorder) */
-static inline float amax_k(const float *xb) {
-    float m[16];
-    for (int l = 0; l < 16; l++) m[l] = 0;
-    for (int j = 0; j < PXL_QK_K; j += 16)
-        for (int l = 0; l < 16; l++) {
-            float a = fabsf(xb[j + l]);
-            m[l] = a > m[l] ? a : m[l];
-        }
-    for (int w = 8; w; w /= 2)
-        for (int l = 0; l < w; l++) m[l] = m[l] > m[l + w] ? m[l] : m[l + w];
-    return m[0];
-}
 
 /* the 16-sums of a 256-block's levels: |sum| <= 16 * 127 */
 static inline void block_sums(const int8_t *qb, int16_t *bsums) {
@@ -33,7 +18,7 @@ static inline void block_sums(const int8_t *qb, int16_t *bsums) {
 PXL_CLONES static void quantize_q8k_blocks(size_t nb, const float *x, int8_t *q, float *d, int16_t *bsums) {
     for (size_t b = 0; b < nb; b++) {
         const float *xb = x + b * PXL_QK_K;
-        float db = amax_k(xb) / 127.0f, id = db != 0 ? 1.0f / db : 0.0f;
+        float db = pxl_amax(xb, PXL_QK_K) / 127.0f, id = db != 0 ? 1.0f / db : 0.0f;
         int8_t *qb = q + b * PXL_QK_K;
         for (int j = 0; j < PXL_QK_K; j++) qb[j] = (int8_t)pxl_round_even(xb[j] * id);
         block_sums(qb, bsums + b * (PXL_QK_K / 16));
@@ -47,7 +32,7 @@ PXL_CLONES static void quantize_q8k16_blocks(size_t nb, const float *x, int8_t *
                                              int8_t *ql, float *dl, int16_t *bl) {
     for (size_t b = 0; b < nb; b++) {
         const float *xb = x + b * PXL_QK_K;
-        float s = amax_k(xb) / PXL_X16_MAX, is = s != 0 ? 1.0f / s : 0.0f;
+        float s = pxl_amax(xb, PXL_QK_K) / PXL_X16_MAX, is = s != 0 ? 1.0f / s : 0.0f;
         int8_t *hb = qh + b * PXL_QK_K, *lb = ql + b * PXL_QK_K;
         for (int j = 0; j < PXL_QK_K; j++) {
             int32_t h, l;

@@ -209,6 +209,21 @@ typedef int32_t i32x16 __attribute__((vector_size(64)));
 #define PXL_CLONES
 #endif
 
+/* the largest |x[j]|, j < n: the bit patterns of |x| order as their values do, so this is an
+ * integer max, which compilers vectorise (a float max is a reduction they may not reorder) */
+static inline float pxl_amax(const float *x, int n) {
+    uint32_t m = 0;
+    for (int j = 0; j < n; j++) {
+        uint32_t b;
+        memcpy(&b, x + j, 4);
+        b &= 0x7fffffffu;
+        m = b > m ? b : m;
+    }
+    float a;
+    memcpy(&a, &m, 4);
+    return a;
+}
+
 /* round half to even by the 1.5 * 2^23 shifter (|v| < 2^22): the integer is then the float's
  * low mantissa bits, read without a float-to-int conversion (qemu 7.2's RVV translator aborts
  * on the vfncvt.rtz clang emits for one) */
