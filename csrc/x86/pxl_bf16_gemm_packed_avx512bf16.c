@@ -79,10 +79,9 @@ PXL_INLINE void ukernel(const int RM, const int OUT, size_t K2, const uint16_t *
     __m512 acc[12][2];
     for (int i = 0; i < RM; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
     for (size_t p = 0; p < K2; p++) {
-        /* the next panel: a call of few rows (decode) streams it from DRAM, where lines are best
-         * fetched into L2 (enough misses in flight); many rows reuse it from L1 */
-        if (p < npf && RM <= 4) _mm_prefetch(pf + p * 64, _MM_HINT_T1);
-        else if (p < npf) _mm_prefetch(pf + p * 64, _MM_HINT_T0);
+        /* the next panel, into L2: it streams from DRAM, where L2 keeps enough misses in flight,
+         * and a panel (K x 64 bytes) outgrows L1 before the calls after this one reach it */
+        if (p < npf) _mm_prefetch(pf + p * 64, _MM_HINT_T1);
         __m512bh b0 = (__m512bh)_mm512_loadu_si512(Wp + p * 64), b1 = (__m512bh)_mm512_loadu_si512(Wp + p * 64 + 32);
         for (int i = 0; i < RM; i++) {
             uint32_t pair;
