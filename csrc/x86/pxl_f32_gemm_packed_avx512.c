@@ -14,10 +14,9 @@ PXL_INLINE void ukernel(const int RM, size_t K, const float *X, size_t ldx, cons
     __m512 acc[12][2];
     for (int i = 0; i < RM; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
     for (size_t k = 0; k < K; k++) {
-        /* the next panel: a call of few rows (decode) streams it from DRAM, where lines are best
-         * fetched into L2 (enough misses in flight); many rows reuse it from L1 */
-        if (k < npf && RM <= 4) _mm_prefetch(pf + k * 64, _MM_HINT_T1);
-        else if (k < npf) _mm_prefetch(pf + k * 64, _MM_HINT_T0);
+        /* the next panel, into L2: it streams from DRAM, where L2 keeps enough misses in flight,
+         * and a panel (K x 128 bytes) outgrows L1 before the calls after this one reach it */
+        if (k < npf) _mm_prefetch(pf + k * 64, _MM_HINT_T1);
         __m512 b0 = _mm512_loadu_ps(Wp + k * 32), b1 = _mm512_loadu_ps(Wp + k * 32 + 16);
         for (int i = 0; i < RM; i++) {
             __m512 a = _mm512_set1_ps(X[i * ldx + k]);
