@@ -49,6 +49,7 @@ class ModelCost:
     q_width: int         # H * head_dim
     is_gguf: bool = True  # else an HF directory: quant_bytes are its safetensors as stored
     legacy_quants: bool = False  # every block Linear is Q8_0 / Q4_0 / Q4_1
+    hidden: int | None = None    # the model's width (which "auto" activations it runs)
 
     def weight_bytes(self, weights: str) -> float:
         """Bytes of Linear weights (blocks and lm_head) one decode step reads: as stored for
@@ -154,7 +155,7 @@ def model_cost(path: str | Path) -> ModelCost:
     kv_heads = field(".attention.head_count_kv")
     legacy = {gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1}
     return ModelCost(linear, lm_head, quant, layers, hidden // heads * kv_heads, hidden,
-                     legacy_quants=all(t.tensor_type in legacy for t in blocks))
+                     legacy_quants=all(t.tensor_type in legacy for t in blocks), hidden=hidden)
 
 
 def _hf_model_cost(path: Path) -> ModelCost:
@@ -212,11 +213,12 @@ def decode_usage(roofs: Roofs, m: ModelCost, weights: str, tok_s: float, input_l
 def arithmetic(weights: str, cost: ModelCost | None = None) -> str:
     """The arithmetic a compute-bound phase on `weights` runs: ARITHMETIC's, except for Q8_0 /
     Q4_0 / Q4_1 blocks under PERFXLM_QUANT_ACTIVATIONS=bf16, and under "auto" on the `amx`
-    kernel set, which runs steps of 32 tokens or more as bf16 tiles. (int16 is int8 done twice:
-    the same peak, against the model's own operations.)"""
+    kernel set, which runs steps of 32 tokens or more as bf16 tiles (unless the model is narrow
+    enough for "auto" to mean int16). (int16 is int8 done twice: the same peak, against the
+    model's own operations.)"""
     if weights == "gguf" and cost is not None and cost.legacy_quants:
-        from perfxlm.config import quant_activations_from_env
-        mode = quant_activations_from_env()
+        from perfxlm.config import quant_activations_from_env, resolve_quant_activations
+        mode = resolve_quant_activations(quant_activations_from_env(), cost.hidden)
         if mode == "bf16":
             return "bf16"
         from hw_plugins.cpu import library

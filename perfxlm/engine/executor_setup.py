@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from hw_plugins.base import REFERENCE, select_plugin
-from perfxlm.config import EngineConfig
+from perfxlm.config import EngineConfig, config_hidden_size, resolve_quant_activations
 from perfxlm.engine.graph_runner import GraphRunner, GraphSpec, load_graph
 from perfxlm.engine.model_runner import Executor, GraphExecutor
 from perfxlm.models.deployable import DeployableSource
@@ -50,7 +50,9 @@ def build_executor(config: EngineConfig, source: ModelSource | DeployableSource,
         from perfxlm.engine.eager_executor import EagerExecutor  # torch: only for this executor
         return EagerExecutor(model, spec, num_blocks, config.block_size)
     graph = _graph(source, config.dtype, config.quantization, lora, config.weight_dtype, config.cache_dtype)
-    executor = _graph_executor(config, graph, num_blocks)
+    quant_activations = _quant_activations(config, source)
+    executor = _graph_executor(config, graph, num_blocks, quant_activations)
+    config.quant_activations = quant_activations  # (what runs: bench quality's rows name it)
     if executor.spec != spec:
         raise RuntimeError(f"the exported graph's vocabulary and KV caches {executor.spec} differ from the "
                            f"model's {spec}")
@@ -78,14 +80,30 @@ def kv_cache_blocks(config: EngineConfig, spec: GraphSpec) -> int:
     return num_blocks
 
 
-def _graph_executor(cfg: EngineConfig, graph: Path, num_blocks: int) -> Executor:
+def _quant_activations(config: EngineConfig, source: ModelSource | DeployableSource) -> str:
+    """The activations this model's GGUF blocks multiply: PERFXLM_QUANT_ACTIVATIONS, "auto"
+    resolved for the model's width (config.resolve_quant_activations)."""
+    if not config.quantization:
+        return config.quant_activations
+    mode = resolve_quant_activations(config.quant_activations, config_hidden_size(source.hf_config))
+    if mode != config.quant_activations:
+        logger.info("GGUF blocks multiply x at 16 bits (PERFXLM_QUANT_ACTIVATIONS=auto on a model of hidden size "
+                    "%s; =int8 for llama.cpp's arithmetic)", config_hidden_size(source.hf_config))
+    return mode
+
+
+def _graph_executor(cfg: EngineConfig, graph: Path, num_blocks: int, quant_activations: str) -> Executor:
+    """The graph on its plugins, each told the engine's numeric modes; quant_activations is
+    cfg's resolved for the model: a plugin that cannot run the resolved mode keeps its own
+    choice ("auto"), one that cannot run the requested mode is refused."""
     runner = GraphRunner(graph, select_plugin(cfg.hw_plugin), lambda: select_plugin(REFERENCE),
                          cfg.max_num_batched_tokens, num_blocks, cfg.block_size)
     for plugin in {node.plugin for node in runner.nodes}:
         if not plugin.set_batch_invariant(cfg.batch_invariant):
             raise ValueError(f"PERFXLM_BATCH_INVARIANT=1: hw_plugin {plugin.name!r} runs nodes here but "
                              "cannot make them batch invariant (the cpu and rvv plugins can)")
-        if not plugin.set_quant_activations(cfg.quant_activations):
+        if not plugin.set_quant_activations(quant_activations) and \
+                not plugin.set_quant_activations(cfg.quant_activations):
             raise ValueError(f"PERFXLM_QUANT_ACTIVATIONS={cfg.quant_activations}: hw_plugin {plugin.name!r} runs "
                              "nodes here and cannot run quantised weights on those activations (bf16 needs the "
                              "cpu plugin on an AVX512-BF16 or AMX CPU)")
