@@ -285,7 +285,8 @@ QUANT_ACTIVATIONS = ("auto", "int8", "int16", "bf16")
 
 def quant_activations_from_env() -> str:
     """PERFXLM_QUANT_ACTIVATIONS: the activations GGUF block weights multiply. "auto" (the
-    default) takes the kernel set's faster path; "int8" quantises x per 32 values at every
+    default) is "int16" on narrow models (resolve_quant_activations), else the kernel set's
+    faster path; "int8" quantises x per 32 values at every
     token count (llama.cpp's arithmetic); "int16" quantises it to 16 bits per 32 values instead
     (per 256 for K-quants; two int8 planes: twice the dot products, about the int8 speed in
     decode); "bf16" rounds x to bf16 at every token count (Q8_0/Q4_0/Q4_1 on AVX512-BF16 and AMX

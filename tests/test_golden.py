@@ -182,6 +182,16 @@ def test_quant_activations_mode_is_checked(gguf_path, monkeypatch):
         LLM(str(gguf_path), kv_cache_memory_bytes=SMALL_KV, max_model_len=1024)
 
 
+def test_auto_quant_activations_follow_the_models_width():
+    """"auto" is int16 up to hidden size 1024 (the embedded default's 576) and the kernel set's
+    own choice above (a 1B-class model's 2048); a named mode, or a width unknown, is kept."""
+    resolve = config.resolve_quant_activations
+    assert (resolve("auto", 576), resolve("auto", 1024), resolve("auto", 1025), resolve("auto", 2048)) == \
+        ("int16", "int16", "auto", "auto")
+    assert (resolve("int8", 576), resolve("bf16", 576), resolve("auto", None)) == ("int8", "bf16", "auto")
+    assert config.config_hidden_size({"n_embd": 768}) == 768  # GPT-2's name for it
+
+
 def test_bf16_quant_activations_refused_without_the_kernels(gguf_path, monkeypatch):
     """bf16 x needs the AVX512-BF16 panel kernel: on a kernel set without it the engine refuses
     the mode with a ValueError naming it, rather than running int8 silently."""
