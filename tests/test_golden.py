@@ -192,6 +192,13 @@ def test_auto_quant_activations_follow_the_models_width():
     assert config.config_hidden_size({"n_embd": 768}) == 768  # GPT-2's name for it
 
 
+def test_auto_quant_activations_stay_auto_on_a_plugin_without_int16(gguf_path):
+    """The torch plugin runs GGUF blocks dequantised and takes no mode but "auto": on the
+    narrow default it keeps that, and the config says what runs."""
+    llm = LLM(str(gguf_path), hw_plugin="torch", kv_cache_memory_bytes=SMALL_KV, max_model_len=256)
+    assert llm.llm_engine.config.quantization == "gguf" and llm.llm_engine.config.quant_activations == "auto"
+
+
 def test_bf16_quant_activations_refused_without_the_kernels(gguf_path, monkeypatch):
     """bf16 x needs the AVX512-BF16 panel kernel: on a kernel set without it the engine refuses
     the mode with a ValueError naming it, rather than running int8 silently."""

@@ -50,9 +50,7 @@ def build_executor(config: EngineConfig, source: ModelSource | DeployableSource,
         from perfxlm.engine.eager_executor import EagerExecutor  # torch: only for this executor
         return EagerExecutor(model, spec, num_blocks, config.block_size)
     graph = _graph(source, config.dtype, config.quantization, lora, config.weight_dtype, config.cache_dtype)
-    quant_activations = _quant_activations(config, source)
-    executor = _graph_executor(config, graph, num_blocks, quant_activations)
-    config.quant_activations = quant_activations  # (what runs: bench quality's rows name it)
+    executor = _graph_executor(config, graph, num_blocks, _quant_activations(config, source))
     if executor.spec != spec:
         raise RuntimeError(f"the exported graph's vocabulary and KV caches {executor.spec} differ from the "
                            f"model's {spec}")
@@ -85,28 +83,32 @@ def _quant_activations(config: EngineConfig, source: ModelSource | DeployableSou
     resolved for the model's width (config.resolve_quant_activations)."""
     if not config.quantization:
         return config.quant_activations
-    mode = resolve_quant_activations(config.quant_activations, config_hidden_size(source.hf_config))
-    if mode != config.quant_activations:
-        logger.info("GGUF blocks multiply x at 16 bits (PERFXLM_QUANT_ACTIVATIONS=auto on a model of hidden size "
-                    "%s; =int8 for llama.cpp's arithmetic)", config_hidden_size(source.hf_config))
-    return mode
+    return resolve_quant_activations(config.quant_activations, config_hidden_size(source.hf_config))
 
 
 def _graph_executor(cfg: EngineConfig, graph: Path, num_blocks: int, quant_activations: str) -> Executor:
-    """The graph on its plugins, each told the engine's numeric modes; quant_activations is
-    cfg's resolved for the model: a plugin that cannot run the resolved mode keeps its own
-    choice ("auto"), one that cannot run the requested mode is refused."""
+    """The graph on its plugins, each told the engine's numeric modes. quant_activations is
+    cfg's resolved for the model: where a plugin cannot run that, every plugin keeps the mode
+    asked for, which one that cannot run is refused. cfg.quant_activations ends as the mode
+    that runs (bench quality's rows name it)."""
     runner = GraphRunner(graph, select_plugin(cfg.hw_plugin), lambda: select_plugin(REFERENCE),
                          cfg.max_num_batched_tokens, num_blocks, cfg.block_size)
-    for plugin in {node.plugin for node in runner.nodes}:
+    plugins = {node.plugin for node in runner.nodes}
+    for plugin in plugins:
         if not plugin.set_batch_invariant(cfg.batch_invariant):
             raise ValueError(f"PERFXLM_BATCH_INVARIANT=1: hw_plugin {plugin.name!r} runs nodes here but "
                              "cannot make them batch invariant (the cpu and rvv plugins can)")
-        if not plugin.set_quant_activations(quant_activations) and \
-                not plugin.set_quant_activations(cfg.quant_activations):
-            raise ValueError(f"PERFXLM_QUANT_ACTIVATIONS={cfg.quant_activations}: hw_plugin {plugin.name!r} runs "
-                             "nodes here and cannot run quantised weights on those activations (bf16 needs the "
-                             "cpu plugin on an AVX512-BF16 or AMX CPU)")
+    if not all([plugin.set_quant_activations(quant_activations) for plugin in plugins]):
+        quant_activations = cfg.quant_activations
+        for plugin in plugins:
+            if not plugin.set_quant_activations(quant_activations):
+                raise ValueError(f"PERFXLM_QUANT_ACTIVATIONS={quant_activations}: hw_plugin {plugin.name!r} runs "
+                                 "nodes here and cannot run quantised weights on those activations (bf16 needs "
+                                 "the cpu plugin on an AVX512-BF16 or AMX CPU)")
+    if quant_activations != cfg.quant_activations:
+        logger.info("GGUF blocks multiply x at 16 bits (PERFXLM_QUANT_ACTIVATIONS=auto on a model this narrow; "
+                    "=int8 for llama.cpp's arithmetic)")
+    cfg.quant_activations = quant_activations
     return GraphExecutor(runner)
 
 
