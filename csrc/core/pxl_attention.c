@@ -60,10 +60,12 @@ static inline void pf_take(pf_queue *q, size_t k) {
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
 typedef uint16_t u16x32 __attribute__((vector_size(64)));
 
-static inline f32x16 ld16(int dt, const void *p) { /* 16 values at p (float32 or bf16), widened */
+PXL_INLINE f32x16 ld16(int dt, const void *p) { /* 16 values at p (float32, bf16 or f16), widened */
     f32x16 v;
     if (dt == PXL_F32) {
         memcpy(&v, p, sizeof v);
+    } else if (dt == PXL_F16) {
+        v = pxl_f16x16_to_f32(p);
     } else { /* bf16 -> fp32: each value into the high half of a 32-bit lane (one vpermi2w) */
         u16x16 h, z = {0};
         memcpy(&h, p, sizeof h);
@@ -110,11 +112,17 @@ static inline f32x16 fold_last(f32x16 lo, f32x16 hi) {
 }
 static inline f32x16 fold16x16(const f32x16 *a) { return fold_last(fold8x16(a), fold8x16(a + 8)); }
 
+/* element d of a cache row in dt, as fp32 */
+static inline float row_at(int dt, const void *row, size_t d) {
+    if (dt == PXL_F32) return ((const float *)row)[d];
+    uint16_t h = ((const uint16_t *)row)[d];
+    return dt == PXL_F16 ? pxl_fp16_to_fp32(h) : pxl_bf16_to_f32(h);
+}
+
 /* the scalar form of the same order, for a head dim that is not a multiple of 16 */
 static float dot_scalar(size_t hd, const float *q, int dt, const void *k) {
     float acc[16] = {0};
-    for (size_t d = 0; d < hd; d++)
-        acc[d % 16] += q[d] * (dt == PXL_F32 ? ((const float *)k)[d] : pxl_bf16_to_f32(((const uint16_t *)k)[d]));
+    for (size_t d = 0; d < hd; d++) acc[d % 16] += q[d] * row_at(dt, k, d);
     for (int w = 8; w; w /= 2)
         for (int l = 0; l < w; l++) acc[l] += acc[l + w];
     return acc[0];
@@ -224,10 +232,14 @@ PXL_CLONES static void scores_tile(int dt, size_t R, size_t hd, const float *q, 
             if (R == 3) scores_rows(PXL_F32, 3, hd, q, krows, off, n, s, lds, zero, pf, npf);
             else if (R == 2) scores_rows(PXL_F32, 2, hd, q, krows, off, n, s, lds, zero, pf, npf);
             else scores_rows(PXL_F32, 1, hd, q, krows, off, n, s, lds, zero, pf, npf);
-        } else {
+        } else if (dt == PXL_BF16) {
             if (R == 3) scores_rows(PXL_BF16, 3, hd, q, krows, off, n, s, lds, zero, pf, npf);
             else if (R == 2) scores_rows(PXL_BF16, 2, hd, q, krows, off, n, s, lds, zero, pf, npf);
             else scores_rows(PXL_BF16, 1, hd, q, krows, off, n, s, lds, zero, pf, npf);
+        } else {
+            if (R == 3) scores_rows(PXL_F16, 3, hd, q, krows, off, n, s, lds, zero, pf, npf);
+            else if (R == 2) scores_rows(PXL_F16, 2, hd, q, krows, off, n, s, lds, zero, pf, npf);
+            else scores_rows(PXL_F16, 1, hd, q, krows, off, n, s, lds, zero, pf, npf);
         }
         return;
     }
@@ -243,7 +255,8 @@ PXL_CLONES static void scores_tile(int dt, size_t R, size_t hd, const float *q, 
                 kp[jj] = (const float *)(krows[j] + off);
             } else {
                 for (size_t d = 0; d < hd; d += 16) {
-                    f32x16 v = ld16(PXL_BF16, krows[j] + off + d * 2);
+                    f32x16 v = dt == PXL_BF16 ? ld16(PXL_BF16, krows[j] + off + d * 2)
+                                              : ld16(PXL_F16, krows[j] + off + d * 2);
                     memcpy(kw + jj * hd + d, &v, sizeof v);
                 }
                 kp[jj] = kw + jj * hd;
@@ -393,8 +406,7 @@ PXL_CLONES static void weighted_sum(int dt, size_t R, size_t hd, const float *w,
             for (size_t d = 0; d < hd; d++) {
                 float acc = out[r * hd + d];
                 for (size_t j = j0; j < j1; j++)
-                    acc += w[r * ldw + j] * (dt == PXL_F32 ? ((const float *)(vrows[j] + voff))[d]
-                                                           : pxl_bf16_to_f32(((const uint16_t *)(vrows[j] + voff))[d]));
+                    acc += w[r * ldw + j] * row_at(dt, vrows[j] + voff, d);
                 out[r * hd + d] = acc;
             }
         return;
@@ -406,11 +418,13 @@ PXL_CLONES static void weighted_sum(int dt, size_t R, size_t hd, const float *w,
         float *o = out + r0 * hd;
         if (hd == 64) {
             if (dt == PXL_F32) WSUM64_CASES(PXL_F32)
-            else WSUM64_CASES(PXL_BF16)
+            else if (dt == PXL_BF16) WSUM64_CASES(PXL_BF16)
+            else WSUM64_CASES(PXL_F16)
         } else {
             for (size_t c = 0; c < hd; c += 16)
                 if (dt == PXL_F32) WSUM_CASES(PXL_F32)
-                else WSUM_CASES(PXL_BF16)
+                else if (dt == PXL_BF16) WSUM_CASES(PXL_BF16)
+                else WSUM_CASES(PXL_F16)
         }
     }
 }
@@ -438,11 +452,17 @@ PXL_CLONES static void store_out(int dt, size_t n, const float *o, char *y) {
     else for (size_t e = 0; e < n; e++) ((uint16_t *)y)[e] = pxl_f32_to_bf16(o[e]);
 }
 /* n values of a token's k or v in dt -> a cache row in cdt (a bf16 cache under fp32 activations
- * rounds them to nearest even, as the model's bf16 Linear would have) */
+ * rounds them to nearest even, as the model's bf16 Linear would have; an f16 one likewise, with
+ * three more mantissa bits and a narrower range) */
 PXL_CLONES static void store_row(int dt, int cdt, size_t n, const char *x, char *row) {
     if (dt == cdt) memcpy(row, x, n * (dt == PXL_F32 ? 4 : 2));
     else if (cdt == PXL_BF16)
         for (size_t e = 0; e < n; e++) ((uint16_t *)row)[e] = pxl_f32_to_bf16(((const float *)x)[e]);
+    else if (cdt == PXL_F16 && dt == PXL_F32)
+        for (size_t e = 0; e < n; e++) ((uint16_t *)row)[e] = pxl_f32_to_f16(((const float *)x)[e]);
+    else if (cdt == PXL_F16)
+        for (size_t e = 0; e < n; e++)
+            ((uint16_t *)row)[e] = pxl_f32_to_f16(pxl_bf16_to_f32(((const uint16_t *)x)[e]));
     else
         for (size_t e = 0; e < n; e++) ((float *)row)[e] = pxl_bf16_to_f32(((const uint16_t *)x)[e]);
 }

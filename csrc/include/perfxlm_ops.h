@@ -127,8 +127,8 @@ void pxl_moe(int dt, int fmt_gate, int fmt_up, int fmt_down, size_t T, size_t D,
 void pxl_lora(int dt, size_t T, size_t N, size_t K, size_t R, size_t L, const void *x, const void *y_in,
               const float *A, const float *B, const float *scale, const int64_t *ids, void *y);
 /* Paged attention for a step of B sequences with T tokens in all (decode and prefill alike):
- * writes k, v (T, Hkv*hd) in dt into the caches (blocks, block_size, Hkv, hd) in cdt (PXL_F32
- * or PXL_BF16: a bf16 model's cache under fp32 activations) at slot_mapping (T,), then each
+ * writes k, v (T, Hkv*hd) in dt into the caches (blocks, block_size, Hkv, hd) in cdt (PXL_F32,
+ * PXL_BF16 or PXL_F16: a bf16 model's cache under fp32 activations) at slot_mapping (T,), then each
  * query token of sequence b (rows query_start_loc[b] .. [b+1]) attends causally to
  * that sequence's seq_lens[b] cached tokens through block_tables (B, max_blocks), keeping the
  * last `window` keys when window > 0; softcap > 0 caps the scaled logits s to

@@ -18,15 +18,17 @@
 extern "C" {
 #endif
 
-#define PXL_ABI_VERSION 3
+#define PXL_ABI_VERSION 4
 
-/* element / weight formats (activations are PXL_F32 or PXL_BF16) */
+/* element / weight formats (activations are PXL_F32 or PXL_BF16; PXL_F16, IEEE binary16, is a
+ * KV cache's format only) */
 enum {
     PXL_F32 = 0, PXL_BF16 = 1, PXL_Q8_0 = 2, PXL_Q4_0 = 3, PXL_Q4_1 = 4, PXL_BF16P = 5, PXL_F32P = 6,
     PXL_Q8_0R = 7, PXL_Q4_0R = 8, PXL_Q4_1R = 9, /* Q8_0 / Q4_0 / Q4_1 repacked 16 rows a block */
     PXL_Q4_K = 10, PXL_Q5_K = 11, PXL_Q6_K = 12, /* GGUF K-quants: 256-value super-blocks, as stored */
     PXL_Q4_KR = 13, PXL_Q6_KR = 14, /* Q4_K / Q6_K repacked 16 rows a block (pxl_kquants.h) */
-    PXL_NFMT = 15
+    PXL_F16 = 15,
+    PXL_NFMT = 16
 };
 /* the 32-value block formats (Q8_0 / Q4_0 / Q4_1, as stored or repacked); K-quants are apart:
  * their x is quantised per 256 (Q8_K) rather than per 32 */

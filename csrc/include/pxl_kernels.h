@@ -200,6 +200,22 @@ float pxl_fp16_to_fp32(uint16_t h);
  * (attention, sampling): each ISA clone compiles them to its own instructions */
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef uint16_t pxl_u16x16 __attribute__((vector_size(32)));
+
+/* 16 IEEE binary16 values at p -> fp32, exactly: exponent and mantissa moved into fp32's places,
+ * then scaled by 2^112 (the two biases' difference), which makes subnormals exact too; inf and
+ * NaN keep an all-ones exponent. Integer and float lanes only, so every ISA's vector code takes
+ * it (there is no portable vector half type: clang's RISC-V backend rejects one). */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi" /* a vector value: always inlined, in every clone */
+static inline __attribute__((always_inline)) f32x16 pxl_f16x16_to_f32(const void *p) {
+    pxl_u16x16 h;
+    memcpy(&h, p, sizeof h);
+    i32x16 x = __builtin_convertvector(h, i32x16), e = x & 0x7fff, m = e << 13;
+    i32x16 big = e >= 0x7c00, v = (i32x16)((f32x16)m * 0x1p112f);
+    return (f32x16)(((v & ~big) | ((m | 0x7f800000) & big)) | ((x & 0x8000) << 16));
+}
+#pragma GCC diagnostic pop
 
 /* Portable C loops compiled once per x86 level (AVX-512 F/BW/VL/DQ, AVX2+FMA, baseline) and
  * picked at load time: AVX-512 without BW would leave every bf16 loop scalar. */
@@ -232,6 +248,23 @@ static inline int32_t pxl_round_even(float v) {
     int32_t bits;
     memcpy(&bits, &f, 4);
     return bits - 0x4B400000;
+}
+
+/* fp32 -> IEEE binary16 rounded to nearest even, as torch's .to(float16) and llama.cpp's f16 KV
+ * cache store it: past the largest f16 (65504) it is inf, NaN stays NaN, below 2^-14 subnormal */
+static inline uint16_t pxl_f32_to_f16(float f) {
+    uint32_t b;
+    memcpy(&b, &f, 4);
+    uint32_t s = (b >> 16) & 0x8000, a = b & 0x7fffffffu;
+    if (a > 0x7f800000u) return (uint16_t)(s | 0x7e00);
+    if (a >= 0x477ff000u) return (uint16_t)(s | 0x7c00); /* 65520 and up round past 65504 */
+    if (a < 0x38800000u) {                                /* |f| < 2^-14: |f| 2^24 rounded, 1024 the least normal */
+        float m;
+        memcpy(&m, &a, 4);
+        return (uint16_t)(s | (uint32_t)pxl_round_even(m * 16777216.0f));
+    }
+    uint32_t r = a - 0x38000000u; /* the exponent rebiased (127 -> 15), then 13 mantissa bits rounded off */
+    return (uint16_t)(s | ((r + 0xfffu + ((r >> 13) & 1)) >> 13));
 }
 
 /* PXL_QX_INT16: X (|X| <= 32512 = 255 * 127 + 127) as 255 h + l with h, l in [-127, 127], two int8

@@ -11,6 +11,8 @@
  * fallback), and the token counts at which Linear changes path */
 #include "pxl_kernels.h"
 
+#pragma GCC diagnostic ignored "-Wpsabi" /* vector values (pxl_f16x16_to_f32), always inlined */
+
 static int passed, failed;
 static const char *isa = "";
 
@@ -26,14 +28,41 @@ static float from_bf16(uint16_t h) {
     memcpy(&f, &b, 4);
     return f;
 }
+/* IEEE binary16 by arithmetic, apart from the library's bit tricks: x rounded to 11 significant
+ * bits (nearest even; the quantum at least 2^-24, the subnormals'), inf past 65504 */
+static double in_f16(double x) {
+    if (x != x) return x;
+    int e;
+    frexp(fabs(x), &e);
+    int q = e - 11 < -24 ? -24 : e - 11;
+    double r = ldexp(nearbyint(ldexp(fabs(x), -q)), q);
+    return copysign(r > 65504 ? INFINITY : r, x);
+}
+static double fp16(uint16_t h);
+static uint16_t to_f16(float f) { /* in_f16's value encoded (NaN as a quiet one) */
+    double r = in_f16(f), a = fabs(r);
+    uint16_t s = signbit(r) ? 0x8000 : 0;
+    if (r != r) return s | 0x7e00;
+    if (a == INFINITY) return s | 0x7c00;
+    if (a < 0x1p-14) return s | (uint16_t)ldexp(a, 24);
+    int e;
+    frexp(a, &e);
+    return s | (uint16_t)((e - 1 + 15) << 10) | (uint16_t)(ldexp(a, 11 - e) - 1024);
+}
+static const char *fmt_label(int dt) { return dt == PXL_F16 ? "f16" : dt ? "bf16" : "f32"; }
+static size_t fmt_bytes(int dt) { return dt ? 2 : 4; }
 static float rnd(int dt, float f) { return dt ? from_bf16(to_bf16(f)) : f; }
-static float get(int dt, const void *p, size_t i) { return dt ? from_bf16(((const uint16_t *)p)[i]) : ((const float *)p)[i]; }
-static float in_fmt(int dt, float x) { return dt ? from_bf16(to_bf16(x)) : x; } /* x as dt holds it */
+static float get(int dt, const void *p, size_t i) {
+    if (dt == PXL_F16) return (float)fp16(((const uint16_t *)p)[i]);
+    return dt ? from_bf16(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+static float in_fmt(int dt, float x) { return dt == PXL_F16 ? (float)in_f16(x) : dt ? from_bf16(to_bf16(x)) : x; } /* x as dt holds it */
 static void *alloc_rand(int dt, size_t n, float scale) { /* random values, exactly representable in dt */
     void *p = malloc(n * 4 + 64);
     for (size_t i = 0; i < n; i++) {
         float v = frand() * scale;
-        if (dt) ((uint16_t *)p)[i] = to_bf16(v);
+        if (dt == PXL_F16) ((uint16_t *)p)[i] = to_f16(v);
+        else if (dt) ((uint16_t *)p)[i] = to_bf16(v);
         else ((float *)p)[i] = v;
     }
     return p;
@@ -64,10 +93,47 @@ static uint16_t fp32_to_fp16(float f) { /* test-side encoder, normal range */
     if (man & 0x1000) h++;
     return (uint16_t)h;
 }
-static double fp16(uint16_t h) { /* test-side decoder, normal range and zero */
+static double fp16(uint16_t h) { /* test-side decoder: every pattern */
     int exp = (h >> 10) & 0x1f;
-    double v = exp ? ldexp(1.0 + (h & 0x3ff) / 1024.0, exp - 15) : ldexp((h & 0x3ff) / 1024.0, -14);
+    double v = exp == 31 ? ((h & 0x3ff) ? NAN : INFINITY)
+               : exp ? ldexp(1.0 + (h & 0x3ff) / 1024.0, exp - 15) : ldexp((h & 0x3ff) / 1024.0, -14);
     return h & 0x8000 ? -v : v;
+}
+
+/* the f16 KV cache's conversions: every f16 pattern widened by the vector code, and fp32 values
+ * across f16's range (its subnormals, the rounding ties, the edge of inf) rounded by the store */
+static void test_f16_conversions(void) {
+    for (uint32_t h0 = 0; h0 < 65536; h0 += 16) {
+        uint16_t h[16];
+        for (int i = 0; i < 16; i++) h[i] = (uint16_t)(h0 + i);
+        f32x16 v = pxl_f16x16_to_f32(h);
+        for (int i = 0; i < 16; i++) {
+            double want = fp16(h[i]);
+            if (!(v[i] == want || (want != want && v[i] != v[i]))) {
+                printf("FAIL [%s] f16 widening: 0x%04x got %.9g want %.9g\n", isa, h[i], v[i], want);
+                failed++;
+                return;
+            }
+        }
+    }
+    float edge[] = {0.0f, -0.0f, 65504.0f, 65519.99f, 65520.0f, -65520.0f, 1e9f, INFINITY, 0x1p-14f, 0x1p-24f,
+                    0x1p-25f, 0x1.8p-24f, 0x1.000002p-25f, 0x1.ffcp-15f, 0x1.ffep-15f, 1.0f + 0x1p-11f,
+                    1.0f + 0x1.8p-10f, 1e-30f, -3.1415926f};
+    for (int i = 0; i < 200000; i++) {
+        float f = i < (int)(sizeof edge / sizeof *edge) ? edge[i] : ldexpf(frand(), rand() % 46 - 28);
+        uint16_t got = pxl_f32_to_f16(f), want = to_f16(f);
+        if (got != want) {
+            printf("FAIL [%s] f32 -> f16: %.9g got 0x%04x want 0x%04x\n", isa, f, got, want);
+            failed++;
+            return;
+        }
+    }
+    if (pxl_f32_to_f16(NAN) != 0x7e00 || (pxl_f32_to_f16(-NAN) & 0x7c00) != 0x7c00) {
+        printf("FAIL [%s] f32 -> f16: NaN not kept\n", isa);
+        failed++;
+        return;
+    }
+    passed++;
 }
 
 /* a random weight matrix (N, K) in `fmt` and its exact dequantised values */
@@ -103,7 +169,7 @@ static void *make_weights(int fmt, size_t N, size_t K, double *deq) {
 }
 
 static const char *fmt_name[] = {"f32", "bf16", "q8_0", "q4_0", "q4_1", "bf16 packed", "f32 packed",
-                                  "q8_0 x16", "q4_0 x16", "q4_1 x16", "q4_K", "q5_K", "q6_K", "q4_K x16", "q6_K x16"};
+                                  "q8_0 x16", "q4_0 x16", "q4_1 x16", "q4_K", "q5_K", "q6_K", "q4_K x16", "q6_K x16", "f16"};
 _Static_assert(sizeof fmt_name / sizeof fmt_name[0] == PXL_NFMT, "a name for every format");
 
 /* repacked blocks times bf16 x with exact weights (PXL_QX_BF16: decode-sized T, or every T
@@ -571,7 +637,7 @@ static void test_attention(int dt, int cdt, size_t H, size_t Hkv, size_t hd, siz
     for (size_t d = 0; d < H * hd; d++) ref[1 * H * hd + d] = get(dt, y, 1 * H * hd + d); /* padding row: unchecked */
     char name[96];
     snprintf(name, sizeof name, "paged_attention %s cache %s B=%d H=%zu Hkv=%zu hd=%zu window=%zu softcap=%g causal=%d",
-             dt ? "bf16" : "f32", cdt ? "bf16" : "f32", B, H, Hkv, hd, window, softcap, causal);
+             fmt_label(dt), fmt_label(cdt), B, H, Hkv, hd, window, softcap, causal);
     check(name, dt, T * H * hd, y, ref, NULL, dt ? 2e-2 : 1e-5); /* bf16: q.k rounded to bf16 inputs */
     free(q); free(k); free(v); free(kc); free(vc); free(y); free(ref);
 }
@@ -581,7 +647,7 @@ static void test_attention(int dt, int cdt, size_t H, size_t Hkv, size_t hd, siz
  * must give the same bits (a token's result may not depend on how its step was made up) */
 static void test_attention_invariant(int dt, int cdt, size_t H, size_t Hkv, size_t hd) {
     enum { N = 29, BS = 4, MAXB = 8 };
-    size_t es = dt ? 2 : 4, ces = cdt ? 2 : 4, row = Hkv * hd, qrow = H * hd;
+    size_t es = fmt_bytes(dt), ces = fmt_bytes(cdt), row = Hkv * hd, qrow = H * hd;
     int64_t tables[MAXB] = {5, 2, 7, 0, 3, 6, 1, 4}, slots[N], qsl[2] = {0, N}, seq = N;
     for (size_t p = 0; p < N; p++) slots[p] = tables[p / BS] * BS + p % BS;
     void *q = alloc_rand(dt, N * qrow, 1), *k = alloc_rand(dt, N * row, 1), *v = alloc_rand(dt, N * row, 1);
@@ -602,8 +668,8 @@ static void test_attention_invariant(int dt, int cdt, size_t H, size_t Hkv, size
     int chunk_ok = !memcmp(one, all + 10 * qrow * es, 5 * qrow * es);
     if (bad == N && chunk_ok) passed++;
     else {
-        printf("FAIL [%s] attention invariance %s cache %s H=%zu Hkv=%zu hd=%zu: %s\n", isa, dt ? "bf16" : "f32",
-               cdt ? "bf16" : "f32", H, Hkv, hd,
+        printf("FAIL [%s] attention invariance %s cache %s H=%zu Hkv=%zu hd=%zu: %s\n", isa, fmt_label(dt),
+               fmt_label(cdt), H, Hkv, hd,
                bad < N ? "a decode differs from its prefill row" : "a chunk differs from its prefill rows");
         failed++;
     }
@@ -865,6 +931,17 @@ int main(void) {
         test_attention(PXL_F32, PXL_BF16, 6, 2, 8, 0, 3, 0, 0);
         test_attention_invariant(PXL_F32, PXL_BF16, 9, 3, 64);
         test_attention_invariant(PXL_F32, PXL_BF16, 6, 3, 24);
+        /* an f16 cache (kv_cache_dtype="float16"), under fp32 and bf16 activations */
+        test_f16_conversions();
+        test_attention(PXL_F32, PXL_F16, 9, 3, 64, 0, 3, 0, 1);
+        test_attention(PXL_F32, PXL_F16, 9, 3, 64, 0, 12, 0, 1);
+        test_attention(PXL_F32, PXL_F16, 9, 3, 64, 4, 12, 1.0f, 1);
+        test_attention(PXL_F32, PXL_F16, 6, 2, 8, 0, 3, 0, 0);
+        test_attention(PXL_F32, PXL_F16, 6, 2, 16, 0, 3, 0, 1);
+        test_attention(PXL_BF16, PXL_F16, 9, 3, 64, 0, 3, 0, 1);
+        test_attention_invariant(PXL_F32, PXL_F16, 9, 3, 64);
+        test_attention_invariant(PXL_F32, PXL_F16, 8, 2, 32);
+        test_attention_invariant(PXL_F32, PXL_F16, 6, 3, 24);
         for (int dt = 0; dt < 2; dt++) {
             test_moe(dt, dt ? PXL_BF16 : PXL_F32, 1, 64, 96, 5, 2, 0);
             test_moe(dt, dt ? PXL_BF16 : PXL_F32, 9, 64, 40, 6, 3, 1);
