@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     att.add_argument("--layers", type=int, default=30, help="distinct caches walked per pass (SmolLM2: 30)")
     att.add_argument("--heads", default="9,3,64", help="query heads, KV heads, head dim (SmolLM2: 9,3,64)")
     att.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    att.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                     help="the caches' dtype (auto: --dtype's; a bf16 model in the engine: --dtype float32 "
+                          "--kv-cache-dtype bfloat16)")
     att.add_argument("--output-json", default=None, help="also write the rows as JSON")
     smp = bsub.add_parser("sampler", help="random sampling from logits rows: ours (C, from the logits), torch "
                                            "(softmax + inverse CDF)")
@@ -158,10 +161,12 @@ def _bench_attention(args: argparse.Namespace) -> int:
     if bad or heads % kv_heads:
         raise SystemExit(f"perfxlm bench attention: {bad[0]} must be >= 1" if bad else
                          f"perfxlm bench attention: --heads {args.heads}: query heads must be a multiple of KV heads")
+    cache = args.dtype if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
     rows = attention.run(args.batch, args.context, args.prefill_len, args.layers, heads, kv_heads, head_dim,
-                         args.dtype)
+                         args.dtype, cache)
     lib = library.load()
-    print(f"paged attention, {args.dtype}, {args.batch} sequences, {heads}/{kv_heads} heads of {head_dim}, "
+    print(f"paged attention, {args.dtype} ({cache} KV cache), {args.batch} sequences, "
+          f"{heads}/{kv_heads} heads of {head_dim}, "
           f"{args.layers} layers' caches; decode over {args.context} + 1 keys, prefill of {args.prefill_len} tokens; "
           f"ours: {lib.pxl_isa().decode()} kernels, {lib.pxl_num_threads()} threads; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")

@@ -330,9 +330,10 @@ def resolve_dtype(dtype: Any, hf_config: dict[str, Any]) -> Any:
     return _DTYPES[dtype]
 
 
-# kv_cache_dtype values perfxlm runs: vLLM's "auto" (the model's dtype) and "bfloat16", and
-# "float32" (its own: keys and values unrounded under a bf16 model's float32 activations)
-KV_CACHE_DTYPES = ("auto", "bfloat16", "float32")
+# kv_cache_dtype values perfxlm runs: vLLM's "auto" (the model's dtype) and "bfloat16", and its
+# own "float16" (llama.cpp's cache: the bytes of bf16 with three more mantissa bits, range to
+# 65504) and "float32" (keys and values unrounded under a bf16 model's float32 activations)
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 _FP8_CACHE_DTYPES = ("fp8", "fp8_e4m3", "fp8_e5m2", "fp8_inc", "fp8_ds_mla")
 
 

@@ -119,25 +119,29 @@ def main() -> int:
     rot = np.concatenate([-xh[..., hd // 2:], xh[..., :hd // 2]], -1)
     ref = (xh * cos[pos][:, None] + rot * sin[pos][:, None]).reshape(4, -1)
     check("RoPE", run(plugin, "RoPE", {"head_dim": hd}, [xr, pos, cos, sin], (4, H * hd)), ref)
-    # attention: one sequence, 3 cached tokens + a 2-token chunk, GQA 4 heads over 2
-    Hkv, BS = 2, 4
-    kc, vc = f(4, BS, Hkv, hd), f(4, BS, Hkv, hd)
-    q, k, v = f(2, H * hd), f(2, Hkv * hd), f(2, Hkv * hd)
-    tables, seq = np.array([[2, 0]], np.int64), np.array([5], np.int64)
-    slots = np.array([2 * BS + 3, 0 * BS + 0], np.int64)
-    attrs = {"num_heads": H, "num_kv_heads": Hkv, "head_dim": hd, "scale": hd ** -0.5, "sliding_window": 0}
-    kf, vf = kc.copy(), vc.copy()
-    kf.reshape(-1, Hkv, hd)[slots], vf.reshape(-1, Hkv, hd)[slots] = k.reshape(2, Hkv, hd), v.reshape(2, Hkv, hd)
-    keys = np.concatenate([kf[2], kf[0]])[:5].astype(np.float64)          # (5, Hkv, hd) in position order
-    vals = np.concatenate([vf[2], vf[0]])[:5].astype(np.float64)
-    ref = np.zeros((2, H, hd))
-    for t, p in enumerate([3, 4]):
-        for h in range(H):
-            s = keys[: p + 1, h // 2] @ q.reshape(2, H, hd)[t, h] * hd ** -0.5
-            e = np.exp(s - s.max())
-            ref[t, h] = e / e.sum() @ vals[: p + 1, h // 2]
-    ins = [q, k, v, kc, vc, slots, tables, seq, np.array([0, 2], np.int64)]
-    check("PagedAttention", run(plugin, "PagedAttention", attrs, ins, (2, H * hd)), ref.reshape(2, -1))
+    # attention: one sequence, 3 cached tokens + a 2-token chunk, GQA 4 heads over 2; head dim 8
+    # (the scalar loops) on a float32 cache, 16 (the vector code) on an f16 one (kv_cache_dtype
+    # "float16": this step's keys and values rounded as they are stored)
+    for hd, cache in [(8, np.float32), (16, np.float16)]:
+        Hkv, BS = 2, 4
+        kc, vc = f(4, BS, Hkv, hd).astype(cache), f(4, BS, Hkv, hd).astype(cache)
+        q, k, v = f(2, H * hd), f(2, Hkv * hd), f(2, Hkv * hd)
+        tables, seq = np.array([[2, 0]], np.int64), np.array([5], np.int64)
+        slots = np.array([2 * BS + 3, 0 * BS + 0], np.int64)
+        attrs = {"num_heads": H, "num_kv_heads": Hkv, "head_dim": hd, "scale": hd ** -0.5, "sliding_window": 0}
+        kf, vf = kc.copy(), vc.copy()
+        kf.reshape(-1, Hkv, hd)[slots], vf.reshape(-1, Hkv, hd)[slots] = k.reshape(2, Hkv, hd), v.reshape(2, Hkv, hd)
+        keys = np.concatenate([kf[2], kf[0]])[:5].astype(np.float64)          # (5, Hkv, hd) in position order
+        vals = np.concatenate([vf[2], vf[0]])[:5].astype(np.float64)
+        ref = np.zeros((2, H, hd))
+        for t, p in enumerate([3, 4]):
+            for h in range(H):
+                s = keys[: p + 1, h // 2] @ q.reshape(2, H, hd)[t, h] * hd ** -0.5
+                e = np.exp(s - s.max())
+                ref[t, h] = e / e.sum() @ vals[: p + 1, h // 2]
+        ins = [q, k, v, kc, vc, slots, tables, seq, np.array([0, 2], np.int64)]
+        check(f"PagedAttention hd={hd} {np.dtype(cache).name} cache",
+              run(plugin, "PagedAttention", attrs, ins, (2, H * hd)), ref.reshape(2, -1))
     for T, shared in [(1, False), (5, True)]:  # MoE: 5 experts, top 2, expert 4 without tokens
         x, logits, D, F, E = f(T, 32), f(T, 5) * 2, 32, 48, 5
         logits[:, 4] = -30

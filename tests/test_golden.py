@@ -54,13 +54,15 @@ def test_hf_directory_float32_equals_vllm_golden(smol_hf_dir):
     _check_golden(llm, "golden_greedy_vllm_float32.json")
 
 
-@pytest.mark.parametrize("kv_cache_dtype, cache_dtype", [("auto", torch.bfloat16), ("float32", torch.float32)])
+@pytest.mark.parametrize("kv_cache_dtype, cache_dtype",
+                         [("auto", torch.bfloat16), ("float16", torch.float16), ("float32", torch.float32)])
 def test_bfloat16_stays_close_to_float32(smol_llm, gguf_path, kv_cache_dtype, cache_dtype):
     """bf16 tokens may differ from fp32 (vLLM's own bf16 output changes with thread count),
     so compare the fp32 greedy path's logprobs under bf16: each token fp32 chose must stay
     within 0.5 nats of bf16's best token over the first 16 steps (typical drift is < 0.1).
     The KV cache is bf16 as in vLLM (kv_cache_dtype auto: the model's dtype), twice the tokens
-    of a float32 one in the same memory; kv_cache_dtype="float32" keeps keys and values unrounded."""
+    of a float32 one in the same memory; kv_cache_dtype="float16" rounds them as llama.cpp's cache
+    does, in the same memory, and "float32" keeps them unrounded."""
     ref = golden("golden_greedy_vllm_float32.json")
     bf16 = LLM(str(gguf_path), dtype="bfloat16", kv_cache_memory_bytes=SMALL_KV, max_model_len=1024,
                kv_cache_dtype=kv_cache_dtype)

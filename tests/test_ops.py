@@ -188,28 +188,30 @@ def test_every_op_on_every_plugin(plugin_name, name, dtype):
         assert nmse(a, b) < NMSE[dtype], (plugin_name, name, dtype, nmse(a, b))
 
 
+@pytest.mark.parametrize("cache", ["bfloat16", "float16"])
 @pytest.mark.parametrize("name", ["PagedAttention", "PagedAttention/softcap", "PagedAttention/bidirectional"])
 @pytest.mark.parametrize("plugin_name", PLUGINS)
-def test_attention_on_a_bf16_cache_under_float32_activations(plugin_name, name):
-    """A bf16 model's KV cache under float32 activations: the step's keys and values are rounded
-    to bf16 as they are stored, and the attention reads the rounded cache, so it equals the
-    float32 reference on rounded k, v and caches (only the summation order differs)."""
+def test_attention_on_a_16_bit_cache_under_float32_activations(plugin_name, name, cache):
+    """A bf16 model's KV cache under float32 activations (bf16, or f16 with kv_cache_dtype="float16"):
+    the step's keys and values are rounded as they are stored, and the attention reads the rounded
+    cache, so it equals the float32 reference on rounded k, v and caches (only the summation order
+    differs)."""
     import ml_dtypes
     plugin = discover_plugins()[plugin_name]()
     attrs, inputs, shapes = case(name)
-    dtypes = ("float32",) * 3 + ("bfloat16",) * 2 + ("int64",) * 4
+    dtypes = ("float32",) * 3 + (cache,) * 2 + ("int64",) * 4
     if not plugin.supports("PagedAttention", dtypes):
         pytest.skip(f"{plugin_name} does not implement PagedAttention{dtypes} (the engine falls back to torch)")
-    mixed = [x.astype(ml_dtypes.bfloat16) if i in (3, 4) else x for i, x in enumerate(inputs)]
+    np_cache = ml_dtypes.bfloat16 if cache == "bfloat16" else np.float16
+    mixed = [x.astype(np_cache) if i in (3, 4) else x for i, x in enumerate(inputs)]
     bufs = [plugin.upload(x) for x in mixed]
     out = plugin.alloc(shapes[0], "float32")
     node = Node("PagedAttention", "attn", [f"in{i}" for i in range(9)], ["y", "kc", "vc"], attrs)
     plugin.run(node, bufs, [out, bufs[3], bufs[4]])
     plugin.synchronize()
     got = [plugin.download(b).astype(np.float32) for b in (out, bufs[3], bufs[4])]
-    assert plugin.download(bufs[3]).dtype == ml_dtypes.bfloat16  # the cache stays bf16
-    rounded = [x.astype(ml_dtypes.bfloat16).astype(np.float32) if i in (1, 2, 3, 4) else x
-               for i, x in enumerate(inputs)]
+    assert plugin.download(bufs[3]).dtype == np_cache  # the cache keeps its dtype
+    rounded = [x.astype(np_cache).astype(np.float32) if i in (1, 2, 3, 4) else x for i, x in enumerate(inputs)]
     ref = run_on(TorchPlugin(), "PagedAttention", attrs, rounded, shapes, "float32")
     assert nmse(got[0], ref[0]) < NMSE["float32"], (plugin_name, name, nmse(got[0], ref[0]))
     np.testing.assert_array_equal(got[1], ref[1])  # the stored rows: exactly k, v rounded

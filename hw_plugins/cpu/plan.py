@@ -13,9 +13,9 @@ import numpy as np
 
 from graph_export.ops import LOGITS
 from hw_plugins.cpu.buffers import _ptr, host_zeros
-from hw_plugins.cpu.library import (ACTIVATION, ACTIVATIONS, ADD, ADD_RMSNORM, ATTENTION, GATHER, GELU_MUL, LAYER_NORM,
-                                    LINEAR, LINEAR_SILU, LORA, MOE, NO_WAIT, NONCAUSAL, OUT_F32, RMSNORM, ROPE, ROWS_N,
-                                    SCALE, SILU_MUL, SOFTCAP, PlanNode, activation_code)
+from hw_plugins.cpu.library import (ACTIVATION, ACTIVATIONS, ADD, ADD_RMSNORM, ATTENTION, CACHES, GATHER, GELU_MUL,
+                                    LAYER_NORM, LINEAR, LINEAR_SILU, LORA, MOE, NO_WAIT, NONCAUSAL, OUT_F32, RMSNORM,
+                                    ROPE, ROWS_N, SCALE, SILU_MUL, SOFTCAP, PlanNode, activation_code)
 
 
 def _independent(a: "PlanNode", b: "PlanNode") -> bool:
@@ -94,7 +94,7 @@ class Plan:
                 r.op, r.a, r.b, ptrs = ROPE, arrays[0].shape[1] // hd, hd, [*arrays[:4], out]
             elif node.op_type == "PagedAttention":
                 r.op, r.a, r.b, r.c = ATTENTION, at["num_heads"], at["num_kv_heads"], at["head_dim"]
-                r.wfmt = ACTIVATIONS[arrays[3].dtype.name]  # the caches' format
+                r.wfmt = CACHES[arrays[3].dtype.name]  # the caches' format
                 r.d, r.e, r.f0 = arrays[3].shape[1], at.get("sliding_window") or 0, at["scale"]
                 r.f1 = at.get("softcap") or 0.0
                 r.rows |= 0 if at.get("causal", 1) else NONCAUSAL

@@ -16,7 +16,7 @@ from graph_export import quant
 from hw_plugins.base import CompiledStep, HwPlugin, NativeSampler, Node
 from hw_plugins.cpu import library
 from hw_plugins.cpu.buffers import _ptr, host_zeros
-from hw_plugins.cpu.library import ACTIVATIONS, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0, QUANT_X, activation_code
+from hw_plugins.cpu.library import ACTIVATIONS, CACHES, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0, QUANT_X, activation_code
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +92,8 @@ class CpuPlugin(HwPlugin):
         if op_type == "MoE":  # x, router logits, the three expert weights, the shared expert's output and gate
             return dtypes[1] == dtypes[0] and all(d in weights for d in dtypes[2:5]) \
                 and all(d == dtypes[0] for d in dtypes[5:])
-        if op_type == "PagedAttention":  # q, k, v in the activation dtype; the caches in it or in bf16
-            return dtypes[1:3] == dtypes[:1] * 2 and dtypes[3] == dtypes[4] in (dtypes[0], "bfloat16") \
+        if op_type == "PagedAttention":  # q, k, v in the activation dtype; the caches in it, bf16 or f16
+            return dtypes[1:3] == dtypes[:1] * 2 and dtypes[3] == dtypes[4] in (dtypes[0], "bfloat16", "float16") \
                 and all(d == "int64" for d in dtypes[5:])
         if op_type == "LoRA":  # x and y in the activation dtype, the adapter slots float32, slot ids int64
             return dtypes[1] == dtypes[0] and dtypes[2:] == ("float32", "float32", "float32", "int64")
@@ -238,7 +238,7 @@ class CpuPlugin(HwPlugin):
     def _paged_attention(self, attrs: dict, ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
         q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc = ins
         self.lib.pxl_paged_attention_mask(
-            ACTIVATIONS[q.dtype.name], ACTIVATIONS[k_cache.dtype.name], q.shape[0], seq_lens.shape[0],
+            ACTIVATIONS[q.dtype.name], CACHES[k_cache.dtype.name], q.shape[0], seq_lens.shape[0],
             attrs["num_heads"], attrs["num_kv_heads"], attrs["head_dim"], _ptr(q), _ptr(k), _ptr(v), _ptr(k_cache),
             _ptr(v_cache), k_cache.shape[1], _ptr(slot_mapping), _ptr(block_tables), block_tables.shape[1],
             _ptr(seq_lens), _ptr(query_start_loc),

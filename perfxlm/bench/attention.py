@@ -29,7 +29,9 @@ class Result:
 
 
 def run(batch: int = 64, context: int = 192, prefill_len: int = 128, layers: int = 30, heads: int = 9,
-        kv_heads: int = 3, head_dim: int = 64, dtype: str = "bfloat16", reps: int = 5) -> list[dict]:
+        kv_heads: int = 3, head_dim: int = 64, dtype: str = "bfloat16", cache_dtype: str | None = None,
+        reps: int = 5) -> list[dict]:
+    """q, k, v in `dtype`, the caches in `cache_dtype` (default: dtype; also float16)."""
     import ml_dtypes
 
     from hw_plugins.cpu import library
@@ -37,7 +39,10 @@ def run(batch: int = 64, context: int = 192, prefill_len: int = 128, layers: int
     from hw_plugins.cpu.plugin import host_zeros
 
     lib = library.load()
-    code, np_dt = (library.BF16, ml_dtypes.bfloat16) if dtype == "bfloat16" else (library.F32, np.float32)
+    formats = {"bfloat16": (library.BF16, ml_dtypes.bfloat16), "float32": (library.F32, np.float32),
+               "float16": (library.F16, np.float16)}
+    code, np_dt = formats[dtype]
+    cache_code, np_cache = formats[cache_dtype or dtype]
     t_dt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     rng = np.random.default_rng(0)
     scale = head_dim ** -0.5
@@ -53,7 +58,7 @@ def run(batch: int = 64, context: int = 192, prefill_len: int = 128, layers: int
         qa[...], ka[...], va[...] = q, k, v
         caches = []
         for _ in range(layers):
-            kc, vc = (host_zeros((nblk, BLOCK, kv_heads, head_dim), np_dt, huge_pages=False) for _ in range(2))
+            kc, vc = (host_zeros((nblk, BLOCK, kv_heads, head_dim), np_cache, huge_pages=False) for _ in range(2))
             kc[...], vc[...] = rand(*kc.shape), rand(*vc.shape)
             caches.append((kc, vc))
         seq_lens = np.full(B, n, np.int64)
@@ -62,8 +67,8 @@ def run(batch: int = 64, context: int = 192, prefill_len: int = 128, layers: int
         slots = (tables[:, pos // BLOCK] * BLOCK + pos % BLOCK).reshape(-1).astype(np.int64)
 
         def attend(kc: np.ndarray, vc: np.ndarray) -> None:  # one layer: y
-            lib.pxl_paged_attention(code, code, T, B, heads, kv_heads, head_dim, ptr(qa), ptr(ka), ptr(va), ptr(kc),
-                                    ptr(vc), BLOCK, ptr(slots), ptr(tables), tables.shape[1], ptr(seq_lens),
+            lib.pxl_paged_attention(code, cache_code, T, B, heads, kv_heads, head_dim, ptr(qa), ptr(ka), ptr(va),
+                                    ptr(kc), ptr(vc), BLOCK, ptr(slots), ptr(tables), tables.shape[1], ptr(seq_lens),
                                     ptr(qsl), scale, 0.0, 0, ptr(y))  # no softcap, no sliding window
 
         def ours() -> None:
@@ -73,7 +78,7 @@ def run(batch: int = 64, context: int = 192, prefill_len: int = 128, layers: int
         def dense(cache: np.ndarray, new: np.ndarray) -> torch.Tensor:  # (B, kv_heads, n, head_dim)
             j = np.arange(n)
             rows = cache.reshape(-1, kv_heads * head_dim)[tables[:, j // BLOCK] * BLOCK + j % BLOCK]
-            rows[:, cached:] = new.reshape(B, qlen, -1)
+            rows[:, cached:] = new.reshape(B, qlen, -1)  # (as stored: rounded to the cache's dtype)
             return torch.from_numpy(rows.astype(np.float32)).to(t_dt).view(B, n, kv_heads, head_dim).transpose(1, 2)
 
         kv = [(dense(kc, k), dense(vc, v)) for kc, vc in caches]
@@ -88,7 +93,7 @@ def run(batch: int = 64, context: int = 192, prefill_len: int = 128, layers: int
         attend(*caches[0])
         want = ref()[0].transpose(1, 2).reshape(T, -1).float().numpy()
         diff = float(np.abs(y.astype(np.float32) - want).max())
-        kv_bytes = 2 * B * n * kv_heads * head_dim * np.dtype(np_dt).itemsize
+        kv_bytes = 2 * B * n * kv_heads * head_dim * np.dtype(np_cache).itemsize
         return Result(name, 1e6 * t_ours, 1e6 * t_ref, kv_bytes / t_ours / 1e9, diff)
 
     # decode: prompt blocks together per sequence, then the later blocks in turn across sequences

@@ -67,7 +67,7 @@ class EngineArgs:
     quantization: str | None = None
     hw_plugin: str | None = None            # perfxlm's own: the plugin that runs the graph
     kv_cache_memory_bytes: int | None = None
-    kv_cache_dtype: str = "auto"            # auto: the model's dtype; also bfloat16, float32 (perfxlm's own)
+    kv_cache_dtype: str = "auto"            # auto: the model's dtype; also bfloat16, float16, float32 (perfxlm's own)
     skip_tokenizer_init: bool = False
     trust_remote_code: bool = False
     disable_log_stats: bool = False
@@ -128,7 +128,7 @@ class EngineArgs:
         g.add_argument("--kv-cache-memory-bytes", type=int, default=None)
         g.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                        help="auto: the model's dtype (bf16 for a bf16 model, whose activations run in float32); "
-                            "float32 keeps keys and values unrounded")
+                            "float16 (llama.cpp's cache) rounds keys and values to f16, float32 keeps them unrounded")
         g.add_argument("--skip-tokenizer-init", action=bool_flag, default=False)
         g.add_argument("--trust-remote-code", action=bool_flag, default=False)
         g.add_argument("--disable-log-stats", action=bool_flag, default=False)
