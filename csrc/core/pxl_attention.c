@@ -255,8 +255,7 @@ PXL_CLONES static void scores_tile(int dt, size_t R, size_t hd, const float *q, 
                 kp[jj] = (const float *)(krows[j] + off);
             } else {
                 for (size_t d = 0; d < hd; d += 16) {
-                    f32x16 v = dt == PXL_BF16 ? ld16(PXL_BF16, krows[j] + off + d * 2)
-                                              : ld16(PXL_F16, krows[j] + off + d * 2);
+                    f32x16 v = ld16(dt, krows[j] + off + d * 2);
                     memcpy(kw + jj * hd + d, &v, sizeof v);
                 }
                 kp[jj] = kw + jj * hd;

@@ -38,7 +38,6 @@ static double in_f16(double x) {
     double r = ldexp(nearbyint(ldexp(fabs(x), -q)), q);
     return copysign(r > 65504 ? INFINITY : r, x);
 }
-static double fp16(uint16_t h);
 static uint16_t to_f16(float f) { /* in_f16's value encoded (NaN as a quiet one) */
     double r = in_f16(f), a = fabs(r);
     uint16_t s = signbit(r) ? 0x8000 : 0;
@@ -49,6 +48,12 @@ static uint16_t to_f16(float f) { /* in_f16's value encoded (NaN as a quiet one)
     frexp(a, &e);
     return s | (uint16_t)((e - 1 + 15) << 10) | (uint16_t)(ldexp(a, 11 - e) - 1024);
 }
+static double fp16(uint16_t h) { /* test-side decoder: every pattern */
+    int exp = (h >> 10) & 0x1f;
+    double v = exp == 31 ? ((h & 0x3ff) ? NAN : INFINITY)
+               : exp ? ldexp(1.0 + (h & 0x3ff) / 1024.0, exp - 15) : ldexp((h & 0x3ff) / 1024.0, -14);
+    return h & 0x8000 ? -v : v;
+}
 static const char *fmt_label(int dt) { return dt == PXL_F16 ? "f16" : dt ? "bf16" : "f32"; }
 static size_t fmt_bytes(int dt) { return dt ? 2 : 4; }
 static float rnd(int dt, float f) { return dt ? from_bf16(to_bf16(f)) : f; }
@@ -56,7 +61,9 @@ static float get(int dt, const void *p, size_t i) {
     if (dt == PXL_F16) return (float)fp16(((const uint16_t *)p)[i]);
     return dt ? from_bf16(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
-static float in_fmt(int dt, float x) { return dt == PXL_F16 ? (float)in_f16(x) : dt ? from_bf16(to_bf16(x)) : x; } /* x as dt holds it */
+static float in_fmt(int dt, float x) { /* x as dt holds it */
+    return dt == PXL_F16 ? (float)in_f16(x) : dt ? from_bf16(to_bf16(x)) : x;
+}
 static void *alloc_rand(int dt, size_t n, float scale) { /* random values, exactly representable in dt */
     void *p = malloc(n * 4 + 64);
     for (size_t i = 0; i < n; i++) {
@@ -82,23 +89,6 @@ static void check(const char *what, int dt, size_t n, const void *got, const dou
     passed++;
 }
 
-static uint16_t fp32_to_fp16(float f) { /* test-side encoder, normal range */
-    uint32_t b;
-    memcpy(&b, &f, 4);
-    uint32_t sign = (b >> 16) & 0x8000;
-    int exp = (int)((b >> 23) & 0xff) - 127 + 15;
-    uint32_t man = b & 0x7fffff;
-    if (exp <= 0) return (uint16_t)sign;
-    uint32_t h = sign | ((uint32_t)exp << 10) | (man >> 13);
-    if (man & 0x1000) h++;
-    return (uint16_t)h;
-}
-static double fp16(uint16_t h) { /* test-side decoder: every pattern */
-    int exp = (h >> 10) & 0x1f;
-    double v = exp == 31 ? ((h & 0x3ff) ? NAN : INFINITY)
-               : exp ? ldexp(1.0 + (h & 0x3ff) / 1024.0, exp - 15) : ldexp((h & 0x3ff) / 1024.0, -14);
-    return h & 0x8000 ? -v : v;
-}
 
 /* the f16 KV cache's conversions: every f16 pattern widened by the vector code, and fp32 values
  * across f16's range (its subnormals, the rounding ties, the edge of inf) rounded by the store */
@@ -148,7 +138,7 @@ static void *make_weights(int fmt, size_t N, size_t K, double *deq) {
     char *w = malloc(N * nb * bs);
     for (size_t r = 0; r < N * nb; r++) {
         double *o = deq + r * PXL_QK;
-        uint16_t d = fp32_to_fp16(0.01f + 0.02f * (frand() + 1)), m = fp32_to_fp16(frand() * 0.1f);
+        uint16_t d = to_f16(0.01f + 0.02f * (frand() + 1)), m = to_f16(frand() * 0.1f);
         if (fmt == PXL_Q8_0) {
             pxl_block_q8_0 *b = (pxl_block_q8_0 *)w + r;
             b->d = d;

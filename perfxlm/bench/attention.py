@@ -32,17 +32,15 @@ def run(batch: int = 64, context: int = 192, prefill_len: int = 128, layers: int
         kv_heads: int = 3, head_dim: int = 64, dtype: str = "bfloat16", cache_dtype: str | None = None,
         reps: int = 5) -> list[dict]:
     """q, k, v in `dtype`, the caches in `cache_dtype` (default: dtype; also float16)."""
-    import ml_dtypes
+    import ml_dtypes  # noqa: F401 - registers numpy's bfloat16
 
     from hw_plugins.cpu import library
     from hw_plugins.cpu.plugin import _ptr as ptr
     from hw_plugins.cpu.plugin import host_zeros
 
     lib = library.load()
-    formats = {"bfloat16": (library.BF16, ml_dtypes.bfloat16), "float32": (library.F32, np.float32),
-               "float16": (library.F16, np.float16)}
-    code, np_dt = formats[dtype]
-    cache_code, np_cache = formats[cache_dtype or dtype]
+    code, np_dt = library.ACTIVATIONS[dtype], np.dtype(dtype)
+    cache_code, np_cache = library.CACHES[cache_dtype or dtype], np.dtype(cache_dtype or dtype)
     t_dt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     rng = np.random.default_rng(0)
     scale = head_dim ** -0.5
