@@ -103,9 +103,11 @@ typedef struct {
     pxl_gemv_qr_bf16_fn gemv_qr_bf16;
     /* attention scores of up to 16 query rows (split into bf16 hi, mid and lo tiles) against 16
      * keys of a bf16 cache, for every item alike (pxl_attention.c), after attn_qk_config(rows) on
-     * the calling thread; NULL: the float32 dot products */
+     * the calling thread: attn_kt lays 16 keys out as the kernel's tiles (16 hd bf16), attn_qk
+     * scores them; NULL: the float32 dot products */
     void (*attn_qk_config)(int rows);
-    void (*attn_qk)(size_t hd, const uint16_t *qa, const char *const *kr, float *s, size_t lds);
+    void (*attn_kt)(size_t hd, const char *const *kr, uint16_t *kt);
+    void (*attn_qk)(size_t hd, const uint16_t *qa, const uint16_t *kt, float *s, size_t lds);
 } pxl_kernel_set;
 #define PXL_PANEL_RM 12 /* tokens per gemm_bf16p / gemm_f32p call (PXL_PANEL: pxl_abi.h) */
 #define PXL_AMX_RM 32   /* tokens per call of the AMX set's gemm_bf16p*: two 16-row tiles */
@@ -164,7 +166,8 @@ void pxl_gemm_bf16p_wide_amx(int rm, size_t K, const void *X, size_t ldx, const 
 void pxl_gemm_bf16p_acc_amx(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy,
                             int accumulate);
 void pxl_attn_qk_config_amx(int rows);
-void pxl_attn_qk_amx(size_t hd, const uint16_t *qa, const char *const *kr, float *s, size_t lds);
+void pxl_attn_kt_amx(size_t hd, const char *const *kr, uint16_t *kt);
+void pxl_attn_qk_amx(size_t hd, const uint16_t *qa, const uint16_t *kt, float *s, size_t lds);
 double pxl_amx_peak_bf16(size_t iters); /* the roofline's probe: ops done by this thread */
 /* quantised GEMVs by weight format: GGUF blocks with vpmaddubsw (AVX2, AVX-512F) or vpdpbusd
  * (VNNI); repacked blocks (AVX-512F, VNNI) */

@@ -569,10 +569,13 @@ static void test_rope(int dt, size_t T, size_t H, size_t hd) {
  * causal 0 (an encoder's mask): every token sees all its sequence's keys, later ones included.
  * cdt: the caches' format (bf16 under fp32 q / k / v: this step's rows are rounded as stored) */
 static void test_attention(int dt, int cdt, size_t H, size_t Hkv, size_t hd, size_t window, int B, float softcap, int causal) {
-    enum { BS = 4, MAXB = 6, NBLK = 80 };
-    int64_t qlen[12] = {1, 5, 9}, seq[12] = {13, 7, 9}, qsl[13] = {0}, tables[12 * MAXB], perm[NBLK];
+    enum { BS = 4, NBLK = 80 };
+    int64_t qlen[12] = {1, 5, 9}, seq[12] = {13, 7, 9}, qsl[13] = {0}, tables[12 * 12], perm[NBLK];
+    size_t MAXB = 6;
     if (B > 3)
         for (int b = 0; b < B; b++) qlen[b] = 1, seq[b] = 1 + (b * 7) % 23;
+    if (B == 2) /* prefills over several 16-key blocks: a chunk after 8 cached keys, a whole prompt */
+        qlen[0] = 37, seq[0] = 45, qlen[1] = 21, seq[1] = 21, MAXB = 12;
     for (int i = 0; i < NBLK; i++) perm[i] = i;
     for (int i = NBLK - 1; i > 0; i--) { int j = rand() % (i + 1); int64_t t = perm[i]; perm[i] = perm[j]; perm[j] = t; }
     for (int i = 0; i < B * MAXB; i++) tables[i] = perm[i % NBLK];
@@ -919,6 +922,11 @@ int main(void) {
         test_attention(PXL_F32, PXL_BF16, 9, 3, 64, 0, 3, 0, 1);
         test_attention(PXL_F32, PXL_BF16, 9, 3, 64, 4, 12, 1.0f, 1);
         test_attention(PXL_F32, PXL_BF16, 6, 2, 8, 0, 3, 0, 0);
+        /* tiles of a prefill after the first reuse the keys laid out for the tile kernel (AMX) */
+        test_attention(PXL_F32, PXL_BF16, 9, 3, 64, 0, 2, 0, 1);
+        test_attention(PXL_F32, PXL_BF16, 8, 2, 32, 20, 2, 0, 1);
+        test_attention(PXL_F32, PXL_BF16, 12, 12, 64, 0, 2, 0, 0);
+        test_attention(PXL_BF16, PXL_BF16, 9, 3, 64, 0, 2, 0, 1);
         test_attention_invariant(PXL_F32, PXL_BF16, 9, 3, 64);
         test_attention_invariant(PXL_F32, PXL_BF16, 6, 3, 24);
         /* an f16 cache (kv_cache_dtype="float16"), under fp32 and bf16 activations */

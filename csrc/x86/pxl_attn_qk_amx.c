@@ -6,9 +6,10 @@
  * same keys only in the order of its sums. A key block is 16 cache rows at scattered
  * addresses; per 32 dims each row's 64 bytes are one vector of 16 bf16 pairs, and a 16 x 16
  * transpose of those pairs is AMX's "VNNI" layout of B (row i: dims 2i, 2i + 1 of every key).
- * Three tdpbf16ps per 32 dims (hi, mid, lo) sum into one 16 x 16 fp32 tile. Each score is its
- * row's and key's own sum, whatever else shares the tile, so decode and prefill rows get the
- * same bits. */
+ * pxl_attn_kt_amx builds those tiles once; pxl_attention.c keeps them for the later query
+ * tiles of a prefill, which read the same keys. Three tdpbf16ps per 32 dims (hi, mid, lo) sum
+ * into one 16 x 16 fp32 tile. Each score is its row's and key's own sum, whatever else shares
+ * the tile, so decode and prefill rows get the same bits. */
 #include "pxl_amx.h"
 #include "pxl_kernels.h"
 
@@ -52,19 +53,25 @@ static inline void transpose16(__m512i *v) {
     }
 }
 
-/* s[r * lds + j] (r < rows, j < 16) = sum over d of q[r][d] k_j[d], q as qa's tiles (hd / 32
- * chunks of [hi, mid, lo], each 16 rows x 32 bf16, 64 bytes a row), key j's row at kr[j] (hd
- * bf16); the tiles configured for those rows by pxl_attn_qk_config_amx */
-void pxl_attn_qk_amx(size_t hd, const uint16_t *qa, const char *const *kr, float *s, size_t lds) {
-    _tile_zero(S);
-    __m512i kt[16] __attribute__((aligned(64)));
+/* kt (hd / 32 tiles of 16 rows x 64 bytes) = the keys at kr[0 .. 16) (hd bf16 each) in the
+ * tiles' layout: per 32 dims, row i holds dims 2i and 2i + 1 of every key */
+void pxl_attn_kt_amx(size_t hd, const char *const *kr, uint16_t *kt) {
     for (size_t c = 0; c < hd / 32; c++) {
         __m512i v[16];
         for (int j = 0; j < 16; j++) v[j] = _mm512_loadu_si512(kr[j] + c * 64);
         transpose16(v);
-        for (int i = 0; i < 16; i++) kt[i] = v[i];
-        PXL_TILE_WRITTEN(kt);
-        _tile_loadd(KT, kt, 64);
+        for (int i = 0; i < 16; i++) _mm512_storeu_si512(kt + c * 512 + i * 32, v[i]);
+    }
+}
+
+/* s[r * lds + j] (r < rows, j < 16) = sum over d of q[r][d] k_j[d], q as qa's tiles (hd / 32
+ * chunks of [hi, mid, lo], each 16 rows x 32 bf16, 64 bytes a row), the keys as
+ * pxl_attn_kt_amx's tiles kt; the tiles configured for those rows by pxl_attn_qk_config_amx */
+void pxl_attn_qk_amx(size_t hd, const uint16_t *qa, const uint16_t *kt, float *s, size_t lds) {
+    PXL_TILE_WRITTEN(kt);
+    _tile_zero(S);
+    for (size_t c = 0; c < hd / 32; c++) {
+        _tile_loadd(KT, kt + c * 512, 64);
         _tile_loadd(QH, qa + c * 3 * 16 * 32, 64);
         _tile_loadd(QM, qa + (c * 3 + 1) * 16 * 32, 64);
         _tile_loadd(QL, qa + (c * 3 + 2) * 16 * 32, 64);
@@ -74,4 +81,3 @@ void pxl_attn_qk_amx(size_t hd, const uint16_t *qa, const char *const *kr, float
     }
     _tile_stored(S, s, lds * sizeof(float));
 }
-
