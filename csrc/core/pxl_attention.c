@@ -191,51 +191,84 @@ PXL_CLONES static void split_q(size_t R, size_t hd, const float *q, uint16_t *qa
             for (int d = 0; d < 32; d++) split3(x[d], hi + d, hi + 16 * 32 + d, hi + 2 * 16 * 32 + d);
         }
 }
-/* A thread's keys in the tile kernel's layout (attn_kt), 16 keys a block, for one (sequence,
- * KV head, first key): the query tiles of a prefill after the first read the same keys and
+/* A thread's keys and values in the tile kernels' layouts (attn_kt, attn_vt) for one (sequence,
+ * KV head, first key): the query tiles of a prefill after the first read the same rows and
  * more, so each block is laid out once rather than once per tile (128 times over a 512-token
- * prompt). `blocks` counts the whole blocks held; a part-filled last block is laid out again
- * by whoever reads it. Decode items (no later tile to share with) lay each block out in `one`. */
+ * prompt). kblocks / vblocks count the whole blocks held (16 keys, 32 values); a part-filled
+ * last block is laid out again by whoever reads it. Decode items (no later tile to share with)
+ * lay each key block out in `one`, and their values from the start of vt. pa: the weights'
+ * tiles. */
 typedef struct {
-    size_t b, kvh, lo0, blocks;
-    uint16_t *kt, *one;
-    int keep; /* this item's blocks go to kt, for the next tile */
-} kt_cache;
+    size_t b, kvh, lo0, kblocks, vblocks;
+    uint16_t *kt, *one, *vt, *pa;
+    int keep; /* this item's blocks are kept for the next tile */
+} tile_cache;
 
 /* The same scores through the set's tile kernel (AMX) on a bf16 cache, for every item (decode
  * too, so a token's bits do not depend on how its step ran): q split once into bf16 hi, mid and
  * lo tiles, per 32 dims 16 rows of 32 values each, then 16 keys a call. qa: 49 hd bf16 of
  * scratch (the tiles, then a zero row standing for the keys past n). */
 static void scores_tiles(const pxl_kernel_set *ks, size_t R, size_t hd, const float *q, const char *const *krows,
-                         size_t off, size_t n, float *s, size_t lds, uint16_t *qa, kt_cache *kc, pf_queue *pf,
+                         size_t off, size_t n, float *s, size_t lds, uint16_t *qa, tile_cache *tc, pf_queue *pf,
                          int npf) {
     uint16_t *zero = qa + 48 * hd;
     memset(zero, 0, hd * 2);
     split_q(R, hd, q, qa);
-    ks->attn_qk_config((int)R);
+    ks->attn_config((int)R);
     for (size_t j0 = 0; j0 < n; j0 += 16) {
         for (int i = 0; i < npf; i++) pf_take(&pf[i], 16);
-        uint16_t *kt = kc->keep ? kc->kt + j0 * hd : kc->one;
-        if (!kc->keep || j0 / 16 >= kc->blocks) {
+        uint16_t *kt = tc->keep ? tc->kt + j0 * hd : tc->one;
+        if (!tc->keep || j0 / 16 >= tc->kblocks) {
             const char *kr[16];
             for (size_t jj = 0; jj < 16; jj++) kr[jj] = j0 + jj < n ? krows[j0 + jj] + off : (const char *)zero;
             ks->attn_kt(hd, kr, kt);
-            if (kc->keep && j0 + 16 <= n) kc->blocks = j0 / 16 + 1;
+            if (tc->keep && j0 + 16 <= n) tc->kblocks = j0 / 16 + 1;
         }
         ks->attn_qk(hd, qa, kt, s + j0, lds);
     }
 }
 
+/* w (R, lds) fp32, keys [0, 32 nb) -> per 32 keys, its hi, mid and lo tiles of 16 rows x 32 bf16 */
+PXL_CLONES static void split_w(size_t R, size_t nb, const float *w, size_t lds, uint16_t *pa) {
+    for (size_t b = 0; b < nb; b++)
+        for (size_t r = 0; r < R; r++) {
+            const float *x = w + r * lds + b * 32;
+            uint16_t *hi = pa + b * 3 * 16 * 32 + r * 32;
+            for (int d = 0; d < 32; d++) split3(x[d], hi + d, hi + 16 * 32 + d, hi + 2 * 16 * 32 + d);
+        }
+}
+
+/* out (R, hd) = the weighted sums of the n values at vrows[j] + off through the set's tile
+ * kernel, the weights w (R, lds) zero outside each row's keys up to a whole 32-key block: every
+ * row sums the same blocks in the same order, so a decode row's bits are its prefill row's
+ * (the blocks past its own keys add zeros). zero: hd bf16 zeros for the values past n. */
+static void sums_tiles(const pxl_kernel_set *ks, size_t R, size_t hd, const float *w, size_t lds,
+                       const char *const *vrows, size_t off, size_t n, float *out, const uint16_t *zero,
+                       tile_cache *tc, pf_queue *pv) {
+    size_t nb = (n + 31) / 32;
+    split_w(R, nb, w, lds, tc->pa);
+    if (!tc->keep) tc->b = SIZE_MAX, tc->vblocks = 0; /* a decode: vt is this item's, and forgotten */
+    for (size_t b = tc->vblocks; b < nb; b++) {
+        pf_take(pv, 32);
+        const char *vr[32];
+        for (size_t jj = 0; jj < 32; jj++) vr[jj] = b * 32 + jj < n ? vrows[b * 32 + jj] + off : (const char *)zero;
+        ks->attn_vt(hd, vr, tc->vt + b * 32 * hd);
+        if (tc->keep && b * 32 + 32 <= n) tc->vblocks = b + 1;
+    }
+    ks->attn_config((int)R);
+    ks->attn_pv(hd, tc->pa, nb, tc->vt, out);
+}
+
 /* s[r * lds + j] = q_r . k_j for R query rows q (R, hd) fp32 and the n keys at krows[j] + off
  * (cache rows in dt), 16 keys at a time. kw: 17 rows of hd floats of scratch (bf16 keys
- * widened once for all R rows; the 17th stands for the keys past n); kc: the tile kernel's keys.
+ * widened once for all R rows; the 17th stands for the keys past n); tc: the tile kernels' rows.
  * pf: npf queues of rows to prefetch, a row of each per key. */
 PXL_CLONES static void scores_tile(int dt, size_t R, size_t hd, const float *q, const char *const *krows,
-                                   size_t off, size_t n, float *s, size_t lds, float *kw, kt_cache *kc, pf_queue *pf,
+                                   size_t off, size_t n, float *s, size_t lds, float *kw, tile_cache *tc, pf_queue *pf,
                                    int npf) {
     const pxl_kernel_set *ks = pxl_kernels();
     if (ks->attn_qk && dt == PXL_BF16 && hd % 32 == 0 && R <= 16) {
-        scores_tiles(ks, R, hd, q, krows, off, n, s, lds, (uint16_t *)kw, kc, pf, npf);
+        scores_tiles(ks, R, hd, q, krows, off, n, s, lds, (uint16_t *)kw, tc, pf, npf);
         return;
     }
     if (hd % 16) {
@@ -498,11 +531,11 @@ PXL_CLONES static void capped(float *s, size_t n, float cap) {
 static void tile_head(int dt, int cdt, size_t tn, size_t G, size_t H, size_t hd, size_t pos0, size_t lo0, size_t n,
                       size_t window, int causal, float scale, float softcap, const char *qrows,
                       const char *const *krows, const char *const *vrows, size_t off, char *yrows, float *qf,
-                      float *of, float *s, size_t lds, float *kw, kt_cache *kc, pf_queue *pf, int npf, pf_queue *pv) {
+                      float *of, float *s, size_t lds, float *kw, tile_cache *tc, pf_queue *pf, int npf, pf_queue *pv) {
     size_t es = dt == PXL_F32 ? 4 : 2, R = tn * G;
     for (size_t i = 0; i < tn; i++) /* row r = i * G + g; q pre-scaled */
         load_q(dt, G * hd, scale, qrows + i * H * hd * es, qf + i * G * hd);
-    scores_tile(cdt, R, hd, qf, krows, off, n, s, lds, kw, kc, pf, npf);
+    scores_tile(cdt, R, hd, qf, krows, off, n, s, lds, kw, tc, pf, npf);
     /* token i sees keys [a_i, e_i) of the tile's n: causal (or all n), and a window's start */
     size_t a_last = 0, e_first = n;
     for (size_t i = 0; i < tn; i++) {
@@ -513,6 +546,20 @@ static void tile_head(int dt, int cdt, size_t tn, size_t G, size_t H, size_t hd,
             softmax(s + (i * G + g) * lds + a, e - a);
         }
         a_last = a, e_first = i == 0 ? e : e_first;
+    }
+    /* the weighted sums on tiles: prefill tiles, and decode rows too in batch-invariant mode (a
+     * decode's few rows run faster in the loops below, whose sums are in another order). No
+     * window: every item's keys start at 0, so the 32-key blocks of every row line up. */
+    const pxl_kernel_set *ks = pxl_kernels();
+    if (ks->attn_pv && cdt == PXL_BF16 && hd % 32 == 0 && R <= 16 && !window && (tn > 1 || pxl_batch_invariant())) {
+        size_t end = (n + 31) / 32 * 32;
+        for (size_t i = 0; i < tn; i++) {
+            size_t e = causal ? pos0 + i + 1 : n;
+            for (size_t g = 0; g < G; g++) memset(s + (i * G + g) * lds + e, 0, (end - e) * sizeof(float));
+        }
+        sums_tiles(ks, R, hd, s, lds, vrows, off, n, of, (const uint16_t *)kw + 48 * hd, tc, pv);
+        for (size_t i = 0; i < tn; i++) store_out(dt, G * hd, of + i * G * hd, yrows + i * H * hd * es);
+        return;
     }
     memset(of, 0, R * hd * sizeof(float));
     for (size_t i = 0; i < tn; i++) { /* each row's keys in increasing order: its own first ... */
@@ -600,17 +647,19 @@ static void attention_team(int dt, int cdt, size_t T, size_t B, size_t H, size_t
         max_len = (size_t)seq_lens[b] > max_len ? (size_t)seq_lens[b] : max_len;
         items += items_of(query_start_loc[b + 1] - query_start_loc[b], G, Hkv).items;
     }
-    size_t R_max = TILE_ROWS > G ? TILE_ROWS : G, lds = (max_len + 15) / 16 * 16;
+    size_t R_max = TILE_ROWS > G ? TILE_ROWS : G, lds = (max_len + 31) / 32 * 32;
     /* per thread: two row sets' key / value row addresses (n each); q, out (R, hd); scores (R,
-     * lds); 17 widened key rows, or the tile kernel's split q (48 hd bf16) and a zero row; with a
-     * tile kernel, its keys (lds + 16 rows of hd bf16) */
+     * lds); 17 widened key rows, or the tile kernel's split q (48 hd bf16) and a zero row; with
+     * tile kernels, their keys (lds + 16 rows of hd bf16), values (lds rows) and weights (lds / 32
+     * blocks of 3 x 16 x 32 bf16), each from a whole line */
     const pxl_kernel_set *ks = pxl_kernels();
-    size_t kt_bytes = ks->attn_kt && cdt == PXL_BF16 ? (lds + 16) * hd * 2 + 64 : 0;
+    size_t kt_n = (lds + 16) * hd, vt_n = ks->attn_pv ? lds * hd : 0, pa_n = ks->attn_pv ? lds * 48 : 0;
+    size_t tile_bytes = ks->attn_kt && cdt == PXL_BF16 ? (kt_n + vt_n + pa_n) * 2 + 64 : 0;
     const char **rows =
-        pxl_scratch(3, 4 * max_len * sizeof(char *) + (2 * R_max * hd + R_max * lds + 25 * hd) * 4 + kt_bytes);
+        pxl_scratch(3, 4 * max_len * sizeof(char *) + (2 * R_max * hd + R_max * lds + 25 * hd) * 4 + tile_bytes);
     float *qf = (float *)(rows + 4 * max_len), *of = qf + R_max * hd, *s = of + R_max * hd, *kw = s + R_max * lds;
     uint16_t *kt = (uint16_t *)(((uintptr_t)(kw + 25 * hd) + 63) & ~(uintptr_t)63); /* whole lines a tile row */
-    kt_cache kc = {.b = SIZE_MAX, .kt = kt, .one = kt + lds * hd};
+    tile_cache tc = {.b = SIZE_MAX, .kt = kt, .one = kt + lds * hd, .vt = kt + kt_n, .pa = kt + kt_n + vt_n};
     row_set rs[2] = {{SIZE_MAX, 0, 0, rows, rows + max_len}, {SIZE_MAX, 0, 0, rows + 2 * max_len, rows + 3 * max_len}};
     const row_src src = {block_tables, max_blocks, block_size, row_bytes, (const char *)k_cache, (const char *)v_cache};
     size_t chunk = items / (8 * PXL_NTH()) + 1;
@@ -655,13 +704,13 @@ static void attention_team(int dt, int cdt, size_t T, size_t B, size_t H, size_t
                 if (x.tn > 1) prefetch_q(x.tn, (const char *)q + ((x.qs + x.tok0) * H + x.kvh * G) * hd * es,
                                          H * hd * es, G * hd * es);
             }
-            kc.keep = p.tn > 1; /* a prefill tile: the next tile of its head reads its keys again */
-            if (kc.keep && (kc.b != p.b || kc.kvh != p.kvh || kc.lo0 != p.lo0))
-                kc.b = p.b, kc.kvh = p.kvh, kc.lo0 = p.lo0, kc.blocks = 0;
+            tc.keep = p.tn > 1; /* a prefill tile: the next tile of its head reads its rows again */
+            if (tc.keep && (tc.b != p.b || tc.kvh != p.kvh || tc.lo0 != p.lo0))
+                tc.b = p.b, tc.kvh = p.kvh, tc.lo0 = p.lo0, tc.kblocks = tc.vblocks = 0;
             size_t head = (p.qs + p.tok0) * H + p.kvh * G; /* the first row's (token, head) */
             tile_head(dt, cdt, p.tn, G, H, hd, p.pos0, p.lo0, p.n, window, causal, scale, softcap,
                       (const char *)q + head * hd * es, rs[cur].k, rs[cur].v, off, (char *)y + head * hd * es, qf, of,
-                      s, lds, kw, &kc, pf, npf, &pv);
+                      s, lds, kw, &tc, pf, npf, &pv);
             for (int i = 0; i < npf; i++) pf_take(&pf[i], SIZE_MAX); /* (rows the loops did not reach) */
             pf_take(&pv, SIZE_MAX);
         }

@@ -38,7 +38,8 @@ const pxl_kernel_set pxl_kernels_amx = {
     .gemm_bf16p_wide_nt = pxl_gemm_bf16p_wide_amx, .gemm_bf16p_acc = pxl_gemm_bf16p_acc_amx,
     .gemm_f32p = pxl_gemm_f32p_avx512, .silu_bf16 = pxl_silu_mul_bf16_avx512bf16, .bf16p_rm = PXL_AMX_RM,
     .qr_bf16p = pxl_qr_bf16p_avx512bf16, .qr_bf16p_prefill = 1, .gemv_qr_bf16 = pxl_gemv_qr_bf16_avx512bf16,
-    .attn_qk_config = pxl_attn_qk_config_amx, .attn_kt = pxl_attn_kt_amx, .attn_qk = pxl_attn_qk_amx};
+    .attn_config = pxl_attn_config_amx, .attn_kt = pxl_attn_kt_amx, .attn_qk = pxl_attn_qk_amx,
+    .attn_vt = pxl_attn_vt_amx, .attn_pv = pxl_attn_pv_amx};
 
 /* AMX-TILE and AMX-BF16 (cpuid leaf 7 edx bits 24, 22), and Linux's leave to use the tile data
  * (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA, once per process; without it the first tile

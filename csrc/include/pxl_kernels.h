@@ -101,13 +101,16 @@ typedef struct {
     /* bf16 x on repacked blocks without a panel, for decode-sized T under PXL_QX_BF16 (and
      * every T when batch invariant); NULL: the panels at every T */
     pxl_gemv_qr_bf16_fn gemv_qr_bf16;
-    /* attention scores of up to 16 query rows (split into bf16 hi, mid and lo tiles) against 16
-     * keys of a bf16 cache, for every item alike (pxl_attention.c), after attn_qk_config(rows) on
-     * the calling thread: attn_kt lays 16 keys out as the kernel's tiles (16 hd bf16), attn_qk
-     * scores them; NULL: the float32 dot products */
-    void (*attn_qk_config)(int rows);
+    /* attention on tiles over a bf16 cache (pxl_attn_amx.c), up to 16 query rows, for every item
+     * alike (pxl_attention.c), after attn_config(rows) on the calling thread; NULL: the float32
+     * loops. attn_kt lays 16 keys out as the tiles take them (16 hd bf16) and attn_qk scores them
+     * against q split into bf16 hi, mid and lo tiles; attn_vt lays 32 values out (32 hd bf16) and
+     * attn_pv sums nb such blocks weighted by the softmax's weights, split likewise. */
+    void (*attn_config)(int rows);
     void (*attn_kt)(size_t hd, const char *const *kr, uint16_t *kt);
     void (*attn_qk)(size_t hd, const uint16_t *qa, const uint16_t *kt, float *s, size_t lds);
+    void (*attn_vt)(size_t hd, const char *const *vr, uint16_t *vt);
+    void (*attn_pv)(size_t hd, const uint16_t *pa, size_t nb, const uint16_t *vt, float *out);
 } pxl_kernel_set;
 #define PXL_PANEL_RM 12 /* tokens per gemm_bf16p / gemm_f32p call (PXL_PANEL: pxl_abi.h) */
 #define PXL_AMX_RM 32   /* tokens per call of the AMX set's gemm_bf16p*: two 16-row tiles */
@@ -165,9 +168,11 @@ void pxl_gemm_bf16p_wide_amx(int rm, size_t K, const void *X, size_t ldx, const 
                              int nvalid, const void *pf, size_t npf);
 void pxl_gemm_bf16p_acc_amx(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy,
                             int accumulate);
-void pxl_attn_qk_config_amx(int rows);
+void pxl_attn_config_amx(int rows);
 void pxl_attn_kt_amx(size_t hd, const char *const *kr, uint16_t *kt);
 void pxl_attn_qk_amx(size_t hd, const uint16_t *qa, const uint16_t *kt, float *s, size_t lds);
+void pxl_attn_vt_amx(size_t hd, const char *const *vr, uint16_t *vt);
+void pxl_attn_pv_amx(size_t hd, const uint16_t *pa, size_t nb, const uint16_t *vt, float *out);
 double pxl_amx_peak_bf16(size_t iters); /* the roofline's probe: ops done by this thread */
 /* quantised GEMVs by weight format: GGUF blocks with vpmaddubsw (AVX2, AVX-512F) or vpdpbusd
  * (VNNI); repacked blocks (AVX-512F, VNNI) */

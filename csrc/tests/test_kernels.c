@@ -637,8 +637,16 @@ static void test_attention(int dt, int cdt, size_t H, size_t Hkv, size_t hd, siz
 
 /* batch invariance of attention: one sequence's tokens computed in one prefill (tiles of
  * several tokens), then again token by token as decodes and as a chunk starting mid-tile,
- * must give the same bits (a token's result may not depend on how its step was made up) */
+ * must give the same bits (a token's result may not depend on how its step was made up).
+ * Promised in batch-invariant mode, and without it where no tile kernel sums the values
+ * (AMX runs a prefill's weighted sums on tiles and a decode's in fp32 loops). */
+static void test_attention_invariant_in(int mode, int dt, int cdt, size_t H, size_t Hkv, size_t hd);
 static void test_attention_invariant(int dt, int cdt, size_t H, size_t Hkv, size_t hd) {
+    test_attention_invariant_in(1, dt, cdt, H, Hkv, hd);
+    if (!pxl_kernels()->attn_pv || cdt != PXL_BF16) test_attention_invariant_in(0, dt, cdt, H, Hkv, hd);
+}
+static void test_attention_invariant_in(int mode, int dt, int cdt, size_t H, size_t Hkv, size_t hd) {
+    pxl_set_batch_invariant(mode);
     enum { N = 29, BS = 4, MAXB = 8 };
     size_t es = fmt_bytes(dt), ces = fmt_bytes(cdt), row = Hkv * hd, qrow = H * hd;
     int64_t tables[MAXB] = {5, 2, 7, 0, 3, 6, 1, 4}, slots[N], qsl[2] = {0, N}, seq = N;
@@ -661,12 +669,13 @@ static void test_attention_invariant(int dt, int cdt, size_t H, size_t Hkv, size
     int chunk_ok = !memcmp(one, all + 10 * qrow * es, 5 * qrow * es);
     if (bad == N && chunk_ok) passed++;
     else {
-        printf("FAIL [%s] attention invariance %s cache %s H=%zu Hkv=%zu hd=%zu: %s\n", isa, fmt_label(dt),
-               fmt_label(cdt), H, Hkv, hd,
+        printf("FAIL [%s] attention invariance (mode %d) %s cache %s H=%zu Hkv=%zu hd=%zu: %s\n", isa, mode,
+               fmt_label(dt), fmt_label(cdt), H, Hkv, hd,
                bad < N ? "a decode differs from its prefill row" : "a chunk differs from its prefill rows");
         failed++;
     }
     free(q); free(k); free(v); free(kc); free(vc); free(all); free(one);
+    pxl_set_batch_invariant(0);
 }
 
 /* sampling by inverse CDF: the token drawn for u must be drawable (not -inf) and have u
