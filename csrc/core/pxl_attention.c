@@ -13,7 +13,9 @@
  *
  * Every (row, key) score, softmax and weighted sum runs the same instructions whatever else
  * shares the tile or the step, so a token's result does not depend on the batch, on how
- * its prompt was chunked, or on whether it ran as a decode (batch invariance).
+ * its prompt was chunked, or on whether it ran as a decode (batch invariance). One exception:
+ * with tile kernels (AMX) a prefill's weighted sums run on tiles and a decode's in the fp32
+ * loops, whose sums are in another order, unless batch-invariant mode sends both to the tiles.
  *
  * Not causal (an encoder's bidirectional attention): every token of a sequence sees all its
  * seq_lens[b] keys, so a tile's rows share one key range and take the tile's shared path.
@@ -201,7 +203,7 @@ PXL_CLONES static void split_q(size_t R, size_t hd, const float *q, uint16_t *qa
 typedef struct {
     size_t b, kvh, lo0, kblocks, vblocks;
     uint16_t *kt, *one, *vt, *pa;
-    int keep; /* this item's blocks are kept for the next tile */
+    int keep; /* a prefill's item: its blocks are kept for the next tile */
 } tile_cache;
 
 /* The same scores through the set's tile kernel (AMX) on a bf16 cache, for every item (decode
@@ -243,9 +245,10 @@ PXL_CLONES static void split_w(size_t R, size_t nb, const float *w, size_t lds, 
  * row sums the same blocks in the same order, so a decode row's bits are its prefill row's
  * (the blocks past its own keys add zeros). zero: hd bf16 zeros for the values past n. */
 static void sums_tiles(const pxl_kernel_set *ks, size_t R, size_t hd, const float *w, size_t lds,
-                       const char *const *vrows, size_t off, size_t n, float *out, const uint16_t *zero,
+                       const char *const *vrows, size_t off, size_t n, float *out, uint16_t *zero,
                        tile_cache *tc, pf_queue *pv) {
     size_t nb = (n + 31) / 32;
+    memset(zero, 0, hd * 2);
     split_w(R, nb, w, lds, tc->pa);
     if (!tc->keep) tc->b = SIZE_MAX, tc->vblocks = 0; /* a decode: vt is this item's, and forgotten */
     for (size_t b = tc->vblocks; b < nb; b++) {
@@ -547,17 +550,17 @@ static void tile_head(int dt, int cdt, size_t tn, size_t G, size_t H, size_t hd,
         }
         a_last = a, e_first = i == 0 ? e : e_first;
     }
-    /* the weighted sums on tiles: prefill tiles, and decode rows too in batch-invariant mode (a
+    /* the weighted sums on tiles: a prefill's, and decodes' too in batch-invariant mode (a
      * decode's few rows run faster in the loops below, whose sums are in another order). No
      * window: every item's keys start at 0, so the 32-key blocks of every row line up. */
     const pxl_kernel_set *ks = pxl_kernels();
-    if (ks->attn_pv && cdt == PXL_BF16 && hd % 32 == 0 && R <= 16 && !window && (tn > 1 || pxl_batch_invariant())) {
+    if (ks->attn_pv && cdt == PXL_BF16 && hd % 32 == 0 && R <= 16 && !window && (tc->keep || pxl_batch_invariant())) {
         size_t end = (n + 31) / 32 * 32;
         for (size_t i = 0; i < tn; i++) {
-            size_t e = causal ? pos0 + i + 1 : n;
+            size_t e = causal ? pos0 + i + 1 - lo0 : n;
             for (size_t g = 0; g < G; g++) memset(s + (i * G + g) * lds + e, 0, (end - e) * sizeof(float));
         }
-        sums_tiles(ks, R, hd, s, lds, vrows, off, n, of, (const uint16_t *)kw + 48 * hd, tc, pv);
+        sums_tiles(ks, R, hd, s, lds, vrows, off, n, of, (uint16_t *)kw + 48 * hd, tc, pv);
         for (size_t i = 0; i < tn; i++) store_out(dt, G * hd, of + i * G * hd, yrows + i * H * hd * es);
         return;
     }
@@ -579,6 +582,7 @@ static void tile_head(int dt, int cdt, size_t tn, size_t G, size_t H, size_t hd,
  * thread's scan from one item to the next (its items only ever increase) */
 typedef struct {
     size_t b, qs, kvh, tok0, tn, pos0, lo0, n;
+    int prefill; /* the sequence has more than one query token this step */
 } item_pos;
 static item_pos locate(size_t it, size_t *b, size_t *first, const int64_t *query_start_loc,
                        const int64_t *seq_lens, size_t G, size_t Hkv, size_t window, int causal) {
@@ -588,7 +592,7 @@ static item_pos locate(size_t it, size_t *b, size_t *first, const int64_t *query
         qs = query_start_loc[*b], qlen = query_start_loc[*b + 1] - qs, si = items_of(qlen, G, Hkv);
         if (it < *first + si.items) break;
     }
-    item_pos p = {.b = *b, .qs = qs};
+    item_pos p = {.b = *b, .qs = qs, .prefill = qlen > 1};
     size_t ntiles = si.items / Hkv, tile = (it - *first) % ntiles;
     p.kvh = (it - *first) / ntiles;
     p.tok0 = tile * si.tq, p.tn = qlen - p.tok0 < si.tq ? qlen - p.tok0 : si.tq;
@@ -704,7 +708,7 @@ static void attention_team(int dt, int cdt, size_t T, size_t B, size_t H, size_t
                 if (x.tn > 1) prefetch_q(x.tn, (const char *)q + ((x.qs + x.tok0) * H + x.kvh * G) * hd * es,
                                          H * hd * es, G * hd * es);
             }
-            tc.keep = p.tn > 1; /* a prefill tile: the next tile of its head reads its rows again */
+            tc.keep = p.prefill; /* the next tile of a prefill's head reads its rows again */
             if (tc.keep && (tc.b != p.b || tc.kvh != p.kvh || tc.lo0 != p.lo0))
                 tc.b = p.b, tc.kvh = p.kvh, tc.lo0 = p.lo0, tc.kblocks = tc.vblocks = 0;
             size_t head = (p.qs + p.tok0) * H + p.kvh * G; /* the first row's (token, head) */
