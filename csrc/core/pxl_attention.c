@@ -184,13 +184,14 @@ static inline void split3(float x, uint16_t *hi, uint16_t *mid, uint16_t *lo) {
     memcpy(&b, &x, 4);
     *lo = (uint16_t)(b >> 16);
 }
-/* q (R, hd) -> per 32 dims, its hi, mid and lo tiles of 16 rows x 32 bf16 */
-PXL_CLONES static void split_q(size_t R, size_t hd, const float *q, uint16_t *qa) {
-    for (size_t c = 0; c < hd / 32; c++)
+/* x (R, 32 chunks, ld apart) fp32 -> per 32 columns, its hi, mid and lo tiles of 16 rows x 32
+ * bf16: q's rows per 32 dims, the softmax's weights per 32 keys */
+PXL_CLONES static void split_tiles(size_t R, size_t chunks, const float *x, size_t ld, uint16_t *out) {
+    for (size_t c = 0; c < chunks; c++)
         for (size_t r = 0; r < R; r++) {
-            const float *x = q + r * hd + c * 32;
-            uint16_t *hi = qa + c * 3 * 16 * 32 + r * 32;
-            for (int d = 0; d < 32; d++) split3(x[d], hi + d, hi + 16 * 32 + d, hi + 2 * 16 * 32 + d);
+            const float *a = x + r * ld + c * 32;
+            uint16_t *hi = out + c * 3 * 16 * 32 + r * 32;
+            for (int d = 0; d < 32; d++) split3(a[d], hi + d, hi + 16 * 32 + d, hi + 2 * 16 * 32 + d);
         }
 }
 /* A thread's keys and values in the tile kernels' layouts (attn_kt, attn_vt) for one (sequence,
@@ -215,7 +216,7 @@ static void scores_tiles(const pxl_kernel_set *ks, size_t R, size_t hd, const fl
                          int npf) {
     uint16_t *zero = qa + 48 * hd;
     memset(zero, 0, hd * 2);
-    split_q(R, hd, q, qa);
+    split_tiles(R, hd / 32, q, hd, qa);
     ks->attn_config((int)R);
     for (size_t j0 = 0; j0 < n; j0 += 16) {
         for (int i = 0; i < npf; i++) pf_take(&pf[i], 16);
@@ -230,16 +231,6 @@ static void scores_tiles(const pxl_kernel_set *ks, size_t R, size_t hd, const fl
     }
 }
 
-/* w (R, lds) fp32, keys [0, 32 nb) -> per 32 keys, its hi, mid and lo tiles of 16 rows x 32 bf16 */
-PXL_CLONES static void split_w(size_t R, size_t nb, const float *w, size_t lds, uint16_t *pa) {
-    for (size_t b = 0; b < nb; b++)
-        for (size_t r = 0; r < R; r++) {
-            const float *x = w + r * lds + b * 32;
-            uint16_t *hi = pa + b * 3 * 16 * 32 + r * 32;
-            for (int d = 0; d < 32; d++) split3(x[d], hi + d, hi + 16 * 32 + d, hi + 2 * 16 * 32 + d);
-        }
-}
-
 /* out (R, hd) = the weighted sums of the n values at vrows[j] + off through the set's tile
  * kernel, the weights w (R, lds) zero outside each row's keys up to a whole 32-key block: every
  * row sums the same blocks in the same order, so a decode row's bits are its prefill row's
@@ -249,7 +240,7 @@ static void sums_tiles(const pxl_kernel_set *ks, size_t R, size_t hd, const floa
                        tile_cache *tc, pf_queue *pv) {
     size_t nb = (n + 31) / 32;
     memset(zero, 0, hd * 2);
-    split_w(R, nb, w, lds, tc->pa);
+    split_tiles(R, nb, w, lds, tc->pa);
     if (!tc->keep) tc->b = SIZE_MAX, tc->vblocks = 0; /* a decode: vt is this item's, and forgotten */
     for (size_t b = tc->vblocks; b < nb; b++) {
         pf_take(pv, 32);

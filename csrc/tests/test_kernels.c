@@ -927,28 +927,26 @@ int main(void) {
             test_attention_invariant(dt, dt, 4, 4, 16);
             test_attention_invariant(dt, dt, 6, 3, 24);
         }
-        /* a bf16 model's cache under fp32 activations */
-        test_attention(PXL_F32, PXL_BF16, 9, 3, 64, 0, 3, 0, 1);
-        test_attention(PXL_F32, PXL_BF16, 9, 3, 64, 4, 12, 1.0f, 1);
-        test_attention(PXL_F32, PXL_BF16, 6, 2, 8, 0, 3, 0, 0);
-        /* tiles of a prefill after the first reuse the keys laid out for the tile kernel (AMX) */
-        test_attention(PXL_F32, PXL_BF16, 9, 3, 64, 0, 2, 0, 1);
-        test_attention(PXL_F32, PXL_BF16, 8, 2, 32, 20, 2, 0, 1);
-        test_attention(PXL_F32, PXL_BF16, 12, 12, 64, 0, 2, 0, 0);
-        test_attention(PXL_BF16, PXL_BF16, 9, 3, 64, 0, 2, 0, 1);
-        test_attention_invariant(PXL_F32, PXL_BF16, 9, 3, 64);
-        test_attention_invariant(PXL_F32, PXL_BF16, 6, 3, 24);
-        /* an f16 cache (kv_cache_dtype="float16"), under fp32 and bf16 activations */
+        /* a bf16 model's 16-bit caches under fp32 activations: bf16 (vLLM's), f16
+         * (kv_cache_dtype="float16"); prefills over several 16-key blocks, whose later tiles
+         * reuse the blocks the tile kernels (AMX) laid out */
+        for (int c = 0; c < 2; c++) {
+            int cdt = c ? PXL_F16 : PXL_BF16;
+            test_attention(PXL_F32, cdt, 9, 3, 64, 0, 3, 0, 1);
+            test_attention(PXL_F32, cdt, 9, 3, 64, 4, 12, 1.0f, 1);
+            test_attention(PXL_F32, cdt, 6, 2, 8, 0, 3, 0, 0);
+            test_attention(PXL_F32, cdt, 9, 3, 64, 0, 2, 0, 1);
+            test_attention(PXL_F32, cdt, 8, 2, 32, 20, 2, 0, 1);
+            test_attention(PXL_F32, cdt, 12, 12, 64, 0, 2, 0, 0);
+            test_attention(PXL_BF16, cdt, 9, 3, 64, 0, 2, 0, 1);
+            test_attention_invariant(PXL_F32, cdt, 9, 3, 64);
+            test_attention_invariant(PXL_F32, cdt, 8, 2, 32);
+            test_attention_invariant(PXL_F32, cdt, 6, 3, 24);
+        }
         test_f16_conversions();
-        test_attention(PXL_F32, PXL_F16, 9, 3, 64, 0, 3, 0, 1);
         test_attention(PXL_F32, PXL_F16, 9, 3, 64, 0, 12, 0, 1);
-        test_attention(PXL_F32, PXL_F16, 9, 3, 64, 4, 12, 1.0f, 1);
-        test_attention(PXL_F32, PXL_F16, 6, 2, 8, 0, 3, 0, 0);
         test_attention(PXL_F32, PXL_F16, 6, 2, 16, 0, 3, 0, 1);
         test_attention(PXL_BF16, PXL_F16, 9, 3, 64, 0, 3, 0, 1);
-        test_attention_invariant(PXL_F32, PXL_F16, 9, 3, 64);
-        test_attention_invariant(PXL_F32, PXL_F16, 8, 2, 32);
-        test_attention_invariant(PXL_F32, PXL_F16, 6, 3, 24);
         for (int dt = 0; dt < 2; dt++) {
             test_moe(dt, dt ? PXL_BF16 : PXL_F32, 1, 64, 96, 5, 2, 0);
             test_moe(dt, dt ? PXL_BF16 : PXL_F32, 9, 64, 40, 6, 3, 1);

@@ -4,7 +4,7 @@
  * three bf16 tiles, hi, mid and lo, each the next 8 bits of the 24-bit mantissa
  * (pxl_attention.c splits them), and the cache's values are bf16 already. So a sum differs
  * from the float32 one over the same cache only in its order. Each sum is its row's own,
- * whatever else shares the tile, so decode and prefill rows get the same bits.
+ * whatever else shares the tile: a row's bits do not depend on the other rows.
  *
  * Scores: a block is 16 keys at scattered addresses. Per 32 dims each key row's 64 bytes are
  * one vector of 16 bf16 pairs, and a 16 x 16 transpose of those pairs is AMX's "VNNI" layout
@@ -109,7 +109,7 @@ void pxl_attn_vt_amx(size_t hd, const char *const *vr, uint16_t *vt) {
         }
 }
 
-/* the three weight parts of block b times the values' tile of 16 dims v into sum C */
+/* sum C += the weights' three parts (in PH, PM, PL) times the values' tile of 16 dims at v */
 #define PV3(C, v)                      \
     do {                               \
         _tile_loadd(B, v, 64);         \
