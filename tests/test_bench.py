@@ -326,6 +326,21 @@ def test_vllm_side_script_speaks_vllms_api(tiny_llama_dir):
     assert set(figures) == {"W1", "W2", "W3"} and all(v > 0 for v in figures.values())
 
 
+def test_a_llama_cpp_tool_that_dies_with_sigill_runs_again_without_repacking(tmp_path):
+    """llama.cpp's repacked AMX kernels trap on some VMs; its plain kernels are timed instead,
+    and only a SIGILL earns the rerun."""
+    from perfxlm.bench import engines
+    tool = tmp_path / "llama-tool"  # a process that traps as that build does, unless repacking is off
+    tool.write_text('#!/bin/sh\ncase "$*" in *--no-repack*) echo ran "$@"; exit 0;; esac\nkill -ILL $$\n')
+    tool.chmod(0o755)
+    cmd, stdout, _ = engines.run_llama_cpp([tool, "-m", "x.gguf"], ["--no-repack"])
+    assert cmd == [tool, "-m", "x.gguf", "--no-repack"] and stdout == "ran -m x.gguf --no-repack\n"
+    tool.write_text("#!/bin/sh\nexit 3\n")  # any other failure is reported as it is
+    with pytest.raises(engines.CommandError, match="exit status 3") as err:
+        engines.run_llama_cpp([tool], ["--no-repack"])
+    assert err.value.returncode == 3
+
+
 def test_compare_runs_llama_cpp_beside_perfxlm_on_the_same_gguf(no_peers, gguf_path, tmp_path, capsys):
     tools = ("llama-bench", "llama-batched-bench")
     if not all(os.access(LLAMA_CPP / t, os.X_OK) for t in tools):

@@ -7,6 +7,7 @@
   tcmalloc / libiomp5 preloaded where they lie beside its venv, as vLLM's CPU docs advise.
 - llama.cpp: `llama-bench -fa 0,1` (W2 as tg, W3 as pp; the better of flash attention off
   and on is kept) and `llama-batched-bench -fa on` (W1: output tokens / total time).
+  A tool that dies with SIGILL runs again with weight repacking off (run_llama_cpp).
 
 Each engine's run returns tok/s per workload and the exact commands it ran.
 """
@@ -15,6 +16,7 @@ import json
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -65,16 +67,38 @@ class Run:
     commands: list[str] = field(default_factory=list)      # as run, for a reader to repeat
 
 
+class CommandError(RuntimeError):
+    """A command that exited non-zero; returncode is -N where signal N killed it."""
+
+    def __init__(self, cmd: list[str], returncode: int, output: str):
+        super().__init__(f"{shlex.join(cmd)} failed with exit status {returncode}:\n{output[-3000:]}")
+        self.returncode = returncode
+
+
 def run_command(cmd: list[object], env: dict[str, str] | None = None) -> tuple[str, str]:
-    """Run cmd (env: variables added to ours) -> (stdout, stderr); a failure raises RuntimeError
+    """Run cmd (env: variables added to ours) -> (stdout, stderr); a failure raises CommandError
     with the command and the end of its output."""
     cmd = [str(c) for c in cmd]
     logger.info("running %s", shlex.join(cmd))
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if proc.returncode:
-        raise RuntimeError(f"{shlex.join(cmd)} failed with exit status {proc.returncode}:\n"
-                           f"{(proc.stdout + proc.stderr)[-3000:]}")
+        raise CommandError(cmd, proc.returncode, proc.stdout + proc.stderr)
     return proc.stdout, proc.stderr
+
+
+def run_llama_cpp(cmd: list[object], no_repack: list[object]) -> tuple[list[object], str, str]:
+    """Run a llama.cpp tool -> (the command as run, stdout, stderr). One that dies with SIGILL runs
+    again with no_repack, its flag for weight repacking off: on some AMX VMs llama.cpp's repacked
+    (AMX) kernels execute tile instructions the process was never permitted, while its plain
+    kernels run. The command returned shows the flag, so a reader sees which path was timed."""
+    try:
+        return (cmd, *run_command(cmd))
+    except CommandError as err:
+        if err.returncode != -signal.SIGILL:
+            raise
+    logger.warning("%s died with SIGILL; running it again with weight repacking off", Path(str(cmd[0])).name)
+    cmd = [*cmd, *no_repack]
+    return (cmd, *run_command(cmd))
 
 
 def shown(cmd: list[object], env: dict[str, str] | None = None) -> str:
@@ -171,7 +195,7 @@ class LlamaCpp:
             g = wl.w2[1] if "W2" in selected else 0
             cmd = [self.bin_dir / "llama-bench", "-m", model.path, "-p", p, "-n", g, "-t", self.threads,
                    "-fa", "0,1", "-r", 1, "-o", "json"]
-            stdout, _ = run_command(cmd)
+            cmd, stdout, _ = run_llama_cpp(cmd, ["--repack", 0])
             tests = json.loads(stdout)
             for w, (n_prompt, n_gen) in (("W3", (p, 0)), ("W2", (0, g))):
                 rates = [t["avg_ts"] for t in tests if (t["n_prompt"], t["n_gen"]) == (n_prompt, n_gen)]
@@ -184,7 +208,7 @@ class LlamaCpp:
             n, i, o = wl.w1
             cmd = [self.bin_dir / "llama-batched-bench", "-m", model.path, "-npl", n, "-npp", i, "-ntg", o,
                    "-c", n * (i + o), "-t", self.threads, "-fa", "on", "--output-format", "jsonl"]
-            stdout, stderr = run_command(cmd)
+            cmd, stdout, stderr = run_llama_cpp(cmd, ["--no-repack"])
             rec = next((json.loads(ln) for ln in (stdout + stderr).splitlines()
                         if ln.startswith("{") and '"speed_tg"' in ln), None)
             if rec is None:

@@ -22,13 +22,14 @@ import gc
 import logging
 import os
 import re
-import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from perfxlm.bench.engines import run_command, run_llama_cpp
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ def llama_cpp_file(source: tuple[Path, str | None], bin_dir: Path, workdir: Path
         return path
     out = workdir / f"{path.stem}.{gguf_type}.gguf"
     if not out.exists():
-        _run([bin_dir / "llama-quantize", "--allow-requantize", path, out, gguf_type, threads])
+        run_command([bin_dir / "llama-quantize", "--allow-requantize", path, out, gguf_type, threads])
     return out
 
 
@@ -178,13 +179,9 @@ def llama_cpp_rows(bin_dir: str | Path, model_file: Path, ref_file: Path, text_f
 
 
 def _run(cmd: list[Any]) -> str:
-    cmd = [str(c) for c in cmd]
-    logger.info("running %s", " ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    out = proc.stdout + proc.stderr
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed with exit status {proc.returncode}:\n{out[-2000:]}")
-    return out
+    """A llama.cpp tool's stdout and stderr together (engines.run_llama_cpp's SIGILL rerun)."""
+    _, stdout, stderr = run_llama_cpp(cmd, ["--no-repack"])
+    return stdout + stderr
 
 
 # ---- the command ---------------------------------------------------------------------
