@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     att.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                      help="the caches' dtype (auto: --dtype's; a bf16 model in the engine: --dtype float32 "
                           "--kv-cache-dtype bfloat16)")
+    att.add_argument("--baseline-lib", default=None, metavar="PATH",
+                     help="another build of libperfxlm_kernels.so (e.g. the last commit's) timed beside ours, "
+                          "in turn, in this process")
     att.add_argument("--output-json", default=None, help="also write the rows as JSON")
     smp = bsub.add_parser("sampler", help="random sampling from logits rows: ours (C, from the logits), torch "
                                            "(softmax + inverse CDF)")
@@ -162,14 +165,20 @@ def _bench_attention(args: argparse.Namespace) -> int:
         raise SystemExit(f"perfxlm bench attention: {bad[0]} must be >= 1" if bad else
                          f"perfxlm bench attention: --heads {args.heads}: query heads must be a multiple of KV heads")
     cache = args.dtype if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
+    lib, baseline = library.load(), None
+    if args.baseline_lib:
+        try:
+            baseline = library.load_at(args.baseline_lib)
+        except OSError as e:  # a missing file, or a build for another ABI
+            raise SystemExit(f"perfxlm bench attention: --baseline-lib {args.baseline_lib}: {e}")
     rows = attention.run(args.batch, args.context, args.prefill_len, args.layers, heads, kv_heads, head_dim,
-                         args.dtype, cache)
-    lib = library.load()
+                         args.dtype, cache, baseline=baseline)
     print(f"paged attention, {args.dtype} ({cache} KV cache), {args.batch} sequences, "
           f"{heads}/{kv_heads} heads of {head_dim}, "
           f"{args.layers} layers' caches; decode over {args.context} + 1 keys, prefill of {args.prefill_len} tokens; "
           f"ours: {lib.pxl_isa().decode()} kernels, {lib.pxl_num_threads()} threads; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads"
+          + (f"; baseline: {args.baseline_lib}, {baseline.pxl_isa().decode()} kernels" if baseline else ""))
     return _report(attention.report(rows), rows, args.output_json)
 
 

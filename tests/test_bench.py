@@ -400,6 +400,33 @@ def test_attention_bench_agrees_with_torch_sdpa(tmp_path, capsys, dtype, cache, 
         assert r["ours_us"] > 0 and r["torch_us"] > 0 and r["max_abs_diff"] < tol, r
 
 
+def test_attention_bench_times_a_baseline_library_beside_ours(tmp_path, capsys):
+    """--baseline-lib: a second copy of the kernels (here the same build, so the same bits) runs
+    in the same process in turn with ours; a file that is not a kernel library is refused by name."""
+    import shutil
+    from hw_plugins.cpu import library
+    try:
+        lib = library.load()
+    except OSError as e:
+        pytest.skip(f"the native cpu kernels are not built here: {e}")
+    path = next(p for p in library.candidates() if p.is_file())
+    copy = tmp_path / "base" / library.LIB_NAME
+    copy.parent.mkdir()
+    shutil.copy(path, copy)
+    assert library.load_at(copy)._handle != lib._handle  # a copy of its own, not the loaded one again
+    out = tmp_path / "attn.json"
+    assert cli.main(["bench", "attention", "--batch", "3", "--context", "37", "--prefill-len", "21", "--layers", "2",
+                     "--heads", "4,2,32", "--dtype", "float32", "--baseline-lib", str(copy),
+                     "--output-json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"baseline: {copy}, {lib.pxl_isa().decode()} kernels" in printed and "x baseline" in printed
+    for r in json.loads(out.read_text()):
+        assert r["baseline_us"] > 0 and r["baseline_max_abs_diff"] == 0.0, r
+    (tmp_path / "not_a_lib.so").write_text("no")
+    with pytest.raises(SystemExit, match=r"--baseline-lib \S*not_a_lib\.so: "):
+        cli.main(["bench", "attention", "--baseline-lib", str(tmp_path / "not_a_lib.so")])
+
+
 @pytest.mark.parametrize("flag,value,message", [("--heads", "9,2,64", "multiple of KV heads"),
                                                 ("--heads", "9,3", "three integers"),
                                                 ("--layers", "0", "--layers must be >= 1")])

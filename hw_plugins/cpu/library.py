@@ -226,27 +226,34 @@ def load() -> ctypes.CDLL:
     tried = []
     for path in candidates():
         if path.is_file():
-            lib = ctypes.CDLL(str(path))
             try:
-                check_abi(lib, path)
-                _bind(lib, path)
+                lib = load_at(path)
             except OSError as e:
                 _cache["lib"] = str(e)
                 raise
-            lib.pxl_set_num_threads(num_threads())
-            cpus = thread_cpus()
-            pinned = ""
-            if cpus is not None:
-                unpinned = lib.pxl_bind_threads((ctypes.c_int * len(cpus))(*cpus), len(cpus))
-                pinned = f" pinned to CPUs {cpus}" if unpinned == 0 else f" (pinning to CPUs {cpus} failed)"
-            logger.info("native kernels %s: %s, %d threads%s", path, lib.pxl_isa().decode(), lib.pxl_num_threads(),
-                        pinned)
             _cache["lib"] = lib
             return lib
         tried.append(str(path))
     _cache["lib"] = msg = (f"{LIB_NAME} not found (looked in {', '.join(tried)}); "
                            "`pip install -e .` or `make -C csrc` builds it")
     raise OSError(msg)
+
+
+def load_at(path: str | Path) -> ctypes.CDLL:
+    """The library at `path`, checked, bound and given its threads; another copy than load()'s
+    loads beside it (the benchmarks' --baseline-lib). OSError if it is not one this perfxlm runs."""
+    path = Path(path)
+    lib = ctypes.CDLL(str(path))
+    check_abi(lib, path)
+    _bind(lib, path)
+    lib.pxl_set_num_threads(num_threads())
+    cpus = thread_cpus()
+    pinned = ""
+    if cpus is not None:
+        unpinned = lib.pxl_bind_threads((ctypes.c_int * len(cpus))(*cpus), len(cpus))
+        pinned = f" pinned to CPUs {cpus}" if unpinned == 0 else f" (pinning to CPUs {cpus} failed)"
+    logger.info("native kernels %s: %s, %d threads%s", path, lib.pxl_isa().decode(), lib.pxl_num_threads(), pinned)
+    return lib
 
 
 def _bind(lib: ctypes.CDLL, path: Path) -> None:
