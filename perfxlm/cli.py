@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     gemv.add_argument("--threads", type=int, default=None, help="threads for all three (default: all cores)")
     gemv.add_argument("--formats", default="fp32,bf16,q4_1", help="comma list of fp32, bf16, q8_0, q4_0, q4_1")
     gemv.add_argument("--rows", type=int, default=1, help="tokens per call: 1 = decode GEMV, e.g. 512 = prefill GEMM")
+    gemv.add_argument("--baseline-lib", default=None, metavar="PATH",
+                      help="another build of libperfxlm_kernels.so (e.g. the last commit's) timed beside ours, "
+                           "alternating, in this process")
     gemv.add_argument("--output-json", default=None, help="also write the rows as JSON")
     att = bsub.add_parser("attention", help="paged attention, decode and prefill over many layers' caches: ours, "
                                              "torch's SDPA")
@@ -128,6 +131,19 @@ def main(argv: list[str] | None = None) -> int:
     return _plugins()
 
 
+def _baseline_lib(bench: str, path: str | None):
+    """--baseline-lib's library, or None without the flag; a missing file or a build for another
+    ABI exits naming it."""
+    from hw_plugins.cpu import library
+
+    if not path:
+        return None
+    try:
+        return library.load_at(path)
+    except OSError as e:
+        raise SystemExit(f"perfxlm bench {bench}: --baseline-lib {path}: {e}")
+
+
 def _bench_gemv(args: argparse.Namespace) -> int:
     import os
 
@@ -141,9 +157,11 @@ def _bench_gemv(args: argparse.Namespace) -> int:
     if bad or args.rows < 1 or threads < 1:
         raise SystemExit(f"perfxlm bench gemv: unknown --formats {bad} (choose from {', '.join(gemv.FORMATS)})"
                          if bad else "perfxlm bench gemv: --rows and --threads must be >= 1")
-    rows = gemv.run(threads, formats, args.rows)
+    baseline = _baseline_lib("gemv", args.baseline_lib)
+    rows = gemv.run(threads, formats, args.rows, baseline)
     print(f"{'bs=1 GEMV' if args.rows == 1 else f'GEMM with {args.rows} rows'}, {threads} threads; ours: {library.load().pxl_isa().decode()} kernels; "
-          f"OpenBLAS {openblas.corename()}; torch {__import__('torch').__version__}")
+          f"OpenBLAS {openblas.corename()}; torch {__import__('torch').__version__}"
+          + (f"; baseline: {args.baseline_lib}, {baseline.pxl_isa().decode()} kernels" if baseline else ""))
     return _report(gemv.report(rows), rows, args.output_json)
 
 
@@ -165,12 +183,7 @@ def _bench_attention(args: argparse.Namespace) -> int:
         raise SystemExit(f"perfxlm bench attention: {bad[0]} must be >= 1" if bad else
                          f"perfxlm bench attention: --heads {args.heads}: query heads must be a multiple of KV heads")
     cache = args.dtype if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
-    lib, baseline = library.load(), None
-    if args.baseline_lib:
-        try:
-            baseline = library.load_at(args.baseline_lib)
-        except OSError as e:  # a missing file, or a build for another ABI
-            raise SystemExit(f"perfxlm bench attention: --baseline-lib {args.baseline_lib}: {e}")
+    lib, baseline = library.load(), _baseline_lib("attention", args.baseline_lib)
     rows = attention.run(args.batch, args.context, args.prefill_len, args.layers, heads, kv_heads, head_dim,
                          args.dtype, cache, baseline=baseline)
     print(f"paged attention, {args.dtype} ({cache} KV cache), {args.batch} sequences, "

@@ -161,6 +161,32 @@ def test_gemv_bench_prints_ours_openblas_and_torch(monkeypatch, tmp_path, capsys
     assert all(r["weight_MB"] == 2 * p["weight_MB"] for r, p in zip(gated, [rows[0], rows[2]]))  # gate and up
 
 
+def test_gemv_bench_times_a_baseline_library_beside_ours(monkeypatch, tmp_path, capsys):
+    """--baseline-lib: every row, the gated one too, also runs another copy of the kernels on its
+    own packed weights (here the same build: the same bits)."""
+    import shutil
+    from hw_plugins.cpu import library
+    try:
+        library.load()
+    except OSError as e:
+        pytest.skip(f"the native cpu kernels are not built here: {e}")
+    copy = tmp_path / library.LIB_NAME
+    shutil.copy(next(p for p in library.candidates() if p.is_file()), copy)
+    monkeypatch.setattr(gemv, "SHAPES", [(64, 48)])
+    monkeypatch.setattr(gemv, "GATED", (64, 48))
+    monkeypatch.setattr(gemv, "_time", lambda fn, min_time=0.2: (fn(), 1e-6)[1])
+    out = tmp_path / "gemv.json"
+    assert cli.main(["bench", "gemv", "--formats", "bf16,q4_0", "--rows", "5", "--baseline-lib", str(copy),
+                     "--output-json", str(out)]) == 0
+    assert f"baseline: {copy}" in capsys.readouterr().out
+    rows = json.loads(out.read_text())
+    assert [r["format"] for r in rows] == ["bf16", "gated", "q4_0"]
+    for r in rows:
+        assert r["baseline_us"] > 0 and r["baseline_max_abs_diff"] == 0.0, r
+    with pytest.raises(SystemExit, match=r"perfxlm bench gemv: --baseline-lib \S*nowhere\.so: "):
+        cli.main(["bench", "gemv", "--baseline-lib", str(tmp_path / "nowhere.so")])
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--formats", "fp33"], "unknown --formats ['fp33']"),
     (["--rows", "0"], "--rows and --threads must be >= 1"),

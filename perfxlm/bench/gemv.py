@@ -6,7 +6,9 @@ the median time of one call; GB/s counts the weight bytes read (the roofline of 
 bandwidth-bound GEMV), GFLOP/s the 2*rows*N*K of a GEMM. Ours runs as the cpu engine does:
 float32 x and y whatever the weights (bf16 ones multiply x rounded to bf16). Quantised weights
 are compared with OpenBLAS and torch on their dequantised fp32 copy: what one would run without
-our kernels; bf16 with torch's bf16 mm.
+our kernels; bf16 with torch's bf16 mm. With a baseline library (another build of our kernels)
+both builds run on the same x, each on its own packed copy of the weights, their calls
+alternating, and the table adds the baseline's time.
 """
 
 import ctypes
@@ -43,7 +45,38 @@ def _time(fn, min_time: float = 0.2) -> float:
     return statistics.median(samples)
 
 
-def run(threads: int, formats: list[str], rows: int = 1) -> list[dict]:
+def _time_each(fns: list, min_time: float = 0.2) -> list[float]:
+    """_time for builds of our kernels, which share one OpenMP runtime: their samples alternate,
+    so both see the same machine. Each one's median."""
+    for fn in fns:
+        fn()
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < min_time / 4:
+        fns[0]()
+        reps += 1
+    samples: list[list[float]] = [[] for _ in fns]
+    for _ in range(5):
+        for fn, out in zip(fns, samples):
+            t = time.perf_counter()
+            for _ in range(max(reps, 1)):
+                fn()
+            out.append((time.perf_counter() - t) / max(reps, 1))
+    return [statistics.median(s) for s in samples]
+
+
+def _packed(lib, code: int, w: np.ndarray, N: int, K: int) -> tuple[np.ndarray, int]:
+    """W as lib runs it: its kernel set's packed copy where it has one, else as it is."""
+    from hw_plugins.cpu import library
+    from hw_plugins.cpu.plugin import host_zeros
+
+    if not lib.pxl_packed_bytes(code, N, K):
+        return w, code
+    packed = host_zeros((lib.pxl_packed_bytes(code, N, K),), np.uint8)
+    lib.pxl_pack_weights(code, N, K, w.__array_interface__["data"][0], packed.__array_interface__["data"][0])
+    return packed, library.PACKED[code]
+
+
+def run(threads: int, formats: list[str], rows: int = 1, baseline: ctypes.CDLL | None = None) -> list[dict]:
     import ml_dtypes
     import torch
 
@@ -53,7 +86,8 @@ def run(threads: int, formats: list[str], rows: int = 1) -> list[dict]:
     from perfxlm.bench import openblas
 
     lib = library.load()
-    lib.pxl_set_num_threads(threads)
+    for each in (lib, baseline) if baseline is not None else (lib,):
+        each.pxl_set_num_threads(threads)
     openblas.set_threads(threads)
     torch.set_num_threads(threads)
     blas = openblas.load()
@@ -76,22 +110,28 @@ def run(threads: int, formats: list[str], rows: int = 1) -> list[dict]:
                 w = quantize(w32, fmt)
                 x, code, nbytes = x32, {"q8_0": library.Q8_0, "q4_0": library.Q4_0, "q4_1": library.Q4_1}[fmt], w.nbytes
                 tw, tx = torch.from_numpy(dequantize(w, fmt)), torch.from_numpy(x32)
-            if lib.pxl_packed_bytes(code, N, K):  # what the engine runs: the kernel set's packed copy
-                packed = host_zeros((lib.pxl_packed_bytes(code, N, K),), np.uint8)
-                lib.pxl_pack_weights(code, N, K, w.__array_interface__["data"][0],
-                                     packed.__array_interface__["data"][0])
-                w, code = packed, library.PACKED[code]
+            w_plain, code_plain = w, code
+            w, code = _packed(lib, code, w, N, K)  # what the engine runs: the kernel set's packed copy
             # x and y on cache lines too, as the engine's activation buffers are
             xa, y = host_zeros(x.shape, x.dtype), host_zeros(y.shape, y.dtype)
             xa[...] = x
             x = xa
             pw, px, py = (a.__array_interface__["data"][0] for a in (w, x, y))
-            ours = _time(lambda: lib.pxl_linear(library.F32, code, rows, N, K, px, pw, None, py))
+            base_row = {}
+            if baseline is None:
+                ours = _time(lambda: lib.pxl_linear(library.F32, code, rows, N, K, px, pw, None, py))
+            else:
+                bw, bcode = _packed(baseline, code_plain, w_plain, N, K)
+                by = host_zeros(y.shape, y.dtype)
+                pbw, pby = bw.__array_interface__["data"][0], by.__array_interface__["data"][0]
+                ours, base = _time_each([lambda: lib.pxl_linear(library.F32, code, rows, N, K, px, pw, None, py),
+                                         lambda: baseline.pxl_linear(library.F32, bcode, rows, N, K, px, pbw, None, pby)])
+                base_row = {"baseline_us": base * 1e6, "baseline_max_abs_diff": float(np.abs(y - by).max())}
             ty = torch.empty((rows, N), dtype=tx.dtype)
             ref = _time(lambda: torch.mm(tx, tw.t(), out=ty))
             row = {"rows": rows, "K": K, "N": N, "format": fmt, "ours_us": ours * 1e6, "torch_us": ref * 1e6,
                    "ours_GBs": nbytes / ours / 1e9, "ours_GFLOPs": 2 * rows * N * K / ours / 1e9,
-                   "weight_MB": nbytes / 1e6}
+                   "weight_MB": nbytes / 1e6, **base_row}
             if fmt != "bf16":  # scipy-openblas32 has no bf16 routines
                 wb = w32 if fmt == "fp32" else np.ascontiguousarray(tw.numpy())
                 yb = np.empty((rows, N), np.float32)
@@ -107,14 +147,14 @@ def run(threads: int, formats: list[str], rows: int = 1) -> list[dict]:
             table.append(row)
             if fmt in ("fp32", "bf16") and (K, N) == GATED and code in (library.F32P, library.BF16P):
                 table.append(_gated(lib, library.F32 if fmt == "fp32" else library.BF16, code, rows, N, K, w32, x, tx,
-                                    tw))
+                                    tw, baseline))
     return table
 
 
-def _gated(lib, wfmt: int, code: int, rows: int, N: int, K: int, w32, x, tx, tw) -> dict:
+def _gated(lib, wfmt: int, code: int, rows: int, N: int, K: int, w32, x, tx, tw, baseline=None) -> dict:
     """The gated row: pxl_linear_silu on gate and up (wfmt: fp32 or bf16) packed as the engine packs
     them (gate = the shape's weights, up = them reversed), float32 x and y, vs torch's
-    silu(x Wg^T) * (x Wu^T)."""
+    silu(x Wg^T) * (x Wu^T); and the baseline's, where it packs the same format."""
     import ml_dtypes
     import torch
 
@@ -123,28 +163,46 @@ def _gated(lib, wfmt: int, code: int, rows: int, N: int, K: int, w32, x, tx, tw)
 
     wu32 = np.ascontiguousarray(w32[::-1])
     wg, wu = (w32, wu32) if wfmt == library.F32 else (w32.astype(ml_dtypes.bfloat16), wu32.astype(ml_dtypes.bfloat16))
-    packed = host_zeros((2 * lib.pxl_packed_bytes(wfmt, N, K),), np.uint8)
-    lib.pxl_pack_gated(wfmt, N, K, *(a.__array_interface__["data"][0] for a in (wg, wu, packed)))
-    y = host_zeros((rows, N), np.float32)
+    def pack(lib):
+        packed = host_zeros((2 * lib.pxl_packed_bytes(wfmt, N, K),), np.uint8)
+        lib.pxl_pack_gated(wfmt, N, K, *(a.__array_interface__["data"][0] for a in (wg, wu, packed)))
+        return packed
+
+    packed, y = pack(lib), host_zeros((rows, N), np.float32)
     px, pw, py = (a.__array_interface__["data"][0] for a in (x, packed, y))
-    ours = _time(lambda: lib.pxl_linear_silu(library.F32, code, rows, N, K, px, pw, py))
+    base_row = {}
+    if baseline is None or not baseline.pxl_packed_bytes(wfmt, N, K):
+        ours = _time(lambda: lib.pxl_linear_silu(library.F32, code, rows, N, K, px, pw, py))
+    else:
+        bpacked, by = pack(baseline), host_zeros((rows, N), np.float32)
+        pbw, pby = bpacked.__array_interface__["data"][0], by.__array_interface__["data"][0]
+        ours, base = _time_each([lambda: lib.pxl_linear_silu(library.F32, code, rows, N, K, px, pw, py),
+                                 lambda: baseline.pxl_linear_silu(library.F32, code, rows, N, K, px, pbw, pby)])
+        base_row = {"baseline_us": base * 1e6, "baseline_max_abs_diff": float(np.abs(y - by).max())}
     twu = torch.flip(tw, [0]).contiguous()
     ref = _time(lambda: torch.nn.functional.silu(tx @ tw.t()) * (tx @ twu.t()))
     nbytes = wg.nbytes + wu.nbytes
     return {"rows": rows, "K": K, "N": N, "format": "gated", "ours_us": ours * 1e6, "torch_us": ref * 1e6,
-            "ours_GBs": nbytes / ours / 1e9, "ours_GFLOPs": 4 * rows * N * K / ours / 1e9, "weight_MB": nbytes / 1e6}
+            "ours_GBs": nbytes / ours / 1e9, "ours_GFLOPs": 4 * rows * N * K / ours / 1e9, "weight_MB": nbytes / 1e6,
+            **base_row}
 
 
 def report(rows: list[dict]) -> str:
     rate = "GB/s" if rows[0]["rows"] == 1 else "GF/s"
+    base = any("baseline_us" in r for r in rows)
     head = f"{'K->N':>12} {'fmt':>8} {'MB':>6} | {'ours us':>9} {rate:>6} | {'OpenBLAS us':>11} | {'torch us':>9} | " \
-           f"{'vs BLAS':>7} {'vs torch':>8}"
+           f"{'vs BLAS':>7} {'vs torch':>8}" + (f" | {'baseline us':>11} {'vs base':>7} {'|ours - base|':>13}" if base else "")
     lines = [head, "-" * len(head)]
     for r in rows:
         blas = r.get("openblas_us")
         blas_cell = "n/a" if blas is None else f"{blas:.1f}"
         vs_blas = "" if blas is None else f"{blas / r['ours_us']:.2f}x"
-        lines.append(f"{r['K']:>5}->{r['N']:<6} {r['format']:>8} {r['weight_MB']:6.1f} | {r['ours_us']:9.1f} "
-                     f"{r['ours_GBs' if r['rows'] == 1 else 'ours_GFLOPs']:6.1f} | {blas_cell:>11} | {r['torch_us']:9.1f} | {vs_blas:>7} "
-                     f"{r['torch_us'] / r['ours_us']:7.2f}x")
+        line = (f"{r['K']:>5}->{r['N']:<6} {r['format']:>8} {r['weight_MB']:6.1f} | {r['ours_us']:9.1f} "
+                f"{r['ours_GBs' if r['rows'] == 1 else 'ours_GFLOPs']:6.1f} | {blas_cell:>11} | {r['torch_us']:9.1f} | {vs_blas:>7} "
+                f"{r['torch_us'] / r['ours_us']:7.2f}x")
+        if "baseline_us" in r:
+            line += f" | {r['baseline_us']:11.1f} {r['baseline_us'] / r['ours_us']:6.2f}x {r['baseline_max_abs_diff']:13.2e}"
+        elif base:
+            line += f" | {'n/a':>11}"
+        lines.append(line)
     return "\n".join(lines)
