@@ -61,14 +61,7 @@ PXL_CLONES static void store_gated(const out_spec *o, size_t r0, size_t c0, size
     }
 }
 
-/* Y (T, cols) = X (T, K) . packed panels, bf16 (PXL_BF16P) or fp32 (f32: PXL_F32P); T walks
- * in chunks that stay in L2 while a panel (32 x K: L1-sized in bf16, L2 in fp32) serves every
- * token of the chunk. With `out`, each call's rows go to out as soon as the call is done: the
- * kernel set rounds and stores them itself where it can (bf16 out, or the gated SiLU-mul),
- * else they pass through Y, a scratch tile of one call's rows x PXL_PANEL columns, while it is
- * in L1: no T x cols fp32 copy of the result (6 MB for the lm_head of a 64-token decode step)
- * goes through memory. Gated, a panel makes 16 columns of out. */
-/* run_packed's bf16 fp32-out case for K over PXL_KC, on sets with an accumulating kernel: a
+/* pxl_run_packed's bf16 fp32-out case for K over PXL_KC, on sets with an accumulating kernel: a
  * chunk's x rows (4 MB at K = 8192) no longer stay in L2 while every panel passes, and each panel
  * would read them again from L3. So K runs in blocks: a block of the chunk's x (1 MB) stays in
  * L2 for all the panels, and the sums wait in Y from block to block (fp32, so exactly: the bits
@@ -93,6 +86,13 @@ static void run_packed_kblocks(const pxl_kernel_set *ks, size_t T, size_t cols, 
     }
 }
 
+/* Y (T, cols) = X (T, K) . packed panels, bf16 (PXL_BF16P) or fp32 (f32: PXL_F32P); T walks
+ * in chunks that stay in L2 while a panel (32 x K: L1-sized in bf16, L2 in fp32) serves every
+ * token of the chunk. With `out`, each call's rows go to out as soon as the call is done: the
+ * kernel set rounds and stores them itself where it can (bf16 out, or the gated SiLU-mul),
+ * else they pass through Y, a scratch tile of one call's rows x PXL_PANEL columns, while it is
+ * in L1: no T x cols fp32 copy of the result (6 MB for the lm_head of a 64-token decode step)
+ * goes through memory. Gated, a panel makes 16 columns of out. */
 void pxl_run_packed(const pxl_kernel_set *ks, int f32, size_t T, size_t cols, size_t K, const void *X,
                     size_t ldx, const void *Wp, float *Y, size_t ldy, const out_spec *out, size_t c0) {
     if (!f32 && !out && ks->gemm_bf16p_acc && ks->bf16p_rm && K > PXL_KC && K % 32 == 0 && cols % PXL_PANEL == 0 &&

@@ -96,11 +96,10 @@ def run(batch: int = 64, context: int = 192, prefill_len: int = 128, layers: int
             return [torch.nn.functional.scaled_dot_product_attention(tq, kt, vt, attn_mask=mask, scale=scale,
                                                                      enable_gqa=True) for kt, vt in kv]
 
-        t_base = base_diff = None
-        if baseline is None:
-            t_ours = best_of(ours, reps) / layers
-        else:
-            t_ours, t_base = (t / layers for t in best_of_each([ours, lambda: ours(baseline)], 2 * reps))
+        fns = [ours] if baseline is None else [ours, lambda: ours(baseline)]
+        t_ours, *t_base = (t / layers for t in best_of_each(fns, reps))
+        base_diff = None
+        if baseline is not None:
             attend(*caches[0], baseline)
             theirs = y.astype(np.float32)
         t_ref = best_of(ref, reps) / layers
@@ -112,7 +111,7 @@ def run(batch: int = 64, context: int = 192, prefill_len: int = 128, layers: int
             base_diff = float(np.abs(got - theirs).max())
         kv_bytes = 2 * B * n * kv_heads * head_dim * np.dtype(np_cache).itemsize
         return Result(name, 1e6 * t_ours, 1e6 * t_ref, kv_bytes / t_ours / 1e9, diff,
-                      None if t_base is None else 1e6 * t_base, base_diff)
+                      1e6 * t_base[0] if t_base else None, base_diff)
 
     # decode: prompt blocks together per sequence, then the later blocks in turn across sequences
     prompt_blocks, total_blocks = -(-context // BLOCK), -(-(context + 1) // BLOCK)

@@ -31,23 +31,13 @@ def _time(fn, min_time: float = 0.2) -> float:
     # OpenMP runtimes (ours, torch's bundled one) spin for milliseconds after a call. Let
     # the previous library's threads go to sleep first, so each is timed on quiet cores.
     time.sleep(0.3)
-    fn()
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < min_time / 4:
-        fn()
-        reps += 1
-    samples = []
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(max(reps, 1)):
-            fn()
-        samples.append((time.perf_counter() - t) / max(reps, 1))
-    return statistics.median(samples)
+    return _time_each([fn], min_time)[0]
 
 
 def _time_each(fns: list, min_time: float = 0.2) -> list[float]:
-    """_time for builds of our kernels, which share one OpenMP runtime: their samples alternate,
-    so both see the same machine. Each one's median."""
+    """The median of 5 samples of each fn, each sample as many calls as fill min_time / 4 for the
+    first; several fns (builds of our kernels, which share one OpenMP runtime) take their samples
+    in turn, so all see the same machine."""
     for fn in fns:
         fn()
     reps, t0 = 0, time.perf_counter()
