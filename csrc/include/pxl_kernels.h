@@ -210,18 +210,48 @@ typedef float f32x16 __attribute__((vector_size(64)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 typedef uint16_t pxl_u16x16 __attribute__((vector_size(32)));
 
-/* 16 IEEE binary16 values at p -> fp32, exactly: exponent and mantissa moved into fp32's places,
- * then scaled by 2^112 (the two biases' difference), which makes subnormals exact too; inf and
- * NaN keep an all-ones exponent. Integer and float lanes only, so every ISA's vector code takes
- * it (there is no portable vector half type: clang's RISC-V backend rejects one). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PXL_X86_F16C 1
+#include <immintrin.h>
+/* The hardware's exact f16 -> fp32 conversion (vcvtph2ps). The portable loops are compiled once
+ * per x86 level by target_clones, and no macro tells a clone which one it is, so these carry
+ * their own target: inlined into the clones that have it (AVX-512F into x86-64-v4, F16C into v3
+ * and v4), a call in the others, and picked at run time from cpuid (a check the compiler hoists
+ * out of the loops). Results through a pointer: a vector returned across that call would differ
+ * in ABI between caller and callee. */
+static inline __attribute__((target("avx512f"))) void pxl_f16x16_cvt512(const void *p, f32x16 *out) {
+    __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+    memcpy(out, &v, sizeof v);
+}
+static inline __attribute__((target("avx,f16c"))) void pxl_f16x16_cvt256(const void *p, f32x16 *out) {
+    __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)),
+           hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p + 1));
+    memcpy(out, &lo, sizeof lo), memcpy((char *)out + sizeof lo, &hi, sizeof hi);
+}
+#endif
+
+/* 16 IEEE binary16 values at p -> fp32, exactly, without F16C: exponent and mantissa moved into
+ * fp32's places, then scaled by 2^112 (the two biases' difference), which makes subnormals exact
+ * too; inf and NaN keep an all-ones exponent. Integer and float lanes only, so every ISA's vector
+ * code takes it (there is no portable vector half type: clang's RISC-V backend rejects one, and
+ * GCC 12 converts one a lane at a time). */
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi" /* a vector value: always inlined, in every clone */
-static inline __attribute__((always_inline)) f32x16 pxl_f16x16_to_f32(const void *p) {
+static inline __attribute__((always_inline)) f32x16 pxl_f16x16_widen(const void *p) {
     pxl_u16x16 h;
     memcpy(&h, p, sizeof h);
     i32x16 x = __builtin_convertvector(h, i32x16), e = x & 0x7fff, m = e << 13;
     i32x16 big = e >= 0x7c00, v = (i32x16)((f32x16)m * 0x1p112f);
     return (f32x16)(((v & ~big) | ((m | 0x7f800000) & big)) | ((x & 0x8000) << 16));
+}
+/* the same by the best conversion this CPU has */
+static inline __attribute__((always_inline)) f32x16 pxl_f16x16_to_f32(const void *p) {
+#ifdef PXL_X86_F16C
+    f32x16 out;
+    if (__builtin_cpu_supports("avx512f")) return pxl_f16x16_cvt512(p, &out), out;
+    if (__builtin_cpu_supports("f16c")) return pxl_f16x16_cvt256(p, &out), out;
+#endif
+    return pxl_f16x16_widen(p);
 }
 #pragma GCC diagnostic pop
 

@@ -90,22 +90,49 @@ static void check(const char *what, int dt, size_t n, const void *got, const dou
 }
 
 
-/* the f16 KV cache's conversions: every f16 pattern widened by the vector code, and fp32 values
- * across f16's range (its subnormals, the rounding ties, the edge of inf) rounded by the store */
+/* the f16 KV cache's conversions: every f16 pattern widened by each conversion this CPU has (the
+ * portable one, and on x86 F16C's and AVX-512F's), and fp32 values across f16's range (its
+ * subnormals, the rounding ties, the edge of inf) rounded by the store */
+static f32x16 widen_portable(const void *p) { return pxl_f16x16_widen(p); }
+#ifdef PXL_X86_F16C
+static f32x16 widen_f16c(const void *p) {
+    f32x16 v;
+    pxl_f16x16_cvt256(p, &v);
+    return v;
+}
+static f32x16 widen_avx512(const void *p) {
+    f32x16 v;
+    pxl_f16x16_cvt512(p, &v);
+    return v;
+}
+#endif
 static void test_f16_conversions(void) {
-    for (uint32_t h0 = 0; h0 < 65536; h0 += 16) {
-        uint16_t h[16];
-        for (int i = 0; i < 16; i++) h[i] = (uint16_t)(h0 + i);
-        f32x16 v = pxl_f16x16_to_f32(h);
-        for (int i = 0; i < 16; i++) {
-            double want = fp16(h[i]);
-            if (!(v[i] == want || (want != want && v[i] != v[i]))) {
-                printf("FAIL [%s] f16 widening: 0x%04x got %.9g want %.9g\n", isa, h[i], v[i], want);
-                failed++;
-                return;
+    struct {
+        const char *name;
+        f32x16 (*widen)(const void *);
+        int usable;
+    } ways[] = {
+        {"portable", widen_portable, 1},
+#ifdef PXL_X86_F16C
+        {"f16c", widen_f16c, __builtin_cpu_supports("f16c")},
+        {"avx512f", widen_avx512, __builtin_cpu_supports("avx512f")},
+#endif
+    };
+    for (size_t w = 0; w < sizeof ways / sizeof *ways; w++)
+        for (uint32_t h0 = 0; ways[w].usable && h0 < 65536; h0 += 16) {
+            uint16_t h[16];
+            for (int i = 0; i < 16; i++) h[i] = (uint16_t)(h0 + i);
+            f32x16 v = ways[w].widen(h);
+            for (int i = 0; i < 16; i++) {
+                double want = fp16(h[i]);
+                if (!(v[i] == want || (want != want && v[i] != v[i]))) {
+                    printf("FAIL [%s] f16 widening (%s): 0x%04x got %.9g want %.9g\n", isa, ways[w].name, h[i],
+                           v[i], want);
+                    failed++;
+                    return;
+                }
             }
         }
-    }
     float edge[] = {0.0f, -0.0f, 65504.0f, 65519.99f, 65520.0f, -65520.0f, 1e9f, INFINITY, 0x1p-14f, 0x1p-24f,
                     0x1p-25f, 0x1.8p-24f, 0x1.000002p-25f, 0x1.ffcp-15f, 0x1.ffep-15f, 1.0f + 0x1p-11f,
                     1.0f + 0x1.8p-10f, 1e-30f, -3.1415926f};
