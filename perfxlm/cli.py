@@ -35,11 +35,14 @@ def main(argv: list[str] | None = None) -> int:
                                                  "page at /"))
     bench = sub.add_parser("bench", help="benchmarks, each beside a reference measured in the same run")
     bsub = bench.add_subparsers(dest="bench", required=True)
-    gemv = bsub.add_parser("gemv", help="GEMV (--rows 1) / GEMM on SmolLM2 shapes and 4096x4096: ours, OpenBLAS, "
-                                         "torch")
+    gemv = bsub.add_parser("gemv", help="GEMV (--rows 1) / GEMM on SmolLM2 shapes and 4096x4096 (or --shapes): "
+                                         "ours, OpenBLAS, torch")
     gemv.add_argument("--threads", type=int, default=None, help="threads for all three (default: all cores)")
     gemv.add_argument("--formats", default="fp32,bf16,q4_1", help="comma list of fp32, bf16, q8_0, q4_0, q4_1")
     gemv.add_argument("--rows", type=int, default=1, help="tokens per call: 1 = decode GEMV, e.g. 512 = prefill GEMM")
+    gemv.add_argument("--shapes", default=None, metavar="KxN,...",
+                      help="Linears to time, input x output features (default: SmolLM2-135M's and 4096x4096; "
+                           "e.g. 2048x2048,2048x512,2048x8192,8192x2048 for Llama-3.2-1B's)")
     gemv.add_argument("--baseline-lib", default=None, metavar="PATH",
                       help="another build of libperfxlm_kernels.so (e.g. the last commit's) timed beside ours, "
                            "alternating, in this process")
@@ -157,8 +160,16 @@ def _bench_gemv(args: argparse.Namespace) -> int:
     if bad or args.rows < 1 or threads < 1:
         raise SystemExit(f"perfxlm bench gemv: unknown --formats {bad} (choose from {', '.join(gemv.FORMATS)})"
                          if bad else "perfxlm bench gemv: --rows and --threads must be >= 1")
+    try:
+        shapes = gemv.parse_shapes(args.shapes) if args.shapes else gemv.SHAPES
+    except ValueError as e:
+        raise SystemExit(f"perfxlm bench gemv: {e}")
+    odd = [f"{K}x{N}" for K, N in shapes if K % 32]
+    if odd and set(formats) - {"fp32"}:  # GGUF blocks hold 32 weights; bf16 packs K in pairs
+        raise SystemExit(f"perfxlm bench gemv: --shapes {odd}: K must be a multiple of 32 for --formats "
+                         f"{sorted(set(formats) - {'fp32'})}")
     baseline = _baseline_lib("gemv", args.baseline_lib)
-    rows = gemv.run(threads, formats, args.rows, baseline)
+    rows = gemv.run(threads, formats, args.rows, baseline, shapes)
     print(f"{'bs=1 GEMV' if args.rows == 1 else f'GEMM with {args.rows} rows'}, {threads} threads; ours: {library.load().pxl_isa().decode()} kernels; "
           f"OpenBLAS {openblas.corename()}; torch {__import__('torch').__version__}"
           + (f"; baseline: {args.baseline_lib}, {baseline.pxl_isa().decode()} kernels" if baseline else ""))

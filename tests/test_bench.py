@@ -187,9 +187,27 @@ def test_gemv_bench_times_a_baseline_library_beside_ours(monkeypatch, tmp_path, 
         cli.main(["bench", "gemv", "--baseline-lib", str(tmp_path / "nowhere.so")])
 
 
+def test_gemv_bench_times_the_shapes_asked_for(monkeypatch, tmp_path):
+    """--shapes replaces the SmolLM2 list: each KxN once per format, in the order given."""
+    from hw_plugins.base import available_plugins
+    if not dict((n, ok) for n, ok, _ in available_plugins()).get("cpu"):
+        pytest.skip("the native cpu kernels are not built here")
+    monkeypatch.setattr(gemv, "_time", lambda fn, min_time=0.2: (fn(), 1e-6)[1])
+    out = tmp_path / "gemv.json"
+    assert cli.main(["bench", "gemv", "--formats", "fp32,q4_0", "--rows", "2", "--shapes", "96x40,64X8",
+                     "--output-json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["K"], r["N"], r["format"]) for r in rows] == [
+        (96, 40, "fp32"), (96, 40, "q4_0"), (64, 8, "fp32"), (64, 8, "q4_0")]
+    assert all(r["ours_us"] > 0 and r["torch_us"] > 0 for r in rows)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--formats", "fp33"], "unknown --formats ['fp33']"),
     (["--rows", "0"], "--rows and --threads must be >= 1"),
+    (["--shapes", "2048"], "--shapes: '2048' is not KxN"),
+    (["--shapes", "64x8,0x8"], "--shapes: '0x8' is not KxN"),
+    (["--shapes", "70x8", "--formats", "fp32,q4_0"], "--shapes ['70x8']: K must be a multiple of 32 for --formats ['q4_0']"),
 ])
 def test_gemv_bench_refuses_bad_arguments(argv, message):
     with pytest.raises(SystemExit, match=message.replace("[", r"\[").replace("]", r"\]")):

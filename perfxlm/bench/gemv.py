@@ -1,8 +1,8 @@
 """Linear y (rows, N) = x (rows, K) @ W^T: ours vs OpenBLAS vs torch, side by side in one run.
 
 rows = 1 is the decode GEMV; rows > 1 (e.g. 512, a prefill) the GEMM. Shapes are SmolLM2-135M's
-(K -> N: 576->1536 gate/up, 1536->576 down, 576->49152 lm_head) and 4096x4096. Each cell is
-the median time of one call; GB/s counts the weight bytes read (the roofline of a
+(K -> N: 576->1536 gate/up, 1536->576 down, 576->49152 lm_head) and 4096x4096, or the caller's.
+Each cell is the median time of one call; GB/s counts the weight bytes read (the roofline of a
 bandwidth-bound GEMV), GFLOP/s the 2*rows*N*K of a GEMM. Ours runs as the cpu engine does:
 float32 x and y whatever the weights (bf16 ones multiply x rounded to bf16). Quantised weights
 are compared with OpenBLAS and torch on their dequantised fp32 copy: what one would run without
@@ -66,7 +66,19 @@ def _packed(lib, code: int, w: np.ndarray, N: int, K: int) -> tuple[np.ndarray, 
     return packed, library.PACKED[code]
 
 
-def run(threads: int, formats: list[str], rows: int = 1, baseline: ctypes.CDLL | None = None) -> list[dict]:
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """'2048x2048,2048x512' -> [(2048, 2048), (2048, 512)]: (K, N), input then output features."""
+    shapes = []
+    for item in text.split(","):
+        k, sep, n = item.strip().lower().partition("x")
+        if not (sep and k.isdigit() and n.isdigit() and int(k) > 0 and int(n) > 0):
+            raise ValueError(f"--shapes: {item!r} is not KxN (input x output features, e.g. 2048x8192)")
+        shapes.append((int(k), int(n)))
+    return shapes
+
+
+def run(threads: int, formats: list[str], rows: int = 1, baseline: ctypes.CDLL | None = None,
+        shapes: list[tuple[int, int]] | None = None) -> list[dict]:
     import ml_dtypes
     import torch
 
@@ -83,7 +95,7 @@ def run(threads: int, formats: list[str], rows: int = 1, baseline: ctypes.CDLL |
     blas = openblas.load()
     table = []
     rng = np.random.default_rng(0)
-    for K, N in SHAPES:
+    for K, N in shapes or SHAPES:
         w32 = (rng.standard_normal((N, K)) * 0.02).astype(np.float32)
         x32 = rng.standard_normal((rows, K)).astype(np.float32)
         for fmt in formats:
