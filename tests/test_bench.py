@@ -152,13 +152,18 @@ def test_gemv_bench_prints_ours_openblas_and_torch(monkeypatch, tmp_path, capsys
     assert "GEMM with 3 rows" in printed
     rows = json.loads(out.read_text())
     assert [(r["K"], r["format"], r["rows"]) for r in rows] == [
-        (64, "fp32", 3), (64, "gated", 3), (64, "bf16", 3), (64, "gated", 3), (64, "q4_1", 3), (32, "fp32", 3),
-        (32, "bf16", 3), (32, "q4_1", 3)]
+        (64, "fp32", 3), (64, "gated", 3), (64, "bf16", 3), (64, "bf16 x/y", 3), (64, "gated", 3), (64, "q4_1", 3),
+        (32, "fp32", 3), (32, "bf16", 3), (32, "bf16 x/y", 3), (32, "q4_1", 3)]
     assert all("torch_us" in r for r in rows)
     # no bf16 in OpenBLAS, and no fused SiLU
-    assert all("openblas_us" in r for r in rows if r["format"] not in ("bf16", "gated"))
+    assert all("openblas_us" in r for r in rows if r["format"] not in ("bf16", "bf16 x/y", "gated"))
     gated = [r for r in rows if r["format"] == "gated"]
     assert all(r["weight_MB"] == 2 * p["weight_MB"] for r, p in zip(gated, [rows[0], rows[2]]))  # gate and up
+    for plain, xy in zip(rows, rows[1:]):  # the same kernel and weights, beside the same torch mm
+        if xy["format"] == "bf16 x/y":
+            assert plain["format"] == "bf16" and xy["torch_us"] == plain["torch_us"]
+            assert xy["weight_MB"] == plain["weight_MB"] and xy["ours_us"] > 0
+            assert xy["bf16_row_max_rel"] <= 2 ** -8  # the bf16 row's y, rounded to bf16 (x is bf16 in both)
 
 
 def test_gemv_bench_times_a_baseline_library_beside_ours(monkeypatch, tmp_path, capsys):
@@ -180,7 +185,7 @@ def test_gemv_bench_times_a_baseline_library_beside_ours(monkeypatch, tmp_path, 
                      "--output-json", str(out)]) == 0
     assert f"baseline: {copy}" in capsys.readouterr().out
     rows = json.loads(out.read_text())
-    assert [r["format"] for r in rows] == ["bf16", "gated", "q4_0"]
+    assert [r["format"] for r in rows] == ["bf16", "bf16 x/y", "gated", "q4_0"]
     for r in rows:
         assert r["baseline_us"] > 0 and r["baseline_max_abs_diff"] == 0.0, r
     with pytest.raises(SystemExit, match=r"perfxlm bench gemv: --baseline-lib \S*nowhere\.so: "):

@@ -6,7 +6,8 @@ Each cell is the median time of one call; GB/s counts the weight bytes read (the
 bandwidth-bound GEMV), GFLOP/s the 2*rows*N*K of a GEMM. Ours runs as the cpu engine does:
 float32 x and y whatever the weights (bf16 ones multiply x rounded to bf16). Quantised weights
 are compared with OpenBLAS and torch on their dequantised fp32 copy: what one would run without
-our kernels; bf16 with torch's bf16 mm. With a baseline library (another build of our kernels)
+our kernels; bf16 with torch's bf16 mm, which takes bf16 x and y: the "bf16 x/y" row runs ours
+so too. With a baseline library (another build of our kernels)
 both builds run on the same x, each on its own packed copy of the weights, their calls
 alternating, and the table adds the baseline's time.
 """
@@ -147,10 +148,49 @@ def run(threads: int, formats: list[str], rows: int = 1, baseline: ctypes.CDLL |
                             K, pwb, K, ctypes.c_float(0.0), pyb, N]
                     row["openblas_us"] = _time(lambda: blas.scipy_cblas_sgemm(*args)) * 1e6
             table.append(row)
+            if fmt == "bf16":
+                table.append(_bf16_xy(lib, code, w, rows, N, K, x32, y, row["torch_us"], nbytes,
+                                      None if baseline is None else (baseline, bcode, bw)))
             if fmt in ("fp32", "bf16") and (K, N) == GATED and code in (library.F32P, library.BF16P):
                 table.append(_gated(lib, library.F32 if fmt == "fp32" else library.BF16, code, rows, N, K, w32, x, tx,
                                     tw, baseline))
     return table
+
+
+def _bf16_xy(lib, code: int, w: np.ndarray, rows: int, N: int, K: int, x32: np.ndarray, y32: np.ndarray,
+             torch_us: float, nbytes: int, baseline: tuple | None) -> dict:
+    """The "bf16 x/y" row: the bf16 row's kernel on bf16 x and y, as torch's mm (and vLLM's bf16
+    models) run it, so the difference from the bf16 row is what float32 activations cost (x
+    rounded to bf16 in a pass of its own, float32 y); baseline: (library, its code, its weights).
+    y32: the bf16 row's float32 y, which ours must equal to bf16's rounding (bf16_row_max_rel)."""
+    import ml_dtypes
+
+    from hw_plugins.cpu import library
+    from hw_plugins.cpu.plugin import host_zeros
+
+    x = host_zeros((rows, K), np.uint16)
+    x[...] = x32.astype(ml_dtypes.bfloat16).view(np.uint16)
+    def call(lib, code, w):
+        y = host_zeros((rows, N), np.uint16)
+        px, pw, py = (a.__array_interface__["data"][0] for a in (x, w, y))
+        return y, lambda: lib.pxl_linear(library.BF16, code, rows, N, K, px, pw, None, py)
+
+    y, ours_fn = call(lib, code, w)
+    ours_fn()
+    widened = y.view(ml_dtypes.bfloat16).astype(np.float32)
+    rel = float((np.abs(widened - y32) / np.maximum(np.abs(y32), 1e-30)).max())
+    base_row = {}
+    if baseline is None:
+        ours = _time(ours_fn)
+    else:
+        by, base_fn = call(*baseline)
+        ours, base = _time_each([ours_fn, base_fn])
+        diff = np.abs(y.view(ml_dtypes.bfloat16).astype(np.float32) - by.view(ml_dtypes.bfloat16).astype(np.float32))
+        base_row = {"baseline_us": base * 1e6, "baseline_max_abs_diff": float(diff.max())}
+    return {"rows": rows, "K": K, "N": N, "format": "bf16 x/y", "ours_us": ours * 1e6, "torch_us": torch_us,
+            "bf16_row_max_rel": rel,
+            "ours_GBs": nbytes / ours / 1e9, "ours_GFLOPs": 2 * rows * N * K / ours / 1e9, "weight_MB": nbytes / 1e6,
+            **base_row}
 
 
 def _gated(lib, wfmt: int, code: int, rows: int, N: int, K: int, w32, x, tx, tw, baseline=None) -> dict:
