@@ -55,6 +55,23 @@ def _time_each(fns: list, min_time: float = 0.2) -> list[float]:
     return [statistics.median(s) for s in samples]
 
 
+def _timed(ours, baseline=None) -> tuple[float, dict]:
+    """ours' time in s, alone; or with baseline, (its call, a function giving the largest
+    difference of its output from ours), the two alternating, and the baseline's columns."""
+    if baseline is None:
+        return _time(ours), {}
+    call, diff = baseline
+    t_ours, t_base = _time_each([ours, call])
+    return t_ours, {"baseline_us": t_base * 1e6, "baseline_max_abs_diff": float(diff())}
+
+
+def _row(fmt: str, rows: int, K: int, N: int, ours: float, torch_us: float, nbytes: int, flops: float,
+         **extra) -> dict:
+    """One table row: ours (s) against torch (us), the rates of `nbytes` of weights and `flops`."""
+    return {"rows": rows, "K": K, "N": N, "format": fmt, "ours_us": ours * 1e6, "torch_us": torch_us,
+            "ours_GBs": nbytes / ours / 1e9, "ours_GFLOPs": flops / ours / 1e9, "weight_MB": nbytes / 1e6, **extra}
+
+
 def _packed(lib, code: int, w: np.ndarray, N: int, K: int) -> tuple[np.ndarray, int]:
     """W as lib runs it: its kernel set's packed copy where it has one, else as it is."""
     from hw_plugins.cpu import library
@@ -120,21 +137,17 @@ def run(threads: int, formats: list[str], rows: int = 1, baseline: ctypes.CDLL |
             xa[...] = x
             x = xa
             pw, px, py = (a.__array_interface__["data"][0] for a in (w, x, y))
-            base_row = {}
-            if baseline is None:
-                ours = _time(lambda: lib.pxl_linear(library.F32, code, rows, N, K, px, pw, None, py))
-            else:
+            theirs = None
+            if baseline is not None:
                 bw, bcode = _packed(baseline, code_plain, w_plain, N, K)
                 by = host_zeros(y.shape, y.dtype)
                 pbw, pby = bw.__array_interface__["data"][0], by.__array_interface__["data"][0]
-                ours, base = _time_each([lambda: lib.pxl_linear(library.F32, code, rows, N, K, px, pw, None, py),
-                                         lambda: baseline.pxl_linear(library.F32, bcode, rows, N, K, px, pbw, None, pby)])
-                base_row = {"baseline_us": base * 1e6, "baseline_max_abs_diff": float(np.abs(y - by).max())}
+                theirs = (lambda: baseline.pxl_linear(library.F32, bcode, rows, N, K, px, pbw, None, pby),
+                          lambda: np.abs(y - by).max())
+            ours, base_row = _timed(lambda: lib.pxl_linear(library.F32, code, rows, N, K, px, pw, None, py), theirs)
             ty = torch.empty((rows, N), dtype=tx.dtype)
             ref = _time(lambda: torch.mm(tx, tw.t(), out=ty))
-            row = {"rows": rows, "K": K, "N": N, "format": fmt, "ours_us": ours * 1e6, "torch_us": ref * 1e6,
-                   "ours_GBs": nbytes / ours / 1e9, "ours_GFLOPs": 2 * rows * N * K / ours / 1e9,
-                   "weight_MB": nbytes / 1e6, **base_row}
+            row = _row(fmt, rows, K, N, ours, ref * 1e6, nbytes, 2 * rows * N * K, **base_row)
             if fmt != "bf16":  # scipy-openblas32 has no bf16 routines
                 wb = w32 if fmt == "fp32" else np.ascontiguousarray(tw.numpy())
                 yb = np.empty((rows, N), np.float32)
@@ -175,21 +188,17 @@ def _bf16_xy(lib, code: int, w: np.ndarray, rows: int, N: int, K: int, x32: np.n
         px, pw, py = (a.__array_interface__["data"][0] for a in (x, w, y))
         return y, lambda: lib.pxl_linear(library.BF16, code, rows, N, K, px, pw, None, py)
 
+    def widened(y):
+        return y.view(ml_dtypes.bfloat16).astype(np.float32)
+
     y, ours_fn = call(lib, code, w)
-    ours_fn()
-    widened = y.view(ml_dtypes.bfloat16).astype(np.float32)
-    rel = float((np.abs(widened - y32) / np.maximum(np.abs(y32), 1e-30)).max())
-    base_row = {}
-    if baseline is None:
-        ours = _time(ours_fn)
-    else:
+    theirs = None
+    if baseline is not None:
         by, base_fn = call(*baseline)
-        ours, base = _time_each([ours_fn, base_fn])
-        diff = np.abs(widened - by.view(ml_dtypes.bfloat16).astype(np.float32)).max()
-        base_row = {"baseline_us": base * 1e6, "baseline_max_abs_diff": float(diff)}
-    return {"rows": rows, "K": K, "N": N, "format": "bf16 x/y", "ours_us": ours * 1e6, "torch_us": torch_us,
-            "ours_GBs": nbytes / ours / 1e9, "ours_GFLOPs": 2 * rows * N * K / ours / 1e9, "weight_MB": nbytes / 1e6,
-            "bf16_row_max_rel": rel, **base_row}
+        theirs = (base_fn, lambda: np.abs(widened(y) - widened(by)).max())
+    ours, base_row = _timed(ours_fn, theirs)
+    rel = float((np.abs(widened(y) - y32) / np.maximum(np.abs(y32), 1e-30)).max())
+    return _row("bf16 x/y", rows, K, N, ours, torch_us, nbytes, 2 * rows * N * K, bf16_row_max_rel=rel, **base_row)
 
 
 def _gated(lib, wfmt: int, code: int, rows: int, N: int, K: int, w32, x, tx, tw, baseline=None) -> dict:
@@ -211,21 +220,17 @@ def _gated(lib, wfmt: int, code: int, rows: int, N: int, K: int, w32, x, tx, tw,
 
     packed, y = pack(lib), host_zeros((rows, N), np.float32)
     px, pw, py = (a.__array_interface__["data"][0] for a in (x, packed, y))
-    base_row = {}
-    if baseline is None or not baseline.pxl_packed_bytes(wfmt, N, K):
-        ours = _time(lambda: lib.pxl_linear_silu(library.F32, code, rows, N, K, px, pw, py))
-    else:
+    theirs = None
+    if baseline is not None and baseline.pxl_packed_bytes(wfmt, N, K):
         bpacked, by = pack(baseline), host_zeros((rows, N), np.float32)
         pbw, pby = bpacked.__array_interface__["data"][0], by.__array_interface__["data"][0]
-        ours, base = _time_each([lambda: lib.pxl_linear_silu(library.F32, code, rows, N, K, px, pw, py),
-                                 lambda: baseline.pxl_linear_silu(library.F32, code, rows, N, K, px, pbw, pby)])
-        base_row = {"baseline_us": base * 1e6, "baseline_max_abs_diff": float(np.abs(y - by).max())}
+        theirs = (lambda: baseline.pxl_linear_silu(library.F32, code, rows, N, K, px, pbw, pby),
+                  lambda: np.abs(y - by).max())
+    ours, base_row = _timed(lambda: lib.pxl_linear_silu(library.F32, code, rows, N, K, px, pw, py), theirs)
     twu = torch.flip(tw, [0]).contiguous()
     ref = _time(lambda: torch.nn.functional.silu(tx @ tw.t()) * (tx @ twu.t()))
     nbytes = wg.nbytes + wu.nbytes
-    return {"rows": rows, "K": K, "N": N, "format": "gated", "ours_us": ours * 1e6, "torch_us": ref * 1e6,
-            "ours_GBs": nbytes / ours / 1e9, "ours_GFLOPs": 4 * rows * N * K / ours / 1e9, "weight_MB": nbytes / 1e6,
-            **base_row}
+    return _row("gated", rows, K, N, ours, ref * 1e6, nbytes, 4 * rows * N * K, **base_row)
 
 
 def report(rows: list[dict]) -> str:
