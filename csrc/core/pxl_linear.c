@@ -9,7 +9,9 @@
  * every token tile. GGUF K-quants (Q4_K / Q5_K / Q6_K) take the GGUF-layout path with x
  * quantised per 256 (Q8_K, pxl_kquants.h). Our own GEMM rather than OpenBLAS's sgemm, which is slower on these
  * shapes (`perfxlm bench gemv` runs both side by side). The packed panels' layouts are
- * pxl_pack.c's, their GEMM driver pxl_linear_packed.c's.
+ * pxl_pack.c's, their GEMM driver pxl_linear_packed.c's. Linears of one x (q, k, v) run as
+ * one over their stacked weights (pxl_linear_parts): x prepared once, each part's columns
+ * stored to its own array.
  */
 #include <math.h>
 #include <stdio.h>
@@ -214,8 +216,45 @@ static void compute(const pxl_kernel_set *ks, int wfmt, int packed_q, size_t T, 
     }
 }
 
+/* columns [n0, n0 + cols) of the whole output, x prepared: stored at column j0 of y, a (T, ldy) array */
+static void columns(const pxl_kernel_set *ks, int dt, int odt, int gated, int wfmt, int packed_q, size_t T, size_t K,
+                    const void *xk, size_t ldx, const int8_t *qbuf, int planes, const float *sx, const void *W,
+                    const void *bias, size_t n0, size_t cols, void *y, size_t j0, size_t ldy) {
+    const char *Wn = (const char *)W + (gated + 1) * (wfmt == PXL_BF16P   ? n0 * K * 2
+                                                     : wfmt == PXL_F32P ? n0 * K * 4
+                                                                        : n0 * pxl_row_bytes(wfmt, K));
+    if (dt == PXL_F32 && odt == PXL_F32 && !bias && !gated) {
+        compute(ks, wfmt, packed_q, T, cols, K, xk, ldx, qbuf, planes, sx, Wn, (float *)y + j0, ldy, NULL);
+        return;
+    }
+    /* bias or bf16 output: this thread's columns in fp32, then added and rounded once */
+    size_t es = dt == PXL_F32 ? 4 : 2, oes = odt == PXL_F32 ? 4 : 2;
+    /* A decode step's logits (T x vocabulary fp32: megabytes) are read only after the whole
+     * lm_head has streamed its weights through the caches, so they are written around them: no
+     * read for ownership of every line, no eviction of the weights still to come. */
+    const int stream = odt == PXL_F32 && dt != PXL_F32 && (double)T * ldy * 4 >= STREAM_MIN_BYTES;
+    out_spec o = {dt, odt, gated, bias ? (const char *)bias + n0 * es : NULL, (char *)y + j0 * oes, ldy, stream,
+                  ks->silu_bf16};
+    const int fused = wfmt == PXL_BF16P || wfmt == PXL_F32P || packed_q;
+    /* fused: one call's rows (run_packed) */
+    float *yp = pxl_scratch(1, (fused ? PXL_AMX_RM * (size_t)PXL_PANEL : T * cols) * 4);
+    compute(ks, wfmt, packed_q, T, cols, K, xk, ldx, qbuf, planes, sx, Wn, yp, cols, fused ? &o : NULL);
+    if (!fused) pxl_store_rows(&o, 0, 0, T, cols, yp, cols);
+#ifdef __x86_64__
+    if (stream) _mm_sfence(); /* (the streamed lines are weakly ordered: visible before the barrier) */
+#endif
+}
+
+/* the parts of one Linear's output: columns [0, n[0]) to y[0], the next n[1] to y[1], ... (each
+ * its own (T, n[i]) array); one part for a plain Linear */
+typedef struct {
+    int count;
+    const size_t *n;
+    void *const *y;
+} out_parts;
+
 static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, int wfmt, size_t T, size_t N,
-                        size_t K, const void *x, const void *W, const void *bias, void *y) {
+                        size_t K, const void *x, const void *W, const void *bias, out_parts parts) {
     const int bf16_w = wfmt == PXL_BF16 || wfmt == PXL_BF16P, kq = PXL_IS_KQUANT(wfmt);
     const int quant = PXL_IS_QUANT(wfmt) || kq, repacked = wfmt >= PXL_Q8_0R && wfmt <= PXL_Q4_1R;
     /* quantised weights: int8 dot products for decode-sized T (and every T when batch
@@ -278,31 +317,13 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
     size_t n0, n1;
     pxl_split(N, gated ? PXL_PANEL / 2 : wfmt == PXL_BF16P || wfmt == PXL_F32P || packed_q ? PXL_PANEL : PXL_QR_ROWS,
               &n0, &n1);
-    if (n0 >= n1) return;
-    size_t cols = n1 - n0;
-    const char *Wn = (const char *)W + (gated + 1) * (wfmt == PXL_BF16P   ? n0 * K * 2
-                                                     : wfmt == PXL_F32P ? n0 * K * 4
-                                                                        : n0 * pxl_row_bytes(wfmt, K));
-    if (dt == PXL_F32 && odt == PXL_F32 && !bias && !gated) {
-        compute(ks, wfmt, packed_q, T, cols, K, xk, ldx, qbuf, planes, sx, Wn, (float *)y + n0, N, NULL);
-        return;
+    /* this thread's columns, a part at a time (parts start on a panel or block: pxl_linear_parts) */
+    for (size_t i = 0, base = 0; i < (size_t)parts.count; base += parts.n[i++]) {
+        size_t c0 = n0 > base ? n0 : base, c1 = n1 < base + parts.n[i] ? n1 : base + parts.n[i];
+        if (c0 < c1)
+            columns(ks, dt, odt, gated, wfmt, packed_q, T, K, xk, ldx, qbuf, planes, sx, W, bias, c0, c1 - c0,
+                    parts.y[i], c0 - base, parts.n[i]);
     }
-    /* bias or bf16 output: this thread's columns in fp32, then added and rounded once */
-    size_t es = dt == PXL_F32 ? 4 : 2, oes = odt == PXL_F32 ? 4 : 2;
-    /* A decode step's logits (T x vocabulary fp32: megabytes) are read only after the whole
-     * lm_head has streamed its weights through the caches, so they are written around them: no
-     * read for ownership of every line, no eviction of the weights still to come. */
-    const int stream = odt == PXL_F32 && dt != PXL_F32 && (double)T * N * 4 >= STREAM_MIN_BYTES;
-    out_spec o = {dt, odt, gated, bias ? (const char *)bias + n0 * es : NULL, (char *)y + n0 * oes, N, stream,
-                  ks->silu_bf16};
-    const int fused = wfmt == PXL_BF16P || wfmt == PXL_F32P || packed_q;
-    /* fused: one call's rows (run_packed) */
-    float *yp = pxl_scratch(1, (fused ? PXL_AMX_RM * (size_t)PXL_PANEL : T * cols) * 4);
-    compute(ks, wfmt, packed_q, T, cols, K, xk, ldx, qbuf, planes, sx, Wn, yp, cols, fused ? &o : NULL);
-    if (!fused) pxl_store_rows(&o, 0, 0, T, cols, yp, cols);
-#ifdef __x86_64__
-    if (stream) _mm_sfence(); /* (the streamed lines are weakly ordered: visible before the barrier) */
-#endif
 }
 
 void pxl_linear_to(int dt, int odt, int wfmt, size_t T, size_t N, size_t K, const void *x, const void *W,
@@ -310,7 +331,24 @@ void pxl_linear_to(int dt, int odt, int wfmt, size_t T, size_t N, size_t K, cons
     const pxl_kernel_set *ks = pxl_kernels();
     int nth = (double)T * N * K < 32768 ? 1 : pxl_num_threads(); /* tiny: not worth waking threads */
     if (dt == PXL_F32) odt = PXL_F32; /* (no narrowing store) */
-    PXL_ON_TEAM(nth, linear_team(ks, dt, odt, 0, wfmt, T, N, K, x, W, bias, y));
+    out_parts one = {1, &N, &y};
+    PXL_ON_TEAM(nth, linear_team(ks, dt, odt, 0, wfmt, T, N, K, x, W, bias, one));
+}
+
+void pxl_linear_parts(int dt, int wfmt, size_t T, size_t K, int count, const size_t *n, const void *x, const void *W,
+                      const void *bias, void *const *y) {
+    size_t N = 0;
+    for (int i = 0; i < count; i++) {
+        if (n[i] % PXL_PANEL) { /* a caller's bug: a part would start inside a panel or block */
+            fprintf(stderr, "pxl_linear_parts: part %d has %zu features, not a multiple of %d\n", i, n[i], PXL_PANEL);
+            abort();
+        }
+        N += n[i];
+    }
+    const pxl_kernel_set *ks = pxl_kernels();
+    int nth = (double)T * N * K < 32768 ? 1 : pxl_num_threads();
+    out_parts parts = {count, n, y};
+    PXL_ON_TEAM(nth, linear_team(ks, dt, dt, 0, wfmt, T, N, K, x, W, bias, parts));
 }
 
 void pxl_linear_silu(int dt, int wfmt, size_t T, size_t N, size_t K, const void *x, const void *Wgu, void *y) {
@@ -320,7 +358,8 @@ void pxl_linear_silu(int dt, int wfmt, size_t T, size_t N, size_t K, const void 
     }
     const pxl_kernel_set *ks = pxl_kernels();
     int nth = 2.0 * T * N * K < 32768 ? 1 : pxl_num_threads();
-    PXL_ON_TEAM(nth, linear_team(ks, dt, dt, 1, wfmt, T, N, K, x, Wgu, NULL, y));
+    out_parts one = {1, &N, &y};
+    PXL_ON_TEAM(nth, linear_team(ks, dt, dt, 1, wfmt, T, N, K, x, Wgu, NULL, one));
 }
 
 void pxl_linear(int dt, int wfmt, size_t T, size_t N, size_t K, const void *x, const void *W, const void *bias,

@@ -31,6 +31,11 @@ static void run_node(const pxl_plan_node *x, size_t T, size_t N, size_t B, size_
         pxl_linear_to(x->dt, x->rows & PXL_OUT_F32 ? PXL_F32 : x->dt, x->wfmt, rows, x->a, x->b, p[0], p[1], p[2],
                       p[3]);
         break;
+    case PXL_OP_LINEAR_PARTS: { /* a = parts (up to 3), b = K; c, d, e = their features */
+        const size_t n[3] = {(size_t)x->c, (size_t)x->d, (size_t)x->e};
+        pxl_linear_parts(x->dt, x->wfmt, rows, x->b, (int)x->a, n, p[0], p[1], p[2], (void *const *)&p[3]);
+        break;
+    }
     case PXL_OP_ROPE: pxl_rope(x->dt, rows, x->a, x->b, p[0], p[1], p[2], p[3], p[4]); break;
     case PXL_OP_ATTENTION:
         pxl_paged_attention_mask(x->dt, x->wfmt, T, B, x->a, x->b, x->c, p[0], p[1], p[2], p[3], p[4], x->d, p[5],

@@ -62,6 +62,12 @@ void pxl_linear(int dt, int wfmt, size_t T, size_t N, size_t K, const void *x, c
  * conversion pass over them) */
 void pxl_linear_to(int dt, int odt, int wfmt, size_t T, size_t N, size_t K, const void *x, const void *W,
                    const void *bias, void *y);
+/* Several Linears of one x in one pass: y[i] (T, n[i]) = x (T, K) @ W_i (n[i], K)^T (+ bias_i),
+ * with W the count weights stacked ((sum n, K), packed as one: q, k and v, say), bias likewise
+ * (or NULL). Bitwise what pxl_linear gives for each, with x converted or quantised once and one
+ * team over all the features. Every n[i] must be a multiple of PXL_PANEL. */
+void pxl_linear_parts(int dt, int wfmt, size_t T, size_t K, int count, const size_t *n, const void *x, const void *W,
+                      const void *bias, void *const *y);
 /* Packed weights: a kernel set may run Linear fastest on a packed copy of W
  * (PXL_BF16P: 32-feature panels with K in pairs, [ceil(N/32)][K/2][32][2] bf16; PXL_F32P:
  * [ceil(N/32)][K][32] fp32; zero-padded). Quantised blocks repack 16 rows at a time,

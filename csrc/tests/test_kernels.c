@@ -439,6 +439,34 @@ static void test_linear_silu(int dt, int fmt, size_t T, size_t N, size_t K) {
     free(deq); free(Wg); free(Wu); free(Wgu); free(x); free(g); free(u); free(want); free(got);
 }
 
+/* pxl_linear_parts on the parts' weights stacked and packed as one = pxl_linear on each part's
+ * own, bitwise (bias stacked likewise) */
+static void test_linear_parts(int dt, int fmt, size_t T, size_t K, int count, const size_t *n, int with_bias) {
+    size_t N = 0, es = dt ? 2 : 4, dense = dense_of(fmt);
+    for (int i = 0; i < count; i++) N += n[i];
+    size_t row = dense <= PXL_BF16 ? K * (dense ? 2 : 4) : K / PXL_QK * q_block_bytes(dense);
+    double *deq = malloc(N * K * 8);
+    char *stack = malloc(N * row), *b = alloc_rand(dt, N, 1), *x = alloc_rand(dt, T * K, 1);
+    char *want = malloc(T * N * es), *got = malloc(T * N * es);
+    void *y[3];
+    for (int i = 0, r = 0; i < count; r += n[i++]) {
+        void *W = make_weights(dense, n[i], K, deq);
+        memcpy(stack + r * row, W, n[i] * row);
+        W = packed_copy(fmt, n[i], K, W);
+        pxl_linear(dt, fmt, T, n[i], K, x, W, with_bias ? b + r * es : NULL, want + T * r * es);
+        y[i] = got + T * r * es;
+        free(W);
+    }
+    void *Ws = packed_copy(fmt, N, K, stack);
+    pxl_linear_parts(dt, fmt, T, K, count, n, x, Ws, with_bias ? b : NULL, y);
+    char name[96];
+    snprintf(name, sizeof name, "linear_parts %s w=%s T=%zu K=%zu N=%zu (%d parts)%s", dt ? "bf16" : "f32",
+             fmt_name[fmt], T, K, N, count, with_bias ? " +bias" : "");
+    if (!memcmp(want, got, T * N * es)) passed++;
+    else printf("FAIL [%s] %s\n", isa, name), failed++;
+    free(deq); free(Ws); free(b); free(x); free(want); free(got);
+}
+
 /* pxl_add_rmsnorm = pxl_add then pxl_rmsnorm, bitwise, also with y over a (the plan may reuse
  * a's buffer for y) */
 static void test_add_rmsnorm(int dt, size_t T, size_t D) {
@@ -889,6 +917,15 @@ int main(void) {
                 test_linear_silu(dt, fmt, 3, 70, 64);
                 test_linear_silu(dt, fmt, 64, 1536, 576);
                 test_linear_silu(dt, fmt, 300, 40, 130);
+            }
+        /* q, k and v as one: decode and prefill sizes, every format, with and without biases */
+        size_t qkv[3] = {576, 192, 192}, two[2] = {64, 32};
+        for (int fmt = PXL_F32; fmt <= PXL_Q4_1R; fmt++)
+            for (int dt = 0; dt < 2; dt++) {
+                test_linear_parts(dt, fmt, 1, 576, 3, qkv, dt);
+                test_linear_parts(dt, fmt, 3, 576, 3, qkv, !dt);
+                test_linear_parts(dt, fmt, 70, 576, 3, qkv, dt);
+                test_linear_parts(dt, fmt, 5, 64, 2, two, 1);
             }
         for (int fmt = PXL_BF16; fmt <= PXL_Q4_1R; fmt++) /* decode and prefill sizes, every path
                                                               (K-quants: test_kquants.c) */

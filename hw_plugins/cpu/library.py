@@ -30,12 +30,13 @@ CACHES = {**ACTIVATIONS, "float16": F16}  # ... of a KV cache (f16: kv_cache_dty
 QUANT_X = {"auto": 0, "int8": 1, "bf16": 2, "int16": 3}  # PERFXLM_QUANT_ACTIVATIONS -> pxl_set_quant_x's PXL_QX_*
 
 # A compiled step's records (pxl_plan_run): the op codes in pxl_abi.h's order (PXL_OP_*), the
-# names op_profile reports them by; the last two are fused pairs of ops
+# names op_profile reports them by; "Linear+SiluMul", "Add+RMSNorm" and "Linear parts" (two or
+# three Linears of one input, q / k / v) are fused ops
 PLAN_OPS = ("Gather", "RMSNorm", "Linear", "RoPE", "PagedAttention", "SiluMul", "Add",
             "Linear+SiluMul", "Add+RMSNorm", "LayerNorm", "GeluMul", "Activation", "Scale", "Softcap", "MoE",
-            "LoRA")
+            "LoRA", "Linear parts")
 (GATHER, RMSNORM, LINEAR, ROPE, ATTENTION, SILU_MUL, ADD, LINEAR_SILU, ADD_RMSNORM, LAYER_NORM, GELU_MUL, ACTIVATION,
- SCALE, SOFTCAP, MOE, LORA) = range(len(PLAN_OPS))
+ SCALE, SOFTCAP, MOE, LORA, LINEAR_PARTS) = range(len(PLAN_OPS))
 # Activation's kinds in the order of pxl_abi.h's PXL_ACT_* (graph_export.ops.ACTIVATION_KINDS)
 ACT_KINDS = ("relu", "gelu", "gelu_tanh")
 
@@ -124,6 +125,7 @@ _SIGNATURES = {
     "pxl_pack_weights": ([_i, _sz, _sz, _p, _p], None),
     "pxl_pack_gated": ([_i, _sz, _sz, _p, _p, _p], None),
     "pxl_linear_silu": ([_i, _i, _sz, _sz, _sz, _p, _p, _p], None),
+    "pxl_linear_parts": ([_i, _i, _sz, _sz, _i, _p, _p, _p, _p, _p], None),
     "pxl_gather": ([_i, _sz, _sz, _p, _p, _p], None),
     "pxl_rmsnorm": ([_i, _sz, _sz, _p, _p, _f, _p], None),
     "pxl_rope": ([_i, _sz, _sz, _sz, _p, _p, _p, _p, _p], None),

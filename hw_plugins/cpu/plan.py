@@ -14,7 +14,7 @@ import numpy as np
 from graph_export.ops import LOGITS
 from hw_plugins.cpu.buffers import _ptr, host_zeros
 from hw_plugins.cpu.library import (ACTIVATION, ACTIVATIONS, ADD, ADD_RMSNORM, ATTENTION, CACHES, GATHER, GELU_MUL,
-                                    LAYER_NORM, LINEAR, LINEAR_SILU, LORA, MOE, NO_WAIT, NONCAUSAL, OUT_F32, RMSNORM,
+                                    LAYER_NORM, LINEAR, LINEAR_PARTS, LINEAR_SILU, LORA, MOE, NO_WAIT, NONCAUSAL, OUT_F32, RMSNORM,
                                     ROPE, ROWS_N, SCALE, SILU_MUL, SOFTCAP, PlanNode, activation_code)
 
 
@@ -44,6 +44,25 @@ def _gated_pairs(nodes: list[Any]) -> dict[int, tuple[Any, Any]]:
     return pairs
 
 
+def _shared_x_runs(nodes: list[Any], skip: set[int]) -> list[list[Any]]:
+    """Runs of two or three consecutive Linears (q / k / v) of one input, alike in weight format
+    and in having a bias or not, none the logits: each becomes one pass (pxl_linear_parts) that
+    prepares x once. Consecutive, so no node between them reads or reuses their outputs' slots."""
+    runs, run = [], []
+    for node in [*nodes, None]:
+        ok = (node is not None and node.op_type == "Linear" and id(node) not in skip
+              and node.outputs[0] != LOGITS)
+        if ok and run and len(run) < 3 and node.inputs[0] == run[0].inputs[0] \
+                and len(node.inputs) == len(run[0].inputs) \
+                and node.attrs.get("weight_format", "dense") == run[0].attrs.get("weight_format", "dense"):
+            run.append(node)
+            continue
+        if len(run) > 1:
+            runs.append(run)
+        run = [node] if ok else []
+    return runs
+
+
 class Plan:
     def __init__(self, plugin: Any, nodes: list[Any], buffer: Any, inputs: dict[str, np.ndarray],
                  rows_n: set[str]) -> None:
@@ -54,12 +73,24 @@ class Plan:
         engine would otherwise convert 64 x 49152 of them a decode step."""
         lib = plugin.lib
         self.plugin, self.lib, self.inputs = plugin, lib, inputs
+        self.keep: list[Any] = []  # arrays the records point to that nothing else holds
         gated = {}  # id(SiluMul node) -> (its gate and up Linears, (format, their packed weights))
         for i, (gate, up) in _gated_pairs(nodes).items():
             packed = plugin.gated_weight(gate.attrs, buffer(gate.inputs[1]), up.attrs, buffer(up.inputs[1]))
             if packed is not None:
                 gated[id(nodes[i])] = (gate, up, packed)
         fused = {id(n) for gate, up, _ in gated.values() for n in (gate, up)}
+        # Linears of one x (q / k / v): one pass over their stacked weights, where every part
+        # starts on a panel (the kernels' unit of features) and the weights are alike
+        parts = {}  # id(first Linear) -> (the run, (format, stacked weights), stacked bias or None)
+        for run in _shared_x_runs(nodes, fused):
+            ws = [buffer(n.inputs[1]) for n in run]
+            if any(w.ndim != 2 or w.dtype != ws[0].dtype or w.shape[1] != ws[0].shape[1] or w.shape[0] % 32
+                   for w in ws):
+                continue
+            bias = np.concatenate([buffer(n.inputs[2]) for n in run]) if len(run[0].inputs) > 2 else None
+            parts[id(run[0])] = (run, plugin.stacked_weight(run[0].attrs, ws), bias)
+            fused |= {id(n) for n in run[1:]}
         # a residual Add and the RMSNorm of its sum right after it: one pass (pxl_add_rmsnorm)
         normed = {id(a): b for a, b in zip(nodes, nodes[1:])
                   if a.op_type == "Add" and b.op_type == "RMSNorm" and b.inputs[0] == a.outputs[0]
@@ -82,6 +113,13 @@ class Plan:
                 g = at.get("group_size") or arrays[0].shape[1]
                 r.op, r.a, r.b, r.f0 = RMSNORM, g, arrays[0].shape[1] // g, at["epsilon"]
                 ptrs = [arrays[0], arrays[1], out]
+            elif id(node) in parts:  # y_i = x @ W_i^T (+ b_i) for the run's Linears, x prepared once
+                run, (r.wfmt, weight), bias = parts[id(node)]
+                outs = [buffer(n.outputs[0]) for n in run]
+                r.op, r.a, r.b = LINEAR_PARTS, len(run), arrays[0].shape[1]
+                r.c, r.d, r.e = (*(o.shape[1] for o in outs), 0, 0)[:3]
+                ptrs = [arrays[0], weight, bias, *outs]
+                self.keep.append(bias)
             elif node.op_type == "Linear":
                 r.op, r.a, r.b = LINEAR, arrays[1].shape[0], arrays[0].shape[1]
                 r.wfmt, weight = plugin.linear_weight(at, arrays[1])

@@ -37,7 +37,7 @@ class CpuPlugin(HwPlugin):
                      "Scale": self._scale, "Softcap": self._softcap, "MoE": self._moe,
                      "LoRA": self._lora}
         self.lib, self._error = None, self._unsupported_here()
-        self._packed: dict[tuple, tuple[np.ndarray, ...]] = {}  # weight(s) -> (weight(s), packed copy)
+        self._packed: dict[tuple, tuple] = {}  # weight(s) -> (weight(s), [format code,] the kernels' copy)
         self.batch_invariant = False
         self.quant_x = QUANT_X["auto"]
         if self._error is None:
@@ -161,7 +161,20 @@ class CpuPlugin(HwPlugin):
         own layout once, where it has one: dense weights to the AVX512-BF16 / AVX-512F
         micro-kernels' panels, GGUF blocks to 16-row interleaved blocks (AVX-512 int8 GEMV).
         A 3-D weight (E, N, K) holds E experts (MoE), each packed on its own, back to back."""
-        name = attrs.get(format_attr, "dense")
+        key = (_ptr(w), w.shape)
+        if key not in self._packed:  # keyed by the weight buffer, which lives as long as the graph
+            self._packed[key] = (w, *self._in_layout(attrs.get(format_attr, "dense"), w))
+        return self._packed[key][-2:]
+
+    def stacked_weight(self, attrs: dict, ws: list[np.ndarray]) -> tuple[int, np.ndarray]:
+        """(weight format code, array) of Linears of one input, their weights stacked ((sum N, K):
+        q, k, v) and laid out as linear_weight lays out one, for pxl_linear_parts."""
+        key = tuple((_ptr(w), w.shape) for w in ws)
+        if key not in self._packed:
+            self._packed[key] = (*ws, *self._in_layout(attrs.get("weight_format", "dense"), np.concatenate(ws)))
+        return self._packed[key][-2:]
+
+    def _in_layout(self, name: str, w: np.ndarray) -> tuple[int, np.ndarray]:
         fmt = _WEIGHT_FORMATS[name]
         N = w.shape[-2]
         if fmt is None:
@@ -171,14 +184,11 @@ class CpuPlugin(HwPlugin):
         size = self.lib.pxl_packed_bytes(fmt, N, K)
         if not size:
             return fmt, w
-        key = (_ptr(w), w.shape)
-        if key not in self._packed:  # keyed by the weight buffer, which lives as long as the graph
-            experts = w.reshape(-1, *w.shape[-2:])
-            packed = host_zeros((len(experts) * size,), np.uint8)
-            for e, we in enumerate(experts):
-                self.lib.pxl_pack_weights(fmt, N, K, _ptr(we), _ptr(packed) + e * size)
-            self._packed[key] = (w, packed)
-        return library.PACKED[fmt], self._packed[key][-1]
+        experts = w.reshape(-1, *w.shape[-2:])
+        packed = host_zeros((len(experts) * size,), np.uint8)
+        for e, we in enumerate(experts):
+            self.lib.pxl_pack_weights(fmt, N, K, _ptr(we), _ptr(packed) + e * size)
+        return library.PACKED[fmt], packed
 
     def moe_weights(self, attrs: dict, ws: list[np.ndarray]) -> tuple[int, list[np.ndarray]]:
         """A MoE node's gate, up and down expert weights as the kernels read them, and their
