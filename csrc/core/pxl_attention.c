@@ -25,7 +25,11 @@
 
 #include "pxl_attention.h"
 
-#define TILE_ROWS 12 /* query rows (tokens x heads of the group) per prefill tile */
+/* query rows (tokens x heads of the group) per prefill tile: in the float32 loops, and on the
+ * tile kernels (AMX), whose tiles hold 16 rows and whose row bits do not depend on the tile's
+ * other rows (the loops' order does: there the number is fixed) */
+#define TILE_ROWS 12
+#define TILE_ROWS_TILES 16
 #define CHUNK 16     /* items per scheduling chunk at most */
 #define PF_KEYS 32   /* an unfetched item's own look-ahead in keys: covers DRAM latency (with none,
                         * the first keys wait on memory) */
@@ -37,8 +41,8 @@ typedef struct {
     size_t tq; /* query tokens per tile */
     size_t items;
 } seq_items;
-static inline seq_items items_of(size_t qlen, size_t G, size_t Hkv) {
-    size_t tq = qlen == 1 ? 1 : TILE_ROWS / G > 1 ? TILE_ROWS / G : 1;
+static inline seq_items items_of(size_t qlen, size_t G, size_t Hkv, size_t rows) {
+    size_t tq = qlen == 1 ? 1 : rows / G > 1 ? rows / G : 1;
     return (seq_items){tq, Hkv * ((qlen + tq - 1) / tq)};
 }
 
@@ -133,11 +137,11 @@ typedef struct {
     int prefill; /* the sequence has more than one query token this step */
 } item_pos;
 static item_pos locate(size_t it, size_t *b, size_t *first, const int64_t *query_start_loc,
-                       const int64_t *seq_lens, size_t G, size_t Hkv, size_t window, int causal) {
+                       const int64_t *seq_lens, size_t G, size_t Hkv, size_t rows, size_t window, int causal) {
     size_t qs, qlen;
     seq_items si;
     for (;; *first += si.items, (*b)++) {
-        qs = query_start_loc[*b], qlen = query_start_loc[*b + 1] - qs, si = items_of(qlen, G, Hkv);
+        qs = query_start_loc[*b], qlen = query_start_loc[*b + 1] - qs, si = items_of(qlen, G, Hkv, rows);
         if (it < *first + si.items) break;
     }
     item_pos p = {.b = *b, .qs = qs, .prefill = qlen > 1};
@@ -194,17 +198,19 @@ static void attention_team(int dt, int cdt, size_t T, size_t B, size_t H, size_t
         store_row(dt, cdt, Hkv * hd, (const char *)k + t * Hkv * hd * es, (char *)k_cache + at);
         store_row(dt, cdt, Hkv * hd, (const char *)v + t * Hkv * hd * es, (char *)v_cache + at);
     }
+    const pxl_kernel_set *ks = pxl_kernels();
+    /* rows a prefill tile: the tile kernels' where tile_head takes them for the whole item */
+    size_t tile_rows = ks->attn_pv && cdt == PXL_BF16 && hd % 32 == 0 && !window ? TILE_ROWS_TILES : TILE_ROWS;
     size_t max_len = 0, items = 0;
     for (size_t b = 0; b < B; b++) {
         max_len = (size_t)seq_lens[b] > max_len ? (size_t)seq_lens[b] : max_len;
-        items += items_of(query_start_loc[b + 1] - query_start_loc[b], G, Hkv).items;
+        items += items_of(query_start_loc[b + 1] - query_start_loc[b], G, Hkv, tile_rows).items;
     }
-    size_t R_max = TILE_ROWS > G ? TILE_ROWS : G, lds = (max_len + 31) / 32 * 32;
+    size_t R_max = tile_rows > G ? tile_rows : G, lds = (max_len + 31) / 32 * 32;
     /* per thread: two row sets' key / value row addresses (n each); q, out (R, hd); scores (R,
      * lds); 17 widened key rows, or the tile kernel's split q (48 hd bf16) and a zero row; with
      * tile kernels, their keys (lds + 16 rows of hd bf16), values (lds rows) and weights (lds / 32
      * blocks of 3 x 16 x 32 bf16), each from a whole line */
-    const pxl_kernel_set *ks = pxl_kernels();
     size_t kt_n = (lds + 16) * hd, vt_n = ks->attn_pv ? lds * hd : 0, pa_n = ks->attn_pv ? lds * 48 : 0;
     size_t tile_bytes = ks->attn_kt && cdt == PXL_BF16 ? (kt_n + vt_n + pa_n) * 2 + 64 : 0;
     const char **rows =
@@ -224,7 +230,7 @@ static void attention_team(int dt, int cdt, size_t T, size_t B, size_t H, size_t
         size_t end = (c + 1) * chunk < items ? (c + 1) * chunk : items, unfetched = SIZE_MAX;
         for (size_t it = c * chunk; it < end; it++) {
             if (it < first) b = 0, first = 0; /* (a thread's items only ever increase; kept safe anyway) */
-            item_pos p = locate(it, &b, &first, query_start_loc, seq_lens, G, Hkv, window, causal);
+            item_pos p = locate(it, &b, &first, query_start_loc, seq_lens, G, Hkv, tile_rows, window, causal);
             if (!row_set_has(&rs[cur], p.b, p.lo0) && row_set_has(&rs[cur ^ 1], p.b, p.lo0)) cur ^= 1;
             row_set_fill(&rs[cur], &src, p.b, p.lo0, p.n);
             size_t off = p.kvh * hd * ces;
@@ -243,7 +249,7 @@ static void attention_team(int dt, int cdt, size_t T, size_t B, size_t H, size_t
             }
             if (it + 1 < end) {
                 size_t nb = b, nf = first;
-                item_pos x = locate(it + 1, &nb, &nf, query_start_loc, seq_lens, G, Hkv, window, causal);
+                item_pos x = locate(it + 1, &nb, &nf, query_start_loc, seq_lens, G, Hkv, tile_rows, window, causal);
                 int nx = row_set_has(&rs[cur], x.b, x.lo0) ? cur : cur ^ 1;
                 row_set_fill(&rs[nx], &src, x.b, x.lo0, x.n);
                 /* a later tile of this one's head reads the rows this one has just read, and more */
