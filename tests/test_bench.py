@@ -115,13 +115,16 @@ def test_throughput_profiles_the_ops_of_the_timed_run(tiny_llama_dir, tmp_path, 
     from hw_plugins.cpu import library
     fused = library.load().pxl_packed_bytes(library.F32, 128, 64) != 0
     mlp = {"Linear+SiluMul"} if fused else {"SiluMul"}
-    # and each residual Add with the RMSNorm after it: all but the last Add, all but 2 norms
-    assert set(ops) == {"Gather", "RMSNorm", "Linear", "RoPE", "PagedAttention", "Add", "Add+RMSNorm"} | mlp
+    # q, k and v as one Linear (and so gate and up where they are not fused with SiluMul); each
+    # residual Add with the RMSNorm after it: all but the last Add, all but 2 norms
+    assert set(ops) == {"Gather", "RMSNorm", "Linear", "Linear parts", "RoPE", "PagedAttention", "Add",
+                        "Add+RMSNorm"} | mlp
     assert ops["Add+RMSNorm"]["calls"] == 4 * (2 * layers - 1)
     assert ops["Add"]["calls"] == ops["RMSNorm"]["calls"] / 2 == 4
     # only the timed generate: one prefill step and 3 decode steps (the warm-up is not counted)
     assert ops["PagedAttention"]["calls"] == 4 * layers
-    assert ops["Linear"]["calls"] == 4 * ((5 if fused else 7) * layers + 1)
+    assert ops["Linear"]["calls"] == 4 * (2 * layers + 1)  # o, down; the lm_head
+    assert ops["Linear parts"]["calls"] == 4 * (1 if fused else 2) * layers
     assert ops[mlp.pop()]["calls"] == 4 * layers
     # split by phase: the prefill step, then the decode steps
     assert ops["PagedAttention"]["prefill_calls"] == layers and ops["PagedAttention"]["decode_calls"] == 3 * layers
