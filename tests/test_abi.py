@@ -123,5 +123,6 @@ def test_python_constants_match_the_header():
     defines = {name: int(value) for name, value in re.findall(r"#define (PXL_\w+) (\d+)\b", text)}
     assert defines["PXL_ABI_VERSION"] == library.ABI_VERSION
     assert defines["PXL_PLAN_MAX_PTRS"] == library.PLAN_MAX_PTRS
+    assert defines["PXL_PANEL"] == library.PANEL
     assert (defines["PXL_ROWS_N"], defines["PXL_NO_WAIT"], defines["PXL_OUT_F32"]) == \
         (library.ROWS_N, library.NO_WAIT, library.OUT_F32)

@@ -41,6 +41,11 @@ typedef struct {
     size_t tq; /* query tokens per tile */
     size_t items;
 } seq_items;
+/* whether an item's weighted sums run on the set's tile kernels for every one of its tiles (a
+ * prefill's; a decode's only when batch invariant): a bf16 cache, whole 32-dim tiles, no window */
+static inline int sums_on_tiles(const pxl_kernel_set *ks, int cdt, size_t hd, size_t window) {
+    return ks->attn_pv && cdt == PXL_BF16 && hd % 32 == 0 && !window;
+}
 static inline seq_items items_of(size_t qlen, size_t G, size_t Hkv, size_t rows) {
     size_t tq = qlen == 1 ? 1 : rows / G > 1 ? rows / G : 1;
     return (seq_items){tq, Hkv * ((qlen + tq - 1) / tq)};
@@ -106,7 +111,7 @@ static void tile_head(int dt, int cdt, size_t tn, size_t G, size_t H, size_t hd,
      * decode's few rows run faster in the loops below, whose sums are in another order). No
      * window: every item's keys start at 0, so the 32-key blocks of every row line up. */
     const pxl_kernel_set *ks = pxl_kernels();
-    if (ks->attn_pv && cdt == PXL_BF16 && hd % 32 == 0 && R <= 16 && !window && (tc->keep || pxl_batch_invariant())) {
+    if (sums_on_tiles(ks, cdt, hd, window) && R <= 16 && (tc->keep || pxl_batch_invariant())) {
         size_t end = (n + 31) / 32 * 32;
         for (size_t i = 0; i < tn; i++) {
             size_t e = causal ? pos0 + i + 1 - lo0 : n;
@@ -199,8 +204,7 @@ static void attention_team(int dt, int cdt, size_t T, size_t B, size_t H, size_t
         store_row(dt, cdt, Hkv * hd, (const char *)v + t * Hkv * hd * es, (char *)v_cache + at);
     }
     const pxl_kernel_set *ks = pxl_kernels();
-    /* rows a prefill tile: the tile kernels' where tile_head takes them for the whole item */
-    size_t tile_rows = ks->attn_pv && cdt == PXL_BF16 && hd % 32 == 0 && !window ? TILE_ROWS_TILES : TILE_ROWS;
+    size_t tile_rows = sums_on_tiles(ks, cdt, hd, window) ? TILE_ROWS_TILES : TILE_ROWS; /* a prefill tile's */
     size_t max_len = 0, items = 0;
     for (size_t b = 0; b < B; b++) {
         max_len = (size_t)seq_lens[b] > max_len ? (size_t)seq_lens[b] : max_len;

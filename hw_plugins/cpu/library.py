@@ -55,6 +55,7 @@ NO_WAIT = 2  # no barrier after this Linear in a decode step: the next shares on
 OUT_F32 = 4  # a Linear stores its (bf16) values widened to float32
 NONCAUSAL = 8  # an attention's tokens see all their sequence's keys (PagedAttention causal 0)
 PLAN_MAX_PTRS = 10
+PANEL = 32  # PXL_PANEL: features per packed panel, the unit a Linear's threads split
 
 
 class PlanNode(ctypes.Structure):

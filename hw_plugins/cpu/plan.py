@@ -14,8 +14,9 @@ import numpy as np
 from graph_export.ops import LOGITS
 from hw_plugins.cpu.buffers import _ptr, host_zeros
 from hw_plugins.cpu.library import (ACTIVATION, ACTIVATIONS, ADD, ADD_RMSNORM, ATTENTION, CACHES, GATHER, GELU_MUL,
-                                    LAYER_NORM, LINEAR, LINEAR_PARTS, LINEAR_SILU, LORA, MOE, NO_WAIT, NONCAUSAL, OUT_F32, RMSNORM,
-                                    ROPE, ROWS_N, SCALE, SILU_MUL, SOFTCAP, PlanNode, activation_code)
+                                    LAYER_NORM, LINEAR, LINEAR_PARTS, LINEAR_SILU, LORA, MOE, NO_WAIT, NONCAUSAL,
+                                    OUT_F32, PANEL, RMSNORM, ROPE, ROWS_N, SCALE, SILU_MUL, SOFTCAP, PlanNode,
+                                    activation_code)
 
 
 def _independent(a: "PlanNode", b: "PlanNode") -> bool:
@@ -73,7 +74,6 @@ class Plan:
         engine would otherwise convert 64 x 49152 of them a decode step."""
         lib = plugin.lib
         self.plugin, self.lib, self.inputs = plugin, lib, inputs
-        self.keep: list[Any] = []  # arrays the records point to that nothing else holds
         gated = {}  # id(SiluMul node) -> (its gate and up Linears, (format, their packed weights))
         for i, (gate, up) in _gated_pairs(nodes).items():
             packed = plugin.gated_weight(gate.attrs, buffer(gate.inputs[1]), up.attrs, buffer(up.inputs[1]))
@@ -85,12 +85,13 @@ class Plan:
         parts = {}  # id(first Linear) -> (the run, (format, stacked weights), stacked bias or None)
         for run in _shared_x_runs(nodes, fused):
             ws = [buffer(n.inputs[1]) for n in run]
-            if any(w.ndim != 2 or w.dtype != ws[0].dtype or w.shape[1] != ws[0].shape[1] or w.shape[0] % 32
+            if any(w.ndim != 2 or w.dtype != ws[0].dtype or w.shape[1] != ws[0].shape[1] or w.shape[0] % PANEL
                    for w in ws):
                 continue
             bias = np.concatenate([buffer(n.inputs[2]) for n in run]) if len(run[0].inputs) > 2 else None
             parts[id(run[0])] = (run, plugin.stacked_weight(run[0].attrs, ws), bias)
             fused |= {id(n) for n in run[1:]}
+        self.biases = [bias for _, _, bias in parts.values() if bias is not None]  # (the records point to them)
         # a residual Add and the RMSNorm of its sum right after it: one pass (pxl_add_rmsnorm)
         normed = {id(a): b for a, b in zip(nodes, nodes[1:])
                   if a.op_type == "Add" and b.op_type == "RMSNorm" and b.inputs[0] == a.outputs[0]
@@ -119,7 +120,6 @@ class Plan:
                 r.op, r.a, r.b = LINEAR_PARTS, len(run), arrays[0].shape[1]
                 r.c, r.d, r.e = (*(o.shape[1] for o in outs), 0, 0)[:3]
                 ptrs = [arrays[0], weight, bias, *outs]
-                self.keep.append(bias)
             elif node.op_type == "Linear":
                 r.op, r.a, r.b = LINEAR, arrays[1].shape[0], arrays[0].shape[1]
                 r.wfmt, weight = plugin.linear_weight(at, arrays[1])
