@@ -124,5 +124,6 @@ def test_python_constants_match_the_header():
     assert defines["PXL_ABI_VERSION"] == library.ABI_VERSION
     assert defines["PXL_PLAN_MAX_PTRS"] == library.PLAN_MAX_PTRS
     assert defines["PXL_PANEL"] == library.PANEL
+    assert (defines["PXL_XR"], defines["PXL_YR"]) == (library.XR, library.YR)
     assert (defines["PXL_ROWS_N"], defines["PXL_NO_WAIT"], defines["PXL_OUT_F32"]) == \
         (library.ROWS_N, library.NO_WAIT, library.OUT_F32)

@@ -217,24 +217,24 @@ static void compute(const pxl_kernel_set *ks, int wfmt, int packed_q, size_t T, 
 }
 
 /* columns [n0, n0 + cols) of the whole output, x prepared: stored at column j0 of y, a (T, ldy) array */
-static void columns(const pxl_kernel_set *ks, int dt, int odt, int gated, int wfmt, int packed_q, size_t T, size_t K,
-                    const void *xk, size_t ldx, const int8_t *qbuf, int planes, const float *sx, const void *W,
-                    const void *bias, size_t n0, size_t cols, void *y, size_t j0, size_t ldy) {
+static void columns(const pxl_kernel_set *ks, int dt, int odt, int gated, int yr, int wfmt, int packed_q, size_t T,
+                    size_t K, const void *xk, size_t ldx, const int8_t *qbuf, int planes, const float *sx,
+                    const void *W, const void *bias, size_t n0, size_t cols, void *y, size_t j0, size_t ldy) {
     const char *Wn = (const char *)W + (gated + 1) * (wfmt == PXL_BF16P   ? n0 * K * 2
                                                      : wfmt == PXL_F32P ? n0 * K * 4
                                                                         : n0 * pxl_row_bytes(wfmt, K));
-    if (dt == PXL_F32 && odt == PXL_F32 && !bias && !gated) {
+    if (dt == PXL_F32 && odt == PXL_F32 && !bias && !gated && !yr) {
         compute(ks, wfmt, packed_q, T, cols, K, xk, ldx, qbuf, planes, sx, Wn, (float *)y + j0, ldy, NULL);
         return;
     }
     /* bias or bf16 output: this thread's columns in fp32, then added and rounded once */
-    size_t es = dt == PXL_F32 ? 4 : 2, oes = odt == PXL_F32 ? 4 : 2;
+    size_t es = dt == PXL_F32 ? 4 : 2, oes = odt == PXL_F32 && !yr ? 4 : 2;
     /* A decode step's logits (T x vocabulary fp32: megabytes) are read only after the whole
      * lm_head has streamed its weights through the caches, so they are written around them: no
      * read for ownership of every line, no eviction of the weights still to come. */
     const int stream = odt == PXL_F32 && dt != PXL_F32 && (double)T * ldy * 4 >= STREAM_MIN_BYTES;
     out_spec o = {dt, odt, gated, bias ? (const char *)bias + n0 * es : NULL, (char *)y + j0 * oes, ldy, stream,
-                  ks->silu_bf16};
+                  ks->silu_bf16, yr};
     const int fused = wfmt == PXL_BF16P || wfmt == PXL_F32P || packed_q;
     /* fused: one call's rows (run_packed) */
     float *yp = pxl_scratch(1, (fused ? PXL_AMX_RM * (size_t)PXL_PANEL : T * cols) * 4);
@@ -255,6 +255,15 @@ typedef struct {
 
 static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, int wfmt, size_t T, size_t N,
                         size_t K, const void *x, const void *W, const void *bias, out_parts parts) {
+    /* PXL_XR / PXL_YR: x, or the gated y, as bf16 rows PXL_LDXR apart (pxl_abi.h), which only
+     * fp32 activations on packed bf16 weights take (the plan sets them so) */
+    const int xr = dt & PXL_XR, yr = dt & PXL_YR;
+    dt = PXL_DT(dt), odt = PXL_DT(odt);
+    if ((xr || yr) && !(dt == PXL_F32 && wfmt == PXL_BF16P && (!yr || gated))) { /* a caller's bug */
+        fprintf(stderr, "linear: bf16 rows (dt flags %#x) need fp32 activations on PXL_BF16P weights%s, got dt %d "
+                "and weights %d\n", xr | yr, yr ? " and a gated y" : "", dt, wfmt);
+        abort();
+    }
     const int bf16_w = wfmt == PXL_BF16 || wfmt == PXL_BF16P, kq = PXL_IS_KQUANT(wfmt);
     const int quant = PXL_IS_QUANT(wfmt) || kq, repacked = wfmt >= PXL_Q8_0R && wfmt <= PXL_Q4_1R;
     /* quantised weights: int8 dot products for decode-sized T (and every T when batch
@@ -285,12 +294,12 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
     const int packed = wfmt == PXL_BF16P || wfmt == PXL_F32P;
     const int restride = wfmt == PXL_F32P && dt == PXL_F32 && T > 1 && K * 4 % 512 == 0;
     const int xbf16 = bf16_w || packed_q || qr_bf16x; /* the kernels take x in bf16 */
-    const int convert = (xbf16 ? dt == PXL_F32 : dt == PXL_BF16) || restride;
+    const int convert = !xr && ((xbf16 ? dt == PXL_F32 : dt == PXL_BF16) || restride);
     /* PXL_QX_INT16: where int8 dot products run (Q8_K ones too), x as two int8 planes */
     const int planes = mode == PXL_QX_INT16 && qdot ? 2 : 1;
     const size_t xes = xbf16 ? 2 : 4,
                  qbytes = planes * (kq ? T * pxl_q8k_bytes(K) : T * K + 3 * T * (K / PXL_QK) * 4);
-    const size_t ldx = convert && (packed || packed_q) ? ((K * xes + 63) / 64 | 1) * 64 / xes : K;
+    const size_t ldx = xr || (convert && (packed || packed_q)) ? ((K * xes + 63) / 64 | 1) * 64 / xes : K;
     void *xc = NULL;
     int8_t *qbuf = NULL;
     float *sx = NULL; /* (qr_bf16x: the blocks' sums of x, in qbuf's slot) */
@@ -321,8 +330,8 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
     for (size_t i = 0, base = 0; i < (size_t)parts.count; base += parts.n[i++]) {
         size_t c0 = n0 > base ? n0 : base, c1 = n1 < base + parts.n[i] ? n1 : base + parts.n[i];
         if (c0 < c1)
-            columns(ks, dt, odt, gated, wfmt, packed_q, T, K, xk, ldx, qbuf, planes, sx, W, bias, c0, c1 - c0,
-                    parts.y[i], c0 - base, parts.n[i]);
+            columns(ks, dt, odt, gated, yr, wfmt, packed_q, T, K, xk, ldx, qbuf, planes, sx, W, bias, c0, c1 - c0,
+                    parts.y[i], c0 - base, yr ? PXL_LDXR(parts.n[i]) : parts.n[i]);
     }
 }
 
@@ -330,7 +339,7 @@ void pxl_linear_to(int dt, int odt, int wfmt, size_t T, size_t N, size_t K, cons
                    const void *bias, void *y) {
     const pxl_kernel_set *ks = pxl_kernels();
     int nth = (double)T * N * K < 32768 ? 1 : pxl_num_threads(); /* tiny: not worth waking threads */
-    if (dt == PXL_F32) odt = PXL_F32; /* (no narrowing store) */
+    if (PXL_DT(dt) == PXL_F32) odt = PXL_F32; /* (no narrowing store) */
     out_parts one = {1, &N, &y};
     PXL_ON_TEAM(nth, linear_team(ks, dt, odt, 0, wfmt, T, N, K, x, W, bias, one));
 }

@@ -48,7 +48,10 @@ PXL_CLONES static void store_gated(const out_spec *o, size_t r0, size_t c0, size
                                    const float *u, size_t lds) {
     for (size_t r = 0; r < rows; r++) {
         const float *a = g + r * lds, *b = u + r * lds;
-        if (o->dt == PXL_F32) {
+        if (o->dt == PXL_F32 && o->yr) {
+            uint16_t *y = (uint16_t *)o->y + (r0 + r) * o->ldy + c0;
+            for (size_t j = 0; j < cols; j++) y[j] = pxl_f32_to_bf16(pxl_silu_mul1(a[j], b[j]));
+        } else if (o->dt == PXL_F32) {
             float *y = (float *)o->y + (r0 + r) * o->ldy + c0;
             for (size_t j = 0; j < cols; j++) y[j] = pxl_silu_mul1(a[j], b[j]);
         } else if (o->silu_bf16) {

@@ -35,21 +35,26 @@ PXL_INLINE void add_n(int dt, size_t i0, size_t i1, const void *a, const void *b
     for (size_t i = i0; i < i1; i++) st(dt, y, i, ld(dt, a, i) + ld(dt, b, i));
 }
 
-PXL_INLINE void rmsnorm_row(int dt, size_t D, const void *x, const void *w, float eps, void *y) {
+/* y = rmsnorm(x) in ydt: dt, or with PXL_YR fp32 values as bf16 */
+PXL_INLINE void rmsnorm_row(int dt, int ydt, size_t D, const void *x, const void *w, float eps, void *y) {
     float ss = 0;
 #pragma omp simd reduction(+ : ss)
     for (size_t d = 0; d < D; d++) ss += ld(dt, x, d) * ld(dt, x, d);
     float r = 1.0f / sqrtf(ss / (float)D + eps);
-    for (size_t d = 0; d < D; d++) st(dt, y, d, ld(dt, w, d) * (ld(dt, x, d) * r));
+    for (size_t d = 0; d < D; d++) st(ydt, y, d, ld(dt, w, d) * (ld(dt, x, d) * r));
 }
+/* (dt: with PXL_YR, y's rows are PXL_LDXR(D) apart) */
 PXL_CLONES static void rmsnorm_rows(int dt, size_t t0, size_t t1, size_t D, const void *x, const void *w, float eps,
                                     void *y) {
-    size_t es = dt == PXL_F32 ? 4 : 2;
+    const int yr = dt & PXL_YR;
+    dt = PXL_DT(dt);
+    size_t es = dt == PXL_F32 ? 4 : 2, ldy = yr ? PXL_LDXR(D) * 2 : D * es;
     for (size_t t = t0; t < t1; t++) {
         const char *xr = (const char *)x + t * D * es;
-        char *yr = (char *)y + t * D * es;
-        if (dt == PXL_F32) rmsnorm_row(PXL_F32, D, xr, w, eps, yr);
-        else rmsnorm_row(PXL_BF16, D, xr, w, eps, yr);
+        char *yrow = (char *)y + t * ldy;
+        if (dt == PXL_F32 && yr) rmsnorm_row(PXL_F32, PXL_BF16, D, xr, w, eps, yrow);
+        else if (dt == PXL_F32) rmsnorm_row(PXL_F32, PXL_F32, D, xr, w, eps, yrow);
+        else rmsnorm_row(PXL_BF16, PXL_BF16, D, xr, w, eps, yrow);
     }
 }
 void pxl_rmsnorm(int dt, size_t T, size_t D, const void *x, const void *w, float eps, void *y) {
@@ -63,15 +68,18 @@ void pxl_rmsnorm(int dt, size_t T, size_t D, const void *x, const void *w, float
 
 /* s = a + b, then y = rmsnorm(s) from s as stored (rounded to dt): the residual add and the
  * next norm in one pass, each row's sum still in L1 when the norm reads it back; bitwise
- * pxl_add then pxl_rmsnorm */
+ * pxl_add then pxl_rmsnorm (PXL_YR: y as pxl_rmsnorm stores it so, s as before) */
 PXL_CLONES static void add_rmsnorm_rows(int dt, size_t t0, size_t t1, size_t D, const void *a, const void *b,
                                         const void *w, float eps, void *s, void *y) {
-    size_t es = dt == PXL_F32 ? 4 : 2;
+    const int yr = dt & PXL_YR;
+    dt = PXL_DT(dt);
+    size_t es = dt == PXL_F32 ? 4 : 2, ldy = yr ? PXL_LDXR(D) * 2 : D * es;
     for (size_t t = t0; t < t1; t++) {
         const char *ar = (const char *)a + t * D * es, *br = (const char *)b + t * D * es;
-        char *sr = (char *)s + t * D * es, *yr = (char *)y + t * D * es;
-        if (dt == PXL_F32) add_n(PXL_F32, 0, D, ar, br, sr), rmsnorm_row(PXL_F32, D, sr, w, eps, yr);
-        else add_n(PXL_BF16, 0, D, ar, br, sr), rmsnorm_row(PXL_BF16, D, sr, w, eps, yr);
+        char *sr = (char *)s + t * D * es, *yrow = (char *)y + t * ldy;
+        if (dt == PXL_F32 && yr) add_n(PXL_F32, 0, D, ar, br, sr), rmsnorm_row(PXL_F32, PXL_BF16, D, sr, w, eps, yrow);
+        else if (dt == PXL_F32) add_n(PXL_F32, 0, D, ar, br, sr), rmsnorm_row(PXL_F32, PXL_F32, D, sr, w, eps, yrow);
+        else add_n(PXL_BF16, 0, D, ar, br, sr), rmsnorm_row(PXL_BF16, PXL_BF16, D, sr, w, eps, yrow);
     }
 }
 void pxl_add_rmsnorm(int dt, size_t T, size_t D, const void *a, const void *b, const void *w, float eps, void *s,

@@ -18,7 +18,7 @@
 extern "C" {
 #endif
 
-#define PXL_ABI_VERSION 4
+#define PXL_ABI_VERSION 5
 
 /* element / weight formats (activations are PXL_F32 or PXL_BF16; PXL_F16, IEEE binary16, is a
  * KV cache's format only) */
@@ -30,6 +30,18 @@ enum {
     PXL_F16 = 15,
     PXL_NFMT = 16
 };
+/* Flags or'd into an fp32 op's activation format (an op's dt, a plan record's dt) for the rows a
+ * Linear on packed bf16 weights (PXL_BF16P) reads: it rounds x to bf16 anyway, so the op before
+ * can store x so, and the Linear skips a pass over it. PXL_XR: a Linear's (Linear parts',
+ * Linear+SiluMul's) x comes as such rows; PXL_YR: an RMSNorm's (Add+RMSNorm's normed y,
+ * Linear+SiluMul's y) is stored as such rows. Such rows hold the fp32 values rounded to bf16,
+ * PXL_LDXR(width) apart: an odd number of cache lines, so the rows a kernel reads at once do not
+ * all fall in one L1 set. */
+#define PXL_XR 256
+#define PXL_YR 512
+#define PXL_DT(dt) ((dt) & 0xff) /* the format without the flags */
+#define PXL_LDXR(width) ((((size_t)(width) * 2 + 63) / 64 | 1) * 32)
+
 /* the 32-value block formats (Q8_0 / Q4_0 / Q4_1, as stored or repacked); K-quants are apart:
  * their x is quantised per 256 (Q8_K) rather than per 32 */
 #define PXL_IS_QUANT(f) (((f) >= PXL_Q8_0 && (f) <= PXL_Q4_1) || ((f) >= PXL_Q8_0R && (f) <= PXL_Q4_1R))

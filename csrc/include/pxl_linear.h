@@ -16,6 +16,7 @@ typedef struct {
     size_t ldy;
     int stream; /* non-temporal stores (x86): y is too big to be in a cache when it is read */
     pxl_silu_bf16_fn silu_bf16; /* the kernel set's gated epilogue in bf16 (NULL: the loop below) */
+    int yr; /* dt PXL_F32, gated: y's fp32 values stored rounded to bf16 (PXL_YR) */
 } out_spec;
 
 /* one panel: rows [0, rows) of src (rows, K) in fp32 or bf16 -> [K/2][32][2] bf16, zero-padded */

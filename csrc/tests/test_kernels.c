@@ -439,6 +439,54 @@ static void test_linear_silu(int dt, int fmt, size_t T, size_t N, size_t K) {
     free(deq); free(Wg); free(Wu); free(Wgu); free(x); free(g); free(u); free(want); free(got);
 }
 
+/* fp32 activations handed on as bf16 rows (PXL_YR, PXL_XR): an RMSNorm (and Add+RMSNorm) stores
+ * its y rounded to bf16, PXL_LDXR apart; q/k/v, gate/up and down on packed bf16 weights read such
+ * rows, and gate/up's Linear+SiluMul stores its y so. Each gives the bits of the fp32 chain, whose
+ * Linears round x to bf16 themselves. */
+static void test_bf16_rows(size_t T, size_t K, size_t F) {
+    size_t lk = PXL_LDXR(K), lf = PXL_LDXR(F), n3[3] = {K, 64, 64}, nq = K + 128;
+    double *deq = malloc((F > nq ? F : nq) * K * 8); /* (the largest weights made) */
+    float *a = alloc_rand(PXL_F32, T * K, 4), *b = alloc_rand(PXL_F32, T * K, 1), *w = alloc_rand(PXL_F32, K, 1);
+    float *s32 = malloc(T * K * 4), *x32 = malloc(T * K * 4), *s = malloc(T * K * 4), *h32 = malloc(T * F * 4);
+    uint16_t *xb = malloc(T * lk * 2), *hb = malloc(T * lf * 2);
+    int ok = 1;
+    pxl_add_rmsnorm(PXL_F32, T, K, a, b, w, 1e-5f, s32, x32);
+    pxl_add_rmsnorm(PXL_F32 | PXL_YR, T, K, a, b, w, 1e-5f, s, xb);
+    ok &= !memcmp(s, s32, T * K * 4);
+    for (size_t t = 0; t < T; t++)
+        for (size_t d = 0; d < K; d++) ok &= xb[t * lk + d] == to_bf16(x32[t * K + d]);
+    pxl_rmsnorm(PXL_F32, T, K, a, w, 1e-5f, x32);
+    pxl_rmsnorm(PXL_F32 | PXL_YR, T, K, a, w, 1e-5f, xb);
+    for (size_t t = 0; t < T; t++)
+        for (size_t d = 0; d < K; d++) ok &= xb[t * lk + d] == to_bf16(x32[t * K + d]);
+    /* gate/up: x in, y out as bf16 rows */
+    void *Wg = make_weights(PXL_BF16, F, K, deq), *Wu = make_weights(PXL_BF16, F, K, deq);
+    void *Wgu = malloc(2 * (F + PXL_PANEL - 1) / PXL_PANEL * K * PXL_PANEL * 2);
+    pxl_pack_gated(PXL_BF16, F, K, Wg, Wu, Wgu);
+    pxl_linear_silu(PXL_F32, PXL_BF16P, T, F, K, x32, Wgu, h32);
+    pxl_linear_silu(PXL_F32 | PXL_XR | PXL_YR, PXL_BF16P, T, F, K, xb, Wgu, hb);
+    for (size_t t = 0; t < T; t++)
+        for (size_t j = 0; j < F; j++) ok &= hb[t * lf + j] == to_bf16(h32[t * F + j]);
+    /* down: bf16 rows in, fp32 out with a bias */
+    void *Wd = packed_copy(PXL_BF16P, K, F, make_weights(PXL_BF16, K, F, deq)), *bias = alloc_rand(PXL_F32, nq, 1);
+    float *want = malloc(T * nq * 4), *got = malloc(T * nq * 4);
+    pxl_linear(PXL_F32, PXL_BF16P, T, K, F, h32, Wd, bias, want);
+    pxl_linear(PXL_F32 | PXL_XR, PXL_BF16P, T, K, F, hb, Wd, bias, got);
+    ok &= !memcmp(want, got, T * K * 4);
+    /* q/k/v: bf16 rows in, three parts out */
+    void *Wq = packed_copy(PXL_BF16P, nq, K, make_weights(PXL_BF16, nq, K, deq));
+    void *yw[3] = {want, want + T * K, want + T * (K + 64)}, *yg[3] = {got, got + T * K, got + T * (K + 64)};
+    pxl_linear_parts(PXL_F32, PXL_BF16P, T, K, 3, n3, x32, Wq, NULL, yw);
+    pxl_linear_parts(PXL_F32 | PXL_XR, PXL_BF16P, T, K, 3, n3, xb, Wq, NULL, yg);
+    ok &= !memcmp(want, got, T * nq * 4);
+    char name[64];
+    snprintf(name, sizeof name, "bf16 rows T=%zu K=%zu F=%zu", T, K, F);
+    if (ok) passed++;
+    else printf("FAIL [%s] %s\n", isa, name), failed++;
+    free(deq); free(a); free(b); free(w); free(s32); free(x32); free(s); free(h32); free(xb); free(hb);
+    free(Wg); free(Wu); free(Wgu); free(Wd); free(bias); free(want); free(got); free(Wq);
+}
+
 /* pxl_linear_parts on the parts' weights stacked and packed as one = pxl_linear on each part's
  * own, bitwise (bias stacked likewise) */
 static void test_linear_parts(int dt, int fmt, size_t T, size_t K, int count, const size_t *n, int with_bias) {
@@ -918,6 +966,8 @@ int main(void) {
                 test_linear_silu(dt, fmt, 64, 1536, 576);
                 test_linear_silu(dt, fmt, 300, 40, 130);
             }
+        for (size_t T = 1; T <= 300; T = T * 4 + 2) test_bf16_rows(T, 576, 1536); /* 1, 6, 26, 106 */
+        test_bf16_rows(70, 64, 96);
         /* q, k and v as one: decode and prefill sizes, every format, with and without biases */
         size_t qkv[3] = {576, 192, 192}, two[2] = {64, 32};
         for (int fmt = PXL_F32; fmt <= PXL_Q4_1R; fmt++)

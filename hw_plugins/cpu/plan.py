@@ -13,10 +13,10 @@ import numpy as np
 
 from graph_export.ops import LOGITS
 from hw_plugins.cpu.buffers import _ptr, host_zeros
-from hw_plugins.cpu.library import (ACTIVATION, ACTIVATIONS, ADD, ADD_RMSNORM, ATTENTION, CACHES, GATHER, GELU_MUL,
-                                    LAYER_NORM, LINEAR, LINEAR_PARTS, LINEAR_SILU, LORA, MOE, NO_WAIT, NONCAUSAL,
-                                    OUT_F32, PANEL, RMSNORM, ROPE, ROWS_N, SCALE, SILU_MUL, SOFTCAP, PlanNode,
-                                    activation_code)
+from hw_plugins.cpu.library import (ACTIVATION, ACTIVATIONS, ADD, ADD_RMSNORM, ATTENTION, BF16P, CACHES, F32, GATHER,
+                                    GELU_MUL, LAYER_NORM, LINEAR, LINEAR_PARTS, LINEAR_SILU, LORA, MOE, NO_WAIT,
+                                    NONCAUSAL, OUT_F32, PANEL, RMSNORM, ROPE, ROWS_N, SCALE, SILU_MUL, SOFTCAP, XR, YR,
+                                    PlanNode, activation_code, ldxr)
 
 
 def _independent(a: "PlanNode", b: "PlanNode") -> bool:
@@ -64,6 +64,37 @@ def _shared_x_runs(nodes: list[Any], skip: set[int]) -> list[list[Any]]:
     return runs
 
 
+def _bf16_rows(records: Any, x_of: dict[int, str], y_of: dict[int, tuple[str, np.ndarray, int]],
+               readers: dict[str, set[int]]) -> list[np.ndarray]:
+    """Hand the float32 values that pass from an RMSNorm (or Add+RMSNorm, or Linear+SiluMul) to
+    the next record, one Linear on packed bf16 weights, and to nothing else, as bf16 rows: the
+    Linear rounds x to bf16 anyway, so the producer stores it so (YR) and the Linear reads it as
+    it is (XR), with no pass of its own over x. The rows live in two buffers of their own (a
+    planned buffer may be the producer's input too), taken in turn: a Linear+SiluMul reads one
+    and writes the other. x_of: record -> the value it reads as x (Linears); y_of: record -> the
+    value it could store so, its buffer and its pointer's index; readers: value -> the records
+    reading it. Returns the two buffers (none where no value qualifies)."""
+    def plain(r: Any) -> bool:
+        return r.dt == F32 and not r.rows & ROWS_N
+
+    pairs = []  # (producer, its pointer's index, consumer, the value's float32 buffer)
+    for j, (name, out, k) in y_of.items():
+        i = j + 1
+        if (x_of.get(i) == name and name != LOGITS and readers.get(name) == {i} and plain(records[i])
+                and plain(records[j]) and records[i].wfmt == BF16P):
+            pairs.append((j, k, i, out))
+    if not pairs:
+        return []
+    rows = max(out.shape[0] for *_, out in pairs)
+    width = max(ldxr(out.shape[1]) for *_, out in pairs)
+    bufs = [host_zeros((rows, width), np.uint16) for _ in range(2)]
+    for n, (j, k, i, _) in enumerate(pairs):
+        records[j].p[k] = records[i].p[0] = _ptr(bufs[n % 2])
+        records[j].dt |= YR
+        records[i].dt |= XR
+    return bufs
+
+
 class Plan:
     def __init__(self, plugin: Any, nodes: list[Any], buffer: Any, inputs: dict[str, np.ndarray],
                  rows_n: set[str]) -> None:
@@ -100,6 +131,7 @@ class Plan:
         nodes = [n for n in nodes if id(n) not in fused]  # each fused pair's first (SiluMul: last) record runs it
         self.records = (PlanNode * len(nodes))()
         self.input_refs: dict[str, list[tuple[int, int]]] = {n: [] for n in inputs}
+        x_of, y_of, readers = {}, {}, {}  # (for _bf16_rows)
         for i, node in enumerate(nodes):
             ins = [n for n in node.inputs if n]
             arrays = [buffer(n) for n in ins]
@@ -176,6 +208,14 @@ class Plan:
                 ptrs = [*arrays[:6], out]
             else:
                 raise ValueError(f"no plan record for {node.op_type}")
+            if r.op in (LINEAR, LINEAR_PARTS, LINEAR_SILU):
+                x_of[i] = ins[0]
+            if (r.op == RMSNORM and r.b == 1) or r.op == LINEAR_SILU:
+                y_of[i] = (node.outputs[0], out, 2)
+            elif r.op == ADD_RMSNORM:
+                y_of[i] = (normed[id(node)].outputs[0], ptrs[4], 4)
+            for name in ins:
+                readers.setdefault(name, set()).add(i)
             if node.outputs[0] == LOGITS:
                 self.logits = out
             for j, a in enumerate(ptrs):
@@ -183,6 +223,7 @@ class Plan:
             for j, name in enumerate(ins):  # remember where graph inputs go, to re-point them on growth
                 if name in self.input_refs:
                     self.input_refs[name].append((i, j))
+        self.bf16_rows = _bf16_rows(self.records, x_of, y_of, readers)  # (the records point to them)
         for a, b in zip(self.records, self.records[1:]):
             if a.op == LINEAR and b.op == LINEAR and _independent(a, b):
                 a.rows |= NO_WAIT
