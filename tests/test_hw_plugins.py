@@ -88,7 +88,7 @@ def test_cpu_compiled_step_equals_node_by_node(tiny_llama_dir, monkeypatch, dtyp
     also fuses: gate, up and SiluMul in one pass (where the kernel set packs the weights), q, k
     and v in one pass over their stacked weights, a residual Add with the RMSNorm after it, and
     in bfloat16 the lm_head stores float32 logits itself (the walk converts them after), and
-    q/k/v, gate/up and down read x as the bf16 rows the op before stored (XR / YR)."""
+    q/k/v, o, gate/up and down read x as the bf16 rows the op before stored (XR / YR)."""
     from hw_plugins.cpu import library
     from hw_plugins.cpu.library import ADD_RMSNORM, LINEAR_PARTS, LINEAR_SILU, XR, YR
     prompts = [{"prompt_token_ids": list(range(5, 5 + n))} for n in (3, 17, 9)]
@@ -103,9 +103,9 @@ def test_cpu_compiled_step_equals_node_by_node(tiny_llama_dir, monkeypatch, dtyp
         assert runner.compiled is None or ops.count(ADD_RMSNORM) == len(runner.spec.caches) - 1  # 2 a layer, less 1
         assert runner.compiled is None or ops.count(LINEAR_PARTS) == len(runner.spec.caches) // 2  # a layer's q, k, v
         fused = LINEAR_SILU in ops
-        if runner.compiled is not None:  # bf16 rows: from each norm to q/k/v and gate/up, and gate/up to down
+        if runner.compiled is not None:  # bf16 rows: norms to q/k/v and gate/up, attention to o, gate/up to down
             reads, stores = (sum(bool(r.dt & flag) for r in runner.compiled.records) for flag in (XR, YR))
-            assert reads == stores == (3 * len(runner.spec.caches) // 2 if fused and dtype == "bfloat16" else 0)
+            assert reads == stores == (4 * len(runner.spec.caches) // 2 if fused and dtype == "bfloat16" else 0)
         return runner.compiled is not None, fused, [[(t, {k: v.logprob for k, v in lp.items()})
                                                  for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
                                                 for o in outs]

@@ -90,7 +90,8 @@ PXL_CLONES static void capped(float *s, size_t n, float cap) {
  * i sees keys up to its own position; not causal: all n. */
 static void tile_head(int dt, int cdt, size_t tn, size_t G, size_t H, size_t hd, size_t pos0, size_t lo0, size_t n,
                       size_t window, int causal, float scale, float softcap, const char *qrows,
-                      const char *const *krows, const char *const *vrows, size_t off, char *yrows, float *qf,
+                      const char *const *krows, const char *const *vrows, size_t off, int ydt, char *yrows,
+                      size_t ldy, float *qf,
                       float *of, float *s, size_t lds, float *kw, tile_cache *tc, pf_queue *pf, int npf, pf_queue *pv) {
     size_t es = dt == PXL_F32 ? 4 : 2, R = tn * G;
     for (size_t i = 0; i < tn; i++) /* row r = i * G + g; q pre-scaled */
@@ -118,7 +119,7 @@ static void tile_head(int dt, int cdt, size_t tn, size_t G, size_t H, size_t hd,
             for (size_t g = 0; g < G; g++) memset(s + (i * G + g) * lds + e, 0, (end - e) * sizeof(float));
         }
         pxl_attn_sums_tiles(ks, R, hd, s, lds, vrows, off, n, of, (uint16_t *)kw + 48 * hd, tc, pv);
-        for (size_t i = 0; i < tn; i++) store_out(dt, G * hd, of + i * G * hd, yrows + i * H * hd * es);
+        for (size_t i = 0; i < tn; i++) store_out(ydt, G * hd, of + i * G * hd, yrows + i * ldy);
         return;
     }
     memset(of, 0, R * hd * sizeof(float));
@@ -132,7 +133,7 @@ static void tile_head(int dt, int cdt, size_t tn, size_t G, size_t H, size_t hd,
         for (size_t i = 1; i < tn && causal; i++)
             pxl_attn_weighted_sum(cdt, G, hd, s + i * G * lds, lds, vrows, off, e_first, pos0 + i + 1 - lo0, of + i * G * hd, pv);
     }
-    for (size_t i = 0; i < tn; i++) store_out(dt, G * hd, of + i * G * hd, yrows + i * H * hd * es);
+    for (size_t i = 0; i < tn; i++) store_out(ydt, G * hd, of + i * G * hd, yrows + i * ldy);
 }
 
 /* where item `it` sits: its sequence, KV head, query tokens and key range; *b / *first carry a
@@ -194,6 +195,10 @@ static void attention_team(int dt, int cdt, size_t T, size_t B, size_t H, size_t
                            const int64_t *slot_mapping, const int64_t *block_tables, size_t max_blocks,
                            const int64_t *seq_lens, const int64_t *query_start_loc, float scale, float softcap,
                            size_t window, int causal, void *y) {
+    /* y: dt's rows, or with PXL_YR fp32 values as bf16 rows PXL_LDXR apart (for o_proj) */
+    const int ydt = dt & PXL_YR ? PXL_BF16 : PXL_DT(dt);
+    const size_t yes = ydt == PXL_F32 ? 4 : 2, ldy = dt & PXL_YR ? PXL_LDXR(H * hd) * 2 : H * hd * yes;
+    dt = PXL_DT(dt);
     size_t es = dt == PXL_F32 ? 4 : 2, ces = cdt == PXL_F32 ? 4 : 2, row_bytes = Hkv * hd * ces, G = H / Hkv;
     size_t t0, t1;
     pxl_split(T, 1, &t0, &t1);
@@ -271,7 +276,8 @@ static void attention_team(int dt, int cdt, size_t T, size_t B, size_t H, size_t
                 tc.b = p.b, tc.kvh = p.kvh, tc.lo0 = p.lo0, tc.kblocks = tc.vblocks = 0;
             size_t head = (p.qs + p.tok0) * H + p.kvh * G; /* the first row's (token, head) */
             tile_head(dt, cdt, p.tn, G, H, hd, p.pos0, p.lo0, p.n, window, causal, scale, softcap,
-                      (const char *)q + head * hd * es, rs[cur].k, rs[cur].v, off, (char *)y + head * hd * es, qf, of,
+                      (const char *)q + head * hd * es, rs[cur].k, rs[cur].v, off, ydt,
+                      (char *)y + (p.qs + p.tok0) * ldy + p.kvh * G * hd * yes, ldy, qf, of,
                       s, lds, kw, &tc, pf, npf, &pv);
             for (int i = 0; i < npf; i++) pf_take(&pf[i], SIZE_MAX); /* (rows the loops did not reach) */
             pf_take(&pv, SIZE_MAX);

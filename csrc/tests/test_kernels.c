@@ -735,6 +735,19 @@ static void test_attention(int dt, int cdt, size_t H, size_t Hkv, size_t hd, siz
     snprintf(name, sizeof name, "paged_attention %s cache %s B=%d H=%zu Hkv=%zu hd=%zu window=%zu softcap=%g causal=%d",
              fmt_label(dt), fmt_label(cdt), B, H, Hkv, hd, window, softcap, causal);
     check(name, dt, T * H * hd, y, ref, NULL, dt ? 2e-2 : 1e-5); /* bf16: q.k rounded to bf16 inputs */
+    if (dt == PXL_F32) { /* y as o_proj's bf16 rows (PXL_YR): the same values, rounded (the cache
+                          * rows written again are the same) */
+        size_t ld = PXL_LDXR(H * hd);
+        uint16_t *yb = malloc(T * ld * 2);
+        pxl_paged_attention_mask(dt | PXL_YR, cdt, T, B, H, Hkv, hd, q, k, v, kc, vc, BS, slots, tables, MAXB, seq,
+                                 qsl, scale, softcap, window, causal, yb);
+        int ok = 1;
+        for (size_t t = 0; t < T; t++)
+            for (size_t d = 0; t != 1 && d < H * hd; d++) ok &= yb[t * ld + d] == to_bf16(((float *)y)[t * H * hd + d]);
+        if (ok) passed++;
+        else printf("FAIL [%s] %s, y as bf16 rows\n", isa, name), failed++;
+        free(yb);
+    }
     free(q); free(k); free(v); free(kc); free(vc); free(y); free(ref);
 }
 

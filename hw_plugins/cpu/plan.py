@@ -66,8 +66,8 @@ def _shared_x_runs(nodes: list[Any], skip: set[int]) -> list[list[Any]]:
 
 def _bf16_rows(records: Any, x_of: dict[int, str], y_of: dict[int, tuple[str, np.ndarray, int]],
                readers: dict[str, set[int]]) -> list[np.ndarray]:
-    """Hand the float32 values that pass from an RMSNorm (or Add+RMSNorm, or Linear+SiluMul) to
-    the next record, one Linear on packed bf16 weights, and to nothing else, as bf16 rows: the
+    """Hand the float32 values that pass from an RMSNorm (or Add+RMSNorm, Linear+SiluMul or
+    attention) to the next record, one Linear on packed bf16 weights, and to nothing else, as bf16 rows: the
     Linear rounds x to bf16 anyway, so the producer stores it so (YR) and the Linear reads it as
     it is (XR), with no pass of its own over x. The rows live in two buffers of their own (a
     planned buffer may be the producer's input too), taken in turn: a Linear+SiluMul reads one
@@ -212,6 +212,8 @@ class Plan:
                 x_of[i] = ins[0]
             if (r.op == RMSNORM and r.b == 1) or r.op == LINEAR_SILU:
                 y_of[i] = (node.outputs[0], out, 2)
+            elif r.op == ATTENTION:
+                y_of[i] = (node.outputs[0], out, 9)
             elif r.op == ADD_RMSNORM:
                 y_of[i] = (normed[id(node)].outputs[0], ptrs[4], 4)
             for name in ins:
