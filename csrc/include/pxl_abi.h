@@ -34,9 +34,9 @@ enum {
  * Linear on packed bf16 weights (PXL_BF16P) reads: it rounds x to bf16 anyway, so the op before
  * can store x so, and the Linear skips a pass over it. PXL_XR: a Linear's (Linear parts',
  * Linear+SiluMul's) x comes as such rows; PXL_YR: an RMSNorm's (Add+RMSNorm's normed y,
- * Linear+SiluMul's, an attention's) y is stored as such rows. Such rows hold the fp32 values rounded to bf16,
- * PXL_LDXR(width) apart: an odd number of cache lines, so the rows a kernel reads at once do not
- * all fall in one L1 set. */
+ * Linear+SiluMul's, an attention's) y is stored as such rows. Such rows hold the fp32 values
+ * rounded to bf16, PXL_LDXR(width) apart: an odd number of cache lines, so the rows a kernel
+ * reads at once do not all fall in one L1 set. */
 #define PXL_XR 256
 #define PXL_YR 512
 #define PXL_DT(dt) ((dt) & 0xff) /* the format without the flags */

@@ -67,13 +67,15 @@ def _shared_x_runs(nodes: list[Any], skip: set[int]) -> list[list[Any]]:
 def _bf16_rows(records: Any, x_of: dict[int, str], y_of: dict[int, tuple[str, np.ndarray, int]],
                readers: dict[str, set[int]]) -> list[np.ndarray]:
     """Hand the float32 values that pass from an RMSNorm (or Add+RMSNorm, Linear+SiluMul or
-    attention) to the next record, one Linear on packed bf16 weights, and to nothing else, as bf16 rows: the
-    Linear rounds x to bf16 anyway, so the producer stores it so (YR) and the Linear reads it as
-    it is (XR), with no pass of its own over x. The rows live in two buffers of their own (a
-    planned buffer may be the producer's input too), taken in turn: a Linear+SiluMul reads one
-    and writes the other. x_of: record -> the value it reads as x (Linears); y_of: record -> the
-    value it could store so, its buffer and its pointer's index; readers: value -> the records
-    reading it. Returns the two buffers (none where no value qualifies)."""
+    attention) to the next record, one Linear on packed bf16 weights, and to nothing else, as
+    bf16 rows: the Linear rounds x to bf16 anyway, so the producer stores it so (YR) and the
+    Linear reads it as it is (XR), with no pass of its own over x. The rows go in the value's
+    own planned buffer (they take at most its bytes), except where that buffer is also one of
+    the producer's inputs (an Add+RMSNorm's y over its a, a fused pair's planned reuse): a row
+    at another stride would overwrite rows another thread has still to read, so those go in one
+    of two buffers of their own, the one the producer does not read. x_of: record -> the value
+    it reads as x (Linears); y_of: record -> the value it could store so, its buffer and its
+    pointer's index; readers: value -> the records reading it. Returns the buffers made."""
     def plain(r: Any) -> bool:
         return r.dt == F32 and not r.rows & ROWS_N
 
@@ -81,15 +83,18 @@ def _bf16_rows(records: Any, x_of: dict[int, str], y_of: dict[int, tuple[str, np
     for j, (name, out, k) in y_of.items():
         i = j + 1
         if (x_of.get(i) == name and name != LOGITS and readers.get(name) == {i} and plain(records[i])
-                and plain(records[j]) and records[i].wfmt == BF16P):
+                and plain(records[j]) and records[i].wfmt == BF16P and ldxr(out.shape[1]) * 2 <= out.strides[0]):
             pairs.append((j, k, i, out))
-    if not pairs:
-        return []
-    rows = max(out.shape[0] for *_, out in pairs)
-    width = max(ldxr(out.shape[1]) for *_, out in pairs)
-    bufs = [host_zeros((rows, width), np.uint16) for _ in range(2)]
-    for n, (j, k, i, _) in enumerate(pairs):
-        records[j].p[k] = records[i].p[0] = _ptr(bufs[n % 2])
+    def over_input(j: int, k: int) -> bool:  # the producer's y buffer is also one of its inputs
+        return any(records[j].p[m] == records[j].p[k] for m in range(len(records[j].p)) if m != k)
+
+    spare = [out for j, k, _, out in pairs if over_input(j, k)]  # (before re-pointing: at most these)
+    bufs = [host_zeros((max(o.shape[0] for o in spare), max(ldxr(o.shape[1]) for o in spare)), np.uint16)
+            for _ in range(2)] if spare else []
+    for j, k, i, _ in pairs:  # in record order: a producer's x is already re-pointed
+        if over_input(j, k):
+            records[j].p[k] = next(_ptr(b) for b in bufs if _ptr(b) not in records[j].p[:])
+        records[i].p[0] = records[j].p[k]
         records[j].dt |= YR
         records[i].dt |= XR
     return bufs
