@@ -85,14 +85,14 @@ PXL_CLONES static void capped(float *s, size_t n, float cap) {
 }
 
 /* one KV head's part of an item: tn tokens from position pos0 (rows i * G + g), keys lo0 .. lo0 + n
- * at krows / vrows + off; q rows of token i at qrows + i * H * hd, output rows likewise. The
- * scores take rows from the npf queues pf, the weighted sums from pv, to prefetch. Causal: token
- * i sees keys up to its own position; not causal: all n. */
+ * at krows / vrows + off; q rows of token i at qrows + i * H * hd, its output (in ydt) at yrows +
+ * i * ldy bytes. The scores take rows from the npf queues pf, the weighted sums from pv, to
+ * prefetch. Causal: token i sees keys up to its own position; not causal: all n. */
 static void tile_head(int dt, int cdt, size_t tn, size_t G, size_t H, size_t hd, size_t pos0, size_t lo0, size_t n,
                       size_t window, int causal, float scale, float softcap, const char *qrows,
                       const char *const *krows, const char *const *vrows, size_t off, int ydt, char *yrows,
-                      size_t ldy, float *qf,
-                      float *of, float *s, size_t lds, float *kw, tile_cache *tc, pf_queue *pf, int npf, pf_queue *pv) {
+                      size_t ldy, float *qf, float *of, float *s, size_t lds, float *kw, tile_cache *tc, pf_queue *pf,
+                      int npf, pf_queue *pv) {
     size_t es = dt == PXL_F32 ? 4 : 2, R = tn * G;
     for (size_t i = 0; i < tn; i++) /* row r = i * G + g; q pre-scaled */
         load_q(dt, G * hd, scale, qrows + i * H * hd * es, qf + i * G * hd);
