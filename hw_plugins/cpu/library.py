@@ -26,6 +26,8 @@ F32, BF16, Q8_0, Q4_0, Q4_1, BF16P, F32P, Q8_0R, Q4_0R, Q4_1R, Q4_K, Q5_K, Q6_K,
 # dense weights in panels, GGUF blocks repacked 16 rows at a time (pxl_pack_weights)
 PACKED = {F32: F32P, BF16: BF16P, Q8_0: Q8_0R, Q4_0: Q4_0R, Q4_1: Q4_1R, Q4_K: Q4_KR, Q6_K: Q6_KR}
 ACTIVATIONS = {"float32": F32, "bfloat16": BF16}  # numpy dtype name -> the format code of an activation
+CACHES = {**ACTIVATIONS, "float16": F16}  # ... of a KV cache (f16: kv_cache_dtype="float16")
+QUANT_X = {"auto": 0, "int8": 1, "bf16": 2, "int16": 3}  # PERFXLM_QUANT_ACTIVATIONS -> pxl_set_quant_x's PXL_QX_*
 # flags or'd into a float32 record's dt: a Linear on packed bf16 weights reads x as bf16 rows (XR),
 # the op before stores its y so (YR); such rows are ldxr(width) elements apart
 XR, YR = 256, 512
@@ -36,9 +38,6 @@ def ldxr(width: int) -> int:
     number of cache lines)."""
     return ((width * 2 + 63) // 64 | 1) * 32
 
-
-CACHES = {**ACTIVATIONS, "float16": F16}  # ... of a KV cache (f16: kv_cache_dtype="float16")
-QUANT_X = {"auto": 0, "int8": 1, "bf16": 2, "int16": 3}  # PERFXLM_QUANT_ACTIVATIONS -> pxl_set_quant_x's PXL_QX_*
 
 # A compiled step's records (pxl_plan_run): the op codes in pxl_abi.h's order (PXL_OP_*), the
 # names op_profile reports them by; "Linear+SiluMul", "Add+RMSNorm" and "Linear parts" (two or

@@ -85,6 +85,7 @@ def _bf16_rows(records: Any, x_of: dict[int, str], y_of: dict[int, tuple[str, np
         if (x_of.get(i) == name and name != LOGITS and readers.get(name) == {i} and plain(records[i])
                 and plain(records[j]) and records[i].wfmt == BF16P and ldxr(out.shape[1]) * 2 <= out.strides[0]):
             pairs.append((j, k, i, out))
+
     def over_input(j: int, k: int) -> bool:  # the producer's y buffer is also one of its inputs
         return any(records[j].p[m] == records[j].p[k] for m in range(len(records[j].p)) if m != k)
 
