@@ -343,6 +343,40 @@ static inline float pxl_exp(float x) {
  * epilogue share, so the fused path gives the same bits */
 static inline float pxl_silu_mul1(float g, float u) { return g / (1.0f + pxl_exp(-g)) * u; }
 
+/* pxl_exp, pxl_silu_mul1 and pxl_f32_to_bf16 on 16 lanes: the same operations lane for lane,
+ * so the same bits as the scalar forms vectorised in the same clone, in one 512-bit register
+ * where the clone has them (GCC's vectoriser picks 256-bit ones on x86-64-v4) */
+typedef uint32_t pxl_u32x16 __attribute__((vector_size(64)));
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi" /* vector values: always inlined, in every clone */
+PXL_INLINE f32x16 pxl_splat16(float x) {
+    f32x16 v = {x};
+    return __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+}
+PXL_INLINE f32x16 pxl_select16(i32x16 m, f32x16 a, f32x16 b) { return (f32x16)((m & (i32x16)a) | (~m & (i32x16)b)); }
+PXL_INLINE f32x16 pxl_exp16(f32x16 x) {
+    x = pxl_select16(x < pxl_splat16(-87.0f), pxl_splat16(-87.0f), x);
+    x = pxl_select16(x > pxl_splat16(88.0f), pxl_splat16(88.0f), x);
+    f32x16 t = x * pxl_splat16(1.44269504f), sh = t + pxl_splat16(12582912.0f), n = sh - pxl_splat16(12582912.0f);
+    f32x16 f = t - n;
+    i32x16 ni = (i32x16)sh - 0x4B400000;
+    f32x16 p = pxl_splat16(1.5403530e-4f);
+    p = p * f + pxl_splat16(1.3333558e-3f);
+    p = p * f + pxl_splat16(9.6181291e-3f);
+    p = p * f + pxl_splat16(5.5504109e-2f);
+    p = p * f + pxl_splat16(2.4022651e-1f);
+    p = p * f + pxl_splat16(6.9314718e-1f);
+    p = p * f + pxl_splat16(1.0f);
+    return p * (f32x16)((ni + 127) << 23);
+}
+PXL_INLINE f32x16 pxl_silu_mul16(f32x16 g, f32x16 u) { return g / (pxl_splat16(1.0f) + pxl_exp16(-g)) * u; }
+PXL_INLINE pxl_u16x16 pxl_f32x16_to_bf16(f32x16 f) {
+    pxl_u32x16 b = (pxl_u32x16)f, rounded = (b + 0x7fff + ((b >> 16) & 1)) >> 16, quiet = (b >> 16) | 0x40;
+    pxl_u32x16 nan = (pxl_u32x16)((b & 0x7fffffff) > 0x7f800000);
+    return __builtin_convertvector((nan & quiet) | (~nan & rounded), pxl_u16x16);
+}
+#pragma GCC diagnostic pop
+
 /* a per-thread buffer that only grows (reused across calls: no allocation per step);
  * slots are independent buffers: 0-2 inputs/outputs of an op, 3 a worker's own panel,
  * 4 the MoE op's rows (which calls Linear, so it cannot share 0-3) */
