@@ -202,7 +202,7 @@ PXL_CLONES void pxl_attn_scores(int dt, size_t R, size_t hd, const float *q, con
 PXL_CLONES void pxl_attn_softmax(float *s, size_t n) {
     float m = -FLT_MAX, part[16] = {0};
     size_t j = 0;
-    f32x16 mv = splat16(-FLT_MAX); /* the max is exact in any order: 16 lanes, then across */
+    f32x16 mv = pxl_splat16(-FLT_MAX); /* the max is exact in any order: 16 lanes, then across */
     for (; j + 16 <= n; j += 16) {
         f32x16 x = ld16(PXL_F32, s + j);
         i32x16 gt = x > mv;

@@ -23,7 +23,7 @@ PXL_INLINE void wsum_group(const int DT, const int CNT, size_t hd, size_t c, con
     for (size_t j = j0; j < j1; j++) {
         if ((j - j0) % 8 == 0) pf_take(pv, 8);
         f32x16 v = ld16(DT, vrows[j] + off);
-        for (int i = 0; i < CNT; i++) acc[i] += splat16(w[i * ldw + j]) * v;
+        for (int i = 0; i < CNT; i++) acc[i] += pxl_splat16(w[i * ldw + j]) * v;
     }
     for (int i = 0; i < CNT; i++) memcpy(out + i * hd + c, &acc[i], sizeof acc[i]);
 }
@@ -62,7 +62,7 @@ PXL_INLINE void wsum_rows64(const int DT, const int CNT, const float *w, size_t 
             f32x16 v[4];
             widen_pairs(vr, v), widen_pairs(vr + 64, v + 2);
             for (int i = 0; i < CNT; i++)
-                for (int c = 0; c < 4; c++) acc[i][c] += splat16(w[i * ldw + j]) * v[c];
+                for (int c = 0; c < 4; c++) acc[i][c] += pxl_splat16(w[i * ldw + j]) * v[c];
         }
         for (int i = 0; i < CNT; i++)
             for (int c = 0; c < 4; c += 2) {
@@ -79,7 +79,7 @@ PXL_INLINE void wsum_rows64(const int DT, const int CNT, const float *w, size_t 
         const char *vr = vrows[j] + voff;
         f32x16 v[4] = {ld16(DT, vr), ld16(DT, vr + 16 * es), ld16(DT, vr + 32 * es), ld16(DT, vr + 48 * es)};
         for (int i = 0; i < CNT; i++)
-            for (int c = 0; c < 4; c++) acc[i][c] += splat16(w[i * ldw + j]) * v[c];
+            for (int c = 0; c < 4; c++) acc[i][c] += pxl_splat16(w[i * ldw + j]) * v[c];
     }
     for (int i = 0; i < CNT; i++)
         for (int c = 0; c < 4; c++) memcpy(out + i * 64 + c * 16, &acc[i][c], sizeof acc[i][c]);

@@ -56,10 +56,6 @@ PXL_INLINE f32x16 ld16(int dt, const void *p) { /* 16 values at p (float32, bf16
     }
     return v;
 }
-static inline f32x16 splat16(float x) { /* the form GCC turns into one vbroadcastss (from memory) in a clone */
-    f32x16 v = {x};
-    return __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
-}
 #define SHUF(x, y, ...) __builtin_shufflevector(x, y, __VA_ARGS__)
 
 /* element d of a cache row in dt, as fp32 */

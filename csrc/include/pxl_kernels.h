@@ -349,7 +349,7 @@ static inline float pxl_silu_mul1(float g, float u) { return g / (1.0f + pxl_exp
 typedef uint32_t pxl_u32x16 __attribute__((vector_size(64)));
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi" /* vector values: always inlined, in every clone */
-PXL_INLINE f32x16 pxl_splat16(float x) {
+PXL_INLINE f32x16 pxl_splat16(float x) { /* the form GCC turns into one vbroadcastss (from memory) in a clone */
     f32x16 v = {x};
     return __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
 }
