@@ -981,6 +981,7 @@ int main(void) {
             }
         for (size_t T = 1; T <= 300; T = T * 4 + 2) test_bf16_rows(T, 576, 1536); /* 1, 6, 26, 106 */
         test_bf16_rows(70, 64, 96);
+        test_bf16_rows(30, 64, 40); /* a gated panel of 8 columns: the store's general width */
         /* q, k and v as one: decode and prefill sizes, every format, with and without biases */
         size_t qkv[3] = {576, 192, 192}, two[2] = {64, 32};
         for (int fmt = PXL_F32; fmt <= PXL_Q4_1R; fmt++)
