@@ -1,6 +1,9 @@
-"""LLM.get_metrics, model_config, supported_tasks, sleep / wake_up (issue #25 item 6)."""
+"""LLM.get_metrics, model_config, supported_tasks, sleep / wake_up (issue #25 item 6), and the
+start-up heap the engine freezes as vLLM's does."""
 
+import gc
 import mmap
+import weakref
 
 import pytest
 import torch
@@ -121,3 +124,22 @@ def test_sleep_aborts_running_requests(tiny_llama_dir):
     assert not engine.has_unfinished_requests()
     assert engine.wake_up() is True
     assert_no_leaks(llm)
+
+
+def test_engine_heap_frozen_after_start_up_as_in_vllm(tiny_llm):
+    """The engine's long-lived objects are out of the collector's generations, so no full
+    collection walks them between steps."""
+    engine = tiny_llm.llm_engine
+    assert gc.get_freeze_count() > 0
+    tracked = gc.get_objects()
+    assert not any(o is engine.scheduler or o is engine.runner for o in tracked)
+
+
+def test_frozen_engine_still_freed_when_dropped(tiny_llama_dir):
+    """Frozen objects are only skipped by the cycle collector: an engine no cycle holds goes with
+    its last reference, weights and KV cache included."""
+    llm = LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory_bytes=SMALL_KV)
+    llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    engine = weakref.ref(llm.llm_engine)
+    del llm
+    assert engine() is None

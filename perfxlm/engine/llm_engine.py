@@ -1,5 +1,7 @@
 """The engine: owns tokenizer, model runner, scheduler and sampler; runs steps."""
 
+import atexit
+import gc
 import logging
 import time
 from typing import Any
@@ -29,6 +31,18 @@ from perfxlm.pooling_params import PoolingParams
 from perfxlm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
+
+
+def _freeze_gc_heap() -> None:
+    """Moves every object alive now (weights, graph, tokenizer, modules) out of the collector's
+    reach, as vLLM's EngineCore does after warm-up: a full collection walking them all would stall
+    a decode step. Frozen objects are still freed when their last reference goes."""
+    gc.collect()  # (what is garbage now goes first: frozen, a cycle would stay for good)
+    gc.freeze()
+    # back in reach for the interpreter's last collection, so extensions that count their live
+    # objects at exit (nanobind-built ones, such as triton's) find none left; registered once per process
+    atexit.unregister(gc.unfreeze)
+    atexit.register(gc.unfreeze)
 
 
 class LLMEngine:
@@ -77,6 +91,7 @@ class LLMEngine:
         self._new_request_ns: list[int] = []  # n of each request queued since the last stats
         self._spec = spec
         self.sleep_mode = SleepMode()
+        _freeze_gc_heap()
         logger.info("engine ready in %.1f s: %s, %s%s", time.perf_counter() - start, source.path,
                     str(config.dtype).removeprefix("torch."),
                     f" ({str(config.weight_dtype).removeprefix('torch.')} weights)" if config.weight_dtype else "")
