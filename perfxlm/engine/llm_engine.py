@@ -1,7 +1,5 @@
 """The engine: owns tokenizer, model runner, scheduler and sampler; runs steps."""
 
-import atexit
-import gc
 import logging
 import time
 from typing import Any
@@ -12,6 +10,7 @@ from perfxlm.config import EngineConfig, ModelConfig
 from perfxlm.engine.arg_utils import EngineArgs, UsageContext
 from perfxlm.engine.block_manager import BlockManager
 from perfxlm.engine.executor_setup import build_executor, graph_spec, kv_cache_blocks
+from perfxlm.engine.gc_heap import collector_paused, freeze_gc_heap
 from perfxlm.engine.input_processor import InputProcessor
 from perfxlm.engine.lora_manager import LoRAManager
 from perfxlm.engine.model_runner import ModelRunner
@@ -33,18 +32,6 @@ from perfxlm.sampling_params import RequestOutputKind, SamplingParams
 logger = logging.getLogger(__name__)
 
 
-def _freeze_gc_heap() -> None:
-    """Moves every object alive now (weights, graph, tokenizer, modules) out of the collector's
-    reach, as vLLM's EngineCore does after warm-up: a full collection walking them all would stall
-    a decode step. Frozen objects are still freed when their last reference goes."""
-    gc.collect()  # (what is garbage now goes first: frozen, a cycle would stay for good)
-    gc.freeze()
-    # back in reach for the interpreter's last collection, so extensions that count their live
-    # objects at exit (nanobind-built ones, such as triton's) find none left; registered once per process
-    atexit.unregister(gc.unfreeze)
-    atexit.register(gc.unfreeze)
-
-
 class LLMEngine:
     """vLLM's LLMEngine, in process: `add_request`, then `step()` until no request is unfinished.
 
@@ -57,41 +44,42 @@ class LLMEngine:
         self.source = source
         self.stat_loggers = list(stat_loggers or [])
         start = time.perf_counter()
-        self.tokenizer = None
-        if not config.skip_tokenizer_init:
-            self.tokenizer = load_tokenizer(source, config.tokenizer, trust_remote_code=config.trust_remote_code)
-        # vLLM's rule: "vllm" drops the model's generation config, the override applies either way
-        self.generation_config = {**(source.generation_config if config.generation_config != "vllm" else {}),
-                                  **config.override_generation_config}
-        self.eos_token_id = self._eos_token_id()
+        with collector_paused():  # (freeze_gc_heap collects once, after)
+            self.tokenizer = None
+            if not config.skip_tokenizer_init:
+                self.tokenizer = load_tokenizer(source, config.tokenizer, trust_remote_code=config.trust_remote_code)
+            # vLLM's rule: "vllm" drops the model's generation config, the override applies either way
+            self.generation_config = {**(source.generation_config if config.generation_config != "vllm" else {}),
+                                      **config.override_generation_config}
+            self.eos_token_id = self._eos_token_id()
 
-        # the model's shapes size the KV cache before any weight is read or graph exported
-        spec = graph_spec(source, config.cache_dtype, lora=config.lora_config is not None)
-        self.pooler = None  # a pooling model's: its graph's rows are hidden states or classes, not logits
-        if config.runner_type == "pooling":
-            self.pooler = Pooler(source.pooling_task, config.pooler_config, source.hf_config)
-        # the token vocabulary (a pooling model's output is not one)
-        self.vocab_size = spec.vocab_size if self.pooler is None else source.hf_config["vocab_size"]
-        num_blocks = kv_cache_blocks(config, spec)
-        executor = build_executor(config, source, spec, num_blocks)
-        self.lora = None  # the LoRA slots' owner, with enable_lora
-        if config.lora_config is not None:
-            self.lora = LoRAManager.for_model(config.lora_config, source.meta_model(), executor.write_weights)
-        self.runner = ModelRunner(executor, config.block_size, self.pooler, self.lora)
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.max_model_len, config.enable_chunked_prefill,
-                                   config.lora_config.max_loras if config.lora_config else 0)
-        self.sampler = Sampler(config.seed, executor.native_sampler)
-        self.outputs = OutputProcessor(self.tokenizer)
-        self.input_processor = InputProcessor(config, self.vocab_size, self.tokenizer, self.generation_config,
-                                              self.eos_token_id)
-        self.requests: dict[str, RequestState] = {}
-        self._prefix_seen = (0, 0, 0)  # the block manager's prefix-cache counters at the last stats
-        self._new_request_ns: list[int] = []  # n of each request queued since the last stats
-        self._spec = spec
-        self.sleep_mode = SleepMode()
-        _freeze_gc_heap()
+            # the model's shapes size the KV cache before any weight is read or graph exported
+            spec = graph_spec(source, config.cache_dtype, lora=config.lora_config is not None)
+            self.pooler = None  # a pooling model's: its graph's rows are hidden states or classes, not logits
+            if config.runner_type == "pooling":
+                self.pooler = Pooler(source.pooling_task, config.pooler_config, source.hf_config)
+            # the token vocabulary (a pooling model's output is not one)
+            self.vocab_size = spec.vocab_size if self.pooler is None else source.hf_config["vocab_size"]
+            num_blocks = kv_cache_blocks(config, spec)
+            executor = build_executor(config, source, spec, num_blocks)
+            self.lora = None  # the LoRA slots' owner, with enable_lora
+            if config.lora_config is not None:
+                self.lora = LoRAManager.for_model(config.lora_config, source.meta_model(), executor.write_weights)
+            self.runner = ModelRunner(executor, config.block_size, self.pooler, self.lora)
+            self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+            self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                       config.max_model_len, config.enable_chunked_prefill,
+                                       config.lora_config.max_loras if config.lora_config else 0)
+            self.sampler = Sampler(config.seed, executor.native_sampler)
+            self.outputs = OutputProcessor(self.tokenizer)
+            self.input_processor = InputProcessor(config, self.vocab_size, self.tokenizer, self.generation_config,
+                                                  self.eos_token_id)
+            self.requests: dict[str, RequestState] = {}
+            self._prefix_seen = (0, 0, 0)  # the block manager's prefix-cache counters at the last stats
+            self._new_request_ns: list[int] = []  # n of each request queued since the last stats
+            self._spec = spec
+            self.sleep_mode = SleepMode()
+        freeze_gc_heap()
         logger.info("engine ready in %.1f s: %s, %s%s", time.perf_counter() - start, source.path,
                     str(config.dtype).removeprefix("torch."),
                     f" ({str(config.weight_dtype).removeprefix('torch.')} weights)" if config.weight_dtype else "")
