@@ -1,5 +1,5 @@
-"""LLM.get_metrics, model_config, supported_tasks, sleep / wake_up (issue #25 item 6), and the
-start-up heap the engine freezes as vLLM's does."""
+"""LLM.get_metrics, model_config, supported_tasks, sleep / wake_up, and the start-up heap the
+engine freezes as vLLM's does."""
 
 import gc
 import mmap
