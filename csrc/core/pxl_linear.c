@@ -1,6 +1,7 @@
 /* Linear: y (T, N) = x (T, K) @ W (N, K)^T + b, for every weight format.
  *
- * Threads split N (each reads its own weight rows once: decode is bandwidth-bound).
+ * Threads split N (each reads its own weight rows once: decode is bandwidth-bound): in fixed
+ * shares for decode-sized T, in chunks taken in turn for larger T.
  * T == 1 runs GEMV tiles; T > 1 walks T in chunks that stay in L2 and tiles each chunk
  * against the weight rows; dense weights a set packs run its packed micro-kernel at every T.
  * Quantised weights run int8 dot products on the blocks (x quantised per 32-block, as
@@ -28,6 +29,8 @@
 #define T_CHUNK 64   /* tokens per pass over the weights: 64 x K floats stay in L2 */
 #define PANEL 16     /* quantised rows dequantised at a time */
 #define STREAM_MIN_BYTES (4 << 20) /* a widened output at least this big is stored non-temporally */
+#define LINEAR_CHUNKS 8 /* column chunks per thread, for T past PXL_T_PRIVATE */
+#define CHUNK_MIN_FLOP (16.0 * 1024 * 1024) /* work of a column chunk at least */
 /* a thread's rows, and every PANEL of them, start on a repacked block */
 _Static_assert(PANEL % PXL_QR_ROWS == 0, "PANEL rows are whole repacked blocks");
 
@@ -216,15 +219,26 @@ static void compute(const pxl_kernel_set *ks, int wfmt, int packed_q, size_t T, 
     }
 }
 
-/* columns [n0, n0 + cols) of the whole output, x prepared: stored at column j0 of y, a (T, ldy) array */
+/* x as the kernels read it (prepare_rows): xk (rows ldx apart), or quantised into qbuf (planes),
+ * or its block sums sx */
+typedef struct {
+    const void *xk;
+    size_t ldx;
+    const int8_t *qbuf;
+    int planes;
+    const float *sx;
+} x_ready;
+
+/* columns [n0, n0 + cols) of the whole output: stored at column j0 of y, a (T, ldy) array */
 static void columns(const pxl_kernel_set *ks, int dt, int odt, int gated, int yr, int wfmt, int packed_q, size_t T,
-                    size_t K, const void *xk, size_t ldx, const int8_t *qbuf, int planes, const float *sx,
-                    const void *W, const void *bias, size_t n0, size_t cols, void *y, size_t j0, size_t ldy) {
+                    size_t K, const x_ready *x, const void *W, const void *bias, size_t n0, size_t cols, void *y,
+                    size_t j0, size_t ldy) {
     const char *Wn = (const char *)W + (gated + 1) * (wfmt == PXL_BF16P   ? n0 * K * 2
                                                      : wfmt == PXL_F32P ? n0 * K * 4
                                                                         : n0 * pxl_row_bytes(wfmt, K));
     if (dt == PXL_F32 && odt == PXL_F32 && !bias && !gated && !yr) {
-        compute(ks, wfmt, packed_q, T, cols, K, xk, ldx, qbuf, planes, sx, Wn, (float *)y + j0, ldy, NULL);
+        compute(ks, wfmt, packed_q, T, cols, K, x->xk, x->ldx, x->qbuf, x->planes, x->sx, Wn, (float *)y + j0, ldy,
+                NULL);
         return;
     }
     /* bias or bf16 output: this thread's columns in fp32, then added and rounded once */
@@ -238,7 +252,7 @@ static void columns(const pxl_kernel_set *ks, int dt, int odt, int gated, int yr
     const int fused = wfmt == PXL_BF16P || wfmt == PXL_F32P || packed_q;
     /* fused: one call's rows (run_packed) */
     float *yp = pxl_scratch(1, (fused ? PXL_AMX_RM * (size_t)PXL_PANEL : T * cols) * 4);
-    compute(ks, wfmt, packed_q, T, cols, K, xk, ldx, qbuf, planes, sx, Wn, yp, cols, fused ? &o : NULL);
+    compute(ks, wfmt, packed_q, T, cols, K, x->xk, x->ldx, x->qbuf, x->planes, x->sx, Wn, yp, cols, fused ? &o : NULL);
     if (!fused) pxl_store_rows(&o, 0, 0, T, cols, yp, cols);
 #ifdef __x86_64__
     if (stream) _mm_sfence(); /* (the streamed lines are weakly ordered: visible before the barrier) */
@@ -252,6 +266,18 @@ typedef struct {
     const size_t *n;
     void *const *y;
 } out_parts;
+
+/* columns [n0, n1) of the whole output, a part at a time (parts start on a panel or block:
+ * pxl_linear_parts) */
+static void span(const pxl_kernel_set *ks, int dt, int odt, int gated, int yr, int wfmt, int packed_q, size_t T,
+                 size_t K, const x_ready *x, const void *W, const void *bias, out_parts parts, size_t n0, size_t n1) {
+    for (size_t i = 0, base = 0; i < (size_t)parts.count; base += parts.n[i++]) {
+        size_t c0 = n0 > base ? n0 : base, c1 = n1 < base + parts.n[i] ? n1 : base + parts.n[i];
+        if (c0 < c1)
+            columns(ks, dt, odt, gated, yr, wfmt, packed_q, T, K, x, W, bias, c0, c1 - c0, parts.y[i], c0 - base,
+                    yr ? PXL_LDXR(parts.n[i]) : parts.n[i]);
+    }
+}
 
 static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, int wfmt, size_t T, size_t N,
                         size_t K, const void *x, const void *W, const void *bias, out_parts parts) {
@@ -323,16 +349,28 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
     }
     const void *xk = xc ? xc : x;
 
-    size_t n0, n1;
-    pxl_split(N, gated ? PXL_PANEL / 2 : wfmt == PXL_BF16P || wfmt == PXL_F32P || packed_q ? PXL_PANEL : PXL_QR_ROWS,
-              &n0, &n1);
-    /* this thread's columns, a part at a time (parts start on a panel or block: pxl_linear_parts) */
-    for (size_t i = 0, base = 0; i < (size_t)parts.count; base += parts.n[i++]) {
-        size_t c0 = n0 > base ? n0 : base, c1 = n1 < base + parts.n[i] ? n1 : base + parts.n[i];
-        if (c0 < c1)
-            columns(ks, dt, odt, gated, yr, wfmt, packed_q, T, K, xk, ldx, qbuf, planes, sx, W, bias, c0, c1 - c0,
-                    parts.y[i], c0 - base, yr ? PXL_LDXR(parts.n[i]) : parts.n[i]);
+    /* The columns in chunks of whole panels (or blocks). For a decode-sized T each thread takes a
+     * fixed share, whose panels prefetch the next in one chain (the weights stream from DRAM).
+     * Larger T compute longer per panel: there the chunks are taken in turn, so a thread whose
+     * vCPU runs slow for a while takes fewer, where fixed shares would leave the other waiting
+     * at the op's end. A column's sums do not depend on which thread makes them. */
+    const size_t unit = gated ? PXL_PANEL / 2 : packed || packed_q ? PXL_PANEL : PXL_QR_ROWS;
+    const x_ready xp = {xk, ldx, qbuf, planes, sx};
+    if (T <= PXL_T_PRIVATE) {
+        size_t n0, n1;
+        pxl_split(N, unit, &n0, &n1);
+        span(ks, dt, odt, gated, yr, wfmt, packed_q, T, K, &xp, W, bias, parts, n0, n1);
+        return;
     }
+    /* LINEAR_CHUNKS a thread, each at least CHUNK_MIN_FLOP: taking a chunk (an atomic on a line
+     * the threads share) and its first panel, which nothing prefetched, cost little beside it */
+    const size_t units = (N + unit - 1) / unit, per = units / (LINEAR_CHUNKS * PXL_NTH());
+    const size_t least = (size_t)(CHUNK_MIN_FLOP / (2.0 * T * K * (gated ? 2 : 1) * unit)) + 1;
+    const size_t chunk = (per > least ? per : least) * unit, nchunks = (N + chunk - 1) / chunk;
+#pragma omp for schedule(dynamic, 1) nowait
+    for (size_t c = 0; c < nchunks; c++)
+        span(ks, dt, odt, gated, yr, wfmt, packed_q, T, K, &xp, W, bias, parts, c * chunk,
+             (c + 1) * chunk < N ? (c + 1) * chunk : N);
 }
 
 void pxl_linear_to(int dt, int odt, int wfmt, size_t T, size_t N, size_t K, const void *x, const void *W,
