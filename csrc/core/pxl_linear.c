@@ -349,24 +349,27 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
     }
     const void *xk = xc ? xc : x;
 
-    /* The columns in chunks of whole panels (or blocks). For a decode-sized T each thread takes a
-     * fixed share, whose panels prefetch the next in one chain (the weights stream from DRAM).
-     * Larger T compute longer per panel: there the chunks are taken in turn, so a thread whose
-     * vCPU runs slow for a while takes fewer, where fixed shares would leave the other waiting
-     * at the op's end. A column's sums do not depend on which thread makes them. */
+    /* The columns in chunks of whole panels (or blocks). For a decode-sized T (or a Linear too
+     * small for more than a chunk a thread) each thread takes a fixed share, whose panels
+     * prefetch the next in one chain (the weights stream from DRAM). Larger T compute longer
+     * per panel: there the chunks are taken in turn, so a thread whose vCPU runs slow for a
+     * while takes fewer, where fixed shares would leave the other waiting at the op's end. A
+     * column's sums do not depend on which thread makes them. */
     const size_t unit = gated ? PXL_PANEL / 2 : packed || packed_q ? PXL_PANEL : PXL_QR_ROWS;
+    const size_t units = (N + unit - 1) / unit, share = (units + PXL_NTH() - 1) / PXL_NTH();
+    /* LINEAR_CHUNKS a thread, each at least CHUNK_MIN_FLOP: taking a chunk (an atomic on a line
+     * the threads share) and its first panel, which nothing prefetched, cost little beside it */
+    size_t per = units / (LINEAR_CHUNKS * PXL_NTH());
+    const size_t least = (size_t)(CHUNK_MIN_FLOP / (2.0 * T * K * (gated ? 2 : 1) * unit)) + 1;
+    per = per > least ? per : least;
     const x_ready xp = {xk, ldx, qbuf, planes, sx};
-    if (T <= PXL_T_PRIVATE) {
+    if (T <= PXL_T_PRIVATE || per >= share) {
         size_t n0, n1;
         pxl_split(N, unit, &n0, &n1);
         span(ks, dt, odt, gated, yr, wfmt, packed_q, T, K, &xp, W, bias, parts, n0, n1);
         return;
     }
-    /* LINEAR_CHUNKS a thread, each at least CHUNK_MIN_FLOP: taking a chunk (an atomic on a line
-     * the threads share) and its first panel, which nothing prefetched, cost little beside it */
-    const size_t units = (N + unit - 1) / unit, per = units / (LINEAR_CHUNKS * PXL_NTH());
-    const size_t least = (size_t)(CHUNK_MIN_FLOP / (2.0 * T * K * (gated ? 2 : 1) * unit)) + 1;
-    const size_t chunk = (per > least ? per : least) * unit, nchunks = (N + chunk - 1) / chunk;
+    const size_t chunk = per * unit, nchunks = (N + chunk - 1) / chunk;
 #pragma omp for schedule(dynamic, 1) nowait
     for (size_t c = 0; c < nchunks; c++)
         span(ks, dt, odt, gated, yr, wfmt, packed_q, T, K, &xp, W, bias, parts, c * chunk,
