@@ -398,6 +398,28 @@ static void test_batch_invariant(int dt, int fmt, size_t T, size_t N, size_t K) 
     free(deq); free(W); free(x); free(y); free(y1);
 }
 
+/* a Linear's bits do not depend on how its columns went to the threads: two threads (past
+ * PXL_T_PRIVATE and this big, chunks taken in turn, the last one short) = one thread, bitwise */
+static void test_linear_threads(int dt, int fmt, size_t T, size_t N, size_t K) {
+    double *deq = malloc(N * K * 8);
+    void *W = make_weights(dense_of(fmt), N, K, deq), *x = alloc_rand(dt, T * K, 1);
+    W = packed_copy(fmt, N, K, W);
+    size_t es = dt ? 2 : 4;
+    char *y1 = malloc(T * N * es), *y2 = malloc(T * N * es);
+    int nth = pxl_num_threads();
+    pxl_set_num_threads(1);
+    pxl_linear(dt, fmt, T, N, K, x, W, NULL, y1);
+    pxl_set_num_threads(2);
+    pxl_linear(dt, fmt, T, N, K, x, W, NULL, y2);
+    pxl_set_num_threads(nth);
+    char name[80];
+    snprintf(name, sizeof name, "linear 1 thread = 2 %s w=%s T=%zu N=%zu K=%zu", dt ? "bf16" : "f32", fmt_name[fmt],
+             T, N, K);
+    if (!memcmp(y1, y2, T * N * es)) passed++;
+    else printf("FAIL [%s] %s\n", isa, name), failed++;
+    free(deq); free(W); free(x); free(y1); free(y2);
+}
+
 /* pxl_linear_to(bf16 -> fp32): each value is pxl_linear's bf16 result widened, bitwise */
 static void test_linear_to(int fmt, size_t T, size_t N, size_t K, int with_bias) {
     double *deq = malloc(N * K * 8);
@@ -998,6 +1020,8 @@ int main(void) {
                 test_linear_to(fmt, 70, 33, 576, bias);
                 test_linear_to(fmt, 64, 16400, 64, bias); /* >= 4 MiB of logits: stored non-temporally */
             }
+        for (int fmt = PXL_F32; fmt <= PXL_Q4_1R; fmt++) /* 64 x 576 x 1040: 4 or 5 chunks, one short */
+            for (int dt = 0; dt < 2; dt++) test_linear_threads(dt, fmt, 64, 1040, 576);
         for (int fmt = PXL_F32; fmt <= PXL_Q4_1R; fmt++) {
             if (fmt == PXL_BF16P || fmt == PXL_F32P) continue; /* above, where the set packs */
             test_batch_invariant(fmt == PXL_BF16, fmt, 37, 83, PXL_IS_QUANT(fmt) ? 576 : 577);
