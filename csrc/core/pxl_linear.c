@@ -104,11 +104,25 @@ static void prepare_rows(int dt, int wfmt, int xbf16, size_t T, size_t t0, size_
 }
 
 
-/* columns [0, cols) of y = x @ W^T where W starts at this thread's first row: into Y, or for
+/* x as the kernels read it (prepare_rows): xk (rows ldx apart), or quantised into qbuf (planes),
+ * or its block sums sx */
+typedef struct {
+    const void *xk;
+    size_t ldx;
+    const int8_t *qbuf;
+    int planes;
+    const float *sx;
+} x_ready;
+
+/* columns [0, cols) of y = x @ W^T where W starts at the first one's row: into Y, or for
  * the packed paths with `out`, through a one-panel tile Y into out */
 static void compute(const pxl_kernel_set *ks, int wfmt, int packed_q, size_t T, size_t cols, size_t K,
-                    const void *xk, size_t ldx, const int8_t *qbuf, int planes, const float *sx, const char *W,
-                    float *Y, size_t ldy, const out_spec *out) {
+                    const x_ready *x, const char *W, float *Y, size_t ldy, const out_spec *out) {
+    const void *xk = x->xk;
+    const size_t ldx = x->ldx;
+    const int8_t *qbuf = x->qbuf;
+    const int planes = x->planes;
+    const float *sx = x->sx;
     if (sx) { /* bf16 x on repacked blocks, weights exact: up to PXL_QR_T tokens share each load */
         size_t nb = K / PXL_QK, step = T <= PXL_QR_T ? cols : 4 * PANEL;
         for (size_t n = 0; n < cols; n += step)
@@ -219,16 +233,6 @@ static void compute(const pxl_kernel_set *ks, int wfmt, int packed_q, size_t T, 
     }
 }
 
-/* x as the kernels read it (prepare_rows): xk (rows ldx apart), or quantised into qbuf (planes),
- * or its block sums sx */
-typedef struct {
-    const void *xk;
-    size_t ldx;
-    const int8_t *qbuf;
-    int planes;
-    const float *sx;
-} x_ready;
-
 /* columns [n0, n0 + cols) of the whole output: stored at column j0 of y, a (T, ldy) array */
 static void columns(const pxl_kernel_set *ks, int dt, int odt, int gated, int yr, int wfmt, int packed_q, size_t T,
                     size_t K, const x_ready *x, const void *W, const void *bias, size_t n0, size_t cols, void *y,
@@ -237,8 +241,7 @@ static void columns(const pxl_kernel_set *ks, int dt, int odt, int gated, int yr
                                                      : wfmt == PXL_F32P ? n0 * K * 4
                                                                         : n0 * pxl_row_bytes(wfmt, K));
     if (dt == PXL_F32 && odt == PXL_F32 && !bias && !gated && !yr) {
-        compute(ks, wfmt, packed_q, T, cols, K, x->xk, x->ldx, x->qbuf, x->planes, x->sx, Wn, (float *)y + j0, ldy,
-                NULL);
+        compute(ks, wfmt, packed_q, T, cols, K, x, Wn, (float *)y + j0, ldy, NULL);
         return;
     }
     /* bias or bf16 output: this thread's columns in fp32, then added and rounded once */
@@ -252,7 +255,7 @@ static void columns(const pxl_kernel_set *ks, int dt, int odt, int gated, int yr
     const int fused = wfmt == PXL_BF16P || wfmt == PXL_F32P || packed_q;
     /* fused: one call's rows (run_packed) */
     float *yp = pxl_scratch(1, (fused ? PXL_AMX_RM * (size_t)PXL_PANEL : T * cols) * 4);
-    compute(ks, wfmt, packed_q, T, cols, K, x->xk, x->ldx, x->qbuf, x->planes, x->sx, Wn, yp, cols, fused ? &o : NULL);
+    compute(ks, wfmt, packed_q, T, cols, K, x, Wn, yp, cols, fused ? &o : NULL);
     if (!fused) pxl_store_rows(&o, 0, 0, T, cols, yp, cols);
 #ifdef __x86_64__
     if (stream) _mm_sfence(); /* (the streamed lines are weakly ordered: visible before the barrier) */
