@@ -123,11 +123,11 @@ static void compute(const pxl_kernel_set *ks, int wfmt, int packed_q, size_t T, 
     const int8_t *qbuf = x->qbuf;
     const int planes = x->planes;
     const float *sx = x->sx;
-    if (sx) { /* bf16 x on repacked blocks, weights exact: up to PXL_QR_T tokens share each load */
-        size_t nb = K / PXL_QK, step = T <= PXL_QR_T ? cols : 4 * PANEL;
+    if (sx) { /* bf16 x on repacked blocks, weights exact: up to PXL_QR_BF16_T tokens share each load */
+        size_t nb = K / PXL_QK, step = T <= PXL_QR_BF16_T ? cols : 4 * PANEL;
         for (size_t n = 0; n < cols; n += step)
-            for (size_t t0 = 0; t0 < T; t0 += PXL_QR_T) {
-                size_t tn = T - t0 < PXL_QR_T ? T - t0 : PXL_QR_T, rows = cols - n < step ? cols - n : step;
+            for (size_t t0 = 0; t0 < T; t0 += PXL_QR_BF16_T) {
+                size_t tn = T - t0 < PXL_QR_BF16_T ? T - t0 : PXL_QR_BF16_T, rows = cols - n < step ? cols - n : step;
                 ks->gemv_qr_bf16(wfmt, tn, rows, K, W + n * pxl_row_bytes(wfmt, K), (const uint16_t *)xk + t0 * ldx,
                                  ldx, sx + t0 * nb, Y + t0 * ldy + n, ldy);
             }

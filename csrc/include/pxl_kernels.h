@@ -40,7 +40,9 @@ typedef void (*pxl_gemv_q_fn)(size_t n0, size_t n1, size_t K, const void *W, con
  * W's first row): y[t * ldy + n] for n < rows; each token's result is independent of T */
 typedef void (*pxl_gemv_qr_fn)(size_t T, size_t rows, size_t K, const void *W, const pxl_qx *x, float *y,
                                size_t ldy);
-#define PXL_QR_T 4
+/* 8: each block's weights, unpacked once, serve 8 tokens; their 16 accumulators (Q4_1's offsets
+ * included) and the 8 weight vectors fit AVX-512's 32 registers */
+#define PXL_QR_T 8
 /* Y (rm <= 12, nvalid <= 32 of the panel's features) = X (rm, K) . one packed panel
  * (PXL_BF16P with X bf16, K even; PXL_F32P with X fp32). Meanwhile it prefetches npf cache
  * lines from pf, at most one per K step (a hint: the portable kernels ignore it) */
@@ -64,10 +66,11 @@ typedef void (*pxl_silu_bf16_fn)(size_t n, const float *g, const float *u, uint1
  * dequantised into one bf16 panel [K/2][PXL_PANEL][2], rows past `rows` zero: the bits of
  * pxl_dequant_rows_qr rounded to bf16 */
 typedef void (*pxl_qr_bf16p_fn)(int fmt, const void *W, size_t n0, size_t rows, size_t K, uint16_t *panel);
-/* T <= PXL_QR_T tokens of bf16 x (T, ldx) on repacked blocks from W's first row, weights exact:
+/* T <= PXL_QR_BF16_T tokens of bf16 x (T, ldx) on repacked blocks from W's first row, weights exact:
  * sx (T, K/32) the blocks' sums of those bf16 values; y[t * ldy + n] for n < rows */
 typedef void (*pxl_gemv_qr_bf16_fn)(int fmt, size_t T, size_t rows, size_t K, const void *W, const uint16_t *x,
                                     size_t ldx, const float *sx, float *y, size_t ldy);
+#define PXL_QR_BF16_T 4 /* (5 accumulators a token) */
 
 typedef struct {
     const char *isa;

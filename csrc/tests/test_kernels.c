@@ -970,8 +970,8 @@ int main(void) {
         for (size_t i = 0; i < sizeof qshapes / sizeof qshapes[0]; i++)
             for (int fmt = PXL_Q8_0; fmt < PXL_NFMT; fmt++)
                 if (PXL_IS_QUANT(fmt)) test_linear(PXL_F32, fmt, qshapes[i][0], qshapes[i][1], qshapes[i][2], i == 3);
-        /* repacked blocks: 1-4 tokens share loads, row tails inside a 16-row block, bf16 x */
-        size_t rshapes[][3] = {{4, 16, 64}, {2, 1, 32}, {3, 49, 576}, {1, 200, 1536}, {4, 576, 576}};
+        /* repacked blocks: 1-8 tokens share loads, row tails inside a 16-row block, bf16 x */
+        size_t rshapes[][3] = {{4, 16, 64}, {2, 1, 32}, {3, 49, 576}, {1, 200, 1536}, {4, 576, 576}, {7, 33, 576}};
         for (size_t i = 0; i < sizeof rshapes / sizeof rshapes[0]; i++)
             for (int fmt = PXL_Q8_0R; fmt <= PXL_Q4_1R; fmt++)
                 test_linear(i % 2, fmt, rshapes[i][0], rshapes[i][1], rshapes[i][2], i == 2);
@@ -1059,7 +1059,9 @@ int main(void) {
             for (int fmt = PXL_Q8_0R; fmt <= PXL_Q4_1R; fmt++) {
                 test_linear(PXL_F32, fmt, 1, 70, 576, 1);
                 test_linear(PXL_BF16, fmt, 3, 49, 576, 0);
-                test_linear(PXL_BF16, fmt, 9, 70, 1536, 1); /* token groups 4 + 4 + 1, a 6-row tail */
+                test_linear(PXL_BF16, fmt, 9, 70, 1536, 1); /* a 6-row tail; int8 x: token groups 8 + 1,
+                                                               int16 (two planes a token): 4 + 4 + 1 */
+                test_linear(PXL_F32, fmt, 15, 49, 576, 0); /* 8 + 7 (int16: 4 + 4 + 4 + 3) */
                 test_linear(PXL_F32, fmt, 70, 33, 576, 0);
                 test_linear_to(fmt, 3, 70, 576, 1);
                 test_batch_invariant(PXL_F32, fmt, 37, 83, 576);

@@ -84,7 +84,11 @@ PXL_INLINE void rows_qr(const int fmt, const int T, size_t rows, size_t K, const
     case 1: rows_qr(fmt, 1, rows, K, W, x, y, ldy); break;                                                  \
     case 2: rows_qr(fmt, 2, rows, K, W, x, y, ldy); break;                                                  \
     case 3: rows_qr(fmt, 3, rows, K, W, x, y, ldy); break;                                                  \
-    default: rows_qr(fmt, 4, rows, K, W, x, y, ldy); break;                                                 \
+    case 4: rows_qr(fmt, 4, rows, K, W, x, y, ldy); break;                                                  \
+    case 5: rows_qr(fmt, 5, rows, K, W, x, y, ldy); break;                                                  \
+    case 6: rows_qr(fmt, 6, rows, K, W, x, y, ldy); break;                                                  \
+    case 7: rows_qr(fmt, 7, rows, K, W, x, y, ldy); break;                                                  \
+    default: rows_qr(fmt, 8, rows, K, W, x, y, ldy); break;                                                 \
     }
 static void qr_q8_0(size_t T, size_t rows, size_t K, const void *W, const pxl_qx *x, float *y, size_t ldy) {
     TOKENS(PXL_Q8_0)

@@ -1,5 +1,5 @@
 /* Repacked quantised blocks (PXL_Q8_0R / Q4_0R / Q4_1R, 16 rows a block: pxl_qrepack.c) times
- * up to PXL_QR_T tokens of bf16 x, for decode under PXL_QX_BF16. The weights are not rounded:
+ * up to PXL_QR_BF16_T tokens of bf16 x, for decode under PXL_QX_BF16. The weights are not rounded:
  * a block's quants are small integers, which bf16 holds exactly, so vdpbf16ps sums q * x exactly
  * per pair into fp32, and the block's scale and offset apply afterwards in fp32:
  *   y_row += d * sum_j q_j x_j + m * sum_j x_j      (sum_j x_j: the block's sum, given)
@@ -31,7 +31,7 @@ PXL_INLINE void group(int fmt, const int T, size_t nb, const uint8_t *grp, size_
     /* d per lane of a product: rows 0-7 (lanes 2r, 2r + 1), rows 8-15 */
     const __m512i dup_lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
     const __m512i dup_hi = _mm512_add_epi32(dup_lo, _mm512_set1_epi32(8));
-    __m512 y0[PXL_QR_T], y1[PXL_QR_T], ym[PXL_QR_T];
+    __m512 y0[PXL_QR_BF16_T], y1[PXL_QR_BF16_T], ym[PXL_QR_BF16_T];
     for (int t = 0; t < T; t++) y0[t] = y1[t] = ym[t] = _mm512_setzero_ps();
     for (size_t i = 0; i < nb; i++) {
         const uint8_t *blk = grp + i * gbs, *q = blk + qa;
@@ -40,7 +40,7 @@ PXL_INLINE void group(int fmt, const int T, size_t nb, const uint8_t *grp, size_
             off = _mm512_fnmadd_ps(d, _mm512_set1_ps(128.0f), _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 2 * G))));
         else /* Q4_0: -(8 + 128) d; Q8_0: -(128 + 2176) d (exact: d has 11 bits) */
             off = _mm512_mul_ps(d, _mm512_set1_ps(fmt == PXL_Q4_0 ? -136.0f : -2304.0f));
-        __m512 acc0[PXL_QR_T], acc1[PXL_QR_T];
+        __m512 acc0[PXL_QR_BF16_T], acc1[PXL_QR_BF16_T];
         for (int t = 0; t < T; t++) acc0[t] = acc1[t] = _mm512_setzero_ps();
         const uint16_t *xb = x + i * PXL_QK;
         for (int p = 0; p < (fmt == PXL_Q8_0 ? 8 : 4); p++) {
@@ -84,7 +84,7 @@ PXL_INLINE void rows_for(int fmt, const int T, size_t rows, size_t K, const void
     }
 }
 
-/* T <= PXL_QR_T tokens: x (T, ldx) bf16, sx (T, K/32) each block's sum of those bf16 values,
+/* T <= PXL_QR_BF16_T tokens: x (T, ldx) bf16, sx (T, K/32) each block's sum of those bf16 values,
  * y[t * ldy + n] for n < rows; each token's sums are the same whatever T */
 void pxl_gemv_qr_bf16_avx512bf16(int fmt, size_t T, size_t rows, size_t K, const void *W, const uint16_t *x,
                                  size_t ldx, const float *sx, float *y, size_t ldy) {
