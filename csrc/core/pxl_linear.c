@@ -137,14 +137,14 @@ static void compute(const pxl_kernel_set *ks, int wfmt, int packed_q, size_t T, 
         run_tiles(ks, wfmt == PXL_F32 ? ks->tile_f32 : ks->tile_bf16, wfmt == PXL_F32 ? 4 : 2, T, 0, cols, K, xk, W,
                   Y, ldy);
     } else if (qbuf && PXL_IS_KQUANT(wfmt) && (wfmt == PXL_Q4_KR || wfmt == PXL_Q6_KR || pxl_gemm_qk_for(ks, wfmt))) {
-        /* up to PXL_QK_T rows of Q8_K x share each weight load (planes = 2: a token's two planes
-         * are neighbouring rows, their results summed from yp, (PXL_QK_T, cols)) */
-        size_t tq = PXL_QK_T / planes, step = T <= tq ? cols : 4 * PANEL;
+        /* up to PXL_QKR_T (repacked) or PXL_QK_T rows of Q8_K x share each weight load (planes =
+         * 2: a token's two planes are neighbouring rows, their results summed from yp, (tmax, cols)) */
         const int kr = wfmt == PXL_Q4_KR || wfmt == PXL_Q6_KR;
+        size_t tmax = kr ? PXL_QKR_T : PXL_QK_T, tq = tmax / planes, step = T <= tq ? cols : 4 * PANEL;
         pxl_gemm_kr_fn gkr = kr ? pxl_gemm_kr_for(ks) : NULL;
         pxl_gemm_qk_fn gqk = kr ? NULL : pxl_gemm_qk_for(ks, wfmt);
-        float *yp = planes == 2 ? pxl_scratch(3, PXL_QK_T * cols * 4) : NULL;
-        pxl_q8k xs[PXL_QK_T];
+        float *yp = planes == 2 ? pxl_scratch(3, tmax * cols * 4) : NULL;
+        pxl_q8k xs[PXL_QKR_T > PXL_QK_T ? PXL_QKR_T : PXL_QK_T];
         for (size_t n = 0; n < cols; n += step)
             for (size_t t0 = 0; t0 < T; t0 += tq) {
                 size_t tn = T - t0 < tq ? T - t0 : tq, n1 = n + step < cols ? n + step : cols;

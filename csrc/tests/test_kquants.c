@@ -277,7 +277,8 @@ int main(void) {
          * kernel's token tails, or fp32 tiles over dequantised panels; bf16 panels from 64 tokens,
          * or from PXL_QK_DOT_MAX_T with the multi-token kernel), both dtypes */
         size_t shapes[][3] = {{1, 1, 256}, {1, 7, 512}, {2, 33, 256}, {3, 16, 768}, {4, 40, 512},
-                              {1, 1536, 512}, {17, 70, 512}, {70, 33, 256}, {6, 129, 256}, {300, 21, 256}};
+                              {1, 1536, 512}, {17, 70, 512}, {70, 33, 256}, {6, 129, 256}, {300, 21, 256},
+                              {7, 40, 512}, {13, 33, 256}}; /* (repacked: 8 tokens a call; 7, 8 + 5) */
         for (int fmt = PXL_Q4_K; fmt <= PXL_Q6_K; fmt++) {
             for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++)
                 for (int dt = 0; dt < 2; dt++) test_linear(dt, fmt, shapes[i][0], shapes[i][1], shapes[i][2], i % 2);
@@ -292,7 +293,8 @@ int main(void) {
         test_quantize_q8k16(256);
         test_quantize_q8k16(1024);
         for (int fmt = PXL_Q4_K; fmt <= PXL_Q6_K; fmt++) {
-            size_t qshapes[][3] = {{1, 7, 512}, {3, 16, 768}, {6, 129, 256}, {1, 1536, 512}, {17, 70, 512}};
+            size_t qshapes[][3] = {{1, 7, 512}, {3, 16, 768}, {6, 129, 256}, {1, 1536, 512}, {17, 70, 512},
+                                   {7, 40, 512}};
             for (size_t i = 0; i < sizeof qshapes / sizeof qshapes[0]; i++)
                 test_linear(i % 2, fmt, qshapes[i][0], qshapes[i][1], qshapes[i][2], i % 2);
             test_batch_invariant(0, fmt, 9, 83, 512);

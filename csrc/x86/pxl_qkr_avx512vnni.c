@@ -1,7 +1,7 @@
 /* Q4_K and Q6_K repacked 16 rows at a time (PXL_Q4_KR, PXL_Q6_KR, pxl_kquants.h) on AVX-512 VNNI: one vpdpbusd
  * multiplies 4 weights of all 16 rows with 4 of x broadcast, so a row's unpacking (6-bit
  * scales, mins, nibbles) is done once at load instead of every step, and the weights stream
- * from one sequential block per 16 rows. Up to PXL_QK_T tokens share every weight vector.
+ * from one sequential block per 16 rows. Up to PXL_QKR_T tokens share every weight vector.
  *
  * Per sub-block of 32 values: 4 vectors of nibbles give 8 vpdpbusd into one int32 lane per
  * row, multiplied by the rows' scales; the mins meet x's sub-block sums in 4 vpdpwssd per
@@ -23,15 +23,15 @@ PXL_INLINE __m512i bcast4(const void *p) { return _mm512_broadcastd_epi32(_mm_lo
 PXL_INLINE void block16(const int T, size_t nb, const pxl_block_q4_Kx16 *W, const pxl_q8k *x,
                         const int16_t *const *bsp, float *y, size_t ldy, size_t rows) {
     const __m512i m4 = _mm512_set1_epi8(0x0f);
-    __m512 acc[PXL_QK_T];
+    __m512 acc[PXL_QKR_T];
     for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
     for (size_t i = 0; i < nb; i++) {
         const pxl_block_q4_Kx16 *b = W + i;
         for (int l = 0; l < 37; l++) _mm_prefetch((const char *)b + QPF + 64 * l, _MM_HINT_T1);
-        __m512i sumi[PXL_QK_T], summ[PXL_QK_T];
-        for (int t = 0; t < T; t++) sumi[t] = summ[t] = _mm512_setzero_si512();
+        __m512i sumi[PXL_QKR_T];
+        for (int t = 0; t < T; t++) sumi[t] = _mm512_setzero_si512();
         for (int j = 0; j < 8; j++) {
-            __m512i dot[PXL_QK_T];
+            __m512i dot[PXL_QKR_T];
             for (int t = 0; t < T; t++) dot[t] = _mm512_setzero_si512();
             for (int p = 0; p < 4; p++) {
                 __m512i v = _mm512_loadu_si512((const void *)(b->qs + 64 * (4 * j + p)));
@@ -45,16 +45,16 @@ PXL_INLINE void block16(const int T, size_t nb, const pxl_block_q4_Kx16 *W, cons
             const __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b->sc + 16 * j)));
             for (int t = 0; t < T; t++) sumi[t] = _mm512_add_epi32(sumi[t], _mm512_mullo_epi32(dot[t], sc));
         }
-        for (int k = 0; k < 4; k++) { /* mins of sub-blocks 2k, 2k + 1 (int16 pairs) . x's sums over them */
-            const __m512i mn = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(b->m + 32 * k)));
-            for (int t = 0; t < T; t++) summ[t] = _mm512_dpwssd_epi32(summ[t], mn, bcast4(bsp[t] + i * 8 + 2 * k));
-        }
+        __m512i mn[4]; /* mins of sub-blocks 2k, 2k + 1 (int16 pairs), to meet x's sums over them */
+        for (int k = 0; k < 4; k++) mn[k] = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(b->m + 32 * k)));
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)b->d));
         const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)b->dmin));
-        for (int t = 0; t < T; t++) {
+        for (int t = 0; t < T; t++) { /* (the mins' sum token by token: only acc and sumi span tokens) */
+            __m512i summ = _mm512_setzero_si512();
+            for (int k = 0; k < 4; k++) summ = _mm512_dpwssd_epi32(summ, mn[k], bcast4(bsp[t] + i * 8 + 2 * k));
             const __m512 dx = _mm512_set1_ps(x[t].d[i]);
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi[t]), _mm512_mul_ps(d, dx), acc[t]);
-            acc[t] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(summ[t]), _mm512_mul_ps(dmin, dx), acc[t]);
+            acc[t] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(summ), _mm512_mul_ps(dmin, dx), acc[t]);
         }
     }
     const __mmask16 valid = (__mmask16)((1u << rows) - 1);
@@ -66,12 +66,12 @@ PXL_INLINE void block16(const int T, size_t nb, const pxl_block_q4_Kx16 *W, cons
 PXL_INLINE void block16_q6(const int T, size_t nb, const pxl_block_q6_Kx16 *W, const pxl_q8k *x,
                            const int32_t *const *off, float *y, size_t ldy, size_t rows) {
     const __m512i m4 = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30);
-    __m512 acc[PXL_QK_T];
+    __m512 acc[PXL_QKR_T];
     for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
     for (size_t i = 0; i < nb; i++) {
         const pxl_block_q6_Kx16 *b = W + i;
         for (int l = 0; l < 53; l++) _mm_prefetch((const char *)b + QPF + 64 * l, _MM_HINT_T1);
-        __m512i sumi[PXL_QK_T];
+        __m512i sumi[PXL_QKR_T];
         for (int t = 0; t < T; t++) sumi[t] = _mm512_setzero_si512();
         for (int s = 0; s < 16; s++) {
             const __m512i h = _mm512_loadu_si512((const void *)(b->qh + 64 * s));
@@ -103,7 +103,11 @@ PXL_INLINE void block16_q6(const int T, size_t nb, const pxl_block_q6_Kx16 *W, c
     case 1: call(1); break;                                                                                           \
     case 2: call(2); break;                                                                                           \
     case 3: call(3); break;                                                                                           \
-    default: call(4); break;                                                                                          \
+    case 4: call(4); break;                                                                                           \
+    case 5: call(5); break;                                                                                           \
+    case 6: call(6); break;                                                                                           \
+    case 7: call(7); break;                                                                                           \
+    default: call(8); break;                                                                                          \
     }
 
 void pxl_gemm_kr_avx512vnni(int fmt, size_t T, size_t rows, size_t K, const void *W, const pxl_q8k *x, float *y,
@@ -113,7 +117,7 @@ void pxl_gemm_kr_avx512vnni(int fmt, size_t T, size_t rows, size_t K, const void
         /* each token's -32 * (sums of x over the 16-value sub-blocks): Q6_K's offset, where the
          * kernel broadcasts it from memory */
         int32_t offs[T][nb * 16];
-        const int32_t *off[PXL_QK_T];
+        const int32_t *off[PXL_QKR_T];
         for (size_t t = 0; t < T; t++) {
             for (size_t s = 0; s < nb * 16; s++) offs[t][s] = -32 * x[t].bsums[s];
             off[t] = offs[t];
@@ -128,8 +132,8 @@ void pxl_gemm_kr_avx512vnni(int fmt, size_t T, size_t rows, size_t K, const void
         return;
     }
     /* each token's sums of x over the 8 sub-blocks of every super-block (pairs of bsums) */
-    int16_t pairs[PXL_QK_T][PXL_QK_K_MAX_BLOCKS * 8];
-    const int16_t *bsp[PXL_QK_T];
+    int16_t pairs[PXL_QKR_T][PXL_QK_K_MAX_BLOCKS * 8];
+    const int16_t *bsp[PXL_QKR_T];
     for (size_t t = 0; t < T; t++) {
         for (size_t s = 0; s < nb * 8; s++) pairs[t][s] = (int16_t)(x[t].bsums[2 * s] + x[t].bsums[2 * s + 1]);
         bsp[t] = pairs[t];
