@@ -144,7 +144,8 @@ static void compute(const pxl_kernel_set *ks, int wfmt, int packed_q, size_t T, 
         pxl_gemm_kr_fn gkr = kr ? pxl_gemm_kr_for(ks) : NULL;
         pxl_gemm_qk_fn gqk = kr ? NULL : pxl_gemm_qk_for(ks, wfmt);
         float *yp = planes == 2 ? pxl_scratch(3, tmax * cols * 4) : NULL;
-        pxl_q8k xs[PXL_QKR_T > PXL_QK_T ? PXL_QKR_T : PXL_QK_T];
+        _Static_assert(PXL_QKR_T >= PXL_QK_T, "xs holds either kernel's tokens");
+        pxl_q8k xs[PXL_QKR_T];
         for (size_t n = 0; n < cols; n += step)
             for (size_t t0 = 0; t0 < T; t0 += tq) {
                 size_t tn = T - t0 < tq ? T - t0 : tq, n1 = n + step < cols ? n + step : cols;

@@ -98,8 +98,8 @@ void pxl_gemm_qk_avx512(int fmt, size_t T, size_t n0, size_t n1, size_t K, const
  * y[t * ldy + n], n < rows */
 typedef void (*pxl_gemm_kr_fn)(int fmt, size_t T, size_t rows, size_t K, const void *W, const pxl_q8k *x, float *y,
                                size_t ldy);
-/* 8: each 16-row vector, unpacked once, serves 8 tokens; their accumulators and integer sums
- * (16 registers) fit beside the block's vectors in AVX-512's 32 */
+/* 8: each 16-row vector, unpacked once, serves 8 tokens; their fp32 accumulators and integer
+ * sums (24 registers for Q4_K) fit beside the block's vectors in AVX-512's 32 */
 #define PXL_QKR_T 8
 #if defined(__x86_64__)
 void pxl_gemm_kr_avx512vnni(int fmt, size_t T, size_t rows, size_t K, const void *W, const pxl_q8k *x, float *y,
