@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     gemv = bsub.add_parser("gemv", help="GEMV (--rows 1) / GEMM on SmolLM2 shapes and 4096x4096 (or --shapes): "
                                          "ours, OpenBLAS, torch")
     gemv.add_argument("--threads", type=int, default=None, help="threads for all three (default: all cores)")
-    gemv.add_argument("--formats", default="fp32,bf16,q4_1", help="comma list of fp32, bf16, q8_0, q4_0, q4_1")
+    gemv.add_argument("--formats", default="fp32,bf16,q4_1", help="comma list of fp32, bf16, q8_0, q4_0, q4_1, q4_k, q6_k")
     gemv.add_argument("--rows", type=int, default=1, help="tokens per call: 1 = decode GEMV, e.g. 512 = prefill GEMM")
     gemv.add_argument("--shapes", default=None, metavar="KxN,...",
                       help="Linears to time, input x output features (default: SmolLM2-135M's and 4096x4096; "
@@ -168,6 +168,10 @@ def _bench_gemv(args: argparse.Namespace) -> int:
     if odd and set(formats) - {"fp32"}:  # GGUF blocks hold 32 weights; bf16 packs K in pairs
         raise SystemExit(f"perfxlm bench gemv: --shapes {odd}: K must be a multiple of 32 for --formats "
                          f"{sorted(set(formats) - {'fp32'})}")
+    kq, not_256 = sorted(set(formats) & set(gemv.K_QUANTS)), [f"{K}x{N}" for K, N in shapes if K % 256]
+    if kq and not_256:
+        raise SystemExit(f"perfxlm bench gemv: --shapes {not_256}: K must be a multiple of 256 for --formats {kq} "
+                         "(e.g. --shapes 2048x2048,2048x8192,8192x2048)")
     baseline = _baseline_lib("gemv", args.baseline_lib)
     rows = gemv.run(threads, formats, args.rows, baseline, shapes)
     print(f"{'bs=1 GEMV' if args.rows == 1 else f'GEMM with {args.rows} rows'}, {threads} threads; ours: {library.load().pxl_isa().decode()} kernels; "

@@ -195,6 +195,31 @@ def test_gemv_bench_times_a_baseline_library_beside_ours(monkeypatch, tmp_path, 
         cli.main(["bench", "gemv", "--baseline-lib", str(tmp_path / "nowhere.so")])
 
 
+def test_gemv_bench_times_k_quants_on_whole_super_blocks(monkeypatch, tmp_path):
+    """q4_k / q6_k: random blocks the kernels run as the engine does (repacked where the set
+    repacks), both builds alike, beside torch and OpenBLAS on their dequantisation; a K that is
+    not whole 256-weight super-blocks is refused, naming the shape."""
+    import shutil
+    from hw_plugins.cpu import library
+    try:
+        library.load()
+    except OSError as e:
+        pytest.skip(f"the native cpu kernels are not built here: {e}")
+    copy = tmp_path / library.LIB_NAME
+    shutil.copy(next(p for p in library.candidates() if p.is_file()), copy)
+    monkeypatch.setattr(gemv, "_time", lambda fn, min_time=0.2: (fn(), 1e-6)[1])
+    out = tmp_path / "gemv.json"
+    assert cli.main(["bench", "gemv", "--formats", "q4_k,q6_k", "--rows", "9", "--shapes", "512x40",
+                     "--baseline-lib", str(copy), "--output-json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["format"], r["K"], r["N"]) for r in rows] == [("q4_k", 512, 40), ("q6_k", 512, 40)]
+    assert [r["weight_MB"] for r in rows] == [40 * 2 * 144 / 1e6, 40 * 2 * 210 / 1e6]  # the blocks' bytes
+    for r in rows:
+        assert r["baseline_max_abs_diff"] == 0.0 and "openblas_us" in r and "torch_us" in r, r
+    with pytest.raises(SystemExit, match=r"--shapes \['576x40'\]: K must be a multiple of 256 for --formats \['q4_k'\]"):
+        cli.main(["bench", "gemv", "--formats", "q4_k", "--shapes", "576x40"])
+
+
 def test_gemv_bench_times_the_shapes_asked_for(monkeypatch, tmp_path):
     """--shapes replaces the SmolLM2 list: each KxN once per format, in the order given."""
     from hw_plugins.base import available_plugins

@@ -6,7 +6,8 @@ Each cell is the median time of one call; GB/s counts the weight bytes read (the
 bandwidth-bound GEMV), GFLOP/s the 2*rows*N*K of a GEMM. Ours runs as the cpu engine does:
 float32 x and y whatever the weights (bf16 ones multiply x rounded to bf16). Quantised weights
 are compared with OpenBLAS and torch on their dequantised fp32 copy: what one would run without
-our kernels; bf16 with torch's bf16 mm, which takes bf16 x and y: the "bf16 x/y" row runs ours
+our kernels (K-quants: random blocks, which gguf's Python side cannot quantise to, but
+which time the same); bf16 with torch's bf16 mm, which takes bf16 x and y: the "bf16 x/y" row runs ours
 so too. With a baseline library (another build of our kernels) both builds run on the same x,
 each on its own packed copy of the weights, their calls alternating, and the table adds the
 baseline's time.
@@ -24,7 +25,8 @@ SHAPES = [(576, 192), (576, 576), (576, 1536), (1536, 576), (576, 49152), (4096,
 # of 16 gate and 16 up rows each ("gated": N = 1536 outputs from 2 x 1536 weight rows; torch: two mms,
 # silu, mul)
 GATED = (576, 1536)
-FORMATS = ("fp32", "bf16", "q8_0", "q4_0", "q4_1")
+FORMATS = ("fp32", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q6_k")
+K_QUANTS = ("q4_k", "q6_k")  # 256-weight super-blocks: K a multiple of 256
 
 
 def _time(fn, min_time: float = 0.2) -> float:
@@ -84,6 +86,19 @@ def _packed(lib, code: int, w: np.ndarray, N: int, K: int) -> tuple[np.ndarray, 
     return packed, library.PACKED[code]
 
 
+def _k_blocks(rng: np.random.Generator, N: int, K: int, fmt: str) -> np.ndarray:
+    """Random Q4_K / Q6_K blocks, uint8 (N, K/256 * block bytes): random quants and sub-block
+    scales, small positive fp16 super-block scales (Q4_K's d and dmin, Q6_K's d)."""
+    from graph_export.quant import FORMATS as QUANT_FORMATS
+
+    nb, nbytes = K // 256, QUANT_FORMATS[fmt][1]
+    blocks = rng.integers(0, 256, (N, nb, nbytes), dtype=np.uint8)
+    d = (rng.random((N, nb, 1)) * 1e-3 + 1e-4).astype(np.float16).view(np.uint8)  # (N, nb, 2)
+    for at in ((0, 2) if fmt == "q4_k" else (208,)):  # where the block keeps its fp16 scales
+        blocks[..., at:at + 2] = d
+    return blocks.reshape(N, nb * nbytes)
+
+
 def parse_shapes(text: str) -> list[tuple[int, int]]:
     """'2048x2048,2048x512' -> [(2048, 2048), (2048, 512)]: (K, N), input then output features."""
     shapes = []
@@ -126,9 +141,11 @@ def run(threads: int, formats: list[str], rows: int = 1, baseline: ctypes.CDLL |
                 code, nbytes = library.BF16, w.nbytes
                 tw = torch.from_numpy(w.view(np.int16)).view(torch.bfloat16)
                 tx = torch.from_numpy(x32).to(torch.bfloat16)  # torch: its bf16 mm on bf16 x, as vLLM's CPU path
-            else:  # q4_1 / q4_0 / q8_0: torch and OpenBLAS get the dequantised fp32 weights
-                w = quantize(w32, fmt)
-                x, code, nbytes = x32, {"q8_0": library.Q8_0, "q4_0": library.Q4_0, "q4_1": library.Q4_1}[fmt], w.nbytes
+            else:  # GGUF blocks: torch and OpenBLAS get the dequantised fp32 weights
+                w = _k_blocks(rng, N, K, fmt) if fmt in K_QUANTS else quantize(w32, fmt)
+                codes = {"q8_0": library.Q8_0, "q4_0": library.Q4_0, "q4_1": library.Q4_1, "q4_k": library.Q4_K,
+                         "q6_k": library.Q6_K}
+                x, code, nbytes = x32, codes[fmt], w.nbytes
                 tw, tx = torch.from_numpy(dequantize(w, fmt)), torch.from_numpy(x32)
             w_plain, code_plain = w, code
             w, code = _packed(lib, code, w, N, K)  # what the engine runs: the kernel set's packed copy
