@@ -169,9 +169,8 @@ def test_gemv_bench_prints_ours_openblas_and_torch(monkeypatch, tmp_path, capsys
             assert xy["bf16_row_max_rel"] <= 2 ** -8  # the bf16 row's y, rounded to bf16 (x is bf16 in both)
 
 
-def test_gemv_bench_times_a_baseline_library_beside_ours(monkeypatch, tmp_path, capsys):
-    """--baseline-lib: every row, the gated one too, also runs another copy of the kernels on its
-    own packed weights (here the same build: the same bits)."""
+def _kernels_copy(tmp_path) -> Path:
+    """A copy of the native kernels' library, to pass as --baseline-lib (skips where none is built)."""
     import shutil
     from hw_plugins.cpu import library
     try:
@@ -180,6 +179,13 @@ def test_gemv_bench_times_a_baseline_library_beside_ours(monkeypatch, tmp_path, 
         pytest.skip(f"the native cpu kernels are not built here: {e}")
     copy = tmp_path / library.LIB_NAME
     shutil.copy(next(p for p in library.candidates() if p.is_file()), copy)
+    return copy
+
+
+def test_gemv_bench_times_a_baseline_library_beside_ours(monkeypatch, tmp_path, capsys):
+    """--baseline-lib: every row, the gated one too, also runs another copy of the kernels on its
+    own packed weights (here the same build: the same bits)."""
+    copy = _kernels_copy(tmp_path)
     monkeypatch.setattr(gemv, "SHAPES", [(64, 48)])
     monkeypatch.setattr(gemv, "GATED", (64, 48))
     monkeypatch.setattr(gemv, "_time", lambda fn, min_time=0.2: (fn(), 1e-6)[1])
@@ -199,14 +205,7 @@ def test_gemv_bench_times_k_quants_on_whole_super_blocks(monkeypatch, tmp_path):
     """q4_k / q6_k: random blocks the kernels run as the engine does (repacked where the set
     repacks), both builds alike, beside torch and OpenBLAS on their dequantisation; a K that is
     not whole 256-weight super-blocks is refused, naming the shape."""
-    import shutil
-    from hw_plugins.cpu import library
-    try:
-        library.load()
-    except OSError as e:
-        pytest.skip(f"the native cpu kernels are not built here: {e}")
-    copy = tmp_path / library.LIB_NAME
-    shutil.copy(next(p for p in library.candidates() if p.is_file()), copy)
+    copy = _kernels_copy(tmp_path)
     monkeypatch.setattr(gemv, "_time", lambda fn, min_time=0.2: (fn(), 1e-6)[1])
     out = tmp_path / "gemv.json"
     assert cli.main(["bench", "gemv", "--formats", "q4_k,q6_k", "--rows", "9", "--shapes", "512x40",
