@@ -405,3 +405,41 @@ def test_lora_in_a_compiled_cpu_step(dtype):
         np.testing.assert_array_equal(fixed["out"], ref)
     untouched = cast[5] < 0
     np.testing.assert_array_equal(fixed["out"][untouched], cast[1][untouched])
+
+
+_TILES_AFTER_TORCH = """
+import numpy as np, torch, ml_dtypes
+from hw_plugins.cpu import library
+from perfxlm.bench.gemv import _packed
+lib = library.load()
+T, N, K = 64, 256, 512
+rng = np.random.default_rng(0)
+w, code = _packed(lib, library.BF16, rng.standard_normal((N, K)).astype(ml_dtypes.bfloat16), N, K)
+x = rng.standard_normal((T, K)).astype(np.float32)
+def linear():
+    y = np.empty((T, N), np.float32)
+    lib.pxl_linear(library.F32, code, T, N, K, x.ctypes.data, w.ctypes.data, None, y.ctypes.data)
+    return y
+first = linear()
+a = torch.randn(512, 512, dtype=torch.bfloat16)
+for _ in range(3):
+    a @ a  # oneDNN's own tiles, on this thread
+assert np.array_equal(linear(), first)
+print("same")
+"""
+
+
+def test_amx_tiles_survive_torch_between_calls():
+    """Within one call into the library the amx GEMM keeps the tile configuration it loaded;
+    between calls, torch's oneDNN may have changed or released the thread's tiles. A Linear
+    after a torch bf16 matmul must load them again (a stale one stops on an illegal
+    instruction) and give the same bits. In a child process, so a crash is a failure here."""
+    import subprocess
+    import sys
+    from hw_plugins.cpu import library
+    if not dict((n, ok) for n, ok, _ in available_plugins()).get("cpu"):
+        pytest.skip("the native cpu kernels are not built here")
+    if library.load().pxl_isa() != b"amx":
+        pytest.skip("this CPU has no AMX tiles")
+    run = subprocess.run([sys.executable, "-c", _TILES_AFTER_TORCH], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "same", run.stderr[-2000:]

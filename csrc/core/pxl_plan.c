@@ -70,6 +70,7 @@ void pxl_plan_run(const pxl_plan_node *nodes, size_t n, size_t T, size_t N, size
     int prof = op_profile_on, phase = T == B;
     pxl_cpu_mask saved;
     int pinned = pxl_pin_caller(&saved);
+    pxl_enter();
 #pragma omp parallel num_threads(pxl_num_threads())
     {
         double t0 = prof ? now() : 0;

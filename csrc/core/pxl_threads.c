@@ -22,6 +22,7 @@
 #endif
 
 static int n_threads;
+uint64_t pxl_entries = 1; /* (a thread's record of 0 means "nothing loaded") */
 static int bound[MAX_BOUND], n_bound; /* thread i runs on bound[i % n_bound] */
 
 int pxl_num_threads(void) {

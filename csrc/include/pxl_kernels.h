@@ -406,11 +406,18 @@ void pxl_unpin_caller(const pxl_cpu_mask *saved);
 #define PXL_NTH() ((size_t)1)
 #define PXL_IN_TEAM() 1
 #endif
+/* Entries into the library's team code from outside it, counted. Code outside the library
+ * (oneDNN under torch) may change or release a thread's tile configuration (AMX) between two
+ * entries, never during one, so the tile kernels trust the configuration they loaded within
+ * an entry (pxl_amx.h) rather than read it back each call. */
+extern uint64_t pxl_entries;
+static inline void pxl_enter(void) { __atomic_add_fetch(&pxl_entries, 1, __ATOMIC_RELAXED); }
 #define PXL_ON_TEAM(nth, ...)                                                      \
     do {                                                                           \
         if (PXL_IN_TEAM()) {                                                       \
             __VA_ARGS__;                                                           \
         } else {                                                                   \
+            pxl_enter();                                                           \
             _Pragma("omp parallel num_threads(nth)") { __VA_ARGS__; }              \
         }                                                                          \
     } while (0)

@@ -31,13 +31,17 @@
 #define PL 6
 #define B 7
 
-void pxl_attn_config_amx(int rows) {
-    pxl_tile_config want = {.palette = 1};
-    for (int t = C0; t <= PL; t++) want.rows[t] = (uint8_t)rows;
-    want.rows[B] = 16;
-    for (int t = C0; t <= B; t++) want.colsb[t] = 64;
-    pxl_tile_configure(&want);
+static pxl_tile_config configs[17]; /* per rows, built once (as the GEMM's) */
+__attribute__((constructor)) static void build_configs(void) {
+    for (int rows = 1; rows <= 16; rows++) {
+        pxl_tile_config *c = &configs[rows];
+        c->palette = 1;
+        for (int t = C0; t <= PL; t++) c->rows[t] = (uint8_t)rows;
+        c->rows[B] = 16;
+        for (int t = C0; t <= B; t++) c->colsb[t] = 64;
+    }
 }
+void pxl_attn_config_amx(int rows) { pxl_tile_configure(&configs[rows]); }
 
 /* v[i] = the i-th 32-bit lane of every input v[j]: a 16 x 16 transpose of 32-bit pairs */
 static inline void transpose16(__m512i *v) {

@@ -11,6 +11,9 @@
 #include "pxl_amx.h"
 #include "pxl_kernels.h"
 
+__thread pxl_tile_config pxl_tile_loaded; /* (pxl_amx.h) */
+__thread uint64_t pxl_tile_loaded_in;
+
 /* tile registers (numbers: the intrinsics paste them into the instruction): rows 0-15 of the
  * call in C0 (features 0-15) and C1 (16-31) from A0, rows 16-31 in C2 and C3 from A1 */
 #define C0 0
@@ -22,17 +25,22 @@
 #define B0 6
 #define B1 7
 
-/* Configures the tiles for rm rows (rows past 16 in the second A and C tiles; unused tiles have
- * no rows) */
-static inline void configure(int rm) {
-    const uint8_t r0 = rm < 16 ? (uint8_t)rm : 16, r1 = (uint8_t)(rm - r0);
-    pxl_tile_config want = {.palette = 1};
-    want.rows[C0] = want.rows[C1] = want.rows[A0] = r0;
-    want.rows[C2] = want.rows[C3] = want.rows[A1] = r1;
-    want.rows[B0] = want.rows[B1] = 16;
-    for (int t = C0; t <= B1; t++) want.colsb[t] = want.rows[t] ? 64 : 0;
-    pxl_tile_configure(&want);
+/* The tiles' configuration for rm rows (rows past 16 in the second A and C tiles; unused tiles
+ * have no rows), built once per rm: one assembled from byte stores just before a call compares
+ * it whole would wait on store forwarding every call */
+static pxl_tile_config configs[PXL_AMX_RM + 1];
+__attribute__((constructor)) static void build_configs(void) {
+    for (int rm = 1; rm <= PXL_AMX_RM; rm++) {
+        const uint8_t r0 = rm < 16 ? (uint8_t)rm : 16, r1 = (uint8_t)(rm - r0);
+        pxl_tile_config *c = &configs[rm];
+        c->palette = 1;
+        c->rows[C0] = c->rows[C1] = c->rows[A0] = r0;
+        c->rows[C2] = c->rows[C3] = c->rows[A1] = r1;
+        c->rows[B0] = c->rows[B1] = 16;
+        for (int t = C0; t <= B1; t++) c->colsb[t] = c->rows[t] ? 64 : 0;
+    }
 }
+static inline void configure(int rm) { pxl_tile_configure(&configs[rm]); }
 
 /* acc (rm x 32, lda apart) = (load ? acc : 0) + X (rm <= 32 rows, K) . the panel; each B tile
  * serves both A tiles */
@@ -133,6 +141,6 @@ double pxl_amx_peak_bf16(size_t iters) {
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
     }
-    _tile_release();
+    pxl_tile_release();
     return (double)iters * 4 * 16 * 16 * 32 * 2;
 }
