@@ -137,13 +137,15 @@ static void tile_head(int dt, int cdt, size_t tn, size_t G, size_t H, size_t hd,
 }
 
 /* where item `it` sits: its sequence, KV head, query tokens and key range; *b / *first carry a
- * thread's scan from one item to the next (its items only ever increase) */
+ * thread's scan from one item to the next (its items only ever increase). Inlined: when returned
+ * through memory, its fields were read back wider than they were written, and each item's
+ * first use of them waited on store forwarding. */
 typedef struct {
     size_t b, qs, kvh, tok0, tn, pos0, lo0, n;
     int prefill; /* the sequence has more than one query token this step */
 } item_pos;
-static item_pos locate(size_t it, size_t *b, size_t *first, const int64_t *query_start_loc,
-                       const int64_t *seq_lens, size_t G, size_t Hkv, size_t rows, size_t window, int causal) {
+PXL_INLINE item_pos locate(size_t it, size_t *b, size_t *first, const int64_t *query_start_loc,
+                           const int64_t *seq_lens, size_t G, size_t Hkv, size_t rows, size_t window, int causal) {
     size_t qs, qlen;
     seq_items si;
     for (;; *first += si.items, (*b)++) {
