@@ -20,11 +20,12 @@ extern __thread pxl_tile_config pxl_tile_loaded;
 extern __thread uint64_t pxl_tile_loaded_in;
 
 /* Loads `want` unless the calling thread's tiles already have it. Within one entry into the
- * library (pxl_kernels.h) only its own kernels run on the thread, so the configuration it
- * loaded last is still there. At an entry's first call it is read back instead: other AMX code
- * in the process (oneDNN under torch) may have changed or released it since. Reading it back
- * (sttilecfg) waits for the tile unit to drain, so not every call does. (GCC 12 does not treat ldtilecfg as reading its operand and would drop the
- * stores that fill it in: hence the barrier.) */
+ * library (pxl_kernels.h) only its own kernels run on the thread, so what it loaded last is
+ * still there and a match needs no read-back: reading the configuration back (sttilecfg) waits
+ * for the tile unit to drain. An entry's first call does read it back, since other AMX code in
+ * the process (oneDNN under torch) may have changed or released it since. (GCC 12 does not
+ * treat ldtilecfg as reading its operand and would drop the stores that fill it in: hence the
+ * barrier.) */
 static inline void pxl_tile_configure(const pxl_tile_config *want) {
     const uint64_t entry = __atomic_load_n(&pxl_entries, __ATOMIC_RELAXED);
     if (pxl_tile_loaded_in == entry && !memcmp(want, &pxl_tile_loaded, sizeof *want)) return;
