@@ -6,11 +6,11 @@ Each cell is the median time of one call; GB/s counts the weight bytes read (the
 bandwidth-bound GEMV), GFLOP/s the 2*rows*N*K of a GEMM. Ours runs as the cpu engine does:
 float32 x and y whatever the weights (bf16 ones multiply x rounded to bf16). Quantised weights
 are compared with OpenBLAS and torch on their dequantised fp32 copy: what one would run without
-our kernels (K-quants: random blocks, which gguf's Python side cannot quantise to, but
-which time the same); bf16 with torch's bf16 mm, which takes bf16 x and y: the "bf16 x/y" row runs ours
-so too. With a baseline library (another build of our kernels) both builds run on the same x,
-each on its own packed copy of the weights, their calls alternating, and the table adds the
-baseline's time.
+our kernels (K-quants: random blocks, which gguf's Python side cannot quantise to, but which
+time the same); bf16 with torch's bf16 mm, which takes bf16 x and y: the "bf16 x/y" row runs
+ours so too. With a baseline library (another build of our kernels) both builds run on the
+same x, each on its own packed copy of the weights, their calls alternating, and the table adds
+the baseline's time.
 """
 
 import ctypes
@@ -143,9 +143,7 @@ def run(threads: int, formats: list[str], rows: int = 1, baseline: ctypes.CDLL |
                 tx = torch.from_numpy(x32).to(torch.bfloat16)  # torch: its bf16 mm on bf16 x, as vLLM's CPU path
             else:  # GGUF blocks: torch and OpenBLAS get the dequantised fp32 weights
                 w = _k_blocks(rng, N, K, fmt) if fmt in K_QUANTS else quantize(w32, fmt)
-                codes = {"q8_0": library.Q8_0, "q4_0": library.Q4_0, "q4_1": library.Q4_1, "q4_k": library.Q4_K,
-                         "q6_k": library.Q6_K}
-                x, code, nbytes = x32, codes[fmt], w.nbytes
+                x, code, nbytes = x32, library.FORMATS.index(fmt.upper()), w.nbytes
                 tw, tx = torch.from_numpy(dequantize(w, fmt)), torch.from_numpy(x32)
             w_plain, code_plain = w, code
             w, code = _packed(lib, code, w, N, K)  # what the engine runs: the kernel set's packed copy
