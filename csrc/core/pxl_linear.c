@@ -374,6 +374,20 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
         return;
     }
     const size_t chunk = per * unit, nchunks = (N + chunk - 1) / chunk;
+    if (wfmt == PXL_BF16P && dt == PXL_F32 && odt == PXL_F32 && !bias && !gated && !yr && parts.count == 1 &&
+        pxl_packed_kblocks(ks, T, N, K)) {
+        /* A long K's blocks (pxl_linear.h) in turn, each block's column chunks taken in turn: a
+         * chunk per pass over all of K would read the whole x from L3 again for a few panels */
+        for (size_t t0 = 0; t0 < T; t0 += PXL_KBLOCK_T)
+            for (size_t k0 = 0; k0 < K; k0 += PXL_KC) {
+                const size_t t1 = t0 + PXL_KBLOCK_T < T ? t0 + PXL_KBLOCK_T : T, kc = K - k0 < PXL_KC ? K - k0 : PXL_KC;
+#pragma omp for schedule(dynamic, 1)
+                for (size_t c = 0; c < nchunks; c++)
+                    pxl_run_packed_kblock(ks, t0, t1, k0, kc, c * chunk, (c + 1) * chunk < N ? (c + 1) * chunk : N, K,
+                                          xk, xp.ldx, W, parts.y[0], N);
+            }
+        return;
+    }
 #pragma omp for schedule(dynamic, 1) nowait
     for (size_t c = 0; c < nchunks; c++)
         span(ks, dt, odt, gated, yr, wfmt, packed_q, T, K, &xp, W, bias, parts, c * chunk,

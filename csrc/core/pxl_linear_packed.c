@@ -8,7 +8,6 @@
 #endif
 
 #define PACKED_T_CHUNK 256 /* tokens per pass over the packed panels: their x rows stay in L2 */
-#define PXL_KC 2048        /* K per block of a longer K (run_packed_kblocks): a chunk's x block is 1 MB */
 
 /* rows x cols of fp32 src (lds) -> out at (r0, c0): a loop per case, so each clone vectorises
  * it (the team code around it is built for the baseline ISA, where it would run as scalar SSE2) */
@@ -88,27 +87,30 @@ PXL_CLONES static void store_gated(const out_spec *o, size_t r0, size_t c0, size
     }
 }
 
-/* pxl_run_packed's bf16 fp32-out case for K over PXL_KC, on sets with an accumulating kernel: a
- * chunk's x rows (4 MB at K = 8192) no longer stay in L2 while every panel passes, and each panel
- * would read them again from L3. So K runs in blocks: a block of the chunk's x (1 MB) stays in
- * L2 for all the panels, and the sums wait in Y from block to block (fp32, so exactly: the bits
- * of one pass). Whole panels only (cols a multiple of PXL_PANEL), and prefill-sized T. */
-static void run_packed_kblocks(const pxl_kernel_set *ks, size_t T, size_t cols, size_t K, const uint16_t *X,
-                               size_t ldx, const uint16_t *Wp, float *Y, size_t ldy) {
+/* Whether pxl_run_packed's bf16 fp32-out case for K over PXL_KC applies, on sets with an
+ * accumulating kernel: a chunk's x rows (4 MB at K = 8192) no longer stay in L2 while every
+ * panel passes, and each panel would read them again from L3. So K runs in blocks: a block of
+ * the chunk's x (1 MB) stays in L2 for all the panels, and the sums wait in Y from block to
+ * block (fp32, so exactly: the bits of one pass). Whole panels only (cols a multiple of
+ * PXL_PANEL), and prefill-sized T. */
+int pxl_packed_kblocks(const pxl_kernel_set *ks, size_t T, size_t cols, size_t K) {
+    return ks->gemm_bf16p_acc && ks->bf16p_rm && K > PXL_KC && K % 32 == 0 && cols % PXL_PANEL == 0 &&
+           T >= (size_t)ks->bf16p_rm;
+}
+
+/* one block of pxl_packed_kblocks' loops: rows [t0, t1) (at most PXL_KBLOCK_T), K [k0, k0 + kc)
+ * into columns [n0, n1) of Y, added to what the blocks before left there unless k0 is 0 */
+void pxl_run_packed_kblock(const pxl_kernel_set *ks, size_t t0, size_t t1, size_t k0, size_t kc, size_t n0,
+                           size_t n1, size_t K, const uint16_t *X, size_t ldx, const uint16_t *Wp, float *Y,
+                           size_t ldy) {
     const size_t rmax = (size_t)ks->bf16p_rm;
-    for (size_t t0 = 0; t0 < T; t0 += PACKED_T_CHUNK) {
-        size_t t1 = t0 + PACKED_T_CHUNK < T ? t0 + PACKED_T_CHUNK : T;
-        size_t calls = (t1 - t0 + rmax - 1) / rmax, base = (t1 - t0) / calls, extra = (t1 - t0) % calls;
-        for (size_t k0 = 0; k0 < K; k0 += PXL_KC) {
-            size_t kc = K - k0 < PXL_KC ? K - k0 : PXL_KC;
-            for (size_t n = 0; n < cols; n += PXL_PANEL) { /* a panel's K rows k0 .. : [K/2][32][2] */
-                const uint16_t *w = Wp + n * K + k0 * PXL_PANEL;
-                for (size_t c = 0, t = t0; c < calls; c++) {
-                    int rm = (int)(base + (c < extra));
-                    ks->gemm_bf16p_acc(rm, kc, X + t * ldx + k0, ldx, w, Y + t * ldy + n, ldy, k0 > 0);
-                    t += rm;
-                }
-            }
+    size_t calls = (t1 - t0 + rmax - 1) / rmax, base = (t1 - t0) / calls, extra = (t1 - t0) % calls;
+    for (size_t n = n0; n < n1; n += PXL_PANEL) { /* a panel's K rows k0 .. : [K/2][32][2] */
+        const uint16_t *w = Wp + n * K + k0 * PXL_PANEL;
+        for (size_t c = 0, t = t0; c < calls; c++) {
+            int rm = (int)(base + (c < extra));
+            ks->gemm_bf16p_acc(rm, kc, X + t * ldx + k0, ldx, w, Y + t * ldy + n, ldy, k0 > 0);
+            t += rm;
         }
     }
 }
@@ -122,9 +124,11 @@ static void run_packed_kblocks(const pxl_kernel_set *ks, size_t T, size_t cols, 
  * goes through memory. Gated, a panel makes 16 columns of out. */
 void pxl_run_packed(const pxl_kernel_set *ks, int f32, size_t T, size_t cols, size_t K, const void *X,
                     size_t ldx, const void *Wp, float *Y, size_t ldy, const out_spec *out, size_t c0) {
-    if (!f32 && !out && ks->gemm_bf16p_acc && ks->bf16p_rm && K > PXL_KC && K % 32 == 0 && cols % PXL_PANEL == 0 &&
-        T >= (size_t)ks->bf16p_rm) {
-        run_packed_kblocks(ks, T, cols, K, X, ldx, Wp, Y, ldy);
+    if (!f32 && !out && pxl_packed_kblocks(ks, T, cols, K)) {
+        for (size_t t0 = 0; t0 < T; t0 += PXL_KBLOCK_T)
+            for (size_t k0 = 0; k0 < K; k0 += PXL_KC)
+                pxl_run_packed_kblock(ks, t0, t0 + PXL_KBLOCK_T < T ? t0 + PXL_KBLOCK_T : T, k0,
+                                      K - k0 < PXL_KC ? K - k0 : PXL_KC, 0, cols, K, X, ldx, Wp, Y, ldy);
         return;
     }
     size_t es = f32 ? 4 : 2;

@@ -90,7 +90,7 @@ typedef struct {
     /* bf16 values stored widened to fp32 around the caches (the logits): Y 64-byte aligned,
      * nvalid 32; NULL: through the tile */
     pxl_gemm_p_fn gemm_bf16p_wide_nt;
-    /* gemm_bf16p in blocks of K for fp32 out (pxl_linear.c: PXL_KC); NULL: one pass over K */
+    /* gemm_bf16p in blocks of K for fp32 out (pxl_linear.h: PXL_KC); NULL: one pass over K */
     pxl_gemm_p_acc_fn gemm_bf16p_acc;
     pxl_gemm_p_fn gemm_f32p;  /* NULL: the set does not pack fp32 */
     pxl_silu_bf16_fn silu_bf16; /* NULL: the portable pxl_silu_mul1 loop */

@@ -998,6 +998,8 @@ int main(void) {
         /* fp32 out over a long K: a step's rows in K blocks (AMX), each token alone in one pass */
         test_batch_invariant(PXL_F32, PXL_BF16P, 37, 83, 4192);
         test_batch_invariant(PXL_F32, PXL_BF16P, 300, 64, 2080);
+        if (pxl_kernels()->gemm_bf16p_acc) /* columns enough for chunks taken in turn, block by block */
+            test_batch_invariant(PXL_F32, PXL_BF16P, 260, 1024, 2080);
         if (pxl_packed_bytes(PXL_BF16, 1, 2))
             test_linear(PXL_BF16, PXL_Q8_0, 70, 70, 576, 1); /* dequantised panels packed (T >= 64) */
         test_quantize_x(32);
