@@ -234,6 +234,11 @@ static void compute(const pxl_kernel_set *ks, int wfmt, int packed_q, size_t T, 
     }
 }
 
+/* whether y is the fp32 sums themselves: nothing to add, round or gate on the way out */
+static inline int sums_are_y(int dt, int odt, const void *bias, int gated, int yr) {
+    return dt == PXL_F32 && odt == PXL_F32 && !bias && !gated && !yr;
+}
+
 /* columns [n0, n0 + cols) of the whole output: stored at column j0 of y, a (T, ldy) array */
 static void columns(const pxl_kernel_set *ks, int dt, int odt, int gated, int yr, int wfmt, int packed_q, size_t T,
                     size_t K, const x_ready *x, const void *W, const void *bias, size_t n0, size_t cols, void *y,
@@ -241,7 +246,7 @@ static void columns(const pxl_kernel_set *ks, int dt, int odt, int gated, int yr
     const char *Wn = (const char *)W + (gated + 1) * (wfmt == PXL_BF16P   ? n0 * K * 2
                                                      : wfmt == PXL_F32P ? n0 * K * 4
                                                                         : n0 * pxl_row_bytes(wfmt, K));
-    if (dt == PXL_F32 && odt == PXL_F32 && !bias && !gated && !yr) {
+    if (sums_are_y(dt, odt, bias, gated, yr)) {
         compute(ks, wfmt, packed_q, T, cols, K, x, Wn, (float *)y + j0, ldy, NULL);
         return;
     }
@@ -374,17 +379,16 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
         return;
     }
     const size_t chunk = per * unit, nchunks = (N + chunk - 1) / chunk;
-    if (wfmt == PXL_BF16P && dt == PXL_F32 && odt == PXL_F32 && !bias && !gated && !yr && parts.count == 1 &&
+    if (wfmt == PXL_BF16P && sums_are_y(dt, odt, bias, gated, yr) && parts.count == 1 &&
         pxl_packed_kblocks(ks, T, N, K)) {
         /* A long K's blocks (pxl_linear.h) in turn, each block's column chunks taken in turn: a
          * chunk per pass over all of K would read the whole x from L3 again for a few panels */
         for (size_t t0 = 0; t0 < T; t0 += PXL_KBLOCK_T)
             for (size_t k0 = 0; k0 < K; k0 += PXL_KC) {
-                const size_t t1 = t0 + PXL_KBLOCK_T < T ? t0 + PXL_KBLOCK_T : T, kc = K - k0 < PXL_KC ? K - k0 : PXL_KC;
 #pragma omp for schedule(dynamic, 1)
                 for (size_t c = 0; c < nchunks; c++)
-                    pxl_run_packed_kblock(ks, t0, t1, k0, kc, c * chunk, (c + 1) * chunk < N ? (c + 1) * chunk : N, K,
-                                          xk, xp.ldx, W, parts.y[0], N);
+                    pxl_run_packed_kblock(ks, T, K, t0, k0, c * chunk, (c + 1) * chunk < N ? (c + 1) * chunk : N, xk,
+                                          ldx, W, parts.y[0], N);
             }
         return;
     }

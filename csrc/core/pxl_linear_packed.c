@@ -98,12 +98,12 @@ int pxl_packed_kblocks(const pxl_kernel_set *ks, size_t T, size_t cols, size_t K
            T >= (size_t)ks->bf16p_rm;
 }
 
-/* one block of pxl_packed_kblocks' loops: rows [t0, t1) (at most PXL_KBLOCK_T), K [k0, k0 + kc)
+/* one block of pxl_packed_kblocks' loops: the row chunk from t0 (of T rows), the K block from k0,
  * into columns [n0, n1) of Y, added to what the blocks before left there unless k0 is 0 */
-void pxl_run_packed_kblock(const pxl_kernel_set *ks, size_t t0, size_t t1, size_t k0, size_t kc, size_t n0,
-                           size_t n1, size_t K, const uint16_t *X, size_t ldx, const uint16_t *Wp, float *Y,
-                           size_t ldy) {
-    const size_t rmax = (size_t)ks->bf16p_rm;
+void pxl_run_packed_kblock(const pxl_kernel_set *ks, size_t T, size_t K, size_t t0, size_t k0, size_t n0,
+                           size_t n1, const uint16_t *X, size_t ldx, const uint16_t *Wp, float *Y, size_t ldy) {
+    const size_t rmax = (size_t)ks->bf16p_rm, t1 = t0 + PXL_KBLOCK_T < T ? t0 + PXL_KBLOCK_T : T,
+                 kc = K - k0 < PXL_KC ? K - k0 : PXL_KC;
     size_t calls = (t1 - t0 + rmax - 1) / rmax, base = (t1 - t0) / calls, extra = (t1 - t0) % calls;
     for (size_t n = n0; n < n1; n += PXL_PANEL) { /* a panel's K rows k0 .. : [K/2][32][2] */
         const uint16_t *w = Wp + n * K + k0 * PXL_PANEL;
@@ -127,8 +127,7 @@ void pxl_run_packed(const pxl_kernel_set *ks, int f32, size_t T, size_t cols, si
     if (!f32 && !out && pxl_packed_kblocks(ks, T, cols, K)) {
         for (size_t t0 = 0; t0 < T; t0 += PXL_KBLOCK_T)
             for (size_t k0 = 0; k0 < K; k0 += PXL_KC)
-                pxl_run_packed_kblock(ks, t0, t0 + PXL_KBLOCK_T < T ? t0 + PXL_KBLOCK_T : T, k0,
-                                      K - k0 < PXL_KC ? K - k0 : PXL_KC, 0, cols, K, X, ldx, Wp, Y, ldy);
+                pxl_run_packed_kblock(ks, T, K, t0, k0, 0, cols, X, ldx, Wp, Y, ldy);
         return;
     }
     size_t es = f32 ? 4 : 2;

@@ -35,8 +35,7 @@ void pxl_run_packed(const pxl_kernel_set *ks, int f32, size_t T, size_t cols, si
 #define PXL_KBLOCK_T 256
 #define PXL_KC 2048
 int pxl_packed_kblocks(const pxl_kernel_set *ks, size_t T, size_t cols, size_t K);
-void pxl_run_packed_kblock(const pxl_kernel_set *ks, size_t t0, size_t t1, size_t k0, size_t kc, size_t n0,
-                           size_t n1, size_t K, const uint16_t *X, size_t ldx, const uint16_t *Wp, float *Y,
-                           size_t ldy);
+void pxl_run_packed_kblock(const pxl_kernel_set *ks, size_t T, size_t K, size_t t0, size_t k0, size_t n0,
+                           size_t n1, const uint16_t *X, size_t ldx, const uint16_t *Wp, float *Y, size_t ldy);
 
 #endif
