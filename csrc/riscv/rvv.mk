@@ -3,7 +3,11 @@
 # _tu policy or a hard-coded VLEN fails (../shared/notes/rvv_toolchain.md).
 RV_CC     ?= clang-16
 RV_FLAGS  := --target=riscv64-linux-gnu -march=rv64gcv -mabi=lp64d
-RV_CFLAGS := $(RV_FLAGS) -O2 -std=gnu11 -fPIC -Iinclude -Werror=implicit-function-declaration -Wno-unknown-pragmas
+# -no-stack-slot-sharing: clang-16's Stack Slot Coloring pass miscompiles pxl_linear.c's
+# linear_team for RISC-V at -O2 (q/k/v read from bf16 rows come out wrong); at -O1, or with
+# every spill in a slot of its own, the bits are right
+RV_CFLAGS := $(RV_FLAGS) -O2 -mllvm -no-stack-slot-sharing -std=gnu11 -fPIC -Iinclude \
+             -Werror=implicit-function-declaration -Wno-unknown-pragmas
 RV_BUILD  := build/rv64
 RV_SRCS   := $(wildcard generic/*.c core/*.c riscv/*.c)
 RV_OBJS   := $(RV_SRCS:%.c=$(RV_BUILD)/%.o)
