@@ -383,7 +383,7 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
         pxl_packed_kblocks(ks, T, N, K)) {
         /* A long K's blocks (pxl_linear.h) in turn, each block's column chunks taken in turn: a
          * chunk per pass over all of K would read the whole x from L3 again for a few panels */
-        for (size_t t0 = 0; t0 < T; t0 += PXL_KBLOCK_T)
+        for (size_t t0 = 0; t0 < T; t0 += PXL_T_CHUNK)
             for (size_t k0 = 0; k0 < K; k0 += PXL_KC) {
 #pragma omp for schedule(dynamic, 1)
                 for (size_t c = 0; c < nchunks; c++)

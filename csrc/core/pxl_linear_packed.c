@@ -7,8 +7,6 @@
 #include <xmmintrin.h>
 #endif
 
-#define PACKED_T_CHUNK 256 /* tokens per pass over the packed panels: their x rows stay in L2 */
-
 /* rows x cols of fp32 src (lds) -> out at (r0, c0): a loop per case, so each clone vectorises
  * it (the team code around it is built for the baseline ISA, where it would run as scalar SSE2) */
 PXL_CLONES void pxl_store_rows(const out_spec *o, size_t r0, size_t c0, size_t rows, size_t cols, const float *src,
@@ -102,7 +100,7 @@ int pxl_packed_kblocks(const pxl_kernel_set *ks, size_t T, size_t cols, size_t K
  * into columns [n0, n1) of Y, added to what the blocks before left there unless k0 is 0 */
 void pxl_run_packed_kblock(const pxl_kernel_set *ks, size_t T, size_t K, size_t t0, size_t k0, size_t n0,
                            size_t n1, const uint16_t *X, size_t ldx, const uint16_t *Wp, float *Y, size_t ldy) {
-    const size_t rmax = (size_t)ks->bf16p_rm, t1 = t0 + PXL_KBLOCK_T < T ? t0 + PXL_KBLOCK_T : T,
+    const size_t rmax = (size_t)ks->bf16p_rm, t1 = t0 + PXL_T_CHUNK < T ? t0 + PXL_T_CHUNK : T,
                  kc = K - k0 < PXL_KC ? K - k0 : PXL_KC;
     size_t calls = (t1 - t0 + rmax - 1) / rmax, base = (t1 - t0) / calls, extra = (t1 - t0) % calls;
     for (size_t n = n0; n < n1; n += PXL_PANEL) { /* a panel's K rows k0 .. : [K/2][32][2] */
@@ -125,7 +123,7 @@ void pxl_run_packed_kblock(const pxl_kernel_set *ks, size_t T, size_t K, size_t 
 void pxl_run_packed(const pxl_kernel_set *ks, int f32, size_t T, size_t cols, size_t K, const void *X,
                     size_t ldx, const void *Wp, float *Y, size_t ldy, const out_spec *out, size_t c0) {
     if (!f32 && !out && pxl_packed_kblocks(ks, T, cols, K)) {
-        for (size_t t0 = 0; t0 < T; t0 += PXL_KBLOCK_T)
+        for (size_t t0 = 0; t0 < T; t0 += PXL_T_CHUNK)
             for (size_t k0 = 0; k0 < K; k0 += PXL_KC)
                 pxl_run_packed_kblock(ks, T, K, t0, k0, 0, cols, X, ldx, Wp, Y, ldy);
         return;
@@ -148,8 +146,8 @@ void pxl_run_packed(const pxl_kernel_set *ks, int f32, size_t T, size_t cols, si
     const size_t width = gated ? PXL_PANEL / 2 : PXL_PANEL; /* out columns a panel makes */
     const size_t rmax = !f32 && ks->gemm_bf16p && ks->bf16p_rm ? (size_t)ks->bf16p_rm : PXL_PANEL_RM; /* rows a call */
     const size_t lines = K * PXL_PANEL * es / 64;           /* cache lines of a panel */
-    for (size_t t0 = 0; t0 < T; t0 += PACKED_T_CHUNK) {
-        size_t t1 = t0 + PACKED_T_CHUNK < T ? t0 + PACKED_T_CHUNK : T;
+    for (size_t t0 = 0; t0 < T; t0 += PXL_T_CHUNK) {
+        size_t t1 = t0 + PXL_T_CHUNK < T ? t0 + PXL_T_CHUNK : T;
         /* the chunk in calls of near-equal size (64 tokens: 11, 11, 11, 11, 10, 10, not 12 x 5 + 4):
          * a call with few tokens has too few accumulators to hide the FMA latency */
         size_t calls = (t1 - t0 + rmax - 1) / rmax, base = (t1 - t0) / calls, extra = (t1 - t0) % calls;
@@ -168,7 +166,7 @@ void pxl_run_packed(const pxl_kernel_set *ks, int f32, size_t T, size_t cols, si
                  * output) comes from L3 or DRAM, and each chunk's first panel would wait on it
                  * (prefetcht0, the default hint: prefetcht1 / t2 do not bring these lines in) */
                 if (t1 < T) {
-                    size_t xl = ((T - t1 < PACKED_T_CHUNK ? T - t1 : PACKED_T_CHUNK) * ldx * es + 63) / 64;
+                    size_t xl = ((T - t1 < PXL_T_CHUNK ? T - t1 : PXL_T_CHUNK) * ldx * es + 63) / 64;
                     size_t G = npanels * calls, g = s * calls + c;
                     const char *xn = (const char *)X + t1 * ldx * es;
                     for (size_t l = xl * g / G; l < xl * (g + 1) / G; l++) __builtin_prefetch(xn + l * 64);

@@ -28,11 +28,12 @@ void pxl_store_rows(const out_spec *o, size_t r0, size_t c0, size_t rows, size_t
 void pxl_run_packed(const pxl_kernel_set *ks, int f32, size_t T, size_t cols, size_t K, const void *X, size_t ldx,
                     const void *Wp, float *Y, size_t ldy, const out_spec *out, size_t c0);
 
+#define PXL_T_CHUNK 256 /* tokens per pass over the packed panels: their x rows stay in L2 */
+
 /* Long K on packed bf16 panels, fp32 out (pxl_packed_kblocks says where it applies): rows in
- * chunks of PXL_KBLOCK_T, K in blocks of PXL_KC, a chunk's x block (1 MB) staying in L2 while
+ * chunks of PXL_T_CHUNK, K in blocks of PXL_KC, a chunk's x block (1 MB) staying in L2 while
  * panels pass. A team runs each block's columns in turn (pxl_linear.c), the block after only
  * once every column has its sums so far. */
-#define PXL_KBLOCK_T 256
 #define PXL_KC 2048
 int pxl_packed_kblocks(const pxl_kernel_set *ks, size_t T, size_t cols, size_t K);
 void pxl_run_packed_kblock(const pxl_kernel_set *ks, size_t T, size_t K, size_t t0, size_t k0, size_t n0,
