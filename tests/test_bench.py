@@ -402,12 +402,13 @@ def test_vllm_side_script_speaks_vllms_api(tiny_llama_dir):
     assert set(figures) == {"W1", "W2", "W3"} and all(v > 0 for v in figures.values())
 
 
-def test_a_llama_cpp_tool_that_dies_with_sigill_runs_again_without_repacking(tmp_path):
-    """llama.cpp's repacked AMX kernels trap on some VMs; its plain kernels are timed instead,
-    and only a SIGILL earns the rerun."""
+@pytest.mark.parametrize("sig", ["ILL", "SEGV"])
+def test_a_llama_cpp_tool_that_traps_runs_again_without_repacking(tmp_path, sig):
+    """llama.cpp's repacked AMX kernels trap or crash on some VMs; its plain kernels are timed
+    instead, and only those two signals earn the rerun."""
     from perfxlm.bench import engines
-    tool = tmp_path / "llama-tool"  # a process that traps as that build does, unless repacking is off
-    tool.write_text('#!/bin/sh\ncase "$*" in *--no-repack*) echo ran "$@"; exit 0;; esac\nkill -ILL $$\n')
+    tool = tmp_path / "llama-tool"  # a process that dies as that build does, unless repacking is off
+    tool.write_text(f'#!/bin/sh\ncase "$*" in *--no-repack*) echo ran "$@"; exit 0;; esac\nkill -{sig} $$\n')
     tool.chmod(0o755)
     cmd, stdout, _ = engines.run_llama_cpp([tool, "-m", "x.gguf"], ["--no-repack"])
     assert cmd == [tool, "-m", "x.gguf", "--no-repack"] and stdout == "ran -m x.gguf --no-repack\n"
@@ -415,6 +416,27 @@ def test_a_llama_cpp_tool_that_dies_with_sigill_runs_again_without_repacking(tmp
     with pytest.raises(engines.CommandError, match="exit status 3") as err:
         engines.run_llama_cpp([tool], ["--no-repack"])
     assert err.value.returncode == 3
+
+
+def test_llama_bench_times_decode_and_prefill_apart(tmp_path):
+    """W2 (tg) and W3 (pp) are two llama-bench commands: where only the repacked prompt path
+    crashes, decode keeps the repacked kernels and prefill alone reruns without them."""
+    from perfxlm.bench import engines
+    bench = tmp_path / "llama-bench"  # dies on a prompt unless repacking is off; else one JSON test per fa
+    bench.write_text(f"""#!{sys.executable}
+import json, os, signal, sys
+a = sys.argv
+p, n = int(a[a.index("-p") + 1]), int(a[a.index("-n") + 1])
+if p and "--repack" not in a:
+    os.kill(os.getpid(), signal.SIGSEGV)
+print(json.dumps([{{"n_prompt": p, "n_gen": n, "avg_ts": 10.0 + fa}} for fa in (0, 1)]))
+""")
+    bench.chmod(0o755)
+    model = engines.Model("m.gguf", "m.gguf", True, "auto", "gguf")
+    run = engines.LlamaCpp(str(tmp_path), 2).run(model, engines.Workloads(w2=(8, 4), w3=16), ["W2", "W3"])
+    assert run.tok_s == {"W2": 11.0, "W3": 11.0}  # the better of flash attention off and on
+    assert run.commands == [f"{bench} -m m.gguf -p 16 -n 0 -t 2 -fa 0,1 -r 1 -o json --repack 0",
+                            f"{bench} -m m.gguf -p 0 -n 4 -t 2 -fa 0,1 -r 1 -o json"]
 
 
 def test_compare_runs_llama_cpp_beside_perfxlm_on_the_same_gguf(no_peers, gguf_path, tmp_path, capsys):

@@ -7,7 +7,7 @@
   tcmalloc / libiomp5 preloaded where they lie beside its venv, as vLLM's CPU docs advise.
 - llama.cpp: `llama-bench -fa 0,1` (W2 as tg, W3 as pp; the better of flash attention off
   and on is kept) and `llama-batched-bench -fa on` (W1: output tokens / total time).
-  A tool that dies with SIGILL runs again with weight repacking off (run_llama_cpp).
+  A tool that dies with SIGILL or SIGSEGV runs again with weight repacking off (run_llama_cpp).
 
 Each engine's run returns tok/s per workload and the exact commands it ran.
 """
@@ -87,16 +87,18 @@ def run_command(cmd: list[object], env: dict[str, str] | None = None) -> tuple[s
 
 
 def run_llama_cpp(cmd: list[object], no_repack: list[object]) -> tuple[list[object], str, str]:
-    """Run a llama.cpp tool -> (the command as run, stdout, stderr). One that dies with SIGILL runs
-    again with no_repack, its flag for weight repacking off: on some AMX VMs llama.cpp's repacked
-    (AMX) kernels execute tile instructions the process was never permitted, while its plain
-    kernels run. The command returned shows the flag, so a reader sees which path was timed."""
+    """Run a llama.cpp tool -> (the command as run, stdout, stderr). One that dies with SIGILL or
+    SIGSEGV runs again with no_repack, its flag for weight repacking off: on some AMX VMs
+    llama.cpp's repacked (AMX) matrix kernels trap on a tile instruction (Q8_0) or crash inside
+    ggml_backend_amx_mul_mat (Q4_0, Q4_K) when they process a prompt, while its plain kernels
+    run. The command returned shows the flag, so a reader sees which path was timed."""
     try:
         return (cmd, *run_command(cmd))
     except CommandError as err:
-        if err.returncode != -signal.SIGILL:
+        if err.returncode not in (-signal.SIGILL, -signal.SIGSEGV):
             raise
-    logger.warning("%s died with SIGILL; running it again with weight repacking off", Path(str(cmd[0])).name)
+        died = signal.Signals(-err.returncode).name
+    logger.warning("%s died with %s; running it again with weight repacking off", Path(str(cmd[0])).name, died)
     cmd = [*cmd, *no_repack]
     return (cmd, *run_command(cmd))
 
@@ -190,19 +192,18 @@ class LlamaCpp:
 
     def run(self, model: Model, wl: Workloads, selected: list[str]) -> Run:
         run = Run()
-        if {"W2", "W3"} & set(selected):
-            p = wl.w3 if "W3" in selected else 0
-            g = wl.w2[1] if "W2" in selected else 0
+        # W3 (pp) and W2 (tg) as separate commands: on a VM where the repacked kernels' prompt
+        # processing crashes, only pp loses repacking, and tg keeps its faster path
+        for w, p, g in (("W3", wl.w3, 0), ("W2", 0, wl.w2[1])):
+            if w not in selected:
+                continue
             cmd = [self.bin_dir / "llama-bench", "-m", model.path, "-p", p, "-n", g, "-t", self.threads,
                    "-fa", "0,1", "-r", 1, "-o", "json"]
             cmd, stdout, _ = run_llama_cpp(cmd, ["--repack", 0])
-            tests = json.loads(stdout)
-            for w, (n_prompt, n_gen) in (("W3", (p, 0)), ("W2", (0, g))):
-                rates = [t["avg_ts"] for t in tests if (t["n_prompt"], t["n_gen"]) == (n_prompt, n_gen)]
-                if w in selected:
-                    if not rates:
-                        raise RuntimeError(f"{shown(cmd)} printed no pp{n_prompt} / tg{n_gen} test:\n{stdout[-3000:]}")
-                    run.tok_s[w] = max(rates)  # the better of flash attention off and on
+            rates = [t["avg_ts"] for t in json.loads(stdout) if (t["n_prompt"], t["n_gen"]) == (p, g)]
+            if not rates:
+                raise RuntimeError(f"{shown(cmd)} printed no pp{p} / tg{g} test:\n{stdout[-3000:]}")
+            run.tok_s[w] = max(rates)  # the better of flash attention off and on
             run.commands.append(shown(cmd))
         if "W1" in selected:
             n, i, o = wl.w1

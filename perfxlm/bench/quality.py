@@ -179,7 +179,7 @@ def llama_cpp_rows(bin_dir: str | Path, model_file: Path, ref_file: Path, text_f
 
 
 def _run(cmd: list[Any]) -> str:
-    """A llama.cpp tool's stdout and stderr together (engines.run_llama_cpp's SIGILL rerun)."""
+    """A llama.cpp tool's stdout and stderr together (engines.run_llama_cpp's rerun after SIGILL or SIGSEGV)."""
     _, stdout, stderr = run_llama_cpp(cmd, ["--no-repack"])
     return stdout + stderr
 
