@@ -13,7 +13,7 @@
 /* Weights are prefetched this far ahead in the block stream, into L2: the decode kernels do
  * enough arithmetic per line that too few demand misses are in flight to keep DRAM busy, and
  * 2 KiB ahead into L1 covered too little of its latency. A block's lines (37 of Q4_K, 53 of
- * Q6_K) are prefetched a few per step of its loop: all at the block's start, they queue for
+ * Q6_K, from the block's size) are prefetched a few per step of its loop: all at the block's start, they queue for
  * the core's few line-fill buffers and hold up the loads behind them */
 #define QPF (16 << 10)
 
@@ -27,12 +27,14 @@ PXL_INLINE void block16(const int T, size_t nb, const pxl_block_q4_Kx16 *W, cons
     const __m512i m4 = _mm512_set1_epi8(0x0f);
     __m512 acc[PXL_QKR_T];
     for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
+    const int lines = (int)((sizeof *W + 63) / 64), per = (lines + 7) / 8; /* a block's lines, per step of 8 */
     for (size_t i = 0; i < nb; i++) {
         const pxl_block_q4_Kx16 *b = W + i;
         __m512i sumi[PXL_QKR_T];
         for (int t = 0; t < T; t++) sumi[t] = _mm512_setzero_si512();
         for (int j = 0; j < 8; j++) {
-            for (int l = 5 * j; l < 5 * j + 5 && l < 37; l++) _mm_prefetch((const char *)b + QPF + 64 * l, _MM_HINT_T1);
+            for (int l = per * j; l < per * (j + 1) && l < lines; l++)
+                _mm_prefetch((const char *)b + QPF + 64 * l, _MM_HINT_T1);
             __m512i dot[PXL_QKR_T];
             for (int t = 0; t < T; t++) dot[t] = _mm512_setzero_si512();
             for (int p = 0; p < 4; p++) {
@@ -70,12 +72,14 @@ PXL_INLINE void block16_q6(const int T, size_t nb, const pxl_block_q6_Kx16 *W, c
     const __m512i m4 = _mm512_set1_epi8(0x0f), m30 = _mm512_set1_epi8(0x30);
     __m512 acc[PXL_QKR_T];
     for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
+    const int lines = (int)((sizeof *W + 63) / 64), per = (lines + 15) / 16; /* a block's lines, per step of 16 */
     for (size_t i = 0; i < nb; i++) {
         const pxl_block_q6_Kx16 *b = W + i;
         __m512i sumi[PXL_QKR_T];
         for (int t = 0; t < T; t++) sumi[t] = _mm512_setzero_si512();
         for (int s = 0; s < 16; s++) {
-            for (int l = 4 * s; l < 4 * s + 4 && l < 53; l++) _mm_prefetch((const char *)b + QPF + 64 * l, _MM_HINT_T1);
+            for (int l = per * s; l < per * (s + 1) && l < lines; l++)
+                _mm_prefetch((const char *)b + QPF + 64 * l, _MM_HINT_T1);
             const __m512i h = _mm512_loadu_si512((const void *)(b->qh + 64 * s));
             __m512i w[4];
             for (int pp = 0; pp < 2; pp++) {
