@@ -211,7 +211,8 @@ static void compute(const pxl_kernel_set *ks, int wfmt, int packed_q, size_t T, 
             }
         }
     } else if (packed_q) { /* bf16 x: dequantised panels packed for the bf16 micro-kernel */
-        const int direct = wfmt >= PXL_Q8_0R && wfmt <= PXL_Q4_1R && ks->qr_bf16p; /* no fp32 rows between */
+        const int direct = ((wfmt >= PXL_Q8_0R && wfmt <= PXL_Q4_1R) || wfmt == PXL_Q4_KR || wfmt == PXL_Q6_KR) &&
+                           ks->qr_bf16p; /* no fp32 rows between */
         float *rows = pxl_scratch(3, (size_t)PXL_PANEL * K * 4 + (size_t)PXL_PANEL * K * 2);
         uint16_t *panel = (uint16_t *)(rows + PXL_PANEL * K);
         for (size_t n = 0; n < cols; n += PXL_PANEL) {
@@ -310,13 +311,15 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
      * PXL_QX_BF16 takes bf16 x at every T: the blocks times x directly for decode-sized T (and
      * every T when batch invariant), those panels from PXL_QR_PANEL_MIN_T tokens; PXL_QX_INT8
      * never. K-quants: pxl_qk_dot (a multi-token kernel beats dequantising up to a few hundred
-     * tokens). */
-    const int mode = pxl_quant_x(), qx = repacked && ks->qr_bf16p ? mode : PXL_QX_INT8;
-    const int qr_bf16x =
-        qx == PXL_QX_BF16 && ks->gemv_qr_bf16 && (T < PXL_QR_PANEL_MIN_T || pxl_batch_invariant());
-    const int qr_panels = !qr_bf16x && (qx == PXL_QX_BF16 || (qx == PXL_QX_AUTO && ks->qr_bf16p_prefill &&
-                                                              T >= PXL_QR_PANEL_MIN_T && !pxl_batch_invariant()));
-    const int qdot = kq ? pxl_qk_dot(ks, dt, wfmt, T)
+     * tokens), except that their repacked blocks take the panels as a prefill on the 32-blocks
+     * does (and under PXL_QX_BF16 from that many tokens: they have no bf16 decode kernel). */
+    const int kr = wfmt == PXL_Q4_KR || wfmt == PXL_Q6_KR;
+    const int mode = pxl_quant_x(), qx = (repacked || kr) && ks->qr_bf16p ? mode : PXL_QX_INT8;
+    const int prefill = T >= PXL_QR_PANEL_MIN_T && !pxl_batch_invariant();
+    const int qr_bf16x = !kr && qx == PXL_QX_BF16 && ks->gemv_qr_bf16 && !prefill;
+    const int qr_panels = !qr_bf16x && (qx == PXL_QX_BF16 ? !kr || prefill
+                                                          : qx == PXL_QX_AUTO && ks->qr_bf16p_prefill && prefill);
+    const int qdot = kq ? !qr_panels && pxl_qk_dot(ks, dt, wfmt, T)
                         : quant && (repacked ? !qr_panels && !qr_bf16x : T <= PXL_Q_DOT_MAX_T || pxl_batch_invariant());
     /* prefill on quantised weights with bf16 x: packed bf16 panels where the set has the kernel */
     const int packed_q =

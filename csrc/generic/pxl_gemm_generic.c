@@ -45,6 +45,10 @@ void pxl_dequant_rows(int fmt, const void *W, size_t n0, size_t rows, size_t K, 
         pxl_dequant_rows_qr(fmt, W, n0, rows, K, out);
         return;
     }
+    if (fmt == PXL_Q4_KR || fmt == PXL_Q6_KR) {
+        pxl_dequant_rows_kr(fmt, W, n0, rows, K, out);
+        return;
+    }
     if (PXL_IS_KQUANT(fmt)) {
         pxl_dequant_rows_k(fmt, (const char *)W + n0 * pxl_row_bytes(fmt, K), rows, K, out);
         return;

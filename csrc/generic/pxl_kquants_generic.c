@@ -195,6 +195,36 @@ void pxl_repack_qk(int fmt, size_t N, size_t K, const void *W, void *out) {
         }
 }
 
+/* (the product and the min stay two roundings, as dequant_block_k's are on every kernel set) */
+__attribute__((optimize("fp-contract=off"))) void pxl_dequant_rows_kr(int fmt, const void *W, size_t n0, size_t rows,
+                                                                      size_t K, float *out) {
+    const size_t nb = K / PXL_QK_K;
+    for (size_t n = n0; n < n0 + rows; n++, out += K) {
+        const size_t r = n % PXL_QR_ROWS, blk0 = n / PXL_QR_ROWS * nb;
+        for (size_t i = 0; i < nb; i++) {
+            float *o = out + i * PXL_QK_K;
+            if (fmt == PXL_Q6_KR) {
+                const pxl_block_q6_Kx16 *b = (const pxl_block_q6_Kx16 *)W + blk0 + i;
+                const float d = pxl_fp16_to_fp32(b->d[r]);
+                for (int v = 0; v < PXL_QK_K; v++) { /* value 8p + s: byte 4r + s % 4 of vector p, nibble s / 4 */
+                    int p = v / 8, s = v % 8, w = v % 16;
+                    int lo = b->ql[64 * p + 4 * r + s % 4] >> 4 * (s / 4) & 15;
+                    int hi = b->qh[64 * (v / 16) + 4 * r + w % 4] >> 2 * (w / 4) & 3;
+                    o[v] = d * b->sc[16 * (v / 16) + r] * (float)((lo | hi << 4) - 32);
+                }
+                continue;
+            }
+            const pxl_block_q4_Kx16 *b = (const pxl_block_q4_Kx16 *)W + blk0 + i;
+            const float d = pxl_fp16_to_fp32(b->d[r]), dmin = pxl_fp16_to_fp32(b->dmin[r]);
+            for (int v = 0; v < PXL_QK_K; v++) {
+                int j = v / 32, s = v % 8;
+                float a = d * b->sc[16 * j + r], c = dmin * b->m[32 * (j / 2) + 2 * r + j % 2];
+                o[v] = a * (float)(b->qs[64 * (v / 8) + 4 * r + s % 4] >> 4 * (s / 4) & 15) - c;
+            }
+        }
+    }
+}
+
 pxl_gemm_kr_fn pxl_gemm_kr_for(const pxl_kernel_set *ks) {
 #if defined(__x86_64__)
     if (ks->vnni) return pxl_gemm_kr_avx512vnni;

@@ -119,6 +119,9 @@ int pxl_qk_dot(const pxl_kernel_set *ks, int dt, int fmt, size_t T);
 pxl_gemv_qk_fn pxl_gemv_qk_for(const pxl_kernel_set *ks);
 /* rows [0, rows) of K-quant W -> fp32 (rows, K) */
 void pxl_dequant_rows_k(int fmt, const void *W, size_t rows, size_t K, float *out);
+/* rows [n0, n0 + rows) of PXL_Q4_KR / PXL_Q6_KR blocks -> fp32 (rows, K): the values
+ * pxl_dequant_rows_k gives for the rows as stored */
+void pxl_dequant_rows_kr(int fmt, const void *W, size_t n0, size_t rows, size_t K, float *out);
 
 /* sub-block j's 6-bit scale and min from Q4_K / Q5_K's packed scales[12] (llama.cpp's get_scale_min_k4) */
 static inline void pxl_k4_scale_min(int j, const uint8_t *q, uint8_t *sc, uint8_t *m) {

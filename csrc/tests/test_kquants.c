@@ -150,6 +150,40 @@ static void test_quantize_q8k16(size_t K) {
     free(x), free(buf);
 }
 
+/* repacked K-quants as bf16 panels (pxl_linear.c), x rounded to bf16: a prefill on sets with
+ * qr_bf16p_prefill, or under PXL_QX_BF16 */
+static int kr_panels(int run_fmt, size_t T) {
+    const pxl_kernel_set *ks = pxl_kernels();
+    const int mode = pxl_quant_x();
+    return (run_fmt == PXL_Q4_KR || run_fmt == PXL_Q6_KR) && ks->qr_bf16p && T >= PXL_QR_PANEL_MIN_T &&
+           !pxl_batch_invariant() && (mode == PXL_QX_BF16 || (mode == PXL_QX_AUTO && ks->qr_bf16p_prefill));
+}
+
+/* the repacked blocks' portable dequantisation gives the stored rows' values (within fp32's
+ * rounding of w = d sc q - dmin m), and the set's panel kernel those values rounded to bf16, bit
+ * for bit, zeros past the last row (the panel of rows [n0, N)) */
+static void test_kr_panel(int fmt, size_t N, size_t K, size_t n0) {
+    double *deq = malloc(N * K * 8);
+    uint8_t *W = make_weights(fmt, N, K, deq);
+    void *Wr = malloc(pxl_packed_bytes(fmt, N, K));
+    pxl_pack_weights(fmt, N, K, W, Wr);
+    const int kr = fmt == PXL_Q4_K ? PXL_Q4_KR : PXL_Q6_KR;
+    size_t rows = N - n0 < PXL_PANEL ? N - n0 : PXL_PANEL;
+    float *f = malloc(rows * K * 4);
+    uint16_t *panel = malloc(K * PXL_PANEL * 2);
+    pxl_dequant_rows_kr(kr, Wr, n0, rows, K, f);
+    int ok = 1;
+    for (size_t i = 0; i < rows * K; i++) ok &= fabs(f[i] - deq[n0 * K + i]) <= 1e-6 * (fabs(deq[n0 * K + i]) + 1);
+    if (!ok) printf("FAIL [%s] dequant_rows_kr %s N=%zu K=%zu n0=%zu\n", isa, fmt_name(fmt), N, K, n0);
+    pxl_kernels()->qr_bf16p(kr, Wr, n0, rows, K, panel);
+    for (size_t k = 0; k < K; k++)
+        for (size_t j = 0; j < PXL_PANEL; j++)
+            ok &= panel[(k / 2 * PXL_PANEL + j) * 2 + k % 2] == (j < rows ? to_bf16(f[j * K + k]) : 0);
+    if (ok) passed++;
+    else printf("FAIL [%s] qr_bf16p %s N=%zu K=%zu n0=%zu\n", isa, fmt_name(fmt), N, K, n0), failed++;
+    free(deq), free(W), free(Wr), free(f), free(panel);
+}
+
 static void test_linear(int dt, int fmt, size_t T, size_t N, size_t K, int with_bias) {
     double *deq = malloc(N * K * 8), *ref = malloc(T * N * 8), *mag = malloc(T * N * 8), *xr = malloc(T * K * 8);
     uint8_t *W = make_weights(fmt, N, K, deq);
@@ -176,8 +210,8 @@ static void test_linear(int dt, int fmt, size_t T, size_t N, size_t K, int with_
         Wrun = malloc(packed_bytes);
         pxl_pack_weights(fmt, N, K, W, Wrun);
     }
-    int qdot = pxl_qk_dot(pxl_kernels(), dt, run_fmt, T);
-    int packed = !qdot && dt && T >= PXL_PACKED_Q_MIN_T && pxl_packed_bytes(PXL_BF16, 1, 2);
+    int panels = kr_panels(run_fmt, T), qdot = !panels && pxl_qk_dot(pxl_kernels(), dt, run_fmt, T);
+    int packed = panels || (!qdot && dt && T >= PXL_PACKED_Q_MIN_T && pxl_packed_bytes(PXL_BF16, 1, 2));
     int int16 = qdot && pxl_quant_x() == PXL_QX_INT16; /* x as two planes (checked above) */
     size_t qb = pxl_q8k_bytes(K);
     char *qbuf = malloc(2 * qb);
@@ -188,7 +222,8 @@ static void test_linear(int dt, int fmt, size_t T, size_t N, size_t K, int with_
         for (size_t k = 0; k < K; k++) x8[t * K + k] = (double)qx.d[k / 256] * qx.q[k];
         if (int16) pxl_quantize_q8k16(K, xf + t * K, qbuf, qbuf + qb);
         for (size_t k = 0; k < K; k++)
-            xr[t * K + k] = !qdot ? xf[t * K + k]
+            xr[t * K + k] = packed ? from_bf16(to_bf16(xf[t * K + k])) /* (bf16 x: the value itself) */
+                            : !qdot ? xf[t * K + k]
                             : (double)qx.d[k / 256] * qx.q[k] + (int16 ? (double)ql.d[k / 256] * ql.q[k] : 0);
     }
     if (packed)
@@ -206,7 +241,7 @@ static void test_linear(int dt, int fmt, size_t T, size_t N, size_t K, int with_
     char name[112];
     snprintf(name, sizeof name, "linear %s w=%s%s T=%zu N=%zu K=%zu%s%s", dt ? "bf16" : "f32", fmt_name(fmt),
              packed_bytes ? " repacked" : "", T, N, K, with_bias ? " +bias" : "",
-             int16 ? " (Q8_K x, two planes)" : qdot ? " (Q8_K x)" : "");
+             int16 ? " (Q8_K x, two planes)" : qdot ? " (Q8_K x)" : panels ? " (bf16 panels)" : "");
     /* the mins (and Q6_K's -32) are summed apart from the scaled quants: a few times mag's
      * rounding, so the bound is wider than the 32-block formats' */
     double rel = 8e-6 * sqrt((double)K) + 1e-6, out_rel = dt ? 1.0 / 256 : 0;
@@ -287,7 +322,20 @@ int main(void) {
             pxl_set_batch_invariant(0);
             test_batch_invariant(0, fmt, 9, 83, 512);
             test_batch_invariant(1, fmt, 5, 300, 256);
+            if (pxl_packed_bytes(fmt, 1, 256) && pxl_kernels()->qr_bf16p) {
+                test_kr_panel(fmt, 32, 512, 0);
+                test_kr_panel(fmt, 48, 256, 32); /* the second panel: rows 32-47 and their zero tail */
+            }
         }
+        /* PXL_QX_BF16: the repacked blocks' prefill takes bf16 panels on every set with them, a
+         * decode Q8_K x */
+        if (pxl_set_quant_x(PXL_QX_BF16) == 0)
+            for (int fmt = PXL_Q4_K; fmt <= PXL_Q6_K; fmt += PXL_Q6_K - PXL_Q4_K) {
+                test_linear(PXL_F32, fmt, 70, 33, 256, 1);
+                test_linear(PXL_BF16, fmt, 40, 50, 512, 0);
+                test_linear(PXL_F32, fmt, 5, 40, 512, 0);
+            }
+        pxl_set_quant_x(PXL_QX_AUTO);
         /* PXL_QX_INT16: Q8_K x as two planes wherever the int8 products run */
         if (pxl_set_quant_x(PXL_QX_INT16) != 0) printf("FAIL [%s] pxl_set_quant_x(int16) refused\n", isa), failed++;
         test_quantize_q8k16(256);
