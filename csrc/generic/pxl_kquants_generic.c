@@ -195,9 +195,9 @@ void pxl_repack_qk(int fmt, size_t N, size_t K, const void *W, void *out) {
         }
 }
 
-/* (the product and the min stay two roundings, as dequant_block_k's are on every kernel set) */
-__attribute__((optimize("fp-contract=off"))) void pxl_dequant_rows_kr(int fmt, const void *W, size_t n0, size_t rows,
-                                                                      size_t K, float *out) {
+/* (not a clone: built for the base ISA, whose lack of a fused multiply-add keeps the product
+ * and the min two roundings, as the panel kernel computes them) */
+void pxl_dequant_rows_kr(int fmt, const void *W, size_t n0, size_t rows, size_t K, float *out) {
     const size_t nb = K / PXL_QK_K;
     for (size_t n = n0; n < n0 + rows; n++, out += K) {
         const size_t r = n % PXL_QR_ROWS, blk0 = n / PXL_QR_ROWS * nb;
