@@ -53,7 +53,8 @@ enum {
  * faster path (int8 dot products; a prefill on AMX rounds x to bf16 against dequantised bf16
  * panels); PXL_QX_INT8, int8 per 32-block at every T; PXL_QX_BF16, bf16 x at every T, decode
  * included; PXL_QX_INT16, x quantised to 16 bits per 32-block where int8 would be (two int8
- * planes, twice the dot products) */
+ * planes, twice the dot products). K-quants take int8 per 256 (Q8_K) but for the panels of an
+ * AMX prefill (PXL_QX_AUTO) or any prefill (PXL_QX_BF16) and x's 16 bits (PXL_QX_INT16) */
 enum { PXL_QX_AUTO = 0, PXL_QX_INT8 = 1, PXL_QX_BF16 = 2, PXL_QX_INT16 = 3 };
 
 /* weight layouts (perfxlm_ops.h describes them) */
