@@ -268,8 +268,9 @@ def test_roofline_measures_the_roofs_and_derives_each_ceiling(monkeypatch, gguf_
 
 
 def test_gguf_prefill_is_placed_under_the_arithmetic_its_kernel_set_runs(gguf_path, monkeypatch):
-    """Q4_1/Q8_0 blocks run int8 dot products, except on the amx set, whose prefill runs them
-    as bf16 tiles, and under PERFXLM_QUANT_ACTIVATIONS=bf16: the rate goes under that peak.
+    """Q4_1/Q8_0 blocks (and Q4_K / Q6_K) run int8 dot products, except on the amx set, whose
+    prefill runs them as bf16 tiles, and under PERFXLM_QUANT_ACTIVATIONS=bf16: the rate goes
+    under that peak.
     A model as narrow as SmolLM2-135M runs int16 x under "auto" (int8 products) on every set."""
     from hw_plugins.base import available_plugins
     from perfxlm import config
@@ -278,7 +279,7 @@ def test_gguf_prefill_is_placed_under_the_arithmetic_its_kernel_set_runs(gguf_pa
         pytest.skip("the native cpu kernels are not built here")
     from hw_plugins.cpu import library
     cost = roofline.model_cost(gguf_path)
-    assert cost.legacy_quants and cost.hidden == 576  # SmolLM2's Q4_1 blocks
+    assert cost.panel_quants and cost.hidden == 576  # SmolLM2's Q4_1 blocks
     roofs = roofline.Roofs(read_GBs=30.0, fp32_GFLOPs=400.0, bf16_GFLOPs=6000.0, int8_GOPs=1500.0)
     assert roofline.compute_usage(roofs, "gguf", 1e9, 600.0, cost).roof_name == "int8 peak"
     monkeypatch.setattr(config, "INT16_X_MAX_HIDDEN", 0)  # "auto": the kernel set's own paths

@@ -253,3 +253,23 @@ def test_q4_k_m_bf16_prefill_runs_bf16_panels(q4_k_m_gguf, float32_run, monkeypa
     bf16 = logprob_move(llm, float32_run)
     assert_no_leaks(llm)
     assert bf16 * 3 < int8, (bf16, int8)
+
+
+def test_roofline_places_a_k_quant_prefill_by_its_formats(q4_k_m_gguf, smol_tokenizer, gguf_path, tmp_path,
+                                                          monkeypatch):
+    """`perfxlm bench` puts a prefill on Q4_K / Q6_K blocks under the bf16 peak where it runs as
+    bf16 panels (here PERFXLM_QUANT_ACTIVATIONS=bf16), and a file with a Q5_K tensor, which no
+    panel takes, under int8's."""
+    import sys
+    from perfxlm.bench import roofline
+    hf = build_tiny_model(tmp_path / "hf", "LlamaForCausalLM", smol_tokenizer, hidden_size=256,
+                          intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
+    monkeypatch.setattr(sys.modules[__name__], "q4_k_m_type", lambda g: "Q6_K" if g == "output.weight" else "Q4_K")
+    panels = tmp_path / "tiny-Q4_K.gguf"
+    assert set(write_gguf(hf, panels, gguf_path).values()) == {"Q4_K", "Q6_K"}
+    monkeypatch.setenv("PERFXLM_QUANT_ACTIVATIONS", "bf16")
+    roofs = roofline.Roofs(read_GBs=30.0, fp32_GFLOPs=400.0, bf16_GFLOPs=6000.0, int8_GOPs=1500.0)
+    for path, peak in ((panels, "bf16 peak"), (q4_k_m_gguf, "int8 peak")):
+        cost = roofline.model_cost(str(path))
+        assert cost.panel_quants == (path == panels)
+        assert roofline.compute_usage(roofs, "gguf", 1e9, 600.0, cost).roof_name == peak, path

@@ -48,7 +48,7 @@ class ModelCost:
     kv_width: int        # Hkv * head_dim
     q_width: int         # H * head_dim
     is_gguf: bool = True  # else an HF directory: quant_bytes are its safetensors as stored
-    legacy_quants: bool = False  # every block Linear is Q8_0 / Q4_0 / Q4_1
+    panel_quants: bool = False  # every block Linear is Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K (bf16 panels in a prefill)
     hidden: int | None = None    # the model's width (which "auto" activations it runs)
 
     def weight_bytes(self, weights: str) -> float:
@@ -153,9 +153,10 @@ def model_cost(path: str | Path) -> ModelCost:
 
     layers, hidden, heads = field(".block_count"), field(".embedding_length"), field(".attention.head_count")
     kv_heads = field(".attention.head_count_kv")
-    legacy = {gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1}
+    q = gguf.GGMLQuantizationType
+    panels = {q.Q8_0, q.Q4_0, q.Q4_1, q.Q4_K, q.Q6_K}  # the formats the kernels dequantise into bf16 panels
     return ModelCost(linear, lm_head, quant, layers, hidden // heads * kv_heads, hidden,
-                     legacy_quants=all(t.tensor_type in legacy for t in blocks), hidden=hidden)
+                     panel_quants=all(t.tensor_type in panels for t in blocks), hidden=hidden)
 
 
 def _hf_model_cost(path: Path) -> ModelCost:
@@ -212,11 +213,11 @@ def decode_usage(roofs: Roofs, m: ModelCost, weights: str, tok_s: float, input_l
 
 def arithmetic(weights: str, cost: ModelCost | None = None) -> str:
     """The arithmetic a compute-bound phase on `weights` runs: ARITHMETIC's, except for Q8_0 /
-    Q4_0 / Q4_1 blocks under PERFXLM_QUANT_ACTIVATIONS=bf16, and under "auto" on the `amx`
-    kernel set, which runs steps of 32 tokens or more as bf16 tiles (unless the model is narrow
-    enough for "auto" to mean int16). (int16 is int8 done twice: the same peak, against the
-    model's own operations.)"""
-    if weights == "gguf" and cost is not None and cost.legacy_quants:
+    Q4_0 / Q4_1 / Q4_K / Q6_K blocks under PERFXLM_QUANT_ACTIVATIONS=bf16, and under "auto" on
+    the `amx` kernel set, which runs steps of 32 tokens or more as bf16 panels (unless the model
+    is narrow enough for "auto" to mean int16). (int16 is int8 done twice: the same peak,
+    against the model's own operations.)"""
+    if weights == "gguf" and cost is not None and cost.panel_quants:
         from perfxlm.config import quant_activations_from_env, resolve_quant_activations
         mode = resolve_quant_activations(quant_activations_from_env(), cost.hidden)
         if mode == "bf16":
