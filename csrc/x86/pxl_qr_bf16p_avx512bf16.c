@@ -1,7 +1,7 @@
 /* Repacked quantised blocks (PXL_Q8_0R / Q4_0R / Q4_1R, 16 rows a block: pxl_qrepack.c; the
  * K-quants' PXL_Q4_KR / Q6_KR, pxl_kquants.h) dequantised straight into one packed bf16 panel,
- * [K/2][32][2], for a prefill on sets whose
- * bf16 GEMM outruns their int8 dot products (AMX tiles). A repacked block's 64-byte line holds 4
+ * [K/2][32][2], for a prefill on sets whose bf16 GEMM outruns their int8 dot products (AMX
+ * tiles). A repacked block's 64-byte line holds 4
  * consecutive weights of each of its 16 rows, which is two K pairs of the panel's layout: the
  * even 16-bit words of the line are the first pair of every row, the odd words the second. So a
  * line becomes two 64-byte panel rows with one word permute, widenings and one multiply-add
@@ -28,7 +28,8 @@ PXL_INLINE void two_pairs(__m512i line, __m512 dlo, __m512 dhi, __m512 mlo, __m5
         __m256i pair = h ? _mm512_extracti64x4_epi64(w, 1) : _mm512_castsi512_si256(w); /* 16 rows x 2 bytes */
         __m512i q0 = _mm512_cvtepu8_epi32(_mm256_castsi256_si128(pair));      /* rows 0-7, both weights */
         __m512i q1 = _mm512_cvtepu8_epi32(_mm256_extracti128_si256(pair, 1)); /* rows 8-15 */
-        if (offset) q0 = _mm512_sub_epi32(q0, _mm512_set1_epi32(offset)), q1 = _mm512_sub_epi32(q1, _mm512_set1_epi32(offset));
+        const __m512i off = _mm512_set1_epi32(offset);
+        if (offset) q0 = _mm512_sub_epi32(q0, off), q1 = _mm512_sub_epi32(q1, off);
         __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(q0), dlo), w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(q1), dhi);
         if (add_m) w0 = _mm512_add_ps(w0, mlo), w1 = _mm512_add_ps(w1, mhi);
         __m512i b = _mm512_maskz_mov_epi16(valid, (__m512i)_mm512_cvtne2ps_pbh(w1, w0));
@@ -36,7 +37,7 @@ PXL_INLINE void two_pairs(__m512i line, __m512 dlo, __m512 dhi, __m512 mlo, __m5
     }
 }
 
-/* d per weight of a pair: rows 0-7 (lanes 2r, 2r + 1), rows 8-15 */
+/* a per-row value for each weight of a pair: rows 0-7 (lanes 2r, 2r + 1), rows 8-15 */
 #define DUP_LO _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0)
 #define DUP_HI _mm512_set_epi32(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8)
 
@@ -49,12 +50,14 @@ PXL_INLINE void kr_block(int fmt, const void *blk, __mmask32 valid, uint16_t *pa
         const pxl_block_q6_Kx16 *b = blk;
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)b->d));
         for (int s = 0; s < 16; s++) { /* values 16s .. 16s + 15: ql vectors 2s, 2s + 1, qh vector s */
-            __m512 a = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b->sc + 16 * s)))));
+            __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b->sc + 16 * s)));
+            __m512 a = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc));
             __m512 alo = _mm512_permutexvar_ps(DUP_LO, a), ahi = _mm512_permutexvar_ps(DUP_HI, a);
             __m512i h = _mm512_loadu_si512(b->qh + 64 * s);
             for (int e = 0; e < 2; e++) { /* the 2 high bits: fields 2e (low nibbles) and 2e + 1 (high ones) */
                 __m512i v = _mm512_loadu_si512(b->ql + 64 * (2 * s + e));
-                __m512i hl = e ? h : _mm512_slli_epi16(h, 4), hh = e ? _mm512_srli_epi16(h, 2) : _mm512_slli_epi16(h, 2);
+                __m512i hl = e ? h : _mm512_slli_epi16(h, 4);
+                __m512i hh = e ? _mm512_srli_epi16(h, 2) : _mm512_slli_epi16(h, 2);
                 __m512i lo = _mm512_or_si512(_mm512_and_si512(v, m4), _mm512_and_si512(hl, hi2));
                 __m512i hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), m4), _mm512_and_si512(hh, hi2));
                 two_pairs(lo, alo, ahi, none, none, 0, 32, valid, panel, kp0 + 8 * s + 4 * e, g);
@@ -70,9 +73,11 @@ PXL_INLINE void kr_block(int fmt, const void *blk, __mmask32 valid, uint16_t *pa
     const __m512i split = _mm512_set_epi16(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1, 30, 28, 26, 24,
                                            22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
     for (int j = 0; j < 8; j++) {
-        __m512i mw = _mm512_permutexvar_epi16(split, _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(b->m + 32 * (j / 2)))));
+        __m512i mw = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(b->m + 32 * (j / 2))));
+        mw = _mm512_permutexvar_epi16(split, mw);
         __m512i mj = _mm512_cvtepi16_epi32(j % 2 ? _mm512_extracti64x4_epi64(mw, 1) : _mm512_castsi512_si256(mw));
-        __m512 a = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b->sc + 16 * j)))));
+        __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b->sc + 16 * j)));
+        __m512 a = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc));
         /* -c exactly (a sign flip), so d sc q + (-c) is the portable d sc q - c */
         __m512 c = _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mj));
         c = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(c), _mm512_set1_epi32((int)0x80000000u)));
@@ -92,7 +97,7 @@ __attribute__((optimize("fp-contract=off"))) void pxl_qr_bf16p_avx512bf16(int fm
                                                                           size_t rows, size_t K, uint16_t *panel) {
     const int kr = fmt == PXL_Q4_KR || fmt == PXL_Q6_KR;
     fmt = PXL_QBASE(fmt);
-    const size_t nb = K / (kr ? PXL_QK_K : PXL_QK), gbs = kr ? G * pxl_row_bytes(fmt, PXL_QK_K) : G * pxl_row_bytes(fmt, PXL_QK);
+    const size_t bk = kr ? PXL_QK_K : PXL_QK, nb = K / bk, gbs = G * pxl_row_bytes(fmt, bk); /* (block of 16 rows) */
     const size_t qa = fmt == PXL_Q4_1 ? 4 * G : 2 * G; /* the quants, after d[16] (and m[16]) */
     const __m512i dup_lo = DUP_LO, dup_hi = DUP_HI;
     for (int g = 0; g < 2; g++) {
