@@ -59,3 +59,29 @@ def dequantize(blocks: np.ndarray, fmt: str) -> np.ndarray:
 def from_gguf_type(type_name: str) -> str | None:
     """The weight_format for a GGML tensor type name, or None if it has no native kernel."""
     return next((fmt for fmt, (name, *_) in FORMATS.items() if name == type_name), None)
+
+
+# GGML types without kernels of their own whose blocks another format holds exactly: the loader
+# rewrites them at load (llama.cpp's Q4_K_M falls back to Q5_0 on tensors whose rows are not
+# whole 256-blocks, most of a narrow model's)
+TRANSCODED = {"Q5_0": "q8_0"}
+
+
+def transcode(blocks: np.ndarray, type_name: str) -> tuple[str, np.ndarray]:
+    """GGML blocks of a TRANSCODED type, uint8 (..., row bytes) -> (weight_format, the same
+    weights in its blocks). Q5_0 (fp16 d, 32 high bits, 16 bytes of low nibbles: w = d (q - 16),
+    q 5 bits) -> Q8_0 (d, int8 q - 16): the same d and integers, so the same values exactly."""
+    if type_name != "Q5_0":
+        raise ValueError(f"no exact transcoding for GGML type {type_name!r}; known: {', '.join(TRANSCODED)}")
+    b = np.ascontiguousarray(blocks, dtype=np.uint8)
+    lead, row = b.shape[:-1], b.shape[-1]
+    if row % 22:
+        raise ValueError(f"a Q5_0 row of {row} bytes is not whole 22-byte blocks")
+    q5 = b.reshape(-1, 22)
+    high = q5[:, 2:6].copy().view("<u4")                               # (n, 1): bit j is value j's fifth bit
+    bits = (high >> np.arange(32, dtype=np.uint32)) & 1                 # (n, 32)
+    low = np.concatenate([q5[:, 6:] & 0x0F, q5[:, 6:] >> 4], axis=1)    # values 0-15, then 16-31
+    out = np.empty((q5.shape[0], 34), np.uint8)
+    out[:, :2] = q5[:, :2]                                              # d, as stored
+    out[:, 2:] = (low.astype(np.int16) + (bits << 4).astype(np.int16) - 16).astype(np.int8).view(np.uint8)
+    return "q8_0", out.reshape(*lead, row // 22 * 34)

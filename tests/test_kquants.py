@@ -87,9 +87,9 @@ def q4_k_m_type(gname: str) -> str:
     return "Q5_K" if gname == "blk.1.attn_k.weight" else "Q4_K"
 
 
-def write_gguf(hf_dir, out, tokenizer_gguf) -> dict[str, str]:
-    """The HF Llama at hf_dir as a llama GGUF with K-quant 2-D weights (Q/K rows permuted as
-    convert_hf_to_gguf.py does); returns each tensor's type."""
+def write_gguf(hf_dir, out, tokenizer_gguf, type_of=q4_k_m_type) -> dict[str, str]:
+    """The HF Llama at hf_dir as a llama GGUF with 2-D weights in the types type_of names (Q/K
+    rows permuted as convert_hf_to_gguf.py does); returns each tensor's type."""
     import gguf
     cfg = json.loads((hf_dir / "config.json").read_text())
     w = gguf.GGUFWriter(str(out), "llama")
@@ -116,8 +116,11 @@ def write_gguf(hf_dir, out, tokenizer_gguf) -> dict[str, str]:
         if data.ndim == 1:
             w.add_tensor(gname, np.ascontiguousarray(data, np.float32))
             continue
-        kind = kinds[gname] = q4_k_m_type(gname)
-        blocks = quantize_q6_k(data) if kind == "Q6_K" else quantize_q45_k(data, 5 if kind == "Q5_K" else 4)
+        kind = kinds[gname] = type_of(gname)
+        if kind in ("Q5_0", "Q8_0"):  # (gguf-py quantises the 32-blocks itself)
+            blocks = gguf.quants.quantize(data, gguf.GGMLQuantizationType[kind])
+        else:
+            blocks = quantize_q6_k(data) if kind == "Q6_K" else quantize_q45_k(data, 5 if kind == "Q5_K" else 4)
         w.add_tensor(gname, blocks, raw_shape=blocks.shape, raw_dtype=gguf.GGMLQuantizationType[kind])
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -260,16 +263,52 @@ def test_roofline_places_a_k_quant_prefill_by_its_formats(q4_k_m_gguf, smol_toke
     """`perfxlm bench` puts a prefill on Q4_K / Q6_K blocks under the bf16 peak where it runs as
     bf16 panels (here PERFXLM_QUANT_ACTIVATIONS=bf16), and a file with a Q5_K tensor, which no
     panel takes, under int8's."""
-    import sys
     from perfxlm.bench import roofline
     hf = build_tiny_model(tmp_path / "hf", "LlamaForCausalLM", smol_tokenizer, hidden_size=256,
                           intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
-    monkeypatch.setattr(sys.modules[__name__], "q4_k_m_type", lambda g: "Q6_K" if g == "output.weight" else "Q4_K")
     panels = tmp_path / "tiny-Q4_K.gguf"
-    assert set(write_gguf(hf, panels, gguf_path).values()) == {"Q4_K", "Q6_K"}
+    kinds = write_gguf(hf, panels, gguf_path, lambda g: "Q6_K" if g == "output.weight" else "Q4_K")
+    assert set(kinds.values()) == {"Q4_K", "Q6_K"}
     monkeypatch.setenv("PERFXLM_QUANT_ACTIVATIONS", "bf16")
     roofs = roofline.Roofs(read_GBs=30.0, fp32_GFLOPs=400.0, bf16_GFLOPs=6000.0, int8_GOPs=1500.0)
     for path, peak in ((panels, "bf16 peak"), (q4_k_m_gguf, "int8 peak")):
         cost = roofline.model_cost(str(path))
         assert cost.panel_quants == (path == panels)
         assert roofline.compute_usage(roofs, "gguf", 1e9, 600.0, cost).roof_name == peak, path
+
+
+def test_q5_0_tensors_run_as_the_q8_0_blocks_of_the_same_values(smol_tokenizer, gguf_path, tmp_path, monkeypatch):
+    """llama.cpp's Q4_K_M writes Q5_0 where a tensor's rows are not whole 256-blocks (most of a
+    narrow model's). The loader rewrites those blocks as Q8_0 of the same values (the same d,
+    the same integers), so they run on the native kernels at 34 bytes a block, not as float32:
+    the blocks dequantise to llama.cpp's values bit for bit, and with 16-bit x the native run
+    gives the float32 run's greedy tokens."""
+    import gguf
+    from graph_export.quant import dequantize, transcode
+    from perfxlm.models.loader import resolve_model
+    hf = build_tiny_model(tmp_path / "hf", "LlamaForCausalLM", smol_tokenizer, hidden_size=256,
+                          intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
+    path = tmp_path / "tiny-Q5_0.gguf"
+    kinds = write_gguf(hf, path, gguf_path, lambda g: "Q4_K" if "ffn_down" in g else "Q5_0")
+    assert set(kinds.values()) == {"Q4_K", "Q5_0"}
+    stored = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    blocks = resolve_model(str(path)).linear_blocks()
+    assert {fmt for fmt, _ in blocks.values()} == {"q8_0", "q4_k"}
+    assert sum(b.nbytes for fmt, b in blocks.values() if fmt == "q8_0") == \
+        sum(int(t.n_bytes) // 22 * 34 for t in stored.values() if t.tensor_type.name == "Q5_0")
+    for t in stored.values():
+        if t.tensor_type.name == "Q5_0":
+            fmt, q8 = transcode(np.asarray(t.data), "Q5_0")
+            want = gguf.quants.dequantize(np.asarray(t.data), gguf.GGMLQuantizationType.Q5_0)
+            assert np.array_equal(dequantize(q8, fmt), want), t.name
+    with pytest.raises(ValueError, match="a Q5_0 row of 23 bytes is not whole 22-byte blocks"):
+        transcode(np.zeros((2, 23), np.uint8), "Q5_0")
+    with pytest.raises(ValueError, match="no exact transcoding for GGML type 'Q5_1'"):
+        transcode(np.zeros((2, 24), np.uint8), "Q5_1")
+
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    want = LLM(str(path), dtype="float32", kv_cache_memory_bytes=SMALL_KV).generate(PROMPTS, params, use_tqdm=False)
+    llm = native_llm(path, "int16", monkeypatch)
+    got = llm.generate(PROMPTS, params, use_tqdm=False)
+    assert [g.outputs[0].token_ids for g in got] == [w.outputs[0].token_ids for w in want]
+    assert_no_leaks(llm)

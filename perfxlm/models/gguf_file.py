@@ -97,23 +97,28 @@ class GGUFFile:
 
     def has_native_blocks(self) -> bool:
         """Whether any weight is in a block format our kernels run (Q8_0/Q4_0/Q4_1 and the
-        K-quants Q4_K/Q5_K/Q6_K): a look at the tensor types only, no data read."""
-        from graph_export.quant import from_gguf_type
-        return any(from_gguf_type(t.tensor_type.name) for t in self.reader.tensors if t.name.endswith(".weight"))
+        K-quants Q4_K/Q5_K/Q6_K) or one they hold exactly (Q5_0, as Q8_0): a look at the tensor
+        types only, no data read."""
+        from graph_export.quant import TRANSCODED, from_gguf_type
+        return any(from_gguf_type(t.tensor_type.name) or t.tensor_type.name in TRANSCODED
+                   for t in self.reader.tensors if t.name.endswith(".weight"))
 
     def linear_blocks(self, family: type[CausalLM], params: Any) -> dict[str, tuple[str, np.ndarray]]:
         """2-D weights, and 3-D stacked MoE experts, whose GGUF blocks have native kernels, kept as
         stored: parameter name -> (weight_format, uint8 ([E,] N, K/block * block bytes), blocks of 32
-        weights or 256 for K-quants, so a Q4_K_M file's Q4_K and Q6_K tensors take the file's bytes);
-        the exporter uses them where an op's weight input (a Linear's weight, MoE's experts) reads that
-        parameter (a tied output projection reads the token embedding's)."""
-        from graph_export.quant import from_gguf_type
+        weights or 256 for K-quants, so a Q4_K_M file's Q4_K and Q6_K tensors take the file's bytes;
+        Q5_0 tensors are rewritten as the Q8_0 blocks of the same values); the exporter uses them
+        where an op's weight input (a Linear's weight, MoE's experts) reads that parameter (a tied
+        output projection reads the token embedding's)."""
+        from graph_export.quant import TRANSCODED, from_gguf_type, transcode
         out = {}
         for name, t in self._tensors(family, ("weight",)):
-            fmt = from_gguf_type(t.tensor_type.name)
+            fmt, data = from_gguf_type(t.tensor_type.name), np.asarray(t.data)  # ([E,] N, row bytes), mmapped
+            if fmt is None and t.tensor_type.name in TRANSCODED:
+                fmt, data = transcode(data, t.tensor_type.name)
             if fmt is None or len(t.shape) not in (2, 3):
                 continue
-            blocks = family.gguf_tensor(name, np.asarray(t.data), params, self.arch)  # ([E,] N, row bytes), mmapped
+            blocks = family.gguf_tensor(name, data, params, self.arch)
             out[name] = (fmt, np.ascontiguousarray(blocks))
         return out
 
