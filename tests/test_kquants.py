@@ -301,6 +301,12 @@ def test_q5_0_tensors_run_as_the_q8_0_blocks_of_the_same_values(smol_tokenizer, 
             fmt, q8 = transcode(np.asarray(t.data), "Q5_0")
             want = gguf.quants.dequantize(np.asarray(t.data), gguf.GGMLQuantizationType.Q5_0)
             assert np.array_equal(dequantize(q8, fmt), want), t.name
+    # bench's roofline counts what a decode step reads: the blocks as loaded (the embedding's
+    # rows are gathered, not read whole, unless it is the tied output)
+    from perfxlm.bench import roofline
+    embedding = next(b.nbytes for name, (_, b) in blocks.items() if "embed" in name)
+    assert roofline.model_cost(str(path)).quant_bytes == sum(b.nbytes for _, b in blocks.values()) - embedding * (
+        "output.weight" in stored)
     with pytest.raises(ValueError, match="a Q5_0 row of 23 bytes is not whole 22-byte blocks"):
         transcode(np.zeros((2, 23), np.uint8), "Q5_0")
     with pytest.raises(ValueError, match="no exact transcoding for GGML type 'Q5_1'"):

@@ -17,6 +17,7 @@ import struct
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -43,12 +44,12 @@ class Roofs:
 class ModelCost:
     linear_params: int   # transformer-block Linear weights
     lm_head_params: int
-    quant_bytes: int     # block Linears + lm_head as stored in the GGUF
+    quant_bytes: int     # block Linears + lm_head as the engine reads them (as stored; Q5_0 as Q8_0)
     layers: int
     kv_width: int        # Hkv * head_dim
     q_width: int         # H * head_dim
     is_gguf: bool = True  # else an HF directory: quant_bytes are its safetensors as stored
-    panel_quants: bool = False  # every block Linear is Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K (bf16 panels in a prefill)
+    panel_quants: bool = False  # every block Linear a prefill can run as bf16 panels (Q5_0 loads as Q8_0)
     hidden: int | None = None    # the model's width (which "auto" activations it runs)
 
     def weight_bytes(self, weights: str) -> float:
@@ -143,7 +144,11 @@ def model_cost(path: str | Path) -> ModelCost:
     blocks = [t for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2]
     head = tensors.get("output.weight", tensors["token_embd.weight"])  # tied: the embedding is the lm_head
     linear, lm_head = sum(int(t.n_elements) for t in blocks), int(head.n_elements)
-    quant = sum(int(t.n_bytes) for t in blocks) + int(head.n_bytes)
+
+    def read(t: Any) -> int:  # bytes a decode step reads: Q5_0 loads as Q8_0 (34 bytes a block for 22)
+        return int(t.n_bytes) // 22 * 34 if t.tensor_type == gguf.GGMLQuantizationType.Q5_0 else int(t.n_bytes)
+
+    quant = sum(read(t) for t in blocks) + read(head)
 
     def field(suffix: str) -> int:
         for key, f in reader.fields.items():
@@ -154,7 +159,7 @@ def model_cost(path: str | Path) -> ModelCost:
     layers, hidden, heads = field(".block_count"), field(".embedding_length"), field(".attention.head_count")
     kv_heads = field(".attention.head_count_kv")
     q = gguf.GGMLQuantizationType
-    panels = {q.Q8_0, q.Q4_0, q.Q4_1, q.Q4_K, q.Q6_K}  # the formats the kernels dequantise into bf16 panels
+    panels = {q.Q8_0, q.Q4_0, q.Q4_1, q.Q4_K, q.Q6_K, q.Q5_0}  # into bf16 panels (Q5_0 loads as Q8_0)
     return ModelCost(linear, lm_head, quant, layers, hidden // heads * kv_heads, hidden,
                      panel_quants=all(t.tensor_type in panels for t in blocks), hidden=hidden)
 
