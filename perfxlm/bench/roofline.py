@@ -218,10 +218,10 @@ def decode_usage(roofs: Roofs, m: ModelCost, weights: str, tok_s: float, input_l
 
 def arithmetic(weights: str, cost: ModelCost | None = None) -> str:
     """The arithmetic a compute-bound phase on `weights` runs: ARITHMETIC's, except for Q8_0 /
-    Q4_0 / Q4_1 / Q4_K / Q6_K blocks under PERFXLM_QUANT_ACTIVATIONS=bf16, and under "auto" on
-    the `amx` kernel set, which runs steps of 32 tokens or more as bf16 panels (unless the model
-    is narrow enough for "auto" to mean int16). (int16 is int8 done twice: the same peak,
-    against the model's own operations.)"""
+    Q4_0 / Q4_1 / Q4_K / Q6_K blocks (and Q5_0, loaded as Q8_0) under
+    PERFXLM_QUANT_ACTIVATIONS=bf16, and under "auto" on the `amx` kernel set, which runs steps
+    of 32 tokens or more as bf16 panels (unless the model is narrow enough for "auto" to mean
+    int16). (int16 is int8 done twice: the same peak, against the model's own operations.)"""
     if weights == "gguf" and cost is not None and cost.panel_quants:
         from perfxlm.config import quant_activations_from_env, resolve_quant_activations
         mode = resolve_quant_activations(quant_activations_from_env(), cost.hidden)

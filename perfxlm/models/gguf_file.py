@@ -114,10 +114,10 @@ class GGUFFile:
         out = {}
         for name, t in self._tensors(family, ("weight",)):
             fmt, data = from_gguf_type(t.tensor_type.name), np.asarray(t.data)  # ([E,] N, row bytes), mmapped
-            if fmt is None and t.tensor_type.name in TRANSCODED:
-                fmt, data = transcode(data, t.tensor_type.name)
-            if fmt is None or len(t.shape) not in (2, 3):
+            if len(t.shape) not in (2, 3) or (fmt is None and t.tensor_type.name not in TRANSCODED):
                 continue
+            if fmt is None:
+                fmt, data = transcode(data, t.tensor_type.name)
             blocks = family.gguf_tensor(name, data, params, self.arch)
             out[name] = (fmt, np.ascontiguousarray(blocks))
         return out
