@@ -167,6 +167,9 @@ def test_loader_keeps_k_quant_blocks_as_stored(q4_k_m_gguf):
     assert all(b.dtype == np.uint8 for _, b in blocks.values())
 
 
+PROMPTS = ["The K-quants keep their super-blocks", "a b c d e f g h i j k l m n o p q r s t u v w x y z"]
+
+
 def test_q4_k_m_native_blocks_follow_the_dequantised_run(q4_k_m_gguf):
     """Greedy decoding over 32 steps: K-quant blocks run natively (x quantised per 256 as Q8_K,
     as llama.cpp does) against the same file dequantised to float32 at load.
@@ -179,13 +182,12 @@ def test_q4_k_m_native_blocks_follow_the_dequantised_run(q4_k_m_gguf):
     there the native pick must be a near-tie in the float32 run: among its top 5 and within
     1 nat of its choice. (Measured: one prompt agrees on 31 of 32 tokens, parting at 0.55 nat;
     the other parts at step 1, at a 0.13-nat tie.)"""
-    prompts = ["The K-quants keep their super-blocks", "a b c d e f g h i j k l m n o p q r s t u v w x y z"]
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=5)
     native = LLM(str(q4_k_m_gguf), dtype="float32", quantization="gguf", kv_cache_memory_bytes=SMALL_KV)
     assert {n.plugin.name for n in native.llm_engine.runner.executor.runner.nodes} == {"cpu"}
-    got = native.generate(prompts, params, use_tqdm=False)
+    got = native.generate(PROMPTS, params, use_tqdm=False)
     assert_no_leaks(native)
-    want = LLM(str(q4_k_m_gguf), dtype="float32", kv_cache_memory_bytes=SMALL_KV).generate(prompts, params,
+    want = LLM(str(q4_k_m_gguf), dtype="float32", kv_cache_memory_bytes=SMALL_KV).generate(PROMPTS, params,
                                                                                            use_tqdm=False)
     for a, b in zip(got, want):
         ta, tb = a.outputs[0].token_ids, b.outputs[0].token_ids
@@ -195,9 +197,6 @@ def test_q4_k_m_native_blocks_follow_the_dequantised_run(q4_k_m_gguf):
         top = b.outputs[0].logprobs[part]  # the float32 run's top 5 where the runs part
         assert ta[part] in top, (part, ta[part], top)
         assert top[tb[part]].logprob - top[ta[part]].logprob < 1.0, (part, top)
-
-
-PROMPTS = ["The K-quants keep their super-blocks", "a b c d e f g h i j k l m n o p q r s t u v w x y z"]
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,15 @@
 /* Weights are prefetched this far ahead in the block stream, into L2: the decode kernels do
  * enough arithmetic per line that too few demand misses are in flight to keep DRAM busy, and
  * 2 KiB ahead into L1 covered too little of its latency. A block's lines (37 of Q4_K, 53 of
- * Q6_K, from the block's size) are prefetched a few per step of its loop: all at the block's start, they queue for
- * the core's few line-fill buffers and hold up the loads behind them */
+ * Q6_K, from the block's size) are prefetched a few per step of its loop: all at the block's
+ * start, they queue for the core's few line-fill buffers and hold up the loads behind them */
 #define QPF (16 << 10)
+
+/* step j's share of the lines of block b (`per` lines a step) */
+PXL_INLINE void prefetch_share(const void *b, int lines, int per, int j) {
+    for (int l = per * j; l < per * (j + 1) && l < lines; l++)
+        _mm_prefetch((const char *)b + QPF + 64 * l, _MM_HINT_T1);
+}
 
 /* 4 bytes at p in every lane, loaded by the broadcast itself: a broadcast from a general
  * register costs a vector ALU slot, these kernels' bottleneck */
@@ -33,8 +39,7 @@ PXL_INLINE void block16(const int T, size_t nb, const pxl_block_q4_Kx16 *W, cons
         __m512i sumi[PXL_QKR_T];
         for (int t = 0; t < T; t++) sumi[t] = _mm512_setzero_si512();
         for (int j = 0; j < 8; j++) {
-            for (int l = per * j; l < per * (j + 1) && l < lines; l++)
-                _mm_prefetch((const char *)b + QPF + 64 * l, _MM_HINT_T1);
+            prefetch_share(b, lines, per, j);
             __m512i dot[PXL_QKR_T];
             for (int t = 0; t < T; t++) dot[t] = _mm512_setzero_si512();
             for (int p = 0; p < 4; p++) {
@@ -78,8 +83,7 @@ PXL_INLINE void block16_q6(const int T, size_t nb, const pxl_block_q6_Kx16 *W, c
         __m512i sumi[PXL_QKR_T];
         for (int t = 0; t < T; t++) sumi[t] = _mm512_setzero_si512();
         for (int s = 0; s < 16; s++) {
-            for (int l = per * s; l < per * (s + 1) && l < lines; l++)
-                _mm_prefetch((const char *)b + QPF + 64 * l, _MM_HINT_T1);
+            prefetch_share(b, lines, per, s);
             const __m512i h = _mm512_loadu_si512((const void *)(b->qh + 64 * s));
             __m512i w[4];
             for (int pp = 0; pp < 2; pp++) {

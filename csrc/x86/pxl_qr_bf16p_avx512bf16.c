@@ -14,6 +14,10 @@
 #include "pxl_kquants.h"
 
 #define G PXL_QR_ROWS /* rows per repacked block */
+/* 32 words reordered even ones first, odd ones after */
+#define SPLIT                                                                                                        \
+    _mm512_set_epi16(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1, 30, 28, 26, 24, 22, 20, 18, 16, 14, \
+                     12, 10, 8, 6, 4, 2, 0)
 
 /* the panel's rows for K pairs kp and kp + 1 from one line of 16 rows x 4 quants (bytes 4r ..
  * 4r + 3: row r's weights 2 kp .. 2 kp + 3), w = d q + m per row; features 16 g .. 16 g + 15
@@ -21,9 +25,7 @@
 PXL_INLINE void two_pairs(__m512i line, __m512 dlo, __m512 dhi, __m512 mlo, __m512 mhi, int add_m, int offset,
                           __mmask32 valid, uint16_t *panel, size_t kp, int g) {
     /* words 0-15: the even words (pair kp of rows 0-15), 16-31: the odd ones (pair kp + 1) */
-    const __m512i split = _mm512_set_epi16(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1, 30, 28, 26, 24,
-                                           22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-    __m512i w = _mm512_permutexvar_epi16(split, line);
+    __m512i w = _mm512_permutexvar_epi16(SPLIT, line);
     for (int h = 0; h < 2; h++) {
         __m256i pair = h ? _mm512_extracti64x4_epi64(w, 1) : _mm512_castsi512_si256(w); /* 16 rows x 2 bytes */
         __m512i q0 = _mm512_cvtepu8_epi32(_mm256_castsi256_si128(pair));      /* rows 0-7, both weights */
@@ -69,12 +71,10 @@ PXL_INLINE void kr_block(int fmt, const void *blk, __mmask32 valid, uint16_t *pa
     const pxl_block_q4_Kx16 *b = blk;
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)b->d));
     const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)b->dmin));
-    /* the mins of sub-blocks 2k, 2k + 1 alternate row by row: words 0-15 of the split the first's */
-    const __m512i split = _mm512_set_epi16(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1, 30, 28, 26, 24,
-                                           22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    /* the mins of sub-blocks 2k, 2k + 1 alternate row by row: words 0-15 of SPLIT the first's */
     for (int j = 0; j < 8; j++) {
         __m512i mw = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(b->m + 32 * (j / 2))));
-        mw = _mm512_permutexvar_epi16(split, mw);
+        mw = _mm512_permutexvar_epi16(SPLIT, mw);
         __m512i mj = _mm512_cvtepi16_epi32(j % 2 ? _mm512_extracti64x4_epi64(mw, 1) : _mm512_castsi512_si256(mw));
         __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b->sc + 16 * j)));
         __m512 a = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc));
