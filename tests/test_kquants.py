@@ -117,7 +117,7 @@ def write_gguf(hf_dir, out, tokenizer_gguf, type_of=q4_k_m_type) -> dict[str, st
             w.add_tensor(gname, np.ascontiguousarray(data, np.float32))
             continue
         kind = kinds[gname] = type_of(gname)
-        if kind in ("Q5_0", "Q8_0"):  # (gguf-py quantises the 32-blocks itself)
+        if kind in ("Q5_0", "Q5_1", "Q8_0"):  # (gguf-py quantises the 32-blocks itself)
             blocks = gguf.quants.quantize(data, gguf.GGMLQuantizationType[kind])
         else:
             blocks = quantize_q6_k(data) if kind == "Q6_K" else quantize_q45_k(data, 5 if kind == "Q5_K" else 4)
@@ -244,9 +244,10 @@ def test_q4_k_m_int16_activations_reach_the_float32_run(q4_k_m_gguf, float32_run
 
 
 def test_q4_k_m_bf16_prefill_runs_bf16_panels(q4_k_m_gguf, float32_run, monkeypatch):
-    """PERFXLM_QUANT_ACTIVATIONS=bf16: a prefill of 32 tokens or more on Q4_K / Q6_K blocks runs
-    them dequantised into bf16 panels against x rounded to bf16 (the path AMX's `auto` takes),
-    nearer the float32 run than Q8_K x, though the weights too are rounded to bf16 there.
+    """PERFXLM_QUANT_ACTIVATIONS=bf16: a prefill of 32 tokens or more on Q4_K / Q5_K / Q6_K
+    blocks runs them dequantised into bf16 panels against x rounded to bf16 (the path AMX's
+    `auto` takes), nearer the float32 run than Q8_K x, though the weights too are rounded to
+    bf16 there.
     (Measured: mean move 0.042 nats on the AMX and AVX512-BF16 kernel sets, 0.16 with int8.)"""
     if not bf16_quant_activations():
         pytest.skip("this CPU has no AVX512-BF16 kernels for bf16 activations")
@@ -259,20 +260,20 @@ def test_q4_k_m_bf16_prefill_runs_bf16_panels(q4_k_m_gguf, float32_run, monkeypa
 
 def test_roofline_places_a_k_quant_prefill_by_its_formats(q4_k_m_gguf, smol_tokenizer, gguf_path, tmp_path,
                                                           monkeypatch):
-    """`perfxlm bench` puts a prefill on Q4_K / Q6_K blocks under the bf16 peak where it runs as
-    bf16 panels (here PERFXLM_QUANT_ACTIVATIONS=bf16), and a file with a Q5_K tensor, which no
-    panel takes, under int8's."""
+    """`perfxlm bench` puts a prefill on K-quant blocks under the bf16 peak where it runs as bf16
+    panels (here PERFXLM_QUANT_ACTIVATIONS=bf16), and a file with a Q5_1 tensor, which no panel
+    takes (it loads as float32), under int8's."""
     from perfxlm.bench import roofline
     hf = build_tiny_model(tmp_path / "hf", "LlamaForCausalLM", smol_tokenizer, hidden_size=256,
                           intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
-    panels = tmp_path / "tiny-Q4_K.gguf"
-    kinds = write_gguf(hf, panels, gguf_path, lambda g: "Q6_K" if g == "output.weight" else "Q4_K")
-    assert set(kinds.values()) == {"Q4_K", "Q6_K"}
+    q5_1 = tmp_path / "tiny-Q5_1.gguf"
+    kinds = write_gguf(hf, q5_1, gguf_path, lambda g: "Q5_1" if g == "blk.0.attn_k.weight" else "Q4_K")
+    assert set(kinds.values()) == {"Q4_K", "Q5_1"}
     monkeypatch.setenv("PERFXLM_QUANT_ACTIVATIONS", "bf16")
     roofs = roofline.Roofs(read_GBs=30.0, fp32_GFLOPs=400.0, bf16_GFLOPs=6000.0, int8_GOPs=1500.0)
-    for path, peak in ((panels, "bf16 peak"), (q4_k_m_gguf, "int8 peak")):
+    for path, peak in ((q4_k_m_gguf, "bf16 peak"), (q5_1, "int8 peak")):
         cost = roofline.model_cost(str(path))
-        assert cost.panel_quants == (path == panels)
+        assert cost.panel_quants == (path == q4_k_m_gguf)
         assert roofline.compute_usage(roofs, "gguf", 1e9, 600.0, cost).roof_name == peak, path
 
 

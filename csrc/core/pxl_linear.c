@@ -311,13 +311,13 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
      * PXL_QX_BF16 takes bf16 x at every T: the blocks times x directly for decode-sized T (and
      * every T when batch invariant), those panels from PXL_QR_PANEL_MIN_T tokens; PXL_QX_INT8
      * never. K-quants: pxl_qk_dot (a multi-token kernel beats dequantising up to a few hundred
-     * tokens), except that their repacked blocks take the panels as a prefill on the 32-blocks
-     * does (and under PXL_QX_BF16 from that many tokens: they have no bf16 decode kernel). */
-    const int kr = wfmt == PXL_Q4_KR || wfmt == PXL_Q6_KR;
-    const int mode = pxl_quant_x(), qx = (repacked || kr) && ks->qr_bf16p ? mode : PXL_QX_INT8;
+     * tokens), except that a prefill takes the panels as one on the 32-blocks does (and under
+     * PXL_QX_BF16 from that many tokens: they have no bf16 decode kernel): repacked blocks
+     * straight into the panel, those kept in GGUF's layout (Q5_K) through fp32 rows. */
+    const int mode = pxl_quant_x(), qx = (repacked || kq) && ks->qr_bf16p ? mode : PXL_QX_INT8;
     const int prefill = T >= PXL_QR_PANEL_MIN_T && !pxl_batch_invariant();
-    const int qr_bf16x = !kr && qx == PXL_QX_BF16 && ks->gemv_qr_bf16 && !prefill;
-    const int qr_panels = !qr_bf16x && (qx == PXL_QX_BF16 ? !kr || prefill
+    const int qr_bf16x = !kq && qx == PXL_QX_BF16 && ks->gemv_qr_bf16 && !prefill;
+    const int qr_panels = !qr_bf16x && (qx == PXL_QX_BF16 ? !kq || prefill
                                                           : qx == PXL_QX_AUTO && ks->qr_bf16p_prefill && prefill);
     const int qdot = kq ? !qr_panels && pxl_qk_dot(ks, dt, wfmt, T)
                         : quant && (repacked ? !qr_panels && !qr_bf16x : T <= PXL_Q_DOT_MAX_T || pxl_batch_invariant());

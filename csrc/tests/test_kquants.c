@@ -150,12 +150,12 @@ static void test_quantize_q8k16(size_t K) {
     free(x), free(buf);
 }
 
-/* repacked K-quants as bf16 panels (pxl_linear.c), x rounded to bf16: a prefill on sets with
- * qr_bf16p_prefill, or under PXL_QX_BF16 */
-static int kr_panels(int run_fmt, size_t T) {
+/* K-quants as bf16 panels (pxl_linear.c), x rounded to bf16: a prefill on sets with
+ * qr_bf16p_prefill, or under PXL_QX_BF16, whether the blocks are repacked or in GGUF's layout */
+static int k_panels(int run_fmt, size_t T) {
     const pxl_kernel_set *ks = pxl_kernels();
     const int mode = pxl_quant_x();
-    return (run_fmt == PXL_Q4_KR || run_fmt == PXL_Q6_KR) && ks->qr_bf16p && T >= PXL_QR_PANEL_MIN_T &&
+    return PXL_IS_KQUANT(run_fmt) && ks->qr_bf16p && T >= PXL_QR_PANEL_MIN_T &&
            !pxl_batch_invariant() && (mode == PXL_QX_BF16 || (mode == PXL_QX_AUTO && ks->qr_bf16p_prefill));
 }
 
@@ -210,7 +210,7 @@ static void test_linear(int dt, int fmt, size_t T, size_t N, size_t K, int with_
         Wrun = malloc(packed_bytes);
         pxl_pack_weights(fmt, N, K, W, Wrun);
     }
-    int panels = kr_panels(run_fmt, T), qdot = !panels && pxl_qk_dot(pxl_kernels(), dt, run_fmt, T);
+    int panels = k_panels(run_fmt, T), qdot = !panels && pxl_qk_dot(pxl_kernels(), dt, run_fmt, T);
     int packed = panels || (!qdot && dt && T >= PXL_PACKED_Q_MIN_T && pxl_packed_bytes(PXL_BF16, 1, 2));
     int int16 = qdot && pxl_quant_x() == PXL_QX_INT16; /* x as two planes (checked above) */
     size_t qb = pxl_q8k_bytes(K);
@@ -327,10 +327,9 @@ int main(void) {
                 test_kr_panel(fmt, 48, 256, 32); /* the second panel: rows 32-47 and their zero tail */
             }
         }
-        /* PXL_QX_BF16: the repacked blocks' prefill takes bf16 panels on every set with them, a
-         * decode Q8_K x */
+        /* PXL_QX_BF16: a K-quant prefill takes bf16 panels on every set with them, a decode Q8_K x */
         if (pxl_set_quant_x(PXL_QX_BF16) == 0)
-            for (int fmt = PXL_Q4_K; fmt <= PXL_Q6_K; fmt += PXL_Q6_K - PXL_Q4_K) {
+            for (int fmt = PXL_Q4_K; fmt <= PXL_Q6_K; fmt++) {
                 test_linear(PXL_F32, fmt, 70, 33, 256, 1);
                 test_linear(PXL_BF16, fmt, 40, 50, 512, 0);
                 test_linear(PXL_F32, fmt, 5, 40, 512, 0);

@@ -159,7 +159,7 @@ def model_cost(path: str | Path) -> ModelCost:
     layers, hidden, heads = field(".block_count"), field(".embedding_length"), field(".attention.head_count")
     kv_heads = field(".attention.head_count_kv")
     q = gguf.GGMLQuantizationType
-    panels = {q.Q8_0, q.Q4_0, q.Q4_1, q.Q4_K, q.Q6_K, q.Q5_0}  # into bf16 panels (Q5_0 loads as Q8_0)
+    panels = {q.Q8_0, q.Q4_0, q.Q4_1, q.Q4_K, q.Q5_K, q.Q6_K, q.Q5_0}  # into bf16 panels (Q5_0 loads as Q8_0)
     return ModelCost(linear, lm_head, quant, layers, hidden // heads * kv_heads, hidden,
                      panel_quants=all(t.tensor_type in panels for t in blocks), hidden=hidden)
 
@@ -218,7 +218,7 @@ def decode_usage(roofs: Roofs, m: ModelCost, weights: str, tok_s: float, input_l
 
 def arithmetic(weights: str, cost: ModelCost | None = None) -> str:
     """The arithmetic a compute-bound phase on `weights` runs: ARITHMETIC's, except for Q8_0 /
-    Q4_0 / Q4_1 / Q4_K / Q6_K blocks (and Q5_0, loaded as Q8_0) under
+    Q4_0 / Q4_1 / Q4_K / Q5_K / Q6_K blocks (and Q5_0, loaded as Q8_0) under
     PERFXLM_QUANT_ACTIVATIONS=bf16, and under "auto" on the `amx` kernel set, which runs steps
     of 32 tokens or more as bf16 panels (unless the model is narrow enough for "auto" to mean
     int16). (int16 is int8 done twice: the same peak, against the model's own operations.)"""
