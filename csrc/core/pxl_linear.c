@@ -136,10 +136,10 @@ static void compute(const pxl_kernel_set *ks, int wfmt, int packed_q, size_t T, 
     } else if (wfmt <= PXL_BF16) {
         run_tiles(ks, wfmt == PXL_F32 ? ks->tile_f32 : ks->tile_bf16, wfmt == PXL_F32 ? 4 : 2, T, 0, cols, K, xk, W,
                   Y, ldy);
-    } else if (qbuf && PXL_IS_KQUANT(wfmt) && (wfmt == PXL_Q4_KR || wfmt == PXL_Q6_KR || pxl_gemm_qk_for(ks, wfmt))) {
+    } else if (qbuf && PXL_IS_KQUANT(wfmt) && (PXL_IS_KR(wfmt) || pxl_gemm_qk_for(ks, wfmt))) {
         /* up to PXL_QKR_T (repacked) or PXL_QK_T rows of Q8_K x share each weight load (planes =
          * 2: a token's two planes are neighbouring rows, their results summed from yp, (tmax, cols)) */
-        const int kr = wfmt == PXL_Q4_KR || wfmt == PXL_Q6_KR;
+        const int kr = PXL_IS_KR(wfmt);
         size_t tmax = kr ? PXL_QKR_T : PXL_QK_T, tq = tmax / planes, step = T <= tq ? cols : 4 * PANEL;
         pxl_gemm_kr_fn gkr = kr ? pxl_gemm_kr_for(ks) : NULL;
         pxl_gemm_qk_fn gqk = kr ? NULL : pxl_gemm_qk_for(ks, wfmt);
@@ -211,7 +211,7 @@ static void compute(const pxl_kernel_set *ks, int wfmt, int packed_q, size_t T, 
             }
         }
     } else if (packed_q) { /* bf16 x: dequantised panels packed for the bf16 micro-kernel */
-        const int direct = ((wfmt >= PXL_Q8_0R && wfmt <= PXL_Q4_1R) || wfmt == PXL_Q4_KR || wfmt == PXL_Q6_KR) &&
+        const int direct = ((wfmt >= PXL_Q8_0R && wfmt <= PXL_Q4_1R) || PXL_IS_KR(wfmt)) &&
                            ks->qr_bf16p; /* no fp32 rows between */
         float *rows = pxl_scratch(3, (size_t)PXL_PANEL * K * 4 + (size_t)PXL_PANEL * K * 2);
         uint16_t *panel = (uint16_t *)(rows + PXL_PANEL * K);

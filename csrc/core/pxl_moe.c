@@ -29,7 +29,7 @@ static size_t expert_bytes(int fmt, size_t N, size_t K) {
     switch (fmt) {
     case PXL_F32P: return (N + PXL_PANEL - 1) / PXL_PANEL * PXL_PANEL * K * 4;
     case PXL_BF16P: return (N + PXL_PANEL - 1) / PXL_PANEL * PXL_PANEL * K * 2;
-    case PXL_Q8_0R: case PXL_Q4_0R: case PXL_Q4_1R: case PXL_Q4_KR: case PXL_Q6_KR:
+    case PXL_Q8_0R: case PXL_Q4_0R: case PXL_Q4_1R: case PXL_Q4_KR: case PXL_Q5_KR: case PXL_Q6_KR:
         return (N + PXL_QR_ROWS - 1) / PXL_QR_ROWS * PXL_QR_ROWS * pxl_row_bytes(fmt, K);
     default: return N * pxl_row_bytes(fmt, K);
     }

@@ -6,10 +6,9 @@
 
 size_t pxl_packed_bytes(int wfmt, size_t N, size_t K) {
     const pxl_kernel_set *ks = pxl_kernels();
-    if (wfmt == PXL_Q4_K || wfmt == PXL_Q6_K)
+    if (PXL_IS_KQUANT(wfmt) && !PXL_IS_KR(wfmt))
         return pxl_gemm_kr_for(ks) && K % PXL_QK_K == 0 && K / PXL_QK_K <= PXL_QK_K_MAX_BLOCKS
-                   ? (N + PXL_QR_ROWS - 1) / PXL_QR_ROWS * PXL_QR_ROWS *
-                         pxl_row_bytes(wfmt == PXL_Q4_K ? PXL_Q4_KR : PXL_Q6_KR, K)
+                   ? (N + PXL_QR_ROWS - 1) / PXL_QR_ROWS * PXL_QR_ROWS * pxl_row_bytes(pxl_kr_of(wfmt), K)
                    : 0;
     if (wfmt >= PXL_Q8_0 && wfmt <= PXL_Q4_1)
         return ks->gemv_qr[wfmt] && K % PXL_QK == 0
@@ -40,7 +39,7 @@ static void pack_panel_f32(size_t rows, size_t K, const float *src, float *out) 
 }
 
 void pxl_pack_weights(int wfmt, size_t N, size_t K, const void *W, void *out) {
-    if (wfmt == PXL_Q4_K || wfmt == PXL_Q6_K) {
+    if (PXL_IS_KQUANT(wfmt) && !PXL_IS_KR(wfmt)) {
         pxl_repack_qk(wfmt, N, K, W, out);
         return;
     }

@@ -35,6 +35,7 @@ size_t pxl_row_bytes(int fmt, size_t K) {
     case PXL_Q5_K: return K / PXL_QK_K * sizeof(pxl_block_q5_K);
     case PXL_Q6_K: return K / PXL_QK_K * sizeof(pxl_block_q6_K);
     case PXL_Q4_KR: return K / PXL_QK_K * sizeof(pxl_block_q4_Kx16) / PXL_QR_ROWS; /* a row's share of its block */
+    case PXL_Q5_KR: return K / PXL_QK_K * sizeof(pxl_block_q5_Kx16) / PXL_QR_ROWS;
     case PXL_Q6_KR: return K / PXL_QK_K * sizeof(pxl_block_q6_Kx16) / PXL_QR_ROWS;
     default: return pxl_row_bytes(PXL_QBASE(fmt), K); /* repacked: the same bytes, 16 rows interleaved */
     }
@@ -45,7 +46,7 @@ void pxl_dequant_rows(int fmt, const void *W, size_t n0, size_t rows, size_t K, 
         pxl_dequant_rows_qr(fmt, W, n0, rows, K, out);
         return;
     }
-    if (fmt == PXL_Q4_KR || fmt == PXL_Q6_KR) {
+    if (PXL_IS_KR(fmt)) {
         pxl_dequant_rows_kr(fmt, W, n0, rows, K, out);
         return;
     }

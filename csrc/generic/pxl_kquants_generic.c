@@ -159,7 +159,7 @@ void pxl_dequant_rows_k(int fmt, const void *W, size_t rows, size_t K, float *ou
 
 void pxl_repack_qk(int fmt, size_t N, size_t K, const void *W, void *out) {
     const size_t nb = K / PXL_QK_K, q6 = fmt == PXL_Q6_K;
-    const size_t bs = q6 ? sizeof(pxl_block_q6_Kx16) : sizeof(pxl_block_q4_Kx16);
+    const size_t bs = PXL_QR_ROWS * pxl_row_bytes(pxl_kr_of(fmt), PXL_QK_K);
     memset(out, 0, (N + PXL_QR_ROWS - 1) / PXL_QR_ROWS * nb * bs); /* zero rows pad N */
     uint8_t u[PXL_QK_K];
     for (size_t n = 0; n < N; n++)
@@ -180,7 +180,7 @@ void pxl_repack_qk(int fmt, size_t N, size_t K, const void *W, void *out) {
                                                               (u[16 * s + 8 + t] >> 4) << 4 |
                                                               (u[16 * s + 12 + t] >> 4) << 6);
                 qs = x->ql;
-            } else {
+            } else { /* (Q5_K's d, dmin and scales lie as Q4_K's) */
                 const pxl_block_q4_K *b = (const pxl_block_q4_K *)blk;
                 pxl_block_q4_Kx16 *x = (pxl_block_q4_Kx16 *)xb;
                 uint8_t sc[8], m[8];
@@ -188,6 +188,16 @@ void pxl_repack_qk(int fmt, size_t N, size_t K, const void *W, void *out) {
                 x->d[r] = b->d, x->dmin[r] = b->dmin;
                 for (int j = 0; j < 8; j++) x->sc[16 * j + r] = sc[j], x->m[32 * (j / 2) + 2 * r + j % 2] = m[j];
                 qs = x->qs;
+                if (fmt == PXL_Q5_K) /* the fifth bits of quant vector 4j + p's nibbles: bits 2p, 2p + 1 */
+                    for (int j = 0; j < 8; j++)
+                        for (int s = 0; s < 4; s++) {
+                            int h = 0;
+                            for (int p = 0; p < 4; p++) {
+                                const uint8_t *v = u + 32 * j + 8 * p + s;
+                                h |= (v[0] >> 4) << 2 * p | (v[4] >> 4) << (2 * p + 1);
+                            }
+                            ((pxl_block_q5_Kx16 *)xb)->qh[64 * j + 4 * r + s] = (uint8_t)h;
+                        }
             }
             for (int p = 0; p < PXL_QK_K / 8; p++) /* the low 4 bits (Q4_K: all of them) */
                 for (int s = 0; s < 4; s++)
@@ -214,12 +224,17 @@ void pxl_dequant_rows_kr(int fmt, const void *W, size_t n0, size_t rows, size_t 
                 }
                 continue;
             }
-            const pxl_block_q4_Kx16 *b = (const pxl_block_q4_Kx16 *)W + blk0 + i;
+            /* Q4_KR, or Q5_KR's leading Q4_KR block and its fifth bits */
+            const size_t bs = PXL_QR_ROWS * pxl_row_bytes(fmt, PXL_QK_K);
+            const pxl_block_q4_Kx16 *b = (const pxl_block_q4_Kx16 *)((const char *)W + (blk0 + i) * bs);
+            const uint8_t *qh = fmt == PXL_Q5_KR ? ((const pxl_block_q5_Kx16 *)b)->qh : NULL;
             const float d = pxl_fp16_to_fp32(b->d[r]), dmin = pxl_fp16_to_fp32(b->dmin[r]);
             for (int v = 0; v < PXL_QK_K; v++) {
-                int j = v / 32, s = v % 8;
+                int j = v / 32, s = v % 8, p = v % 32 / 8; /* value 8p + s of sub-block j: vector 4j + p */
                 float a = d * b->sc[16 * j + r], c = dmin * b->m[32 * (j / 2) + 2 * r + j % 2];
-                o[v] = a * (float)(b->qs[64 * (v / 8) + 4 * r + s % 4] >> 4 * (s / 4) & 15) - c;
+                int q = b->qs[64 * (v / 8) + 4 * r + s % 4] >> 4 * (s / 4) & 15;
+                if (qh) q |= (qh[64 * j + 4 * r + s % 4] >> (2 * p + s / 4) & 1) << 4;
+                o[v] = a * (float)q - c;
             }
         }
     }
@@ -243,7 +258,7 @@ pxl_gemm_qk_fn pxl_gemm_qk_for(const pxl_kernel_set *ks, int fmt) {
 }
 
 int pxl_qk_dot(const pxl_kernel_set *ks, int dt, int fmt, size_t T) {
-    if (T <= PXL_Q_DOT_MAX_T || pxl_batch_invariant() || fmt == PXL_Q4_KR || fmt == PXL_Q6_KR) return 1; /* (no dequantised copy) */
+    if (T <= PXL_Q_DOT_MAX_T || pxl_batch_invariant() || PXL_IS_KR(fmt)) return 1; /* (no dequantised copy) */
     return pxl_gemm_qk_for(ks, fmt) && (T < PXL_QK_DOT_MAX_T || dt != PXL_BF16 || !ks->gemm_bf16p);
 }
 

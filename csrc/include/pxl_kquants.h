@@ -40,6 +40,15 @@ typedef struct {
     uint8_t qs[PXL_QK_K / 8 * 64];
 } pxl_block_q4_Kx16;
 _Static_assert(sizeof(pxl_block_q4_Kx16) == 16 * 148, "16 rows of 148 bytes");
+/* Q5_K repacked likewise (PXL_Q5_KR): Q4_KR's block of the low 4 bits, then the fifth bits: qh
+ * vector j (sub-block j) holds in byte 4r + s, bit 2p, the fifth bit of the value whose low bits
+ * are the low nibble of byte 4r + s of quant vector 4j + p, and in bit 2p + 1 that of its high
+ * nibble. 180 bytes a row and super-block (Q5_K: 176). */
+typedef struct {
+    pxl_block_q4_Kx16 k4;
+    uint8_t qh[PXL_QK_K / 32 * 64];
+} pxl_block_q5_Kx16;
+_Static_assert(sizeof(pxl_block_q5_Kx16) == 16 * 180, "16 rows of 180 bytes");
 /* Q6_K repacked likewise (PXL_Q6_KR): d as stored; sub-block s's scale of row r at sc[16s + r];
  * the low 4 bits of values 8p .. 8p + 7 in ql vector p as Q4_KR's nibbles; qh vector s holds,
  * in byte 4r + t, the high 2 bits of values 16s + t, 16s + 4 + t, 16s + 8 + t, 16s + 12 + t in
@@ -52,8 +61,10 @@ typedef struct {
 } pxl_block_q6_Kx16;
 _Static_assert(sizeof(pxl_block_q6_Kx16) == 16 * 210, "16 rows of 210 bytes");
 #define PXL_QK_K_MAX_BLOCKS 256 /* K up to 65536: the repacked kernel's per-token scratch */
-/* N rows of Q4_K / Q6_K (N, K) -> PXL_Q4_KR / PXL_Q6_KR blocks */
+/* N rows of Q4_K / Q5_K / Q6_K (N, K) -> PXL_Q4_KR / PXL_Q5_KR / PXL_Q6_KR blocks */
 void pxl_repack_qk(int fmt, size_t N, size_t K, const void *W, void *out);
+/* the repacked format of a K-quant as stored */
+static inline int pxl_kr_of(int fmt) { return fmt == PXL_Q4_K ? PXL_Q4_KR : fmt == PXL_Q5_K ? PXL_Q5_KR : PXL_Q6_KR; }
 
 /* one token's x as Q8_K: q (K,), d (K/256,), bsums (K/16,) */
 typedef struct {
@@ -94,7 +105,7 @@ typedef void (*pxl_gemm_qk_fn)(int fmt, size_t T, size_t n0, size_t n1, size_t K
 void pxl_gemm_qk_avx512(int fmt, size_t T, size_t n0, size_t n1, size_t K, const void *W, const pxl_q8k *x, float *y,
                         size_t ldy);
 #endif
-/* T <= PXL_QKR_T tokens on PXL_Q4_KR / PXL_Q6_KR blocks (from the first row block):
+/* T <= PXL_QKR_T tokens on PXL_Q4_KR / Q5_KR / Q6_KR blocks (from the first row block):
  * y[t * ldy + n], n < rows */
 typedef void (*pxl_gemm_kr_fn)(int fmt, size_t T, size_t rows, size_t K, const void *W, const pxl_q8k *x, float *y,
                                size_t ldy);
@@ -119,7 +130,7 @@ int pxl_qk_dot(const pxl_kernel_set *ks, int dt, int fmt, size_t T);
 pxl_gemv_qk_fn pxl_gemv_qk_for(const pxl_kernel_set *ks);
 /* rows [0, rows) of K-quant W -> fp32 (rows, K) */
 void pxl_dequant_rows_k(int fmt, const void *W, size_t rows, size_t K, float *out);
-/* rows [n0, n0 + rows) of PXL_Q4_KR / PXL_Q6_KR blocks -> fp32 (rows, K): the values
+/* rows [n0, n0 + rows) of PXL_Q4_KR / Q5_KR / Q6_KR blocks -> fp32 (rows, K): the values
  * pxl_dequant_rows_k gives for the rows as stored */
 void pxl_dequant_rows_kr(int fmt, const void *W, size_t n0, size_t rows, size_t K, float *out);
 

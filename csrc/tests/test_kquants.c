@@ -167,7 +167,7 @@ static void test_kr_panel(int fmt, size_t N, size_t K, size_t n0) {
     uint8_t *W = make_weights(fmt, N, K, deq);
     void *Wr = malloc(pxl_packed_bytes(fmt, N, K));
     pxl_pack_weights(fmt, N, K, W, Wr);
-    const int kr = fmt == PXL_Q4_K ? PXL_Q4_KR : PXL_Q6_KR;
+    const int kr = pxl_kr_of(fmt);
     size_t rows = N - n0 < PXL_PANEL ? N - n0 : PXL_PANEL;
     float *f = malloc(rows * K * 4);
     uint16_t *panel = malloc(K * PXL_PANEL * 2);
@@ -202,9 +202,9 @@ static void test_linear(int dt, int fmt, size_t T, size_t N, size_t K, int with_
     /* the int8 path meets x as Q8_K (checked on its own above): the reference then uses the same
      * quantised x, so only the kernels' sums are under test; prefill meets x itself, bf16 x on the
      * packed bf16 micro-kernel meets the weights rounded to bf16 */
-    /* the kernel set's repacked copy where it has one (PXL_Q4_KR: the int8 path at every T) */
+    /* the kernel set's repacked copy where it has one (PXL_Q4_KR ..: the int8 path at every T) */
     size_t packed_bytes = pxl_packed_bytes(fmt, N, K);
-    int run_fmt = !packed_bytes ? fmt : fmt == PXL_Q4_K ? PXL_Q4_KR : PXL_Q6_KR;
+    int run_fmt = !packed_bytes ? fmt : pxl_kr_of(fmt);
     void *Wrun = W;
     if (packed_bytes) {
         Wrun = malloc(packed_bytes);
@@ -283,7 +283,7 @@ static void test_batch_invariant(int dt, int fmt, size_t T, size_t N, size_t K) 
     pxl_set_batch_invariant(1);
     int ok = 1;
     for (int rep = 0; rep < 1 + (Wp != NULL); rep++) {
-        int f = !rep ? fmt : fmt == PXL_Q4_K ? PXL_Q4_KR : PXL_Q6_KR;
+        int f = !rep ? fmt : pxl_kr_of(fmt);
         const void *w = rep ? Wp : W;
         pxl_linear(dt, f, T, N, K, x, w, NULL, y);
         for (size_t t = 0; t < T; t++) {

@@ -1,4 +1,4 @@
-/* Q4_K and Q6_K repacked 16 rows at a time (PXL_Q4_KR, PXL_Q6_KR, pxl_kquants.h) on AVX-512 VNNI: one vpdpbusd
+/* Q4_K, Q5_K and Q6_K repacked 16 rows at a time (PXL_Q4_KR, Q5_KR, Q6_KR, pxl_kquants.h) on AVX-512 VNNI: one vpdpbusd
  * multiplies 4 weights of all 16 rows with 4 of x broadcast, so a row's unpacking (6-bit
  * scales, mins, nibbles) is done once at load instead of every step, and the weights stream
  * from one sequential block per 16 rows. Up to PXL_QKR_T tokens share every weight vector.
@@ -27,24 +27,35 @@ PXL_INLINE void prefetch_share(const void *b, int lines, int per, int j) {
  * register costs a vector ALU slot, these kernels' bottleneck */
 PXL_INLINE __m512i bcast4(const void *p) { return _mm512_broadcastd_epi32(_mm_loadu_si32(p)); }
 
-/* one Q4_K 16-row block, T tokens: y[t * ldy + r] for r < rows */
-PXL_INLINE void block16(const int T, size_t nb, const pxl_block_q4_Kx16 *W, const pxl_q8k *x,
+/* bit `bit` of every byte of h at bit 4 (other bits: garbage to mask) */
+PXL_INLINE __m512i at_bit4(__m512i h, const int bit) {
+    return bit <= 4 ? _mm512_slli_epi16(h, (unsigned)(4 - bit)) : _mm512_srli_epi16(h, (unsigned)(bit - 4));
+}
+
+/* one Q4_K (q5: Q5_K) 16-row block, T tokens: y[t * ldy + r] for r < rows */
+PXL_INLINE void block16(const int T, const int q5, size_t nb, const void *W, const pxl_q8k *x,
                         const int16_t *const *bsp, float *y, size_t ldy, size_t rows) {
-    const __m512i m4 = _mm512_set1_epi8(0x0f);
+    const __m512i m4 = _mm512_set1_epi8(0x0f), bit4 = _mm512_set1_epi8(0x10);
     __m512 acc[PXL_QKR_T];
     for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
-    const int lines = (int)((sizeof *W + 63) / 64), per = (lines + 7) / 8; /* a block's lines, per step of 8 */
+    const size_t bs = q5 ? sizeof(pxl_block_q5_Kx16) : sizeof(pxl_block_q4_Kx16);
+    const int lines = (int)((bs + 63) / 64), per = (lines + 7) / 8; /* a block's lines, per step of 8 */
     for (size_t i = 0; i < nb; i++) {
-        const pxl_block_q4_Kx16 *b = W + i;
+        const pxl_block_q4_Kx16 *b = (const pxl_block_q4_Kx16 *)((const char *)W + i * bs);
         __m512i sumi[PXL_QKR_T];
         for (int t = 0; t < T; t++) sumi[t] = _mm512_setzero_si512();
         for (int j = 0; j < 8; j++) {
             prefetch_share(b, lines, per, j);
+            const __m512i h = q5 ? _mm512_loadu_si512(((const pxl_block_q5_Kx16 *)b)->qh + 64 * j) : m4;
             __m512i dot[PXL_QKR_T];
             for (int t = 0; t < T; t++) dot[t] = _mm512_setzero_si512();
             for (int p = 0; p < 4; p++) {
                 __m512i v = _mm512_loadu_si512((const void *)(b->qs + 64 * (4 * j + p)));
                 __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+                if (q5) { /* the fifth bits: 2p of the low nibbles, 2p + 1 of the high ones */
+                    lo = _mm512_or_si512(lo, _mm512_and_si512(at_bit4(h, 2 * p), bit4));
+                    hi = _mm512_or_si512(hi, _mm512_and_si512(at_bit4(h, 2 * p + 1), bit4));
+                }
                 for (int t = 0; t < T; t++) {
                     const int8_t *q = x[t].q + i * PXL_QK_K + 32 * j + 8 * p;
                     dot[t] = _mm512_dpbusd_epi32(dot[t], lo, bcast4(q));
@@ -141,18 +152,25 @@ void pxl_gemm_kr_avx512vnni(int fmt, size_t T, size_t rows, size_t K, const void
         }
         return;
     }
-    /* each token's sums of x over the 8 sub-blocks of every super-block (pairs of bsums) */
+    /* Q4_K / Q5_K: each token's sums of x over the 8 sub-blocks of every super-block (pairs of bsums) */
     int16_t pairs[PXL_QKR_T][PXL_QK_K_MAX_BLOCKS * 8];
     const int16_t *bsp[PXL_QKR_T];
     for (size_t t = 0; t < T; t++) {
         for (size_t s = 0; s < nb * 8; s++) pairs[t][s] = (int16_t)(x[t].bsums[2 * s] + x[t].bsums[2 * s + 1]);
         bsp[t] = pairs[t];
     }
+    const size_t bs = fmt == PXL_Q5_KR ? sizeof(pxl_block_q5_Kx16) : sizeof(pxl_block_q4_Kx16);
     for (size_t n = 0; n < rows; n += PXL_QR_ROWS) {
         size_t r = rows - n < PXL_QR_ROWS ? rows - n : PXL_QR_ROWS;
-        const pxl_block_q4_Kx16 *Wn = (const pxl_block_q4_Kx16 *)W + n / PXL_QR_ROWS * nb;
-#define Q4(TT) block16(TT, nb, Wn, x, bsp, y + n, ldy, r)
-        FOR_T(Q4)
+        const char *Wn = (const char *)W + n / PXL_QR_ROWS * nb * bs;
+#define Q4(TT) block16(TT, 0, nb, Wn, x, bsp, y + n, ldy, r)
+#define Q5(TT) block16(TT, 1, nb, Wn, x, bsp, y + n, ldy, r)
+        if (fmt == PXL_Q5_KR) {
+            FOR_T(Q5)
+        } else {
+            FOR_T(Q4)
+        }
 #undef Q4
+#undef Q5
     }
 }

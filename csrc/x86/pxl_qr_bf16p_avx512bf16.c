@@ -1,5 +1,5 @@
 /* Repacked quantised blocks (PXL_Q8_0R / Q4_0R / Q4_1R, 16 rows a block: pxl_qrepack.c; the
- * K-quants' PXL_Q4_KR / Q6_KR, pxl_kquants.h) dequantised straight into one packed bf16 panel,
+ * K-quants' PXL_Q4_KR / Q5_KR / Q6_KR, pxl_kquants.h) dequantised straight into one packed bf16 panel,
  * [K/2][32][2], for a prefill on sets whose bf16 GEMM outruns their int8 dot products (AMX
  * tiles). A repacked block's 64-byte line holds 4
  * consecutive weights of each of its 16 rows, which is two K pairs of the panel's layout: the
@@ -43,8 +43,8 @@ PXL_INLINE void two_pairs(__m512i line, __m512 dlo, __m512 dhi, __m512 mlo, __m5
 #define DUP_LO _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0)
 #define DUP_HI _mm512_set_epi32(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8)
 
-/* one 16-row super-block of PXL_Q4_KR (w = d sc q - dmin m per 32-value sub-block) or PXL_Q6_KR
- * (w = d sc (q - 32) per 16) into the panel's pairs kp0 .. kp0 + 127 */
+/* one 16-row super-block of PXL_Q4_KR / Q5_KR (w = d sc q - dmin m per 32-value sub-block) or
+ * PXL_Q6_KR (w = d sc (q - 32) per 16) into the panel's pairs kp0 .. kp0 + 127 */
 PXL_INLINE void kr_block(int fmt, const void *blk, __mmask32 valid, uint16_t *panel, size_t kp0, int g) {
     const __m512i m4 = _mm512_set1_epi8(0x0f), hi2 = _mm512_set1_epi8(0x30);
     const __m512 none = _mm512_setzero_ps();
@@ -68,7 +68,8 @@ PXL_INLINE void kr_block(int fmt, const void *blk, __mmask32 valid, uint16_t *pa
         }
         return;
     }
-    const pxl_block_q4_Kx16 *b = blk;
+    const pxl_block_q4_Kx16 *b = blk; /* (Q5_KR: its leading Q4_KR block, then the fifth bits) */
+    const uint8_t *qh = fmt == PXL_Q5_KR ? ((const pxl_block_q5_Kx16 *)blk)->qh : NULL;
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)b->d));
     const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)b->dmin));
     /* the mins of sub-blocks 2k, 2k + 1 alternate row by row: words 0-15 of SPLIT the first's */
@@ -83,9 +84,17 @@ PXL_INLINE void kr_block(int fmt, const void *blk, __mmask32 valid, uint16_t *pa
         c = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(c), _mm512_set1_epi32((int)0x80000000u)));
         __m512 alo = _mm512_permutexvar_ps(DUP_LO, a), ahi = _mm512_permutexvar_ps(DUP_HI, a);
         __m512 clo = _mm512_permutexvar_ps(DUP_LO, c), chi = _mm512_permutexvar_ps(DUP_HI, c);
+        const __m512i h = qh ? _mm512_loadu_si512(qh + 64 * j) : m4, bit4 = _mm512_set1_epi8(0x10);
         for (int p = 4 * j; p < 4 * j + 4; p++) { /* vector p: values 8p .. 8p + 7 */
             __m512i v = _mm512_loadu_si512(b->qs + 64 * p);
             __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+            if (qh) { /* the fifth bits at bit 4: bit 2(p - 4j) of h for the low nibbles, the next for the high */
+                const int s = 2 * (p - 4 * j); /* 0, 2, 4, 6 */
+                __m512i hl = s <= 4 ? _mm512_slli_epi16(h, (unsigned)(4 - s)) : _mm512_srli_epi16(h, 2);
+                __m512i hh = s < 4 ? _mm512_slli_epi16(h, (unsigned)(3 - s)) : _mm512_srli_epi16(h, (unsigned)(s - 3));
+                lo = _mm512_or_si512(lo, _mm512_and_si512(hl, bit4));
+                hi = _mm512_or_si512(hi, _mm512_and_si512(hh, bit4));
+            }
             two_pairs(lo, alo, ahi, clo, chi, 1, 0, valid, panel, kp0 + 4 * p, g);
             two_pairs(hi, alo, ahi, clo, chi, 1, 0, valid, panel, kp0 + 4 * p + 2, g);
         }
@@ -95,7 +104,7 @@ PXL_INLINE void kr_block(int fmt, const void *blk, __mmask32 valid, uint16_t *pa
 /* (the product and the sum stay two roundings, as in the portable dequantisation) */
 __attribute__((optimize("fp-contract=off"))) void pxl_qr_bf16p_avx512bf16(int fmt, const void *W, size_t n0,
                                                                           size_t rows, size_t K, uint16_t *panel) {
-    const int kr = fmt == PXL_Q4_KR || fmt == PXL_Q6_KR;
+    const int kr = PXL_IS_KR(fmt);
     fmt = PXL_QBASE(fmt);
     const size_t bk = kr ? PXL_QK_K : PXL_QK, nb = K / bk, gbs = G * pxl_row_bytes(fmt, bk); /* (block of 16 rows) */
     const size_t qa = fmt == PXL_Q4_1 ? 4 * G : 2 * G; /* the quants, after d[16] (and m[16]) */

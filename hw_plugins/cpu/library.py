@@ -16,15 +16,16 @@ _HERE = Path(__file__).resolve().parent
 
 # The library's binary interface as this Python side uses it: csrc/include/pxl_abi.h is the one
 # C definition of every code, flag and layout below, and check_abi() compares the two at load.
-ABI_VERSION = 5  # PXL_ABI_VERSION
+ABI_VERSION = 6  # PXL_ABI_VERSION
 
 # weight / element formats, in the order of pxl_abi.h's enum (PXL_F32 = 0 ..)
 FORMATS = ("F32", "BF16", "Q8_0", "Q4_0", "Q4_1", "BF16P", "F32P", "Q8_0R", "Q4_0R", "Q4_1R", "Q4_K", "Q5_K", "Q6_K",
-           "Q4_KR", "Q6_KR", "F16")
-F32, BF16, Q8_0, Q4_0, Q4_1, BF16P, F32P, Q8_0R, Q4_0R, Q4_1R, Q4_K, Q5_K, Q6_K, Q4_KR, Q6_KR, F16 = range(len(FORMATS))
+           "Q4_KR", "Q6_KR", "F16", "Q5_KR")
+(F32, BF16, Q8_0, Q4_0, Q4_1, BF16P, F32P, Q8_0R, Q4_0R, Q4_1R, Q4_K, Q5_K, Q6_K, Q4_KR, Q6_KR, F16,
+ Q5_KR) = range(len(FORMATS))
 # the kernel set's own layout of each weight format, where pxl_packed_bytes says it has one:
 # dense weights in panels, GGUF blocks repacked 16 rows at a time (pxl_pack_weights)
-PACKED = {F32: F32P, BF16: BF16P, Q8_0: Q8_0R, Q4_0: Q4_0R, Q4_1: Q4_1R, Q4_K: Q4_KR, Q6_K: Q6_KR}
+PACKED = {F32: F32P, BF16: BF16P, Q8_0: Q8_0R, Q4_0: Q4_0R, Q4_1: Q4_1R, Q4_K: Q4_KR, Q5_K: Q5_KR, Q6_K: Q6_KR}
 ACTIVATIONS = {"float32": F32, "bfloat16": BF16}  # numpy dtype name -> the format code of an activation
 CACHES = {**ACTIVATIONS, "float16": F16}  # ... of a KV cache (f16: kv_cache_dtype="float16")
 QUANT_X = {"auto": 0, "int8": 1, "bf16": 2, "int16": 3}  # PERFXLM_QUANT_ACTIVATIONS -> pxl_set_quant_x's PXL_QX_*
