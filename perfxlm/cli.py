@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     gemv = bsub.add_parser("gemv", help="GEMV (--rows 1) / GEMM on SmolLM2 shapes and 4096x4096 (or --shapes): "
                                          "ours, OpenBLAS, torch")
     gemv.add_argument("--threads", type=int, default=None, help="threads for all three (default: all cores)")
-    gemv.add_argument("--formats", default="fp32,bf16,q4_1", help="comma list of fp32, bf16, q8_0, q4_0, q4_1, q4_k, q6_k")
+    gemv.add_argument("--formats", default="fp32,bf16,q4_1",
+                      help="comma list of fp32, bf16, q8_0, q4_0, q4_1, q4_k, q5_k, q6_k")
     gemv.add_argument("--rows", type=int, default=1, help="tokens per call: 1 = decode GEMV, e.g. 512 = prefill GEMM")
     gemv.add_argument("--shapes", default=None, metavar="KxN,...",
                       help="Linears to time, input x output features (default: SmolLM2-135M's and 4096x4096; "

@@ -202,17 +202,17 @@ def test_gemv_bench_times_a_baseline_library_beside_ours(monkeypatch, tmp_path, 
 
 
 def test_gemv_bench_times_k_quants_on_whole_super_blocks(monkeypatch, tmp_path):
-    """q4_k / q6_k: random blocks the kernels run as the engine does (repacked where the set
+    """q4_k / q5_k / q6_k: random blocks the kernels run as the engine does (repacked where the set
     repacks), both builds alike, beside torch and OpenBLAS on their dequantisation; a K that is
     not whole 256-weight super-blocks is refused, naming the shape."""
     copy = _kernels_copy(tmp_path)
     monkeypatch.setattr(gemv, "_time", lambda fn, min_time=0.2: (fn(), 1e-6)[1])
     out = tmp_path / "gemv.json"
-    assert cli.main(["bench", "gemv", "--formats", "q4_k,q6_k", "--rows", "9", "--shapes", "512x40",
+    assert cli.main(["bench", "gemv", "--formats", "q4_k,q5_k,q6_k", "--rows", "9", "--shapes", "512x40",
                      "--baseline-lib", str(copy), "--output-json", str(out)]) == 0
     rows = json.loads(out.read_text())
-    assert [(r["format"], r["K"], r["N"]) for r in rows] == [("q4_k", 512, 40), ("q6_k", 512, 40)]
-    assert [r["weight_MB"] for r in rows] == [40 * 2 * 144 / 1e6, 40 * 2 * 210 / 1e6]  # the blocks' bytes
+    assert [(r["format"], r["K"], r["N"]) for r in rows] == [("q4_k", 512, 40), ("q5_k", 512, 40), ("q6_k", 512, 40)]
+    assert [r["weight_MB"] for r in rows] == [40 * 2 * b / 1e6 for b in (144, 176, 210)]  # the blocks' bytes
     for r in rows:
         assert r["baseline_max_abs_diff"] == 0.0 and "openblas_us" in r and "torch_us" in r, r
     with pytest.raises(SystemExit, match=r"--shapes \['576x40'\]: K must be a multiple of 256 for --formats \['q4_k'\]"):

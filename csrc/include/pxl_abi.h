@@ -28,7 +28,8 @@ enum {
     PXL_Q4_K = 10, PXL_Q5_K = 11, PXL_Q6_K = 12, /* GGUF K-quants: 256-value super-blocks, as stored */
     PXL_Q4_KR = 13, PXL_Q6_KR = 14, /* Q4_K / Q6_K repacked 16 rows a block (pxl_kquants.h) */
     PXL_F16 = 15,
-    PXL_Q5_KR = 16, /* Q5_K repacked as Q4_KR, with the fifth bits apart (pxl_kquants.h) */
+    PXL_Q5_KR = 16, /* Q5_K repacked as Q4_KR, with the fifth bits apart (pxl_kquants.h); after F16,
+                     * so that the codes before keep their values */
     PXL_NFMT = 17
 };
 /* Flags or'd into an fp32 op's activation format (an op's dt, a plan record's dt) for the rows a
@@ -46,9 +47,9 @@ enum {
 /* the 32-value block formats (Q8_0 / Q4_0 / Q4_1, as stored or repacked); K-quants are apart:
  * their x is quantised per 256 (Q8_K) rather than per 32 */
 #define PXL_IS_QUANT(f) (((f) >= PXL_Q8_0 && (f) <= PXL_Q4_1) || ((f) >= PXL_Q8_0R && (f) <= PXL_Q4_1R))
-#define PXL_IS_KQUANT(f) (((f) >= PXL_Q4_K && (f) <= PXL_Q6_KR) || (f) == PXL_Q5_KR)
 /* the repacked K-quants */
 #define PXL_IS_KR(f) ((f) == PXL_Q4_KR || (f) == PXL_Q5_KR || (f) == PXL_Q6_KR)
+#define PXL_IS_KQUANT(f) (((f) >= PXL_Q4_K && (f) <= PXL_Q6_K) || PXL_IS_KR(f))
 /* the GGUF format of a repacked one */
 #define PXL_QBASE(f) ((f) >= PXL_Q8_0R && (f) <= PXL_Q4_1R ? (f) - (PXL_Q8_0R - PXL_Q8_0) : (f))
 

@@ -63,6 +63,17 @@ _Static_assert(sizeof(pxl_block_q6_Kx16) == 16 * 210, "16 rows of 210 bytes");
 #define PXL_QK_K_MAX_BLOCKS 256 /* K up to 65536: the repacked kernel's per-token scratch */
 /* N rows of Q4_K / Q5_K / Q6_K (N, K) -> PXL_Q4_KR / PXL_Q5_KR / PXL_Q6_KR blocks */
 void pxl_repack_qk(int fmt, size_t N, size_t K, const void *W, void *out);
+#if defined(__AVX512BW__)
+#include <immintrin.h>
+/* q | the bit `bit` of every byte of h, moved to bit 4 (PXL_Q5_KR's fifth bits over quants q of
+ * bits 0-3): one 16-bit-lane shift (at most 4 left, 3 right: no neighbouring byte's bit reaches
+ * bit 4) and one ternary-logic q | (h' & 0x10) */
+static inline __m512i pxl_or_bit4(__m512i q, __m512i h, const int bit) {
+    const __m512i s =
+        bit <= 4 ? _mm512_slli_epi16(h, (unsigned)(4 - bit)) : _mm512_srli_epi16(h, (unsigned)(bit - 4));
+    return _mm512_ternarylogic_epi32(q, s, _mm512_set1_epi8(0x10), 0xf8); /* a | (b & c) */
+}
+#endif
 /* the repacked format of a K-quant as stored */
 static inline int pxl_kr_of(int fmt) { return fmt == PXL_Q4_K ? PXL_Q4_KR : fmt == PXL_Q5_K ? PXL_Q5_KR : PXL_Q6_KR; }
 

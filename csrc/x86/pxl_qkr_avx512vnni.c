@@ -12,8 +12,8 @@
 
 /* Weights are prefetched this far ahead in the block stream, into L2: the decode kernels do
  * enough arithmetic per line that too few demand misses are in flight to keep DRAM busy, and
- * 2 KiB ahead into L1 covered too little of its latency. A block's lines (37 of Q4_K, 53 of
- * Q6_K, from the block's size) are prefetched a few per step of its loop: all at the block's
+ * 2 KiB ahead into L1 covered too little of its latency. A block's lines (37 of Q4_K, 45 of
+ * Q5_K, 53 of Q6_K, from the block's size) are prefetched a few per step of its loop: all at the block's
  * start, they queue for the core's few line-fill buffers and hold up the loads behind them */
 #define QPF (16 << 10)
 
@@ -27,15 +27,10 @@ PXL_INLINE void prefetch_share(const void *b, int lines, int per, int j) {
  * register costs a vector ALU slot, these kernels' bottleneck */
 PXL_INLINE __m512i bcast4(const void *p) { return _mm512_broadcastd_epi32(_mm_loadu_si32(p)); }
 
-/* bit `bit` of every byte of h at bit 4 (other bits: garbage to mask) */
-PXL_INLINE __m512i at_bit4(__m512i h, const int bit) {
-    return bit <= 4 ? _mm512_slli_epi16(h, (unsigned)(4 - bit)) : _mm512_srli_epi16(h, (unsigned)(bit - 4));
-}
-
 /* one Q4_K (q5: Q5_K) 16-row block, T tokens: y[t * ldy + r] for r < rows */
 PXL_INLINE void block16(const int T, const int q5, size_t nb, const void *W, const pxl_q8k *x,
                         const int16_t *const *bsp, float *y, size_t ldy, size_t rows) {
-    const __m512i m4 = _mm512_set1_epi8(0x0f), bit4 = _mm512_set1_epi8(0x10);
+    const __m512i m4 = _mm512_set1_epi8(0x0f);
     __m512 acc[PXL_QKR_T];
     for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
     const size_t bs = q5 ? sizeof(pxl_block_q5_Kx16) : sizeof(pxl_block_q4_Kx16);
@@ -52,10 +47,7 @@ PXL_INLINE void block16(const int T, const int q5, size_t nb, const void *W, con
             for (int p = 0; p < 4; p++) {
                 __m512i v = _mm512_loadu_si512((const void *)(b->qs + 64 * (4 * j + p)));
                 __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-                if (q5) { /* the fifth bits: 2p of the low nibbles, 2p + 1 of the high ones */
-                    lo = _mm512_or_si512(lo, _mm512_and_si512(at_bit4(h, 2 * p), bit4));
-                    hi = _mm512_or_si512(hi, _mm512_and_si512(at_bit4(h, 2 * p + 1), bit4));
-                }
+                if (q5) lo = pxl_or_bit4(lo, h, 2 * p), hi = pxl_or_bit4(hi, h, 2 * p + 1); /* fifth bits */
                 for (int t = 0; t < T; t++) {
                     const int8_t *q = x[t].q + i * PXL_QK_K + 32 * j + 8 * p;
                     dot[t] = _mm512_dpbusd_epi32(dot[t], lo, bcast4(q));

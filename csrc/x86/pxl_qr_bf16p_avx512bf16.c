@@ -84,17 +84,12 @@ PXL_INLINE void kr_block(int fmt, const void *blk, __mmask32 valid, uint16_t *pa
         c = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(c), _mm512_set1_epi32((int)0x80000000u)));
         __m512 alo = _mm512_permutexvar_ps(DUP_LO, a), ahi = _mm512_permutexvar_ps(DUP_HI, a);
         __m512 clo = _mm512_permutexvar_ps(DUP_LO, c), chi = _mm512_permutexvar_ps(DUP_HI, c);
-        const __m512i h = qh ? _mm512_loadu_si512(qh + 64 * j) : m4, bit4 = _mm512_set1_epi8(0x10);
+        const __m512i h = qh ? _mm512_loadu_si512(qh + 64 * j) : m4;
         for (int p = 4 * j; p < 4 * j + 4; p++) { /* vector p: values 8p .. 8p + 7 */
             __m512i v = _mm512_loadu_si512(b->qs + 64 * p);
             __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-            if (qh) { /* the fifth bits at bit 4: bit 2(p - 4j) of h for the low nibbles, the next for the high */
-                const int s = 2 * (p - 4 * j); /* 0, 2, 4, 6 */
-                __m512i hl = s <= 4 ? _mm512_slli_epi16(h, (unsigned)(4 - s)) : _mm512_srli_epi16(h, 2);
-                __m512i hh = s < 4 ? _mm512_slli_epi16(h, (unsigned)(3 - s)) : _mm512_srli_epi16(h, (unsigned)(s - 3));
-                lo = _mm512_or_si512(lo, _mm512_and_si512(hl, bit4));
-                hi = _mm512_or_si512(hi, _mm512_and_si512(hh, bit4));
-            }
+            if (qh) /* the fifth bits: bit 2(p - 4j) of h for the low nibbles, the next for the high */
+                lo = pxl_or_bit4(lo, h, 2 * (p - 4 * j)), hi = pxl_or_bit4(hi, h, 2 * (p - 4 * j) + 1);
             two_pairs(lo, alo, ahi, clo, chi, 1, 0, valid, panel, kp0 + 4 * p, g);
             two_pairs(hi, alo, ahi, clo, chi, 1, 0, valid, panel, kp0 + 4 * p + 2, g);
         }

@@ -25,8 +25,8 @@ SHAPES = [(576, 192), (576, 576), (576, 1536), (1536, 576), (576, 49152), (4096,
 # of 16 gate and 16 up rows each ("gated": N = 1536 outputs from 2 x 1536 weight rows; torch: two mms,
 # silu, mul)
 GATED = (576, 1536)
-FORMATS = ("fp32", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q6_k")
-K_QUANTS = ("q4_k", "q6_k")  # 256-weight super-blocks: K a multiple of 256
+FORMATS = ("fp32", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k")
+K_QUANTS = ("q4_k", "q5_k", "q6_k")  # 256-weight super-blocks: K a multiple of 256
 
 
 def _time(fn, min_time: float = 0.2) -> float:
@@ -87,14 +87,14 @@ def _packed(lib, code: int, w: np.ndarray, N: int, K: int) -> tuple[np.ndarray, 
 
 
 def _k_blocks(rng: np.random.Generator, N: int, K: int, fmt: str) -> np.ndarray:
-    """Random Q4_K / Q6_K blocks, uint8 (N, K/256 * block bytes): random quants and sub-block
-    scales, small positive fp16 super-block scales (Q4_K's d and dmin, Q6_K's d)."""
+    """Random Q4_K / Q5_K / Q6_K blocks, uint8 (N, K/256 * block bytes): random quants and
+    sub-block scales, small positive fp16 super-block scales (Q4_K's and Q5_K's d and dmin, Q6_K's d)."""
     from graph_export.quant import FORMATS as QUANT_FORMATS
 
     nb, nbytes = K // 256, QUANT_FORMATS[fmt][1]
     blocks = rng.integers(0, 256, (N, nb, nbytes), dtype=np.uint8)
     d = (rng.random((N, nb, 1)) * 1e-3 + 1e-4).astype(np.float16).view(np.uint8)  # (N, nb, 2)
-    for at in ((0, 2) if fmt == "q4_k" else (208,)):  # where the block keeps its fp16 scales
+    for at in ((0, 2) if fmt in ("q4_k", "q5_k") else (208,)):  # where the block keeps its fp16 scales
         blocks[..., at:at + 2] = d
     return blocks.reshape(N, nb * nbytes)
 
