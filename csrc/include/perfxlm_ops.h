@@ -48,8 +48,9 @@ void pxl_commit(void *p, size_t bytes);
 void pxl_set_batch_invariant(int on);
 int pxl_batch_invariant(void);
 /* the activations quantised Linear weights (Q8_0 / Q4_0 / Q4_1 blocks; the K-quants' where
- * pxl_abi.h says) multiply (PXL_QX_*, pxl_abi.h). Returns -1 (and changes nothing) for a mode the active kernel set cannot run:
- * bf16 needs its qr_bf16p kernel. Process-wide, like the above. */
+ * pxl_abi.h says) multiply (PXL_QX_*, pxl_abi.h). Returns -1 (and changes nothing) for a mode
+ * the active kernel set cannot run: bf16 needs its qr_bf16p kernel. Process-wide, like the
+ * above. */
 int pxl_set_quant_x(int mode);
 int pxl_quant_x(void);
 

@@ -185,9 +185,9 @@ static void *make_weights(int fmt, size_t N, size_t K, double *deq) {
     return w;
 }
 
-static const char *fmt_name[] = {"f32", "bf16", "q8_0", "q4_0", "q4_1", "bf16 packed", "f32 packed",
-                                  "q8_0 x16", "q4_0 x16", "q4_1 x16", "q4_K", "q5_K", "q6_K", "q4_K x16", "q6_K x16", "f16",
-                                  "q5_K x16"};
+static const char *fmt_name[] = {"f32", "bf16", "q8_0", "q4_0", "q4_1", "bf16 packed",
+                                  "f32 packed", "q8_0 x16", "q4_0 x16", "q4_1 x16", "q4_K", "q5_K",
+                                  "q6_K", "q4_K x16", "q6_K x16", "f16", "q5_K x16"};
 _Static_assert(sizeof fmt_name / sizeof fmt_name[0] == PXL_NFMT, "a name for every format");
 
 /* repacked blocks times bf16 x with exact weights (PXL_QX_BF16: decode-sized T, or every T
