@@ -47,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     gemv.add_argument("--baseline-lib", default=None, metavar="PATH",
                       help="another build of libperfxlm_kernels.so (e.g. the last commit's) timed beside ours, "
                            "alternating, in this process")
+    gemv.add_argument("--cold", action="store_true",
+                      help="each call reads the next of enough weight copies to fill twice the last-level cache, "
+                           "so they come from memory as in a model's decode step (default: one copy, which a "
+                           "small shape keeps in the caches)")
     gemv.add_argument("--output-json", default=None, help="also write the rows as JSON")
     att = bsub.add_parser("attention", help="paged attention, decode and prefill over many layers' caches: ours, "
                                              "torch's SDPA")
@@ -174,8 +178,10 @@ def _bench_gemv(args: argparse.Namespace) -> int:
         raise SystemExit(f"perfxlm bench gemv: --shapes {not_256}: K must be a multiple of 256 for --formats {kq} "
                          "(e.g. --shapes 2048x2048,2048x8192,8192x2048)")
     baseline = _baseline_lib("gemv", args.baseline_lib)
-    rows = gemv.run(threads, formats, args.rows, baseline, shapes)
-    print(f"{'bs=1 GEMV' if args.rows == 1 else f'GEMM with {args.rows} rows'}, {threads} threads; ours: {library.load().pxl_isa().decode()} kernels; "
+    rows = gemv.run(threads, formats, args.rows, baseline, shapes, args.cold)
+    print(f"{'bs=1 GEMV' if args.rows == 1 else f'GEMM with {args.rows} rows'}, {threads} threads"
+          f"{f', weights from memory (copies filling {2 * gemv.last_level_cache_bytes() >> 20} MiB)' if args.cold else ''}"
+          f"; ours: {library.load().pxl_isa().decode()} kernels; "
           f"OpenBLAS {openblas.corename()}; torch {__import__('torch').__version__}"
           + (f"; baseline: {args.baseline_lib}, {baseline.pxl_isa().decode()} kernels" if baseline else ""))
     return _report(gemv.report(rows), rows, args.output_json)

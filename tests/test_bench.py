@@ -8,6 +8,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from perfxlm import cli
@@ -199,6 +200,59 @@ def test_gemv_bench_times_a_baseline_library_beside_ours(monkeypatch, tmp_path, 
         assert r["baseline_us"] > 0 and r["baseline_max_abs_diff"] == 0.0, r
     with pytest.raises(SystemExit, match=r"perfxlm bench gemv: --baseline-lib \S*nowhere\.so: "):
         cli.main(["bench", "gemv", "--baseline-lib", str(tmp_path / "nowhere.so")])
+
+
+def test_gemv_cold_rotation_fills_twice_the_last_level_cache(monkeypatch):
+    """--cold's weights: the array and copies of it, together at least twice the last-level cache,
+    each call the next one's address in turn; without --cold the one array."""
+    monkeypatch.setattr(gemv, "last_level_cache_bytes", lambda: 2500)
+    a = np.arange(250, dtype=np.float32)  # 1000 bytes: 5 arrays hold 2 x 2500
+    cold = gemv.Rotation(a, cold=True)
+    assert len(cold.arrays) == 5 and all(np.array_equal(c, a) for c in cold.arrays)
+    addresses = [cold.next() for _ in range(10)]
+    assert len(set(addresses[:5])) == 5 and addresses[5:] == addresses[:5]
+    assert {c.__array_interface__["data"][0] for c in cold.arrays} == set(addresses)
+    tensors = cold.tensors(lambda c: c.sum())
+    assert [tensors() for _ in range(6)] == [a.sum()] * 6
+    warm = gemv.Rotation(a, cold=False)
+    assert warm.arrays == [a] and warm.next() == warm.next() == a.__array_interface__["data"][0]
+
+
+def test_gemv_bench_cold_reads_each_call_from_its_own_copy(monkeypatch, tmp_path, capsys):
+    """--cold: the same rows, every format's weights rotated (both builds on equal copies: the same
+    bits), and the header says how much memory the copies fill."""
+    copy = _kernels_copy(tmp_path)
+    monkeypatch.setattr(gemv, "last_level_cache_bytes", lambda: 1 << 20)
+    monkeypatch.setattr(gemv, "_time", lambda fn, min_time=0.2: ([fn() for _ in range(3)], 1e-6)[1])
+    used: dict = {}  # each rotation (kept alive here): its addresses, in the order the calls took them
+    next_copy = gemv.Rotation.next
+    monkeypatch.setattr(gemv.Rotation, "next", lambda self: used.setdefault(self, []).append(next_copy(self))
+                        or used[self][-1])
+    out = tmp_path / "gemv.json"
+    assert cli.main(["bench", "gemv", "--formats", "fp32,bf16,q4_0", "--rows", "4", "--shapes", "64x48", "--cold",
+                     "--baseline-lib", str(copy), "--output-json", str(out)]) == 0
+    assert "weights from memory (copies filling 2 MiB)" in capsys.readouterr().out
+    rows = json.loads(out.read_text())
+    assert [r["format"] for r in rows] == ["fp32", "bf16", "bf16 x/y", "q4_0"]
+    for r in rows:
+        assert r["baseline_max_abs_diff"] == 0.0 and r["torch_us"] > 0, r
+    # ours, the baseline's, OpenBLAS's: each call reads the next copy, all of them before any again
+    assert len(used) >= 8
+    for rotation, a in used.items():
+        n = len(rotation.arrays)
+        assert n > 100 and len(a) >= 3 and len(set(a[:n])) == min(len(a), n) and a[n:] == a[:len(a) - n], a
+
+
+def test_last_level_cache_is_the_largest_level_linux_lists(monkeypatch, tmp_path):
+    for level, size in ((1, "48K"), (2, "2048K"), (3, "480M")):
+        (tmp_path / f"index{level}").mkdir()
+        (tmp_path / f"index{level}" / "level").write_text(f"{level}\n")
+        (tmp_path / f"index{level}" / "size").write_text(f"{size}\n")
+    real = gemv.Path
+    monkeypatch.setattr(gemv, "Path", lambda p: tmp_path if p == "/sys/devices/system/cpu/cpu0/cache" else real(p))
+    assert gemv.last_level_cache_bytes() == 480 << 20
+    monkeypatch.setattr(gemv, "Path", lambda p: tmp_path / "none")
+    assert gemv.last_level_cache_bytes() == 64 << 20
 
 
 def test_gemv_bench_times_k_quants_on_whole_super_blocks(monkeypatch, tmp_path):

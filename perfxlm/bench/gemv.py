@@ -10,12 +10,17 @@ our kernels (K-quants: random blocks, which gguf's Python side cannot quantise t
 time the same); bf16 with torch's bf16 mm, which takes bf16 x and y: the "bf16 x/y" row runs
 ours so too. With a baseline library (another build of our kernels) both builds run on the
 same x, each on its own packed copy of the weights, their calls alternating, and the table adds
-the baseline's time.
+the baseline's time. Cold (--cold): each call reads the next of enough copies of its weights to
+fill twice the last-level cache, so they come from memory as a model's decode step streams them;
+otherwise a shape small enough stays in the caches from call to call.
 """
 
 import ctypes
+import itertools
 import statistics
 import time
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -74,6 +79,41 @@ def _row(fmt: str, rows: int, K: int, N: int, ours: float, torch_us: float, nbyt
             "ours_GBs": nbytes / ours / 1e9, "ours_GFLOPs": flops / ours / 1e9, "weight_MB": nbytes / 1e6, **extra}
 
 
+def last_level_cache_bytes() -> int:
+    """The largest cache's size as Linux reports it for CPU 0 (64 MiB where it does not)."""
+    sizes = {}
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            level, size = int((index / "level").read_text()), (index / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
+        sizes[level] = int(size.rstrip("KMG")) * unit
+    return sizes[max(sizes)] if sizes else 64 << 20
+
+
+class Rotation:
+    """An array and, when cold, copies of it filling twice the last-level cache; `next()` gives the
+    next one's address (`tensors()` the same copies as torch tensors), so successive calls each
+    read weights no earlier call left in the caches."""
+
+    def __init__(self, a: np.ndarray, cold: bool):
+        from hw_plugins.cpu.plugin import host_zeros
+
+        self.arrays = [a]
+        for _ in range(-(-2 * last_level_cache_bytes() // a.nbytes) - 1 if cold else 0):
+            self.arrays.append(host_zeros(a.shape, a.dtype))
+            self.arrays[-1][...] = a
+        self._addresses = itertools.cycle([c.__array_interface__["data"][0] for c in self.arrays])
+
+    def next(self) -> int:
+        return next(self._addresses)
+
+    def tensors(self, as_torch: Callable) -> Callable:
+        """A function giving as_torch(copy) for each copy in turn (converted once, here)."""
+        return itertools.cycle([as_torch(c) for c in self.arrays]).__next__
+
+
 def _packed(lib, code: int, w: np.ndarray, N: int, K: int) -> tuple[np.ndarray, int]:
     """W as lib runs it: its kernel set's packed copy where it has one, else as it is."""
     from hw_plugins.cpu import library
@@ -111,7 +151,7 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 
 
 def run(threads: int, formats: list[str], rows: int = 1, baseline: ctypes.CDLL | None = None,
-        shapes: list[tuple[int, int]] | None = None) -> list[dict]:
+        shapes: list[tuple[int, int]] | None = None, cold: bool = False) -> list[dict]:
     import ml_dtypes
     import torch
 
@@ -135,57 +175,61 @@ def run(threads: int, formats: list[str], rows: int = 1, baseline: ctypes.CDLL |
             y = np.empty((rows, N), np.float32)
             if fmt == "fp32":
                 w, x, code, nbytes = w32, x32, library.F32, w32.nbytes
-                tw, tx = torch.from_numpy(w32), torch.from_numpy(x32)
+                tw, tx = Rotation(w32, cold).tensors(torch.from_numpy), torch.from_numpy(x32)
             elif fmt == "bf16":  # as the cpu engine runs bf16 models: float32 x and y, bf16 weights
                 w, x = w32.astype(ml_dtypes.bfloat16), x32
                 code, nbytes = library.BF16, w.nbytes
-                tw = torch.from_numpy(w.view(np.int16)).view(torch.bfloat16)
+                tw = Rotation(w.view(np.int16), cold).tensors(lambda a: torch.from_numpy(a).view(torch.bfloat16))
                 tx = torch.from_numpy(x32).to(torch.bfloat16)  # torch: its bf16 mm on bf16 x, as vLLM's CPU path
             else:  # GGUF blocks: torch and OpenBLAS get the dequantised fp32 weights
                 w = _k_blocks(rng, N, K, fmt) if fmt in K_QUANTS else quantize(w32, fmt)
                 x, code, nbytes = x32, library.FORMATS.index(fmt.upper()), w.nbytes
-                tw, tx = torch.from_numpy(dequantize(w, fmt)), torch.from_numpy(x32)
+                tw = Rotation(dequantize(w, fmt), cold).tensors(torch.from_numpy)
+                tx = torch.from_numpy(x32)
             w_plain, code_plain = w, code
             w, code = _packed(lib, code, w, N, K)  # what the engine runs: the kernel set's packed copy
             # x and y on cache lines too, as the engine's activation buffers are
             xa, y = host_zeros(x.shape, x.dtype), host_zeros(y.shape, y.dtype)
             xa[...] = x
             x = xa
-            pw, px, py = (a.__array_interface__["data"][0] for a in (w, x, y))
+            pw, px, py = Rotation(w, cold), *(a.__array_interface__["data"][0] for a in (x, y))
             theirs = None
             if baseline is not None:
                 bw, bcode = _packed(baseline, code_plain, w_plain, N, K)
                 by = host_zeros(y.shape, y.dtype)
-                pbw, pby = bw.__array_interface__["data"][0], by.__array_interface__["data"][0]
-                theirs = (lambda: baseline.pxl_linear(library.F32, bcode, rows, N, K, px, pbw, None, pby),
+                pbw, pby = Rotation(bw, cold), by.__array_interface__["data"][0]
+                theirs = (lambda: baseline.pxl_linear(library.F32, bcode, rows, N, K, px, pbw.next(), None, pby),
                           lambda: np.abs(y - by).max())
-            ours, base_row = _timed(lambda: lib.pxl_linear(library.F32, code, rows, N, K, px, pw, None, py), theirs)
+            ours, base_row = _timed(lambda: lib.pxl_linear(library.F32, code, rows, N, K, px, pw.next(), None, py),
+                                    theirs)
             ty = torch.empty((rows, N), dtype=tx.dtype)
-            ref = _time(lambda: torch.mm(tx, tw.t(), out=ty))
+            ref = _time(lambda: torch.mm(tx, tw().t(), out=ty))
             row = _row(fmt, rows, K, N, ours, ref * 1e6, nbytes, 2 * rows * N * K, **base_row)
             if fmt != "bf16":  # scipy-openblas32 has no bf16 routines
-                wb = w32 if fmt == "fp32" else np.ascontiguousarray(tw.numpy())
+                wb = Rotation(w32 if fmt == "fp32" else np.ascontiguousarray(tw().numpy()), cold)
                 yb = np.empty((rows, N), np.float32)
-                pwb, pxb, pyb = (a.__array_interface__["data"][0] for a in (wb, x32, yb))
+                pxb, pyb = (a.__array_interface__["data"][0] for a in (x32, yb))
                 if rows == 1:
-                    args = [openblas.ROW_MAJOR, openblas.NO_TRANS, N, K, ctypes.c_float(1.0), pwb, K, pxb, 1,
-                            ctypes.c_float(0.0), pyb, 1]
-                    row["openblas_us"] = _time(lambda: blas.scipy_cblas_sgemv(*args)) * 1e6
+                    def sgemv():
+                        blas.scipy_cblas_sgemv(openblas.ROW_MAJOR, openblas.NO_TRANS, N, K, ctypes.c_float(1.0),
+                                               wb.next(), K, pxb, 1, ctypes.c_float(0.0), pyb, 1)
+                    row["openblas_us"] = _time(sgemv) * 1e6
                 else:
-                    args = [openblas.ROW_MAJOR, openblas.NO_TRANS, openblas.TRANS, rows, N, K, ctypes.c_float(1.0), pxb,
-                            K, pwb, K, ctypes.c_float(0.0), pyb, N]
-                    row["openblas_us"] = _time(lambda: blas.scipy_cblas_sgemm(*args)) * 1e6
+                    def sgemm():
+                        blas.scipy_cblas_sgemm(openblas.ROW_MAJOR, openblas.NO_TRANS, openblas.TRANS, rows, N, K,
+                                               ctypes.c_float(1.0), pxb, K, wb.next(), K, ctypes.c_float(0.0), pyb, N)
+                    row["openblas_us"] = _time(sgemm) * 1e6
             table.append(row)
             if fmt == "bf16":
-                table.append(_bf16_xy(lib, code, w, rows, N, K, x32, y, row["torch_us"], nbytes,
-                                      None if baseline is None else (baseline, bcode, bw)))
+                table.append(_bf16_xy(lib, code, pw, rows, N, K, x32, y, row["torch_us"], nbytes,
+                                      None if baseline is None else (baseline, bcode, pbw)))
             if fmt in ("fp32", "bf16") and (K, N) == GATED and code in (library.F32P, library.BF16P):
                 table.append(_gated(lib, library.F32 if fmt == "fp32" else library.BF16, code, rows, N, K, w32, x, tx,
-                                    tw, baseline))
+                                    tw(), baseline, cold))
     return table
 
 
-def _bf16_xy(lib, code: int, w: np.ndarray, rows: int, N: int, K: int, x32: np.ndarray, y32: np.ndarray,
+def _bf16_xy(lib, code: int, w: Rotation, rows: int, N: int, K: int, x32: np.ndarray, y32: np.ndarray,
              torch_us: float, nbytes: int, baseline: tuple | None) -> dict:
     """The "bf16 x/y" row: the bf16 row's kernel on bf16 x and y, as torch's mm (and vLLM's bf16
     models) run it, so the difference from the bf16 row is what float32 activations cost (x
@@ -200,8 +244,8 @@ def _bf16_xy(lib, code: int, w: np.ndarray, rows: int, N: int, K: int, x32: np.n
     x[...] = x32.astype(ml_dtypes.bfloat16).view(np.uint16)
     def call(lib, code, w):
         y = host_zeros((rows, N), np.uint16)
-        px, pw, py = (a.__array_interface__["data"][0] for a in (x, w, y))
-        return y, lambda: lib.pxl_linear(library.BF16, code, rows, N, K, px, pw, None, py)
+        px, py = (a.__array_interface__["data"][0] for a in (x, y))
+        return y, lambda: lib.pxl_linear(library.BF16, code, rows, N, K, px, w.next(), None, py)
 
     def widened(y):
         return y.view(ml_dtypes.bfloat16).astype(np.float32)
@@ -216,7 +260,8 @@ def _bf16_xy(lib, code: int, w: np.ndarray, rows: int, N: int, K: int, x32: np.n
     return _row("bf16 x/y", rows, K, N, ours, torch_us, nbytes, 2 * rows * N * K, bf16_row_max_rel=rel, **base_row)
 
 
-def _gated(lib, wfmt: int, code: int, rows: int, N: int, K: int, w32, x, tx, tw, baseline=None) -> dict:
+def _gated(lib, wfmt: int, code: int, rows: int, N: int, K: int, w32, x, tx, tw, baseline=None,
+           cold: bool = False) -> dict:
     """The gated row: pxl_linear_silu on gate and up (wfmt: fp32 or bf16) packed as the engine packs
     them (gate = the shape's weights, up = them reversed), float32 x and y, vs torch's
     silu(x Wg^T) * (x Wu^T); and the baseline's, where it packs the same format."""
@@ -233,17 +278,23 @@ def _gated(lib, wfmt: int, code: int, rows: int, N: int, K: int, w32, x, tx, tw,
         lib.pxl_pack_gated(wfmt, N, K, *(a.__array_interface__["data"][0] for a in (wg, wu, packed)))
         return packed
 
-    packed, y = pack(lib), host_zeros((rows, N), np.float32)
-    px, pw, py = (a.__array_interface__["data"][0] for a in (x, packed, y))
+    packed, y = Rotation(pack(lib), cold), host_zeros((rows, N), np.float32)
+    px, py = (a.__array_interface__["data"][0] for a in (x, y))
     theirs = None
     if baseline is not None and baseline.pxl_packed_bytes(wfmt, N, K):
-        bpacked, by = pack(baseline), host_zeros((rows, N), np.float32)
-        pbw, pby = bpacked.__array_interface__["data"][0], by.__array_interface__["data"][0]
-        theirs = (lambda: baseline.pxl_linear_silu(library.F32, code, rows, N, K, px, pbw, pby),
+        bpacked, by = Rotation(pack(baseline), cold), host_zeros((rows, N), np.float32)
+        pby = by.__array_interface__["data"][0]
+        theirs = (lambda: baseline.pxl_linear_silu(library.F32, code, rows, N, K, px, bpacked.next(), pby),
                   lambda: np.abs(y - by).max())
-    ours, base_row = _timed(lambda: lib.pxl_linear_silu(library.F32, code, rows, N, K, px, pw, py), theirs)
-    twu = torch.flip(tw, [0]).contiguous()
-    ref = _time(lambda: torch.nn.functional.silu(tx @ tw.t()) * (tx @ twu.t()))
+    ours, base_row = _timed(lambda: lib.pxl_linear_silu(library.F32, code, rows, N, K, px, packed.next(), py), theirs)
+    pair = torch.stack([tw, torch.flip(tw, [0])])  # gate, up
+    raw = pair.view(torch.int16) if pair.dtype == torch.bfloat16 else pair  # numpy has no bf16
+    pairs = Rotation(raw.numpy(), cold).tensors(lambda a: torch.from_numpy(a).view(pair.dtype))
+
+    def ref_fn():
+        gate, up = pairs()
+        return torch.nn.functional.silu(tx @ gate.t()) * (tx @ up.t())
+    ref = _time(ref_fn)
     nbytes = wg.nbytes + wu.nbytes
     return _row("gated", rows, K, N, ours, ref * 1e6, nbytes, 4 * rows * N * K, **base_row)
 
