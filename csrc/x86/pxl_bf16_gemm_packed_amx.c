@@ -7,7 +7,7 @@
  * whole panel leave by tile stores; others through the AVX512-BF16 kernel's own stores
  * (pxl_bf16p_store_avx512bf16), so the roundings, the gated SiLU-mul and the streamed logits
  * are that kernel's. A row's sums depend on its own x only, whatever rm is. K not a multiple
- * of 32 runs the AVX512-BF16 kernel, and so do decode calls (AVX_MAX_RM). */
+ * of 32 runs the AVX512-BF16 kernel, and so do the smallest decode calls (AVX_MAX_RM). */
 #include "pxl_amx.h"
 #include "pxl_kernels.h"
 
@@ -90,10 +90,11 @@ static inline void product(int rm, size_t K, const uint16_t *X, size_t ldx, cons
     }
 }
 
-/* Calls of up to this many rows (decode steps) run the AVX512-BF16 kernel: streaming the weights
- * from DRAM, it kept 10 % more decode tokens/s than the tiles (1B-class bf16, W2). With
- * PXL_BATCH_INVARIANT every call takes the tiles, so a token's sums never depend on its batch. */
-#define AVX_MAX_RM 4
+/* Calls of up to this many rows (decode steps of 1-3 sequences) run the AVX512-BF16 kernel:
+ * streaming the weights from DRAM, it kept more decode tokens/s than the tiles at 1 and 2
+ * rows, as many at 3, and fewer from 4 (1B-class bf16). With PXL_BATCH_INVARIANT every call
+ * takes the tiles, so a token's sums never depend on its batch. */
+#define AVX_MAX_RM 3
 
 /* The AVX512-BF16 kernels take up to PXL_PANEL_RM rows a call. */
 #define ENTRY(name, out, YT, fallback)                                                                            \
