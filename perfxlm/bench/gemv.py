@@ -173,19 +173,22 @@ def run(threads: int, formats: list[str], rows: int = 1, baseline: ctypes.CDLL |
         x32 = rng.standard_normal((rows, K)).astype(np.float32)
         for fmt in formats:
             y = np.empty((rows, N), np.float32)
+            # ref_w: the weights torch (and, but for bf16, OpenBLAS) multiply
             if fmt == "fp32":
                 w, x, code, nbytes = w32, x32, library.F32, w32.nbytes
-                tw, tx = Rotation(w32, cold).tensors(torch.from_numpy), torch.from_numpy(x32)
+                ref_w, tx = Rotation(w32, cold), torch.from_numpy(x32)
+                tw = ref_w.tensors(torch.from_numpy)
             elif fmt == "bf16":  # as the cpu engine runs bf16 models: float32 x and y, bf16 weights
                 w, x = w32.astype(ml_dtypes.bfloat16), x32
                 code, nbytes = library.BF16, w.nbytes
-                tw = Rotation(w.view(np.int16), cold).tensors(lambda a: torch.from_numpy(a).view(torch.bfloat16))
+                ref_w = Rotation(w.view(np.int16), cold)  # numpy has no bf16
+                tw = ref_w.tensors(lambda a: torch.from_numpy(a).view(torch.bfloat16))
                 tx = torch.from_numpy(x32).to(torch.bfloat16)  # torch: its bf16 mm on bf16 x, as vLLM's CPU path
             else:  # GGUF blocks: torch and OpenBLAS get the dequantised fp32 weights
                 w = _k_blocks(rng, N, K, fmt) if fmt in K_QUANTS else quantize(w32, fmt)
                 x, code, nbytes = x32, library.FORMATS.index(fmt.upper()), w.nbytes
-                tw = Rotation(dequantize(w, fmt), cold).tensors(torch.from_numpy)
-                tx = torch.from_numpy(x32)
+                ref_w, tx = Rotation(np.ascontiguousarray(dequantize(w, fmt)), cold), torch.from_numpy(x32)
+                tw = ref_w.tensors(torch.from_numpy)
             w_plain, code_plain = w, code
             w, code = _packed(lib, code, w, N, K)  # what the engine runs: the kernel set's packed copy
             # x and y on cache lines too, as the engine's activation buffers are
@@ -206,7 +209,7 @@ def run(threads: int, formats: list[str], rows: int = 1, baseline: ctypes.CDLL |
             ref = _time(lambda: torch.mm(tx, tw().t(), out=ty))
             row = _row(fmt, rows, K, N, ours, ref * 1e6, nbytes, 2 * rows * N * K, **base_row)
             if fmt != "bf16":  # scipy-openblas32 has no bf16 routines
-                wb = Rotation(w32 if fmt == "fp32" else np.ascontiguousarray(tw().numpy()), cold)
+                wb = ref_w
                 yb = np.empty((rows, N), np.float32)
                 pxb, pyb = (a.__array_interface__["data"][0] for a in (x32, yb))
                 if rows == 1:
