@@ -103,11 +103,16 @@ void pxl_run_packed_kblock(const pxl_kernel_set *ks, size_t T, size_t K, size_t 
     const size_t rmax = (size_t)ks->bf16p_rm, t1 = t0 + PXL_T_CHUNK < T ? t0 + PXL_T_CHUNK : T,
                  kc = K - k0 < PXL_KC ? K - k0 : PXL_KC;
     size_t calls = (t1 - t0 + rmax - 1) / rmax, base = (t1 - t0) / calls, extra = (t1 - t0) % calls;
+    const size_t lines = kc * PXL_PANEL * 2 / 64; /* cache lines of a panel's block */
     for (size_t n = n0; n < n1; n += PXL_PANEL) { /* a panel's K rows k0 .. : [K/2][32][2] */
         const uint16_t *w = Wp + n * K + k0 * PXL_PANEL;
+        /* the next panel's block, a share a call, as pxl_run_packed prefetches the next panel */
+        const char *next = n + PXL_PANEL < n1 ? (const char *)(w + K * PXL_PANEL) : NULL;
         for (size_t c = 0, t = t0; c < calls; c++) {
             int rm = (int)(base + (c < extra));
-            ks->gemm_bf16p_acc(rm, kc, X + t * ldx + k0, ldx, w, Y + t * ldy + n, ldy, k0 > 0);
+            size_t l0 = next ? lines * c / calls : 0, l1 = next ? lines * (c + 1) / calls : 0;
+            ks->gemm_bf16p_acc(rm, kc, X + t * ldx + k0, ldx, w, Y + t * ldy + n, ldy, k0 > 0,
+                               next ? next + l0 * 64 : NULL, l1 - l0);
             t += rm;
         }
     }

@@ -50,9 +50,10 @@ typedef void (*pxl_gemm_p_fn)(int rm, size_t K, const void *X, size_t ldx, const
                               int nvalid, const void *pf, size_t npf);
 /* Y (rm <= bf16p_rm rows x 32 fp32, ldy apart) = (accumulate ? Y : 0) + X (rm, K bf16) . a
  * packed panel's K rows (K a multiple of 32): one block of a long K, the sums passing through
- * Y from block to block exactly (the same bits as one pass) */
+ * Y from block to block exactly (the same bits as one pass). Prefetches npf lines from pf, as
+ * pxl_gemm_p_fn does */
 typedef void (*pxl_gemm_p_acc_fn)(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy,
-                                  int accumulate);
+                                  int accumulate, const void *pf, size_t npf);
 /* the same product rounded to bf16 (as pxl_f32_to_bf16) and stored to y (ldy) by the kernel
  * itself: no fp32 tile goes through memory between the sums and the output */
 typedef void (*pxl_gemm_p_bf16_fn)(int rm, size_t K, const void *X, size_t ldx, const void *Wp, uint16_t *y,
@@ -170,7 +171,7 @@ void pxl_gemm_bf16p_silu_amx(int rm, size_t K, const void *X, size_t ldx, const 
 void pxl_gemm_bf16p_wide_amx(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy,
                              int nvalid, const void *pf, size_t npf);
 void pxl_gemm_bf16p_acc_amx(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy,
-                            int accumulate);
+                            int accumulate, const void *pf, size_t npf);
 void pxl_attn_config_amx(int rows);
 void pxl_attn_kt_amx(size_t hd, const char *const *kr, uint16_t *kt);
 void pxl_attn_qk_amx(size_t hd, const uint16_t *qa, const uint16_t *kt, float *s, size_t lds);

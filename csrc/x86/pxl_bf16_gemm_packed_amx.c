@@ -127,8 +127,8 @@ ENTRY(pxl_gemm_bf16p_wide_amx, 3, float, pxl_gemm_bf16p_wide_avx512bf16)
 
 /* one block of a long K on the tiles, whatever rm (pxl_gemm_p_acc_fn) */
 void pxl_gemm_bf16p_acc_amx(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy,
-                            int accumulate) {
-    product(rm, K, X, ldx, Wp, Y, ldy, accumulate, NULL, 0);
+                            int accumulate, const void *pf, size_t npf) {
+    product(rm, K, X, ldx, Wp, Y, ldy, accumulate, pf, npf);
 }
 
 /* the roofline's bf16 peak on a set with these kernels: 4 independent tile accumulators, each
