@@ -363,9 +363,11 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
 
     /* The columns in chunks of whole panels (or blocks). For a decode-sized T (or a Linear too
      * small for more than a chunk a thread) each thread takes a fixed share, whose panels
-     * prefetch the next in one chain (the weights stream from DRAM). Larger T compute longer
-     * per panel: there the chunks are taken in turn, so a thread whose vCPU runs slow for a
-     * while takes fewer, where fixed shares would leave the other waiting at the op's end. A
+     * prefetch the next in one chain (the weights stream from DRAM). So does a batched decode
+     * that a bf16 panel takes in one call (AMX: up to 32 tokens): it streams its weights too,
+     * and each chunk taken in turn would start on a panel nothing prefetched. Larger T compute
+     * longer per panel: there the chunks are taken in turn, so a thread whose vCPU runs slow for
+     * a while takes fewer, where fixed shares would leave the other waiting at the op's end. A
      * column's sums do not depend on which thread makes them. */
     const size_t unit = gated ? PXL_PANEL / 2 : packed || packed_q ? PXL_PANEL : PXL_QR_ROWS;
     const size_t units = (N + unit - 1) / unit, share = (units + PXL_NTH() - 1) / PXL_NTH();
@@ -375,7 +377,8 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
     const size_t least = (size_t)(CHUNK_MIN_FLOP / (2.0 * T * K * (gated ? 2 : 1) * unit)) + 1;
     per = per > least ? per : least;
     const x_ready xp = {xk, ldx, qbuf, planes, sx};
-    if (T <= PXL_T_PRIVATE || per >= share) {
+    const int one_call = wfmt == PXL_BF16P && ks->bf16p_rm && T <= (size_t)ks->bf16p_rm; /* a call a panel */
+    if (T <= PXL_T_PRIVATE || per >= share || one_call) {
         size_t n0, n1;
         pxl_split(N, unit, &n0, &n1);
         span(ks, dt, odt, gated, yr, wfmt, packed_q, T, K, &xp, W, bias, parts, n0, n1);
