@@ -110,9 +110,9 @@ void pxl_run_packed_kblock(const pxl_kernel_set *ks, size_t T, size_t K, size_t 
         const char *next = n + PXL_PANEL < n1 ? (const char *)(w + K * PXL_PANEL) : NULL;
         for (size_t c = 0, t = t0; c < calls; c++) {
             int rm = (int)(base + (c < extra));
-            size_t l0 = next ? lines * c / calls : 0, l1 = next ? lines * (c + 1) / calls : 0;
+            size_t l0 = lines * c / calls, npf = next || calls == 1 ? lines * (c + 1) / calls - l0 : 0;
             ks->gemm_bf16p_acc(rm, kc, X + t * ldx + k0, ldx, w, Y + t * ldy + n, ldy, k0 > 0,
-                               next ? next + l0 * 64 : NULL, l1 - l0);
+                               next ? next + l0 * 64 : NULL, npf);
             t += rm;
         }
     }
@@ -176,18 +176,19 @@ void pxl_run_packed(const pxl_kernel_set *ks, int f32, size_t T, size_t cols, si
                     const char *xn = (const char *)X + t1 * ldx * es;
                     for (size_t l = xl * g / G; l < xl * (g + 1) / G; l++) __builtin_prefetch(xn + l * 64);
                 }
-                size_t l0 = next ? lines * c / calls : 0, l1 = next ? lines * (c + 1) / calls : 0;
+                /* (a panel's only call streams it, prefetching ahead, with or without a next) */
+                size_t l0 = lines * c / calls, npf = next || calls == 1 ? lines * (c + 1) / calls - l0 : 0;
                 const char *pf = next ? next + l0 * 64 : NULL;
                 const char *x = (const char *)X + t * ldx * es;
                 if (wide && nvalid == PXL_PANEL) {
-                    wide(rm, K, x, ldx, w, (float *)out->y + t * out->ldy + c0 + n, out->ldy, nvalid, pf, l1 - l0);
+                    wide(rm, K, x, ldx, w, (float *)out->y + t * out->ldy + c0 + n, out->ldy, nvalid, pf, npf);
                 } else if (direct) {
-                    direct(rm, K, x, ldx, w, (uint16_t *)out->y + t * out->ldy + c0 + n, out->ldy, nvalid, pf, l1 - l0);
+                    direct(rm, K, x, ldx, w, (uint16_t *)out->y + t * out->ldy + c0 + n, out->ldy, nvalid, pf, npf);
                 } else if (!out) {
-                    gemm(rm, K, x, ldx, w, Y + t * ldy + n, ldy, nvalid, pf, l1 - l0);
+                    gemm(rm, K, x, ldx, w, Y + t * ldy + n, ldy, nvalid, pf, npf);
                 } else { /* through the tile, one call's rows while they are in L1 (a whole chunk's
                           * tile, stored at the panel's end, would leave L1 first) */
-                    gemm(rm, K, x, ldx, w, Y, PXL_PANEL, gated ? PXL_PANEL : nvalid, pf, l1 - l0);
+                    gemm(rm, K, x, ldx, w, Y, PXL_PANEL, gated ? PXL_PANEL : nvalid, pf, npf);
                     if (gated) store_gated(out, t, c0 + n, rm, nvalid, Y, Y + PXL_PANEL / 2, PXL_PANEL);
                     else pxl_store_rows(out, t, c0 + n, rm, nvalid, Y, PXL_PANEL);
                 }

@@ -45,7 +45,10 @@ typedef void (*pxl_gemv_qr_fn)(size_t T, size_t rows, size_t K, const void *W, c
 #define PXL_QR_T 8
 /* Y (rm <= 12, nvalid <= 32 of the panel's features) = X (rm, K) . one packed panel
  * (PXL_BF16P with X bf16, K even; PXL_F32P with X fp32). Meanwhile it prefetches npf cache
- * lines from pf, at most one per K step (a hint: the portable kernels ignore it) */
+ * lines from pf, at most one per K step; npf as many lines as the panel has means the call is
+ * its panel's only one, streaming it from memory: its prefetches then run ahead through this
+ * panel into pf's (pxl_pf_ahead; pf NULL: none past this panel). A hint: the portable kernels
+ * ignore it. */
 typedef void (*pxl_gemm_p_fn)(int rm, size_t K, const void *X, size_t ldx, const void *Wp, float *Y, size_t ldy,
                               int nvalid, const void *pf, size_t npf);
 /* Y (rm <= bf16p_rm rows x 32 fp32, ldy apart) = (accumulate ? Y : 0) + X (rm, K bf16) . a
@@ -206,6 +209,18 @@ static inline uint16_t pxl_f32_to_bf16(float f) { /* round to nearest even, NaN 
     return (uint16_t)((b & 0x7fffffff) > 0x7f800000 ? quiet : rounded); /* a select: vectorises */
 }
 static inline float pxl_round_bf16(float f) { return pxl_bf16_to_f32(pxl_f32_to_bf16(f)); } /* f's bf16 value */
+
+/* How far a streaming call's prefetches run ahead: one panel, or this many bytes where panels
+ * are longer. A core keeps only so many misses in flight, so lines prefetched a 512 KB panel
+ * ahead (K 8192) leave L2 or wait behind the nearer ones before the loads reach them. */
+#define PXL_PF_AHEAD (128 * 1024)
+/* the line a streaming call prefetches while it reads byte b of its panel w (bytes long): in
+ * the panel itself, or in the next one, pf; NULL past the panel where there is no next */
+PXL_INLINE const char *pxl_pf_ahead(const char *w, size_t bytes, const char *pf, size_t b) {
+    size_t s = b + (bytes < PXL_PF_AHEAD ? bytes : PXL_PF_AHEAD);
+    return s < bytes ? w + s : pf ? pf + (s - bytes) : NULL;
+}
+
 float pxl_fp16_to_fp32(uint16_t h);
 
 /* GCC/Clang vector types of one 64-byte register, for the portable kernels' vector code

@@ -63,18 +63,25 @@ static inline void product(int rm, size_t K, const uint16_t *X, size_t ldx, cons
             _tile_zero(C3);
         }
     }
-    /* a call given the whole next panel to prefetch is its panel's only one: a decode step's,
+    /* a call given as many lines as its panel has is the panel's only one: a decode step's,
      * whose weights stream from memory (a prefill's later calls find the panel in L2) */
     const int streaming = npf >= K;
     for (size_t k = 0; k < K; k += 32) {
-        /* A batched decode streams its weights from memory. Each k-step prefetches an equal part
-         * of the call's share of the next panel, every line, into L2 only (that stream ran
-         * slower when its prefetches also filled L1); a prefill call's smaller share too is
-         * spread over all its k-steps, since issued at once its prefetches fill the line-fill
-         * buffers and hold up the tile loads behind them. Streaming, it also prefetches this
-         * panel's lines two k-steps ahead into L1, so the 16 loads of a B tile find their lines
-         * there rather than waiting on L2 one by one. */
-        for (size_t l = npf * k / K; l < npf * (k + 32) / K; l++) _mm_prefetch(pf + l * 64, _MM_HINT_T2);
+        /* A batched decode streams its weights from memory: each k-step prefetches the 32 lines
+         * pxl_pf_ahead gives, every line, into L2 only (that stream ran slower when its
+         * prefetches also filled L1). A prefill call's share of the next panel is spread over
+         * all its k-steps, since issued at once its prefetches fill the line-fill buffers and
+         * hold up the tile loads behind them. Streaming, it also prefetches this panel's lines
+         * two k-steps ahead into L1, so the 16 loads of a B tile find their lines there rather
+         * than waiting on L2 one by one. */
+        if (streaming) {
+            for (int l = 0; l < 32; l++) {
+                const char *a = pxl_pf_ahead((const char *)Wp, K * 64, pf, (k + l) * 64);
+                if (a) _mm_prefetch(a, _MM_HINT_T2);
+            }
+        } else {
+            for (size_t l = npf * k / K; l < npf * (k + 32) / K; l++) _mm_prefetch(pf + l * 64, _MM_HINT_T2);
+        }
         if (streaming && k + 64 < K)
             for (int l = 0; l < 32; l++) _mm_prefetch((const char *)(Wp + (k + 64) * 32) + l * 64, _MM_HINT_T0);
         _tile_loadd(B0, Wp + k * 32, 128);

@@ -78,10 +78,20 @@ PXL_INLINE void ukernel(const int RM, const int OUT, size_t K2, const uint16_t *
                         void *Y, size_t ldy, int nvalid, const char *pf, size_t npf) {
     __m512 acc[12][2];
     for (int i = 0; i < RM; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    const int streaming = npf >= 2 * K2; /* the panel's only call (pxl_gemm_p_fn) */
     for (size_t p = 0; p < K2; p++) {
-        /* the next panel, into L2: it streams from DRAM, where L2 keeps enough misses in flight,
-         * and a panel (K x 64 bytes) outgrows L1 before the calls after this one reach it */
-        if (p < npf) _mm_prefetch(pf + p * 64, _MM_HINT_T1);
+        /* lines ahead, into L2: they stream from DRAM, where L2 keeps enough misses in flight,
+         * and a panel (K x 64 bytes) outgrows L1 before the calls after this one reach it.
+         * Streaming, both lines of the step's 128 bytes: the line beside a prefetched one does
+         * not come with it */
+        if (streaming) {
+            for (int l = 0; l < 2; l++) {
+                const char *a = pxl_pf_ahead((const char *)Wp, K2 * 128, pf, p * 128 + l * 64);
+                if (a) _mm_prefetch(a, _MM_HINT_T1);
+            }
+        } else if (p < npf) {
+            _mm_prefetch(pf + p * 64, _MM_HINT_T1);
+        }
         __m512bh b0 = (__m512bh)_mm512_loadu_si512(Wp + p * 64), b1 = (__m512bh)_mm512_loadu_si512(Wp + p * 64 + 32);
         for (int i = 0; i < RM; i++) {
             uint32_t pair;

@@ -13,10 +13,18 @@ PXL_INLINE void ukernel(const int RM, size_t K, const float *X, size_t ldx, cons
                         __mmask16 m0, __mmask16 m1, const char *pf, size_t npf) {
     __m512 acc[12][2];
     for (int i = 0; i < RM; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    const int streaming = npf >= 2 * K; /* the panel's only call (pxl_gemm_p_fn) */
     for (size_t k = 0; k < K; k++) {
-        /* the next panel, into L2: it streams from DRAM, where L2 keeps enough misses in flight,
+        /* lines ahead, into L2: they stream from DRAM, where L2 keeps enough misses in flight,
          * and a panel (K x 128 bytes) outgrows L1 before the calls after this one reach it */
-        if (k < npf) _mm_prefetch(pf + k * 64, _MM_HINT_T1);
+        if (streaming) { /* both lines of the step's 128 bytes (pxl_bf16_gemm_packed_avx512bf16.c) */
+            for (int l = 0; l < 2; l++) {
+                const char *a = pxl_pf_ahead((const char *)Wp, K * 128, pf, k * 128 + l * 64);
+                if (a) _mm_prefetch(a, _MM_HINT_T1);
+            }
+        } else if (k < npf) {
+            _mm_prefetch(pf + k * 64, _MM_HINT_T1);
+        }
         __m512 b0 = _mm512_loadu_ps(Wp + k * 32), b1 = _mm512_loadu_ps(Wp + k * 32 + 16);
         for (int i = 0; i < RM; i++) {
             __m512 a = _mm512_set1_ps(X[i * ldx + k]);
