@@ -2,7 +2,7 @@
 rv64-sysroot`) under qemu-user runs every op through the plugin interface on the RVV
 kernels and compares with numpy (tests/rvv_plugin_check.py), at two VLENs; then LLM.generate
 on the embedded SmolLM2's float32 deployable directory (tests/rvv_generate_check.py) gives the
-x86 cpu plugin's greedy tokens, at VLEN 128 and 256."""
+x86 cpu plugin's greedy tokens, at VLEN 128 and 256, on one thread per host core."""
 
 import json
 import os
@@ -102,5 +102,9 @@ def test_generate_on_a_deployable_dir_under_qemu_matches_x86(generate_runs, x86_
     assert rc == 0, err[-4000:]
     result = json.loads(out.strip().splitlines()[-1])
     assert ": rvv, " in err and "nodes on rvv," in err, err[-4000:]  # RVV kernels, every node
+    # one thread per core: the library is built with the sysroot's libomp (qemu-user shows
+    # the guest the host's CPUs)
+    threads = len(os.sched_getaffinity(0))
+    assert f": rvv, {threads} threads" in err, err[-4000:]
     assert result["imported"] == []  # the sysroot has no torch, transformers or tokenizers at all
     assert result["tokens"] == x86_greedy, result

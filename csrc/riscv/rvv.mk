@@ -19,8 +19,29 @@ $(RV_BUILD)/%.o: %.c $(HDRS)
 	@mkdir -p $(dir $@)
 	$(RV_CC) $(RV_CFLAGS) -c $< -o $@
 
-$(RV_BUILD)/libperfxlm_kernels.so: $(RV_OBJS)
-	$(RV_CC) $(RV_FLAGS) -shared -o $@ $^ -lm
+# The library's threads: LLVM's libomp for riscv64 from the sysroot (rv64-sysroot), since clang-16
+# emits libomp's ABI and the cross gcc's libgomp does not take it. The files with OpenMP are
+# compiled a second time for the library; the static test binaries have no libomp to link and
+# keep the single-threaded objects. Without the sysroot the library is single-threaded too.
+RV_SYSROOT := build/rv64-sysroot
+RV_OMP_H   := $(firstword $(wildcard $(RV_SYSROOT)/usr/lib/llvm-*/lib/clang/*/include/omp.h))
+ifneq ($(RV_OMP_H),)
+RV_OMP_SRCS := $(shell grep -l -e '^\#pragma omp' -e 'omp_get' core/*.c)
+RV_LIB_OBJS := $(filter-out $(RV_OMP_SRCS:%.c=$(RV_BUILD)/%.o),$(RV_OBJS)) $(RV_OMP_SRCS:%.c=$(RV_BUILD)/omp/%.o)
+RV_LIB_OMP  := -L$(RV_SYSROOT)/usr/lib/riscv64-linux-gnu -l:libomp.so.5
+endif
+
+# (omp.h alone in its own directory: clang-19's other headers must not shadow clang-16's)
+$(RV_BUILD)/omp/include/omp.h: $(RV_OMP_H)
+	@mkdir -p $(dir $@)
+	cp $< $@
+
+$(RV_BUILD)/omp/%.o: %.c $(HDRS) $(RV_BUILD)/omp/include/omp.h
+	@mkdir -p $(dir $@)
+	$(RV_CC) $(RV_CFLAGS) -fopenmp -isystem $(RV_BUILD)/omp/include -c $< -o $@
+
+$(RV_BUILD)/libperfxlm_kernels.so: $(or $(RV_LIB_OBJS),$(RV_OBJS))
+	$(RV_CC) $(RV_FLAGS) -shared -o $@ $^ $(RV_LIB_OMP) -lm
 
 # the test's scalar reference must stay scalar: clang auto-vectorises plain loops into RVV
 $(RV_BUILD)/test_kernels: tests/test_kernels.c $(RV_OBJS)

@@ -10,7 +10,7 @@ set -eu
 S=$(realpath -m "${1:-build/rv64-sysroot}")
 PACKAGES="python3.13-minimal python3-numpy libopenblas0-pthread python3-onnx python3-regex python3-jinja2
   python3-safetensors python3-fastapi python3-uvicorn python3-sentencepiece python3-tqdm python3-prometheus-client
-  python3-msgspec python3-pydantic"
+  python3-msgspec python3-pydantic libomp-dev"
 [ -x "$S/usr/bin/python3.13" ] && [ "$(cat "$S/.packages" 2>/dev/null)" = "$PACKAGES" ] && {
   echo "sysroot: $S (cached)"; exit 0; }
 rm -rf "$S"
