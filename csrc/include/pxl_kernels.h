@@ -220,6 +220,17 @@ PXL_INLINE const char *pxl_pf_ahead(const char *w, size_t bytes, const char *pf,
     size_t s = b + (bytes < PXL_PF_AHEAD ? bytes : PXL_PF_AHEAD);
     return s < bytes ? w + s : pf ? pf + (s - bytes) : NULL;
 }
+/* a streaming call's prefetches into L2 for the n lines it reads from byte b of its panel: every
+ * line's pxl_pf_ahead (a line beside a prefetched one does not come with it); locality 2 or 1,
+ * __builtin_prefetch's (x86: prefetcht1 or prefetcht2) */
+PXL_INLINE void pxl_pf_stream(const char *w, size_t bytes, const char *pf, size_t b, int n, const int locality) {
+    for (int l = 0; l < n; l++) {
+        const char *a = pxl_pf_ahead(w, bytes, pf, b + (size_t)l * 64);
+        if (!a) continue;
+        if (locality == 1) __builtin_prefetch(a, 0, 1);
+        else __builtin_prefetch(a, 0, 2);
+    }
+}
 
 float pxl_fp16_to_fp32(uint16_t h);
 

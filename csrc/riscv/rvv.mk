@@ -29,6 +29,8 @@ ifneq ($(RV_OMP_H),)
 RV_OMP_SRCS := $(shell grep -l -e '^\#pragma omp' -e 'omp_get' core/*.c)
 RV_LIB_OBJS := $(filter-out $(RV_OMP_SRCS:%.c=$(RV_BUILD)/%.o),$(RV_OBJS)) $(RV_OMP_SRCS:%.c=$(RV_BUILD)/omp/%.o)
 RV_LIB_OMP  := -L$(RV_SYSROOT)/usr/lib/riscv64-linux-gnu -l:libomp.so.5
+else
+RV_LIB_OBJS := $(RV_OBJS)
 endif
 
 # (omp.h alone in its own directory: clang-19's other headers must not shadow clang-16's)
@@ -40,7 +42,7 @@ $(RV_BUILD)/omp/%.o: %.c $(HDRS) $(RV_BUILD)/omp/include/omp.h
 	@mkdir -p $(dir $@)
 	$(RV_CC) $(RV_CFLAGS) -fopenmp -isystem $(RV_BUILD)/omp/include -c $< -o $@
 
-$(RV_BUILD)/libperfxlm_kernels.so: $(or $(RV_LIB_OBJS),$(RV_OBJS))
+$(RV_BUILD)/libperfxlm_kernels.so: $(RV_LIB_OBJS)
 	$(RV_CC) $(RV_FLAGS) -shared -o $@ $^ $(RV_LIB_OMP) -lm
 
 # the test's scalar reference must stay scalar: clang auto-vectorises plain loops into RVV

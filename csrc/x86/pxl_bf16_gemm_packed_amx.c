@@ -75,10 +75,7 @@ static inline void product(int rm, size_t K, const uint16_t *X, size_t ldx, cons
          * two k-steps ahead into L1, so the 16 loads of a B tile find their lines there rather
          * than waiting on L2 one by one. */
         if (streaming) {
-            for (int l = 0; l < 32; l++) {
-                const char *a = pxl_pf_ahead((const char *)Wp, K * 64, pf, (k + l) * 64);
-                if (a) _mm_prefetch(a, _MM_HINT_T2);
-            }
+            pxl_pf_stream((const char *)Wp, K * 64, pf, k * 64, 32, 1); /* the k-step's 2 KB */
         } else {
             for (size_t l = npf * k / K; l < npf * (k + 32) / K; l++) _mm_prefetch(pf + l * 64, _MM_HINT_T2);
         }

@@ -81,14 +81,9 @@ PXL_INLINE void ukernel(const int RM, const int OUT, size_t K2, const uint16_t *
     const int streaming = npf >= 2 * K2; /* the panel's only call (pxl_gemm_p_fn) */
     for (size_t p = 0; p < K2; p++) {
         /* lines ahead, into L2: they stream from DRAM, where L2 keeps enough misses in flight,
-         * and a panel (K x 64 bytes) outgrows L1 before the calls after this one reach it.
-         * Streaming, both lines of the step's 128 bytes: the line beside a prefetched one does
-         * not come with it */
+         * and a panel (K x 64 bytes) outgrows L1 before the calls after this one reach it */
         if (streaming) {
-            for (int l = 0; l < 2; l++) {
-                const char *a = pxl_pf_ahead((const char *)Wp, K2 * 128, pf, p * 128 + l * 64);
-                if (a) _mm_prefetch(a, _MM_HINT_T1);
-            }
+            pxl_pf_stream((const char *)Wp, K2 * 128, pf, p * 128, 2, 2); /* the step's 128 bytes */
         } else if (p < npf) {
             _mm_prefetch(pf + p * 64, _MM_HINT_T1);
         }

@@ -17,11 +17,8 @@ PXL_INLINE void ukernel(const int RM, size_t K, const float *X, size_t ldx, cons
     for (size_t k = 0; k < K; k++) {
         /* lines ahead, into L2: they stream from DRAM, where L2 keeps enough misses in flight,
          * and a panel (K x 128 bytes) outgrows L1 before the calls after this one reach it */
-        if (streaming) { /* both lines of the step's 128 bytes (pxl_bf16_gemm_packed_avx512bf16.c) */
-            for (int l = 0; l < 2; l++) {
-                const char *a = pxl_pf_ahead((const char *)Wp, K * 128, pf, k * 128 + l * 64);
-                if (a) _mm_prefetch(a, _MM_HINT_T1);
-            }
+        if (streaming) {
+            pxl_pf_stream((const char *)Wp, K * 128, pf, k * 128, 2, 2); /* the step's 128 bytes */
         } else if (k < npf) {
             _mm_prefetch(pf + k * 64, _MM_HINT_T1);
         }

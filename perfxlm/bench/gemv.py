@@ -209,18 +209,17 @@ def run(threads: int, formats: list[str], rows: int = 1, baseline: ctypes.CDLL |
             ref = _time(lambda: torch.mm(tx, tw().t(), out=ty))
             row = _row(fmt, rows, K, N, ours, ref * 1e6, nbytes, 2 * rows * N * K, **base_row)
             if fmt != "bf16":  # scipy-openblas32 has no bf16 routines
-                wb = ref_w
                 yb = np.empty((rows, N), np.float32)
                 pxb, pyb = (a.__array_interface__["data"][0] for a in (x32, yb))
                 if rows == 1:
                     def sgemv():
                         blas.scipy_cblas_sgemv(openblas.ROW_MAJOR, openblas.NO_TRANS, N, K, ctypes.c_float(1.0),
-                                               wb.next(), K, pxb, 1, ctypes.c_float(0.0), pyb, 1)
+                                               ref_w.next(), K, pxb, 1, ctypes.c_float(0.0), pyb, 1)
                     row["openblas_us"] = _time(sgemv) * 1e6
                 else:
                     def sgemm():
                         blas.scipy_cblas_sgemm(openblas.ROW_MAJOR, openblas.NO_TRANS, openblas.TRANS, rows, N, K,
-                                               ctypes.c_float(1.0), pxb, K, wb.next(), K, ctypes.c_float(0.0), pyb, N)
+                                               ctypes.c_float(1.0), pxb, K, ref_w.next(), K, ctypes.c_float(0.0), pyb, N)
                     row["openblas_us"] = _time(sgemm) * 1e6
             table.append(row)
             if fmt == "bf16":
