@@ -23,6 +23,7 @@ import torch
 from onnx import TensorProto, helper
 
 from graph_export import functional
+from graph_export.quant import ADDEND
 from graph_export.ops import (DOMAIN, DOMAIN_VERSION, FORMAT_VERSION, GRAPH_INPUTS, IR_VERSION, LOGITS, ONNX_OPSET,
                               OPS, OPTIONAL_GRAPH_INPUTS, cache_input_names, cache_output_name)
 
@@ -56,10 +57,30 @@ class _Tracer:
         self.alive.append(t)
 
     def record(self, op_type: str, inputs: list[Any], outputs: list[torch.Tensor], **attrs: Any) -> None:
+        addends = {i: self._addend(inputs[i]) for i in OPS[op_type].weights if i < len(inputs)}
+        if not any(addends.values()):
+            self._record(op_type, inputs, outputs, **attrs)
+            return
+        if op_type != "Linear":
+            raise ValueError(f"a {op_type} op reads a weight stored as two parts (quant.SPLIT); only Linear can")
+        # a split weight (quant.SPLIT): y = x W^T (+ b) + x A^T, A the blocks that complete W exactly
+        key = addends[1]
+        a, parts = torch.empty(0), [torch.empty(0), torch.empty(0)]
+        self.name_input(a, self._blocks(key, self.quantized[key][1]))
+        self._record(op_type, inputs, parts[:1], **attrs)
+        self._record(op_type, [inputs[0], a], parts[1:], weight_format=self.quantized[key][0])
+        self._record("Add", parts, outputs)
+
+    def _addend(self, w: Any) -> str | None:
+        """The `quantized` key of the blocks a weight's blocks need added (quant.ADDEND), if any."""
+        names = [n for n in self.weight_names.get(id(w), []) if n in self.quantized]
+        return names[0] + ADDEND if names and names[0] + ADDEND in self.quantized else None
+
+    def _record(self, op_type: str, inputs: list[Any], outputs: list[torch.Tensor], **attrs: Any) -> None:
         spec = OPS[op_type]
         names = [self._value(t, quantizable=i in spec.weights) for i, t in enumerate(inputs)]
         for i, fmt_attr in spec.weights.items():  # a weight input that reads GGUF blocks names their format
-            if i < len(names) and names[i] in self.blocks.values():
+            if i < len(names) and names[i] in self.blocks.values() and fmt_attr not in attrs:
                 name = next(n for n in self.weight_names[id(inputs[i])] if n in self.quantized)
                 attrs[fmt_attr] = self.quantized[name][0]
         out_names = [self._node_name(op_type, names)]

@@ -67,6 +67,38 @@ def from_gguf_type(type_name: str) -> str | None:
 TRANSCODED = {"Q5_0": "q8_0"}
 
 
+# GGML types no native format holds alone but two hold exactly as a sum: a Linear on such a
+# weight becomes two Linears on the same x, added (Q5_1: the Q4_1 and Q4_0 blocks of split())
+SPLIT = {"Q5_1": ("q4_1", "q4_0")}
+ADDEND = "+"  # a split weight's second part, in a `quantized` map: under its name + ADDEND
+
+
+def split(blocks: np.ndarray, type_name: str) -> list[tuple[str, np.ndarray]] | None:
+    """GGML blocks of a SPLIT type, uint8 (..., row bytes) -> [(weight_format, blocks)] of two
+    weights whose sum is exactly the stored one, or None where a block's scale would overflow.
+    Q5_1 (fp16 d, fp16 m, 32 fifth bits, 16 bytes of low nibbles: w = d q + m, q 0-31) ->
+    Q4_1 (the same d and m, q's low nibbles as stored: d (q mod 16) + m) plus Q4_0 (d' = 16 d,
+    nibbles 8 + q's fifth bit h: d' (nibble - 8) = 16 d h); 16 d is exact in fp16."""
+    if type_name != "Q5_1":
+        raise ValueError(f"no exact split for GGML type {type_name!r}; known: {', '.join(SPLIT)}")
+    b = np.ascontiguousarray(blocks, dtype=np.uint8)
+    lead, row = b.shape[:-1], b.shape[-1]
+    if row % 24:
+        raise ValueError(f"a Q5_1 row of {row} bytes is not whole 24-byte blocks")
+    q5 = b.reshape(-1, 24)
+    d16 = q5[:, :2].copy().view(np.float16) * np.float16(16)            # (n, 1)
+    if not np.isfinite(d16).all():
+        return None
+    low = np.concatenate([q5[:, :4], q5[:, 8:]], axis=1)                # d, m, nibbles: Q4_1's layout
+    high_bits = q5[:, 4:8].copy().view("<u4")                           # (n, 1): bit j is value j's fifth bit
+    h = ((high_bits >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) + 8   # (n, 32) nibbles 8 or 9
+    high = np.empty((q5.shape[0], 18), np.uint8)
+    high[:, :2] = d16.view(np.uint8)
+    high[:, 2:] = h[:, :16] | (h[:, 16:] << 4)                          # values 0-15 low, 16-31 high nibbles
+    n = row // 24
+    return [("q4_1", low.reshape(*lead, n * 20)), ("q4_0", high.reshape(*lead, n * 18))]
+
+
 def transcode(blocks: np.ndarray, type_name: str) -> tuple[str, np.ndarray]:
     """GGML blocks of a TRANSCODED type, uint8 (..., row bytes) -> (weight_format, the same
     weights in its blocks). Q5_0 (fp16 d, 32 high bits, 16 bytes of low nibbles: w = d (q - 16),

@@ -117,6 +117,9 @@ def write_gguf(hf_dir, out, tokenizer_gguf, type_of=q4_k_m_type) -> dict[str, st
             w.add_tensor(gname, np.ascontiguousarray(data, np.float32))
             continue
         kind = kinds[gname] = type_of(gname)
+        if kind == "F16":
+            w.add_tensor(gname, np.ascontiguousarray(data, np.float16))
+            continue
         if kind in ("Q5_0", "Q5_1", "Q8_0"):  # (gguf-py quantises the 32-blocks itself)
             blocks = gguf.quants.quantize(data, gguf.GGMLQuantizationType[kind])
         else:
@@ -261,19 +264,22 @@ def test_q4_k_m_bf16_prefill_runs_bf16_panels(q4_k_m_gguf, float32_run, monkeypa
 def test_roofline_places_a_k_quant_prefill_by_its_formats(q4_k_m_gguf, smol_tokenizer, gguf_path, tmp_path,
                                                           monkeypatch):
     """`perfxlm bench` puts a prefill on K-quant blocks under the bf16 peak where it runs as bf16
-    panels (here PERFXLM_QUANT_ACTIVATIONS=bf16), and a file with a Q5_1 tensor, which no panel
-    takes (it loads as float32), under int8's."""
+    panels (here PERFXLM_QUANT_ACTIVATIONS=bf16), as it does one with a Q5_1 tensor (its Q4_1
+    and Q4_0 parts take panels too), and a file with an F16 Linear, which no panel takes (it
+    loads as float32), under int8's."""
     from perfxlm.bench import roofline
     hf = build_tiny_model(tmp_path / "hf", "LlamaForCausalLM", smol_tokenizer, hidden_size=256,
                           intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
-    q5_1 = tmp_path / "tiny-Q5_1.gguf"
-    kinds = write_gguf(hf, q5_1, gguf_path, lambda g: "Q5_1" if g == "blk.0.attn_k.weight" else "Q4_K")
-    assert set(kinds.values()) == {"Q4_K", "Q5_1"}
+    files = {}
+    for kind in ("Q5_1", "F16"):
+        files[kind] = tmp_path / f"tiny-{kind}.gguf"
+        kinds = write_gguf(hf, files[kind], gguf_path, lambda g: kind if g == "blk.0.attn_k.weight" else "Q4_K")
+        assert set(kinds.values()) == {"Q4_K", kind}
     monkeypatch.setenv("PERFXLM_QUANT_ACTIVATIONS", "bf16")
     roofs = roofline.Roofs(read_GBs=30.0, fp32_GFLOPs=400.0, bf16_GFLOPs=6000.0, int8_GOPs=1500.0)
-    for path, peak in ((q4_k_m_gguf, "bf16 peak"), (q5_1, "int8 peak")):
+    for path, peak in ((q4_k_m_gguf, "bf16 peak"), (files["Q5_1"], "bf16 peak"), (files["F16"], "int8 peak")):
         cost = roofline.model_cost(str(path))
-        assert cost.panel_quants == (path == q4_k_m_gguf)
+        assert cost.panel_quants == (peak == "bf16 peak")
         assert roofline.compute_usage(roofs, "gguf", 1e9, 600.0, cost).roof_name == peak, path
 
 
@@ -311,6 +317,67 @@ def test_q5_0_tensors_run_as_the_q8_0_blocks_of_the_same_values(smol_tokenizer, 
         transcode(np.zeros((2, 23), np.uint8), "Q5_0")
     with pytest.raises(ValueError, match="no exact transcoding for GGML type 'Q5_1'"):
         transcode(np.zeros((2, 24), np.uint8), "Q5_1")
+
+
+def test_q5_1_tensors_run_as_q4_1_plus_q4_0_blocks(smol_tokenizer, gguf_path, tmp_path, monkeypatch):
+    """llama.cpp's Q5_K_M writes Q5_1 where a tensor's rows are not whole 256-blocks (SmolLM2's
+    576-wide ones). No native format holds a 5-bit quant with a min, but two hold it as a sum:
+    the loader splits each Q5_1 weight into Q4_1 blocks (its d, m and low four bits) and Q4_0
+    blocks (16 d and the fifth bit), and the graph runs the two Linears on the same x and adds
+    them: 38 bytes a block for 24, where float32 took 128. The parts carry the stored integers
+    and scales, so their values add up to llama.cpp's (up to float32 rounding of the sum), and
+    with 16-bit x the native run gives the float32 run's greedy tokens."""
+    import gguf
+    import onnx
+    from graph_export.quant import ADDEND, dequantize, split
+    from perfxlm.models.graph_cache import cached_graph
+    from perfxlm.models.loader import resolve_model
+    hf = build_tiny_model(tmp_path / "hf", "LlamaForCausalLM", smol_tokenizer, hidden_size=256,
+                          intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
+    path = tmp_path / "tiny-Q5_1.gguf"
+    kinds = write_gguf(hf, path, gguf_path, lambda g: "Q4_K" if "ffn_down" in g else "Q5_1")
+    assert set(kinds.values()) == {"Q4_K", "Q5_1"}
+    stored = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    source = resolve_model(str(path))
+    blocks = source.linear_blocks()
+    assert {fmt for fmt, _ in blocks.values()} == {"q4_1", "q4_0", "q4_k"}
+    addends = [name for name in blocks if name.endswith(ADDEND)]
+    assert len(addends) == sum(t.tensor_type.name == "Q5_1" for t in stored.values())
+    assert all(blocks[n][0] == "q4_0" and blocks[n.removesuffix(ADDEND)][0] == "q4_1" for n in addends)
+    assert sum(b.nbytes for fmt, b in blocks.values() if fmt in ("q4_1", "q4_0")) == \
+        sum(int(t.n_bytes) // 24 * 38 for t in stored.values() if t.tensor_type.name == "Q5_1")
+    for t in stored.values():
+        if t.tensor_type.name == "Q5_1":
+            (f1, low), (f2, high) = split(np.asarray(t.data), "Q5_1")
+            q5 = np.asarray(t.data).reshape(-1, 24)
+            assert np.array_equal(low.reshape(-1, 20)[:, :4], q5[:, :4])  # d and m as stored
+            want = gguf.quants.dequantize(np.asarray(t.data), gguf.GGMLQuantizationType.Q5_1)
+            got = dequantize(low, f1) + dequantize(high, f2)
+            np.testing.assert_allclose(got, want, rtol=0, atol=float(np.abs(want).max()) * 2.0 ** -22, err_msg=t.name)
+    with pytest.raises(ValueError, match="a Q5_1 row of 25 bytes is not whole 24-byte blocks"):
+        split(np.zeros((2, 25), np.uint8), "Q5_1")
+    # the graph: each split weight a Linear reads is a second Linear on the same x, and an Add
+    # (the untied token embedding is only gathered, from its float32 rows)
+    read = [n for n in addends if not (n.startswith("tok_embeddings.") and "output.weight" in stored)]
+    graph = onnx.load(str(cached_graph(source, torch.float32, "gguf")), load_external_data=False).graph
+    linears = [n for n in graph.node if n.op_type == "Linear"]
+    formats = [next(a.s.decode() for a in n.attribute if a.name == "weight_format") for n in linears]
+    assert formats.count("q4_0") == len(read) == formats.count("q4_1")
+    assert len(linears) == 2 * len(read) + formats.count("q4_k")
+    adds = {n.output[0]: n.input for n in graph.node if n.op_type == "Add"}
+    sums = [ins for ins in adds.values() if set(ins) <= {n.output[0] for n in linears}]
+    assert len(sums) == len(read)
+    from perfxlm.bench import roofline
+    embedding = sum(b.nbytes for name, (_, b) in blocks.items() if "embed" in name)  # both parts
+    assert roofline.model_cost(str(path)).quant_bytes == sum(b.nbytes for _, b in blocks.values()) - embedding * (
+        "output.weight" in stored)
+
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    want = LLM(str(path), dtype="float32", kv_cache_memory_bytes=SMALL_KV).generate(PROMPTS, params, use_tqdm=False)
+    llm = native_llm(path, "int16", monkeypatch)
+    got = llm.generate(PROMPTS, params, use_tqdm=False)
+    assert [g.outputs[0].token_ids for g in got] == [w.outputs[0].token_ids for w in want]
+    assert_no_leaks(llm)
 
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     want = LLM(str(path), dtype="float32", kv_cache_memory_bytes=SMALL_KV).generate(PROMPTS, params, use_tqdm=False)

@@ -97,23 +97,30 @@ class GGUFFile:
 
     def has_native_blocks(self) -> bool:
         """Whether any weight is in a block format our kernels run (Q8_0/Q4_0/Q4_1 and the
-        K-quants Q4_K/Q5_K/Q6_K) or one they hold exactly (Q5_0, as Q8_0): a look at the tensor
-        types only, no data read."""
-        from graph_export.quant import TRANSCODED, from_gguf_type
-        return any(from_gguf_type(t.tensor_type.name) or t.tensor_type.name in TRANSCODED
+        K-quants Q4_K/Q5_K/Q6_K) or one they hold exactly (Q5_0, as Q8_0; Q5_1, as Q4_1 plus
+        Q4_0): a look at the tensor types only, no data read."""
+        from graph_export.quant import SPLIT, TRANSCODED, from_gguf_type
+        return any(from_gguf_type(t.tensor_type.name) or t.tensor_type.name in {**TRANSCODED, **SPLIT}
                    for t in self.reader.tensors if t.name.endswith(".weight"))
 
     def linear_blocks(self, family: type[CausalLM], params: Any) -> dict[str, tuple[str, np.ndarray]]:
         """2-D weights, and 3-D stacked MoE experts, whose GGUF blocks have native kernels, kept as
         stored: parameter name -> (weight_format, uint8 ([E,] N, K/block * block bytes), blocks of 32
         weights or 256 for K-quants, so a Q4_K_M file's Q4_K and Q6_K tensors take the file's bytes;
-        Q5_0 tensors are rewritten as the Q8_0 blocks of the same values); the exporter uses them
-        where an op's weight input (a Linear's weight, MoE's experts) reads that parameter (a tied
-        output projection reads the token embedding's)."""
-        from graph_export.quant import TRANSCODED, from_gguf_type, transcode
+        Q5_0 tensors are rewritten as the Q8_0 blocks of the same values; a 2-D Q5_1 weight as
+        Q4_1 blocks, with the Q4_0 blocks that complete it exactly under name + quant.ADDEND,
+        which the exporter adds as a second Linear); the exporter uses them where an op's weight
+        input (a Linear's weight, MoE's experts) reads that parameter (a tied output projection
+        reads the token embedding's)."""
+        from graph_export.quant import ADDEND, SPLIT, TRANSCODED, from_gguf_type, split, transcode
         out = {}
         for name, t in self._tensors(family, ("weight",)):
             fmt, data = from_gguf_type(t.tensor_type.name), np.asarray(t.data)  # ([E,] N, row bytes), mmapped
+            if t.tensor_type.name in SPLIT and len(t.shape) == 2:
+                parts = split(data, t.tensor_type.name)
+                for key, (part_fmt, blocks) in zip((name, name + ADDEND), parts or ()):
+                    out[key] = (part_fmt, np.ascontiguousarray(family.gguf_tensor(name, blocks, params, self.arch)))
+                continue
             if len(t.shape) not in (2, 3) or (fmt is None and t.tensor_type.name not in TRANSCODED):
                 continue
             if fmt is None:
