@@ -81,11 +81,7 @@ def split(blocks: np.ndarray, type_name: str) -> list[tuple[str, np.ndarray]] | 
     nibbles 8 + q's fifth bit h: d' (nibble - 8) = 16 d h); 16 d is exact in fp16."""
     if type_name != "Q5_1":
         raise ValueError(f"no exact split for GGML type {type_name!r}; known: {', '.join(SPLIT)}")
-    b = np.ascontiguousarray(blocks, dtype=np.uint8)
-    lead, row = b.shape[:-1], b.shape[-1]
-    if row % 24:
-        raise ValueError(f"a Q5_1 row of {row} bytes is not whole 24-byte blocks")
-    q5 = b.reshape(-1, 24)
+    q5, lead, n = _block_rows(blocks, type_name, 24)
     d16 = q5[:, :2].copy().view(np.float16) * np.float16(16)            # (n, 1)
     if not np.isfinite(d16).all():
         return None
@@ -95,7 +91,6 @@ def split(blocks: np.ndarray, type_name: str) -> list[tuple[str, np.ndarray]] | 
     high = np.empty((q5.shape[0], 18), np.uint8)
     high[:, :2] = d16.view(np.uint8)
     high[:, 2:] = h[:, :16] | (h[:, 16:] << 4)                          # values 0-15 low, 16-31 high nibbles
-    n = row // 24
     return [("q4_1", low.reshape(*lead, n * 20)), ("q4_0", high.reshape(*lead, n * 18))]
 
 
@@ -105,15 +100,21 @@ def transcode(blocks: np.ndarray, type_name: str) -> tuple[str, np.ndarray]:
     q 5 bits) -> Q8_0 (d, int8 q - 16): the same d and integers, so the same values exactly."""
     if type_name != "Q5_0":
         raise ValueError(f"no exact transcoding for GGML type {type_name!r}; known: {', '.join(TRANSCODED)}")
-    b = np.ascontiguousarray(blocks, dtype=np.uint8)
-    lead, row = b.shape[:-1], b.shape[-1]
-    if row % 22:
-        raise ValueError(f"a Q5_0 row of {row} bytes is not whole 22-byte blocks")
-    q5 = b.reshape(-1, 22)
+    q5, lead, n = _block_rows(blocks, type_name, 22)
     high = q5[:, 2:6].copy().view("<u4")                               # (n, 1): bit j is value j's fifth bit
     bits = (high >> np.arange(32, dtype=np.uint32)) & 1                 # (n, 32)
     low = np.concatenate([q5[:, 6:] & 0x0F, q5[:, 6:] >> 4], axis=1)    # values 0-15, then 16-31
     out = np.empty((q5.shape[0], 34), np.uint8)
     out[:, :2] = q5[:, :2]                                              # d, as stored
     out[:, 2:] = (low.astype(np.int16) + (bits << 4).astype(np.int16) - 16).astype(np.int8).view(np.uint8)
-    return "q8_0", out.reshape(*lead, row // 22 * 34)
+    return "q8_0", out.reshape(*lead, n * 34)
+
+
+def _block_rows(blocks: np.ndarray, type_name: str, nbytes: int) -> tuple[np.ndarray, tuple[int, ...], int]:
+    """uint8 (..., row bytes) of `nbytes`-byte blocks -> (one block a row, the leading shape,
+    blocks a row)."""
+    b = np.ascontiguousarray(blocks, dtype=np.uint8)
+    lead, row = b.shape[:-1], b.shape[-1]
+    if row % nbytes:
+        raise ValueError(f"a {type_name} row of {row} bytes is not whole {nbytes}-byte blocks")
+    return b.reshape(-1, nbytes), lead, row // nbytes

@@ -283,6 +283,29 @@ def test_roofline_places_a_k_quant_prefill_by_its_formats(q4_k_m_gguf, smol_toke
         assert roofline.compute_usage(roofs, "gguf", 1e9, 600.0, cost).roof_name == peak, path
 
 
+def fallback_gguf(smol_tokenizer, gguf_path, tmp_path, kind: str):
+    """A tiny random Llama's GGUF with `kind` where llama.cpp's K-quant mixes fall back (every
+    Linear but ffn_down, which is Q4_K): (its path, its tensors by GGUF name, its ModelSource)."""
+    import gguf
+    from perfxlm.models.loader import resolve_model
+    hf = build_tiny_model(tmp_path / "hf", "LlamaForCausalLM", smol_tokenizer, hidden_size=256,
+                          intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
+    path = tmp_path / f"tiny-{kind}.gguf"
+    kinds = write_gguf(hf, path, gguf_path, lambda g: "Q4_K" if "ffn_down" in g else kind)
+    assert set(kinds.values()) == {"Q4_K", kind}
+    return path, {t.name: t for t in gguf.GGUFReader(str(path)).tensors}, resolve_model(str(path))
+
+
+def assert_int16_matches_float32(path, monkeypatch) -> None:
+    """The native run with 16-bit x gives the float32 dequantisation's greedy tokens."""
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    want = LLM(str(path), dtype="float32", kv_cache_memory_bytes=SMALL_KV).generate(PROMPTS, params, use_tqdm=False)
+    llm = native_llm(path, "int16", monkeypatch)
+    got = llm.generate(PROMPTS, params, use_tqdm=False)
+    assert [g.outputs[0].token_ids for g in got] == [w.outputs[0].token_ids for w in want]
+    assert_no_leaks(llm)
+
+
 def test_q5_0_tensors_run_as_the_q8_0_blocks_of_the_same_values(smol_tokenizer, gguf_path, tmp_path, monkeypatch):
     """llama.cpp's Q4_K_M writes Q5_0 where a tensor's rows are not whole 256-blocks (most of a
     narrow model's). The loader rewrites those blocks as Q8_0 of the same values (the same d,
@@ -291,14 +314,8 @@ def test_q5_0_tensors_run_as_the_q8_0_blocks_of_the_same_values(smol_tokenizer, 
     gives the float32 run's greedy tokens."""
     import gguf
     from graph_export.quant import dequantize, transcode
-    from perfxlm.models.loader import resolve_model
-    hf = build_tiny_model(tmp_path / "hf", "LlamaForCausalLM", smol_tokenizer, hidden_size=256,
-                          intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
-    path = tmp_path / "tiny-Q5_0.gguf"
-    kinds = write_gguf(hf, path, gguf_path, lambda g: "Q4_K" if "ffn_down" in g else "Q5_0")
-    assert set(kinds.values()) == {"Q4_K", "Q5_0"}
-    stored = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
-    blocks = resolve_model(str(path)).linear_blocks()
+    path, stored, source = fallback_gguf(smol_tokenizer, gguf_path, tmp_path, "Q5_0")
+    blocks = source.linear_blocks()
     assert {fmt for fmt, _ in blocks.values()} == {"q8_0", "q4_k"}
     assert sum(b.nbytes for fmt, b in blocks.values() if fmt == "q8_0") == \
         sum(int(t.n_bytes) // 22 * 34 for t in stored.values() if t.tensor_type.name == "Q5_0")
@@ -317,6 +334,7 @@ def test_q5_0_tensors_run_as_the_q8_0_blocks_of_the_same_values(smol_tokenizer, 
         transcode(np.zeros((2, 23), np.uint8), "Q5_0")
     with pytest.raises(ValueError, match="no exact transcoding for GGML type 'Q5_1'"):
         transcode(np.zeros((2, 24), np.uint8), "Q5_1")
+    assert_int16_matches_float32(path, monkeypatch)
 
 
 def test_q5_1_tensors_run_as_q4_1_plus_q4_0_blocks(smol_tokenizer, gguf_path, tmp_path, monkeypatch):
@@ -331,14 +349,7 @@ def test_q5_1_tensors_run_as_q4_1_plus_q4_0_blocks(smol_tokenizer, gguf_path, tm
     import onnx
     from graph_export.quant import ADDEND, dequantize, split
     from perfxlm.models.graph_cache import cached_graph
-    from perfxlm.models.loader import resolve_model
-    hf = build_tiny_model(tmp_path / "hf", "LlamaForCausalLM", smol_tokenizer, hidden_size=256,
-                          intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
-    path = tmp_path / "tiny-Q5_1.gguf"
-    kinds = write_gguf(hf, path, gguf_path, lambda g: "Q4_K" if "ffn_down" in g else "Q5_1")
-    assert set(kinds.values()) == {"Q4_K", "Q5_1"}
-    stored = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
-    source = resolve_model(str(path))
+    path, stored, source = fallback_gguf(smol_tokenizer, gguf_path, tmp_path, "Q5_1")
     blocks = source.linear_blocks()
     assert {fmt for fmt, _ in blocks.values()} == {"q4_1", "q4_0", "q4_k"}
     addends = [name for name in blocks if name.endswith(ADDEND)]
@@ -371,17 +382,4 @@ def test_q5_1_tensors_run_as_q4_1_plus_q4_0_blocks(smol_tokenizer, gguf_path, tm
     embedding = sum(b.nbytes for name, (_, b) in blocks.items() if "embed" in name)  # both parts
     assert roofline.model_cost(str(path)).quant_bytes == sum(b.nbytes for _, b in blocks.values()) - embedding * (
         "output.weight" in stored)
-
-    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    want = LLM(str(path), dtype="float32", kv_cache_memory_bytes=SMALL_KV).generate(PROMPTS, params, use_tqdm=False)
-    llm = native_llm(path, "int16", monkeypatch)
-    got = llm.generate(PROMPTS, params, use_tqdm=False)
-    assert [g.outputs[0].token_ids for g in got] == [w.outputs[0].token_ids for w in want]
-    assert_no_leaks(llm)
-
-    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    want = LLM(str(path), dtype="float32", kv_cache_memory_bytes=SMALL_KV).generate(PROMPTS, params, use_tqdm=False)
-    llm = native_llm(path, "int16", monkeypatch)
-    got = llm.generate(PROMPTS, params, use_tqdm=False)
-    assert [g.outputs[0].token_ids for g in got] == [w.outputs[0].token_ids for w in want]
-    assert_no_leaks(llm)
+    assert_int16_matches_float32(path, monkeypatch)
