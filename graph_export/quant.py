@@ -69,7 +69,7 @@ TRANSCODED = {"Q5_0": "q8_0"}
 
 # GGML types no native format holds alone but two hold exactly as a sum: a Linear on such a
 # weight becomes two Linears on the same x, added (Q5_1: the Q4_1 and Q4_0 blocks of split())
-SPLIT = {"Q5_1": ("q4_1", "q4_0")}
+SPLIT = frozenset({"Q5_1"})
 ADDEND = "+"  # a split weight's second part, in a `quantized` map: under its name + ADDEND
 
 

@@ -145,11 +145,13 @@ def model_cost(path: str | Path) -> ModelCost:
     head = tensors.get("output.weight", tensors["token_embd.weight"])  # tied: the embedding is the lm_head
     linear, lm_head = sum(int(t.n_elements) for t in blocks), int(head.n_elements)
 
-    def read(t: Any) -> int:  # bytes a decode step reads: Q5_0 loads as Q8_0 (34 bytes a block for 22),
-        q = gguf.GGMLQuantizationType  # a 2-D Q5_1 as Q4_1 plus Q4_0 (20 + 18 for 24)
-        if t.tensor_type == q.Q5_0:
-            return int(t.n_bytes) // 22 * 34
-        return int(t.n_bytes) // 24 * 38 if t.tensor_type == q.Q5_1 and len(t.shape) == 2 else int(t.n_bytes)
+    q = gguf.GGMLQuantizationType
+    # (bytes a block stored, as loaded): Q5_0 as Q8_0, Q5_1 as Q4_1 plus Q4_0 (20 + 18)
+    loaded = {q.Q5_0: (22, 34), q.Q5_1: (24, 38)}
+
+    def read(t: Any) -> int:  # bytes a decode step reads
+        stored, as_loaded = loaded.get(t.tensor_type, (1, 1))
+        return int(t.n_bytes) // stored * as_loaded
 
     quant = sum(read(t) for t in blocks) + read(head)
 
@@ -161,7 +163,6 @@ def model_cost(path: str | Path) -> ModelCost:
 
     layers, hidden, heads = field(".block_count"), field(".embedding_length"), field(".attention.head_count")
     kv_heads = field(".attention.head_count_kv")
-    q = gguf.GGMLQuantizationType
     panels = {q.Q8_0, q.Q4_0, q.Q4_1, q.Q4_K, q.Q5_K, q.Q6_K, q.Q5_0, q.Q5_1}  # into bf16 panels (as loaded)
     return ModelCost(linear, lm_head, quant, layers, hidden // heads * kv_heads, hidden,
                      panel_quants=all(t.tensor_type in panels for t in blocks), hidden=hidden)

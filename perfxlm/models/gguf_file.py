@@ -100,7 +100,7 @@ class GGUFFile:
         K-quants Q4_K/Q5_K/Q6_K) or one they hold exactly (Q5_0, as Q8_0; Q5_1, as Q4_1 plus
         Q4_0): a look at the tensor types only, no data read."""
         from graph_export.quant import SPLIT, TRANSCODED, from_gguf_type
-        return any(from_gguf_type(t.tensor_type.name) or t.tensor_type.name in {**TRANSCODED, **SPLIT}
+        return any(from_gguf_type(t.tensor_type.name) or t.tensor_type.name in (*TRANSCODED, *SPLIT)
                    for t in self.reader.tensors if t.name.endswith(".weight"))
 
     def linear_blocks(self, family: type[CausalLM], params: Any) -> dict[str, tuple[str, np.ndarray]]:
