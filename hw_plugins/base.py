@@ -123,7 +123,8 @@ class HwPlugin(ABC):
     def set_quant_activations(self, mode: str) -> bool:
         """The activations that quantised (GGUF block) weights multiply
         (PERFXLM_QUANT_ACTIVATIONS): "auto", the plugin's own choice; "int8", "int16" or "bf16"
-        at every token count. Returns whether the plugin can; by default only "auto"."""
+        at every token count; "int16-decode" ("auto" on a narrow model), int16 in decode and a
+        prefill as the plugin likes. Returns whether the plugin can; by default only "auto"."""
         return mode == "auto"
 
 

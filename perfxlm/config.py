@@ -285,8 +285,8 @@ QUANT_ACTIVATIONS = ("auto", "int8", "int16", "bf16")
 
 def quant_activations_from_env() -> str:
     """PERFXLM_QUANT_ACTIVATIONS: the activations GGUF block weights multiply. "auto" (the
-    default) is "int16" on narrow models (resolve_quant_activations), else the kernel set's
-    faster path; "int8" quantises x per 32 values at every
+    default) is "int16-decode" on narrow models (resolve_quant_activations), else the kernel
+    set's faster path; "int8" quantises x per 32 values at every
     token count (llama.cpp's arithmetic); "int16" quantises it to 16 bits per 32 values instead
     (per 256 for K-quants; two int8 planes: twice the dot products, about the int8 speed in
     decode); "bf16" rounds x to bf16 at every token count (Q8_0/Q4_0/Q4_1 on AVX512-BF16 and AMX
@@ -297,19 +297,22 @@ def quant_activations_from_env() -> str:
     return value
 
 
-# "auto" gives models this narrow (up to about 0.6B parameters) 16-bit x: int8 x moves their
-# logits by more than the margins between their top tokens (SmolLM2-135M, hidden 576, answers
-# six of eight short chat questions differently from its float32 self on int8 x, none on
-# int16), and at their size the doubled dot products still leave them far ahead of llama.cpp
+# "auto" gives models this narrow (up to about 0.6B parameters) 16-bit x in decode: int8 x moves
+# their logits by more than the margins between their top tokens (SmolLM2-135M, hidden 576,
+# answers six of eight short chat questions differently from its float32 self on int8 x, none on
+# int16), and at their size the doubled dot products still leave them far ahead of llama.cpp.
+# Their prefill takes bf16 panels where the CPU has them, as wider models' does on AMX: the same
+# chat answers, at 1.5x the two int8 planes' speed on AVX512-BF16.
 INT16_X_MAX_HIDDEN = 1024
 
 
 def resolve_quant_activations(mode: str, hidden_size: int | None) -> str:
-    """The mode a model runs: "auto" becomes "int16" for a model of hidden size up to
-    INT16_X_MAX_HIDDEN and stays "auto" (the kernel set's fastest path) above; a named mode
-    is kept."""
+    """The mode a model runs: "auto" becomes "int16-decode" (16-bit x where the int8 dot
+    products run, a prefill as bf16 panels where the kernel set has them) for a model of hidden
+    size up to INT16_X_MAX_HIDDEN and stays "auto" (the kernel set's fastest path) above; a
+    named mode is kept."""
     if mode == "auto" and hidden_size is not None and hidden_size <= INT16_X_MAX_HIDDEN:
-        return "int16"
+        return "int16-decode"
     return mode
 
 

@@ -325,7 +325,8 @@ def test_gguf_prefill_is_placed_under_the_arithmetic_its_kernel_set_runs(gguf_pa
     """Q4_1/Q8_0 blocks (and Q4_K / Q6_K) run int8 dot products, except on the amx set, whose
     prefill runs them as bf16 tiles, and under PERFXLM_QUANT_ACTIVATIONS=bf16: the rate goes
     under that peak.
-    A model as narrow as SmolLM2-135M runs int16 x under "auto" (int8 products) on every set."""
+    A model as narrow as SmolLM2-135M runs "auto" as int16-decode: its prefill takes the panels
+    on every set with them (AVX512-BF16 too), int16 x (int8 products) elsewhere."""
     from hw_plugins.base import available_plugins
     from perfxlm import config
     from perfxlm.bench import roofline
@@ -335,7 +336,8 @@ def test_gguf_prefill_is_placed_under_the_arithmetic_its_kernel_set_runs(gguf_pa
     cost = roofline.model_cost(gguf_path)
     assert cost.panel_quants and cost.hidden == 576  # SmolLM2's Q4_1 blocks
     roofs = roofline.Roofs(read_GBs=30.0, fp32_GFLOPs=400.0, bf16_GFLOPs=6000.0, int8_GOPs=1500.0)
-    assert roofline.compute_usage(roofs, "gguf", 1e9, 600.0, cost).roof_name == "int8 peak"
+    panels = library.load().pxl_isa() in (b"amx", b"avx512bf16")
+    assert roofline.compute_usage(roofs, "gguf", 1e9, 600.0, cost).roof_name == ("bf16" if panels else "int8") + " peak"
     monkeypatch.setattr(config, "INT16_X_MAX_HIDDEN", 0)  # "auto": the kernel set's own paths
     u = roofline.compute_usage(roofs, "gguf", 1e9, 600.0, cost)
     tiles = library.load().pxl_isa() == b"amx"

@@ -185,11 +185,11 @@ def test_quant_activations_mode_is_checked(gguf_path, monkeypatch):
 
 
 def test_auto_quant_activations_follow_the_models_width():
-    """"auto" is int16 up to hidden size 1024 (the embedded default's 576) and the kernel set's
-    own choice above (a 1B-class model's 2048); a named mode, or a width unknown, is kept."""
+    """"auto" is int16-decode up to hidden size 1024 (the embedded default's 576) and the kernel
+    set's own choice above (a 1B-class model's 2048); a named mode, or a width unknown, is kept."""
     resolve = config.resolve_quant_activations
     assert (resolve("auto", 576), resolve("auto", 1024), resolve("auto", 1025), resolve("auto", 2048)) == \
-        ("int16", "int16", "auto", "auto")
+        ("int16-decode", "int16-decode", "auto", "auto")
     assert (resolve("int8", 576), resolve("bf16", 576), resolve("auto", None)) == ("int8", "bf16", "auto")
     assert config.config_hidden_size({"n_embd": 768}) == 768  # GPT-2's name for it
 
@@ -224,14 +224,15 @@ CHAT_PROMPTS = ["What is the capital of France?", "What is 2+2?", "Who wrote Ham
 
 def test_dtype_auto_on_the_embedded_default_chats_as_float32_does(gguf_path, smol_llm):
     """dtype auto keeps the 4-bit blocks under float32 activations, as llama.cpp runs them, and
-    a model this narrow multiplies them with x at 16 bits (PERFXLM_QUANT_ACTIVATIONS=auto): its
-    greedy answers to the chat prompts are fp32's token for token, unless fp32 itself is torn
+    a model this narrow multiplies them with x at 16 bits in decode, and its prefill (the eight
+    prompts, one step) takes bf16 panels where the CPU has them (PERFXLM_QUANT_ACTIVATIONS=auto):
+    its greedy answers to the chat prompts are fp32's token for token, unless fp32 itself is torn
     where they part (its two tokens within 0.01 nats; 16-bit x moves a logprob by 0.0002 on
     average). On int8 x six of the eight answers change, the France one to noise: fp32 picks
     "The" over "L" there by only 0.08 nats."""
     llm = LLM(str(gguf_path), kv_cache_memory_bytes=SMALL_KV, max_model_len=1024)
     cfg = llm.llm_engine.config
-    assert cfg.quantization == "gguf" and cfg.dtype == torch.float32 and cfg.quant_activations == "int16"
+    assert cfg.quantization == "gguf" and cfg.dtype == torch.float32 and cfg.quant_activations == "int16-decode"
     chats = [[{"role": "user", "content": q}] for q in CHAT_PROMPTS]
     params = SamplingParams(temperature=0, max_tokens=32)
     ours, fp32 = (m.chat(chats, params, use_tqdm=False) for m in (llm, smol_llm))

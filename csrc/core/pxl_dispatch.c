@@ -148,7 +148,7 @@ int pxl_batch_invariant(void) { return batch_invariant; }
 
 static int quant_x = PXL_QX_AUTO;
 int pxl_set_quant_x(int mode) {
-    if (mode < PXL_QX_AUTO || mode > PXL_QX_INT16 || (mode == PXL_QX_BF16 && !pxl_kernels()->qr_bf16p)) return -1;
+    if (mode < PXL_QX_AUTO || mode > PXL_QX_INT16_DECODE || (mode == PXL_QX_BF16 && !pxl_kernels()->qr_bf16p)) return -1;
     quant_x = mode;
     return 0;
 }

@@ -309,7 +309,8 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
      * on sets whose bf16 GEMM outruns their int8 dot products (qr_bf16p_prefill, AMX): there a
      * prefill dequantises the blocks into bf16 panels and rounds x to bf16, whatever dt is.
      * PXL_QX_BF16 takes bf16 x at every T: the blocks times x directly for decode-sized T (and
-     * every T when batch invariant), those panels from PXL_QR_PANEL_MIN_T tokens; PXL_QX_INT8
+     * every T when batch invariant), those panels from PXL_QR_PANEL_MIN_T tokens;
+     * PXL_QX_INT16_DECODE those panels from that many tokens on every set with them; PXL_QX_INT8
      * never. K-quants: pxl_qk_dot (a multi-token kernel beats dequantising up to a few hundred
      * tokens), except that a prefill takes the panels as one on the 32-blocks does (and under
      * PXL_QX_BF16 from that many tokens: they have no bf16 decode kernel): repacked blocks
@@ -318,7 +319,8 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
     const int prefill = T >= PXL_QR_PANEL_MIN_T && !pxl_batch_invariant();
     const int qr_bf16x = !kq && qx == PXL_QX_BF16 && ks->gemv_qr_bf16 && !prefill;
     const int qr_panels = !qr_bf16x && (qx == PXL_QX_BF16 ? !kq || prefill
-                                                          : qx == PXL_QX_AUTO && ks->qr_bf16p_prefill && prefill);
+                                                          : prefill && (qx == PXL_QX_INT16_DECODE ||
+                                                                        (qx == PXL_QX_AUTO && ks->qr_bf16p_prefill)));
     const int qdot = kq ? !qr_panels && pxl_qk_dot(ks, dt, wfmt, T)
                         : quant && (repacked ? !qr_panels && !qr_bf16x : T <= PXL_Q_DOT_MAX_T || pxl_batch_invariant());
     /* prefill on quantised weights with bf16 x: packed bf16 panels where the set has the kernel */
@@ -333,8 +335,8 @@ static void linear_team(const pxl_kernel_set *ks, int dt, int odt, int gated, in
     const int restride = wfmt == PXL_F32P && dt == PXL_F32 && T > 1 && K * 4 % 512 == 0;
     const int xbf16 = bf16_w || packed_q || qr_bf16x; /* the kernels take x in bf16 */
     const int convert = !xr && ((xbf16 ? dt == PXL_F32 : dt == PXL_BF16) || restride);
-    /* PXL_QX_INT16: where int8 dot products run (Q8_K ones too), x as two int8 planes */
-    const int planes = mode == PXL_QX_INT16 && qdot ? 2 : 1;
+    /* PXL_QX_INT16(_DECODE): where int8 dot products run (Q8_K ones too), x as two int8 planes */
+    const int planes = PXL_QX_IS_16(mode) && qdot ? 2 : 1;
     const size_t xes = xbf16 ? 2 : 4,
                  qbytes = planes * (kq ? T * pxl_q8k_bytes(K) : T * K + 3 * T * (K / PXL_QK) * 4);
     const size_t ldx = xr || (convert && (packed || packed_q)) ? ((K * xes + 63) / 64 | 1) * 64 / xes : K;

@@ -57,9 +57,14 @@ enum {
  * faster path (int8 dot products; a prefill on AMX rounds x to bf16 against dequantised bf16
  * panels); PXL_QX_INT8, int8 per 32-block at every T; PXL_QX_BF16, bf16 x at every T, decode
  * included; PXL_QX_INT16, x quantised to 16 bits per 32-block where int8 would be (two int8
- * planes, twice the dot products). K-quants take int8 per 256 (Q8_K) but for the panels of an
- * AMX prefill (PXL_QX_AUTO) or any prefill (PXL_QX_BF16) and x's 16 bits (PXL_QX_INT16) */
-enum { PXL_QX_AUTO = 0, PXL_QX_INT8 = 1, PXL_QX_BF16 = 2, PXL_QX_INT16 = 3 };
+ * planes, twice the dot products); PXL_QX_INT16_DECODE, PXL_QX_INT16 for decode-sized T and
+ * a prefill as bf16 panels on every set that has them (AVX512-BF16 too: there vdpbf16ps
+ * outruns the two int8 planes). K-quants take int8 per 256 (Q8_K) but for the panels of an
+ * AMX prefill (PXL_QX_AUTO) or any prefill (PXL_QX_BF16, PXL_QX_INT16_DECODE) and x's 16 bits
+ * (PXL_QX_INT16, PXL_QX_INT16_DECODE) */
+enum { PXL_QX_AUTO = 0, PXL_QX_INT8 = 1, PXL_QX_BF16 = 2, PXL_QX_INT16 = 3, PXL_QX_INT16_DECODE = 4 };
+/* x at 16 bits where the int8 dot products run */
+#define PXL_QX_IS_16(mode) ((mode) == PXL_QX_INT16 || (mode) == PXL_QX_INT16_DECODE)
 
 /* weight layouts (perfxlm_ops.h describes them) */
 #define PXL_QK 32       /* weights per quantisation block */

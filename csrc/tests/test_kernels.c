@@ -198,13 +198,15 @@ static int qr_bf16x(int fmt, size_t T) {
            pxl_quant_x() == PXL_QX_BF16 && (T < PXL_QR_PANEL_MIN_T || pxl_batch_invariant());
 }
 
-/* repacked blocks as bf16 panels (a prefill on sets with qr_bf16p_prefill; under PXL_QX_BF16
- * every T the above leaves), whatever x's dtype */
+/* repacked blocks as bf16 panels (a prefill on sets with qr_bf16p_prefill, or on every set with
+ * qr_bf16p under PXL_QX_INT16_DECODE; under PXL_QX_BF16 every T the above leaves), whatever x's
+ * dtype */
 static int qr_panels(int fmt, size_t T) {
     const pxl_kernel_set *ks = pxl_kernels();
+    const int mode = pxl_quant_x(), prefill = T >= PXL_QR_PANEL_MIN_T && !pxl_batch_invariant();
     return fmt >= PXL_Q8_0R && fmt <= PXL_Q4_1R && ks->qr_bf16p && !qr_bf16x(fmt, T) &&
-           (pxl_quant_x() == PXL_QX_BF16 || (pxl_quant_x() == PXL_QX_AUTO && ks->qr_bf16p_prefill &&
-                                              T >= PXL_QR_PANEL_MIN_T && !pxl_batch_invariant()));
+           (mode == PXL_QX_BF16 || (prefill && (mode == PXL_QX_INT16_DECODE ||
+                                                 (mode == PXL_QX_AUTO && ks->qr_bf16p_prefill))));
 }
 
 /* Quantised weights with small T (or batch invariant) take int8 dot products on x quantised
@@ -263,7 +265,7 @@ static void test_linear(int dt, int fmt, size_t T, size_t N, size_t K, int with_
     /* bf16 x on quantised weights past the int8 path: dequantised panels rounded to bf16 */
     int packed_q = PXL_IS_QUANT(fmt) && !qdot && pxl_packed_bytes(PXL_BF16, 1, 2) &&
                    (qr_panels(fmt, T) || (dt && T >= PXL_PACKED_Q_MIN_T));
-    int planes = qdot && pxl_quant_x() == PXL_QX_INT16 ? 2 : 1;
+    int planes = qdot && PXL_QX_IS_16(pxl_quant_x()) ? 2 : 1;
     if (qdot) (planes == 2 ? pxl_quantize_x16 : pxl_quantize_x)(fmt, T, K, xf, q, qd, qc, qe);
     if (packed_q)
         for (size_t i = 0; i < N * K; i++) deq[i] = rnd(1, (float)deq[i]);
@@ -1057,7 +1059,7 @@ int main(void) {
         } else if (!pxl_kernels()->qr_bf16p) {
             printf("FAIL [%s] pxl_set_quant_x(bf16) taken without a qr_bf16p kernel\n", isa), failed++;
         }
-        for (int mode = PXL_QX_INT8; mode <= PXL_QX_INT16; mode++) {
+        for (int mode = PXL_QX_INT8; mode <= PXL_QX_INT16_DECODE; mode++) {
             if (pxl_set_quant_x(mode) != 0) continue;
             for (int fmt = PXL_Q8_0R; fmt <= PXL_Q4_1R; fmt++) {
                 test_linear(PXL_F32, fmt, 1, 70, 576, 1);
@@ -1075,7 +1077,7 @@ int main(void) {
         for (int fmt = PXL_Q8_0; fmt <= PXL_Q4_1; fmt++) /* GGUF's layout: token by token, two planes */
             test_linear(PXL_F32, fmt, 3, 70, 576, 1);
         test_quantize_x16(576);
-        if (pxl_set_quant_x(PXL_QX_AUTO) != 0 || pxl_set_quant_x(4) == 0 || pxl_set_quant_x(-1) == 0)
+        if (pxl_set_quant_x(PXL_QX_AUTO) != 0 || pxl_set_quant_x(5) == 0 || pxl_set_quant_x(-1) == 0)
             printf("FAIL [%s] pxl_set_quant_x: auto refused or a bad mode taken\n", isa), failed++;
         for (int dt = 0; dt < 2; dt++) {
             test_rowwise(dt, 1, 1);

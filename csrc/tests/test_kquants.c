@@ -151,12 +151,14 @@ static void test_quantize_q8k16(size_t K) {
 }
 
 /* K-quants as bf16 panels (pxl_linear.c), x rounded to bf16: a prefill on sets with
- * qr_bf16p_prefill, or under PXL_QX_BF16, whether the blocks are repacked or in GGUF's layout */
+ * qr_bf16p_prefill, or under PXL_QX_BF16 or PXL_QX_INT16_DECODE, whether the blocks are repacked
+ * or in GGUF's layout */
 static int k_panels(int run_fmt, size_t T) {
     const pxl_kernel_set *ks = pxl_kernels();
     const int mode = pxl_quant_x();
     return PXL_IS_KQUANT(run_fmt) && ks->qr_bf16p && T >= PXL_QR_PANEL_MIN_T &&
-           !pxl_batch_invariant() && (mode == PXL_QX_BF16 || (mode == PXL_QX_AUTO && ks->qr_bf16p_prefill));
+           !pxl_batch_invariant() &&
+           (mode == PXL_QX_BF16 || mode == PXL_QX_INT16_DECODE || (mode == PXL_QX_AUTO && ks->qr_bf16p_prefill));
 }
 
 /* the repacked blocks' portable dequantisation gives the stored rows' values (within fp32's
@@ -212,7 +214,7 @@ static void test_linear(int dt, int fmt, size_t T, size_t N, size_t K, int with_
     }
     int panels = k_panels(run_fmt, T), qdot = !panels && pxl_qk_dot(pxl_kernels(), dt, run_fmt, T);
     int packed = panels || (!qdot && dt && T >= PXL_PACKED_Q_MIN_T && pxl_packed_bytes(PXL_BF16, 1, 2));
-    int int16 = qdot && pxl_quant_x() == PXL_QX_INT16; /* x as two planes (checked above) */
+    int int16 = qdot && PXL_QX_IS_16(pxl_quant_x()); /* x as two planes (checked above) */
     size_t qb = pxl_q8k_bytes(K);
     char *qbuf = malloc(2 * qb);
     double *x8 = malloc(T * K * 8); /* int16: x at 8 bits too, to measure the planes' gain against */
@@ -345,6 +347,13 @@ int main(void) {
             for (size_t i = 0; i < sizeof qshapes / sizeof qshapes[0]; i++)
                 test_linear(i % 2, fmt, qshapes[i][0], qshapes[i][1], qshapes[i][2], i % 2);
             test_batch_invariant(0, fmt, 9, 83, 512);
+        }
+        /* PXL_QX_INT16_DECODE: those planes for decode-sized T, a prefill on panels where the set has them */
+        if (pxl_set_quant_x(PXL_QX_INT16_DECODE) != 0)
+            printf("FAIL [%s] pxl_set_quant_x(int16 decode) refused\n", isa), failed++;
+        for (int fmt = PXL_Q4_K; fmt <= PXL_Q6_K; fmt++) {
+            test_linear(PXL_F32, fmt, 3, 16, 768, 1);
+            test_linear(PXL_F32, fmt, 40, 50, 512, 0);
         }
         pxl_set_quant_x(PXL_QX_AUTO);
         printf("kernel set %s: %d checks\n", isa, passed + failed - before);

@@ -28,7 +28,8 @@ FORMATS = ("F32", "BF16", "Q8_0", "Q4_0", "Q4_1", "BF16P", "F32P", "Q8_0R", "Q4_
 PACKED = {F32: F32P, BF16: BF16P, Q8_0: Q8_0R, Q4_0: Q4_0R, Q4_1: Q4_1R, Q4_K: Q4_KR, Q5_K: Q5_KR, Q6_K: Q6_KR}
 ACTIVATIONS = {"float32": F32, "bfloat16": BF16}  # numpy dtype name -> the format code of an activation
 CACHES = {**ACTIVATIONS, "float16": F16}  # ... of a KV cache (f16: kv_cache_dtype="float16")
-QUANT_X = {"auto": 0, "int8": 1, "bf16": 2, "int16": 3}  # PERFXLM_QUANT_ACTIVATIONS -> pxl_set_quant_x's PXL_QX_*
+# PERFXLM_QUANT_ACTIVATIONS (and "auto" resolved for a narrow model) -> pxl_set_quant_x's PXL_QX_*
+QUANT_X = {"auto": 0, "int8": 1, "bf16": 2, "int16": 3, "int16-decode": 4}
 # flags or'd into a float32 record's dt: a Linear on packed bf16 weights reads x as bf16 rows (XR),
 # the op before stores its y so (YR); such rows are ldxr(width) elements apart
 XR, YR = 256, 512

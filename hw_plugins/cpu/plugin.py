@@ -65,7 +65,8 @@ class CpuPlugin(HwPlugin):
     def set_quant_activations(self, mode: str) -> bool:
         """int8 or int16 x (two int8 planes) everywhere, or bf16 x on Q8_0/Q4_0/Q4_1 blocks at
         every T (kernel sets with those kernels: AVX512-BF16 and AMX; K-quants then take bf16 x
-        in a prefill and int8 x in decode).
+        in a prefill and int8 x in decode); "int16-decode": int16 x in decode, a prefill as bf16
+        panels on those sets.
         Per process in the library, like batch invariance: set before each Linear."""
         if self.lib.pxl_set_quant_x(QUANT_X[mode]) != 0:
             return False

@@ -224,15 +224,17 @@ def arithmetic(weights: str, cost: ModelCost | None = None) -> str:
     """The arithmetic a compute-bound phase on `weights` runs: ARITHMETIC's, except for Q8_0 /
     Q4_0 / Q4_1 / Q4_K / Q5_K / Q6_K blocks (and Q5_0, loaded as Q8_0) under
     PERFXLM_QUANT_ACTIVATIONS=bf16, and under "auto" on the `amx` kernel set, which runs steps
-    of 32 tokens or more as bf16 panels (unless the model is narrow enough for "auto" to mean
-    int16). (int16 is int8 done twice: the same peak, against the model's own operations.)"""
+    of 32 tokens or more as bf16 panels, as "int16-decode" ("auto" on a narrow model) does on
+    the `avx512bf16` set too. (int16 is int8 done twice: the same peak, against the model's own
+    operations.)"""
     if weights == "gguf" and cost is not None and cost.panel_quants:
         from perfxlm.config import quant_activations_from_env, resolve_quant_activations
         mode = resolve_quant_activations(quant_activations_from_env(), cost.hidden)
         if mode == "bf16":
             return "bf16"
         from hw_plugins.cpu import library
-        if mode == "auto" and library.load().pxl_isa() == b"amx":
+        isa = library.load().pxl_isa()
+        if (mode == "auto" and isa == b"amx") or (mode == "int16-decode" and isa in (b"amx", b"avx512bf16")):
             return "bf16"
     return ARITHMETIC[weights]
 

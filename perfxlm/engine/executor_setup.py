@@ -106,8 +106,8 @@ def _graph_executor(cfg: EngineConfig, graph: Path, num_blocks: int, quant_activ
                                  "nodes here and cannot run quantised weights on those activations (bf16 needs "
                                  "the cpu plugin on an AVX512-BF16 or AMX CPU)")
     if quant_activations != cfg.quant_activations:
-        logger.info("GGUF blocks multiply x at 16 bits (PERFXLM_QUANT_ACTIVATIONS=auto on a model this narrow; "
-                    "=int8 for llama.cpp's arithmetic)")
+        logger.info("GGUF blocks multiply x at 16 bits in decode (PERFXLM_QUANT_ACTIVATIONS=auto on a model this "
+                    "narrow; =int16 for 16 bits in prefill too, =int8 for llama.cpp's arithmetic)")
     cfg.quant_activations = quant_activations
     return GraphExecutor(runner)
 
