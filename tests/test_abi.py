@@ -111,7 +111,7 @@ def test_python_constants_match_the_header():
     text = _header_text()
     formats = dict(re.findall(r"\bPXL_(\w+) = (\d+)", text))
     modes = {name: int(formats.pop(name)) for name in list(formats) if name.startswith("QX_")}
-    assert modes == {f"QX_{mode.upper()}": code for mode, code in library.QUANT_X.items()}
+    assert modes == {f"QX_{mode.upper().replace('-', '_')}": code for mode, code in library.QUANT_X.items()}
     assert {f"PXL_{name}": index for index, name in enumerate(library.FORMATS)} == \
         {f"PXL_{name}": int(value) for name, value in formats.items() if name != "NFMT"}
     assert int(formats["NFMT"]) == len(library.FORMATS)
