@@ -301,8 +301,9 @@ def quant_activations_from_env() -> str:
 # their logits by more than the margins between their top tokens (SmolLM2-135M, hidden 576,
 # answers six of eight short chat questions differently from its float32 self on int8 x, none on
 # int16), and at their size the doubled dot products still leave them far ahead of llama.cpp.
-# Their prefill takes bf16 panels where the CPU has them, as wider models' does on AMX: the same
-# chat answers, at 1.5x the two int8 planes' speed on AVX512-BF16.
+# Their prefill takes bf16 panels where the CPU has them, as wider models' does on AMX: chat
+# answers still float32's but where float32 itself is torn (seven of eight token for token), at
+# 1.5x the two int8 planes' speed on AVX512-BF16.
 INT16_X_MAX_HIDDEN = 1024
 
 

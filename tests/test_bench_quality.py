@@ -121,7 +121,8 @@ def test_q4_1_blocks_against_float32(tmp_path, capsys, monkeypatch, mode):
     assert ref["kld_max"] == 0 and ref["same_top1"] == 1
     if mode == "auto" and bf16_quant_activations():  # the prefill on bf16 panels
         assert model["name"] == "model (auto, x int16-decode)"
-        assert 0 < model["kld_mean"] < 0.002 and model["same_top1"] >= 0.97, model  # measured 0.0003, 99.2 %
+        # measured 0.0003, 99.2 %; int16 x there would score < 0.000005 (bf16 x is what ran)
+        assert 0.00005 < model["kld_mean"] < 0.002 and model["same_top1"] >= 0.97, model
         return
     if mode in ("auto", "int16"):  # 16-bit x: the float32 model
         assert model["name"] == f"model (auto, x {'int16-decode' if mode == 'auto' else 'int16'})"
