@@ -179,7 +179,8 @@ static void compute(const pxl_kernel_set *ks, int wfmt, int packed_q, size_t T, 
         const float *d = (const float *)(qbuf + TP * K), *c = d + TP * nb, *e = c + TP * nb;
         float *yp = planes == 2 ? pxl_scratch(3, PXL_QR_T * step * 4) : NULL;
         pxl_qx xs[PXL_QR_T];
-        pxl_gemv_qr_fn qr = ks->gemv_qr[PXL_QBASE(wfmt)];
+        pxl_gemv_qr_fn qr = T > tq && ks->gemm_qr[PXL_QBASE(wfmt)] ? ks->gemm_qr[PXL_QBASE(wfmt)]
+                                                                    : ks->gemv_qr[PXL_QBASE(wfmt)];
         for (size_t n = 0; n < cols; n += step)
             for (size_t t0 = 0; t0 < T; t0 += tq) {
                 size_t tn = T - t0 < tq ? T - t0 : tq, rows = cols - n < step ? cols - n : step;

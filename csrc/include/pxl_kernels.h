@@ -86,6 +86,10 @@ typedef struct {
     pxl_gemv_q_fn gemv_q[PXL_NFMT];
     /* the repacked formats' kernels, indexed by the GGUF format (NULL: the set does not repack it) */
     pxl_gemv_qr_fn gemv_qr[PXL_NFMT];
+    /* the same for a prefill's calls, whose rows (4 panels) stay in cache for all its token
+     * groups: more rows per x load, which streaming them from memory in decode would slow
+     * (NULL: gemv_qr) */
+    pxl_gemv_qr_fn gemm_qr[PXL_NFMT];
     pxl_gemm_p_fn gemm_bf16p; /* NULL: the set does not pack bf16 */
     pxl_gemm_p_bf16_fn gemm_bf16p_bf16; /* NULL: bf16 outputs go through an fp32 tile */
     /* the gated product (pxl_pack_gated panels: nvalid <= 16 outputs of silu(gate) * up, as
@@ -182,9 +186,10 @@ void pxl_attn_vt_amx(size_t hd, const char *const *vr, uint16_t *vt);
 void pxl_attn_pv_amx(size_t hd, const uint16_t *pa, size_t nb, const uint16_t *vt, float *out);
 double pxl_amx_peak_bf16(size_t iters); /* the roofline's probe: ops done by this thread */
 /* quantised GEMVs by weight format: GGUF blocks with vpmaddubsw (AVX2, AVX-512F) or vpdpbusd
- * (VNNI); repacked blocks (AVX-512F, VNNI) */
+ * (VNNI); repacked blocks (AVX-512F, VNNI), and their prefill kernels (gemm_qr) */
 extern const pxl_gemv_q_fn pxl_gemv_q_avx2[PXL_NFMT], pxl_gemv_q_avx512vnni[PXL_NFMT];
 extern const pxl_gemv_qr_fn pxl_gemv_qr_avx512[PXL_NFMT], pxl_gemv_qr_avx512vnni[PXL_NFMT];
+extern const pxl_gemv_qr_fn pxl_gemm_qr_avx512[PXL_NFMT], pxl_gemm_qr_avx512vnni[PXL_NFMT];
 #endif
 #if defined(__riscv_v_intrinsic) && __riscv_v_intrinsic >= 11000
 #define PXL_HAVE_RVV 1
