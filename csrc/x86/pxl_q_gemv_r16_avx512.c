@@ -106,7 +106,7 @@ PXL_INLINE void pairs_qr(const int fmt, const int R, size_t nb, const uint8_t *c
         }
 #pragma GCC unroll 8
         for (size_t p = 0; p < nv; p++) {
-            __m512i w[2][2]; /* per block: weights 4j .. 4j + 3, and for nibbles 4j + 4 .. 4j + 7 */
+            __m512i w[2][2]; /* w[r][h]: block r's 4 weights a row that meet x's int32 j below */
             for (int r = 0; r < R; r++) {
                 __m512i v = _mm512_loadu_si512(g[r] + i * gbs + qa + 64 * p);
                 if (fmt == PXL_Q8_0) w[r][0] = v;
@@ -154,14 +154,15 @@ PXL_INLINE void tokens_qr(const int fmt, size_t T, size_t rows, size_t K, const 
     const size_t nb = K / PXL_QK, gbs = (fmt == PXL_Q4_1 ? 4 * G : 2 * G) + (fmt == PXL_Q8_0 ? 8 : 4) * 64;
     const size_t paired = T / PAIR_T * PAIR_T;
     for (size_t r0 = 0; paired && r0 < rows; r0 += 2 * G) {
-        const uint8_t *g[2] = {W + (r0 / G) * nb * gbs, W + (r0 / G + 1) * nb * gbs};
+        const int R = rows - r0 > G ? 2 : 1;
+        const uint8_t *g[2] = {W + (r0 / G) * nb * gbs, W + (r0 / G + R - 1) * nb * gbs};
         __mmask16 keep[2];
         for (int r = 0; r < 2; r++) {
             size_t left = rows > r0 + r * G ? rows - r0 - r * G : 0;
             keep[r] = left >= G ? 0xffff : (__mmask16)((1u << left) - 1);
         }
         for (size_t t0 = 0; t0 < paired; t0 += PAIR_T)
-            if (rows - r0 > G) pairs_qr(fmt, 2, nb, g, x + t0, y + t0 * ldy + r0, ldy, keep);
+            if (R == 2) pairs_qr(fmt, 2, nb, g, x + t0, y + t0 * ldy + r0, ldy, keep);
             else pairs_qr(fmt, 1, nb, g, x + t0, y + t0 * ldy + r0, ldy, keep);
     }
     x += paired, y += paired * ldy;
