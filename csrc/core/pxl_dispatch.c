@@ -109,10 +109,11 @@ static void activate(const pxl_kernel_set *ks) {
                                                             : pxl_gemv_q_avx2;
     for (int f = 0; q && f < PXL_NFMT; f++) merged.gemv_q[f] = q[f];
     /* 16-row repacked blocks: 512-bit vectors only (AVX2 keeps GGUF's layout) */
-    const int qr512 = ks->vnni || ks == &pxl_kernels_avx512;
-    const pxl_gemv_qr_fn *qr = ks->vnni ? pxl_gemv_qr_avx512vnni : pxl_gemv_qr_avx512;
-    const pxl_gemv_qr_fn *gqr = ks->vnni ? pxl_gemm_qr_avx512vnni : pxl_gemm_qr_avx512;
-    for (int f = 0; qr512 && f < PXL_NFMT; f++) merged.gemv_qr[f] = qr[f], merged.gemm_qr[f] = gqr[f];
+    const pxl_gemv_qr_fn *qr = ks->vnni ? pxl_gemv_qr_avx512vnni
+                               : ks == &pxl_kernels_avx512   ? pxl_gemv_qr_avx512
+                                                             : NULL;
+    for (int f = 0; qr && f < PXL_NFMT; f++) merged.gemv_qr[f] = qr[f];
+    for (int f = 0; ks->vnni && f < PXL_NFMT; f++) merged.gemm_qr[f] = pxl_gemm_qr_avx512vnni[f];
 #endif
     for (int f = 0; f < PXL_NFMT; f++)
         if (!merged.gemv_q[f]) merged.gemv_q[f] = pxl_kernels_generic.gemv_q[f];

@@ -186,10 +186,10 @@ void pxl_attn_vt_amx(size_t hd, const char *const *vr, uint16_t *vt);
 void pxl_attn_pv_amx(size_t hd, const uint16_t *pa, size_t nb, const uint16_t *vt, float *out);
 double pxl_amx_peak_bf16(size_t iters); /* the roofline's probe: ops done by this thread */
 /* quantised GEMVs by weight format: GGUF blocks with vpmaddubsw (AVX2, AVX-512F) or vpdpbusd
- * (VNNI); repacked blocks (AVX-512F, VNNI), and their prefill kernels (gemm_qr) */
+ * (VNNI); repacked blocks (AVX-512F, VNNI), and their prefill kernels (gemm_qr, VNNI) */
 extern const pxl_gemv_q_fn pxl_gemv_q_avx2[PXL_NFMT], pxl_gemv_q_avx512vnni[PXL_NFMT];
 extern const pxl_gemv_qr_fn pxl_gemv_qr_avx512[PXL_NFMT], pxl_gemv_qr_avx512vnni[PXL_NFMT];
-extern const pxl_gemv_qr_fn pxl_gemm_qr_avx512[PXL_NFMT], pxl_gemm_qr_avx512vnni[PXL_NFMT];
+extern const pxl_gemv_qr_fn pxl_gemm_qr_avx512vnni[PXL_NFMT];
 #endif
 #if defined(__riscv_v_intrinsic) && __riscv_v_intrinsic >= 11000
 #define PXL_HAVE_RVV 1

@@ -6,13 +6,13 @@
  * per row. Up to PXL_QR_T tokens share every weight load (batched decode); each token's
  * lanes see the same instructions whatever T is, so results are batch-invariant.
  *
- * A prefill's calls (pxl_gemm_qr, on rows that stay in cache) take pairs of blocks (32 rows)
- * PAIR_T tokens at a time instead: each x broadcast then feeds two vpdpbusd, not one. A
- * broadcast operand costs nearly an issue slot of its own: with one per vpdpbusd the loop
- * runs at about 55 % of the instruction's peak, with one per two near 75 %. (In decode, whose
- * rows stream from memory, the pairs' two streams are the slower.) A token's row sees the same
- * integers and the same float instructions in the same order in both loops, so the bits do
- * not depend on which ran.
+ * With VNNI, a prefill's calls (pxl_gemm_qr, on rows that stay in cache) take pairs of blocks
+ * (32 rows) PAIR_T tokens at a time instead: each x broadcast then feeds two vpdpbusd, not
+ * one. A broadcast operand costs nearly an issue slot of its own: with one per vpdpbusd the
+ * loop runs at about 55 % of the instruction's peak, with one per two near 75 %. (In decode,
+ * whose rows stream from memory, the pairs' two streams are the slower.) A token's row sees
+ * the same integers and the same float instructions in the same order in both loops, so the
+ * bits do not depend on which ran.
  * pxl_q_gemv_r16_avx512vnni.c builds this file with VNNI. */
 #include <immintrin.h>
 
@@ -87,6 +87,8 @@ PXL_INLINE void rows_qr(const int fmt, const int T, size_t rows, size_t K, const
     }
 }
 
+#ifdef PXL_VNNI /* (without it, vpmaddubsw's three instructions a step need the registers the
+                 * pairs take: they measured 0.70-0.89x) */
 #define PAIR_T 4 /* tokens a pass of pairs_qr: its 2 x 4 integer and float sums fit 32 registers */
 
 /* blocks g[0 .. R) (R <= 2 groups of 16 rows, nb blocks each), PAIR_T tokens x: y[t * ldy +
@@ -174,6 +176,7 @@ PXL_INLINE void tokens_qr(const int fmt, size_t T, size_t rows, size_t K, const 
     }
 }
 _Static_assert(PAIR_T == 4, "tokens_qr's switch covers the T % PAIR_T left");
+#endif
 
 #define TOKENS(fmt)                                                                                         \
     switch (T) {                                                                                            \
@@ -195,6 +198,9 @@ static void qr_q4_0(size_t T, size_t rows, size_t K, const void *W, const pxl_qx
 static void qr_q4_1(size_t T, size_t rows, size_t K, const void *W, const pxl_qx *x, float *y, size_t ldy) {
     TOKENS(PXL_Q4_1)
 }
+const pxl_gemv_qr_fn NAME(pxl_gemv_qr)[PXL_NFMT] = {
+    [PXL_Q8_0] = qr_q8_0, [PXL_Q4_0] = qr_q4_0, [PXL_Q4_1] = qr_q4_1};
+#ifdef PXL_VNNI
 static void gqr_q8_0(size_t T, size_t rows, size_t K, const void *W, const pxl_qx *x, float *y, size_t ldy) {
     tokens_qr(PXL_Q8_0, T, rows, K, W, x, y, ldy);
 }
@@ -205,7 +211,6 @@ static void gqr_q4_1(size_t T, size_t rows, size_t K, const void *W, const pxl_q
     tokens_qr(PXL_Q4_1, T, rows, K, W, x, y, ldy);
 }
 
-const pxl_gemv_qr_fn NAME(pxl_gemv_qr)[PXL_NFMT] = {
-    [PXL_Q8_0] = qr_q8_0, [PXL_Q4_0] = qr_q4_0, [PXL_Q4_1] = qr_q4_1};
 const pxl_gemv_qr_fn NAME(pxl_gemm_qr)[PXL_NFMT] = {
     [PXL_Q8_0] = gqr_q8_0, [PXL_Q4_0] = gqr_q4_0, [PXL_Q4_1] = gqr_q4_1};
+#endif
