@@ -153,7 +153,7 @@ PXL_INLINE void pairs_qr(const int fmt, const int R, size_t nb, const uint8_t *c
  * (all of a smaller T) by rows_qr */
 PXL_INLINE void tokens_qr(const int fmt, size_t T, size_t rows, size_t K, const uint8_t *W, const pxl_qx *x,
                           float *y, size_t ldy) {
-    const size_t nb = K / PXL_QK, gbs = (fmt == PXL_Q4_1 ? 4 * G : 2 * G) + (fmt == PXL_Q8_0 ? 8 : 4) * 64;
+    const size_t nb = K / PXL_QK, gbs = G * pxl_row_bytes(fmt, PXL_QK); /* (block of 16 rows) */
     const size_t paired = T / PAIR_T * PAIR_T;
     for (size_t r0 = 0; paired && r0 < rows; r0 += 2 * G) {
         const int R = rows - r0 > G ? 2 : 1;
